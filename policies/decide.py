@@ -1,0 +1,278 @@
+"""The decision: what one thread loses under an ordered set of policies.
+
+One pure function, `decide`, shared by every store engine and the saver
+wrapper, so the rules live in one place. It honours DESIGN's invariants:
+
+1. writes go only with the checkpoint they belong to (engines delete writes by
+   the ids decided here), so a kept checkpoint keeps its writes; blobs are the
+   engine's business (referenced by kept `channel_versions`);
+2. a kept v < 4 checkpoint keeps the parent whose `__pregel_tasks` writes hold
+   its pending sends;
+3. a kept checkpoint of a `DeltaChannel` thread keeps every ancestor back to
+   the nearest snapshot of each delta channel it has to replay;
+4. a subgraph call's namespace goes with the root checkpoint it started from;
+5. nothing is decided from "no checkpoint has this id" except writes on a
+   thread quiet for the grace period;
+6. (parents of kept checkpoints are nulled by the engines).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+
+from policies.config import Policy
+from policies.ids import checkpoint_time
+from policies.matching import Ruleset
+from policies.model import (
+    CheckpointSummary,
+    Deletion,
+    Expiry,
+    Reason,
+    Skip,
+    SkipReason,
+    ThreadDecision,
+    ThreadView,
+    WritesDeletion,
+)
+
+
+def root_head(checkpoints: Iterable[CheckpointSummary]) -> CheckpointSummary | None:
+    """The thread's newest root checkpoint: where policies read metadata and waiting.
+
+    The root graph lives in namespace "". Stores written by older LangGraph or
+    custom code may keep a root graph elsewhere; `metadata.parents == {}`
+    tells such a namespace from a subgraph's.
+    """
+    cps = list(checkpoints)
+    for candidates in (
+        [c for c in cps if c.namespace == ""],
+        [c for c in cps if not c.parents],
+        cps,
+    ):
+        if candidates:
+            return max(candidates, key=lambda c: c.checkpoint_id)
+    return None
+
+
+def is_subgraph_call(namespace: str, parents: Mapping[str, str]) -> bool:
+    """A subgraph call's namespace (`node:<task id>`), as opposed to a persistent one.
+
+    A `checkpointer=True` subgraph keeps its namespace across calls and has no
+    task id in its last segment; an old root namespace has no parents.
+    """
+    return bool(parents) and ":" in namespace.rsplit("|", 1)[-1]
+
+
+def _deletes(policy: Policy | None) -> bool:
+    return policy is not None and not policy.protect
+
+
+def _trims(policy: Policy | None) -> bool:
+    return _deletes(policy) and (
+        policy is not None and (policy.keep_last is not None or policy.keep_within is not None)
+    )
+
+
+def _base_keep(cps: Sequence[CheckpointSummary], policy: Policy, now: float) -> set[str]:
+    """Ids kept by `keep_last` / `keep_within` alone; `cps` is newest first."""
+    keep_n = policy.keep_last if policy.keep_last is not None else 1
+    keep = {c.checkpoint_id for c in cps[: max(keep_n, 1)]}
+    horizon = now if policy.keep_within is None else now - policy.keep_within.total_seconds()
+    # Unknown ages and future dates (a clock behind the application's) are never old.
+    keep.update(c.checkpoint_id for c in cps if c.created_at is None or c.created_at > horizon)
+    return keep
+
+
+class _Undecodable(Exception):
+    pass
+
+
+def _close_keep(
+    by_id: Mapping[str, CheckpointSummary],
+    keep: set[str],
+    delta_channels: frozenset[str] | None,
+) -> set[str]:
+    """Add what kept checkpoints need: v < 4 sends parents, delta ancestors to their seeds.
+
+    Repeats until nothing is added, since an ancestor kept for one checkpoint
+    has needs of its own. `delta_channels` is None for a thread without
+    `DeltaChannel`s. Raises `_Undecodable` when a delta history cannot be read.
+    """
+    keep = set(keep)
+    work = list(keep)
+    while work:
+        c = by_id[work.pop()]
+        needed: list[str] = []
+        parent = by_id.get(c.parent_id) if c.parent_id is not None else None
+        if c.reads_parent_sends and parent is not None and parent.has_sends_writes:
+            needed.append(parent.checkpoint_id)
+        if delta_channels:
+            needed.extend(_delta_ancestors(by_id, c, delta_channels))
+        for cid in needed:
+            if cid not in keep:
+                keep.add(cid)
+                work.append(cid)
+    return keep
+
+
+def _delta_ancestors(
+    by_id: Mapping[str, CheckpointSummary], c: CheckpointSummary, delta_channels: frozenset[str]
+) -> list[str]:
+    """The ancestors LangGraph's delta walk reads to rebuild `c`, nearest first.
+
+    As `get_delta_channel_history` does: a channel with a version but no
+    inline value at `c` is rebuilt from the writes of each ancestor back to
+    the nearest one holding a value for it (a `_DeltaSnapshot`, or a plain
+    value from before the channel became a DeltaChannel), which is kept too.
+    """
+    if c.inline_channels is None or c.versioned_channels is None:
+        raise _Undecodable
+    pending = {
+        ch for ch in delta_channels if ch in c.versioned_channels and ch not in c.inline_channels
+    }
+    out: list[str] = []
+    seen = {c.checkpoint_id}
+    parent = c.parent_id
+    # `put` is INSERT OR REPLACE, so a chain can loop: stop on a repeated id.
+    while pending and parent is not None and parent in by_id and parent not in seen:
+        anc = by_id[parent]
+        if anc.inline_channels is None:
+            raise _Undecodable
+        seen.add(parent)
+        out.append(parent)
+        pending -= anc.inline_channels
+        parent = anc.parent_id
+    return out
+
+
+def decide(view: ThreadView, rules: Ruleset, now: float, grace_seconds: float) -> ThreadDecision:
+    """What `view`'s thread loses under `rules` at time `now` (Unix seconds).
+
+    First match wins per (thread, namespace); `expire_after` is decided on the
+    root namespace and takes the whole thread. A thread no policy matches keeps
+    everything. Applying the result and deciding again deletes nothing more.
+    """
+    tid = view.thread_id
+    meta = view.head_metadata
+    by_ns: dict[str, list[CheckpointSummary]] = defaultdict(list)
+    for c in view.checkpoints:
+        by_ns[c.namespace].append(c)
+    for cps in by_ns.values():
+        cps.sort(key=lambda c: c.checkpoint_id, reverse=True)
+    policy_of = {ns: rules.first_match(tid, ns, meta) for ns in by_ns}
+    root_policy = rules.first_match(tid, "", meta)
+
+    times = [c.created_at for c in view.checkpoints if c.created_at is not None]
+    times += [t for _, cid in view.orphan_writes if (t := checkpoint_time(cid)) is not None]
+    # Newest activity anywhere in the thread: a long subgraph call or a crashed
+    # run's writes keep the thread alive as much as a root checkpoint does.
+    idle = now - max(times) if times else None
+
+    skips: list[Skip] = []
+    if (
+        root_policy is not None
+        and root_policy.expire_after is not None
+        and idle is not None
+        and idle > root_policy.expire_after.total_seconds()
+    ):
+        protected = any(p is not None and p.protect for p in policy_of.values())
+        if protected:
+            skips.append(Skip(root_policy.name, SkipReason.PROTECTED_NAMESPACE))
+        elif root_policy.interrupted == "keep" and view.waiting is None:
+            return ThreadDecision(tid, needs_waiting=True)
+        elif root_policy.interrupted == "keep" and view.waiting:
+            skips.append(Skip(root_policy.name, SkipReason.INTERRUPTED))
+        else:
+            return ThreadDecision(tid, expiry=Expiry(root_policy.name, idle))
+
+    delta_marked = any(c.delta_marked for c in view.checkpoints)
+    delta_channels: frozenset[str] | None = None
+    if delta_marked:
+        delta_channels = frozenset().union(*(c.delta_channels for c in view.checkpoints))
+
+    deletions: list[Deletion] = []
+    deleted_roots: set[str] = set()
+    calls: list[str] = []
+    for ns, cps in sorted(by_ns.items()):
+        if is_subgraph_call(ns, cps[0].parents):
+            calls.append(ns)
+            continue
+        deleted = _trim(tid, ns, cps, policy_of[ns], now, delta_marked, delta_channels, skips)
+        deletions.extend(deleted)
+        if ns == "":
+            deleted_roots = {d.checkpoint_id for d in deleted}
+
+    quiet = idle is not None and idle > grace_seconds
+    root_ids = {c.checkpoint_id for c in by_ns.get("", ())}
+    for ns in calls:
+        cps = by_ns[ns]
+        policy = policy_of[ns]
+        if policy is not None and policy.protect:
+            continue
+        root_id = cps[0].parents.get("")
+        whole: tuple[str, Reason] | None = None
+        if root_id is not None and root_id in deleted_roots and root_policy is not None:
+            whole = (root_policy.name, Reason.SUBGRAPH_CALL)
+        elif root_id is not None and root_id not in root_ids and quiet:
+            # Runs save in the background, so a call may commit before its
+            # root checkpoint: only a quiet thread's call is truly orphaned.
+            owner = policy if _deletes(policy) else root_policy if _deletes(root_policy) else None
+            if owner is not None:
+                whole = (owner.name, Reason.ORPHAN_CALL)
+        if whole is not None:
+            deletions.extend(Deletion(ns, c.checkpoint_id, whole[0], whole[1]) for c in cps)
+        else:
+            deletions.extend(_trim(tid, ns, cps, policy, now, delta_marked, delta_channels, skips))
+
+    writes: list[WritesDeletion] = []
+    if quiet:
+        for ns, cid in view.orphan_writes:
+            t = checkpoint_time(cid)
+            if t is not None and now - t <= grace_seconds:
+                continue
+            policy = policy_of.get(ns) or rules.first_match(tid, ns, meta)
+            if policy is not None and not policy.protect:
+                writes.append(WritesDeletion(ns, cid, policy.name))
+
+    return ThreadDecision(tid, deletions=tuple(deletions), writes=tuple(writes), skips=tuple(skips))
+
+
+def _trim(
+    tid: str,
+    ns: str,
+    cps: Sequence[CheckpointSummary],
+    policy: Policy | None,
+    now: float,
+    delta_marked: bool,
+    delta_channels: frozenset[str] | None,
+    skips: list[Skip],
+) -> list[Deletion]:
+    """History trimming of one namespace (`cps` newest first)."""
+    if policy is None or not _trims(policy):
+        return []
+    by_id = {c.checkpoint_id: c for c in cps}
+    keep = _base_keep(cps, policy, now)
+    if len(keep) == len(cps):
+        return []
+    if delta_marked and not delta_channels:
+        # Marked as DeltaChannel but no channel named (LangGraph.js marks
+        # threads with `delta_writes_versioned` only): we cannot tell which
+        # ancestors a replay reads, so the namespace is kept whole.
+        skips.append(Skip(policy.name, SkipReason.UNDECODABLE))
+        return []
+    try:
+        keep = _close_keep(by_id, keep, delta_channels)
+    except _Undecodable:
+        skips.append(Skip(policy.name, SkipReason.UNDECODABLE))
+        return []
+    return [
+        Deletion(ns, c.checkpoint_id, policy.name, Reason.TRIMMED)
+        for c in cps
+        if c.checkpoint_id not in keep
+    ]
+
+
+def is_delta_thread(checkpoints: Iterable[CheckpointSummary]) -> bool:
+    """Whether engines must decode the thread's checkpoints before trimming it."""
+    return any(c.delta_marked for c in checkpoints)

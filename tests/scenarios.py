@@ -1,0 +1,251 @@
+"""Real LangGraph threads of every shape the worker must handle, and ways to compare them.
+
+Every store here is written by running real graphs through a real saver.
+Old threads are written under a shifted clock (`aged`), because a
+checkpoint's age comes from its UUIDv6 id, which LangGraph mints from
+`time.time_ns()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from typing import Annotated, Any, TypedDict
+
+import langgraph.checkpoint.base.id as lg_id
+from langgraph.channels.delta import DeltaChannel
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.graph import END, START, StateGraph
+from langgraph.types import Command, Send
+
+from worker.demo import ChatState, approval_graph, chat_graph, subgraph_graph, thread
+
+DAY = 86400.0
+
+
+@contextlib.contextmanager
+def aged(days: float) -> Iterator[None]:
+    """Checkpoints minted inside are dated `days` ago.
+
+    LangGraph keeps ids monotonic within a process (`_last_v6_timestamp`), so
+    the guard is reset on the way in and out; write old threads before new ones.
+    """
+    shift = int(days * DAY * 1e9)
+
+    class _Clock:
+        @staticmethod
+        def time_ns() -> int:
+            return time.time_ns() - shift
+
+    real = lg_id.time
+    lg_id.time = _Clock  # type: ignore[assignment]
+    lg_id._last_v6_timestamp = None
+    try:
+        yield
+    finally:
+        lg_id.time = real
+        lg_id._last_v6_timestamp = None
+
+
+# ------------------------------------------------------------------ graphs
+
+
+def breakpoint_graph(checkpointer: BaseCheckpointSaver[Any]) -> Any:
+    """A chat graph with a static `interrupt_before` breakpoint (no `__interrupt__` write)."""
+    g = StateGraph(ChatState)
+    g.add_node("reply", lambda s: {"messages": ["reply"]})
+    g.add_node("review", lambda s: {"messages": ["reviewed"]})
+    g.add_edge(START, "reply")
+    g.add_edge("reply", "review")
+    g.add_edge("review", END)
+    return g.compile(checkpointer=checkpointer, interrupt_before=["review"])
+
+
+def persistent_subgraph_graph(checkpointer: BaseCheckpointSaver[Any]) -> Any:
+    """A `checkpointer=True` subgraph: its namespace `memory` outlives each call."""
+    inner = StateGraph(ChatState)
+    inner.add_node("note", lambda s: {"messages": [f"noted {len(s['messages'])}"]})
+    inner.add_edge(START, "note")
+    g = StateGraph(ChatState)
+    g.add_node("memory", inner.compile(checkpointer=True))
+    g.add_edge(START, "memory")
+    return g.compile(checkpointer=checkpointer)
+
+
+def _fan_out(state: ChatState) -> list[Send]:
+    return [Send("worker", {"messages": [f"job {i}"]}) for i in range(3)]
+
+
+def send_graph(checkpointer: BaseCheckpointSaver[Any]) -> Any:
+    """`Send` fan-out: pending sends live in `__pregel_tasks`."""
+    g = StateGraph(ChatState)
+    g.add_node("worker", lambda s: {"messages": [f"done {s['messages'][-1]}"]})
+    g.add_conditional_edges(START, _fan_out)
+    return g.compile(checkpointer=checkpointer)
+
+
+def _concat(state: list[str], batches: Sequence[Any]) -> list[str]:
+    out = list(state)
+    for b in batches:
+        out.extend(b if isinstance(b, list) else [b])
+    return out
+
+
+class DeltaState(TypedDict):
+    """A history kept as a DeltaChannel: checkpoints hold deltas, snapshots every 3 updates."""
+
+    items: Annotated[list[str], DeltaChannel(_concat, snapshot_frequency=3)]
+
+
+def delta_graph(checkpointer: BaseCheckpointSaver[Any]) -> Any:
+    """One node appending to a DeltaChannel each turn."""
+    g = StateGraph(DeltaState)
+    g.add_node("step", lambda s: {"items": [f"item {len(s['items'])}"]})
+    g.add_edge(START, "step")
+    return g.compile(checkpointer=checkpointer)
+
+
+class Flaky:
+    """A node that fails until told to succeed (a thread stopped by an error)."""
+
+    fail = True
+
+    def __call__(self, state: ChatState) -> dict[str, Any]:
+        if Flaky.fail:
+            raise RuntimeError("tool crashed")
+        return {"messages": ["recovered"]}
+
+
+def error_graph(checkpointer: BaseCheckpointSaver[Any]) -> Any:
+    """A reply, then a node that raises."""
+    g = StateGraph(ChatState)
+    g.add_node("reply", lambda s: {"messages": ["reply"]})
+    g.add_node("tool", Flaky())
+    g.add_edge(START, "reply")
+    g.add_edge("reply", "tool")
+    return g.compile(checkpointer=checkpointer)
+
+
+# ------------------------------------------------------------------ stores
+
+
+async def turns(app: Any, thread_id: str, n: int, **configurable: Any) -> None:
+    """Run `n` chat turns on `thread_id`."""
+    for i in range(n):
+        await app.ainvoke({"messages": [f"turn {i}"]}, thread(thread_id, **configurable))
+
+
+OLD_DAYS = 60.0
+"""How old the idle threads of `build_mixed_store` are."""
+
+
+async def build_mixed_store(saver: BaseCheckpointSaver[Any]) -> dict[str, str]:
+    """Every shape, some idle for `OLD_DAYS`, some fresh. Returns thread id -> shape."""
+    shapes: dict[str, str] = {}
+    chat = chat_graph(saver)
+    with aged(OLD_DAYS):
+        await turns(chat, "user-old-1", 4, assistant_id="support-bot")
+        await turns(chat, "user-old-2", 3, assistant_id="sales-bot")
+        await turns(chat, "vip-old", 3)
+        await turns(chat, "org-1:user-2:session-3", 3)
+        await turns(subgraph_graph(saver), "sub-old", 2)
+        await approval_graph(saver).ainvoke({"messages": ["refund?"]}, thread("int-old"))
+        await breakpoint_graph(saver).ainvoke({"messages": ["hi"]}, thread("brk-old"))
+        await turns(delta_graph(saver), "delta-old", 4)
+        Flaky.fail = True
+        with contextlib.suppress(RuntimeError):
+            await error_graph(saver).ainvoke({"messages": ["go"]}, thread("err-old"))
+    shapes.update(
+        {
+            "user-old-1": "chat",
+            "user-old-2": "chat",
+            "vip-old": "chat",
+            "org-1:user-2:session-3": "chat",
+            "sub-old": "subgraph",
+            "int-old": "interrupt",
+            "brk-old": "breakpoint",
+            "delta-old": "delta",
+            "err-old": "error",
+        }
+    )
+    await turns(chat, "user-new-1", 6, assistant_id="support-bot")
+    await turns(chat, "org-1:user-2:session-4", 4)
+    await turns(chat, "org-1:user-20:session-1", 2)
+    await turns(subgraph_graph(saver), "sub-new", 3)
+    await turns(persistent_subgraph_graph(saver), "subp-new", 3)
+    await turns(send_graph(saver), "send-new", 2)
+    await turns(delta_graph(saver), "delta-new", 8)
+    await approval_graph(saver).ainvoke({"messages": ["refund?"]}, thread("int-new"))
+    await breakpoint_graph(saver).ainvoke({"messages": ["hi"]}, thread("brk-new"))
+    shapes.update(
+        {
+            "user-new-1": "chat",
+            "org-1:user-2:session-4": "chat",
+            "org-1:user-20:session-1": "chat",
+            "sub-new": "subgraph",
+            "subp-new": "persistent-subgraph",
+            "send-new": "send",
+            "delta-new": "delta",
+            "int-new": "interrupt",
+            "brk-new": "breakpoint",
+        }
+    )
+    return shapes
+
+
+async def resume(saver: BaseCheckpointSaver[Any], thread_id: str, shape: str) -> Any:
+    """Finish a waiting thread; returns its final state values."""
+    if shape == "interrupt":
+        app = approval_graph(saver)
+        out = await app.ainvoke(Command(resume="yes"), thread(thread_id))
+    elif shape == "breakpoint":
+        app = breakpoint_graph(saver)
+        out = await app.ainvoke(None, thread(thread_id))
+    elif shape == "error":
+        Flaky.fail = False
+        app = error_graph(saver)
+        out = await app.ainvoke(None, thread(thread_id))
+    else:
+        raise ValueError(shape)
+    return out
+
+
+def app_for(saver: BaseCheckpointSaver[Any], shape: str) -> Any:
+    """A compiled graph of `shape`, for reading state (`aget_state`)."""
+    return {
+        "chat": chat_graph,
+        "subgraph": subgraph_graph,
+        "persistent-subgraph": persistent_subgraph_graph,
+        "send": send_graph,
+        "delta": delta_graph,
+        "interrupt": approval_graph,
+        "breakpoint": breakpoint_graph,
+        "error": error_graph,
+    }[shape](saver)
+
+
+# ------------------------------------------------------------------ comparing
+
+
+async def read_all(
+    saver: BaseCheckpointSaver[Any], keys: Sequence[tuple[str, str, str]]
+) -> dict[tuple[str, str, str], Any]:
+    """(checkpoint, metadata, pending writes) of each (thread, namespace, id) that exists."""
+    out: dict[tuple[str, str, str], Any] = {}
+    for tid, ns, cid in keys:
+        t = await saver.aget_tuple(
+            {"configurable": {"thread_id": tid, "checkpoint_ns": ns, "checkpoint_id": cid}}
+        )
+        if t is not None:
+            out[(tid, ns, cid)] = (t.checkpoint, t.metadata, t.pending_writes)
+    return out
+
+
+async def states(saver: BaseCheckpointSaver[Any], shapes: dict[str, str]) -> dict[str, Any]:
+    """Each thread head's graph state: values, next, tasks' interrupts."""
+    out = {}
+    for tid, shape in shapes.items():
+        s = await app_for(saver, shape).aget_state(thread(tid), subgraphs=True)
+        out[tid] = (s.values, s.next, [t.interrupts for t in s.tasks])
+    return out

@@ -1,0 +1,5 @@
+"""`python -m worker` is `checkpoint-janitor`."""
+
+from worker.cli import main
+
+main()

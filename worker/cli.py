@@ -1,0 +1,347 @@
+"""The `checkpoint-janitor` command line.
+
+Exit codes (for CronJobs and systemd): 0 success, 1 a sweep failed or a store
+could not be used, 2 bad config or usage, 3 stopped by the safety limit.
+A bad config exits 2 before any store is opened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+import structlog
+
+from policies.config import Config, Policy, StoreConfig
+from policies.loader import ConfigError, load_config
+from worker.engine import StoreEngine, StoreError
+from worker.logs import configure_logging
+from worker.purge import purge
+from worker.report import human_bytes, render_json, render_table
+from worker.stores import make_engine
+from worker.sweep import Outcome, SweepOptions, SweepReport, sweep
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_SAFETY = 0, 1, 2, 3
+
+log = structlog.get_logger("checkpoint_janitor")
+T = TypeVar("T")
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"checkpoint-janitor: {message}", err=True)
+    sys.exit(code)
+
+
+def _load(ctx: click.Context) -> Config:
+    path = ctx.obj["config_path"]
+    if path is None:
+        _fail(
+            "no config: pass --config PATH or set CHECKPOINT_JANITOR_CONFIG "
+            "(config.example.yaml is a complete example)",
+            EXIT_CONFIG,
+        )
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        _fail(str(e), EXIT_CONFIG)
+    configure_logging(config.logging.format, ctx.obj["log_level"] or config.logging.level)
+    return config
+
+
+def _stores(config: Config, only: str | None) -> list[StoreConfig]:
+    if only is None:
+        return list(config.stores)
+    chosen = [s for s in config.stores if s.name == only]
+    if not chosen:
+        _fail(f"no store named {only!r} in the config", EXIT_CONFIG)
+    return chosen
+
+
+async def _with_engine(
+    config: Config, store: StoreConfig, body: Callable[[StoreEngine], Awaitable[T]]
+) -> T:
+    engine = make_engine(store, config.store_settings(store.name))
+    await engine.open()
+    try:
+        return await body(engine)
+    finally:
+        await engine.close()
+
+
+def _progress(store: str) -> Callable[[int, int], None] | None:
+    # Progress only for a person watching; logs stay the only output elsewhere.
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int) -> None:
+        click.echo(f"\r{store}: {done}/{total} threads scanned", nl=False, err=True)
+        if done >= total:
+            click.echo("", err=True)
+
+    return show
+
+
+async def _sweep_all(
+    config: Config,
+    stores: Sequence[StoreConfig],
+    *,
+    dry_run: bool,
+    allow_mass_expiry: bool,
+    now: float | None = None,
+) -> list[SweepReport]:
+    reports = []
+    for store in stores:
+        options = SweepOptions(
+            settings=config.store_settings(store.name),
+            max_delete_fraction=config.defaults.max_delete_fraction,
+            dry_run=dry_run,
+            allow_mass_expiry=allow_mass_expiry,
+        )
+        policies = config.policies_for(store.name)
+
+        def body(
+            engine: StoreEngine,
+            policies: Sequence[Policy] = policies,
+            options: SweepOptions = options,
+        ) -> Awaitable[SweepReport]:
+            return sweep(engine, policies, options, now=now, progress=_progress(engine.name))
+
+        try:
+            reports.append(await _with_engine(config, store, body))
+        except StoreError as e:
+            log.error("store_unavailable", store=store.name, error=str(e))
+            report = SweepReport(
+                store=store.name,
+                dry_run=dry_run,
+                now=now or 0.0,
+                policies={},
+                outcome=Outcome.FAILED,
+                error=str(e),
+            )
+            reports.append(report)
+    return reports
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="CHECKPOINT_JANITOR_CONFIG",
+    help="YAML config (also $CHECKPOINT_JANITOR_CONFIG).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default=None,
+    help="Overrides logging.level of the config.",
+)
+@click.pass_context
+def main(ctx: click.Context, config_path: Path | None, log_level: str | None) -> None:
+    """Retention and cleanup for LangGraph checkpoint stores."""
+    ctx.ensure_object(dict)
+    ctx.obj["config_path"] = config_path
+    ctx.obj["log_level"] = log_level
+
+
+@main.command()
+@click.pass_context
+def validate(ctx: click.Context) -> None:
+    """Check the config and its policies; errors name file, line and key."""
+    config = _load(ctx)
+    click.echo(
+        f"{ctx.obj['config_path']}: ok ({len(config.stores)} stores, "
+        f"{len(config.policies)} policies)"
+    )
+
+
+@main.command()
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.option("--store", "only", default=None, help="Only this store.")
+@click.option(
+    "--at",
+    "at",
+    default=None,
+    help="Plan as if it were this UTC time (ISO 8601), e.g. to see what expires next month.",
+)
+@click.pass_context
+def plan(ctx: click.Context, fmt: str, only: str | None, at: str | None) -> None:
+    """Dry run: what each policy would delete, per store, and why."""
+    config = _load(ctx)
+    now = _parse_at(at) if at else None
+    reports = asyncio.run(
+        _sweep_all(config, _stores(config, only), dry_run=True, allow_mass_expiry=False, now=now)
+    )
+    click.echo(render_json(reports) if fmt == "json" else render_table(reports))
+    if any(r.outcome is Outcome.FAILED for r in reports):
+        sys.exit(EXIT_FAILED)
+
+
+def _parse_at(text: str) -> float:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        _fail(f"--at: {text!r} is not an ISO 8601 date or time", EXIT_CONFIG)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="Count what would go; delete nothing.")
+@click.option(
+    "--allow-mass-expiry",
+    is_flag=True,
+    help="Lift the safety limit (max_delete_fraction) for this run only.",
+)
+@click.option("--store", "only", default=None, help="Only this store.")
+@click.pass_context
+def once(ctx: click.Context, dry_run: bool, allow_mass_expiry: bool, only: str | None) -> None:
+    """Apply every policy once, then exit (for CronJobs and timers)."""
+    config = _load(ctx)
+    dry_run = dry_run or config.defaults.dry_run
+    reports = asyncio.run(
+        _sweep_all(
+            config, _stores(config, only), dry_run=dry_run, allow_mass_expiry=allow_mass_expiry
+        )
+    )
+    if sys.stdout.isatty():
+        click.echo(render_table(reports))
+    outcomes = {r.outcome for r in reports}
+    if Outcome.FAILED in outcomes:
+        sys.exit(EXIT_FAILED)
+    if Outcome.SAFETY_STOP in outcomes:
+        for r in reports:
+            if r.outcome is Outcome.SAFETY_STOP:
+                click.echo(
+                    f"store {r.store}: stopped by the safety limit: {r.expiries_wanted}+ threads "
+                    f"to expire, at most {r.expiry_limit} per sweep (policy "
+                    f"{r.limit_reached_by}). Check the clock and the policy; then raise "
+                    "defaults.max_delete_fraction or run `once --allow-mass-expiry` once.",
+                    err=True,
+                )
+        sys.exit(EXIT_SAFETY)
+
+
+@main.command()
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.option("--store", "only", default=None, help="Only this store.")
+@click.pass_context
+def stats(ctx: click.Context, fmt: str, only: str | None) -> None:
+    """What a store holds: rows, bytes, ages per namespace, largest threads."""
+    config = _load(ctx)
+
+    async def collect() -> list[dict[str, Any]]:
+        out = []
+        now = datetime.now(UTC).timestamp()
+        for store in _stores(config, only):
+            try:
+                out.append(
+                    await _with_engine(config, store, lambda e: e.stats(now))  # type: ignore[attr-defined]
+                )
+            except StoreError as e:
+                _fail(str(e), EXIT_FAILED)
+        return out
+
+    result = asyncio.run(collect())
+    if fmt == "json":
+        click.echo(json.dumps({"stores": result}, indent=2))
+        return
+    for s in result:
+        click.echo(f"store {s['store']} ({s['kind']}): {s['threads']} threads")
+        for table, t in s["tables"].items():
+            click.echo(f"  {table:<18} {t['rows']:>12} rows  {human_bytes(t['bytes']):>10}")
+        for key in ("file_bytes", "wal_bytes", "reclaimable_bytes"):
+            if key in s:
+                click.echo(f"  {key.replace('_', ' '):<18} {human_bytes(s[key]):>29}")
+        click.echo("  checkpoint ages per namespace:")
+        for ns, buckets in sorted(s["ages"].items()):
+            cells = ", ".join(f"{b} {n}" for b, n in buckets.items())
+            click.echo(f"    {ns}: {cells}")
+        click.echo("  largest threads:")
+        for t in s["largest_threads"]:
+            click.echo(
+                f"    {t['thread_id']}: {t['checkpoints']} checkpoints, {human_bytes(t['bytes'])}"
+            )
+
+
+@main.command(name="purge")
+@click.option("--thread", "thread", default=None, help="Delete this thread whole.")
+@click.option(
+    "--thread-prefix",
+    "prefix",
+    default=None,
+    help="Delete every thread whose id starts with this (exact, case-sensitive).",
+)
+@click.option("--store", "only", default=None, help="Only this store.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+def purge_cmd(
+    ctx: click.Context, thread: str | None, prefix: str | None, only: str | None, yes: bool
+) -> None:
+    """Delete named threads now (user logout, GDPR erasure): every namespace and write."""
+    if (thread is None) == (prefix is None):
+        _fail("purge needs exactly one of --thread ID or --thread-prefix PREFIX", EXIT_CONFIG)
+    if prefix == "":
+        _fail("--thread-prefix must not be empty (it would name every thread)", EXIT_CONFIG)
+    config = _load(ctx)
+    failed = False
+    for store in _stores(config, only):
+
+        async def body(engine: StoreEngine) -> bool:
+            found = await purge(engine, thread, prefix, dry_run=True)
+            what = f"thread {thread!r}" if thread is not None else f"threads {prefix!r}*"
+            click.echo(
+                f"store {engine.name}: {what}: {found.threads} threads, "
+                f"{found.checkpoints} checkpoints, {found.writes} writes"
+            )
+            if found.threads == 0:
+                return True
+            if not yes and not click.confirm("Delete them?", default=False):
+                click.echo("nothing deleted")
+                return True
+            done = await purge(engine, thread, prefix, dry_run=False)
+            click.echo(
+                f"store {engine.name}: deleted {done.threads} threads, "
+                f"{done.checkpoints} checkpoints, {done.writes} writes"
+            )
+            return True
+
+        try:
+            asyncio.run(_with_engine(config, store, body))
+        except StoreError as e:
+            log.error("store_unavailable", store=store.name, error=str(e))
+            failed = True
+    if failed:
+        sys.exit(EXIT_FAILED)
+
+
+@main.command()
+@click.option("--threads", default=12, show_default=True, help="Chat threads to create.")
+@click.pass_context
+def demo(ctx: click.Context, threads: int) -> None:
+    """Fill the config's SQLite store with real LangGraph threads, then plan and sweep it."""
+    from worker.demo import run_demo
+
+    config = _load(ctx)
+    stores = [s for s in config.stores if s.kind == "sqlite"]
+    if not stores:
+        _fail("demo needs a sqlite store in the config", EXIT_CONFIG)
+    store = stores[0]
+    assert store.path is not None
+    asyncio.run(run_demo(store.path, threads))
+    click.echo(f"filled {store.path} with demo threads\n")
+    click.echo("$ checkpoint-janitor plan   (now)")
+    ctx.invoke(plan, fmt="table", only=store.name, at=None)
+    later = datetime.fromtimestamp(datetime.now(UTC).timestamp() + 45 * 86400, UTC)
+    click.echo(f"$ checkpoint-janitor plan --at {later.date()}   (in 45 days)")
+    ctx.invoke(plan, fmt="table", only=store.name, at=later.isoformat())
+    click.echo("$ checkpoint-janitor once")
+    reports = asyncio.run(_sweep_all(config, [store], dry_run=False, allow_mass_expiry=False))
+    click.echo(render_table(reports))

@@ -1,0 +1,140 @@
+"""What a store engine offers the sweep, whatever the database behind it.
+
+The sweep (`worker.sweep`) decides with `policies.decide` and hands engines
+`ThreadWork` in batches; an engine carries a batch out in one transaction,
+re-checking under its write lock that each thread is still as scanned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from policies.model import ThreadView
+
+Fingerprint = tuple[tuple[str, int, str], ...]
+"""Per namespace of a thread: (namespace, checkpoint count, newest checkpoint id).
+
+Any checkpoint saved since the scan (a new turn, a resume, a fork from an old
+checkpoint) changes the count of its namespace, whatever its id.
+"""
+
+
+def fingerprint_of(ids_by_ns: Mapping[str, Collection[str]]) -> Fingerprint:
+    """The fingerprint of a thread holding these checkpoint ids per namespace."""
+    return tuple(sorted((ns, len(ids), max(ids)) for ns, ids in ids_by_ns.items() if ids))
+
+
+@dataclass(frozen=True, slots=True)
+class ScannedThread:
+    """A thread as scanned, with the fingerprint the delete re-checks."""
+
+    view: ThreadView
+    fingerprint: Fingerprint
+
+
+@dataclass(slots=True)
+class ThreadWork:
+    """One thread's share of a batch: a whole-thread expiry, or some of its trims.
+
+    A huge thread's trims are split over several batches; `fingerprint` is what
+    the thread must look like when this part runs (counts already lowered by
+    the parts before it).
+    """
+
+    thread_id: str
+    fingerprint: Fingerprint
+    expire: bool = False
+    checkpoints: dict[str, list[str]] = field(default_factory=dict)
+    """namespace -> ids to delete (with their writes)."""
+    writes: dict[str, list[str]] = field(default_factory=dict)
+    """namespace -> checkpoint ids whose orphaned writes to delete."""
+    estimate: int = 0
+    """Checkpoints an expiry deletes (it names none by id)."""
+    bytes: int = 0
+    """Size of the checkpoints this part deletes, as scanned (checkpoint and metadata)."""
+
+    @property
+    def rows(self) -> int:
+        """Checkpoints this part deletes: the unit batches are sized in."""
+        return (
+            self.estimate
+            + sum(len(ids) for ids in self.checkpoints.values())
+            + sum(len(ids) for ids in self.writes.values())
+        )
+
+
+@dataclass(slots=True)
+class Counts:
+    """Rows (and bytes) deleted, or that a dry run would delete."""
+
+    threads: int = 0
+    checkpoints: int = 0
+    writes: int = 0
+    blobs: int = 0
+    bytes: int = 0
+
+    def add(self, other: Counts) -> None:
+        """Accumulate `other` into this."""
+        self.threads += other.threads
+        self.checkpoints += other.checkpoints
+        self.writes += other.writes
+        self.blobs += other.blobs
+        self.bytes += other.bytes
+
+
+@dataclass(slots=True)
+class WorkResult:
+    """What one `ThreadWork` did."""
+
+    thread_id: str
+    counts: Counts
+    changed: bool = False
+    """The thread changed since the scan; nothing of it was deleted."""
+
+
+class StoreEngine(Protocol):
+    """A checkpoint store the sweep can scan and delete from."""
+
+    name: str
+
+    async def open(self) -> None:
+        """Connect and check the schema; raise `StoreError` for a store it does not understand."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+    async def count_threads(self) -> int:
+        """Threads in the store now (the safety limit's base)."""
+
+    def thread_pages(self, page_size: int) -> AsyncIterator[list[str]]:
+        """Every thread id, in keyset-paginated pages (never all ids in memory)."""
+
+    def thread_range_pages(
+        self, low: str, high: str | None, page_size: int
+    ) -> AsyncIterator[list[str]]:
+        """Thread ids in `low <= id < high` (no upper bound when `high` is None), by pages."""
+
+    async def scan(self, thread_ids: Sequence[str]) -> list[ScannedThread]:
+        """Summaries of these threads, with delta threads decoded."""
+
+    async def resolve_waiting(self, thread: ScannedThread) -> ScannedThread:
+        """The thread with `view.waiting` read from its newest root checkpoint."""
+
+    async def apply(self, batch: Sequence[ThreadWork], dry_run: bool) -> list[WorkResult]:
+        """Carry out a batch in one transaction (or count what it would delete)."""
+
+    async def after_batch(self) -> None:
+        """Housekeeping between batches (SQLite: a passive WAL checkpoint)."""
+
+
+class StoreError(Exception):
+    """A store that cannot be used: unreachable, unknown schema, bad credentials.
+
+    The message names the store and never carries a password.
+    """
+
+    def __init__(self, store: str, message: str) -> None:
+        super().__init__(f"store {store!r}: {message}")
+        self.store = store

@@ -1,0 +1,570 @@
+"""The SQLite engine: stores written by `langgraph-checkpoint-sqlite`.
+
+Tables `checkpoints` and `writes`; channel values inline in the msgpack
+checkpoint blob, metadata a UTF-8 JSON blob, WAL mode. Reads run in
+autocommit mode (short read transactions that never block the application
+in WAL); every batch is one `BEGIN IMMEDIATE` transaction that first
+re-checks the batch's threads against their scan, then deletes by id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections import defaultdict
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import aiosqlite
+
+from policies.decide import is_delta_thread, root_head
+from policies.ids import checkpoint_time
+from policies.model import CheckpointSummary, ThreadView
+from worker.decoding import Decoder
+from worker.engine import (
+    Counts,
+    Fingerprint,
+    ScannedThread,
+    StoreError,
+    ThreadWork,
+    WorkResult,
+    fingerprint_of,
+)
+
+# ---------------------------------------------------------------- schema
+
+REQUIRED_COLUMNS = {
+    "checkpoints": {
+        "thread_id",
+        "checkpoint_ns",
+        "checkpoint_id",
+        "parent_checkpoint_id",
+        "type",
+        "checkpoint",
+        "metadata",
+    },
+    "writes": {"thread_id", "checkpoint_ns", "checkpoint_id", "task_id", "idx", "channel"},
+}
+
+TABLE_COLUMNS_SQL = "SELECT name FROM pragma_table_info(?)"
+
+# ---------------------------------------------------------------- scan
+
+# Two keyset walks merged in Python: threads with only orphaned writes have no
+# checkpoint row, and a UNION of both tables would sort everything past the
+# cursor instead of stepping the primary-key indexes. The upper bound (a purge
+# prefix's range) is its own statement so the index range stays closed.
+THREADS_PAGE_SQL = """
+SELECT DISTINCT thread_id FROM {table}
+WHERE thread_id >= ? AND thread_id > ? ORDER BY thread_id LIMIT ?
+"""
+THREADS_RANGE_PAGE_SQL = """
+SELECT DISTINCT thread_id FROM {table}
+WHERE thread_id >= ? AND thread_id > ? AND thread_id < ? ORDER BY thread_id LIMIT ?
+"""
+
+COUNT_THREADS_SQL = "SELECT COUNT(DISTINCT thread_id) FROM checkpoints"
+
+# Metadata is JSON text in a BLOB column: SQLite's JSON functions read it
+# after a CAST. `parents` and the DeltaChannel markers are pulled out here so
+# Python parses whole metadata only for each thread's head.
+SCAN_SQL = """
+SELECT thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id,
+       COALESCE(length(checkpoint), 0) + COALESCE(length(metadata), 0),
+       json_extract(CAST(metadata AS TEXT), '$.parents'),
+       json_extract(CAST(metadata AS TEXT), '$.counters_since_delta_snapshot'),
+       json_type(CAST(metadata AS TEXT), '$.delta_writes_versioned'),
+       CAST(metadata AS TEXT)
+FROM checkpoints
+WHERE thread_id IN (SELECT value FROM json_each(?))
+"""
+
+# Writes whose checkpoint is not (yet) saved: a crashed run's, or a live
+# run's whose checkpoint commits after them. `decide` tells them apart by age.
+ORPHAN_WRITES_SQL = """
+SELECT DISTINCT w.thread_id, w.checkpoint_ns, w.checkpoint_id
+FROM writes w
+WHERE w.thread_id IN (SELECT value FROM json_each(?))
+AND NOT EXISTS (
+    SELECT 1 FROM checkpoints c
+    WHERE c.thread_id = w.thread_id AND c.checkpoint_ns = w.checkpoint_ns
+    AND c.checkpoint_id = w.checkpoint_id
+)
+"""
+
+THREAD_BLOBS_SQL = """
+SELECT checkpoint_ns, checkpoint_id, type, checkpoint FROM checkpoints WHERE thread_id = ?
+"""
+
+CHECKPOINT_BLOB_SQL = """
+SELECT type, checkpoint FROM checkpoints
+WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id = ?
+"""
+
+WRITE_CHANNELS_SQL = """
+SELECT channel FROM writes WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id = ?
+"""
+
+# The same shape the scan fingerprints, read again under the write lock.
+FINGERPRINT_SQL = """
+SELECT thread_id, checkpoint_ns, COUNT(*), MAX(checkpoint_id)
+FROM checkpoints
+WHERE thread_id IN (SELECT value FROM json_each(?))
+GROUP BY thread_id, checkpoint_ns
+"""
+
+# ---------------------------------------------------------------- delete
+
+# By the ids decided, never by "no checkpoint has this id": a run may save a
+# superstep's writes before their checkpoint.
+DELETE_WRITES_SQL = """
+DELETE FROM writes
+WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id IN (SELECT value FROM json_each(?))
+"""
+DELETE_CHECKPOINTS_SQL = """
+DELETE FROM checkpoints
+WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id IN (SELECT value FROM json_each(?))
+"""
+# As the official `prune`: a kept checkpoint whose parent went has none.
+NULL_PARENTS_SQL = """
+UPDATE checkpoints SET parent_checkpoint_id = NULL
+WHERE thread_id = ? AND checkpoint_ns = ?
+AND parent_checkpoint_id IN (SELECT value FROM json_each(?))
+"""
+# Re-checked under the write lock: the checkpoint may have committed since.
+DELETE_ORPHAN_WRITES_SQL = """
+DELETE FROM writes
+WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id IN (SELECT value FROM json_each(?))
+AND NOT EXISTS (
+    SELECT 1 FROM checkpoints c
+    WHERE c.thread_id = writes.thread_id AND c.checkpoint_ns = writes.checkpoint_ns
+    AND c.checkpoint_id = writes.checkpoint_id
+)
+"""
+EXPIRE_WRITES_SQL = "DELETE FROM writes WHERE thread_id = ?"
+EXPIRE_CHECKPOINTS_SQL = "DELETE FROM checkpoints WHERE thread_id = ?"
+
+# Dry runs count what the statements above would delete.
+COUNT_CHECKPOINTS_SQL = """
+SELECT COUNT(*) FROM checkpoints
+WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id IN (SELECT value FROM json_each(?))
+"""
+COUNT_WRITES_SQL = """
+SELECT COUNT(*) FROM writes
+WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id IN (SELECT value FROM json_each(?))
+"""
+COUNT_THREAD_CHECKPOINTS_SQL = "SELECT COUNT(*) FROM checkpoints WHERE thread_id = ?"
+COUNT_THREAD_WRITES_SQL = "SELECT COUNT(*) FROM writes WHERE thread_id = ?"
+
+# ---------------------------------------------------------------- stats
+
+STATS_TABLE_SQL = {
+    "checkpoints": "SELECT COUNT(*), COALESCE(SUM(length(checkpoint) + length(metadata)), 0) "
+    "FROM checkpoints",
+    "writes": "SELECT COUNT(*), COALESCE(SUM(length(value)), 0) FROM writes",
+}
+STATS_IDS_SQL = "SELECT checkpoint_ns, checkpoint_id FROM checkpoints"
+LARGEST_THREADS_SQL = """
+SELECT thread_id, COUNT(*), COALESCE(SUM(length(checkpoint) + length(metadata)), 0) AS size
+FROM checkpoints GROUP BY thread_id ORDER BY size DESC LIMIT ?
+"""
+# Deleted rows leave free pages in the file until VACUUM: what could be reclaimed.
+FILE_PAGES_SQL = "SELECT * FROM pragma_page_size, pragma_page_count, pragma_freelist_count"
+
+# PASSIVE never waits for the application's readers or writers, so it is
+# safe to run after each batch to keep the WAL from growing over a sweep.
+WAL_CHECKPOINT_SQL = "PRAGMA wal_checkpoint(PASSIVE)"
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    namespace: str
+    checkpoint_id: str
+    parent_id: str | None
+    size: int
+    parents: dict[str, str]
+    counters: frozenset[str]
+    delta_marked: bool
+    metadata_text: str | None
+
+
+class SqliteStore:
+    """A `StoreEngine` over one SQLite file, on one shared aiosqlite connection."""
+
+    def __init__(
+        self,
+        name: str,
+        path: str,
+        *,
+        busy_timeout: float = 5.0,
+        encryption_key: str | None = None,
+    ) -> None:
+        self.name = name
+        self.path = path
+        self.busy_timeout = busy_timeout
+        self.decoder = Decoder(encryption_key)
+        self._conn: aiosqlite.Connection | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    @property
+    def conn(self) -> aiosqlite.Connection:
+        """The open connection."""
+        if self._conn is None:
+            raise StoreError(self.name, "not open")
+        return self._conn
+
+    async def open(self) -> None:
+        """Open the file (never create it) and check it holds the saver's tables."""
+        if not os.path.exists(self.path):
+            raise StoreError(self.name, f"SQLite file {self.path} does not exist")
+        try:
+            # isolation_level=None: autocommit, so reads end at once and the
+            # write transactions are the explicit BEGIN IMMEDIATE ones.
+            self._conn = await aiosqlite.connect(
+                f"file:{self.path}?mode=rw", uri=True, isolation_level=None
+            )
+            await self._conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            await self._check_schema()
+        except sqlite3.Error as e:
+            await self.close()
+            raise StoreError(self.name, f"cannot open {self.path}: {e}") from None
+
+    async def _check_schema(self) -> None:
+        for table, required in REQUIRED_COLUMNS.items():
+            async with self.conn.execute(TABLE_COLUMNS_SQL, (table,)) as cur:
+                have = {r[0] for r in await cur.fetchall()}
+            if not have:
+                raise StoreError(
+                    self.name,
+                    f"{self.path} has no {table!r} table: not a langgraph-checkpoint-sqlite store",
+                )
+            if missing := required - have:
+                raise StoreError(
+                    self.name,
+                    f"table {table!r} lacks columns {sorted(missing)}: unknown schema version",
+                )
+
+    async def close(self) -> None:
+        """Close the connection."""
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await conn.close()
+
+    # ------------------------------------------------------------ scan
+
+    async def count_threads(self) -> int:
+        """Threads with at least one checkpoint."""
+        async with self.conn.execute(COUNT_THREADS_SQL) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    def thread_pages(self, page_size: int) -> AsyncIterator[list[str]]:
+        """Every thread id of both tables, by keyset pages of at most `page_size`."""
+        return self.thread_range_pages("", None, page_size)
+
+    async def thread_range_pages(
+        self, low: str, high: str | None, page_size: int
+    ) -> AsyncIterator[list[str]]:
+        """Thread ids in `low <= id < high` (no upper bound when `high` is None), by pages."""
+        after: str | None = None
+        while True:
+            pages = []
+            for table in ("checkpoints", "writes"):
+                if high is None:
+                    sql = THREADS_PAGE_SQL.format(table=table)
+                    args: tuple[Any, ...] = (low, after or "", page_size)
+                else:
+                    sql = THREADS_RANGE_PAGE_SQL.format(table=table)
+                    args = (low, after or "", high, page_size)
+                async with self.conn.execute(sql, args) as cur:
+                    pages.append([r[0] for r in await cur.fetchall()])
+            if not any(pages):
+                return
+            # A full page bounds how far that walk has seen; a short one has
+            # seen everything left.
+            bound = min((p[-1] for p in pages if len(p) == page_size), default=None)
+            page = sorted({t for p in pages for t in p if bound is None or t <= bound})
+            yield page
+            if bound is None:
+                return
+            after = page[-1]
+
+    async def scan(self, thread_ids: Sequence[str]) -> list[ScannedThread]:
+        """Summaries of `thread_ids`; delta threads decoded, waiting left undetermined."""
+        ids_json = json.dumps(list(thread_ids))
+        rows: dict[str, list[_Row]] = defaultdict(list)
+        async with self.conn.execute(SCAN_SQL, (ids_json,)) as cur:
+            async for r in cur:
+                rows[r[0]].append(
+                    _Row(
+                        namespace=r[1],
+                        checkpoint_id=r[2],
+                        parent_id=r[3],
+                        size=int(r[4]),
+                        parents=_json_object(r[5]),
+                        counters=frozenset(_json_object(r[6])),
+                        delta_marked=r[6] is not None or r[7] is not None,
+                        metadata_text=r[8],
+                    )
+                )
+        orphans: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        async with self.conn.execute(ORPHAN_WRITES_SQL, (ids_json,)) as cur:
+            async for r in cur:
+                orphans[r[0]].append((r[1], r[2]))
+        out = []
+        for tid in thread_ids:
+            summaries = tuple(_summary(r) for r in rows.get(tid, ()))
+            if any(s.created_at is None for s in summaries):
+                summaries = await self._date_from_ts(tid, summaries)
+            if is_delta_thread(summaries):
+                summaries = await self._decode_thread(tid, summaries)
+            head = root_head(summaries)
+            meta: dict[str, Any] = {}
+            if head is not None:
+                text = next(
+                    r.metadata_text
+                    for r in rows[tid]
+                    if r.checkpoint_id == head.checkpoint_id and r.namespace == head.namespace
+                )
+                meta = _json_object(text)
+            view = ThreadView(
+                thread_id=tid,
+                checkpoints=summaries,
+                head_metadata=meta,
+                orphan_writes=tuple(orphans.get(tid, ())),
+            )
+            out.append(ScannedThread(view, _fingerprint(summaries)))
+        return out
+
+    async def _decode_thread(
+        self, thread_id: str, summaries: tuple[CheckpointSummary, ...]
+    ) -> tuple[CheckpointSummary, ...]:
+        """Fill the channel keys of a DeltaChannel thread's checkpoints from their blobs.
+
+        On SQLite a snapshot is visible only inside the blob; one row is
+        decoded at a time so memory stays at one checkpoint.
+        """
+        keys: dict[tuple[str, str], tuple[frozenset[str], frozenset[str]] | None] = {}
+        async with self.conn.execute(THREAD_BLOBS_SQL, (thread_id,)) as cur:
+            async for ns, cid, type_, blob in cur:
+                keys[(ns, cid)] = self.decoder.channel_keys(type_, blob)
+        out = []
+        for s in summaries:
+            k = keys.get((s.namespace, s.checkpoint_id))
+            out.append(
+                replace(s, inline_channels=k[0], versioned_channels=k[1]) if k is not None else s
+            )
+        return tuple(out)
+
+    async def _date_from_ts(
+        self, thread_id: str, summaries: tuple[CheckpointSummary, ...]
+    ) -> tuple[CheckpointSummary, ...]:
+        """Date checkpoints whose id is not a UUIDv6 by the `ts` inside their blob."""
+        out = []
+        for s in summaries:
+            if s.created_at is None:
+                key = (thread_id, s.namespace, s.checkpoint_id)
+                async with self.conn.execute(CHECKPOINT_BLOB_SQL, key) as cur:
+                    row = await cur.fetchone()
+                if row is not None:
+                    s = replace(s, created_at=self.decoder.timestamp(row[0], row[1]))
+            out.append(s)
+        return tuple(out)
+
+    async def resolve_waiting(self, thread: ScannedThread) -> ScannedThread:
+        """Decode the thread's newest root checkpoint and its writes to tell if it waits."""
+        head = root_head(thread.view.checkpoints)
+        waiting: bool | None = False
+        if head is not None:
+            key = (thread.view.thread_id, head.namespace, head.checkpoint_id)
+            async with self.conn.execute(CHECKPOINT_BLOB_SQL, key) as cur:
+                row = await cur.fetchone()
+            async with self.conn.execute(WRITE_CHANNELS_SQL, key) as cur:
+                channels = [r[0] for r in await cur.fetchall()]
+            waiting = self.decoder.waiting(row[0], row[1], channels) if row else None
+        if waiting is None:
+            # Unreadable: treat as waiting, which only ever keeps the thread.
+            waiting = True
+        return replace(thread, view=replace(thread.view, waiting=waiting))
+
+    # ------------------------------------------------------------ delete
+
+    async def apply(self, batch: Sequence[ThreadWork], dry_run: bool) -> list[WorkResult]:
+        """Carry out `batch` in one BEGIN IMMEDIATE transaction, or count it when `dry_run`."""
+        if dry_run:
+            return [await self._count(work) for work in batch]
+        conn = self.conn
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            tids = [w.thread_id for w in batch]
+            current = await self._fingerprints(tids)
+            repeated = (
+                {t for t in tids if tids.count(t) > 1} if len(set(tids)) < len(tids) else set()
+            )
+            results = []
+            for work in batch:
+                tid = work.thread_id
+                if current.get(tid, ()) != work.fingerprint:
+                    results.append(WorkResult(tid, Counts(), changed=True))
+                    continue
+                results.append(await self._delete(work))
+                if tid in repeated:
+                    # A later part of this thread expects it as this part left it.
+                    current.update(await self._fingerprints([tid]))
+                    current.setdefault(tid, ())
+            await conn.execute("COMMIT")
+        except BaseException:
+            # Also on cancellation (SIGTERM): the batch is all or nothing.
+            if conn.in_transaction:
+                await conn.execute("ROLLBACK")
+            raise
+        return results
+
+    async def _fingerprints(self, thread_ids: Sequence[str]) -> dict[str, Fingerprint]:
+        found: dict[str, list[tuple[str, int, str]]] = defaultdict(list)
+        async with self.conn.execute(FINGERPRINT_SQL, (json.dumps(list(thread_ids)),)) as cur:
+            async for tid, ns, n, newest in cur:
+                found[tid].append((ns, int(n), newest))
+        return {tid: tuple(sorted(v)) for tid, v in found.items()}
+
+    async def _delete(self, work: ThreadWork) -> WorkResult:
+        conn = self.conn
+        counts = Counts()
+        tid = work.thread_id
+        if work.expire:
+            cur = await conn.execute(EXPIRE_WRITES_SQL, (tid,))
+            counts.writes += cur.rowcount
+            cur = await conn.execute(EXPIRE_CHECKPOINTS_SQL, (tid,))
+            counts.checkpoints += cur.rowcount
+            counts.threads = 1
+            return WorkResult(tid, counts)
+        for ns, ids in work.checkpoints.items():
+            args = (tid, ns, json.dumps(ids))
+            cur = await conn.execute(DELETE_WRITES_SQL, args)
+            counts.writes += cur.rowcount
+            cur = await conn.execute(DELETE_CHECKPOINTS_SQL, args)
+            counts.checkpoints += cur.rowcount
+            await conn.execute(NULL_PARENTS_SQL, args)
+        for ns, ids in work.writes.items():
+            cur = await conn.execute(DELETE_ORPHAN_WRITES_SQL, (tid, ns, json.dumps(ids)))
+            counts.writes += cur.rowcount
+        return WorkResult(tid, counts)
+
+    async def _count(self, work: ThreadWork) -> WorkResult:
+        counts = Counts()
+        tid = work.thread_id
+        if work.expire:
+            counts.checkpoints = await self._one(COUNT_THREAD_CHECKPOINTS_SQL, (tid,))
+            counts.writes = await self._one(COUNT_THREAD_WRITES_SQL, (tid,))
+            counts.threads = 1
+            return WorkResult(tid, counts)
+        for ns, ids in work.checkpoints.items():
+            args = (tid, ns, json.dumps(ids))
+            counts.checkpoints += await self._one(COUNT_CHECKPOINTS_SQL, args)
+            counts.writes += await self._one(COUNT_WRITES_SQL, args)
+        for ns, ids in work.writes.items():
+            counts.writes += await self._one(COUNT_WRITES_SQL, (tid, ns, json.dumps(ids)))
+        return WorkResult(tid, counts)
+
+    async def _one(self, sql: str, args: tuple[Any, ...]) -> int:
+        async with self.conn.execute(sql, args) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def stats(self, now: float, largest: int = 10) -> dict[str, Any]:
+        """What the store holds: rows and bytes per table, ages per namespace, largest threads."""
+        tables = {}
+        for table, sql in STATS_TABLE_SQL.items():
+            async with self.conn.execute(sql) as cur:
+                rows, size = await cur.fetchone() or (0, 0)
+            tables[table] = {"rows": int(rows), "bytes": int(size)}
+        ages: dict[str, dict[str, int]] = {}
+        async with self.conn.execute(STATS_IDS_SQL) as cur:
+            async for ns, cid in cur:
+                t = checkpoint_time(cid)
+                age = now - t if t is not None else None
+                bucket = (
+                    "unknown"
+                    if age is None
+                    else next(name for name, limit in AGE_BUCKETS if age < limit)
+                )
+                label = namespace_label(ns)
+                ages.setdefault(label, {}).setdefault(bucket, 0)
+                ages[label][bucket] += 1
+        async with self.conn.execute(LARGEST_THREADS_SQL, (largest,)) as cur:
+            top = [
+                {"thread_id": t, "checkpoints": int(n), "bytes": int(b)}
+                for t, n, b in await cur.fetchall()
+            ]
+        async with self.conn.execute(FILE_PAGES_SQL) as cur:
+            page_size, page_count, free = await cur.fetchone() or (0, 0, 0)
+        wal = self.path + "-wal"
+        return {
+            "store": self.name,
+            "kind": "sqlite",
+            "threads": await self.count_threads(),
+            "tables": tables,
+            "ages": ages,
+            "largest_threads": top,
+            "file_bytes": page_size * page_count,
+            "wal_bytes": os.path.getsize(wal) if os.path.exists(wal) else 0,
+            "reclaimable_bytes": page_size * free,
+        }
+
+    async def after_batch(self) -> None:
+        """Checkpoint the WAL without waiting on anyone."""
+        await self.conn.execute(WAL_CHECKPOINT_SQL)
+
+
+AGE_BUCKETS = (
+    ("<1h", 3600.0),
+    ("<1d", 86400.0),
+    ("<7d", 7 * 86400.0),
+    ("<30d", 30 * 86400.0),
+    ("<90d", 90 * 86400.0),
+    (">=90d", float("inf")),
+)
+
+
+def namespace_label(namespace: str) -> str:
+    """Namespaces grouped for reporting: subgraph calls by node, task ids dropped."""
+    if namespace == "":
+        return '""'
+    return "|".join(
+        seg.split(":", 1)[0] + (":*" if ":" in seg else "") for seg in namespace.split("|")
+    )
+
+
+def _json_object(text: str | bytes | None) -> dict[str, Any]:
+    if not text or text == "{}":
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _summary(r: _Row) -> CheckpointSummary:
+    # SQLite keeps pending sends inline in every format version, so no
+    # checkpoint reads them from its parent here (invariant 2 is free).
+    return CheckpointSummary(
+        namespace=r.namespace,
+        checkpoint_id=r.checkpoint_id,
+        parent_id=r.parent_id,
+        created_at=checkpoint_time(r.checkpoint_id),
+        parents=r.parents,
+        delta_channels=r.counters,
+        delta_marked=r.delta_marked,
+        size=r.size,
+    )
+
+
+def _fingerprint(summaries: Sequence[CheckpointSummary]) -> Fingerprint:
+    by_ns: dict[str, list[str]] = defaultdict(list)
+    for s in summaries:
+        by_ns[s.namespace].append(s.checkpoint_id)
+    return fingerprint_of(by_ns)
