@@ -1,0 +1,702 @@
+"""The configuration schema: stores, defaults, ordered policies, metrics and logging.
+
+Every model is strict (YAML types are taken as written: `"5"` is not a count
+and `yes` in a quoted string is not a boolean), frozen, and forbids unknown
+keys, because a misspelt retention key that was silently ignored would change
+what gets deleted. Durations go through `policies.durations.parse_duration`.
+
+Validators that know a more precise location than the model they run on raise
+`LocatedValueError`; `policies.loader` appends its `loc` to pydantic's so the
+error names the exact key and line.
+"""
+
+from __future__ import annotations
+
+import re
+import zoneinfo
+from datetime import UTC, timedelta
+from typing import Annotated, Any, Literal
+
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from policies.durations import parse_duration
+
+__all__ = [
+    "BatchOverrides",
+    "BatchSettings",
+    "Config",
+    "Defaults",
+    "Duration",
+    "LocatedValueError",
+    "LoggingConfig",
+    "Match",
+    "MetricsConfig",
+    "Policy",
+    "PoolConfig",
+    "Schedule",
+    "StoreConfig",
+    "redact_dsn",
+]
+
+
+class LocatedValueError(ValueError):
+    """A validation error that knows which key below the validated object is wrong.
+
+    `loc` is relative to the object whose validator raised it, in pydantic's
+    `loc` vocabulary (field names or aliases, list indexes, dict keys).
+    """
+
+    def __init__(self, message: str, loc: tuple[str | int, ...] = ()) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+_URL_PASSWORD = re.compile(
+    # scheme://user:PASSWORD@host... ; greedy up to the last '@' so an unencoded
+    # '@' inside the password is still covered (over-redacting a host is harmless).
+    r"(?P<head>^[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@]*:)(?P<secret>.*)(?P<tail>@)",
+    re.DOTALL,
+)
+_QUERY_PASSWORD = re.compile(r"(?P<head>[?&](?:ssl)?password=)(?P<secret>[^&#]*)", re.IGNORECASE)
+_KEYWORD_PASSWORD = re.compile(
+    r"(?P<head>\b(?:ssl)?password\s*=\s*)(?P<secret>'(?:[^'\\]|\\.)*'?|\S+)",
+    re.IGNORECASE,
+)
+
+
+def redact_dsn(dsn: str) -> str:
+    """`dsn` with every password replaced by `***`, for logs and error messages.
+
+    Handles the URL form (`postgresql://user:pw@host/db`, also a `password=`
+    query parameter) and the libpq keyword form (`host=h password=pw`, quoted
+    values included). `sslpassword` is redacted too. Text that is neither is
+    returned unchanged, so callers may pass any connection string.
+    """
+    if "://" in dsn:
+        dsn = _URL_PASSWORD.sub(r"\g<head>***\g<tail>", dsn, count=1)
+        return _QUERY_PASSWORD.sub(r"\g<head>***", dsn)
+    return _KEYWORD_PASSWORD.sub(r"\g<head>***", dsn)
+
+
+# libpq keyword/value form: at least one `key=value`, keys are lower-case words.
+_KEYWORD_DSN = re.compile(r"\s*[a-z_]+\s*=")
+
+
+def _check_dsn(value: SecretStr | None) -> SecretStr | None:
+    # Messages never echo the DSN: it carries the password.
+    if value is None:
+        return None
+    dsn = value.get_secret_value()
+    if not dsn.strip():
+        raise ValueError("dsn is empty (is the ${...} it comes from empty?)")
+    if "://" in dsn:
+        scheme = dsn.split("://", 1)[0].lower()
+        if scheme not in ("postgresql", "postgres"):
+            raise ValueError(
+                f"dsn has scheme {scheme!r}: a postgres store takes a postgresql:// URL "
+                "or a libpq keyword string (host=... dbname=...)"
+            )
+    elif not _KEYWORD_DSN.match(dsn):
+        raise ValueError(
+            "dsn is neither a postgresql:// URL nor a libpq keyword string (host=... dbname=...)"
+        )
+    return value
+
+
+# --------------------------------------------------------------------------- value types
+
+
+def _to_duration(value: object) -> object:
+    if isinstance(value, timedelta):
+        if value <= timedelta(0):
+            raise ValueError(f"duration {value} is not positive: a duration must be positive")
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        # A bare number is ambiguous (seconds? days?); for retention, guessing wrong deletes data.
+        return parse_duration(f"{value}")
+    if not isinstance(value, str):
+        raise ValueError(f"a duration must be a string such as 7d, not {type(value).__name__}")
+    return parse_duration(value)
+
+
+Duration = Annotated[timedelta, BeforeValidator(_to_duration)]
+"""A positive duration written `30s`, `15m`, `12h`, `7d` or `2w` (bare numbers are errors)."""
+
+
+def _to_seconds(value: object) -> object:
+    # Tuning knobs are plain seconds, but `2s`/`5m` read better and mean the same.
+    if isinstance(value, str):
+        return parse_duration(value).total_seconds()
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    return value
+
+
+PositiveSeconds = Annotated[
+    float, BeforeValidator(_to_seconds), Field(gt=0, allow_inf_nan=False)
+]
+"""Seconds > 0, as a number (`0.5`) or a duration string (`2s`)."""
+
+NonNegativeSeconds = Annotated[
+    float, BeforeValidator(_to_seconds), Field(ge=0, allow_inf_nan=False)
+]
+"""Seconds >= 0, as a number (`0.5`) or a duration string (`2s`)."""
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+MetadataValue = str | int | float | bool | None
+
+
+class _Model(BaseModel):
+    """Shared settings: strict types, frozen instances, unknown keys are errors."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        strict=True,
+        validate_by_name=True,
+        validate_by_alias=True,
+        validate_default=False,
+    )
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+_CRON_NICKNAMES = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+_DOW_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+
+
+def _crontab_day(token: str) -> int:
+    low = token.lower()
+    if low in _DOW_NAMES:
+        return _DOW_NAMES.index(low)
+    if token.isascii() and token.isdigit() and int(token) <= 7:
+        return int(token)
+    raise ValueError(f"day of week {token!r} is not 0-7 or sun..sat")
+
+
+def _crontab_days_of_week(field: str) -> str:
+    """A crontab day-of-week field as the weekday names APScheduler 3 understands.
+
+    APScheduler 3's `from_crontab` numbers weekdays from Monday (0 = mon), so a
+    crontab `0` (Sunday) would fire on Mondays. Names mean the same to both, so
+    every day-of-week field is spelled out by name.
+    """
+    if field == "*":
+        return field
+    days: set[int] = set()
+    for part in field.split(","):
+        span, slash, step_text = part.partition("/")
+        if slash and not (step_text.isascii() and step_text.isdigit() and int(step_text) > 0):
+            raise ValueError(f"day-of-week step {step_text!r} is not a positive integer")
+        step = int(step_text) if slash else 1
+        if span == "*":
+            low, high = 0, 6
+        elif "-" in span:
+            first, _, last = span.partition("-")
+            low, high = _crontab_day(first), _crontab_day(last)
+        else:
+            low = _crontab_day(span)
+            high = 7 if slash else low  # vixie cron: `1/2` means `1-7/2`
+        if low > high:
+            raise ValueError(f"day-of-week range {span!r} runs backwards")
+        days.update(day % 7 for day in range(low, high + 1, step))
+    return ",".join(_DOW_NAMES[day] for day in sorted(days))
+
+
+def _crontab_fields(expression: str) -> list[str]:
+    """The five fields of a crontab line, nicknames (`@daily`) expanded, weekdays by name."""
+    expression = _CRON_NICKNAMES.get(expression.strip().lower(), expression)
+    fields = expression.split()
+    if len(fields) != 5:
+        raise ValueError(
+            f"cron {expression!r} has {len(fields)} fields, expected 5 "
+            "(minute hour day-of-month month day-of-week, e.g. \"0 3 * * *\")"
+        )
+    if fields[2] != "*" and fields[4] != "*":
+        # crontab fires when EITHER matches; APScheduler only when both do.
+        raise ValueError(
+            f"cron {expression!r} restricts both day-of-month and day-of-week, which crontab "
+            "and APScheduler read differently (either vs both); restrict only one of them"
+        )
+    fields[4] = _crontab_days_of_week(fields[4])
+    return fields
+
+
+class Schedule(_Model):
+    """When a policy runs: exactly one of `every` (a duration) or `cron` (5-field crontab).
+
+    `cron` has crontab semantics (weekday 0 and 7 are Sunday) and runs in
+    `timezone` (an IANA name; UTC when absent). `timezone` is meaningless for
+    `every` and rejected there.
+    """
+
+    every: Duration | None = None
+    cron: str | None = None
+    timezone: str | None = None
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown time zone {value!r}: use an IANA name such as UTC or Europe/Berlin"
+            ) from None
+        return value
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            CronTrigger.from_crontab(" ".join(_crontab_fields(value)), timezone=UTC)
+        except ValueError as exc:
+            raise ValueError(f"invalid cron expression {value!r}: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Schedule:
+        if (self.every is None) == (self.cron is None):
+            raise ValueError(
+                "a schedule needs exactly one of `every` (e.g. {every: 10m}) "
+                "or `cron` (e.g. {cron: \"0 3 * * *\"})"
+            )
+        if self.every is not None and self.timezone is not None:
+            raise LocatedValueError(
+                "timezone applies to cron schedules only (an `every` interval has no time of day)",
+                ("timezone",),
+            )
+        return self
+
+    def trigger(self) -> Any:
+        """The APScheduler 3 trigger for this schedule (crontab weekdays translated)."""
+        tz = zoneinfo.ZoneInfo(self.timezone) if self.timezone else UTC
+        if self.cron is not None:
+            return CronTrigger.from_crontab(" ".join(_crontab_fields(self.cron)), timezone=tz)
+        assert self.every is not None
+        return IntervalTrigger(seconds=self.every.total_seconds(), timezone=tz)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+class BatchSettings(_Model):
+    """How a sweep sizes, paces and bounds its work on one store.
+
+    Seconds fields take a number (`0.5`) or a duration string (`2s`).
+    """
+
+    target_batch_seconds: PositiveSeconds = 0.2
+    """Batches are sized so that one takes about this long, so the application never waits long."""
+    max_batch_threads: PositiveInt = 500
+    """At most this many threads in one batch (one transaction)."""
+    max_batch_rows: PositiveInt = 20000
+    """Hard cap on rows deleted in one transaction, whatever the sizing says."""
+    pause: NonNegativeSeconds = 0.0
+    """Fixed pause between batches."""
+    pause_factor: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
+    """The pause is at least this multiple of the last batch's duration."""
+    busy_timeout: PositiveSeconds = 5.0
+    """SQLite: how long a statement waits for the application's write lock."""
+    grace_period: Duration = timedelta(hours=1)
+    """A thread must be quiet this long before its orphan writes and blobs are collected."""
+    lock_timeout: PositiveSeconds = 2.0
+    """Postgres `lock_timeout` per batch (0 would disable the limit, so it is not allowed)."""
+    statement_timeout: PositiveSeconds = 30.0
+    """Postgres `statement_timeout` per statement (0 would disable the limit)."""
+    page_threads: PositiveInt = 1000
+    """Keyset page size: threads read per scan query."""
+
+
+class BatchOverrides(_Model):
+    """A store's overrides of `defaults.batch`: any subset of the `BatchSettings` keys."""
+
+    target_batch_seconds: PositiveSeconds | None = None
+    max_batch_threads: PositiveInt | None = None
+    max_batch_rows: PositiveInt | None = None
+    pause: NonNegativeSeconds | None = None
+    pause_factor: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    busy_timeout: PositiveSeconds | None = None
+    grace_period: Duration | None = None
+    lock_timeout: PositiveSeconds | None = None
+    statement_timeout: PositiveSeconds | None = None
+    page_threads: PositiveInt | None = None
+
+    def apply(self, base: BatchSettings) -> BatchSettings:
+        """`base` with every key given here replacing its value."""
+        given = {k: v for k, v in self.model_dump().items() if v is not None}
+        return base.model_copy(update=given)
+
+
+# --------------------------------------------------------------------------- stores
+
+
+class PoolConfig(_Model):
+    """Postgres connection pool size (one pool per store, shared by its policies)."""
+
+    min_size: Annotated[int, Field(ge=0)] = 1
+    max_size: PositiveInt = 4
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PoolConfig:
+        if self.min_size > self.max_size:
+            raise LocatedValueError(
+                f"min_size {self.min_size} is larger than max_size {self.max_size}", ("min_size",)
+            )
+        return self
+
+
+class StoreConfig(_Model):
+    """A checkpoint store: a SQLite file (`path`) or a Postgres database (`dsn`).
+
+    `batch` overrides `defaults.batch` for this store only. `schema` (attribute
+    `schema_`) names a non-default Postgres schema. `encryption_key` is the
+    `EncryptedSerializer` AES key the application uses (16, 24 or 32 bytes).
+    """
+
+    name: NonEmptyStr
+    kind: Literal["sqlite", "postgres"]
+    path: NonEmptyStr | None = None
+    dsn: SecretStr | None = None
+    schema_: str = Field(default="public", alias="schema")
+    pool: PoolConfig = PoolConfig(min_size=1, max_size=4)
+    encryption_key: SecretStr | None = None
+    batch: BatchOverrides | None = None
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn(cls, value: SecretStr | None) -> SecretStr | None:
+        return _check_dsn(value)
+
+    @field_validator("schema_")
+    @classmethod
+    def _plain_schema(cls, value: str) -> str:
+        # Restricted to plain identifiers so it can never smuggle SQL into a query.
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_$]{0,62}", value):
+            raise ValueError(
+                f"schema {value!r} is not a plain Postgres identifier "
+                "(letters, digits, _ and $, not starting with a digit, at most 63 characters)"
+            )
+        return value
+
+    @field_validator("encryption_key")
+    @classmethod
+    def _aes_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().encode()) not in (16, 24, 32):
+            # The application's EncryptedSerializer refuses other lengths, so this key
+            # cannot be the one that wrote the store.
+            raise ValueError(
+                "encryption_key must be 16, 24 or 32 bytes (an AES key, as LANGGRAPH_AES_KEY)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _kind_keys(self) -> StoreConfig:
+        given = self.model_fields_set
+        if self.kind == "sqlite":
+            if self.path is None:
+                raise LocatedValueError(
+                    "a sqlite store needs `path` (its database file)", ("path",)
+                )
+            for field, key in (("dsn", "dsn"), ("schema_", "schema"), ("pool", "pool")):
+                if field in given:
+                    raise LocatedValueError(
+                        f"`{key}` is for postgres stores; a sqlite store has only `path`", (key,)
+                    )
+        else:
+            if self.dsn is None:
+                raise LocatedValueError(
+                    "a postgres store needs `dsn` (a postgresql:// URL or libpq keywords, "
+                    "usually ${ENV} or ${file:/path})",
+                    ("dsn",),
+                )
+            if "path" in given:
+                raise LocatedValueError(
+                    "`path` is for sqlite stores; a postgres store is named by `dsn`", ("path",)
+                )
+        return self
+
+
+# --------------------------------------------------------------------------- policies
+
+
+def _to_globs(value: object) -> object:
+    if value is None or isinstance(value, tuple):
+        return value
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list):
+        if not value:
+            raise ValueError("thread_id is an empty list, which would match nothing")
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise LocatedValueError(
+                    f"thread_id globs must be strings, not {type(item).__name__} (quote it)", (i,)
+                )
+        return tuple(value)
+    raise ValueError(
+        f"thread_id must be a glob string or a list of glob strings, not {type(value).__name__}"
+    )
+
+
+def _scalar_metadata(value: object) -> object:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if item is not None and not isinstance(item, str | int | float | bool):
+                raise LocatedValueError(
+                    "metadata values must be scalars (string, number, boolean or null) "
+                    f"compared for equality, not {type(item).__name__}",
+                    (key,),
+                )
+    return value
+
+
+class Match(_Model):
+    """Which (thread, namespace) pairs a policy selects; an absent key matches everything.
+
+    `thread_id` globs (fnmatch, case-sensitive) match the whole thread id;
+    `checkpoint_ns` matches the whole namespace (`""` is the root graph,
+    `"agent:*"` the calls of subgraph node `agent`); `metadata` compares keys
+    of the thread's newest root checkpoint for equality.
+    """
+
+    thread_id: Annotated[tuple[str, ...] | None, BeforeValidator(_to_globs)] = None
+    checkpoint_ns: str | None = None
+    metadata: Annotated[dict[str, MetadataValue] | None, BeforeValidator(_scalar_metadata)] = (
+        None
+    )
+
+
+_RULES = ("expire_after", "keep_last", "keep_within")
+
+
+class Policy(_Model):
+    """One retention rule set; the first policy (file order) whose `match` selects a
+    (thread, namespace) governs it.
+
+    `protect` keeps what it matches; `expire_after` deletes a whole thread idle
+    that long; `keep_last`/`keep_within` trim a namespace's history (the newest
+    checkpoint always survives). `interrupted: expire` lets expiry take threads
+    waiting for input. `schedule` overrides `defaults.schedule`.
+    """
+
+    name: NonEmptyStr
+    store: NonEmptyStr | None = None
+    match: Match = Match()
+    protect: bool = False
+    expire_after: Duration | None = None
+    keep_last: Annotated[int, Field(ge=1)] | None = None
+    keep_within: Duration | None = None
+    interrupted: Literal["keep", "expire"] = "keep"
+    schedule: Schedule | None = None
+    description: str | None = None
+
+    @model_validator(mode="after")
+    def _rules(self) -> Policy:
+        given = [rule for rule in _RULES if getattr(self, rule) is not None]
+        if self.protect and given:
+            raise LocatedValueError(
+                f"protect: true keeps everything this policy matches, so {given[0]} would never "
+                "delete anything; drop the rule, or split this into a protect policy with a "
+                "narrower match followed by a policy carrying the rule",
+                ("protect",),
+            )
+        if not self.protect and not given:
+            # A rule-less policy would still win first match and silently shield what it selects.
+            raise ValueError(
+                f"policy {self.name!r} has no rule: give it protect: true, expire_after, "
+                "keep_last or keep_within (a policy without one would still win first match "
+                "and silently keep everything it selects)"
+            )
+        if self.interrupted == "expire" and self.expire_after is None:
+            raise LocatedValueError(
+                "interrupted: expire only has an effect together with expire_after",
+                ("interrupted",),
+            )
+        return self
+
+
+# --------------------------------------------------------------------------- the rest
+
+
+class Defaults(_Model):
+    """Settings every store and policy uses unless it overrides them."""
+
+    schedule: Schedule = Schedule(every=timedelta(minutes=10))
+    dry_run: bool = False
+    max_delete_fraction: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.5
+    """One sweep may expire at most this fraction of a store's threads (the safety limit)."""
+    batch: BatchSettings = BatchSettings()
+
+
+def _host_port(listen: str) -> tuple[str, int]:
+    if listen.startswith("["):
+        host, sep, port = listen[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"listen {listen!r} is not [ipv6-address]:port")
+    else:
+        host, sep, port = listen.rpartition(":")
+        if not sep or ":" in host:
+            raise ValueError(
+                f"listen {listen!r} is not host:port (write IPv6 addresses as [::]:9464)"
+            )
+    if not host:
+        raise ValueError(f"listen {listen!r} has no host (use 0.0.0.0 for every interface)")
+    if not (port.isascii() and port.isdigit() and int(port) <= 65535):
+        raise ValueError(f"listen {listen!r} has port {port!r}, expected 0-65535")
+    return host, int(port)
+
+
+class MetricsConfig(_Model):
+    """Where metrics go: `/metrics` on `listen`; for `once`, a Pushgateway and/or a textfile."""
+
+    listen: str = "0.0.0.0:9464"
+    pushgateway: NonEmptyStr | None = None
+    textfile: NonEmptyStr | None = None
+    job: NonEmptyStr = "checkpoint-janitor"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        _host_port(value)
+        return value
+
+    @field_validator("pushgateway")
+    @classmethod
+    def _pushgateway(cls, value: str | None) -> str | None:
+        if value is not None and "://" in value:
+            scheme = value.split("://", 1)[0].lower()
+            if scheme not in ("http", "https"):
+                raise ValueError(f"pushgateway URL scheme {scheme!r} is not http or https")
+        return value
+
+    @field_validator("textfile")
+    @classmethod
+    def _textfile(cls, value: str | None) -> str | None:
+        if value is not None and not value.endswith(".prom"):
+            # node_exporter's textfile collector reads only *.prom files.
+            raise ValueError(f"textfile {value!r} must end in .prom (node_exporter ignores others)")
+        return value
+
+    @property
+    def listen_host(self) -> str:
+        """The host part of `listen` (IPv6 brackets removed)."""
+        return _host_port(self.listen)[0]
+
+    @property
+    def listen_port(self) -> int:
+        """The port part of `listen`."""
+        return _host_port(self.listen)[1]
+
+
+def _lower(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
+
+
+class LoggingConfig(_Model):
+    """Log format (`auto`: console on a terminal, JSON otherwise) and level."""
+
+    format: Literal["json", "console", "auto"] = "auto"
+    level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower)] = (
+        "info"
+    )
+
+
+class Config(_Model):
+    """A whole configuration file."""
+
+    stores: list[StoreConfig]
+    defaults: Defaults = Defaults()
+    policies: list[Policy]
+    metrics: MetricsConfig = MetricsConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @field_validator("stores")
+    @classmethod
+    def _stores(cls, value: list[StoreConfig]) -> list[StoreConfig]:
+        if not value:
+            raise ValueError("no stores: name at least one store for the policies to apply to")
+        _unique_names([s.name for s in value], "store", "stores")
+        return value
+
+    @field_validator("policies")
+    @classmethod
+    def _policies(cls, value: list[Policy], info: ValidationInfo) -> list[Policy]:
+        if not value:
+            raise ValueError(
+                "no policies: an empty list would do nothing; add at least one policy"
+            )
+        _unique_names([p.name for p in value], "policy", "policies")
+        stores: list[StoreConfig] | None = info.data.get("stores")
+        if stores is not None:  # absent when the stores themselves failed validation
+            known = [s.name for s in stores]
+            for i, policy in enumerate(value):
+                if policy.store is not None and policy.store not in known:
+                    raise LocatedValueError(
+                        f"unknown store {policy.store!r}; defined stores: {', '.join(known)}",
+                        (i, "store"),
+                    )
+        return value
+
+    def store(self, name: str) -> StoreConfig:
+        """The store called `name` (KeyError if there is none)."""
+        for store in self.stores:
+            if store.name == name:
+                return store
+        raise KeyError(f"no store named {name!r}")
+
+    def store_settings(self, store_name: str) -> BatchSettings:
+        """`defaults.batch` with the store's `batch` overrides applied."""
+        store = self.store(store_name)
+        if store.batch is None:
+            return self.defaults.batch
+        return store.batch.apply(self.defaults.batch)
+
+    def policies_for(self, store_name: str) -> list[Policy]:
+        """The policies that apply to a store, in file order (first match wins among them)."""
+        self.store(store_name)  # an unknown store is a caller bug, not "no policies"
+        return [p for p in self.policies if p.store is None or p.store == store_name]
+
+    def schedule_for(self, policy: Policy) -> Schedule:
+        """The policy's own schedule, else `defaults.schedule`."""
+        return policy.schedule if policy.schedule is not None else self.defaults.schedule
+
+
+def _unique_names(names: list[str], what: str, key: str) -> None:
+    first: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in first:
+            raise LocatedValueError(
+                f"duplicate {what} name {name!r} (already used by {key}[{first[name]}]); "
+                f"{what} names must be unique",
+                (i, "name"),
+            )
+        first[name] = i
