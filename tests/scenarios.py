@@ -249,3 +249,31 @@ async def states(saver: BaseCheckpointSaver[Any], shapes: dict[str, str]) -> dic
         s = await app_for(saver, shape).aget_state(thread(tid), subgraphs=True)
         out[tid] = (s.values, s.next, [t.interrupts for t in s.tasks])
     return out
+
+
+# ------------------------------------------------------------------ bulk
+
+
+REPLICATE_CHECKPOINTS_SQL = """
+INSERT INTO checkpoints
+SELECT ? || thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id, type, checkpoint, metadata
+FROM checkpoints WHERE thread_id = ?
+"""
+REPLICATE_WRITES_SQL = """
+INSERT INTO writes
+SELECT ? || thread_id, checkpoint_ns, checkpoint_id, task_id, task_path, idx, channel, type, value
+FROM writes WHERE thread_id = ?
+"""
+
+
+def replicate(path: str, template: str, prefixes: Sequence[str]) -> None:
+    """Copy thread `template`'s real rows under `prefix + template` for each prefix.
+
+    A fast way to a large store whose every row was written by the real saver.
+    """
+    import sqlite3
+
+    with sqlite3.connect(path) as con:
+        for prefix in prefixes:
+            con.execute(REPLICATE_CHECKPOINTS_SQL, (prefix, template))
+            con.execute(REPLICATE_WRITES_SQL, (prefix, template))

@@ -63,8 +63,14 @@ policies:
     )
 
 
-async def run_sweep(path: Path, policies_yaml: str, *, now: float | None = None,
-                    dry_run: bool = False, extra: str = "") -> SweepReport:
+async def run_sweep(
+    path: Path,
+    policies_yaml: str,
+    *,
+    now: float | None = None,
+    dry_run: bool = False,
+    extra: str = "",
+) -> SweepReport:
     cfg = config(policies_yaml, path, extra)
     engine = SqliteStore("app", str(path))
     await engine.open()
@@ -101,7 +107,9 @@ def mixed_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
 
 
 @pytest.fixture
-def mixed(tmp_path: Path, mixed_template: tuple[Path, dict[str, str]]) -> tuple[Path, dict[str, str]]:
+def mixed(
+    tmp_path: Path, mixed_template: tuple[Path, dict[str, str]]
+) -> tuple[Path, dict[str, str]]:
     template, shapes = mixed_template
     path = tmp_path / "store.db"
     shutil.copy(template, path)
@@ -212,16 +220,21 @@ async def test_waiting_thread_resumes_after_sweep_like_control(
     path, shapes = mixed
     control = tmp_path / "control.db"
     shutil.copy(path, control)
-    await run_sweep(path, "  - {name: trim, keep_last: 1, expire_after: 30d}",
-                    extra="defaults: {max_delete_fraction: 1.0}")
+    await run_sweep(
+        path,
+        "  - {name: trim, keep_last: 1, expire_after: 30d}",
+        extra="defaults: {max_delete_fraction: 1.0}",
+    )
     assert any(k[0] == shape_thread for k in all_keys(path))
     results = []
     for db in (path, control):
         async with AsyncSqliteSaver.from_conn_string(str(db)) as saver:
             results.append(await resume(saver, shape_thread, shapes[shape_thread]))
     assert results[0] == results[1]
-    assert "human said yes" in str(results[0]) or "reviewed" in str(results[0]) or (
-        "recovered" in str(results[0])
+    assert (
+        "human said yes" in str(results[0])
+        or "reviewed" in str(results[0])
+        or ("recovered" in str(results[0]))
     )
 
 
@@ -287,14 +300,21 @@ async def test_safety_limit_stops_mass_expiry(mixed: tuple[Path, dict[str, str]]
     path, shapes = mixed
     n_before = len({t for t, _, _ in all_keys(path)})
     # A clock a year ahead makes every thread idle: the limit must hold.
-    report = await run_sweep(path, "  - {name: idle, expire_after: 30d, interrupted: expire}",
-                             now=time.time() + 365 * DAY)
+    report = await run_sweep(
+        path,
+        "  - {name: idle, expire_after: 30d, interrupted: expire}",
+        now=time.time() + 365 * DAY,
+    )
     assert report.outcome is Outcome.SAFETY_STOP
     assert report.limit_reached_by == "idle"
     n_after = len({t for t, _, _ in all_keys(path)})
     assert n_before - n_after == report.expiry_limit == int(0.5 * n_before)
-    plan = await run_sweep(path, "  - {name: idle, expire_after: 30d, interrupted: expire}",
-                           now=time.time() + 365 * DAY, dry_run=True)
+    plan = await run_sweep(
+        path,
+        "  - {name: idle, expire_after: 30d, interrupted: expire}",
+        now=time.time() + 365 * DAY,
+        dry_run=True,
+    )
     assert plan.would_hit_limit and len({t for t, _, _ in all_keys(path)}) == n_after
 
 

@@ -1,0 +1,45 @@
+"""An application writing to a SQLite store while the worker sweeps it.
+
+Run as a process: `python live_writer.py DB SECONDS OUT.json THREAD...`. It runs
+chat turns through the real `AsyncSqliteSaver` round-robin over the given
+threads until SECONDS pass, and records per thread the turns it completed,
+every error, and each turn's latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+
+from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+from worker.demo import chat_graph, thread
+
+
+async def main(db: str, seconds: float, out: str, threads: list[str]) -> None:
+    done: dict[str, int] = {t: 0 for t in threads}
+    errors: list[str] = []
+    latencies: list[float] = []
+    async with AsyncSqliteSaver.from_conn_string(db) as saver:
+        app = chat_graph(saver)
+        end = time.monotonic() + seconds
+        i = 0
+        while time.monotonic() < end:
+            tid = threads[i % len(threads)]
+            i += 1
+            t0 = time.monotonic()
+            try:
+                await app.ainvoke({"messages": [f"live {done[tid]}"]}, thread(tid))
+                done[tid] += 1
+            except Exception as e:  # recorded: the test asserts there are none
+                errors.append(f"{type(e).__name__}: {e}")
+            latencies.append(time.monotonic() - t0)
+            await asyncio.sleep(0.01)
+    with open(out, "w") as f:
+        json.dump({"done": done, "errors": errors, "latencies": latencies}, f)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4:]))
