@@ -146,9 +146,7 @@ def _to_seconds(value: object) -> object:
     return value
 
 
-PositiveSeconds = Annotated[
-    float, BeforeValidator(_to_seconds), Field(gt=0, allow_inf_nan=False)
-]
+PositiveSeconds = Annotated[float, BeforeValidator(_to_seconds), Field(gt=0, allow_inf_nan=False)]
 """Seconds > 0, as a number (`0.5`) or a duration string (`2s`)."""
 
 NonNegativeSeconds = Annotated[
@@ -233,14 +231,15 @@ def _crontab_fields(expression: str) -> list[str]:
     fields = expression.split()
     if len(fields) != 5:
         raise ValueError(
-            f"cron {expression!r} has {len(fields)} fields, expected 5 "
-            "(minute hour day-of-month month day-of-week, e.g. \"0 3 * * *\")"
+            f"it has {len(fields)} fields, expected 5 "
+            '(minute hour day-of-month month day-of-week, e.g. "0 3 * * *")'
         )
-    if fields[2] != "*" and fields[4] != "*":
-        # crontab fires when EITHER matches; APScheduler only when both do.
+    if not fields[2].startswith("*") and not fields[4].startswith("*"):
+        # crontab fires when EITHER matches (unless one starts with `*`); APScheduler
+        # only when both do.
         raise ValueError(
-            f"cron {expression!r} restricts both day-of-month and day-of-week, which crontab "
-            "and APScheduler read differently (either vs both); restrict only one of them"
+            "it restricts both day-of-month and day-of-week, which crontab and APScheduler "
+            "read differently (either vs both); restrict only one of them"
         )
     fields[4] = _crontab_days_of_week(fields[4])
     return fields
@@ -287,7 +286,7 @@ class Schedule(_Model):
         if (self.every is None) == (self.cron is None):
             raise ValueError(
                 "a schedule needs exactly one of `every` (e.g. {every: 10m}) "
-                "or `cron` (e.g. {cron: \"0 3 * * *\"})"
+                'or `cron` (e.g. {cron: "0 3 * * *"})'
             )
         if self.every is not None and self.timezone is not None:
             raise LocatedValueError(
@@ -490,9 +489,13 @@ class Match(_Model):
 
     thread_id: Annotated[tuple[str, ...] | None, BeforeValidator(_to_globs)] = None
     checkpoint_ns: str | None = None
-    metadata: Annotated[dict[str, MetadataValue] | None, BeforeValidator(_scalar_metadata)] = (
-        None
-    )
+    metadata: Annotated[dict[str, MetadataValue] | None, BeforeValidator(_scalar_metadata)] = None
+
+    def __hash__(self) -> int:
+        # Frozen models hash their fields, and a dict has no hash; policies are
+        # used as dict keys and set members, so hash the metadata's items instead.
+        items = tuple(sorted(self.metadata.items())) if self.metadata is not None else None
+        return hash((self.thread_id, self.checkpoint_ns, items))
 
 
 _RULES = ("expire_after", "keep_last", "keep_within")
@@ -624,10 +627,8 @@ def _lower(value: object) -> object:
 class LoggingConfig(_Model):
     """Log format (`auto`: console on a terminal, JSON otherwise) and level."""
 
-    format: Literal["json", "console", "auto"] = "auto"
-    level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower)] = (
-        "info"
-    )
+    format: Annotated[Literal["json", "console", "auto"], BeforeValidator(_lower)] = "auto"
+    level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower)] = "info"
 
 
 class Config(_Model):
@@ -651,9 +652,7 @@ class Config(_Model):
     @classmethod
     def _policies(cls, value: list[Policy], info: ValidationInfo) -> list[Policy]:
         if not value:
-            raise ValueError(
-                "no policies: an empty list would do nothing; add at least one policy"
-            )
+            raise ValueError("no policies: an empty list would do nothing; add at least one policy")
         _unique_names([p.name for p in value], "policy", "policies")
         stores: list[StoreConfig] | None = info.data.get("stores")
         if stores is not None:  # absent when the stores themselves failed validation

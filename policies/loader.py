@@ -98,8 +98,10 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 
 def load_config_text(text: str, source: str = "<string>") -> Config:
-    """Validate config text; `source` names it in errors. Relative `${file:}` paths are
-    taken from the current directory."""
+    """Substitute and validate config text; `source` names it in errors.
+
+    Relative `${file:...}` paths are taken from the current directory.
+    """
     return _load(text, source, None)
 
 
@@ -197,7 +199,8 @@ class _Walker:
             self.lines[()] = node.start_mark.line + 1
         self._count += 1
         if self._count > _MAX_NODES:
-            self.error(node.start_mark.line + 1, path, "too many nodes (an alias bomb?)")
+            if self._count == _MAX_NODES + 1:
+                self.error(node.start_mark.line + 1, path, "too many values (an alias bomb?)")
             return None
         if id(node) in self._active:
             self.error(node.start_mark.line + 1, path, "an alias refers to its own anchor")

@@ -256,7 +256,8 @@ async def states(saver: BaseCheckpointSaver[Any], shapes: dict[str, str]) -> dic
 
 REPLICATE_CHECKPOINTS_SQL = """
 INSERT INTO checkpoints
-SELECT ? || thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id, type, checkpoint, metadata
+SELECT ? || thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id, type,
+       checkpoint, metadata
 FROM checkpoints WHERE thread_id = ?
 """
 REPLICATE_WRITES_SQL = """

@@ -297,7 +297,7 @@ async def test_metadata_match_and_keep_within(mixed: tuple[Path, dict[str, str]]
 
 
 async def test_safety_limit_stops_mass_expiry(mixed: tuple[Path, dict[str, str]]) -> None:
-    path, shapes = mixed
+    path, _ = mixed
     n_before = len({t for t, _, _ in all_keys(path)})
     # A clock a year ahead makes every thread idle: the limit must hold.
     report = await run_sweep(
