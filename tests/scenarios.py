@@ -1,51 +1,23 @@
 """Real LangGraph threads of every shape the worker must handle, and ways to compare them.
 
 Every store here is written by running real graphs through a real saver.
-Old threads are written under a shifted clock (`aged`), because a
-checkpoint's age comes from its UUIDv6 id, which LangGraph mints from
-`time.time_ns()`.
+Old threads are written under a shifted id clock (`worker.demo.aged`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Annotated, Any, TypedDict
 
-import langgraph.checkpoint.base.id as lg_id
 from langgraph.channels.delta import DeltaChannel
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command, Send
 
-from worker.demo import ChatState, approval_graph, chat_graph, subgraph_graph, thread
+from worker.demo import ChatState, aged, approval_graph, chat_graph, subgraph_graph, thread
 
 DAY = 86400.0
-
-
-@contextlib.contextmanager
-def aged(days: float) -> Iterator[None]:
-    """Checkpoints minted inside are dated `days` ago.
-
-    LangGraph keeps ids monotonic within a process (`_last_v6_timestamp`), so
-    the guard is reset on the way in and out; write old threads before new ones.
-    """
-    shift = int(days * DAY * 1e9)
-
-    class _Clock:
-        @staticmethod
-        def time_ns() -> int:
-            return time.time_ns() - shift
-
-    real = lg_id.time
-    lg_id.time = _Clock  # type: ignore[assignment]
-    lg_id._last_v6_timestamp = None
-    try:
-        yield
-    finally:
-        lg_id.time = real
-        lg_id._last_v6_timestamp = None
 
 
 # ------------------------------------------------------------------ graphs

@@ -765,6 +765,7 @@ MALFORMED: list[tuple[str, str, int, str, str]] = [
         "policies[0].match.metadata",
         "keys are strings",
     ),
+    ("control-character", HEADER + "  - name: p\x00\n", 9, "", "U+0000 is not allowed"),
     ("top-level-list", "- stores\n- policies\n", 1, "", "top level must be a mapping"),
     ("empty-file", "", 1, "", "empty"),
 ]

@@ -28,7 +28,7 @@ from scenarios import (
 )
 
 from policies.loader import load_config_text
-from worker.demo import chat_graph, thread
+from worker.demo import aged, chat_graph, thread
 from worker.sqlite_store import SqliteStore
 from worker.sweep import Outcome, SweepOptions, SweepReport, sweep
 
@@ -369,8 +369,6 @@ def test_sync_sqlite_saver_store(tmp_path: Path) -> None:
 
 async def test_orphan_writes_of_crashed_run_go_after_grace(tmp_path: Path) -> None:
     path = tmp_path / "orphan.db"
-    from scenarios import aged
-
     with aged(OLD_DAYS):
         async with AsyncSqliteSaver.from_conn_string(str(path)) as saver:
             await chat_graph(saver).ainvoke({"messages": ["hi"]}, thread("user-1"))

@@ -323,19 +323,20 @@ def purge_cmd(
 
 
 @main.command()
-@click.option("--threads", default=12, show_default=True, help="Chat threads to create.")
 @click.pass_context
-def demo(ctx: click.Context, threads: int) -> None:
+def demo(ctx: click.Context) -> None:
     """Fill the config's SQLite store with real LangGraph threads, then plan and sweep it."""
     from worker.demo import run_demo
 
+    # The tables below say what happened; per-thread audit lines would bury them.
+    ctx.obj["log_level"] = ctx.obj["log_level"] or "warning"
     config = _load(ctx)
     stores = [s for s in config.stores if s.kind == "sqlite"]
     if not stores:
         _fail("demo needs a sqlite store in the config", EXIT_CONFIG)
     store = stores[0]
     assert store.path is not None
-    asyncio.run(run_demo(store.path, threads))
+    asyncio.run(run_demo(store.path))
     click.echo(f"filled {store.path} with demo threads\n")
     click.echo("$ checkpoint-janitor plan   (now)")
     ctx.invoke(plan, fmt="table", only=store.name, at=None)

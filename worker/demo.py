@@ -3,14 +3,19 @@
 The graphs are small but real: each turn goes through LangGraph's own
 checkpointing into an `AsyncSqliteSaver`, so the rows look exactly like an
 application's (a multi-step chat, a subgraph call, a thread paused at
-`interrupt()`).
+`interrupt()`). Some threads are written as if weeks ago (`aged`), so that
+the example policies have history to trim and idle threads to expire.
 """
 
 from __future__ import annotations
 
+import contextlib
 import operator
+import time
+from collections.abc import Iterator
 from typing import Annotated, Any, TypedDict
 
+import langgraph.checkpoint.base.id as lg_id
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from langgraph.graph import END, START, StateGraph
@@ -66,25 +71,66 @@ def approval_graph(checkpointer: BaseCheckpointSaver[Any]) -> Any:
     return g.compile(checkpointer=checkpointer)
 
 
+@contextlib.contextmanager
+def aged(days: float) -> Iterator[None]:
+    """Checkpoints LangGraph mints inside are dated `days` ago.
+
+    A checkpoint's age is its UUIDv6 id's time, minted from `time.time_ns()`
+    in `langgraph.checkpoint.base.id`; only that clock is shifted. LangGraph
+    keeps ids monotonic within a process (`_last_v6_timestamp`), so the guard
+    is reset on the way in and out: write old threads before new ones.
+    """
+    shift = int(days * 86400 * 1e9)
+
+    class _Clock:
+        @staticmethod
+        def time_ns() -> int:
+            return time.time_ns() - shift
+
+    real = lg_id.time
+    lg_id.time = _Clock  # type: ignore[assignment]
+    lg_id._last_v6_timestamp = None
+    try:
+        yield
+    finally:
+        lg_id.time = real
+        lg_id._last_v6_timestamp = None
+
+
 def thread(thread_id: str, **configurable: Any) -> dict[str, Any]:
     """A run config for `thread_id`."""
     return {"configurable": {"thread_id": thread_id, **configurable}}
 
 
-async def run_demo(path: str, threads: int = 12, turns: int = 8) -> None:
-    """Add demo threads to the SQLite store at `path` (created if missing)."""
+async def run_demo(path: str) -> None:
+    """Add demo threads to the SQLite store at `path` (created if missing).
+
+    Shaped for `config.example.yaml`: chats idle for 40 days (expired),
+    10-day-old chats with long histories (trimmed), a VIP thread (protected),
+    a conversation waiting for a human (kept), tenant sessions with subgraph
+    calls, and fresh chats (untouched).
+    """
     async with AsyncSqliteSaver.from_conn_string(path) as saver:
         chat = chat_graph(saver)
-        for i in range(threads):
-            for turn in range(turns):
-                await chat.ainvoke(
-                    {"messages": [f"turn {turn}"]},
-                    thread(f"user-{i}", assistant_id="support-bot", user_id=f"u{i}"),
-                )
-        for turn in range(turns):
-            await chat.ainvoke({"messages": [f"turn {turn}"]}, thread("vip-1"))
         sub = subgraph_graph(saver)
-        for turn in range(turns):
-            await sub.ainvoke({"messages": [f"turn {turn}"]}, thread("org-1:user-2:session-3"))
-        approval = approval_graph(saver)
-        await approval.ainvoke({"messages": ["please refund"]}, thread("conv-waiting"))
+
+        async def chats(prefix: str, n: int, turns: int) -> None:
+            for i in range(n):
+                for turn in range(turns):
+                    await chat.ainvoke(
+                        {"messages": [f"turn {turn}"]},
+                        thread(f"{prefix}{i}", assistant_id="support-bot", user_id=f"u{i}"),
+                    )
+
+        with aged(40):
+            await chats("user-idle-", 4, 3)
+            for turn in range(3):
+                await chat.ainvoke({"messages": [f"turn {turn}"]}, thread("vip-1"))
+            await approval_graph(saver).ainvoke(
+                {"messages": ["please refund"]}, thread("conv-waiting")
+            )
+        with aged(10):
+            await chats("user-busy-", 4, 12)
+            for turn in range(6):
+                await sub.ainvoke({"messages": [f"turn {turn}"]}, thread("org-1:user-2:session-3"))
+        await chats("user-new-", 4, 2)
