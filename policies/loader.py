@@ -113,10 +113,14 @@ def _load(text: str, source: str, base_dir: Path | None) -> Config:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         raise _yaml_error(exc, source) from None
-    except yaml.YAMLError as exc:  # reader errors (bad characters) carry a position, no mark
-        position = getattr(exc, "position", None)
-        line = text.count("\n", 0, position) + 1 if isinstance(position, int) else 1
-        raise ConfigError(source, line, None, f"invalid YAML: {exc}") from None
+    except yaml.reader.ReaderError as exc:  # a control character: a position, no mark
+        line = text.count("\n", 0, exc.position) + 1
+        char = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        raise ConfigError(
+            source, line, None, f"invalid YAML: character U+{char:04X} is not allowed: {exc.reason}"
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, 1, None, f"invalid YAML: {exc}") from None
     if root is None:
         raise ConfigError(
             source, 1, None, "the file is empty: a config needs at least `stores` and `policies`"

@@ -30,16 +30,12 @@ def matches(match: Match, thread_id: str, namespace: str, metadata: Mapping[str,
 
 def _same_value(have: Any, want: Any) -> bool:
     # YAML `true` must not equal metadata `1`: Python's True == 1 would say it does.
-    return (
-        (type(have) is type(want)
-        and bool(have == want))
-        or (
-            isinstance(have, int | float)
-            and isinstance(want, int | float)
-            and not isinstance(have, bool)
-            and not isinstance(want, bool)
-            and have == want
-        )
+    return (type(have) is type(want) and bool(have == want)) or (
+        isinstance(have, int | float)
+        and isinstance(want, int | float)
+        and not isinstance(have, bool)
+        and not isinstance(want, bool)
+        and have == want
     )
 
 
