@@ -87,13 +87,13 @@ def aged(days: float) -> Iterator[None]:
         def time_ns() -> int:
             return time.time_ns() - shift
 
-    real = lg_id.time
-    lg_id.time = _Clock  # type: ignore[assignment]
+    real = vars(lg_id)["time"]
+    setattr(lg_id, "time", _Clock)  # noqa: B010 - the module re-exports no `time`
     lg_id._last_v6_timestamp = None
     try:
         yield
     finally:
-        lg_id.time = real
+        setattr(lg_id, "time", real)  # noqa: B010
         lg_id._last_v6_timestamp = None
 
 
