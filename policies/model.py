@@ -26,6 +26,8 @@ class Reason(StrEnum):
     """A subgraph call's namespace whose root checkpoint is not in the store."""
     ORPHAN_WRITES = "orphan-writes"
     """Writes whose checkpoint never committed, on a thread quiet past the grace period."""
+    UNREFERENCED_BLOBS = "unreferenced-blobs"
+    """(Postgres) blobs no checkpoint references, on a thread quiet past the grace period."""
 
 
 class SkipReason(StrEnum):

@@ -237,7 +237,7 @@ def test_decision_invariants(view: ThreadView, policies: list[Policy]) -> None:
             # Never younger than keep_within, never in the future.
             assert c.created_at is not None and c.created_at <= NOW
             if policy.keep_within is not None:
-                assert NOW - c.created_at > policy.keep_within.total_seconds()
+                assert NOW - c.created_at >= policy.keep_within.total_seconds()
     # The newest checkpoint of a namespace survives trimming.
     namespaces = {c.namespace for c in view.checkpoints}
     for ns in namespaces:

@@ -32,6 +32,8 @@ class ScannedThread:
 
     view: ThreadView
     fingerprint: Fingerprint
+    garbage_blobs: bool = False
+    """(Postgres) the thread is quiet and holds blobs no checkpoint references."""
 
 
 @dataclass(slots=True)
@@ -54,6 +56,8 @@ class ThreadWork:
     """Checkpoints an expiry deletes (it names none by id)."""
     bytes: int = 0
     """Size of the checkpoints this part deletes, as scanned (checkpoint and metadata)."""
+    gc_blobs: bool = False
+    """(Postgres) only collect the thread's unreferenced blobs."""
 
     @property
     def rows(self) -> int:
@@ -104,6 +108,12 @@ class StoreEngine(Protocol):
 
     async def close(self) -> None:
         """Release connections."""
+
+    async def begin_sweep(self, now: float) -> bool:
+        """Start a sweep at `now`; False if another worker is sweeping this store."""
+
+    async def end_sweep(self) -> None:
+        """End the sweep `begin_sweep` started."""
 
     async def count_threads(self) -> int:
         """Threads in the store now (the safety limit's base)."""

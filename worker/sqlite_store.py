@@ -247,6 +247,13 @@ class SqliteStore:
                     f"table {table!r} lacks columns {sorted(missing)}: unknown schema version",
                 )
 
+    async def begin_sweep(self, now: float) -> bool:
+        """Every batch serializes on SQLite's write lock; no sweep lock is needed."""
+        return True
+
+    async def end_sweep(self) -> None:
+        """Nothing to release."""
+
     async def close(self) -> None:
         """Close the connection."""
         if self._conn is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from policies.config import BatchSettings, StoreConfig
 from worker.engine import StoreEngine, StoreError
+from worker.postgres_store import PostgresStore
 from worker.sqlite_store import SqliteStore
 
 
@@ -15,4 +16,16 @@ def make_engine(store: StoreConfig, settings: BatchSettings) -> StoreEngine:
         return SqliteStore(
             store.name, store.path, busy_timeout=settings.busy_timeout, encryption_key=key
         )
-    raise StoreError(store.name, f"store kind {store.kind!r} is not supported yet")
+    if store.kind == "postgres":
+        assert store.dsn is not None  # the schema requires it for postgres
+        return PostgresStore(
+            store.name,
+            store.dsn.get_secret_value(),
+            schema=store.schema_,
+            min_size=store.pool.min_size,
+            max_size=store.pool.max_size,
+            lock_timeout=settings.lock_timeout,
+            statement_timeout=settings.statement_timeout,
+            grace_period=settings.grace_period.total_seconds(),
+        )
+    raise StoreError(store.name, f"unknown store kind {store.kind!r}")

@@ -41,6 +41,8 @@ class Outcome(StrEnum):
     SUCCESS = "success"
     FAILED = "failed"
     SAFETY_STOP = "safety_stop"
+    LOCKED = "locked"
+    """Another worker holds the store's sweep lock; this one did nothing."""
     STOPPED = "stopped"
     """Asked to stop (SIGTERM) at a batch boundary."""
 
@@ -162,6 +164,24 @@ async def _run(
     stop: asyncio.Event | None,
     progress: ProgressFn | None,
 ) -> None:
+    if not await engine.begin_sweep(report.now):
+        report.outcome = Outcome.LOCKED
+        log.info("sweep_skipped", store=engine.name, reason="another worker holds the sweep lock")
+        return
+    try:
+        await _sweep_pages(engine, rules, options, report, stop, progress)
+    finally:
+        await engine.end_sweep()
+
+
+async def _sweep_pages(
+    engine: StoreEngine,
+    rules: Ruleset,
+    options: SweepOptions,
+    report: SweepReport,
+    stop: asyncio.Event | None,
+    progress: ProgressFn | None,
+) -> None:
     s = options.settings
     report.threads_total = await engine.count_threads()
     report.expiry_limit = (
@@ -243,7 +263,7 @@ async def _run(
                         break
                     continue
                 expired += 1
-            for part in _parts(thread, decision, report, sizer.rows):
+            for part in _parts(thread, decision, report, sizer.rows, rules):
                 pending.append(part)
                 if sum(p.work.rows for p in pending) >= sizer.rows or (
                     len(pending) >= s.max_batch_threads
@@ -276,7 +296,11 @@ def _only_due(decision: ThreadDecision, due: frozenset[str] | None) -> ThreadDec
 
 
 def _parts(
-    thread: ScannedThread, decision: ThreadDecision, report: SweepReport, chunk_rows: int
+    thread: ScannedThread,
+    decision: ThreadDecision,
+    report: SweepReport,
+    chunk_rows: int,
+    rules: Ruleset,
 ) -> Iterator[_Part]:
     """The decision cut into parts of one policy and reason, each at most `chunk_rows` ids.
 
@@ -328,6 +352,13 @@ def _parts(
         report.policies[policy].see_eligible(0, 0, None)
         work = ThreadWork(tid, fingerprint_of(remaining), writes={ns: ids})
         yield _Part(work, policy, Reason.ORPHAN_WRITES)
+    if thread.garbage_blobs and not decision.deletions and not decision.writes:
+        # Blobs left by trims made while the thread was busy; every batch
+        # collects a quiet thread's, so this part only brings it into one.
+        owner = rules.first_match(tid, "", view.head_metadata)
+        if owner is not None and not owner.protect and owner.name in report.policies:
+            work = ThreadWork(tid, thread.fingerprint, gc_blobs=True, estimate=1)
+            yield _Part(work, owner.name, Reason.UNREFERENCED_BLOBS)
 
 
 def _log_summary(report: SweepReport) -> None:

@@ -1,0 +1,949 @@
+"""The Postgres engine: stores written by `langgraph-checkpoint-postgres`.
+
+Tables `checkpoints` (checkpoint and metadata as JSONB), `checkpoint_blobs`
+(channel values, shared between the checkpoints of a thread and namespace
+through `checkpoint -> 'channel_versions'`), `checkpoint_writes` and
+`checkpoint_migrations`. One asyncpg pool per store, shared by its policies.
+
+Why deletes are safe beside a live application (DESIGN invariant 5):
+
+- Checkpoints and writes go by the ids decided from the scan, never by "no
+  checkpoint has this id": a run may commit a superstep's writes before their
+  checkpoint, and what it saves during the sweep is not in the decided ids.
+- Each batch is one READ COMMITTED transaction. It reads each thread's shape
+  (count and newest id per namespace) before deleting and again after: a
+  checkpoint committed in between — a new turn, a resume, a fork from an old
+  checkpoint — changes the count, and the whole batch rolls back (and runs
+  again without that thread). REPEATABLE READ could not do this: its snapshot
+  would never see the resume. The window left is the few milliseconds
+  between the last re-check and COMMIT.
+- Blobs are the hard part: a fork (`update_state` from an old checkpoint)
+  writes a new checkpoint that references the old checkpoint's blob
+  versions without rewriting them (`ON CONFLICT DO NOTHING`, and only new
+  versions are written), and no row lock of ours blocks its insert. So blobs
+  are collected only on threads quiet for the grace period, by an anti-join
+  against the committed checkpoints evaluated inside the same statement as the
+  delete, after the post-delete re-check showed the thread still quiet. A fork
+  on a thread quiet for the whole grace period that commits during that one
+  statement is the remaining window; it is documented, and the saver wrapper
+  can close it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections import defaultdict
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import structlog
+from psycopg.conninfo import conninfo_to_dict
+
+from policies.config import redact_dsn
+from policies.decide import is_delta_thread, root_head
+from policies.ids import checkpoint_time
+from policies.model import CheckpointSummary, ThreadView
+from policies.waiting import TASKS, is_waiting
+from worker.engine import (
+    Counts,
+    Fingerprint,
+    ScannedThread,
+    StoreError,
+    ThreadWork,
+    WorkResult,
+    fingerprint_of,
+)
+
+log = structlog.get_logger("checkpoint_janitor.postgres")
+
+# ---------------------------------------------------------------- schema
+
+REQUIRED_TABLES = ("checkpoints", "checkpoint_blobs", "checkpoint_writes", "checkpoint_migrations")
+# checkpoint_migrations.v of langgraph-checkpoint-postgres 2.x/3.x: 3 is the
+# first with all three tables; 9 (task_path) the newest this worker knows.
+MIN_MIGRATION, MAX_MIGRATION = 3, 9
+
+TABLES_SQL = """
+SELECT table_name FROM information_schema.tables
+WHERE table_schema = $1 AND table_name = ANY($2::text[])
+"""
+MIGRATION_SQL = "SELECT max(v) FROM checkpoint_migrations"
+
+# ---------------------------------------------------------------- scan
+
+# No skip scan before Postgres 18: DISTINCT walks each thread's index entries,
+# which for a page of threads is what the scan reads next anyway.
+THREADS_PAGE_SQL = """
+SELECT DISTINCT thread_id FROM {table}
+WHERE thread_id >= $1 AND thread_id > $2 ORDER BY thread_id LIMIT $3
+"""
+THREADS_RANGE_PAGE_SQL = """
+SELECT DISTINCT thread_id FROM {table}
+WHERE thread_id >= $1 AND thread_id > $2 AND thread_id < $3 ORDER BY thread_id LIMIT $4
+"""
+
+COUNT_THREADS_SQL = "SELECT count(DISTINCT thread_id) FROM checkpoints"
+
+# Everything the decision needs, without decoding a blob. `v < 4` checkpoints
+# read their pending sends from their parent's `__pregel_tasks` writes.
+SCAN_SQL = """
+SELECT thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id,
+       COALESCE((checkpoint ->> 'v')::int, 4) AS v,
+       metadata -> 'parents' AS parents,
+       metadata -> 'counters_since_delta_snapshot' AS counters,
+       metadata ? 'delta_writes_versioned' AS delta_marked,
+       pg_column_size(checkpoint) + pg_column_size(metadata) AS size
+FROM checkpoints
+WHERE thread_id = ANY($1::text[])
+"""
+
+HEAD_METADATA_SQL = """
+SELECT metadata FROM checkpoints
+WHERE thread_id = $1 AND checkpoint_ns = $2 AND checkpoint_id = $3
+"""
+
+# Which checkpoints hold sends for a v < 4 child; asked only for pages with one.
+SENDS_WRITES_SQL = f"""
+SELECT DISTINCT thread_id, checkpoint_ns, checkpoint_id FROM checkpoint_writes
+WHERE thread_id = ANY($1::text[]) AND channel = '{TASKS}'
+"""
+
+ORPHAN_WRITES_SQL = """
+SELECT DISTINCT w.thread_id, w.checkpoint_ns, w.checkpoint_id
+FROM checkpoint_writes w
+WHERE w.thread_id = ANY($1::text[])
+AND NOT EXISTS (
+    SELECT 1 FROM checkpoints c
+    WHERE c.thread_id = w.thread_id AND c.checkpoint_ns = w.checkpoint_ns
+    AND c.checkpoint_id = w.checkpoint_id
+)
+"""
+
+# A channel has a value at a checkpoint when it is inline in the JSONB
+# (primitives, snapshot markers) or its versioned blob is not "empty"; a
+# DeltaChannel without a snapshot stores an "empty" blob. Only for delta threads.
+CHANNEL_KEYS_SQL = """
+SELECT c.checkpoint_ns, c.checkpoint_id,
+       ARRAY(SELECT jsonb_object_keys(COALESCE(c.checkpoint -> 'channel_values', '{}')))
+       || ARRAY(
+           SELECT v.key FROM jsonb_each_text(c.checkpoint -> 'channel_versions') v
+           JOIN checkpoint_blobs b
+             ON b.thread_id = c.thread_id AND b.checkpoint_ns = c.checkpoint_ns
+            AND b.channel = v.key AND b.version = v.value
+           WHERE b.type <> 'empty'
+       ) AS present,
+       ARRAY(SELECT jsonb_object_keys(c.checkpoint -> 'channel_versions')) AS versioned
+FROM checkpoints c
+WHERE c.thread_id = $1
+"""
+
+# The head as `is_waiting` reads it: present channels, versions, versions seen.
+HEAD_STATE_SQL = """
+SELECT c.checkpoint -> 'channel_versions' AS versions,
+       c.checkpoint -> 'versions_seen' AS seen,
+       ARRAY(SELECT jsonb_object_keys(COALESCE(c.checkpoint -> 'channel_values', '{}')))
+       || ARRAY(
+           SELECT v.key FROM jsonb_each_text(c.checkpoint -> 'channel_versions') v
+           JOIN checkpoint_blobs b
+             ON b.thread_id = c.thread_id AND b.checkpoint_ns = c.checkpoint_ns
+            AND b.channel = v.key AND b.version = v.value
+           WHERE b.type <> 'empty'
+       ) AS present,
+       ARRAY(
+           SELECT w.channel FROM checkpoint_writes w
+           WHERE w.thread_id = c.thread_id AND w.checkpoint_ns = c.checkpoint_ns
+             AND w.checkpoint_id = c.checkpoint_id
+       ) AS write_channels
+FROM checkpoints c
+WHERE c.thread_id = $1 AND c.checkpoint_ns = $2 AND c.checkpoint_id = $3
+"""
+
+FINGERPRINT_SQL = """
+SELECT thread_id, checkpoint_ns, count(*), max(checkpoint_id)
+FROM checkpoints
+WHERE thread_id = ANY($1::text[])
+GROUP BY thread_id, checkpoint_ns
+"""
+
+# ---------------------------------------------------------------- delete
+
+# Deletes take the decided (thread, namespace, id) triples as parallel arrays,
+# one statement per batch, each row found by primary key.
+DELETE_WRITES_SQL = """
+WITH gone AS (
+    DELETE FROM checkpoint_writes w
+    USING unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, checkpoint_id)
+    WHERE w.thread_id = d.thread_id AND w.checkpoint_ns = d.checkpoint_ns
+      AND w.checkpoint_id = d.checkpoint_id
+    RETURNING w.thread_id, w.checkpoint_ns
+)
+SELECT thread_id, checkpoint_ns, count(*) FROM gone GROUP BY 1, 2
+"""
+DELETE_CHECKPOINTS_SQL = """
+WITH gone AS (
+    DELETE FROM checkpoints c
+    USING unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, checkpoint_id)
+    WHERE c.thread_id = d.thread_id AND c.checkpoint_ns = d.checkpoint_ns
+      AND c.checkpoint_id = d.checkpoint_id
+    RETURNING c.thread_id, c.checkpoint_ns
+)
+SELECT thread_id, checkpoint_ns, count(*) FROM gone GROUP BY 1, 2
+"""
+# Grouped per namespace so each namespace's remaining rows are read once,
+# not once per deleted id (parent_checkpoint_id has no index).
+NULL_PARENTS_SQL = """
+UPDATE checkpoints c SET parent_checkpoint_id = NULL
+FROM (
+    SELECT thread_id, checkpoint_ns, array_agg(checkpoint_id) AS ids
+    FROM unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, checkpoint_id)
+    GROUP BY 1, 2
+) d
+WHERE c.thread_id = d.thread_id AND c.checkpoint_ns = d.checkpoint_ns
+  AND c.parent_checkpoint_id = ANY(d.ids)
+"""
+# Re-checked in the statement: the checkpoint may have committed since the scan.
+DELETE_ORPHAN_WRITES_SQL = """
+WITH gone AS (
+    DELETE FROM checkpoint_writes w
+    USING unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, checkpoint_id)
+    WHERE w.thread_id = d.thread_id AND w.checkpoint_ns = d.checkpoint_ns
+      AND w.checkpoint_id = d.checkpoint_id
+      AND NOT EXISTS (
+          SELECT 1 FROM checkpoints c
+          WHERE c.thread_id = w.thread_id AND c.checkpoint_ns = w.checkpoint_ns
+            AND c.checkpoint_id = w.checkpoint_id
+      )
+    RETURNING w.thread_id, w.checkpoint_ns
+)
+SELECT thread_id, checkpoint_ns, count(*) FROM gone GROUP BY 1, 2
+"""
+EXPIRE_SQL = {
+    "checkpoints": """
+        WITH gone AS (DELETE FROM checkpoints WHERE thread_id = ANY($1::text[]) RETURNING thread_id)
+        SELECT thread_id, count(*) FROM gone GROUP BY 1""",
+    "writes": """
+        WITH gone AS (
+            DELETE FROM checkpoint_writes WHERE thread_id = ANY($1::text[]) RETURNING thread_id
+        )
+        SELECT thread_id, count(*) FROM gone GROUP BY 1""",
+    "blobs": """
+        WITH gone AS (
+            DELETE FROM checkpoint_blobs WHERE thread_id = ANY($1::text[]) RETURNING thread_id
+        )
+        SELECT thread_id, count(*) FROM gone GROUP BY 1""",
+}
+# The blobs no committed checkpoint of their thread and namespace references,
+# on quiet threads only (see the module docstring). The references are built
+# once per thread (a hash anti-join), not probed per blob.
+DELETE_GARBAGE_BLOBS_SQL = """
+WITH refs AS (
+    SELECT DISTINCT c.thread_id, c.checkpoint_ns, v.key AS channel, v.value AS version
+    FROM checkpoints c
+    CROSS JOIN LATERAL jsonb_each_text(c.checkpoint -> 'channel_versions') AS v
+    WHERE c.thread_id = ANY($1::text[])
+), gone AS (
+    DELETE FROM checkpoint_blobs b
+    WHERE b.thread_id = ANY($1::text[])
+      AND NOT EXISTS (
+          SELECT 1 FROM refs r
+          WHERE r.thread_id = b.thread_id AND r.checkpoint_ns = b.checkpoint_ns
+            AND r.channel = b.channel AND r.version = b.version
+      )
+    RETURNING b.thread_id
+)
+SELECT thread_id, count(*) FROM gone GROUP BY 1
+"""
+# Which quiet threads hold blobs no checkpoint references (left by trims made
+# while the thread was busy): they get a sweep part of their own.
+GARBAGE_BLOB_THREADS_SQL = """
+WITH refs AS (
+    SELECT DISTINCT c.thread_id, c.checkpoint_ns, v.key AS channel, v.value AS version
+    FROM checkpoints c
+    CROSS JOIN LATERAL jsonb_each_text(c.checkpoint -> 'channel_versions') AS v
+    WHERE c.thread_id = ANY($1::text[])
+)
+SELECT DISTINCT b.thread_id FROM checkpoint_blobs b
+WHERE b.thread_id = ANY($1::text[])
+  AND NOT EXISTS (
+      SELECT 1 FROM refs r
+      WHERE r.thread_id = b.thread_id AND r.checkpoint_ns = b.checkpoint_ns
+        AND r.channel = b.channel AND r.version = b.version
+  )
+"""
+COUNT_GARBAGE_BLOBS_SQL = """
+WITH refs AS (
+    SELECT DISTINCT c.thread_id, c.checkpoint_ns, v.key AS channel, v.value AS version
+    FROM checkpoints c
+    CROSS JOIN LATERAL jsonb_each_text(c.checkpoint -> 'channel_versions') AS v
+    WHERE c.thread_id = ANY($1::text[])
+      AND NOT (c.thread_id, c.checkpoint_ns, c.checkpoint_id) IN (
+          SELECT * FROM unnest($2::text[], $3::text[], $4::text[])
+      )
+)
+SELECT b.thread_id, count(*) FROM checkpoint_blobs b
+WHERE b.thread_id = ANY($1::text[])
+  AND NOT EXISTS (
+      SELECT 1 FROM refs r
+      WHERE r.thread_id = b.thread_id AND r.checkpoint_ns = b.checkpoint_ns
+        AND r.channel = b.channel AND r.version = b.version
+  )
+GROUP BY 1
+"""
+
+# Dry runs count what the statements above would delete.
+COUNT_CHECKPOINTS_SQL = """
+SELECT c.thread_id, c.checkpoint_ns, count(*) FROM checkpoints c
+JOIN unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, checkpoint_id)
+  ON c.thread_id = d.thread_id AND c.checkpoint_ns = d.checkpoint_ns
+ AND c.checkpoint_id = d.checkpoint_id
+GROUP BY 1, 2
+"""
+COUNT_WRITES_SQL = """
+SELECT w.thread_id, w.checkpoint_ns, count(*) FROM checkpoint_writes w
+JOIN unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, checkpoint_id)
+  ON w.thread_id = d.thread_id AND w.checkpoint_ns = d.checkpoint_ns
+ AND w.checkpoint_id = d.checkpoint_id
+GROUP BY 1, 2
+"""
+COUNT_THREAD_SQL = {
+    "checkpoints": "SELECT thread_id, count(*) FROM checkpoints "
+    "WHERE thread_id = ANY($1::text[]) GROUP BY 1",
+    "writes": "SELECT thread_id, count(*) FROM checkpoint_writes "
+    "WHERE thread_id = ANY($1::text[]) GROUP BY 1",
+    "blobs": "SELECT thread_id, count(*) FROM checkpoint_blobs "
+    "WHERE thread_id = ANY($1::text[]) GROUP BY 1",
+}
+
+# Session-level, so the lock dies with the connection (a killed worker frees
+# it). Keyed per store name, so one replica sweeps a store at a time.
+TRY_LOCK_SQL = "SELECT pg_try_advisory_lock(hashtextextended('checkpoint-janitor:' || $1, 0))"
+UNLOCK_SQL = "SELECT pg_advisory_unlock(hashtextextended('checkpoint-janitor:' || $1, 0))"
+
+# ---------------------------------------------------------------- stats
+
+STATS_TABLE_SQL = """
+SELECT relname, n_live_tup, n_dead_tup, pg_total_relation_size(relid)
+FROM pg_stat_user_tables WHERE schemaname = $1 AND relname = ANY($2::text[])
+"""
+STATS_IDS_SQL = "SELECT checkpoint_ns, checkpoint_id FROM checkpoints"
+LARGEST_THREADS_SQL = """
+SELECT thread_id, count(*), sum(pg_column_size(checkpoint) + pg_column_size(metadata)) AS size
+FROM checkpoints GROUP BY thread_id ORDER BY size DESC LIMIT $1
+"""
+
+# Errors worth retrying the batch for: the application held a row past
+# lock_timeout, a statement ran past statement_timeout, or Postgres picked
+# this transaction as a deadlock or serialization victim.
+RETRYABLE = (
+    asyncpg.exceptions.LockNotAvailableError,
+    asyncpg.exceptions.QueryCanceledError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+)
+MAX_ATTEMPTS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class _Triples:
+    """(thread, namespace, id) triples as the three arrays a statement takes."""
+
+    threads: list[str]
+    namespaces: list[str]
+    ids: list[str]
+
+    @classmethod
+    def of(cls, rows: Sequence[tuple[str, str, str]]) -> _Triples:
+        return cls([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+
+    def args(self) -> tuple[list[str], list[str], list[str]]:
+        return self.threads, self.namespaces, self.ids
+
+
+class _Changed(Exception):
+    """Threads changed between the checks of a batch: roll back, drop them, retry."""
+
+    def __init__(self, threads: set[str]) -> None:
+        super().__init__(f"{len(threads)} threads changed during the batch")
+        self.threads = threads
+
+
+def connect_kwargs(dsn: str) -> dict[str, Any]:
+    """asyncpg connection arguments from a URL or libpq keyword DSN."""
+    try:
+        info = conninfo_to_dict(dsn)
+    except Exception:
+        # psycopg's message can quote the DSN; never pass it on.
+        raise ValueError(
+            "the DSN is neither a postgresql:// URL nor libpq key=value pairs"
+        ) from None
+    out: dict[str, Any] = {}
+    for key, target in (
+        ("host", "host"),
+        ("port", "port"),
+        ("user", "user"),
+        ("password", "password"),
+        ("dbname", "database"),
+        ("sslmode", "ssl"),
+        ("connect_timeout", "timeout"),
+    ):
+        if key in info and info[key] != "":
+            out[target] = info[key]
+    if "port" in out:
+        out["port"] = int(out["port"])
+    if "timeout" in out:
+        out["timeout"] = float(out["timeout"])
+    return out
+
+
+class PostgresStore:
+    """A `StoreEngine` over one Postgres database, on one shared asyncpg pool."""
+
+    def __init__(
+        self,
+        name: str,
+        dsn: str,
+        *,
+        schema: str = "public",
+        min_size: int = 1,
+        max_size: int = 4,
+        lock_timeout: float = 2.0,
+        statement_timeout: float = 30.0,
+        grace_period: float = 3600.0,
+    ) -> None:
+        self.name = name
+        self._dsn = dsn
+        self.schema = schema
+        self.min_size = min_size
+        self.max_size = max_size
+        self.lock_timeout = lock_timeout
+        self.statement_timeout = statement_timeout
+        self.grace_period = grace_period
+        self._pool: asyncpg.Pool | None = None
+        self._lock_conn: asyncpg.Connection | None = None
+        self.now: float | None = None
+        """The sweep's clock; blob GC's quiet check uses it. Set by `begin_sweep`."""
+
+    # ------------------------------------------------------------ lifecycle
+
+    def _error(self, what: str, e: BaseException) -> StoreError:
+        message = f"{what}: {type(e).__name__}: {e}"
+        password = connect_kwargs_safe(self._dsn).get("password")
+        if password:
+            message = message.replace(str(password), "***")
+        return StoreError(self.name, message.replace(self._dsn, redact_dsn(self._dsn)))
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The open pool."""
+        if self._pool is None:
+            raise StoreError(self.name, "not open")
+        return self._pool
+
+    async def open(self) -> None:
+        """Connect and check the tables and migration version."""
+        try:
+            kwargs = connect_kwargs(self._dsn)
+        except ValueError as e:
+            raise StoreError(self.name, str(e)) from None
+        where = f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 5432)}"
+        try:
+            self._pool = await asyncpg.create_pool(
+                min_size=self.min_size,
+                max_size=self.max_size,
+                server_settings={
+                    "search_path": self.schema,
+                    "application_name": "checkpoint-janitor",
+                },
+                **kwargs,
+            )
+        except (TimeoutError, OSError, asyncpg.PostgresError) as e:
+            raise self._error(f"cannot connect to {where}", e) from None
+        try:
+            await self._check_schema()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _check_schema(self) -> None:
+        async with self.pool.acquire() as conn:
+            found = {r[0] for r in await conn.fetch(TABLES_SQL, self.schema, list(REQUIRED_TABLES))}
+            if missing := [t for t in REQUIRED_TABLES if t not in found]:
+                raise StoreError(
+                    self.name,
+                    f"schema {self.schema!r} lacks tables {missing}: not a "
+                    "langgraph-checkpoint-postgres store (run the saver's setup(), "
+                    "or set `schema:`)",
+                )
+            version = await conn.fetchval(MIGRATION_SQL)
+        if version is None or not MIN_MIGRATION <= version <= MAX_MIGRATION:
+            raise StoreError(
+                self.name,
+                f"checkpoint_migrations version {version} is not one this worker knows "
+                f"({MIN_MIGRATION}..{MAX_MIGRATION}); refusing to touch the store",
+            )
+
+    async def close(self) -> None:
+        """Release the sweep lock and close the pool."""
+        if self._lock_conn is not None:
+            conn, self._lock_conn = self._lock_conn, None
+            await self.pool.release(conn)
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+    async def begin_sweep(self, now: float) -> bool:
+        """Take the store's advisory lock; False if another worker is sweeping it."""
+        self.now = now
+        if self._lock_conn is not None:
+            return True
+        conn = await self.pool.acquire()
+        try:
+            got = bool(await conn.fetchval(TRY_LOCK_SQL, self.name))
+        except BaseException:
+            await self.pool.release(conn)
+            raise
+        if got:
+            self._lock_conn = conn
+        else:
+            await self.pool.release(conn)
+        return got
+
+    async def end_sweep(self) -> None:
+        """Release the store's advisory lock."""
+        if self._lock_conn is not None:
+            conn, self._lock_conn = self._lock_conn, None
+            try:
+                await conn.fetchval(UNLOCK_SQL, self.name)
+            finally:
+                await self.pool.release(conn)
+
+    # ------------------------------------------------------------ scan
+
+    async def count_threads(self) -> int:
+        """Threads with at least one checkpoint."""
+        return int(await self.pool.fetchval(COUNT_THREADS_SQL))
+
+    def thread_pages(self, page_size: int) -> AsyncIterator[list[str]]:
+        """Every thread id of checkpoints and writes, by keyset pages."""
+        return self.thread_range_pages("", None, page_size)
+
+    async def thread_range_pages(
+        self, low: str, high: str | None, page_size: int
+    ) -> AsyncIterator[list[str]]:
+        """Thread ids in `low <= id < high` (no upper bound when `high` is None), by pages."""
+        after = ""
+        while True:
+            pages = []
+            for table in ("checkpoints", "checkpoint_writes"):
+                if high is None:
+                    rows = await self.pool.fetch(
+                        THREADS_PAGE_SQL.format(table=table), low, after, page_size
+                    )
+                else:
+                    rows = await self.pool.fetch(
+                        THREADS_RANGE_PAGE_SQL.format(table=table), low, after, high, page_size
+                    )
+                pages.append([r[0] for r in rows])
+            if not any(pages):
+                return
+            bound = min((p[-1] for p in pages if len(p) == page_size), default=None)
+            page = sorted({t for p in pages for t in p if bound is None or t <= bound})
+            yield page
+            if bound is None:
+                return
+            after = page[-1]
+
+    async def scan(self, thread_ids: Sequence[str]) -> list[ScannedThread]:
+        """Summaries of `thread_ids`; delta threads' channel keys filled in."""
+        ids = list(thread_ids)
+        rows: dict[str, list[asyncpg.Record]] = defaultdict(list)
+        async with self.pool.acquire() as conn:
+            for r in await conn.fetch(SCAN_SQL, ids):
+                rows[r["thread_id"]].append(r)
+            sends: set[tuple[str, str, str]] = set()
+            if any(r["v"] < 4 for rs in rows.values() for r in rs):
+                sends = {(r[0], r[1], r[2]) for r in await conn.fetch(SENDS_WRITES_SQL, ids)}
+            orphans: dict[str, list[tuple[str, str]]] = defaultdict(list)
+            for r in await conn.fetch(ORPHAN_WRITES_SQL, ids):
+                orphans[r[0]].append((r[1], r[2]))
+            quiet = [
+                t
+                for t in ids
+                if self._quiet(_fingerprint([_summary(t, r, set()) for r in rows[t]]))
+            ]
+            garbage = (
+                {r[0] for r in await conn.fetch(GARBAGE_BLOB_THREADS_SQL, quiet)}
+                if quiet
+                else set()
+            )
+            out = []
+            for tid in ids:
+                summaries = tuple(_summary(tid, r, sends) for r in rows.get(tid, ()))
+                if is_delta_thread(summaries):
+                    summaries = await self._channel_keys(conn, tid, summaries)
+                head = root_head(summaries)
+                meta: dict[str, Any] = {}
+                if head is not None:
+                    raw = await conn.fetchval(
+                        HEAD_METADATA_SQL, tid, head.namespace, head.checkpoint_id
+                    )
+                    meta = _json(raw)
+                view = ThreadView(
+                    thread_id=tid,
+                    checkpoints=summaries,
+                    head_metadata=meta,
+                    orphan_writes=tuple(orphans.get(tid, ())),
+                )
+                out.append(
+                    ScannedThread(view, _fingerprint(summaries), garbage_blobs=tid in garbage)
+                )
+        return out
+
+    async def _channel_keys(
+        self, conn: asyncpg.Connection, thread_id: str, summaries: tuple[CheckpointSummary, ...]
+    ) -> tuple[CheckpointSummary, ...]:
+        keys = {
+            (r["checkpoint_ns"], r["checkpoint_id"]): (
+                frozenset(r["present"]),
+                frozenset(r["versioned"]),
+            )
+            for r in await conn.fetch(CHANNEL_KEYS_SQL, thread_id)
+        }
+        out = []
+        for s in summaries:
+            k = keys.get((s.namespace, s.checkpoint_id))
+            if k is not None:
+                s = _with_keys(s, k)
+            out.append(s)
+        return tuple(out)
+
+    async def resolve_waiting(self, thread: ScannedThread) -> ScannedThread:
+        """Read the newest root checkpoint's pending tasks: does the thread wait?"""
+        view = thread.view
+        head = root_head(view.checkpoints)
+        waiting = False
+        if head is not None:
+            r = await self.pool.fetchrow(
+                HEAD_STATE_SQL, view.thread_id, head.namespace, head.checkpoint_id
+            )
+            if r is None:
+                waiting = True
+            else:
+                state = {
+                    "channel_values": {k: True for k in r["present"]},
+                    "channel_versions": _json(r["versions"]),
+                    "versions_seen": _json(r["seen"]),
+                }
+                waiting = is_waiting(state, r["write_channels"])
+                parent = next(
+                    (
+                        c
+                        for c in view.checkpoints
+                        if c.namespace == head.namespace and c.checkpoint_id == head.parent_id
+                    ),
+                    None,
+                )
+                # A v < 4 head's pending sends are its parent's __pregel_tasks writes.
+                if head.reads_parent_sends and parent is not None and parent.has_sends_writes:
+                    waiting = True
+        from dataclasses import replace
+
+        return replace(thread, view=replace(view, waiting=waiting))
+
+    # ------------------------------------------------------------ delete
+
+    async def apply(self, batch: Sequence[ThreadWork], dry_run: bool) -> list[WorkResult]:
+        """One READ COMMITTED transaction for the batch, retried on lock and deadlock errors."""
+        if dry_run:
+            return await self._count(batch)
+        changed: set[str] = set()
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            todo = [w for w in batch if w.thread_id not in changed]
+            try:
+                done = await self._apply_once(todo)
+            except _Changed as e:
+                changed |= e.threads
+                continue
+            except RETRYABLE as e:
+                if attempt == MAX_ATTEMPTS:
+                    log.warning(
+                        "batch_gave_up",
+                        store=self.name,
+                        error=type(e).__name__,
+                        threads=len(todo),
+                    )
+                    return [WorkResult(w.thread_id, Counts(), changed=True) for w in batch]
+                delay = min(5.0, 0.1 * 2**attempt) * (0.5 + random.random())
+                log.info(
+                    "batch_retry",
+                    store=self.name,
+                    error=type(e).__name__,
+                    attempt=attempt,
+                    delay=round(delay, 3),
+                )
+                await asyncio.sleep(delay)
+                continue
+            results = {id(w): r for w, r in zip(todo, done, strict=True)}
+            return [
+                results.get(id(w)) or WorkResult(w.thread_id, Counts(), changed=True) for w in batch
+            ]
+        return [WorkResult(w.thread_id, Counts(), changed=True) for w in batch]
+
+    async def _apply_once(self, batch: Sequence[ThreadWork]) -> list[WorkResult]:
+        if not batch:
+            return []
+        tids = sorted({w.thread_id for w in batch})
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                f"SET LOCAL lock_timeout = {int(self.lock_timeout * 1000)}; "
+                f"SET LOCAL statement_timeout = {int(self.statement_timeout * 1000)}"
+            )
+            before = await _fingerprints(conn, tids)
+            # A thread's first part must find the thread as scanned.
+            first: dict[str, ThreadWork] = {}
+            for w in batch:
+                first.setdefault(w.thread_id, w)
+            if bad := {t for t, w in first.items() if before.get(t, ()) != w.fingerprint}:
+                raise _Changed(bad)
+
+            expire = [w.thread_id for w in batch if w.expire]
+            trims = [
+                (w.thread_id, ns, i)
+                for w in batch
+                for ns, ids in w.checkpoints.items()
+                for i in ids
+            ]
+            orphans = [
+                (w.thread_id, ns, i) for w in batch for ns, ids in w.writes.items() for i in ids
+            ]
+            counts: dict[str, Counts] = defaultdict(Counts)
+            by_ns_ck: dict[tuple[str, str], int] = {}
+            by_ns_wr: dict[tuple[str, str], int] = defaultdict(int)
+            if trims:
+                t = _Triples.of(trims)
+                for r in await conn.fetch(DELETE_WRITES_SQL, *t.args()):
+                    by_ns_wr[(r[0], r[1])] += r[2]
+                for r in await conn.fetch(DELETE_CHECKPOINTS_SQL, *t.args()):
+                    by_ns_ck[(r[0], r[1])] = r[2]
+                await conn.execute(NULL_PARENTS_SQL, *t.args())
+            if orphans:
+                for r in await conn.fetch(DELETE_ORPHAN_WRITES_SQL, *_Triples.of(orphans).args()):
+                    by_ns_wr[(r[0], r[1])] += r[2]
+            if expire:
+                for kind, sql in EXPIRE_SQL.items():
+                    for r in await conn.fetch(sql, expire):
+                        setattr(counts[r[0]], kind, getattr(counts[r[0]], kind) + r[1])
+                for t_id in expire:
+                    counts[t_id].threads = 1
+
+            # Re-read every thread: a checkpoint committed since the first
+            # check (a resume, a fork) shows as a count we did not expect.
+            after = await _fingerprints(conn, tids)
+            expected = _expected_counts(batch, before, by_ns_ck)
+            if bad := {t for t in tids if _counts_of(after.get(t, ())) != expected.get(t, {})}:
+                raise _Changed(bad)
+
+            quiet = [t for t in tids if t not in expire and self._quiet(after.get(t, ()))]
+            if quiet:
+                for r in await conn.fetch(DELETE_GARBAGE_BLOBS_SQL, quiet):
+                    counts[r[0]].blobs += r[1]
+
+        # Attribute rows to the parts: each trim part has one namespace.
+        results = []
+        seen_blobs: set[str] = set()
+        for w in batch:
+            c = Counts()
+            if w.expire:
+                c = counts[w.thread_id]
+            else:
+                for ns in w.checkpoints:
+                    c.checkpoints += by_ns_ck.pop((w.thread_id, ns), 0)
+                    c.writes += by_ns_wr.pop((w.thread_id, ns), 0)
+                for ns in w.writes:
+                    c.writes += by_ns_wr.pop((w.thread_id, ns), 0)
+                if w.thread_id not in seen_blobs:
+                    c.blobs = counts[w.thread_id].blobs
+                    seen_blobs.add(w.thread_id)
+            results.append(WorkResult(w.thread_id, c))
+        return results
+
+    def _quiet(self, fp: Fingerprint) -> bool:
+        if not fp or self.now is None:
+            return False
+        newest = max(checkpoint_time(cid) or float("inf") for _, _, cid in fp)
+        return self.now - newest > self.grace_period
+
+    async def _count(self, batch: Sequence[ThreadWork]) -> list[WorkResult]:
+        expire = [w.thread_id for w in batch if w.expire]
+        trims = [
+            (w.thread_id, ns, i) for w in batch for ns, ids in w.checkpoints.items() for i in ids
+        ]
+        orphans = [(w.thread_id, ns, i) for w in batch for ns, ids in w.writes.items() for i in ids]
+        async with self.pool.acquire() as conn:
+            ck: dict[tuple[str, str], int] = {}
+            wr: dict[tuple[str, str], int] = defaultdict(int)
+            if trims:
+                t = _Triples.of(trims)
+                ck = {
+                    (r[0], r[1]): r[2] for r in await conn.fetch(COUNT_CHECKPOINTS_SQL, *t.args())
+                }
+                for r in await conn.fetch(COUNT_WRITES_SQL, *t.args()):
+                    wr[(r[0], r[1])] += r[2]
+            if orphans:
+                for r in await conn.fetch(COUNT_WRITES_SQL, *_Triples.of(orphans).args()):
+                    wr[(r[0], r[1])] += r[2]
+            whole: dict[str, Counts] = defaultdict(Counts)
+            if expire:
+                for kind, sql in COUNT_THREAD_SQL.items():
+                    for r in await conn.fetch(sql, expire):
+                        setattr(whole[r[0]], kind, r[1])
+            blobs: dict[str, int] = {}
+            tids = sorted(
+                {w.thread_id for w in batch if not w.expire and self._quiet(w.fingerprint)}
+            )
+            if tids:
+                t = _Triples.of(trims) if trims else _Triples([], [], [])
+                blobs = dict(
+                    (r[0], r[1]) for r in await conn.fetch(COUNT_GARBAGE_BLOBS_SQL, tids, *t.args())
+                )
+        results = []
+        for w in batch:
+            if w.expire:
+                c = whole[w.thread_id]
+                c.threads = 1
+            else:
+                c = Counts()
+                for ns in w.checkpoints:
+                    c.checkpoints += ck.pop((w.thread_id, ns), 0)
+                    c.writes += wr.pop((w.thread_id, ns), 0)
+                for ns in w.writes:
+                    c.writes += wr.pop((w.thread_id, ns), 0)
+                c.blobs = blobs.pop(w.thread_id, 0)
+            results.append(WorkResult(w.thread_id, c))
+        return results
+
+    async def after_batch(self) -> None:
+        """Nothing to do between batches: autovacuum reclaims dead tuples."""
+
+    # ------------------------------------------------------------ stats
+
+    async def stats(self, now: float, largest: int = 10) -> dict[str, Any]:
+        """Rows, dead tuples and bytes per table, ages per namespace, largest threads."""
+        from worker.sqlite_store import AGE_BUCKETS, namespace_label
+
+        async with self.pool.acquire() as conn:
+            tables = {
+                r[0]: {"rows": int(r[1]), "dead_rows": int(r[2]), "bytes": int(r[3])}
+                for r in await conn.fetch(STATS_TABLE_SQL, self.schema, list(REQUIRED_TABLES))
+            }
+            ages: dict[str, dict[str, int]] = {}
+            async with conn.transaction():
+                async for ns, cid in conn.cursor(STATS_IDS_SQL):
+                    t = checkpoint_time(cid)
+                    age = now - t if t is not None else None
+                    bucket = (
+                        "unknown"
+                        if age is None
+                        else next(name for name, limit in AGE_BUCKETS if age < limit)
+                    )
+                    label = namespace_label(ns)
+                    ages.setdefault(label, {}).setdefault(bucket, 0)
+                    ages[label][bucket] += 1
+            top = [
+                {"thread_id": r[0], "checkpoints": int(r[1]), "bytes": int(r[2])}
+                for r in await conn.fetch(LARGEST_THREADS_SQL, largest)
+            ]
+            threads = int(await conn.fetchval(COUNT_THREADS_SQL))
+        return {
+            "store": self.name,
+            "kind": "postgres",
+            "threads": threads,
+            "tables": tables,
+            "ages": ages,
+            "largest_threads": top,
+        }
+
+
+def connect_kwargs_safe(dsn: str) -> dict[str, Any]:
+    """`connect_kwargs`, or {} for a DSN that does not parse."""
+    try:
+        return connect_kwargs(dsn)
+    except ValueError:
+        return {}
+
+
+async def _fingerprints(conn: asyncpg.Connection, tids: Sequence[str]) -> dict[str, Fingerprint]:
+    found: dict[str, list[tuple[str, int, str]]] = defaultdict(list)
+    for tid, ns, n, newest in await conn.fetch(FINGERPRINT_SQL, list(tids)):
+        found[tid].append((ns, int(n), newest))
+    return {tid: tuple(sorted(v)) for tid, v in found.items()}
+
+
+def _counts_of(fp: Fingerprint) -> dict[str, int]:
+    return {ns: n for ns, n, _ in fp}
+
+
+def _expected_counts(
+    batch: Sequence[ThreadWork],
+    before: dict[str, Fingerprint],
+    deleted: dict[tuple[str, str], int],
+) -> dict[str, dict[str, int]]:
+    """Checkpoints per namespace of each thread once the batch's deletes are done.
+
+    Counts alone detect an insert; the newest id of a namespace a chunk
+    emptied from the top is not known here, and not needed.
+    """
+    expired = {w.thread_id for w in batch if w.expire}
+    out: dict[str, dict[str, int]] = {}
+    for tid, fp in before.items():
+        if tid in expired:
+            continue
+        left = {ns: n - deleted.get((tid, ns), 0) for ns, n, _ in fp}
+        out[tid] = {ns: n for ns, n in left.items() if n > 0}
+    return out
+
+
+def _json(raw: Any) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            return {}
+    return raw if isinstance(raw, dict) else {}
+
+
+def _summary(tid: str, r: asyncpg.Record, sends: set[tuple[str, str, str]]) -> CheckpointSummary:
+    counters = _json(r["counters"])
+    return CheckpointSummary(
+        namespace=r["checkpoint_ns"],
+        checkpoint_id=r["checkpoint_id"],
+        parent_id=r["parent_checkpoint_id"],
+        created_at=checkpoint_time(r["checkpoint_id"]),
+        parents={k: v for k, v in _json(r["parents"]).items() if isinstance(v, str)},
+        delta_channels=frozenset(counters),
+        delta_marked=r["counters"] is not None or bool(r["delta_marked"]),
+        reads_parent_sends=r["v"] < 4,
+        has_sends_writes=(tid, r["checkpoint_ns"], r["checkpoint_id"]) in sends,
+        size=int(r["size"] or 0),
+    )
+
+
+def _with_keys(
+    s: CheckpointSummary, keys: tuple[frozenset[str], frozenset[str]]
+) -> CheckpointSummary:
+    from dataclasses import replace
+
+    return replace(s, inline_channels=keys[0], versioned_channels=keys[1])
+
+
+def _fingerprint(summaries: Sequence[CheckpointSummary]) -> Fingerprint:
+    by_ns: dict[str, list[str]] = defaultdict(list)
+    for s in summaries:
+        by_ns[s.namespace].append(s.checkpoint_id)
+    return fingerprint_of(by_ns)
