@@ -558,6 +558,14 @@ class Defaults(_Model):
     max_delete_fraction: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.5
     """One sweep may expire at most this fraction of a store's threads (the safety limit)."""
     batch: BatchSettings = BatchSettings()
+    shutdown_grace: PositiveSeconds = 20.0
+    """`run`: on SIGTERM, how long the current batch may take to commit before it is rolled back."""
+    jitter: NonNegativeSeconds = 10.0
+    """`run`: each scheduled sweep starts up to this many seconds late, so replicas spread out."""
+    misfire_grace: PositiveSeconds = 300.0
+    """`run`: a sweep missed by less than this (a busy or paused process) still runs, once."""
+    retry_max: PositiveSeconds = 300.0
+    """`run`: the longest wait between reconnection attempts to a store that is down."""
 
 
 def _host_port(listen: str) -> tuple[str, int]:

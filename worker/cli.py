@@ -22,6 +22,7 @@ from policies.config import Config, Policy, StoreConfig
 from policies.loader import ConfigError, load_config
 from worker.engine import StoreEngine, StoreError
 from worker.logs import configure_logging
+from worker.metrics import Metrics
 from worker.purge import purge
 from worker.report import human_bytes, render_json, render_table
 from worker.stores import make_engine
@@ -123,6 +124,7 @@ async def _sweep_all(
                 policies={},
                 outcome=Outcome.FAILED,
                 error=str(e),
+                reachable=False,
             )
             reports.append(report)
     return reports
@@ -183,6 +185,34 @@ def plan(ctx: click.Context, fmt: str, only: str | None, at: str | None) -> None
         sys.exit(EXIT_FAILED)
 
 
+def _export(config: Config, reports: Sequence[SweepReport]) -> None:
+    """`once`: push the run's metrics to a Pushgateway and/or a node-exporter textfile."""
+    m = config.metrics
+    if m.pushgateway is None and m.textfile is None:
+        return
+    everything = Metrics()
+    for report in reports:
+        per_store = Metrics()
+        names = [p.name for p in config.policies_for(report.store)]
+        for metrics in (per_store, everything):
+            metrics.record(report, names)
+            metrics.store_up.labels(report.store).set(
+                0 if report.error and not report.batches and report.outcome is Outcome.FAILED else 1
+            )
+            for p in config.policies_for(report.store):
+                metrics.set_interval(report.store, p.name, config.schedule_for(p))
+        if m.pushgateway is not None:
+            try:
+                per_store.push(m.pushgateway, m.job, report.store)
+            except OSError as e:
+                log.error("push_failed", store=report.store, gateway=m.pushgateway, error=str(e))
+    if m.textfile is not None:
+        try:
+            everything.write_textfile(m.textfile)
+        except OSError as e:
+            log.error("textfile_failed", path=m.textfile, error=str(e))
+
+
 def _parse_at(text: str) -> float:
     try:
         moment = datetime.fromisoformat(text)
@@ -191,6 +221,17 @@ def _parse_at(text: str) -> float:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="Count what would go; delete nothing.")
+@click.pass_context
+def run(ctx: click.Context, dry_run: bool) -> None:
+    """The daemon: scheduled sweeps, /metrics, /healthz, /readyz; SIGHUP reloads."""
+    from worker.daemon import run_daemon
+
+    config = _load(ctx)
+    asyncio.run(run_daemon(ctx.obj["config_path"], config, dry_run=dry_run))
 
 
 @main.command()
@@ -213,6 +254,7 @@ def once(ctx: click.Context, dry_run: bool, allow_mass_expiry: bool, only: str |
     )
     if sys.stdout.isatty():
         click.echo(render_table(reports))
+    _export(config, reports)
     outcomes = {r.outcome for r in reports}
     if Outcome.FAILED in outcomes:
         sys.exit(EXIT_FAILED)

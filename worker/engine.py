@@ -109,6 +109,9 @@ class StoreEngine(Protocol):
     async def close(self) -> None:
         """Release connections."""
 
+    async def ping(self) -> None:
+        """Raise if the store does not answer now."""
+
     async def begin_sweep(self, now: float) -> bool:
         """Start a sweep at `now`; False if another worker is sweeping this store."""
 

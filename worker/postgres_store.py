@@ -495,6 +495,13 @@ class PostgresStore:
             pool, self._pool = self._pool, None
             await pool.close()
 
+    async def ping(self) -> None:
+        """Raise `StoreError` if the database does not answer within the statement timeout."""
+        try:
+            await self.pool.fetchval("SELECT 1", timeout=self.statement_timeout)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as e:
+            raise self._error("does not answer", e) from None
+
     async def begin_sweep(self, now: float) -> bool:
         """Take the store's advisory lock; False if another worker is sweeping it."""
         self.now = now

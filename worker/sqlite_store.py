@@ -247,6 +247,15 @@ class SqliteStore:
                     f"table {table!r} lacks columns {sorted(missing)}: unknown schema version",
                 )
 
+    async def ping(self) -> None:
+        """Raise `StoreError` if the file is gone or does not answer."""
+        if not os.path.exists(self.path):
+            raise StoreError(self.name, f"SQLite file {self.path} does not exist")
+        try:
+            await self.conn.execute("SELECT 1")
+        except sqlite3.Error as e:
+            raise StoreError(self.name, f"{self.path} does not answer: {e}") from None
+
     async def begin_sweep(self, now: float) -> bool:
         """Every batch serializes on SQLite's write lock; no sweep lock is needed."""
         return True

@@ -88,6 +88,8 @@ class SweepReport:
     duration_seconds: float = 0.0
     changed_threads: int = 0
     error: str | None = None
+    reachable: bool = True
+    """False when the store could not be opened at all (`store_up` 0)."""
 
     @property
     def deleted(self) -> Counts:
@@ -123,6 +125,7 @@ class SweepOptions:
 
 
 ProgressFn = Callable[[int, int], None]
+BatchFn = Callable[[float], None]
 
 
 async def sweep(
@@ -133,8 +136,13 @@ async def sweep(
     now: float | None = None,
     stop: asyncio.Event | None = None,
     progress: ProgressFn | None = None,
+    on_batch: BatchFn | None = None,
 ) -> SweepReport:
-    """Sweep `engine` once under `policies`; never raises for a store fault (see `outcome`)."""
+    """Sweep `engine` once under `policies`; never raises for a store fault (see `outcome`).
+
+    `stop` ends the sweep at the next batch boundary; `on_batch` hears each
+    delete transaction's duration.
+    """
     started = time.monotonic()
     # One clock read per sweep: every decision in it sees the same "now".
     now = time.time() if now is None else now
@@ -146,7 +154,7 @@ async def sweep(
         policies={p.name: PolicyReport(p.name) for p in policies},
     )
     try:
-        await _run(engine, rules, options, report, stop, progress)
+        await _run(engine, rules, options, report, stop, progress, on_batch)
     except Exception as e:
         report.outcome = Outcome.FAILED
         report.error = f"{type(e).__name__}: {e}"
@@ -163,13 +171,14 @@ async def _run(
     report: SweepReport,
     stop: asyncio.Event | None,
     progress: ProgressFn | None,
+    on_batch: BatchFn | None,
 ) -> None:
     if not await engine.begin_sweep(report.now):
         report.outcome = Outcome.LOCKED
         log.info("sweep_skipped", store=engine.name, reason="another worker holds the sweep lock")
         return
     try:
-        await _sweep_pages(engine, rules, options, report, stop, progress)
+        await _sweep_pages(engine, rules, options, report, stop, progress, on_batch)
     finally:
         await engine.end_sweep()
 
@@ -181,6 +190,7 @@ async def _sweep_pages(
     report: SweepReport,
     stop: asyncio.Event | None,
     progress: ProgressFn | None,
+    on_batch: BatchFn | None,
 ) -> None:
     s = options.settings
     report.threads_total = await engine.count_threads()
@@ -230,6 +240,8 @@ async def _sweep_pages(
             dry_run=options.dry_run,
         )
         if not options.dry_run:
+            if on_batch is not None:
+                on_batch(elapsed)
             sizer.observe(sum(p.work.rows for p in parts), elapsed)
             await engine.after_batch()
             rest = pause_after(elapsed, s.pause, s.pause_factor)

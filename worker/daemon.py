@@ -1,0 +1,344 @@
+"""`checkpoint-janitor run`: the scheduler, the HTTP endpoints, signals, reload.
+
+Each policy has an APScheduler job on its own `every:`/`cron:` trigger
+(coalesced, one instance, with jitter and a misfire grace). A job only marks
+its policy due on its store; the store's runner then sweeps once for every
+policy due at that time, and sweeps of one store never overlap (policies
+that fall due during a sweep run in the next pass). A store that is down is
+reconnected in the background with exponential backoff and jitter, while the
+other stores keep being swept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import signal
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from policies.config import Config, StoreConfig
+from policies.loader import ConfigError, load_config
+from worker.engine import StoreEngine, StoreError
+from worker.logs import configure_logging
+from worker.metrics import Metrics
+from worker.stores import make_engine
+from worker.sweep import Outcome, SweepOptions, sweep
+
+log = structlog.get_logger("checkpoint_janitor.daemon")
+
+HEARTBEAT_SECONDS = 5.0
+PING_SECONDS = 15.0
+
+
+class StoreRunner:
+    """One store: its engine, its up/down state, and the sweeps due on it."""
+
+    def __init__(self, daemon: Daemon, store: StoreConfig) -> None:
+        self.daemon = daemon
+        self.store = store
+        self.engine: StoreEngine | None = None
+        self.up = False
+        self.due: set[str] = set()
+        self.lock = asyncio.Lock()
+        self.task: asyncio.Task[None] | None = None
+        self._connecting: asyncio.Task[None] | None = None
+
+    @property
+    def name(self) -> str:
+        """The store's name."""
+        return self.store.name
+
+    def _set_up(self, up: bool) -> None:
+        self.up = up
+        self.daemon.metrics.store_up.labels(self.name).set(1 if up else 0)
+
+    def connect(self) -> None:
+        """Open the store in the background, retrying with backoff until it answers."""
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.create_task(self._connect_loop())
+
+    async def _connect_loop(self) -> None:
+        delay = 1.0
+        cfg = self.daemon.config
+        while not self.daemon.stopping.is_set():
+            engine = make_engine(self.store, cfg.store_settings(self.name))
+            try:
+                await engine.open()
+            except StoreError as e:
+                self._set_up(False)
+                wait = min(delay, cfg.defaults.retry_max) * (0.5 + random.random())
+                log.warning("store_down", store=self.name, error=str(e), retry_in=round(wait, 1))
+                delay *= 2
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.daemon.stopping.wait(), timeout=wait)
+                continue
+            self.engine = engine
+            self._set_up(True)
+            log.info("store_up", store=self.name)
+            if self.due:
+                self.kick()
+            return
+
+    async def mark_down(self, error: str) -> None:
+        """Close the engine and reconnect in the background."""
+        if self.up:
+            log.warning("store_lost", store=self.name, error=error)
+        self._set_up(False)
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            try:
+                await engine.close()
+            except Exception as e:  # a dead connection may fail to close: it is gone anyway
+                log.debug("store_close_failed", store=self.name, error=str(e))
+        self.connect()
+
+    async def ping(self) -> None:
+        """Check the store answers; mark it down if not."""
+        if self.engine is None or self.lock.locked():
+            return
+        try:
+            await self.engine.ping()
+        except StoreError as e:
+            await self.mark_down(str(e))
+
+    async def mark_due(self, policy: str) -> None:
+        """The scheduler says `policy` is due on this store."""
+        self.due.add(policy)
+        self.kick()
+
+    def kick(self) -> None:
+        """Start a sweep task unless one runs: it picks up everything due."""
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._sweep_loop())
+
+    async def _sweep_loop(self) -> None:
+        async with self.lock:
+            while self.due and not self.daemon.stopping.is_set():
+                if not self.up or self.engine is None:
+                    # Still due; the sweep runs when the store is back.
+                    return
+                due, self.due = frozenset(self.due), set()
+                await self._sweep(due)
+
+    async def _sweep(self, due: frozenset[str]) -> None:
+        cfg = self.daemon.config
+        assert self.engine is not None
+        options = SweepOptions(
+            settings=cfg.store_settings(self.name),
+            max_delete_fraction=cfg.defaults.max_delete_fraction,
+            dry_run=self.daemon.dry_run or cfg.defaults.dry_run,
+            due=due,
+        )
+        metrics = self.daemon.metrics
+        report = await sweep(
+            self.engine,
+            cfg.policies_for(self.name),
+            options,
+            stop=self.daemon.stopping,
+            on_batch=metrics.batch_duration.labels(self.name).observe,
+        )
+        metrics.record(report, sorted(due))
+        if report.outcome is Outcome.FAILED:
+            try:
+                await self.engine.ping()
+            except StoreError as e:
+                await self.mark_down(str(e))
+
+    async def close(self) -> None:
+        """Stop reconnecting and close the engine."""
+        if self._connecting is not None:
+            self._connecting.cancel()
+        if self.engine is not None:
+            engine, self.engine = self.engine, None
+            await engine.close()
+
+
+class Daemon:
+    """The long-running worker."""
+
+    def __init__(self, config_path: Path, config: Config, *, dry_run: bool = False) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.dry_run = dry_run
+        self.metrics = Metrics()
+        self.scheduler = AsyncIOScheduler(timezone="UTC")
+        self.runners: dict[str, StoreRunner] = {}
+        self.stopping = asyncio.Event()
+        self.heartbeat = time.monotonic()
+        self._http: web.AppRunner | None = None
+
+    # ------------------------------------------------------------ schedule
+
+    def _schedule(self) -> None:
+        cfg = self.config
+        for job in self.scheduler.get_jobs():
+            if job.id.startswith("policy:"):
+                job.remove()
+        for store in cfg.stores:
+            for policy in cfg.policies_for(store.name):
+                schedule = cfg.schedule_for(policy)
+                trigger = schedule.trigger()
+                trigger.jitter = int(cfg.defaults.jitter) or None
+                extra: dict[str, Any] = {}
+                if isinstance(trigger, IntervalTrigger) and not self._started:
+                    # An `every:` policy sweeps soon after boot rather than a
+                    # whole interval later; cron policies keep their hour.
+                    extra["next_run_time"] = _soon()
+                self.scheduler.add_job(
+                    self.runners[store.name].mark_due,
+                    trigger,
+                    args=(policy.name,),
+                    id=f"policy:{store.name}:{policy.name}",
+                    coalesce=True,
+                    max_instances=1,
+                    misfire_grace_time=int(cfg.defaults.misfire_grace),
+                    replace_existing=True,
+                    **extra,
+                )
+                self.metrics.set_interval(store.name, policy.name, schedule)
+
+    _started = False
+
+    def _sync_stores(self) -> list[StoreRunner]:
+        """Runners for the config's stores; returns the ones no longer configured."""
+        wanted = {s.name: s for s in self.config.stores}
+        gone = [r for name, r in self.runners.items() if name not in wanted]
+        for r in gone:
+            del self.runners[r.name]
+        for name, store in wanted.items():
+            runner = self.runners.get(name)
+            if runner is None or runner.store != store:
+                if runner is not None:
+                    gone.append(runner)
+                runner = StoreRunner(self, store)
+                self.runners[name] = runner
+                runner.connect()
+        return gone
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Connect stores, schedule policies, serve HTTP, handle signals."""
+        self._sync_stores()
+        self.scheduler.start()
+        self._schedule()
+        self._started = True
+        self.scheduler.add_job(self._beat, "interval", seconds=HEARTBEAT_SECONDS, id="heartbeat")
+        self.scheduler.add_job(self._ping, "interval", seconds=PING_SECONDS, id="ping")
+        await self._serve()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.create_task(self.reload()))
+        log.info(
+            "started",
+            stores=[s.name for s in self.config.stores],
+            policies=[p.name for p in self.config.policies],
+            listen=self.config.metrics.listen,
+            dry_run=self.dry_run or self.config.defaults.dry_run,
+        )
+
+    async def _beat(self) -> None:
+        self.heartbeat = time.monotonic()
+
+    async def _ping(self) -> None:
+        for runner in list(self.runners.values()):
+            await runner.ping()
+
+    async def reload(self) -> None:
+        """SIGHUP: a valid config replaces the running one; an invalid one is refused."""
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as e:
+            log.error("reload_refused", error=str(e), config=str(self.config_path))
+            return
+        self.config = config
+        configure_logging(config.logging.format, config.logging.level)
+        for runner in self._sync_stores():
+            await runner.close()
+        self._schedule()
+        log.info(
+            "reloaded",
+            config=str(self.config_path),
+            stores=[s.name for s in config.stores],
+            policies=[p.name for p in config.policies],
+        )
+
+    async def run_until_stopped(self) -> None:
+        """Serve until SIGTERM/SIGINT, then stop within `shutdown_grace` seconds."""
+        await self.stopping.wait()
+        log.info("stopping", grace_seconds=self.config.defaults.shutdown_grace)
+        self.scheduler.shutdown(wait=False)
+        running = [
+            r.task for r in self.runners.values() if r.task is not None and not r.task.done()
+        ]
+        if running:
+            # The sweep sees `stopping` at its next batch boundary; a batch
+            # still running at the deadline is cancelled and rolls back.
+            _, pending = await asyncio.wait(running, timeout=self.config.defaults.shutdown_grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        for runner in self.runners.values():
+            await runner.close()
+        if self._http is not None:
+            await self._http.cleanup()
+        log.info("stopped")
+
+    # ------------------------------------------------------------ http
+
+    async def _serve(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        self._http = web.AppRunner(app, access_log=None)
+        await self._http.setup()
+        m = self.config.metrics
+        site = web.TCPSite(self._http, m.listen_host, m.listen_port)
+        await site.start()
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=self.metrics.exposition(),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        # "The scheduler loop is alive", not "the database answers": a store
+        # that is down must not get the pod restarted.
+        age = time.monotonic() - self.heartbeat
+        if age > 3 * HEARTBEAT_SECONDS:
+            return web.json_response({"status": "stale", "heartbeat_age": age}, status=503)
+        return web.json_response({"status": "ok", "heartbeat_age": round(age, 3)})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        stores = {name: r.up for name, r in self.runners.items()}
+        ready = bool(stores) and all(stores.values()) and not self.stopping.is_set()
+        body = {
+            "status": "ready" if ready else "not ready",
+            "config": str(self.config_path),
+            "stores": stores,
+        }
+        return web.json_response(body, status=200 if ready else 503)
+
+
+def _soon() -> datetime:
+    return datetime.now(UTC) + timedelta(seconds=1)
+
+
+async def run_daemon(config_path: Path, config: Config, *, dry_run: bool) -> None:
+    """Run the daemon until a stop signal."""
+    daemon = Daemon(config_path, config, dry_run=dry_run)
+    await daemon.start()
+    await daemon.run_until_stopped()

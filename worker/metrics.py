@@ -1,0 +1,201 @@
+"""Prometheus metrics, named as DESIGN fixes them (prefix `checkpoint_janitor_`).
+
+One `Metrics` per process (`run`) or per store (`once`, whose push is
+grouped by store). Every value comes from a `SweepReport`, so what is
+exported is what the sweep really did.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime, timedelta
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    pushadd_to_gateway,
+)
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+from policies.config import Schedule
+from worker.sweep import Outcome, SweepReport
+
+# `*_created` series double every counter's output and no alert here reads them.
+disable_created_metrics()
+
+PREFIX = "checkpoint_janitor_"
+VERSION = "0.1.0"
+KINDS = ("checkpoints", "writes", "blobs", "threads")
+
+DURATION_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600)
+BATCH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2.5, 5)
+
+
+class Metrics:
+    """The worker's metrics in their own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.deleted = Counter(
+            PREFIX + "deleted", "Rows deleted, by kind.", ["store", "policy", "kind"], registry=r
+        )
+        self.sweeps = Counter(
+            PREFIX + "sweeps", "Sweeps, by outcome.", ["store", "policy", "outcome"], registry=r
+        )
+        self.sweep_duration = Histogram(
+            PREFIX + "sweep_duration_seconds",
+            "Duration of sweeps that applied the policy.",
+            ["store", "policy"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.batch_duration = Histogram(
+            PREFIX + "batch_duration_seconds",
+            "Duration of one delete transaction.",
+            ["store"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.last_success = Gauge(
+            PREFIX + "last_success_timestamp_seconds",
+            "Unix time the policy's last successful sweep ended.",
+            ["store", "policy"],
+            registry=r,
+        )
+        self.eligible = Gauge(
+            PREFIX + "eligible",
+            "What the last scan found due, by kind.",
+            ["store", "policy", "kind"],
+            registry=r,
+        )
+        self.skipped = Counter(
+            PREFIX + "skipped_threads",
+            "Threads whose due rules were held back, by reason.",
+            ["store", "policy", "reason"],
+            registry=r,
+        )
+        self.oldest_eligible_age = Gauge(
+            PREFIX + "oldest_eligible_age_seconds",
+            "Age of the oldest checkpoint the last scan found due (0: none).",
+            ["store", "policy"],
+            registry=r,
+        )
+        self.schedule_interval = Gauge(
+            PREFIX + "schedule_interval_seconds",
+            "Seconds between the policy's scheduled sweeps.",
+            ["store", "policy"],
+            registry=r,
+        )
+        self.safety_stops = Counter(
+            PREFIX + "safety_stops",
+            "Sweeps stopped by the safety limit (max_delete_fraction).",
+            ["store", "policy"],
+            registry=r,
+        )
+        self.store_up = Gauge(
+            PREFIX + "store_up", "1 if the store answers, else 0.", ["store"], registry=r
+        )
+        self.build_info = Gauge(
+            PREFIX + "build_info", "The worker's version.", ["version"], registry=r
+        )
+        self.build_info.labels(VERSION).set(1)
+
+    def record(self, report: SweepReport, policies: Iterable[str]) -> None:
+        """Count one sweep of `report.store` for each policy it applied."""
+        store = report.store
+        for name in policies:
+            p = report.policies.get(name)
+            self.sweeps.labels(store, name, report.outcome.value).inc()
+            if report.outcome is Outcome.LOCKED or p is None:
+                continue
+            self.sweep_duration.labels(store, name).observe(report.duration_seconds)
+            if not report.dry_run:
+                for kind in KINDS:
+                    self.deleted.labels(store, name, kind).inc(getattr(p.deleted, kind))
+            for kind in ("threads", "checkpoints"):
+                self.eligible.labels(store, name, kind).set(getattr(p.eligible, kind))
+            self.oldest_eligible_age.labels(store, name).set(p.oldest_eligible_age or 0)
+            for reason, n in p.skipped.items():
+                self.skipped.labels(store, name, reason.value).inc(n)
+            if report.outcome is Outcome.SUCCESS:
+                self.last_success.labels(store, name).set(report.now + report.duration_seconds)
+        if report.outcome is Outcome.SAFETY_STOP and report.limit_reached_by is not None:
+            self.safety_stops.labels(store, report.limit_reached_by).inc()
+
+    def set_interval(self, store: str, policy: str, schedule: Schedule) -> None:
+        """Export how often the policy runs, so alerts can say "no success for 2x that"."""
+        self.schedule_interval.labels(store, policy).set(interval_seconds(schedule))
+
+    def exposition(self) -> bytes:
+        """The text exposition format of every metric."""
+        return generate_latest(self.registry)
+
+    def push(self, gateway: str, job: str, store: str) -> None:
+        """`pushadd` this store's metrics, grouped by job and store (never the pod).
+
+        Only families with samples are sent: POST replaces each family it
+        names, so an empty `last_success` family from a failed run would
+        erase the last success.
+        """
+        pushadd_to_gateway(
+            gateway, job=job, grouping_key={"store": store}, registry=_NonEmpty(self.registry)
+        )
+
+    def write_textfile(self, path: str) -> None:
+        """Write the metrics for node-exporter's textfile collector, atomically.
+
+        The last success of each policy in the old file is carried over unless
+        this run set a newer one, so a failed run does not erase it.
+        """
+        try:
+            with open(path) as f:
+                old = f.read()
+        except OSError:
+            old = ""
+        for family in text_string_to_metric_families(old):
+            if family.name != PREFIX + "last_success_timestamp_seconds":
+                continue
+            for sample in family.samples:
+                gauge = self.last_success.labels(sample.labels["store"], sample.labels["policy"])
+                if gauge._value.get() < sample.value:
+                    gauge.set(sample.value)
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".checkpoint_janitor.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(self.exposition())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+
+
+class _NonEmpty(Collector):
+    """A view of a registry without the families that have no samples."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            if family.samples:
+                yield family
+
+
+def interval_seconds(schedule: Schedule) -> float:
+    """Seconds between two runs of `schedule` (for cron: between its next two fire times)."""
+    if schedule.every is not None:
+        return schedule.every.total_seconds()
+    trigger = schedule.trigger()
+    now = datetime.now(UTC)
+    first = trigger.get_next_fire_time(None, now)
+    second = trigger.get_next_fire_time(first, first + timedelta(seconds=1)) if first else None
+    if first is None or second is None:
+        return 0.0
+    return float((second - first).total_seconds())
