@@ -321,7 +321,7 @@ class BatchSettings(_Model):
     """Hard cap on rows deleted in one transaction, whatever the sizing says."""
     pause: NonNegativeSeconds = 0.0
     """Fixed pause between batches."""
-    pause_factor: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
+    pause_factor: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.5
     """The pause is at least this multiple of the last batch's duration."""
     busy_timeout: PositiveSeconds = 5.0
     """SQLite: how long a statement waits for the application's write lock."""

@@ -43,9 +43,12 @@ class SkipReason(StrEnum):
     """The thread changed between scan and delete; it is decided again next sweep."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CheckpointSummary:
     """The facts about one checkpoint row the decision needs.
+
+    Treat as immutable (use `dataclasses.replace`); not `frozen` only because a
+    scan builds millions and a frozen dataclass's `__init__` costs twice as much.
 
     `inline_channels` and `versioned_channels` are the keys of the decoded
     checkpoint's `channel_values` and `channel_versions`. Engines fill them

@@ -298,7 +298,7 @@ def test_every_default() -> None:
     assert batch.max_batch_threads == 500
     assert batch.max_batch_rows == 20000
     assert batch.pause == 0
-    assert batch.pause_factor == 1.0
+    assert batch.pause_factor == 0.5
     assert batch.busy_timeout == 5.0
     assert batch.grace_period == timedelta(hours=1)
     assert batch.lock_timeout == 2.0

@@ -358,3 +358,17 @@ def test_orphan_writes_go_only_on_quiet_threads() -> None:
     assert [w.namespace for w in decide(quiet, rules, NOW, GRACE).writes] == [""]
     busy = replace(quiet, checkpoints=(CheckpointSummary("", fresh, None, checkpoint_time(fresh)),))
     assert decide(busy, rules, NOW, GRACE).writes == ()
+
+
+def test_checkpoint_time_reads_real_ids() -> None:
+    """The fast v6 path agrees with LangGraph's own ids; other versions fall back."""
+    import time as _time
+
+    from langgraph.checkpoint.base.id import uuid6
+
+    for _ in range(100):
+        assert abs(checkpoint_time(str(uuid6())) - _time.time()) < 5  # type: ignore[operator]
+    assert abs(checkpoint_time(str(uuid.uuid1())) - _time.time()) < 5  # type: ignore[operator]
+    assert checkpoint_time(str(uuid.uuid4())) is None
+    assert checkpoint_time("not-an-id") is None
+    assert checkpoint_time("zzzzzzzz-zzzz-6zzz-8zzz-zzzzzzzzzzzz") is None

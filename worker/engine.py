@@ -132,8 +132,8 @@ class StoreEngine(Protocol):
     async def scan(self, thread_ids: Sequence[str]) -> list[ScannedThread]:
         """Summaries of these threads, with delta threads decoded."""
 
-    async def resolve_waiting(self, thread: ScannedThread) -> ScannedThread:
-        """The thread with `view.waiting` read from its newest root checkpoint."""
+    async def resolve_waiting(self, threads: Sequence[ScannedThread]) -> list[ScannedThread]:
+        """The threads with `view.waiting` read from their newest root checkpoints."""
 
     async def apply(self, batch: Sequence[ThreadWork], dry_run: bool) -> list[WorkResult]:
         """Carry out a batch in one transaction (or count what it would delete)."""

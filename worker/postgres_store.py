@@ -628,8 +628,11 @@ class PostgresStore:
             out.append(s)
         return tuple(out)
 
-    async def resolve_waiting(self, thread: ScannedThread) -> ScannedThread:
-        """Read the newest root checkpoint's pending tasks: does the thread wait?"""
+    async def resolve_waiting(self, threads: Sequence[ScannedThread]) -> list[ScannedThread]:
+        """Read each thread's newest root checkpoint's pending tasks: does it wait?"""
+        return [await self._resolve_one(t) for t in threads]
+
+    async def _resolve_one(self, thread: ScannedThread) -> ScannedThread:
         view = thread.view
         head = root_head(view.checkpoints)
         waiting = False

@@ -14,7 +14,7 @@ import os
 import sqlite3
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import aiosqlite
@@ -67,15 +67,12 @@ WHERE thread_id >= ? AND thread_id > ? AND thread_id < ? ORDER BY thread_id LIMI
 
 COUNT_THREADS_SQL = "SELECT COUNT(DISTINCT thread_id) FROM checkpoints"
 
-# Metadata is JSON text in a BLOB column: SQLite's JSON functions read it
-# after a CAST. `parents` and the DeltaChannel markers are pulled out here so
-# Python parses whole metadata only for each thread's head.
+# Metadata is JSON text in a BLOB column. SQLite's JSON functions cost more
+# per row than the rest of the scan, so the text comes back whole and Python
+# parses only the rows that need it (see `_summaries`).
 SCAN_SQL = """
 SELECT thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id,
        COALESCE(length(checkpoint), 0) + COALESCE(length(metadata), 0),
-       json_extract(CAST(metadata AS TEXT), '$.parents'),
-       json_extract(CAST(metadata AS TEXT), '$.counters_since_delta_snapshot'),
-       json_type(CAST(metadata AS TEXT), '$.delta_writes_versioned'),
        CAST(metadata AS TEXT)
 FROM checkpoints
 WHERE thread_id IN (SELECT value FROM json_each(?))
@@ -98,14 +95,27 @@ THREAD_BLOBS_SQL = """
 SELECT checkpoint_ns, checkpoint_id, type, checkpoint FROM checkpoints WHERE thread_id = ?
 """
 
+# The heads of a page's expiry candidates, named as [thread, ns, id] triples.
+HEAD_BLOBS_SQL = """
+SELECT c.thread_id, c.type, c.checkpoint
+FROM json_each(?) AS k
+JOIN checkpoints c
+  ON c.thread_id = json_extract(k.value, '$[0]') AND c.checkpoint_ns = json_extract(k.value, '$[1]')
+ AND c.checkpoint_id = json_extract(k.value, '$[2]')
+"""
+HEAD_WRITE_CHANNELS_SQL = """
+SELECT w.thread_id, w.channel
+FROM json_each(?) AS k
+JOIN writes w
+  ON w.thread_id = json_extract(k.value, '$[0]') AND w.checkpoint_ns = json_extract(k.value, '$[1]')
+ AND w.checkpoint_id = json_extract(k.value, '$[2]')
+"""
+
 CHECKPOINT_BLOB_SQL = """
 SELECT type, checkpoint FROM checkpoints
 WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id = ?
 """
 
-WRITE_CHANNELS_SQL = """
-SELECT channel FROM writes WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id = ?
-"""
 
 # The same shape the scan fingerprints, read again under the write lock.
 FINGERPRINT_SQL = """
@@ -176,18 +186,6 @@ FILE_PAGES_SQL = "SELECT * FROM pragma_page_size, pragma_page_count, pragma_free
 # PASSIVE never waits for the application's readers or writers, so it is
 # safe to run after each batch to keep the WAL from growing over a sweep.
 WAL_CHECKPOINT_SQL = "PRAGMA wal_checkpoint(PASSIVE)"
-
-
-@dataclass(frozen=True, slots=True)
-class _Row:
-    namespace: str
-    checkpoint_id: str
-    parent_id: str | None
-    size: int
-    parents: dict[str, str]
-    counters: frozenset[str]
-    delta_marked: bool
-    metadata_text: str | None
 
 
 class SqliteStore:
@@ -311,28 +309,23 @@ class SqliteStore:
     async def scan(self, thread_ids: Sequence[str]) -> list[ScannedThread]:
         """Summaries of `thread_ids`; delta threads decoded, waiting left undetermined."""
         ids_json = json.dumps(list(thread_ids))
-        rows: dict[str, list[_Row]] = defaultdict(list)
+        # fetchall, not `async for`: aiosqlite hops threads once per fetched
+        # chunk, and its default chunk is one row.
         async with self.conn.execute(SCAN_SQL, (ids_json,)) as cur:
-            async for r in cur:
-                rows[r[0]].append(
-                    _Row(
-                        namespace=r[1],
-                        checkpoint_id=r[2],
-                        parent_id=r[3],
-                        size=int(r[4]),
-                        parents=_json_object(r[5]),
-                        counters=frozenset(_json_object(r[6])),
-                        delta_marked=r[6] is not None or r[7] is not None,
-                        metadata_text=r[8],
-                    )
-                )
+            scanned = await cur.fetchall()
+        rows: dict[str, list[CheckpointSummary]] = defaultdict(list)
+        metadata: dict[tuple[str, str, str], str | None] = {}
+        for tid, ns, cid, parent, size, text in scanned:
+            rows[tid].append(_summary(ns, cid, parent, size, text))
+            metadata[(tid, ns, cid)] = text
+        del scanned
         orphans: dict[str, list[tuple[str, str]]] = defaultdict(list)
         async with self.conn.execute(ORPHAN_WRITES_SQL, (ids_json,)) as cur:
-            async for r in cur:
-                orphans[r[0]].append((r[1], r[2]))
+            for tid, ns, cid in await cur.fetchall():
+                orphans[tid].append((ns, cid))
         out = []
         for tid in thread_ids:
-            summaries = tuple(_summary(r) for r in rows.get(tid, ()))
+            summaries = tuple(rows.get(tid, ()))
             if any(s.created_at is None for s in summaries):
                 summaries = await self._date_from_ts(tid, summaries)
             if is_delta_thread(summaries):
@@ -340,12 +333,7 @@ class SqliteStore:
             head = root_head(summaries)
             meta: dict[str, Any] = {}
             if head is not None:
-                text = next(
-                    r.metadata_text
-                    for r in rows[tid]
-                    if r.checkpoint_id == head.checkpoint_id and r.namespace == head.namespace
-                )
-                meta = _json_object(text)
+                meta = _json_object(metadata.get((tid, head.namespace, head.checkpoint_id)))
             view = ThreadView(
                 thread_id=tid,
                 checkpoints=summaries,
@@ -364,6 +352,7 @@ class SqliteStore:
         decoded at a time so memory stays at one checkpoint.
         """
         keys: dict[tuple[str, str], tuple[frozenset[str], frozenset[str]] | None] = {}
+        # One row at a time, so memory holds one blob, not the thread's.
         async with self.conn.execute(THREAD_BLOBS_SQL, (thread_id,)) as cur:
             async for ns, cid, type_, blob in cur:
                 keys[(ns, cid)] = self.decoder.channel_keys(type_, blob)
@@ -390,21 +379,30 @@ class SqliteStore:
             out.append(s)
         return tuple(out)
 
-    async def resolve_waiting(self, thread: ScannedThread) -> ScannedThread:
-        """Decode the thread's newest root checkpoint and its writes to tell if it waits."""
-        head = root_head(thread.view.checkpoints)
-        waiting: bool | None = False
-        if head is not None:
-            key = (thread.view.thread_id, head.namespace, head.checkpoint_id)
-            async with self.conn.execute(CHECKPOINT_BLOB_SQL, key) as cur:
-                row = await cur.fetchone()
-            async with self.conn.execute(WRITE_CHANNELS_SQL, key) as cur:
-                channels = [r[0] for r in await cur.fetchall()]
-            waiting = self.decoder.waiting(row[0], row[1], channels) if row else None
-        if waiting is None:
-            # Unreadable: treat as waiting, which only ever keeps the thread.
-            waiting = True
-        return replace(thread, view=replace(thread.view, waiting=waiting))
+    async def resolve_waiting(self, threads: Sequence[ScannedThread]) -> list[ScannedThread]:
+        """Decode each thread's newest root checkpoint and its writes: does it wait?"""
+        heads = {
+            t.view.thread_id: h for t in threads if (h := root_head(t.view.checkpoints)) is not None
+        }
+        keys = json.dumps([[tid, h.namespace, h.checkpoint_id] for tid, h in heads.items()])
+        async with self.conn.execute(HEAD_BLOBS_SQL, (keys,)) as cur:
+            blobs = {r[0]: (r[1], r[2]) for r in await cur.fetchall()}
+        channels: dict[str, list[str]] = defaultdict(list)
+        async with self.conn.execute(HEAD_WRITE_CHANNELS_SQL, (keys,)) as cur:
+            for tid, channel in await cur.fetchall():
+                channels[tid].append(channel)
+        out = []
+        for t in threads:
+            tid = t.view.thread_id
+            waiting: bool | None = False
+            if tid in heads:
+                blob = blobs.get(tid)
+                waiting = self.decoder.waiting(*blob, channels[tid]) if blob else None
+            # Unreadable counts as waiting, which only ever keeps the thread.
+            out.append(
+                replace(t, view=replace(t.view, waiting=True if waiting is None else waiting))
+            )
+        return out
 
     # ------------------------------------------------------------ delete
 
@@ -442,7 +440,7 @@ class SqliteStore:
     async def _fingerprints(self, thread_ids: Sequence[str]) -> dict[str, Fingerprint]:
         found: dict[str, list[tuple[str, int, str]]] = defaultdict(list)
         async with self.conn.execute(FINGERPRINT_SQL, (json.dumps(list(thread_ids)),)) as cur:
-            async for tid, ns, n, newest in cur:
+            for tid, ns, n, newest in await cur.fetchall():
                 found[tid].append((ns, int(n), newest))
         return {tid: tuple(sorted(v)) for tid, v in found.items()}
 
@@ -564,18 +562,36 @@ def _json_object(text: str | bytes | None) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _summary(r: _Row) -> CheckpointSummary:
-    # SQLite keeps pending sends inline in every format version, so no
-    # checkpoint reads them from its parent here (invariant 2 is free).
+DELTA_MARKERS = ("counters_since_delta_snapshot", "delta_writes_versioned")
+
+
+def _summary(
+    ns: str, cid: str, parent: str | None, size: int, text: str | None
+) -> CheckpointSummary:
+    """A scanned row as the decision sees it.
+
+    A root-namespace checkpoint has no parents, so its metadata is parsed only
+    when a DeltaChannel marker appears in the text: a substring test is cheap,
+    and a false positive costs one parse. SQLite keeps pending sends inline in
+    every format version, so no checkpoint reads them from its parent here
+    (invariant 2 is free).
+    """
+    meta: dict[str, Any] = {}
+    if text and (ns != "" or any(m in text for m in DELTA_MARKERS)):
+        meta = _json_object(text)
+    counters = meta.get("counters_since_delta_snapshot")
+    parents = meta.get("parents")
     return CheckpointSummary(
-        namespace=r.namespace,
-        checkpoint_id=r.checkpoint_id,
-        parent_id=r.parent_id,
-        created_at=checkpoint_time(r.checkpoint_id),
-        parents=r.parents,
-        delta_channels=r.counters,
-        delta_marked=r.delta_marked,
-        size=r.size,
+        namespace=ns,
+        checkpoint_id=cid,
+        parent_id=parent,
+        created_at=checkpoint_time(cid),
+        parents={k: v for k, v in parents.items() if isinstance(v, str)}
+        if isinstance(parents, dict)
+        else {},
+        delta_channels=frozenset(counters) if isinstance(counters, dict) else frozenset(),
+        delta_marked=any(m in meta for m in DELTA_MARKERS),
+        size=int(size),
     )
 
 

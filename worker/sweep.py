@@ -255,11 +255,17 @@ async def _sweep_pages(
         candidates = [t for t in page if rules.could_match_thread(t)]
         scanned = await engine.scan(candidates) if candidates else []
         report.threads_scanned += len(page)
-        for thread in scanned:
-            decision = decide(thread.view, rules, report.now, grace)
-            if decision.needs_waiting:
-                thread = await engine.resolve_waiting(thread)
-                decision = decide(thread.view, rules, report.now, grace)
+        decided = [(t, decide(t.view, rules, report.now, grace)) for t in scanned]
+        # Waiting is read from the heads of expiry candidates only, in one go.
+        if asking := [t for t, d in decided if d.needs_waiting]:
+            resolved = {t.view.thread_id: t for t in await engine.resolve_waiting(asking)}
+            decided = [
+                (r, decide(r.view, rules, report.now, grace))
+                if (r := resolved.get(t.view.thread_id)) is not None
+                else (t, d)
+                for t, d in decided
+            ]
+        for thread, decision in decided:
             decision = _only_due(decision, options.due)
             for skip in decision.skips:
                 report.policies[skip.policy].skipped[skip.reason] += 1

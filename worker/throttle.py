@@ -28,8 +28,11 @@ class BatchSizer:
         """Record that a batch of `rows` took `seconds`."""
         if rows <= 0:
             return
-        wanted = self.rows * 2 if seconds <= 0 else int(rows * self.target_seconds / seconds)
-        wanted = max(self.rows // 4, min(wanted, self.rows * 2))
+        # Aim a little under the target, and grow by half at most: the rate
+        # of the next batch is never quite the rate of this one.
+        aim = self.target_seconds * 0.85
+        wanted = self.rows * 2 if seconds <= 0 else int(rows * aim / seconds)
+        wanted = max(self.rows // 4, min(wanted, self.rows * 3 // 2))
         self.rows = max(self.min_rows, min(self.max_rows, wanted))
 
 

@@ -1,0 +1,912 @@
+"""`RetentionSaver`: the worker's retention rules, enforced inside the application.
+
+Wrap the checkpointer a graph is compiled with::
+
+    saver = RetentionSaver(AsyncSqliteSaver(conn), keep_last=20, expire_after="30d")
+    graph = builder.compile(checkpointer=saver)
+
+- After a `put`, the thread is trimmed to `keep_last` / `keep_within` by the
+  worker's own decision (`policies.decide`, one implementation of the rules)
+  with the same invariants: a kept checkpoint keeps its writes and the blobs
+  it references, a `DeltaChannel` thread keeps the ancestors its replay reads,
+  a v < 4 Postgres checkpoint keeps the parent holding its sends, a subgraph
+  call's namespace goes with its root checkpoint, kept checkpoints whose
+  parent went get none. Trimming is amortized: a (thread, namespace) is
+  trimmed on the first put this process makes to an existing history and then
+  every `slack + 1` puts, so between trims it holds at most `keep_last + slack`
+  checkpoints (plus what `keep_within` and the invariants keep).
+- `expire_after`: a read of a thread idle that long (its newest checkpoint,
+  any namespace) returns nothing, so an expired conversation starts afresh
+  before any sweep runs; the next put to it deletes the expired rows first, in
+  one transaction that first re-checks the thread, so a run that saved in
+  between wins. A thread waiting for input is kept unless `interrupted="expire"`.
+- `prune`, `delete_for_runs` and `delete_checkpoints(before=...)` (and async
+  twins) on every wrapped saver: explicit deletions by their API contracts,
+  still keeping what the remaining checkpoints need (the savers' own `prune`,
+  Postgres's, is used where it exists: it is the reference).
+- Everything else passes through to the wrapped saver: sync methods for a
+  sync saver, async for an async one; what the saver lacks (`copy_thread` on
+  all five) raises `NotImplementedError` as the base class does.
+- Retention never breaks the application's write or read: a failure is
+  logged and counted in `checkpoint_janitor_saver_failures_total`. The work
+  runs on the saver's own connection under the saver's own lock.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Collection,
+    Generator,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import Any, ClassVar, Literal, TypeVar
+
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import (
+    BaseCheckpointSaver,
+    ChannelVersions,
+    Checkpoint,
+    CheckpointMetadata,
+    CheckpointTuple,
+    DeltaChannelHistory,
+)
+from langgraph.checkpoint.serde.base import SerializerProtocol
+from prometheus_client import REGISTRY, CollectorRegistry, Counter
+
+from policies.config import Policy
+from policies.decide import _close_keep, _Undecodable, decide
+from policies.ids import checkpoint_time
+from policies.matching import Ruleset
+from policies.model import CheckpointSummary, SkipReason, ThreadDecision, ThreadView
+from worker.engine import Counts
+from worker.saver_backends import Backend, Scanned, backend_for, group_ids
+
+__all__ = ["RetentionSaver", "SaverMetrics"]
+
+log = logging.getLogger("checkpoint_janitor.saver")
+
+T = TypeVar("T")
+
+Request = tuple[str, tuple[Any, ...]]
+"""A backend call a retention program asks for: (operation name, arguments)."""
+Program = Generator[Request, Any, T]
+"""Retention logic written once, driven by `_run` (sync) or `_arun` (async)."""
+
+PRUNE_STRATEGIES = ("keep_latest", "delete")
+
+_CACHE_SIZE = 65_536
+"""Threads and (thread, namespace) pairs whose state the wrapper remembers (LRU)."""
+_RECHECK_SECONDS = 60.0
+"""How long an idle thread found not expired (it waits for input) is taken as such."""
+_PAGE = 500
+
+
+# ------------------------------------------------------------------ metrics
+
+
+class SaverMetrics:
+    """The wrapper's `checkpoint_janitor_saver_*` counters in one registry.
+
+    Created once per registry (`for_registry`), so several wrappers, and the
+    clones `with_allowlist` makes, share them; the `saver` label tells
+    wrappers apart.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.deleted = _counter(
+            registry,
+            "checkpoint_janitor_saver_deleted",
+            "Rows the saver wrapper deleted, by kind (checkpoints, writes, blobs, threads) "
+            "and reason (trimmed, expired, prune, delete_for_runs, delete_checkpoints).",
+            ("saver", "kind", "reason"),
+        )
+        self.trims = _counter(
+            registry,
+            "checkpoint_janitor_saver_trims",
+            "Trims the saver wrapper ran after puts.",
+            ("saver",),
+        )
+        self.failures = _counter(
+            registry,
+            "checkpoint_janitor_saver_failures",
+            "Retention work on the application's write or read path that failed "
+            "(logged, never raised), by operation (trim, expire, read).",
+            ("saver", "operation"),
+        )
+        self.expired_reads = _counter(
+            registry,
+            "checkpoint_janitor_saver_expired_reads",
+            "Reads answered empty because the thread had expired.",
+            ("saver",),
+        )
+        self.skipped = _counter(
+            registry,
+            "checkpoint_janitor_saver_skipped",
+            "Rules that applied but were held back, by reason (interrupted, undecodable, changed).",
+            ("saver", "reason"),
+        )
+
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+    _by_registry: ClassVar[weakref.WeakKeyDictionary[CollectorRegistry, SaverMetrics]] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    @classmethod
+    def for_registry(cls, registry: CollectorRegistry) -> SaverMetrics:
+        """The metrics of `registry`, registering them on first use."""
+        with cls._lock:
+            metrics = cls._by_registry.get(registry)
+            if metrics is None:
+                metrics = cls._by_registry[registry] = cls(registry)
+            return metrics
+
+    def count(self, saver: str, reason: str, counts: Counts) -> None:
+        """Add deleted rows."""
+        for kind in ("threads", "checkpoints", "writes", "blobs"):
+            n = getattr(counts, kind)
+            if n:
+                self.deleted.labels(saver, kind, reason).inc(n)
+
+
+def _counter(registry: CollectorRegistry, name: str, doc: str, labels: Sequence[str]) -> Counter:
+    try:
+        return Counter(name, doc, labels, registry=registry)
+    except ValueError:
+        # Registered already by code we do not track (a module reloaded in
+        # tests, another copy of this package): reuse that collector.
+        existing = getattr(registry, "_names_to_collectors", {}).get(name + "_total")
+        if isinstance(existing, Counter):
+            return existing
+        raise
+
+
+# ------------------------------------------------------------------ state shared by clones
+
+
+class _Lru(OrderedDict[Any, float]):
+    """A bounded map; the least recently set key goes first."""
+
+    def put(self, key: Any, value: float) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        if len(self) > _CACHE_SIZE:
+            self.popitem(last=False)
+
+
+class _State:
+    """What the wrapper remembers between calls; shared with `with_allowlist` clones."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.fresh_until = _Lru()
+        """thread -> time until which it cannot have expired (no check needed)."""
+        self.since_trim = _Lru()
+        """(thread, namespace) -> puts since its last trim."""
+
+    def forget(self, thread_ids: Collection[str]) -> None:
+        with self.lock:
+            for tid in thread_ids:
+                self.fresh_until.pop(tid, None)
+                for key in [k for k in self.since_trim if k[0] == tid]:
+                    del self.since_trim[key]
+
+
+def _overrides(cls: type, method: str) -> bool:
+    """Whether a saver class implements `method` (the conformance suite's test)."""
+    return getattr(cls, method, None) is not getattr(BaseCheckpointSaver, method, None)
+
+
+def _thread_ns(config: RunnableConfig) -> tuple[str, str]:
+    conf = config["configurable"]
+    return str(conf["thread_id"]), str(conf.get("checkpoint_ns", "") or "")
+
+
+def _clip_times(view: ThreadView, now: float) -> ThreadView:
+    """Dates for an explicit `prune`: unknown or future ages are "now", so only the newest stays.
+
+    (`decide` never takes an undated or future checkpoint as old; that is right
+    for a policy, not for "keep only the latest".)
+    """
+    cps = tuple(
+        replace(c, created_at=now if c.created_at is None else min(c.created_at, now))
+        for c in view.checkpoints
+    )
+    return replace(view, checkpoints=cps)
+
+
+# ------------------------------------------------------------------ the wrapper
+
+
+class RetentionSaver(BaseCheckpointSaver[Any]):
+    """A checkpointer that enforces retention at write time around any of the seed savers.
+
+    Args:
+        inner: The saver to wrap: `InMemorySaver`, `SqliteSaver`,
+            `AsyncSqliteSaver`, `PostgresSaver` or `AsyncPostgresSaver` (or a
+            subclass). Its connection, pool and lock are used as they are.
+        keep_last: Trim each (thread, namespace) to its newest N checkpoints.
+        keep_within: ...and keep every checkpoint younger than this
+            (`timedelta` or a duration such as `"7d"`).
+        expire_after: A thread idle this long (`timedelta` or `"30d"`) reads as
+            empty, and its rows go at its next put.
+        interrupted: `"keep"` (default): a thread waiting for input never
+            expires; `"expire"`: it does.
+        expire_on_read: Whether reads of an expired thread return nothing
+            (default True when `expire_after` is set).
+        slack: Checkpoints a namespace may hold beyond `keep_last` between
+            trims; a trim runs every `slack + 1` puts. Default `keep_last // 2`,
+            at most 50 (10 with `keep_within` alone).
+        grace_period: How long a thread must be quiet before writes whose
+            checkpoint never committed, and orphaned subgraph calls, count as
+            garbage (as the worker's grace period).
+        registry: Prometheus registry for the `checkpoint_janitor_saver_*`
+            counters (default: the global registry).
+        name: The `saver` label of those counters (default: the inner class name).
+        clock: Seconds since the epoch; injectable for tests.
+
+    Raises:
+        TypeError: Rules were given for a saver whose storage the wrapper does not know.
+        pydantic.ValidationError: A rule is invalid (zero or negative, unparsable).
+    """
+
+    def __new__(
+        cls, inner: BaseCheckpointSaver[Any] | None = None, *args: Any, **kwargs: Any
+    ) -> Any:
+        # The conformance suite (and anyone probing capabilities) checks which
+        # methods the class overrides: copy_thread is offered only when the
+        # wrapped saver has it.
+        target: type = cls
+        if (
+            inner is not None
+            and cls is RetentionSaver
+            and (_overrides(type(inner), "copy_thread") or _overrides(type(inner), "acopy_thread"))
+        ):
+            target = _CopyingRetentionSaver
+        return super().__new__(target)
+
+    def __init__(
+        self,
+        inner: BaseCheckpointSaver[Any],
+        keep_last: int | None = None,
+        keep_within: timedelta | str | None = None,
+        expire_after: timedelta | str | None = None,
+        *,
+        interrupted: Literal["keep", "expire"] = "keep",
+        expire_on_read: bool = True,
+        slack: int | None = None,
+        grace_period: timedelta = timedelta(hours=1),
+        registry: CollectorRegistry | None = None,
+        name: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        # BaseCheckpointSaver.__init__ only sets `serde`, which is the inner's here.
+        if not isinstance(inner, BaseCheckpointSaver):
+            raise TypeError(f"RetentionSaver wraps a BaseCheckpointSaver, not {type(inner)!r}")
+        if slack is not None and (isinstance(slack, bool) or slack < 0):
+            raise ValueError("slack must be a non-negative int")
+        self._inner = inner
+        self._backend: Backend = backend_for(inner)
+        self.name = name or type(inner).__name__
+        self._clock = clock
+        self._grace = grace_period.total_seconds()
+        self._trim_rules: Ruleset | None = None
+        self._expiry_rules: Ruleset | None = None
+        self._expire_seconds: float | None = None
+        if keep_last is not None or keep_within is not None:
+            self._trim_rules = Ruleset(
+                [Policy(name=self.name, keep_last=keep_last, keep_within=keep_within)]  # type: ignore[arg-type]
+            )
+        if expire_after is not None:
+            policy = Policy(name=self.name, expire_after=expire_after, interrupted=interrupted)  # type: ignore[arg-type]
+            self._expiry_rules = Ruleset([policy])
+            assert policy.expire_after is not None
+            self._expire_seconds = policy.expire_after.total_seconds()
+        if (self._trim_rules or self._expiry_rules) and type(self._backend) is Backend:
+            raise TypeError(
+                f"RetentionSaver cannot enforce retention on {type(inner).__name__}: it knows "
+                "InMemorySaver, SqliteSaver, AsyncSqliteSaver, PostgresSaver and "
+                "AsyncPostgresSaver (and their subclasses)"
+            )
+        self._expire_on_read = expire_on_read and self._expiry_rules is not None
+        if slack is None:
+            slack = min(keep_last // 2, 50) if keep_last is not None else 10
+        self.slack = slack
+        self._state = _State()
+        self.metrics = SaverMetrics.for_registry(registry if registry is not None else REGISTRY)
+
+    # -------------------------------------------------------------- passthrough
+
+    @property
+    def inner(self) -> BaseCheckpointSaver[Any]:
+        """The wrapped saver."""
+        return self._inner
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for what the wrapper lacks (conn, lock, setup, storage...).
+        # Dunders and our own attributes are never forwarded: copy and pickle
+        # probe them before __init__ has run.
+        if name.startswith("__") or name in ("_inner", "_backend", "_state"):
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+    @property
+    def serde(self) -> SerializerProtocol:
+        """The wrapped saver's serializer (reads and writes go through it)."""
+        return self._inner.serde
+
+    @serde.setter
+    def serde(self, value: SerializerProtocol) -> None:
+        self._inner.serde = value
+
+    @property
+    def config_specs(self) -> builtins.list[Any]:
+        """The wrapped saver's configuration fields."""
+        return self._inner.config_specs
+
+    def get_next_version(self, current: Any, channel: None) -> Any:
+        """The wrapped saver's version scheme."""
+        return self._inner.get_next_version(current, channel)
+
+    def with_allowlist(
+        self, extra_allowlist: Collection[tuple[str, ...]]
+    ) -> BaseCheckpointSaver[Any]:
+        """The wrapped saver's clone with a derived msgpack allowlist, wrapped alike.
+
+        The clone shares this wrapper's counters and caches (same store).
+        """
+        inner = self._inner.with_allowlist(extra_allowlist)
+        if inner is self._inner:
+            return self
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        clone._inner = inner
+        clone._backend = backend_for(inner)
+        return clone
+
+    def __enter__(self) -> RetentionSaver:
+        self._inner.__enter__()  # type: ignore[attr-defined]
+        return self
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self._inner.__exit__(*exc)  # type: ignore[attr-defined]
+
+    async def __aenter__(self) -> RetentionSaver:
+        await self._inner.__aenter__()  # type: ignore[attr-defined]
+        return self
+
+    async def __aexit__(self, *exc: Any) -> Any:
+        return await self._inner.__aexit__(*exc)  # type: ignore[attr-defined]
+
+    def put_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        """Passed through."""
+        self._inner.put_writes(config, writes, task_id, task_path)
+
+    async def aput_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        """Passed through."""
+        await self._inner.aput_writes(config, writes, task_id, task_path)
+
+    def delete_thread(self, thread_id: str) -> None:
+        """Passed through."""
+        self._inner.delete_thread(thread_id)
+        self._state.forget([str(thread_id)])
+
+    async def adelete_thread(self, thread_id: str) -> None:
+        """Passed through."""
+        await self._inner.adelete_thread(thread_id)
+        self._state.forget([str(thread_id)])
+
+    def get_delta_channel_history(
+        self, *, config: RunnableConfig, channels: Sequence[str]
+    ) -> Mapping[str, DeltaChannelHistory]:
+        """Passed through (the saver's fast path, where it has one)."""
+        return self._inner.get_delta_channel_history(config=config, channels=channels)
+
+    async def aget_delta_channel_history(
+        self, *, config: RunnableConfig, channels: Sequence[str]
+    ) -> Mapping[str, DeltaChannelHistory]:
+        """Passed through."""
+        return await self._inner.aget_delta_channel_history(config=config, channels=channels)
+
+    # -------------------------------------------------------------- writes
+
+    def put(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        """The wrapped saver's `put`; an expired thread's rows go first, a trim may follow."""
+        tid, ns = _thread_ns(config)
+        if self._expiry_due(tid):
+            self._guarded("expire", lambda: self._run(self._expiry(tid, apply=True)))
+        out = self._inner.put(config, checkpoint, metadata, new_versions)
+        if self._after_put(tid, ns, config, checkpoint):
+            self._guarded("trim", lambda: self._run(self._trim(tid)))
+        return out
+
+    async def aput(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        """Async `put`."""
+        tid, ns = _thread_ns(config)
+        if self._expiry_due(tid):
+            await self._aguarded("expire", lambda: self._arun(self._expiry(tid, apply=True)))
+        out = await self._inner.aput(config, checkpoint, metadata, new_versions)
+        if self._after_put(tid, ns, config, checkpoint):
+            await self._aguarded("trim", lambda: self._arun(self._trim(tid)))
+        return out
+
+    def _expiry_due(self, thread_id: str) -> bool:
+        """Whether the thread may have expired: not seen fresh recently by this process."""
+        if self._expiry_rules is None:
+            return False
+        with self._state.lock:
+            until = self._state.fresh_until.get(thread_id)
+        return until is None or self._clock() >= until
+
+    def _after_put(
+        self, thread_id: str, ns: str, config: RunnableConfig, checkpoint: Checkpoint
+    ) -> bool:
+        """Note a put; True when its namespace is due for a trim."""
+        state = self._state
+        with state.lock:
+            if self._expire_seconds is not None:
+                t = checkpoint_time(str(checkpoint.get("id", ""))) or self._clock()
+                until = max(t + self._expire_seconds, state.fresh_until.get(thread_id, 0.0))
+                state.fresh_until.put(thread_id, until)
+            if self._trim_rules is None:
+                return False
+            key = (thread_id, ns)
+            count = state.since_trim.get(key)
+            if count is None:
+                # First put this process sees: trim at once if it continues a
+                # history (which may be long), not when it starts one.
+                has_parent = bool(config["configurable"].get("checkpoint_id"))
+                count = self.slack + 1.0 if has_parent else 0.0
+            else:
+                count += 1
+            due = count > self.slack
+            state.since_trim.put(key, 0.0 if due else count)
+            return due
+
+    # -------------------------------------------------------------- reads
+
+    def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        """The wrapped saver's `get_tuple`; None for an expired thread."""
+        tup = self._inner.get_tuple(config)
+        if tup is None or not self._read_check_needed(config, tup):
+            return tup
+        tid, _ = _thread_ns(config)
+        if self._guarded("read", lambda: self._run(self._expiry(tid, apply=False))):
+            self.metrics.expired_reads.labels(self.name).inc()
+            return None
+        return tup
+
+    async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        """Async `get_tuple`."""
+        tup = await self._inner.aget_tuple(config)
+        if tup is None or not self._read_check_needed(config, tup):
+            return tup
+        tid, _ = _thread_ns(config)
+        if await self._aguarded("read", lambda: self._arun(self._expiry(tid, apply=False))):
+            self.metrics.expired_reads.labels(self.name).inc()
+            return None
+        return tup
+
+    def list(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> Iterator[CheckpointTuple]:
+        """The wrapped saver's `list`; nothing for an expired thread.
+
+        Only a listing of one thread is checked (before it starts: the savers
+        hold their lock while listing); a listing of every thread is not.
+        """
+        if config is not None and self._read_check_needed(config, None):
+            tid, _ = _thread_ns(config)
+            if self._guarded("read", lambda: self._run(self._expiry(tid, apply=False))):
+                self.metrics.expired_reads.labels(self.name).inc()
+                return
+        yield from self._inner.list(config, filter=filter, before=before, limit=limit)
+
+    async def alist(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[CheckpointTuple]:
+        """Async `list`."""
+        if config is not None and self._read_check_needed(config, None):
+            tid, _ = _thread_ns(config)
+            if await self._aguarded("read", lambda: self._arun(self._expiry(tid, apply=False))):
+                self.metrics.expired_reads.labels(self.name).inc()
+                return
+        async for tup in self._inner.alist(config, filter=filter, before=before, limit=limit):
+            yield tup
+
+    def _read_check_needed(self, config: RunnableConfig, tup: CheckpointTuple | None) -> bool:
+        """Whether a read must ask the store if its thread expired.
+
+        Not when the thread is known fresh, nor when the checkpoint just read
+        is younger than `expire_after` (the thread's newest is younger still).
+        """
+        if not self._expire_on_read or "thread_id" not in config.get("configurable", {}):
+            return False
+        assert self._expire_seconds is not None
+        tid, _ = _thread_ns(config)
+        now = self._clock()
+        with self._state.lock:
+            if now < self._state.fresh_until.get(tid, 0.0):
+                return False
+            if tup is not None:
+                t = checkpoint_time(str(tup.checkpoint.get("id", "")))
+                if t is not None and now - t <= self._expire_seconds:
+                    self._state.fresh_until.put(tid, t + self._expire_seconds)
+                    return False
+        return True
+
+    # -------------------------------------------------------------- explicit deletions
+
+    def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        """Prune threads: `"keep_latest"` keeps each namespace's newest checkpoint, `"delete"` all.
+
+        The wrapped saver's own `prune` where it has one (Postgres: the
+        reference). Otherwise the official semantics through `policies.decide`
+        with `keep_last: 1`: each namespace keeps its latest checkpoint (and
+        what it needs: a `DeltaChannel` thread keeps the ancestors back to its
+        snapshots), a subgraph call's namespace goes with its root checkpoint,
+        a kept checkpoint whose parent went has none.
+
+        Raises:
+            TypeError: `thread_ids` is a single string.
+            ValueError: Unknown strategy.
+            NotImplementedError: `"keep_latest"` on a DeltaChannel thread whose
+                history cannot be read; nothing is pruned then.
+        """
+        thread_ids = self._check_prune(thread_ids, strategy)
+        if _overrides(type(self._inner), "prune"):
+            self._inner.prune(thread_ids, strategy=strategy)
+            self._state.forget(thread_ids)
+            return
+        self._run(self._prune(thread_ids, strategy))
+
+    async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        """Async `prune`."""
+        thread_ids = self._check_prune(thread_ids, strategy)
+        if _overrides(type(self._inner), "aprune"):
+            await self._inner.aprune(thread_ids, strategy=strategy)
+            self._state.forget(thread_ids)
+            return
+        await self._arun(self._prune(thread_ids, strategy))
+
+    def delete_for_runs(self, run_ids: Sequence[str]) -> None:
+        """Delete the checkpoints whose `metadata.run_id` is one of `run_ids`, with their writes.
+
+        `run_id` is in the metadata where the caller records it
+        (`config["metadata"]["run_id"]`, as LangGraph Server does). A kept
+        checkpoint whose parent went has none; blobs still referenced stay;
+        ancestors a remaining `DeltaChannel` checkpoint replays stay. The
+        wrapped saver's own `delete_for_runs` is used where it has one.
+        """
+        if isinstance(run_ids, str):
+            raise TypeError("run_ids must be a sequence of run IDs, not a str")
+        if _overrides(type(self._inner), "delete_for_runs"):
+            self._inner.delete_for_runs(run_ids)
+            return
+        self._run(self._delete_for_runs([str(r) for r in run_ids]))
+
+    async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
+        """Async `delete_for_runs`."""
+        if isinstance(run_ids, str):
+            raise TypeError("run_ids must be a sequence of run IDs, not a str")
+        if _overrides(type(self._inner), "adelete_for_runs"):
+            await self._inner.adelete_for_runs(run_ids)
+            return
+        await self._arun(self._delete_for_runs([str(r) for r in run_ids]))
+
+    def delete_checkpoints(
+        self, before: datetime, thread_id: str | None = None, keep_newest: bool = True
+    ) -> int:
+        """Delete checkpoints written before `before`; returns how many went.
+
+        A checkpoint's time is its UUIDv6 id's (else its `ts`); a naive
+        `before` is local time, as `datetime.timestamp()` reads it. Every
+        thread, or only `thread_id`. With `keep_newest` (default) a
+        namespace's newest checkpoint always stays. Writes go with their
+        checkpoints; what remaining checkpoints need (their `DeltaChannel`
+        ancestors, a v < 4 sends parent) stays. Without `thread_id` every
+        thread of the store is read, page by page.
+        """
+        return self._run(self._delete_checkpoints(before.timestamp(), thread_id, keep_newest))
+
+    async def adelete_checkpoints(
+        self, before: datetime, thread_id: str | None = None, keep_newest: bool = True
+    ) -> int:
+        """Async `delete_checkpoints`."""
+        return await self._arun(
+            self._delete_checkpoints(before.timestamp(), thread_id, keep_newest)
+        )
+
+    @staticmethod
+    def _check_prune(thread_ids: Sequence[str], strategy: str) -> builtins.list[str]:
+        if isinstance(thread_ids, str):
+            raise TypeError("thread_ids must be a sequence of thread IDs, not a str")
+        if strategy not in PRUNE_STRATEGIES:
+            raise ValueError(f"Unknown prune strategy: {strategy!r}")
+        return [str(t) for t in thread_ids]
+
+    # -------------------------------------------------------------- programs
+
+    def _decide(self, view: ThreadView, rules: Ruleset, now: float) -> ThreadDecision:
+        decision = decide(view, rules, now, self._grace)
+        for skip in decision.skips:
+            self.metrics.skipped.labels(self.name, skip.reason.value).inc()
+        return decision
+
+    def _expiry(self, thread_id: str, *, apply: bool) -> Program[bool]:
+        """Whether the thread has expired (the worker's decision); with `apply`, delete it."""
+        assert self._expiry_rules is not None and self._expire_seconds is not None
+        now = self._clock()
+        scanned: Scanned = yield "scan", (thread_id,)
+        view = scanned.view
+        if not view.checkpoints:
+            return False
+        decision = decide(view, self._expiry_rules, now, self._grace)
+        if decision.needs_waiting:
+            waiting = yield "waiting", (view,)
+            # Unreadable counts as waiting: it only ever keeps a thread.
+            view = replace(view, waiting=True if waiting is None else waiting)
+            decision = decide(view, self._expiry_rules, now, self._grace)
+        if decision.expiry is None:
+            newest = max((c.created_at or now for c in view.checkpoints), default=now)
+            until = newest + self._expire_seconds
+            if until <= now:
+                # Held back (waiting for input): ask again in a while, not on every read.
+                until = now + min(_RECHECK_SECONDS, self._expire_seconds)
+                for skip in decision.skips:
+                    self.metrics.skipped.labels(self.name, skip.reason.value).inc()
+            with self._state.lock:
+                self._state.fresh_until.put(thread_id, until)
+            return False
+        if not apply:
+            return True
+        counts = yield "expire", (thread_id, scanned.fingerprint)
+        if counts is None:
+            # A run saved to the thread since the scan: it wins, the thread stays.
+            self.metrics.skipped.labels(self.name, SkipReason.CHANGED.value).inc()
+            return False
+        self._state.forget([thread_id])
+        self.metrics.count(self.name, "expired", counts)
+        log.info(
+            "thread expired: thread_id=%s saver=%s idle_seconds=%.0f checkpoints=%d",
+            thread_id,
+            self.name,
+            decision.expiry.age_seconds,
+            counts.checkpoints,
+        )
+        return True
+
+    def _trim(self, thread_id: str) -> Program[Counts]:
+        """Trim the thread to `keep_last` / `keep_within` (every namespace, calls with roots)."""
+        assert self._trim_rules is not None
+        now = self._clock()
+        scanned: Scanned = yield "scan", (thread_id,)
+        decision = self._decide(scanned.view, self._trim_rules, now)
+        self.metrics.trims.labels(self.name).inc()
+        if not decision.deletions:
+            return Counts()
+        ids = group_ids((d.namespace, d.checkpoint_id) for d in decision.deletions)
+        counts: Counts = yield "delete", (thread_id, ids)
+        self.metrics.count(self.name, "trimmed", counts)
+        return counts
+
+    def _prune(self, thread_ids: builtins.list[str], strategy: str) -> Program[None]:
+        if not thread_ids:
+            return
+        if strategy == "delete":
+            counts: Counts = yield "delete_threads", (thread_ids,)
+            self._state.forget(thread_ids)
+            self.metrics.count(self.name, "prune", counts)
+            return
+        now = self._clock()
+        rules = Ruleset([Policy(name="prune", keep_last=1)])
+        plans: builtins.list[tuple[str, dict[str, builtins.list[str]]]] = []
+        refused: builtins.list[str] = []
+        # Decide every thread first: a refusal prunes nothing, as the official prune.
+        for tid in thread_ids:
+            scanned: Scanned = yield "scan", (tid,)
+            decision = decide(_clip_times(scanned.view, now), rules, now, self._grace)
+            if any(s.reason == SkipReason.UNDECODABLE for s in decision.skips):
+                refused.append(tid)
+            elif decision.deletions:
+                plans.append(
+                    (tid, group_ids((d.namespace, d.checkpoint_id) for d in decision.deletions))
+                )
+        if refused:
+            raise NotImplementedError(
+                "keep_latest can't prune threads that use a DeltaChannel whose history "
+                f"cannot be read: {', '.join(sorted(refused))}"
+            )
+        for tid, ids in plans:
+            counts = yield "delete", (tid, ids)
+            self.metrics.count(self.name, "prune", counts)
+        self._state.forget(thread_ids)
+
+    def _delete_for_runs(self, run_ids: builtins.list[str]) -> Program[None]:
+        if not run_ids:
+            return
+        wanted = set(run_ids)
+        thread_ids: builtins.list[str] = yield "threads_of_runs", (run_ids,)
+        for tid in thread_ids:
+            scanned: Scanned = yield "scan", (tid,)
+            doomed = {key for key, run in scanned.run_ids.items() if run in wanted}
+            doomed = self._spare_needed(scanned.view, doomed)
+            if doomed:
+                counts: Counts = yield "delete", (tid, group_ids(sorted(doomed)))
+                self.metrics.count(self.name, "delete_for_runs", counts)
+        self._state.forget(thread_ids)
+
+    def _delete_checkpoints(
+        self, cutoff: float, thread_id: str | None, keep_newest: bool
+    ) -> Program[int]:
+        total = 0
+        if thread_id is None:
+            thread_ids = yield from self._all_threads()
+        else:
+            thread_ids = [str(thread_id)]
+        for tid in thread_ids:
+            scanned: Scanned = yield "scan", (tid,)
+            cps = scanned.view.checkpoints
+            doomed = {
+                (c.namespace, c.checkpoint_id)
+                for c in cps
+                if c.created_at is not None and c.created_at < cutoff
+            }
+            if keep_newest:
+                newest: dict[str, str] = {}
+                for c in cps:
+                    newest[c.namespace] = max(newest.get(c.namespace, ""), c.checkpoint_id)
+                doomed -= set(newest.items())
+            doomed = self._spare_needed(scanned.view, doomed)
+            if doomed:
+                counts: Counts = yield "delete", (tid, group_ids(sorted(doomed)))
+                total += counts.checkpoints
+                self.metrics.count(self.name, "delete_checkpoints", counts)
+                self._state.forget([tid])
+        return total
+
+    def _all_threads(self) -> Generator[Request, Any, builtins.list[str]]:
+        # Every id is collected before deleting so deletes cannot shift the
+        # keyset cursor; ids only, a page at a time.
+        out: builtins.list[str] = []
+        after = ""
+        while True:
+            page: builtins.list[str] = yield "thread_page", (after, _PAGE)
+            out.extend(page)
+            if len(page) < _PAGE:
+                return out
+            after = page[-1]
+
+    def _spare_needed(self, view: ThreadView, doomed: set[tuple[str, str]]) -> set[tuple[str, str]]:
+        """`doomed` less what the checkpoints that stay need (the decision's own closure).
+
+        A v < 4 checkpoint's sends parent and a `DeltaChannel` checkpoint's
+        ancestors back to its snapshots stay; a namespace whose delta history
+        cannot be read keeps everything.
+        """
+        if not doomed:
+            return doomed
+        by_ns: dict[str, dict[str, CheckpointSummary]] = {}
+        for c in view.checkpoints:
+            by_ns.setdefault(c.namespace, {})[c.checkpoint_id] = c
+        delta_channels: frozenset[str] | None = None
+        if any(c.delta_marked for c in view.checkpoints):
+            delta_channels = frozenset().union(*(c.delta_channels for c in view.checkpoints))
+        out: set[tuple[str, str]] = set()
+        for ns, by_id in by_ns.items():
+            mine = {cid for n, cid in doomed if n == ns}
+            if not mine:
+                continue
+            remaining = set(by_id) - mine
+            try:
+                if delta_channels is not None and not delta_channels:
+                    raise _Undecodable
+                keep = _close_keep(by_id, remaining, delta_channels)
+            except _Undecodable:
+                self.metrics.skipped.labels(self.name, SkipReason.UNDECODABLE.value).inc()
+                log.warning(
+                    "kept namespace %r of thread %s: its DeltaChannel history cannot be read",
+                    ns,
+                    view.thread_id,
+                )
+                continue
+            out |= {(ns, cid) for cid in mine - keep}
+        return out
+
+    # -------------------------------------------------------------- drivers
+
+    def _run(self, program: Program[T]) -> T:
+        """Drive a program with the backend's sync operations."""
+        result: Any = None
+        try:
+            while True:
+                op, args = program.send(result)
+                result = getattr(self._backend, op)(*args)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    async def _arun(self, program: Program[T]) -> T:
+        """Drive a program with the backend's async operations."""
+        result: Any = None
+        try:
+            while True:
+                op, args = program.send(result)
+                result = await getattr(self._backend, "a" + op)(*args)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    def _guarded(self, operation: str, fn: Callable[[], T]) -> T | None:
+        """Retention on the application's path: a failure is logged and counted, never raised."""
+        try:
+            return fn()
+        except Exception:
+            self._failed(operation)
+            return None
+
+    async def _aguarded(self, operation: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return await fn()
+        except Exception:
+            self._failed(operation)
+            return None
+
+    def _failed(self, operation: str) -> None:
+        self.metrics.failures.labels(self.name, operation).inc()
+        log.warning("retention %s failed on saver %s", operation, self.name, exc_info=True)
+
+
+class _CopyingRetentionSaver(RetentionSaver):
+    """A `RetentionSaver` around a saver that implements `copy_thread`: passed through."""
+
+    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        """Passed through."""
+        self._inner.copy_thread(source_thread_id, target_thread_id)
+
+    async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        """Passed through."""
+        await self._inner.acopy_thread(source_thread_id, target_thread_id)

@@ -1,0 +1,1062 @@
+"""Storage access for `worker.saver.RetentionSaver`: read a thread's shape, delete by id.
+
+`RetentionSaver` decides with `policies.decide` (the worker's rules); what it
+needs from the wrapped saver is the same few operations the worker's engines
+have, done on the saver's own connection under the saver's own lock:
+
+- `scan(thread_id)`: the thread's checkpoints as `CheckpointSummary`s (no
+  blob decoded unless the thread uses a `DeltaChannel` or an id carries no
+  time), with each checkpoint's `run_id`;
+- `delete(thread_id, {namespace: ids})`: those checkpoints with their writes,
+  parents of kept checkpoints nulled, and (Postgres, memory) the blob versions
+  only they referenced;
+- `expire(thread_id, fingerprint)`: the whole thread, in one transaction that
+  first checks the thread is still as scanned, so a run that saved since the
+  decision wins and nothing is half deleted;
+- `delete_threads`, `threads_of_runs`, `thread_page`, `waiting`.
+
+One backend per saver family: `InMemorySaver` (its dicts), `SqliteSaver`
+(sqlite3) and `AsyncSqliteSaver` (aiosqlite), `PostgresSaver` and
+`AsyncPostgresSaver` (psycopg). The SQL of an operation is written once, as a
+generator of statements (as the official Postgres `prune` does), and run by a
+sync or an async driver. A backend of a sync saver has no async operations
+(`NotImplementedError`, like the saver's own `aget_tuple`); one of an async
+saver runs its sync operations on the saver's event loop from another thread,
+as the saver's own sync methods do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.checkpoint.serde.types import TASKS
+
+from policies.decide import is_delta_thread, root_head
+from policies.ids import checkpoint_time
+from policies.model import CheckpointSummary, ThreadView
+from policies.waiting import is_waiting
+from worker.engine import Counts
+from worker.sqlite_store import (
+    DELETE_CHECKPOINTS_SQL,
+    DELETE_WRITES_SQL,
+    EXPIRE_CHECKPOINTS_SQL,
+    EXPIRE_WRITES_SQL,
+    NULL_PARENTS_SQL,
+    THREAD_BLOBS_SQL,
+)
+
+T = TypeVar("T")
+
+Fingerprint = tuple[int, str | None]
+"""(checkpoints in the thread, newest checkpoint id): any save since a scan changes it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Scanned:
+    """One thread as the decision sees it, with what explicit deletions select by."""
+
+    view: ThreadView
+    run_ids: Mapping[tuple[str, str], str] = field(default_factory=dict)
+    """(namespace, checkpoint id) -> `metadata.run_id`, where the caller recorded one."""
+
+    @property
+    def fingerprint(self) -> Fingerprint:
+        """What `expire` re-checks before deleting the thread."""
+        cps = self.view.checkpoints
+        return len(cps), max((c.checkpoint_id for c in cps), default=None)
+
+
+class Changed(Exception):
+    """The thread changed between the decision and the delete: roll back, keep it."""
+
+
+# ------------------------------------------------------------------ shared pieces
+
+
+def _ts_seconds(ts: object) -> float | None:
+    """A checkpoint's ISO `ts` as Unix seconds (naive means UTC, as LangGraph writes it)."""
+    if not isinstance(ts, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(ts)
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+def _json_object(raw: object) -> dict[str, Any]:
+    if isinstance(raw, bytes | bytearray):
+        raw = raw.decode("utf-8", "replace")
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            return {}
+    return raw if isinstance(raw, dict) else {}
+
+
+def summarize(
+    namespace: str,
+    checkpoint_id: str,
+    parent_id: str | None,
+    metadata: Mapping[str, Any],
+    *,
+    ts: object = None,
+    reads_parent_sends: bool = False,
+    has_sends_writes: bool = False,
+) -> CheckpointSummary:
+    """The decision's facts about one checkpoint row, from its metadata.
+
+    A `DeltaChannel` leaves `counters_since_delta_snapshot` in the metadata of
+    every step but its snapshots (LangGraph.js marks `delta_writes_versioned`
+    instead), so the marker is read on every row, as the worker does.
+    """
+    counters = metadata.get("counters_since_delta_snapshot")
+    parents = metadata.get("parents")
+    return CheckpointSummary(
+        namespace=namespace,
+        checkpoint_id=checkpoint_id,
+        parent_id=parent_id,
+        created_at=checkpoint_time(checkpoint_id) or _ts_seconds(ts),
+        parents=(
+            {k: v for k, v in parents.items() if isinstance(v, str)}
+            if isinstance(parents, dict)
+            else {}
+        ),
+        delta_channels=frozenset(counters) if isinstance(counters, dict) else frozenset(),
+        delta_marked=counters is not None or "delta_writes_versioned" in metadata,
+        reads_parent_sends=reads_parent_sends,
+        has_sends_writes=has_sends_writes,
+    )
+
+
+def _scanned(
+    thread_id: str,
+    rows: Sequence[tuple[CheckpointSummary, Mapping[str, Any]]],
+) -> Scanned:
+    summaries = tuple(s for s, _ in rows)
+    head = root_head(summaries)
+    meta: Mapping[str, Any] = {}
+    if head is not None:
+        meta = next(
+            m
+            for s, m in rows
+            if s.checkpoint_id == head.checkpoint_id and s.namespace == head.namespace
+        )
+    run_ids = {
+        (s.namespace, s.checkpoint_id): str(m["run_id"])
+        for s, m in rows
+        if m.get("run_id") is not None
+    }
+    return Scanned(ThreadView(thread_id, summaries, head_metadata=dict(meta)), run_ids)
+
+
+def _needs_blobs(summaries: Iterable[CheckpointSummary]) -> bool:
+    cps = list(summaries)
+    return is_delta_thread(cps) or any(c.created_at is None for c in cps)
+
+
+def _head_config(thread_id: str, head: CheckpointSummary) -> dict[str, Any]:
+    return {
+        "configurable": {
+            "thread_id": thread_id,
+            "checkpoint_ns": head.namespace,
+            "checkpoint_id": head.checkpoint_id,
+        }
+    }
+
+
+def _waiting_of(tup: Any) -> bool | None:
+    if tup is None:
+        return None
+    return is_waiting(tup.checkpoint, [w[1] for w in tup.pending_writes or ()])
+
+
+# ------------------------------------------------------------------ the interface
+
+
+class Backend:
+    """Operations on one wrapped saver's storage. Every method may raise; callers decide.
+
+    The base class answers `waiting` through the saver's own `get_tuple`, and
+    raises `NotImplementedError` for the rest (a saver it does not know).
+    """
+
+    kind = "unsupported"
+
+    def __init__(self, inner: BaseCheckpointSaver[Any]) -> None:
+        self.inner = inner
+
+    def _unsupported(self, what: str) -> NotImplementedError:
+        return NotImplementedError(
+            f"RetentionSaver cannot {what} on {type(self.inner).__name__}: it knows "
+            "InMemorySaver, SqliteSaver, AsyncSqliteSaver, PostgresSaver and AsyncPostgresSaver"
+        )
+
+    # -------------------------------------------------------------- sync
+
+    def scan(self, thread_id: str) -> Scanned:
+        """The thread's checkpoints (delta threads with their channel keys)."""
+        raise self._unsupported("read a thread's checkpoints")
+
+    def delete(self, thread_id: str, ids_by_ns: Mapping[str, Sequence[str]]) -> Counts:
+        """Delete these checkpoints with their writes; null orphaned parents; collect blobs."""
+        raise self._unsupported("delete checkpoints")
+
+    def expire(self, thread_id: str, fingerprint: Fingerprint) -> Counts | None:
+        """Delete the whole thread if it is still as scanned; None if it changed."""
+        raise self._unsupported("expire threads")
+
+    def delete_threads(self, thread_ids: Sequence[str]) -> Counts:
+        """Delete every row of these threads in one transaction."""
+        raise self._unsupported("delete threads")
+
+    def threads_of_runs(self, run_ids: Sequence[str]) -> list[str]:
+        """Threads holding a checkpoint whose `metadata.run_id` is one of `run_ids`."""
+        raise self._unsupported("find runs")
+
+    def thread_page(self, after: str, limit: int) -> list[str]:
+        """Up to `limit` thread ids greater than `after`, in order (keyset pagination)."""
+        raise self._unsupported("list threads")
+
+    def waiting(self, view: ThreadView) -> bool | None:
+        """Whether the thread waits for input at its newest root checkpoint; None: unknown."""
+        head = root_head(view.checkpoints)
+        if head is None:
+            return False
+        return _waiting_of(self.inner.get_tuple(_head_config(view.thread_id, head)))  # type: ignore[arg-type]
+
+    # -------------------------------------------------------------- async
+
+    async def ascan(self, thread_id: str) -> Scanned:
+        """Async `scan`."""
+        raise self._unsupported("read a thread's checkpoints")
+
+    async def adelete(self, thread_id: str, ids_by_ns: Mapping[str, Sequence[str]]) -> Counts:
+        """Async `delete`."""
+        raise self._unsupported("delete checkpoints")
+
+    async def aexpire(self, thread_id: str, fingerprint: Fingerprint) -> Counts | None:
+        """Async `expire`."""
+        raise self._unsupported("expire threads")
+
+    async def adelete_threads(self, thread_ids: Sequence[str]) -> Counts:
+        """Async `delete_threads`."""
+        raise self._unsupported("delete threads")
+
+    async def athreads_of_runs(self, run_ids: Sequence[str]) -> list[str]:
+        """Async `threads_of_runs`."""
+        raise self._unsupported("find runs")
+
+    async def athread_page(self, after: str, limit: int) -> list[str]:
+        """Async `thread_page`."""
+        raise self._unsupported("list threads")
+
+    async def awaiting(self, view: ThreadView) -> bool | None:
+        """Async `waiting`."""
+        head = root_head(view.checkpoints)
+        if head is None:
+            return False
+        return _waiting_of(await self.inner.aget_tuple(_head_config(view.thread_id, head)))  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ InMemorySaver
+
+
+class MemoryBackend(Backend):
+    """`InMemorySaver`'s dicts: `storage[thread][ns][id]`, `writes[(t, ns, id)]`, `blobs`.
+
+    Blobs are keyed (thread, ns, channel, version) and shared by every
+    checkpoint whose `channel_versions` names that version, as on Postgres.
+    Everything is synchronous dict work; the async operations run it inline.
+    """
+
+    kind = "memory"
+    inner: InMemorySaver
+
+    def _versions(self, entry: tuple[Any, Any, Any]) -> set[tuple[str, Any]]:
+        ck = self.inner.serde.loads_typed(entry[0])
+        return {(ch, v) for ch, v in (ck.get("channel_versions") or {}).items()}
+
+    def scan(self, thread_id: str) -> Scanned:
+        """The thread's checkpoints, metadata decoded; checkpoints only where needed."""
+        inner = self.inner
+        rows: list[tuple[CheckpointSummary, Mapping[str, Any]]] = []
+        raw: dict[tuple[str, str], Any] = {}
+        for ns, cps in list(inner.storage.get(thread_id, {}).items()):
+            for cid, entry in list(cps.items()):
+                meta = inner.serde.loads_typed(entry[1])
+                rows.append((summarize(ns, cid, entry[2], meta), meta))
+                raw[(ns, cid)] = entry[0]
+        if _needs_blobs(s for s, _ in rows):
+            filled = []
+            for s, meta in rows:
+                ck = inner.serde.loads_typed(raw[(s.namespace, s.checkpoint_id)])
+                versions = ck.get("channel_versions") or {}
+                present = frozenset(
+                    ch
+                    for ch, v in versions.items()
+                    if inner.blobs.get((thread_id, s.namespace, ch, v), ("empty", b""))[0]
+                    != "empty"
+                )
+                s = replace(
+                    s,
+                    created_at=s.created_at or _ts_seconds(ck.get("ts")),
+                    inline_channels=present,
+                    versioned_channels=frozenset(versions),
+                )
+                filled.append((s, meta))
+            rows = filled
+        return _scanned(thread_id, rows)
+
+    def delete(self, thread_id: str, ids_by_ns: Mapping[str, Sequence[str]]) -> Counts:
+        """Pop the checkpoints and their writes; drop blob versions nothing left references."""
+        inner = self.inner
+        counts = Counts()
+        threads = inner.storage.get(thread_id)
+        if threads is None:
+            return counts
+        for ns, ids in ids_by_ns.items():
+            cps = threads.get(ns)
+            if not cps:
+                continue
+            gone: set[str] = set()
+            freed: set[tuple[str, Any]] = set()
+            for cid in ids:
+                entry = cps.pop(cid, None)
+                if entry is None:
+                    continue
+                gone.add(cid)
+                counts.checkpoints += 1
+                freed |= self._versions(entry)
+                counts.writes += len(inner.writes.pop((thread_id, ns, cid), {}))
+            for cid, (ck, md, parent) in list(cps.items()):
+                if parent in gone:
+                    cps[cid] = (ck, md, None)
+            if freed:
+                referenced: set[tuple[str, Any]] = set()
+                for entry in cps.values():
+                    referenced |= self._versions(entry)
+                for ch, v in freed - referenced:
+                    if inner.blobs.pop((thread_id, ns, ch, v), None) is not None:
+                        counts.blobs += 1
+            if not cps:
+                del threads[ns]
+        if not threads:
+            del inner.storage[thread_id]
+        return counts
+
+    def _fingerprint(self, thread_id: str) -> Fingerprint:
+        ids = [cid for cps in self.inner.storage.get(thread_id, {}).values() for cid in cps]
+        return len(ids), max(ids, default=None)
+
+    def _drop(self, thread_id: str) -> Counts:
+        inner = self.inner
+        counts = Counts(threads=1)
+        counts.checkpoints = sum(len(c) for c in inner.storage.get(thread_id, {}).values())
+        counts.writes = sum(len(w) for k, w in inner.writes.items() if k[0] == thread_id)
+        counts.blobs = sum(1 for k in inner.blobs if k[0] == thread_id)
+        inner.delete_thread(thread_id)
+        return counts
+
+    def expire(self, thread_id: str, fingerprint: Fingerprint) -> Counts | None:
+        """Delete the thread if no checkpoint came or went since the scan."""
+        if self._fingerprint(thread_id) != fingerprint:
+            return None
+        return self._drop(thread_id)
+
+    def delete_threads(self, thread_ids: Sequence[str]) -> Counts:
+        """Delete every row of the threads."""
+        counts = Counts()
+        for tid in thread_ids:
+            if tid in self.inner.storage or any(k[0] == tid for k in self.inner.writes):
+                counts.add(self._drop(tid))
+        return counts
+
+    def threads_of_runs(self, run_ids: Sequence[str]) -> list[str]:
+        """Every checkpoint's metadata is decoded: memory has no index to ask."""
+        wanted = set(run_ids)
+        found = []
+        for tid, namespaces in list(self.inner.storage.items()):
+            if any(
+                self.inner.serde.loads_typed(entry[1]).get("run_id") in wanted
+                for cps in namespaces.values()
+                for entry in cps.values()
+            ):
+                found.append(tid)
+        return found
+
+    def thread_page(self, after: str, limit: int) -> list[str]:
+        """Thread ids after `after`, sorted."""
+        return sorted(t for t in self.inner.storage if t > after)[:limit]
+
+    async def ascan(self, thread_id: str) -> Scanned:
+        """`scan` (dict work needs no awaiting)."""
+        return self.scan(thread_id)
+
+    async def adelete(self, thread_id: str, ids_by_ns: Mapping[str, Sequence[str]]) -> Counts:
+        """`delete`."""
+        return self.delete(thread_id, ids_by_ns)
+
+    async def aexpire(self, thread_id: str, fingerprint: Fingerprint) -> Counts | None:
+        """`expire`."""
+        return self.expire(thread_id, fingerprint)
+
+    async def adelete_threads(self, thread_ids: Sequence[str]) -> Counts:
+        """`delete_threads`."""
+        return self.delete_threads(thread_ids)
+
+    async def athreads_of_runs(self, run_ids: Sequence[str]) -> list[str]:
+        """`threads_of_runs`."""
+        return self.threads_of_runs(run_ids)
+
+    async def athread_page(self, after: str, limit: int) -> list[str]:
+        """`thread_page`."""
+        return self.thread_page(after, limit)
+
+
+# ------------------------------------------------------------------ SQL programs
+
+Result = tuple[list[tuple[Any, ...]], int]
+"""What a driver sends back for a statement: its rows (as tuples) and its rowcount."""
+Program = Generator[tuple[str, Sequence[Any]], Result, T]
+"""An operation as statements: yields (sql, params), receives the `Result`, returns a value."""
+
+
+# SQLite keeps metadata as a JSON text blob; it is parsed in Python (one
+# json.loads a row) rather than with json_extract per key, since the head's
+# whole metadata is wanted anyway.
+SQLITE_SCAN_SQL = """
+SELECT checkpoint_ns, checkpoint_id, parent_checkpoint_id, CAST(metadata AS TEXT)
+FROM checkpoints WHERE thread_id = ?
+"""
+# The re-check under the write lock: a checkpoint saved since the scan
+# changes the count or the newest id.
+SQLITE_FINGERPRINT_SQL = "SELECT COUNT(*), MAX(checkpoint_id) FROM checkpoints WHERE thread_id = ?"
+# No index covers metadata: `delete_for_runs` reads every row once, then
+# works thread by thread.
+SQLITE_RUN_THREADS_SQL = """
+SELECT DISTINCT thread_id FROM checkpoints
+WHERE json_extract(CAST(metadata AS TEXT), '$.run_id') IN (SELECT value FROM json_each(?))
+"""
+# Keyset page over the primary key's leading column: never "load every id".
+SQLITE_THREAD_PAGE_SQL = """
+SELECT DISTINCT thread_id FROM checkpoints WHERE thread_id > ? ORDER BY thread_id LIMIT ?
+"""
+SQLITE_DELETE_THREADS_SQL = (
+    "DELETE FROM writes WHERE thread_id IN (SELECT value FROM json_each(?))",
+    "DELETE FROM checkpoints WHERE thread_id IN (SELECT value FROM json_each(?))",
+)
+
+
+def sqlite_scan(thread_id: str, loads: Callable[[tuple[str, bytes]], Any]) -> Program[Scanned]:
+    """Rows without blobs; blobs decoded (with the saver's serde) only when needed.
+
+    SQLite keeps pending sends inline in every format version, so no
+    checkpoint reads its parent's writes (invariant 2 costs nothing here).
+    """
+    rows, _ = yield SQLITE_SCAN_SQL, (thread_id,)
+    out = []
+    for ns, cid, parent, meta_text in rows:
+        meta = _json_object(meta_text)
+        out.append((summarize(ns, cid, parent, meta), meta))
+    if _needs_blobs(s for s, _ in out):
+        blobs, _ = yield THREAD_BLOBS_SQL, (thread_id,)
+        decoded: dict[tuple[str, str], dict[str, Any] | None] = {}
+        for ns, cid, type_, blob in blobs:
+            try:
+                ck = loads((type_, blob)) if type_ is not None and blob is not None else None
+            except Exception:
+                # Unreadable: left undecoded, which only ever keeps rows.
+                ck = None
+            decoded[(ns, cid)] = ck if isinstance(ck, dict) else None
+        filled = []
+        for s, meta in out:
+            ck = decoded.get((s.namespace, s.checkpoint_id))
+            if ck is not None:
+                s = replace(
+                    s,
+                    created_at=s.created_at or _ts_seconds(ck.get("ts")),
+                    inline_channels=frozenset(ck.get("channel_values") or ()),
+                    versioned_channels=frozenset(ck.get("channel_versions") or ()),
+                )
+            filled.append((s, meta))
+        out = filled
+    return _scanned(thread_id, out)
+
+
+def sqlite_delete(thread_id: str, ids_by_ns: Mapping[str, Sequence[str]]) -> Program[Counts]:
+    """The worker's statements: writes by the decided ids, checkpoints, orphaned parents."""
+    counts = Counts()
+    for ns, ids in ids_by_ns.items():
+        args = (thread_id, ns, json.dumps(list(ids)))
+        _, n = yield DELETE_WRITES_SQL, args
+        counts.writes += max(n, 0)
+        _, n = yield DELETE_CHECKPOINTS_SQL, args
+        counts.checkpoints += max(n, 0)
+        yield NULL_PARENTS_SQL, args
+    return counts
+
+
+def sqlite_expire(thread_id: str, fingerprint: Fingerprint) -> Program[Counts]:
+    """Under BEGIN IMMEDIATE nothing commits meanwhile: check once, then delete."""
+    rows, _ = yield SQLITE_FINGERPRINT_SQL, (thread_id,)
+    if (int(rows[0][0]), rows[0][1]) != fingerprint:
+        raise Changed(thread_id)
+    counts = Counts(threads=1)
+    _, n = yield EXPIRE_WRITES_SQL, (thread_id,)
+    counts.writes = max(n, 0)
+    _, n = yield EXPIRE_CHECKPOINTS_SQL, (thread_id,)
+    counts.checkpoints = max(n, 0)
+    return counts
+
+
+def sqlite_delete_threads(thread_ids: Sequence[str]) -> Program[Counts]:
+    """Every row of the threads."""
+    ids = json.dumps(list(thread_ids))
+    _, writes = yield SQLITE_DELETE_THREADS_SQL[0], (ids,)
+    _, checkpoints = yield SQLITE_DELETE_THREADS_SQL[1], (ids,)
+    return Counts(checkpoints=max(checkpoints, 0), writes=max(writes, 0))
+
+
+def sqlite_threads_of_runs(run_ids: Sequence[str]) -> Program[list[str]]:
+    """Threads holding one of the runs' checkpoints."""
+    rows, _ = yield SQLITE_RUN_THREADS_SQL, (json.dumps([str(r) for r in run_ids]),)
+    return [r[0] for r in rows]
+
+
+def sqlite_thread_page(after: str, limit: int) -> Program[list[str]]:
+    """One keyset page of thread ids."""
+    rows, _ = yield SQLITE_THREAD_PAGE_SQL, (after, limit)
+    return [r[0] for r in rows]
+
+
+# psycopg (`%s`), not asyncpg: these run on the saver's own connection. Metadata
+# and the format version come out of the JSONB without loading any blob.
+PG_SCAN_SQL = """
+SELECT checkpoint_ns, checkpoint_id, parent_checkpoint_id,
+       COALESCE((checkpoint ->> 'v')::int, 4), checkpoint ->> 'ts', metadata
+FROM checkpoints WHERE thread_id = %s
+"""
+# Checkpoints of format v < 4 read pending sends from their parent's
+# `__pregel_tasks` writes; asked only when the thread has such a checkpoint.
+PG_SENDS_SQL = f"""
+SELECT DISTINCT checkpoint_ns, checkpoint_id FROM checkpoint_writes
+WHERE thread_id = %s AND channel = '{TASKS}'
+"""
+# A channel has a value at a checkpoint when it is inline in the JSONB
+# (primitives, snapshot markers) or its versioned blob is not "empty" (the
+# worker's CHANNEL_KEYS_SQL with psycopg placeholders). Delta threads only.
+PG_CHANNEL_KEYS_SQL = """
+SELECT c.checkpoint_ns, c.checkpoint_id,
+       ARRAY(SELECT jsonb_object_keys(COALESCE(c.checkpoint -> 'channel_values', '{}')))
+       || ARRAY(
+           SELECT v.key FROM jsonb_each_text(c.checkpoint -> 'channel_versions') v
+           JOIN checkpoint_blobs b
+             ON b.thread_id = c.thread_id AND b.checkpoint_ns = c.checkpoint_ns
+            AND b.channel = v.key AND b.version = v.value
+           WHERE b.type <> 'empty'
+       ),
+       ARRAY(SELECT jsonb_object_keys(COALESCE(c.checkpoint -> 'channel_versions', '{}')))
+FROM checkpoints c
+WHERE c.thread_id = %s
+"""
+# Writes go by the ids of the checkpoints deleted, never by "no checkpoint has
+# this id": a run may save a superstep's writes before their checkpoint.
+PG_DELETE_WRITES_SQL = """
+DELETE FROM checkpoint_writes
+WHERE thread_id = %s AND checkpoint_ns = %s AND checkpoint_id = ANY(%s)
+"""
+# RETURNING the versions the deleted checkpoints referenced: the only blobs
+# this delete can make garbage (as the official prune collects them).
+PG_DELETE_CHECKPOINTS_SQL = """
+DELETE FROM checkpoints
+WHERE thread_id = %s AND checkpoint_ns = %s AND checkpoint_id = ANY(%s)
+RETURNING checkpoint -> 'channel_versions'
+"""
+# As the official `prune`: a kept checkpoint whose parent went has none.
+PG_NULL_PARENTS_SQL = """
+UPDATE checkpoints SET parent_checkpoint_id = NULL
+WHERE thread_id = %s AND checkpoint_ns = %s AND parent_checkpoint_id = ANY(%s)
+"""
+# The freed versions no committed checkpoint of the namespace still names. The
+# anti-join runs inside the DELETE (READ COMMITTED: it sees checkpoints that
+# committed before this statement), so a checkpoint saved meanwhile that
+# references a version keeps it.
+PG_DELETE_BLOBS_SQL = """
+DELETE FROM checkpoint_blobs b
+USING unnest(%s::text[], %s::text[]) AS f(channel, version)
+WHERE b.thread_id = %s AND b.checkpoint_ns = %s
+  AND b.channel = f.channel AND b.version = f.version
+  AND NOT EXISTS (
+      SELECT 1 FROM checkpoints c
+      WHERE c.thread_id = b.thread_id AND c.checkpoint_ns = b.checkpoint_ns
+        AND c.checkpoint -> 'channel_versions' ->> b.channel = b.version
+  )
+"""
+PG_FINGERPRINT_SQL = "SELECT count(*), max(checkpoint_id) FROM checkpoints WHERE thread_id = %s"
+# Whole-thread deletes, in the official prune's order (checkpoints, blobs, writes).
+PG_DELETE_THREADS_SQL = (
+    "DELETE FROM checkpoints WHERE thread_id = ANY(%s)",
+    "DELETE FROM checkpoint_blobs WHERE thread_id = ANY(%s)",
+    "DELETE FROM checkpoint_writes WHERE thread_id = ANY(%s)",
+)
+# `metadata ->> 'run_id'` has no index: one pass over the table, then per thread.
+PG_RUN_THREADS_SQL = (
+    "SELECT DISTINCT thread_id FROM checkpoints WHERE metadata ->> 'run_id' = ANY(%s)"
+)
+PG_THREAD_PAGE_SQL = """
+SELECT DISTINCT thread_id FROM checkpoints WHERE thread_id > %s ORDER BY thread_id LIMIT %s
+"""
+
+
+def pg_scan(thread_id: str) -> Program[Scanned]:
+    """Rows from the JSONB; sends parents and channel keys only where they matter."""
+    rows, _ = yield PG_SCAN_SQL, (thread_id,)
+    sends: set[tuple[str, str]] = set()
+    if any(r[3] < 4 for r in rows):
+        found, _ = yield PG_SENDS_SQL, (thread_id,)
+        sends = {(r[0], r[1]) for r in found}
+    out = []
+    for ns, cid, parent, v, ts, meta in rows:
+        meta = _json_object(meta)
+        summary = summarize(
+            ns,
+            cid,
+            parent,
+            meta,
+            ts=ts,
+            reads_parent_sends=v < 4,
+            has_sends_writes=(ns, cid) in sends,
+        )
+        out.append((summary, meta))
+    if is_delta_thread(s for s, _ in out):
+        found, _ = yield PG_CHANNEL_KEYS_SQL, (thread_id,)
+        keys = {(r[0], r[1]): (frozenset(r[2]), frozenset(r[3])) for r in found}
+        filled = []
+        for s, meta in out:
+            k = keys.get((s.namespace, s.checkpoint_id))
+            if k is not None:
+                s = replace(s, inline_channels=k[0], versioned_channels=k[1])
+            filled.append((s, meta))
+        out = filled
+    return _scanned(thread_id, out)
+
+
+def pg_delete(thread_id: str, ids_by_ns: Mapping[str, Sequence[str]]) -> Program[Counts]:
+    """Writes, checkpoints, orphaned parents, then the blob versions they alone used."""
+    counts = Counts()
+    for ns, ids in ids_by_ns.items():
+        id_list = list(ids)
+        _, n = yield PG_DELETE_WRITES_SQL, (thread_id, ns, id_list)
+        counts.writes += max(n, 0)
+        freed_rows, _ = yield PG_DELETE_CHECKPOINTS_SQL, (thread_id, ns, id_list)
+        counts.checkpoints += len(freed_rows)
+        yield PG_NULL_PARENTS_SQL, (thread_id, ns, id_list)
+        freed = sorted(
+            {(ch, str(v)) for (versions,) in freed_rows for ch, v in _json_object(versions).items()}
+        )
+        if freed:
+            _, n = yield (
+                PG_DELETE_BLOBS_SQL,
+                ([f[0] for f in freed], [f[1] for f in freed], thread_id, ns),
+            )
+            counts.blobs += max(n, 0)
+    return counts
+
+
+def pg_expire(thread_id: str, fingerprint: Fingerprint) -> Program[Counts]:
+    """READ COMMITTED: check before, delete, check after; a resume in between rolls it back.
+
+    REPEATABLE READ could not do this: its snapshot would never see the
+    resume. The window left is the moment between the last check and COMMIT.
+    """
+    rows, _ = yield PG_FINGERPRINT_SQL, (thread_id,)
+    if (int(rows[0][0]), rows[0][1]) != fingerprint:
+        raise Changed(thread_id)
+    counts = Counts(threads=1)
+    _, counts.checkpoints = yield PG_DELETE_THREADS_SQL[0], ([thread_id],)
+    _, counts.blobs = yield PG_DELETE_THREADS_SQL[1], ([thread_id],)
+    _, counts.writes = yield PG_DELETE_THREADS_SQL[2], ([thread_id],)
+    rows, _ = yield PG_FINGERPRINT_SQL, (thread_id,)
+    if int(rows[0][0]) != 0:
+        raise Changed(thread_id)
+    return counts
+
+
+def pg_delete_threads(thread_ids: Sequence[str]) -> Program[Counts]:
+    """Every row of the threads."""
+    ids = list(thread_ids)
+    _, checkpoints = yield PG_DELETE_THREADS_SQL[0], (ids,)
+    _, blobs = yield PG_DELETE_THREADS_SQL[1], (ids,)
+    _, writes = yield PG_DELETE_THREADS_SQL[2], (ids,)
+    return Counts(checkpoints=checkpoints, blobs=blobs, writes=writes)
+
+
+def pg_threads_of_runs(run_ids: Sequence[str]) -> Program[list[str]]:
+    """Threads holding one of the runs' checkpoints."""
+    rows, _ = yield PG_RUN_THREADS_SQL, ([str(r) for r in run_ids],)
+    return [r[0] for r in rows]
+
+
+def pg_thread_page(after: str, limit: int) -> Program[list[str]]:
+    """One keyset page of thread ids."""
+    rows, _ = yield PG_THREAD_PAGE_SQL, (after, limit)
+    return [r[0] for r in rows]
+
+
+# ------------------------------------------------------------------ SQL backends
+
+
+class _SqlBackend(Backend):
+    """Operations as programs, run by `_exec` (sync) or `_aexec` (async)."""
+
+    def _exec(self, program: Program[T], write: bool) -> T:
+        raise self._sync_unsupported()
+
+    async def _aexec(self, program: Program[T], write: bool) -> T:
+        raise self._async_unsupported()
+
+    def _sync_unsupported(self) -> NotImplementedError:
+        return NotImplementedError(f"{type(self.inner).__name__} has no sync API")
+
+    def _async_unsupported(self) -> NotImplementedError:
+        return NotImplementedError(
+            f"{type(self.inner).__name__} is synchronous: use the sync methods "
+            "(put, prune, delete_checkpoints...) of a RetentionSaver wrapping it"
+        )
+
+    def _programs(self) -> _Programs:
+        raise NotImplementedError
+
+    def scan(self, thread_id: str) -> Scanned:
+        """See `Backend.scan`."""
+        return self._exec(self._programs().scan(thread_id), write=False)
+
+    def delete(self, thread_id: str, ids_by_ns: Mapping[str, Sequence[str]]) -> Counts:
+        """See `Backend.delete`."""
+        return self._exec(self._programs().delete(thread_id, ids_by_ns), write=True)
+
+    def expire(self, thread_id: str, fingerprint: Fingerprint) -> Counts | None:
+        """See `Backend.expire`."""
+        try:
+            return self._exec(self._programs().expire(thread_id, fingerprint), write=True)
+        except Changed:
+            return None
+
+    def delete_threads(self, thread_ids: Sequence[str]) -> Counts:
+        """See `Backend.delete_threads`."""
+        return self._exec(self._programs().delete_threads(thread_ids), write=True)
+
+    def threads_of_runs(self, run_ids: Sequence[str]) -> list[str]:
+        """See `Backend.threads_of_runs`."""
+        return self._exec(self._programs().threads_of_runs(run_ids), write=False)
+
+    def thread_page(self, after: str, limit: int) -> list[str]:
+        """See `Backend.thread_page`."""
+        return self._exec(self._programs().thread_page(after, limit), write=False)
+
+    async def ascan(self, thread_id: str) -> Scanned:
+        """See `Backend.scan`."""
+        return await self._aexec(self._programs().scan(thread_id), write=False)
+
+    async def adelete(self, thread_id: str, ids_by_ns: Mapping[str, Sequence[str]]) -> Counts:
+        """See `Backend.delete`."""
+        return await self._aexec(self._programs().delete(thread_id, ids_by_ns), write=True)
+
+    async def aexpire(self, thread_id: str, fingerprint: Fingerprint) -> Counts | None:
+        """See `Backend.expire`."""
+        try:
+            return await self._aexec(self._programs().expire(thread_id, fingerprint), write=True)
+        except Changed:
+            return None
+
+    async def adelete_threads(self, thread_ids: Sequence[str]) -> Counts:
+        """See `Backend.delete_threads`."""
+        return await self._aexec(self._programs().delete_threads(thread_ids), write=True)
+
+    async def athreads_of_runs(self, run_ids: Sequence[str]) -> list[str]:
+        """See `Backend.threads_of_runs`."""
+        return await self._aexec(self._programs().threads_of_runs(run_ids), write=False)
+
+    async def athread_page(self, after: str, limit: int) -> list[str]:
+        """See `Backend.thread_page`."""
+        return await self._aexec(self._programs().thread_page(after, limit), write=False)
+
+
+@dataclass(frozen=True, slots=True)
+class _Programs:
+    scan: Callable[[str], Program[Scanned]]
+    delete: Callable[[str, Mapping[str, Sequence[str]]], Program[Counts]]
+    expire: Callable[[str, Fingerprint], Program[Counts]]
+    delete_threads: Callable[[Sequence[str]], Program[Counts]]
+    threads_of_runs: Callable[[Sequence[str]], Program[list[str]]]
+    thread_page: Callable[[str, int], Program[list[str]]]
+
+
+def _sqlite_programs(loads: Callable[[tuple[str, bytes]], Any]) -> _Programs:
+    return _Programs(
+        scan=lambda tid: sqlite_scan(tid, loads),
+        delete=sqlite_delete,
+        expire=sqlite_expire,
+        delete_threads=sqlite_delete_threads,
+        threads_of_runs=sqlite_threads_of_runs,
+        thread_page=sqlite_thread_page,
+    )
+
+
+PG_PROGRAMS = _Programs(
+    scan=pg_scan,
+    delete=pg_delete,
+    expire=pg_expire,
+    delete_threads=pg_delete_threads,
+    threads_of_runs=pg_threads_of_runs,
+    thread_page=pg_thread_page,
+)
+
+
+def _drive(program: Program[T], execute: Callable[[str, Sequence[Any]], Result]) -> T:
+    result: Result | None = None
+    try:
+        while True:
+            sql, params = program.send(result)  # type: ignore[arg-type]
+            result = execute(sql, params)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+
+
+async def _adrive(
+    program: Program[T], execute: Callable[[str, Sequence[Any]], Awaitable[Result]]
+) -> T:
+    result: Result | None = None
+    try:
+        while True:
+            sql, params = program.send(result)  # type: ignore[arg-type]
+            result = await execute(sql, params)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, name: str, make: Callable[[], Awaitable[T]]) -> T:
+    """Run an async operation from a sync call, as the async savers' own sync methods do."""
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        # Blocking the loop on itself would deadlock: refuse, as the saver does.
+        raise asyncio.InvalidStateError(
+            f"Synchronous calls to RetentionSaver({name}) are only allowed from a different "
+            "thread. From the main thread, use the async interface."
+        )
+
+    async def run() -> T:
+        return await make()
+
+    return asyncio.run_coroutine_threadsafe(run(), loop).result()
+
+
+class SqliteBackend(_SqlBackend):
+    """`SqliteSaver`: its sqlite3 connection, under its `threading.Lock`."""
+
+    kind = "sqlite"
+
+    def _programs(self) -> _Programs:
+        return _sqlite_programs(self.inner.serde.loads_typed)
+
+    def _exec(self, program: Program[T], write: bool) -> T:
+        inner: Any = self.inner
+        with inner.lock:
+            inner.setup()  # what the saver's own cursor() does first
+            conn = inner.conn
+            cur = conn.cursor()
+            began = False
+            try:
+                if write and not conn.in_transaction:
+                    # IMMEDIATE: take the write lock before reading what to
+                    # delete, so the re-checks see the last committed state.
+                    cur.execute("BEGIN IMMEDIATE")
+                    began = True
+
+                def execute(sql: str, params: Sequence[Any]) -> Result:
+                    cur.execute(sql, params)
+                    return cur.fetchall(), cur.rowcount
+
+                result = _drive(program, execute)
+                if write:
+                    conn.commit()
+                return result
+            except BaseException:
+                if began and conn.in_transaction:
+                    conn.rollback()
+                raise
+            finally:
+                cur.close()
+
+
+class AsyncSqliteBackend(_SqlBackend):
+    """`AsyncSqliteSaver`: its aiosqlite connection, under its `asyncio.Lock`."""
+
+    kind = "sqlite"
+
+    def _programs(self) -> _Programs:
+        return _sqlite_programs(self.inner.serde.loads_typed)
+
+    async def _aexec(self, program: Program[T], write: bool) -> T:
+        inner: Any = self.inner
+        # setup() takes the saver's lock itself: call it before taking it.
+        await inner.setup()
+        async with inner.lock:
+            conn = inner.conn
+            began = False
+            try:
+                if write and not conn.in_transaction:
+                    await conn.execute("BEGIN IMMEDIATE")
+                    began = True
+
+                async def execute(sql: str, params: Sequence[Any]) -> Result:
+                    async with conn.execute(sql, params) as cur:
+                        rows = await cur.fetchall()
+                        return [tuple(r) for r in rows], cur.rowcount
+
+                result = await _adrive(program, execute)
+                if write:
+                    await conn.commit()
+                return result
+            except BaseException:
+                if began and conn.in_transaction:
+                    await conn.rollback()
+                raise
+
+    def _exec(self, program: Program[T], write: bool) -> T:
+        return _on_loop(
+            self.inner.loop,  # type: ignore[attr-defined]
+            type(self.inner).__name__,
+            lambda: self._aexec(program, write),
+        )
+
+    def waiting(self, view: ThreadView) -> bool | None:
+        """Through the saver's `aget_tuple`, on its loop."""
+        return _on_loop(
+            self.inner.loop,  # type: ignore[attr-defined]
+            type(self.inner).__name__,
+            lambda: self.awaiting(view),
+        )
+
+
+def _rows(cur: Any) -> list[tuple[Any, ...]]:
+    # The saver's cursors return dict rows; the programs index by position.
+    if cur.description is None:
+        return []
+    return [tuple(r.values()) if isinstance(r, dict) else tuple(r) for r in cur.fetchall()]
+
+
+class PostgresBackend(_SqlBackend):
+    """`PostgresSaver`: its connection or pool through its own `_cursor()` (and lock)."""
+
+    kind = "postgres"
+
+    def _programs(self) -> _Programs:
+        return PG_PROGRAMS
+
+    def _exec(self, program: Program[T], write: bool) -> T:
+        inner: Any = self.inner
+        with inner._cursor() as cur:
+            if inner.pipe:
+                # As the official prune: a transaction in pipeline mode would
+                # take in what ran since the last sync.
+                inner.pipe.sync()
+
+            def execute(sql: str, params: Sequence[Any]) -> Result:
+                # Unprepared, as the official prune: a generic plan handles
+                # `= ANY(array)` badly.
+                cur.execute(sql, params, prepare=False)
+                return _rows(cur), cur.rowcount
+
+            with cur.connection.transaction():
+                return _drive(program, execute)
+
+
+class AsyncPostgresBackend(_SqlBackend):
+    """`AsyncPostgresSaver`: its connection or pool through its own `_cursor()` (and lock)."""
+
+    kind = "postgres"
+
+    def _programs(self) -> _Programs:
+        return PG_PROGRAMS
+
+    async def _aexec(self, program: Program[T], write: bool) -> T:
+        inner: Any = self.inner
+        async with inner._cursor() as cur:
+            if inner.pipe:
+                await inner.pipe.sync()
+
+            async def execute(sql: str, params: Sequence[Any]) -> Result:
+                await cur.execute(sql, params, prepare=False)
+                rows = await cur.fetchall() if cur.description is not None else []
+                return [tuple(r.values()) if isinstance(r, dict) else tuple(r) for r in rows], (
+                    cur.rowcount
+                )
+
+            async with cur.connection.transaction():
+                return await _adrive(program, execute)
+
+    def _exec(self, program: Program[T], write: bool) -> T:
+        return _on_loop(
+            self.inner.loop,  # type: ignore[attr-defined]
+            type(self.inner).__name__,
+            lambda: self._aexec(program, write),
+        )
+
+    def waiting(self, view: ThreadView) -> bool | None:
+        """Through the saver's `aget_tuple`, on its loop."""
+        return _on_loop(
+            self.inner.loop,  # type: ignore[attr-defined]
+            type(self.inner).__name__,
+            lambda: self.awaiting(view),
+        )
+
+
+def backend_for(inner: BaseCheckpointSaver[Any]) -> Backend:
+    """The backend of a saver; the base `Backend` (everything unsupported) for unknown ones.
+
+    Subclasses of the known savers count as them: they keep the tables.
+    Shallow Postgres savers keep one checkpoint a thread and are not known.
+    """
+    from langgraph.checkpoint.sqlite import SqliteSaver
+    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+    if isinstance(inner, InMemorySaver):
+        return MemoryBackend(inner)
+    if isinstance(inner, AsyncSqliteSaver):
+        return AsyncSqliteBackend(inner)
+    if isinstance(inner, SqliteSaver):
+        return SqliteBackend(inner)
+    try:
+        from langgraph.checkpoint.postgres import PostgresSaver
+        from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+    except ImportError:  # langgraph-checkpoint-postgres (psycopg) not installed
+        return Backend(inner)
+    if isinstance(inner, AsyncPostgresSaver):
+        return AsyncPostgresBackend(inner)
+    if isinstance(inner, PostgresSaver):
+        return PostgresBackend(inner)
+    return Backend(inner)
+
+
+def group_ids(pairs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+    """(namespace, id) pairs as {namespace: [ids]}, the shape `delete` takes."""
+    out: dict[str, list[str]] = defaultdict(list)
+    for ns, cid in pairs:
+        out[ns].append(cid)
+    return dict(out)
