@@ -205,6 +205,17 @@ FROM (
 WHERE c.thread_id = d.thread_id AND c.checkpoint_ns = d.checkpoint_ns
   AND c.parent_checkpoint_id = ANY(d.ids)
 """
+# A fork saved after an earlier sweep deleted its base names a parent that is
+# gone; on a quiet thread (no run can still save that parent) it is nulled too.
+NULL_DANGLING_PARENTS_SQL = """
+UPDATE checkpoints c SET parent_checkpoint_id = NULL
+WHERE c.thread_id = ANY($1::text[]) AND c.parent_checkpoint_id IS NOT NULL
+  AND NOT EXISTS (
+      SELECT 1 FROM checkpoints p
+      WHERE p.thread_id = c.thread_id AND p.checkpoint_ns = c.checkpoint_ns
+        AND p.checkpoint_id = c.parent_checkpoint_id
+  )
+"""
 # Re-checked in the statement: the checkpoint may have committed since the scan.
 DELETE_ORPHAN_WRITES_SQL = """
 WITH gone AS (
@@ -759,6 +770,7 @@ class PostgresStore:
 
             quiet = [t for t in tids if t not in expire and self._quiet(after.get(t, ()))]
             if quiet:
+                await conn.execute(NULL_DANGLING_PARENTS_SQL, quiet)
                 for r in await conn.fetch(DELETE_GARBAGE_BLOBS_SQL, quiet):
                     counts[r[0]].blobs += r[1]
 
