@@ -26,6 +26,18 @@ def fingerprint_of(ids_by_ns: Mapping[str, Collection[str]]) -> Fingerprint:
     return tuple(sorted((ns, len(ids), max(ids)) for ns, ids in ids_by_ns.items() if ids))
 
 
+def merge_pages(pages: Sequence[Sequence[str]], page_size: int) -> tuple[list[str], bool]:
+    """One keyset page of thread ids from several tables' pages; and whether more follow.
+
+    A full page bounds how far its walk has seen; a short one has seen
+    everything left. So the merged page stops at the smallest bound of the
+    full ones, and the next walk resumes after its last id.
+    """
+    bound = min((p[-1] for p in pages if len(p) == page_size), default=None)
+    page = sorted({t for p in pages for t in p if bound is None or t <= bound})
+    return page, bound is not None
+
+
 @dataclass(frozen=True, slots=True)
 class ScannedThread:
     """A thread as scanned, with the fingerprint the delete re-checks."""

@@ -56,7 +56,9 @@ from worker.engine import (
     ThreadWork,
     WorkResult,
     fingerprint_of,
+    merge_pages,
 )
+from worker.stats import AgeHistogram
 
 log = structlog.get_logger("checkpoint_janitor.postgres")
 
@@ -566,12 +568,10 @@ class PostgresStore:
                         THREADS_RANGE_PAGE_SQL.format(table=table), low, after, high, page_size
                     )
                 pages.append([r[0] for r in rows])
-            if not any(pages):
-                return
-            bound = min((p[-1] for p in pages if len(p) == page_size), default=None)
-            page = sorted({t for p in pages for t in p if bound is None or t <= bound})
-            yield page
-            if bound is None:
+            page, more = merge_pages(pages, page_size)
+            if page:
+                yield page
+            if not more:
                 return
             after = page[-1]
 
@@ -855,26 +855,15 @@ class PostgresStore:
 
     async def stats(self, now: float, largest: int = 10) -> dict[str, Any]:
         """Rows, dead tuples and bytes per table, ages per namespace, largest threads."""
-        from worker.sqlite_store import AGE_BUCKETS, namespace_label
-
         async with self.pool.acquire() as conn:
             tables = {
                 r[0]: {"rows": int(r[1]), "dead_rows": int(r[2]), "bytes": int(r[3])}
                 for r in await conn.fetch(STATS_TABLE_SQL, self.schema, list(REQUIRED_TABLES))
             }
-            ages: dict[str, dict[str, int]] = {}
+            ages = AgeHistogram(now)
             async with conn.transaction():
                 async for ns, cid in conn.cursor(STATS_IDS_SQL):
-                    t = checkpoint_time(cid)
-                    age = now - t if t is not None else None
-                    bucket = (
-                        "unknown"
-                        if age is None
-                        else next(name for name, limit in AGE_BUCKETS if age < limit)
-                    )
-                    label = namespace_label(ns)
-                    ages.setdefault(label, {}).setdefault(bucket, 0)
-                    ages[label][bucket] += 1
+                    ages.add(ns, cid)
             top = [
                 {"thread_id": r[0], "checkpoints": int(r[1]), "bytes": int(r[2])}
                 for r in await conn.fetch(LARGEST_THREADS_SQL, largest)
@@ -885,7 +874,7 @@ class PostgresStore:
             "kind": "postgres",
             "threads": threads,
             "tables": tables,
-            "ages": ages,
+            "ages": ages.counts,
             "largest_threads": top,
         }
 

@@ -31,7 +31,9 @@ from worker.engine import (
     ThreadWork,
     WorkResult,
     fingerprint_of,
+    merge_pages,
 )
+from worker.stats import AgeHistogram
 
 # ---------------------------------------------------------------- schema
 
@@ -295,14 +297,10 @@ class SqliteStore:
                     args = (low, after or "", high, page_size)
                 async with self.conn.execute(sql, args) as cur:
                     pages.append([r[0] for r in await cur.fetchall()])
-            if not any(pages):
-                return
-            # A full page bounds how far that walk has seen; a short one has
-            # seen everything left.
-            bound = min((p[-1] for p in pages if len(p) == page_size), default=None)
-            page = sorted({t for p in pages for t in p if bound is None or t <= bound})
-            yield page
-            if bound is None:
+            page, more = merge_pages(pages, page_size)
+            if page:
+                yield page
+            if not more:
                 return
             after = page[-1]
 
@@ -495,19 +493,10 @@ class SqliteStore:
             async with self.conn.execute(sql) as cur:
                 rows, size = await cur.fetchone() or (0, 0)
             tables[table] = {"rows": int(rows), "bytes": int(size)}
-        ages: dict[str, dict[str, int]] = {}
+        ages = AgeHistogram(now)
         async with self.conn.execute(STATS_IDS_SQL) as cur:
             async for ns, cid in cur:
-                t = checkpoint_time(cid)
-                age = now - t if t is not None else None
-                bucket = (
-                    "unknown"
-                    if age is None
-                    else next(name for name, limit in AGE_BUCKETS if age < limit)
-                )
-                label = namespace_label(ns)
-                ages.setdefault(label, {}).setdefault(bucket, 0)
-                ages[label][bucket] += 1
+                ages.add(ns, cid)
         async with self.conn.execute(LARGEST_THREADS_SQL, (largest,)) as cur:
             top = [
                 {"thread_id": t, "checkpoints": int(n), "bytes": int(b)}
@@ -521,7 +510,7 @@ class SqliteStore:
             "kind": "sqlite",
             "threads": await self.count_threads(),
             "tables": tables,
-            "ages": ages,
+            "ages": ages.counts,
             "largest_threads": top,
             "file_bytes": page_size * page_count,
             "wal_bytes": os.path.getsize(wal) if os.path.exists(wal) else 0,
@@ -531,25 +520,6 @@ class SqliteStore:
     async def after_batch(self) -> None:
         """Checkpoint the WAL without waiting on anyone."""
         await self.conn.execute(WAL_CHECKPOINT_SQL)
-
-
-AGE_BUCKETS = (
-    ("<1h", 3600.0),
-    ("<1d", 86400.0),
-    ("<7d", 7 * 86400.0),
-    ("<30d", 30 * 86400.0),
-    ("<90d", 90 * 86400.0),
-    (">=90d", float("inf")),
-)
-
-
-def namespace_label(namespace: str) -> str:
-    """Namespaces grouped for reporting: subgraph calls by node, task ids dropped."""
-    if namespace == "":
-        return '""'
-    return "|".join(
-        seg.split(":", 1)[0] + (":*" if ":" in seg else "") for seg in namespace.split("|")
-    )
 
 
 def _json_object(text: str | bytes | None) -> dict[str, Any]:
