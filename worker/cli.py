@@ -231,7 +231,9 @@ def run(ctx: click.Context, dry_run: bool) -> None:
     from worker.daemon import run_daemon
 
     config = _load(ctx)
-    asyncio.run(run_daemon(ctx.obj["config_path"], config, dry_run=dry_run))
+    asyncio.run(
+        run_daemon(ctx.obj["config_path"], config, dry_run=dry_run, log_level=ctx.obj["log_level"])
+    )
 
 
 @main.command()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import signal
 import time
@@ -51,6 +52,8 @@ class StoreRunner:
         self.lock = asyncio.Lock()
         self.task: asyncio.Task[None] | None = None
         self._connecting: asyncio.Task[None] | None = None
+        self.stop = asyncio.Event()
+        """Set on shutdown, or when a reload replaces this runner: sweeps end at a batch."""
 
     @property
     def name(self) -> str:
@@ -69,7 +72,7 @@ class StoreRunner:
     async def _connect_loop(self) -> None:
         delay = 1.0
         cfg = self.daemon.config
-        while not self.daemon.stopping.is_set():
+        while not self.stop.is_set():
             engine = make_engine(self.store, cfg.store_settings(self.name))
             try:
                 await engine.open()
@@ -79,7 +82,7 @@ class StoreRunner:
                 log.warning("store_down", store=self.name, error=str(e), retry_in=round(wait, 1))
                 delay *= 2
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.daemon.stopping.wait(), timeout=wait)
+                    await asyncio.wait_for(self.stop.wait(), timeout=wait)
                 continue
             self.engine = engine
             self._set_up(True)
@@ -122,7 +125,7 @@ class StoreRunner:
 
     async def _sweep_loop(self) -> None:
         async with self.lock:
-            while self.due and not self.daemon.stopping.is_set():
+            while self.due and not self.stop.is_set():
                 if not self.up or self.engine is None:
                     # Still due; the sweep runs when the store is back.
                     return
@@ -143,18 +146,38 @@ class StoreRunner:
             self.engine,
             cfg.policies_for(self.name),
             options,
-            stop=self.daemon.stopping,
+            stop=self.stop,
             on_batch=metrics.batch_duration.labels(self.name).observe,
         )
         metrics.record(report, sorted(due))
-        if report.outcome is Outcome.FAILED:
+        if report.outcome is Outcome.STOPPED:
+            # Cut short by a reload or shutdown: still due, for the successor.
+            self.due |= due
+        if report.outcome is Outcome.FAILED and self.engine is not None:
             try:
                 await self.engine.ping()
             except StoreError as e:
                 await self.mark_down(str(e))
 
+    async def retire(self, grace: float) -> set[str]:
+        """Stop this runner (a reload replaced it); returns the policies still due.
+
+        Its sweep ends at the next batch boundary; one still running after
+        `grace` seconds is cancelled, which rolls its batch back.
+        """
+        self.stop.set()
+        if self.task is not None and not self.task.done():
+            _, pending = await asyncio.wait([self.task], timeout=grace)
+            for task in pending:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        await self.close()
+        return self.due
+
     async def close(self) -> None:
         """Stop reconnecting and close the engine."""
+        self.stop.set()
         if self._connecting is not None:
             self._connecting.cancel()
         if self.engine is not None:
@@ -165,10 +188,19 @@ class StoreRunner:
 class Daemon:
     """The long-running worker."""
 
-    def __init__(self, config_path: Path, config: Config, *, dry_run: bool = False) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        config: Config,
+        *,
+        dry_run: bool = False,
+        log_level: str | None = None,
+    ) -> None:
         self.config_path = config_path
         self.config = config
         self.dry_run = dry_run
+        self.log_level = log_level
+        """`--log-level` from the command line: it outlives reloads."""
         self.metrics = Metrics()
         self.scheduler = AsyncIOScheduler(timezone="UTC")
         self.runners: dict[str, StoreRunner] = {}
@@ -183,11 +215,15 @@ class Daemon:
         for job in self.scheduler.get_jobs():
             if job.id.startswith("policy:"):
                 job.remove()
+        # Series of a policy no longer configured would keep alerting forever.
+        self.metrics.keep_only(
+            {(s.name, p.name) for s in cfg.stores for p in cfg.policies_for(s.name)}
+        )
         for store in cfg.stores:
             for policy in cfg.policies_for(store.name):
                 schedule = cfg.schedule_for(policy)
                 trigger = schedule.trigger()
-                trigger.jitter = int(cfg.defaults.jitter) or None
+                trigger.jitter = math.ceil(cfg.defaults.jitter) or None
                 extra: dict[str, Any] = {}
                 if isinstance(trigger, IntervalTrigger) and not self._started:
                     # An `every:` policy sweeps soon after boot rather than a
@@ -217,9 +253,13 @@ class Daemon:
         for name, store in wanted.items():
             runner = self.runners.get(name)
             if runner is None or runner.store != store:
-                if runner is not None:
-                    gone.append(runner)
+                old = runner
                 runner = StoreRunner(self, store)
+                if old is not None:
+                    gone.append(old)
+                    # Sweeps of one store never overlap: the successor waits
+                    # for the sweep its predecessor is finishing.
+                    runner.lock = old.lock
                 self.runners[name] = runner
                 runner.connect()
         return gone
@@ -262,10 +302,19 @@ class Daemon:
             log.error("reload_refused", error=str(e), config=str(self.config_path))
             return
         self.config = config
-        configure_logging(config.logging.format, config.logging.level)
-        for runner in self._sync_stores():
-            await runner.close()
+        configure_logging(config.logging.format, self.log_level or config.logging.level)
+        replaced = self._sync_stores()
         self._schedule()
+        for old in replaced:
+            due = await old.retire(config.defaults.shutdown_grace)
+            new = self.runners.get(old.name)
+            if new is not None and due:
+                # What was due on the old runner is due on its successor.
+                for policy in due:
+                    if any(p.name == policy for p in config.policies_for(old.name)):
+                        await new.mark_due(policy)
+            if new is None:
+                self.metrics.forget_store(old.name)
         log.info(
             "reloaded",
             config=str(self.config_path),
@@ -277,6 +326,8 @@ class Daemon:
         """Serve until SIGTERM/SIGINT, then stop within `shutdown_grace` seconds."""
         await self.stopping.wait()
         log.info("stopping", grace_seconds=self.config.defaults.shutdown_grace)
+        for runner in self.runners.values():
+            runner.stop.set()
         self.scheduler.shutdown(wait=False)
         running = [
             r.task for r in self.runners.values() if r.task is not None and not r.task.done()
@@ -337,8 +388,10 @@ def _soon() -> datetime:
     return datetime.now(UTC) + timedelta(seconds=1)
 
 
-async def run_daemon(config_path: Path, config: Config, *, dry_run: bool) -> None:
+async def run_daemon(
+    config_path: Path, config: Config, *, dry_run: bool, log_level: str | None = None
+) -> None:
     """Run the daemon until a stop signal."""
-    daemon = Daemon(config_path, config, dry_run=dry_run)
+    daemon = Daemon(config_path, config, dry_run=dry_run, log_level=log_level)
     await daemon.start()
     await daemon.run_until_stopped()

@@ -131,6 +131,21 @@ class Metrics:
         if report.outcome is Outcome.SAFETY_STOP and report.limit_reached_by is not None:
             self.safety_stops.labels(store, report.limit_reached_by).inc()
 
+    def keep_only(self, pairs: set[tuple[str, str]]) -> None:
+        """Drop the gauges of (store, policy) pairs no longer configured (after a reload)."""
+        for gauge in (self.schedule_interval, self.last_success, self.oldest_eligible_age):
+            for labels in _label_sets(gauge):
+                if (labels[0], labels[1]) not in pairs:
+                    gauge.remove(*labels)
+        for labels in _label_sets(self.eligible):
+            if (labels[0], labels[1]) not in pairs:
+                self.eligible.remove(*labels)
+
+    def forget_store(self, store: str) -> None:
+        """Drop `store_up` of a store no longer configured."""
+        if (store,) in _label_sets(self.store_up):
+            self.store_up.remove(store)
+
     def set_interval(self, store: str, policy: str, schedule: Schedule) -> None:
         """Export how often the policy runs, so alerts can say "no success for 2x that"."""
         self.schedule_interval.labels(store, policy).set(interval_seconds(schedule))
@@ -186,6 +201,11 @@ class _NonEmpty(Collector):
         for family in self.registry.collect():
             if family.samples:
                 yield family
+
+
+def _label_sets(metric: Gauge) -> list[tuple[str, ...]]:
+    # prometheus_client keeps no public list of a metric's children.
+    return [tuple(k) for k in metric._metrics]
 
 
 def interval_seconds(schedule: Schedule) -> float:

@@ -722,16 +722,20 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
         return True
 
     def _trim(self, thread_id: str) -> Program[Counts]:
-        """Trim the thread to `keep_last` / `keep_within` (every namespace, calls with roots)."""
-        assert self._trim_rules is not None
+        """Trim the thread to `keep_last` / `keep_within` (every namespace, calls with roots).
+
+        Scan, decision and delete run in one transaction under the saver's lock.
+        """
+        rules = self._trim_rules
+        assert rules is not None
         now = self._clock()
-        scanned: Scanned = yield "scan", (thread_id,)
-        decision = self._decide(scanned.view, self._trim_rules, now)
+
+        def choose(scanned: Scanned) -> dict[str, builtins.list[str]]:
+            decision = self._decide(scanned.view, rules, now)
+            return group_ids((d.namespace, d.checkpoint_id) for d in decision.deletions)
+
+        counts: Counts = yield "trim", (thread_id, choose)
         self.metrics.trims.labels(self.name).inc()
-        if not decision.deletions:
-            return Counts()
-        ids = group_ids((d.namespace, d.checkpoint_id) for d in decision.deletions)
-        counts: Counts = yield "delete", (thread_id, ids)
         self.metrics.count(self.name, "trimmed", counts)
         return counts
 

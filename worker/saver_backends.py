@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -72,6 +73,10 @@ class Scanned:
         """What `expire` re-checks before deleting the thread."""
         cps = self.view.checkpoints
         return len(cps), max((c.checkpoint_id for c in cps), default=None)
+
+
+Choose = Callable[[Scanned], Mapping[str, Sequence[str]]]
+"""What a trim deletes from a scanned thread, {namespace: ids} (the decision, run in between)."""
 
 
 class Changed(Exception):
@@ -213,6 +218,10 @@ class Backend:
         """Delete these checkpoints with their writes; null orphaned parents; collect blobs."""
         raise self._unsupported("delete checkpoints")
 
+    def trim(self, thread_id: str, choose: Choose) -> Counts:
+        """Scan the thread, `choose` what goes, delete it: one transaction, one lock hold."""
+        raise self._unsupported("trim threads")
+
     def expire(self, thread_id: str, fingerprint: Fingerprint) -> Counts | None:
         """Delete the whole thread if it is still as scanned; None if it changed."""
         raise self._unsupported("expire threads")
@@ -245,6 +254,10 @@ class Backend:
     async def adelete(self, thread_id: str, ids_by_ns: Mapping[str, Sequence[str]]) -> Counts:
         """Async `delete`."""
         raise self._unsupported("delete checkpoints")
+
+    async def atrim(self, thread_id: str, choose: Choose) -> Counts:
+        """Async `trim`."""
+        raise self._unsupported("trim threads")
 
     async def aexpire(self, thread_id: str, fingerprint: Fingerprint) -> Counts | None:
         """Async `expire`."""
@@ -356,6 +369,11 @@ class MemoryBackend(Backend):
             del inner.storage[thread_id]
         return counts
 
+    def trim(self, thread_id: str, choose: Choose) -> Counts:
+        """Scan, choose, delete (no other thread can interleave with dict work)."""
+        ids = choose(self.scan(thread_id))
+        return self.delete(thread_id, ids) if ids else Counts()
+
     def _fingerprint(self, thread_id: str) -> Fingerprint:
         ids = [cid for cps in self.inner.storage.get(thread_id, {}).values() for cid in cps]
         return len(ids), max(ids, default=None)
@@ -408,6 +426,10 @@ class MemoryBackend(Backend):
         """`delete`."""
         return self.delete(thread_id, ids_by_ns)
 
+    async def atrim(self, thread_id: str, choose: Choose) -> Counts:
+        """`trim`."""
+        return self.trim(thread_id, choose)
+
     async def aexpire(self, thread_id: str, fingerprint: Fingerprint) -> Counts | None:
         """`expire`."""
         return self.expire(thread_id, fingerprint)
@@ -429,7 +451,7 @@ class MemoryBackend(Backend):
 
 Result = tuple[list[tuple[Any, ...]], int]
 """What a driver sends back for a statement: its rows (as tuples) and its rowcount."""
-Program = Generator[tuple[str, Sequence[Any]], Result, T]
+Program = Generator[tuple[str, Sequence[Any] | Mapping[str, Any]], Result, T]
 """An operation as statements: yields (sql, params), receives the `Result`, returns a value."""
 
 
@@ -541,18 +563,30 @@ def sqlite_thread_page(after: str, limit: int) -> Program[list[str]]:
     return [r[0] for r in rows]
 
 
-# psycopg (`%s`), not asyncpg: these run on the saver's own connection. Metadata
-# and the format version come out of the JSONB without loading any blob.
-PG_SCAN_SQL = """
-SELECT checkpoint_ns, checkpoint_id, parent_checkpoint_id,
-       COALESCE((checkpoint ->> 'v')::int, 4), checkpoint ->> 'ts', metadata
-FROM checkpoints WHERE thread_id = %s
+# psycopg (`%s`), not asyncpg: these run on the saver's own connection.
+# Metadata only, not the checkpoint JSONB (reading `v` or `ts` would detoast
+# every row): the format version matters only for a checkpoint whose parent
+# holds `__pregel_tasks` writes (v < 4 reads its pending sends there), so it is
+# read just for those, as the official prune's heads query does. Each probe
+# is a primary-key prefix lookup on checkpoint_writes.
+PG_SCAN_SQL = f"""
+SELECT c.checkpoint_ns, c.checkpoint_id, c.parent_checkpoint_id, c.metadata,
+       CASE WHEN EXISTS (
+           SELECT 1 FROM checkpoint_writes w
+           WHERE w.thread_id = c.thread_id AND w.checkpoint_ns = c.checkpoint_ns
+             AND w.checkpoint_id = c.parent_checkpoint_id AND w.channel = '{TASKS}'
+       ) THEN COALESCE((c.checkpoint ->> 'v')::int, 4) END,
+       EXISTS (
+           SELECT 1 FROM checkpoint_writes w
+           WHERE w.thread_id = c.thread_id AND w.checkpoint_ns = c.checkpoint_ns
+             AND w.checkpoint_id = c.checkpoint_id AND w.channel = '{TASKS}'
+       )
+FROM checkpoints c WHERE c.thread_id = %s
 """
-# Checkpoints of format v < 4 read pending sends from their parent's
-# `__pregel_tasks` writes; asked only when the thread has such a checkpoint.
-PG_SENDS_SQL = f"""
-SELECT DISTINCT checkpoint_ns, checkpoint_id FROM checkpoint_writes
-WHERE thread_id = %s AND channel = '{TASKS}'
+# The `ts` of checkpoints whose id carries no time (not UUIDv6): rare, so apart.
+PG_TS_SQL = """
+SELECT checkpoint_ns, checkpoint_id, checkpoint ->> 'ts' FROM checkpoints
+WHERE thread_id = %s AND checkpoint_id = ANY(%s)
 """
 # A channel has a value at a checkpoint when it is inline in the JSONB
 # (primitives, snapshot markers) or its versioned blob is not "empty" (the
@@ -571,38 +605,54 @@ SELECT c.checkpoint_ns, c.checkpoint_id,
 FROM checkpoints c
 WHERE c.thread_id = %s
 """
-# Writes go by the ids of the checkpoints deleted, never by "no checkpoint has
-# this id": a run may save a superstep's writes before their checkpoint.
-PG_DELETE_WRITES_SQL = """
-DELETE FROM checkpoint_writes
-WHERE thread_id = %s AND checkpoint_ns = %s AND checkpoint_id = ANY(%s)
-"""
-# RETURNING the versions the deleted checkpoints referenced: the only blobs
-# this delete can make garbage (as the official prune collects them).
-PG_DELETE_CHECKPOINTS_SQL = """
-DELETE FROM checkpoints
-WHERE thread_id = %s AND checkpoint_ns = %s AND checkpoint_id = ANY(%s)
-RETURNING checkpoint -> 'channel_versions'
-"""
-# As the official `prune`: a kept checkpoint whose parent went has none.
-PG_NULL_PARENTS_SQL = """
-UPDATE checkpoints SET parent_checkpoint_id = NULL
-WHERE thread_id = %s AND checkpoint_ns = %s AND parent_checkpoint_id = ANY(%s)
-"""
-# The freed versions no committed checkpoint of the namespace still names. The
-# anti-join runs inside the DELETE (READ COMMITTED: it sees checkpoints that
-# committed before this statement), so a checkpoint saved meanwhile that
-# references a version keeps it.
-PG_DELETE_BLOBS_SQL = """
-DELETE FROM checkpoint_blobs b
-USING unnest(%s::text[], %s::text[]) AS f(channel, version)
-WHERE b.thread_id = %s AND b.checkpoint_ns = %s
-  AND b.channel = f.channel AND b.version = f.version
-  AND NOT EXISTS (
-      SELECT 1 FROM checkpoints c
-      WHERE c.thread_id = b.thread_id AND c.checkpoint_ns = b.checkpoint_ns
-        AND c.checkpoint -> 'channel_versions' ->> b.channel = b.version
-  )
+# One statement deletes the decided checkpoints of a thread (any namespaces)
+# with everything that goes with them, so it is atomic without a transaction
+# block and costs one round trip on the application's write path:
+# - writes by the ids of the checkpoints deleted, never by "no checkpoint has
+#   this id" (a run may save a superstep's writes before their checkpoint);
+# - kept checkpoints whose parent went get none (as the official prune);
+# - blob versions the deleted checkpoints referenced and no other checkpoint
+#   of their namespace does (`kept` reads the statement's snapshot less the
+#   deleted ids). A checkpoint committed while the statement runs that forks
+#   from a deleted one is the window left, as for the official prune.
+# The UPDATE and the DELETE touch disjoint rows of `checkpoints`.
+PG_DELETE_SQL = """
+WITH d AS (
+    SELECT * FROM unnest(%(ns)s::text[], %(ids)s::text[]) AS d(checkpoint_ns, checkpoint_id)
+), gone AS (
+    DELETE FROM checkpoints c USING d
+    WHERE c.thread_id = %(thread)s
+      AND c.checkpoint_ns = d.checkpoint_ns AND c.checkpoint_id = d.checkpoint_id
+    RETURNING c.checkpoint_ns, c.checkpoint -> 'channel_versions' AS versions
+), writes AS (
+    DELETE FROM checkpoint_writes w USING d
+    WHERE w.thread_id = %(thread)s
+      AND w.checkpoint_ns = d.checkpoint_ns AND w.checkpoint_id = d.checkpoint_id
+    RETURNING 1
+), parents AS (
+    UPDATE checkpoints c SET parent_checkpoint_id = NULL
+    WHERE c.thread_id = %(thread)s
+      AND (c.checkpoint_ns, c.parent_checkpoint_id) IN (SELECT * FROM d)
+      AND (c.checkpoint_ns, c.checkpoint_id) NOT IN (SELECT * FROM d)
+    RETURNING 1
+), freed AS (
+    SELECT gone.checkpoint_ns, v.key AS channel, v.value AS version
+    FROM gone CROSS JOIN LATERAL jsonb_each_text(gone.versions) AS v
+), kept AS (
+    SELECT c.checkpoint_ns, v.key AS channel, v.value AS version
+    FROM checkpoints c
+    CROSS JOIN LATERAL jsonb_each_text(c.checkpoint -> 'channel_versions') AS v
+    WHERE c.thread_id = %(thread)s
+      AND c.checkpoint_ns IN (SELECT checkpoint_ns FROM d)
+      AND (c.checkpoint_ns, c.checkpoint_id) NOT IN (SELECT * FROM d)
+), blobs AS (
+    DELETE FROM checkpoint_blobs b
+    USING (SELECT * FROM freed EXCEPT SELECT * FROM kept) g
+    WHERE b.thread_id = %(thread)s AND b.checkpoint_ns = g.checkpoint_ns
+      AND b.channel = g.channel AND b.version = g.version
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM writes), (SELECT count(*) FROM blobs)
 """
 PG_FINGERPRINT_SQL = "SELECT count(*), max(checkpoint_id) FROM checkpoints WHERE thread_id = %s"
 # Whole-thread deletes, in the official prune's order (checkpoints, blobs, writes).
@@ -621,25 +671,29 @@ SELECT DISTINCT thread_id FROM checkpoints WHERE thread_id > %s ORDER BY thread_
 
 
 def pg_scan(thread_id: str) -> Program[Scanned]:
-    """Rows from the JSONB; sends parents and channel keys only where they matter."""
+    """Rows from the metadata; `ts` and channel keys only where they matter."""
     rows, _ = yield PG_SCAN_SQL, (thread_id,)
-    sends: set[tuple[str, str]] = set()
-    if any(r[3] < 4 for r in rows):
-        found, _ = yield PG_SENDS_SQL, (thread_id,)
-        sends = {(r[0], r[1]) for r in found}
     out = []
-    for ns, cid, parent, v, ts, meta in rows:
+    for ns, cid, parent, meta, v, has_sends in rows:
         meta = _json_object(meta)
         summary = summarize(
             ns,
             cid,
             parent,
             meta,
-            ts=ts,
-            reads_parent_sends=v < 4,
-            has_sends_writes=(ns, cid) in sends,
+            # v is read only where the parent has sends writes: elsewhere
+            # there is nothing to read from the parent whatever the format.
+            reads_parent_sends=v is not None and v < 4,
+            has_sends_writes=bool(has_sends),
         )
         out.append((summary, meta))
+    undated = [s.checkpoint_id for s, _ in out if s.created_at is None]
+    if undated:
+        found, _ = yield PG_TS_SQL, (thread_id, undated)
+        ts = {(r[0], r[1]): _ts_seconds(r[2]) for r in found}
+        out = [
+            (replace(s, created_at=ts.get((s.namespace, s.checkpoint_id))), m) for s, m in out
+        ]
     if is_delta_thread(s for s, _ in out):
         found, _ = yield PG_CHANNEL_KEYS_SQL, (thread_id,)
         keys = {(r[0], r[1]): (frozenset(r[2]), frozenset(r[3])) for r in found}
@@ -654,25 +708,18 @@ def pg_scan(thread_id: str) -> Program[Scanned]:
 
 
 def pg_delete(thread_id: str, ids_by_ns: Mapping[str, Sequence[str]]) -> Program[Counts]:
-    """Writes, checkpoints, orphaned parents, then the blob versions they alone used."""
-    counts = Counts()
-    for ns, ids in ids_by_ns.items():
-        id_list = list(ids)
-        _, n = yield PG_DELETE_WRITES_SQL, (thread_id, ns, id_list)
-        counts.writes += max(n, 0)
-        freed_rows, _ = yield PG_DELETE_CHECKPOINTS_SQL, (thread_id, ns, id_list)
-        counts.checkpoints += len(freed_rows)
-        yield PG_NULL_PARENTS_SQL, (thread_id, ns, id_list)
-        freed = sorted(
-            {(ch, str(v)) for (versions,) in freed_rows for ch, v in _json_object(versions).items()}
-        )
-        if freed:
-            _, n = yield (
-                PG_DELETE_BLOBS_SQL,
-                ([f[0] for f in freed], [f[1] for f in freed], thread_id, ns),
-            )
-            counts.blobs += max(n, 0)
-    return counts
+    """`PG_DELETE_SQL`: checkpoints, their writes, orphaned parents, freed blobs."""
+    pairs = [(ns, cid) for ns, ids in ids_by_ns.items() for cid in ids]
+    if not pairs:
+        return Counts()
+    params = {
+        "thread": thread_id,
+        "ns": [p[0] for p in pairs],
+        "ids": [p[1] for p in pairs],
+    }
+    rows, _ = yield PG_DELETE_SQL, params
+    checkpoints, writes, blobs = rows[0]
+    return Counts(checkpoints=int(checkpoints), writes=int(writes), blobs=int(blobs))
 
 
 def pg_expire(thread_id: str, fingerprint: Fingerprint) -> Program[Counts]:
@@ -746,6 +793,22 @@ class _SqlBackend(Backend):
     def delete(self, thread_id: str, ids_by_ns: Mapping[str, Sequence[str]]) -> Counts:
         """See `Backend.delete`."""
         return self._exec(self._programs().delete(thread_id, ids_by_ns), write=True)
+
+    def _trim(self, thread_id: str, choose: Choose) -> Program[Counts]:
+        programs = self._programs()
+        scanned = yield from programs.scan(thread_id)
+        ids = choose(scanned)
+        if not ids:
+            return Counts()
+        return (yield from programs.delete(thread_id, ids))
+
+    def trim(self, thread_id: str, choose: Choose) -> Counts:
+        """See `Backend.trim`."""
+        return self._exec(self._trim(thread_id, choose), write=True)
+
+    async def atrim(self, thread_id: str, choose: Choose) -> Counts:
+        """See `Backend.trim`."""
+        return await self._aexec(self._trim(thread_id, choose), write=True)
 
     def expire(self, thread_id: str, fingerprint: Fingerprint) -> Counts | None:
         """See `Backend.expire`."""
@@ -825,7 +888,7 @@ PG_PROGRAMS = _Programs(
 )
 
 
-def _drive(program: Program[T], execute: Callable[[str, Sequence[Any]], Result]) -> T:
+def _drive(program: Program[T], execute: Callable[[str, Any], Result]) -> T:
     result: Result | None = None
     try:
         while True:
@@ -836,7 +899,7 @@ def _drive(program: Program[T], execute: Callable[[str, Sequence[Any]], Result])
 
 
 async def _adrive(
-    program: Program[T], execute: Callable[[str, Sequence[Any]], Awaitable[Result]]
+    program: Program[T], execute: Callable[[str, Any], Awaitable[Result]]
 ) -> T:
     result: Result | None = None
     try:
@@ -866,6 +929,33 @@ def _on_loop(loop: asyncio.AbstractEventLoop, name: str, make: Callable[[], Awai
     return asyncio.run_coroutine_threadsafe(run(), loop).result()
 
 
+def _sqlite_run(conn: sqlite3.Connection, program: Program[T], write: bool) -> T:
+    """Run a program on a sqlite3 connection; a writing one in one BEGIN IMMEDIATE transaction."""
+    cur = conn.cursor()
+    began = False
+    try:
+        if write and not conn.in_transaction:
+            # IMMEDIATE: take the write lock before reading what to delete, so
+            # the re-checks see the last committed state.
+            cur.execute("BEGIN IMMEDIATE")
+            began = True
+
+        def execute(sql: str, params: Sequence[Any]) -> Result:
+            cur.execute(sql, params)
+            return cur.fetchall(), cur.rowcount
+
+        result = _drive(program, execute)
+        if write:
+            conn.commit()
+        return result
+    except BaseException:
+        if began and conn.in_transaction:
+            conn.rollback()
+        raise
+    finally:
+        cur.close()
+
+
 class SqliteBackend(_SqlBackend):
     """`SqliteSaver`: its sqlite3 connection, under its `threading.Lock`."""
 
@@ -878,30 +968,7 @@ class SqliteBackend(_SqlBackend):
         inner: Any = self.inner
         with inner.lock:
             inner.setup()  # what the saver's own cursor() does first
-            conn = inner.conn
-            cur = conn.cursor()
-            began = False
-            try:
-                if write and not conn.in_transaction:
-                    # IMMEDIATE: take the write lock before reading what to
-                    # delete, so the re-checks see the last committed state.
-                    cur.execute("BEGIN IMMEDIATE")
-                    began = True
-
-                def execute(sql: str, params: Sequence[Any]) -> Result:
-                    cur.execute(sql, params)
-                    return cur.fetchall(), cur.rowcount
-
-                result = _drive(program, execute)
-                if write:
-                    conn.commit()
-                return result
-            except BaseException:
-                if began and conn.in_transaction:
-                    conn.rollback()
-                raise
-            finally:
-                cur.close()
+            return _sqlite_run(inner.conn, program, write)
 
 
 class AsyncSqliteBackend(_SqlBackend):
@@ -918,25 +985,36 @@ class AsyncSqliteBackend(_SqlBackend):
         await inner.setup()
         async with inner.lock:
             conn = inner.conn
-            began = False
-            try:
-                if write and not conn.in_transaction:
-                    await conn.execute("BEGIN IMMEDIATE")
-                    began = True
+            run_in_thread = getattr(conn, "_execute", None)
+            if callable(run_in_thread) and isinstance(getattr(type(conn), "_conn", None), property):
+                # One hop to aiosqlite's connection thread for the whole
+                # operation instead of one per statement: a trim's round trips
+                # are most of its cost on the application's write path.
+                return await run_in_thread(lambda: _sqlite_run(conn._conn, program, write))  # type: ignore[no-any-return]
+            return await self._statement_by_statement(conn, program, write)
 
-                async def execute(sql: str, params: Sequence[Any]) -> Result:
-                    async with conn.execute(sql, params) as cur:
-                        rows = await cur.fetchall()
-                        return [tuple(r) for r in rows], cur.rowcount
+    @staticmethod
+    async def _statement_by_statement(conn: Any, program: Program[T], write: bool) -> T:
+        # Through aiosqlite's public API, for versions without `_execute`.
+        began = False
+        try:
+            if write and not conn.in_transaction:
+                await conn.execute("BEGIN IMMEDIATE")
+                began = True
 
-                result = await _adrive(program, execute)
-                if write:
-                    await conn.commit()
-                return result
-            except BaseException:
-                if began and conn.in_transaction:
-                    await conn.rollback()
-                raise
+            async def execute(sql: str, params: Sequence[Any]) -> Result:
+                async with conn.execute(sql, params) as cur:
+                    rows = await cur.fetchall()
+                    return [tuple(r) for r in rows], cur.rowcount
+
+            result = await _adrive(program, execute)
+            if write:
+                await conn.commit()
+            return result
+        except BaseException:
+            if began and conn.in_transaction:
+                await conn.rollback()
+            raise
 
     def _exec(self, program: Program[T], write: bool) -> T:
         return _on_loop(

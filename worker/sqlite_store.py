@@ -9,15 +9,18 @@ re-checks the batch's threads against their scan, then deletes by id.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sqlite3
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from typing import Any
 
 import aiosqlite
+import structlog
 
 from policies.decide import is_delta_thread, root_head
 from policies.ids import checkpoint_time
@@ -34,6 +37,8 @@ from worker.engine import (
     merge_pages,
 )
 from worker.stats import AgeHistogram
+
+log = structlog.get_logger("checkpoint_janitor.sqlite")
 
 # ---------------------------------------------------------------- schema
 
@@ -185,6 +190,8 @@ FROM checkpoints GROUP BY thread_id ORDER BY size DESC LIMIT ?
 # Deleted rows leave free pages in the file until VACUUM: what could be reclaimed.
 FILE_PAGES_SQL = "SELECT * FROM pragma_page_size, pragma_page_count, pragma_freelist_count"
 
+BUSY_SLICE_MS = 20
+
 # PASSIVE never waits for the application's readers or writers, so it is
 # safe to run after each batch to keep the WAL from growing over a sweep.
 WAL_CHECKPOINT_SQL = "PRAGMA wal_checkpoint(PASSIVE)"
@@ -226,7 +233,10 @@ class SqliteStore:
             self._conn = await aiosqlite.connect(
                 f"file:{self.path}?mode=rw", uri=True, isolation_level=None
             )
-            await self._conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            # Short waits inside SQLite: a wait there cannot be cancelled, and
+            # SIGTERM must end a batch that waits for the application's lock.
+            # `_begin` retries up to the configured busy_timeout.
+            await self._conn.execute(f"PRAGMA busy_timeout = {BUSY_SLICE_MS}")
             await self._check_schema()
         except sqlite3.Error as e:
             await self.close()
@@ -409,7 +419,15 @@ class SqliteStore:
         if dry_run:
             return [await self._count(work) for work in batch]
         conn = self.conn
-        await conn.execute("BEGIN IMMEDIATE")
+        if not await self._begin():
+            log.warning(
+                "batch_skipped",
+                store=self.name,
+                reason="write lock busy",
+                busy_timeout=self.busy_timeout,
+                threads=len(batch),
+            )
+            return [WorkResult(w.thread_id, Counts(), changed=True) for w in batch]
         try:
             tids = [w.thread_id for w in batch]
             current = await self._fingerprints(tids)
@@ -434,6 +452,22 @@ class SqliteStore:
                 await conn.execute("ROLLBACK")
             raise
         return results
+
+    async def _begin(self) -> bool:
+        """BEGIN IMMEDIATE, retried until `busy_timeout`; False if the lock stayed taken."""
+        deadline = time.monotonic() + self.busy_timeout
+        pause = 0.005
+        while True:
+            try:
+                await self.conn.execute("BEGIN IMMEDIATE")
+                return True
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e):
+                    raise
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
     async def _fingerprints(self, thread_ids: Sequence[str]) -> dict[str, Fingerprint]:
         found: dict[str, list[tuple[str, int, str]]] = defaultdict(list)

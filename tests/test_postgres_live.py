@@ -1,0 +1,550 @@
+"""The worker on Postgres beside a live application, as processes, and when things go wrong.
+
+The big stores hold hundreds of threads whose rows the real
+`AsyncPostgresSaver` wrote (one real thread, replicated with `INSERT ...
+SELECT` into all three tables), a day old, so every thread is quiet past the
+grace period and blob collection runs while the application works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from pg_scenarios import (
+    NO_ORPHANS,
+    Databases,
+    all_keys,
+    app_process,
+    blob_keys,
+    cli,
+    connect,
+    dump,
+    fork_graph,
+    json_events,
+    lost_blobs,
+    once,
+    orphans,
+    pg_saver,
+    replicate,
+    run_pg_sweep,
+    table_counts,
+    thread_counts,
+    write_config,
+)
+from pgserver import PgServer, free_port
+from scenarios import turns
+
+from worker.demo import aged, chat_graph, thread
+from worker.sweep import Outcome
+
+pytestmark = pytest.mark.slow
+
+THREADS = 600
+TURNS = 8
+KEEP = 2
+PER_THREAD = 3 * TURNS
+"""Checkpoints of one chat thread: input, loop step and reply per turn."""
+SLOW_BATCHES = "defaults:\n  batch: {target_batch_seconds: 0.02, max_batch_threads: 25}\n"
+BULK_POLICY = f'  - {{name: bulk, match: {{thread_id: "bulk-*"}}, keep_last: {KEEP}}}'
+
+
+async def build_big(dsn: str, graph: Any, prefix: str, threads: int, n_turns: int) -> None:
+    """One real thread written a day ago, replicated as `{prefix}{i:05d}-t`."""
+    with aged(1):
+        async with pg_saver(dsn) as saver:
+            await turns(graph(saver), "t", n_turns)
+    await replicate(dsn, "t", [f"{prefix}{i:05d}-" for i in range(threads)])
+
+
+@pytest.fixture(scope="module")
+def big_template(pg_server: PgServer) -> Iterator[str]:
+    """THREADS chat threads of TURNS turns, a day old."""
+    dbs = Databases(pg_server, "big_template")
+    dsn = dbs.create()
+    asyncio.run(build_big(dsn, chat_graph, "bulk-", THREADS, TURNS))
+    yield dsn
+    dbs.drop_all()
+
+
+@pytest.fixture
+def dbs(pg_server: PgServer, request: pytest.FixtureRequest) -> Iterator[Databases]:
+    d = Databases(pg_server, request.node.name)
+    yield d
+    d.drop_all()
+
+
+@pytest.fixture
+def big(big_template: str, dbs: Databases) -> str:
+    return dbs.clone(big_template)
+
+
+SMALL_THREADS = 200
+
+
+@pytest.fixture(scope="module")
+def small_template(pg_server: PgServer) -> Iterator[str]:
+    """SMALL_THREADS chat threads of TURNS turns, a day old."""
+    dbs = Databases(pg_server, "small_template")
+    dsn = dbs.create()
+    asyncio.run(build_big(dsn, chat_graph, "bulk-", SMALL_THREADS, TURNS))
+    yield dsn
+    dbs.drop_all()
+
+
+def bulk(i: int) -> str:
+    return f"bulk-{i:05d}-t"
+
+
+async def read_threads(dsn: str, threads: list[str]) -> dict[str, Any]:
+    """Every checkpoint of `threads` as the saver reads it, by checkpoint id."""
+    out: dict[str, Any] = {}
+    async with pg_saver(dsn) as saver:
+        for t in threads:
+            async for tup in saver.alist(thread(t)):
+                cid = tup.config["configurable"]["checkpoint_id"]
+                out[f"{t}/{cid}"] = (tup.checkpoint, tup.metadata, tup.pending_writes)
+    return out
+
+
+# ------------------------------------------------------------------ the command line
+
+
+async def test_cli_commands_on_a_postgres_store(tmp_path: Path, dbs: Databases) -> None:
+    """plan, once, stats and purge work on a postgres store named by `${ENV}`; the DSN's
+    password appears in no output."""
+    dsn = dbs.create()
+    password = dsn.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
+    async with pg_saver(dsn) as saver:
+        app = chat_graph(saver)
+        for tid in (
+            "user-1",
+            "user-2",
+            "org-42:user-7:a",
+            "org-42:user-7:b",
+            "org-42:user-70:a",
+            "org-42_user-7:c",
+            "ORG-42:user-7:d",
+        ):
+            await turns(app, tid, 3)
+    cfg = tmp_path / "janitor.yaml"
+    cfg.write_text(
+        "stores:\n  - {name: pg, kind: postgres, dsn: '${JANITOR_TEST_DSN}'}\n"
+        "policies:\n  - {name: trim, keep_last: 2}\nlogging: {format: json}\n"
+    )
+    env = {"JANITOR_TEST_DSN": dsn}
+    outputs: list[str] = []
+
+    raw = await dump(dsn)
+    p = cli("plan", "--format", "json", config=cfg, env=env)
+    outputs += [p.stdout, p.stderr]
+    assert p.returncode == 0, p.stderr
+    plan = json.loads(p.stdout)["stores"][0]
+    assert plan["total"]["checkpoints"] == 7 * 7
+    assert plan["policies"][0]["by_reason"]["trimmed"]["checkpoints"] == 7 * 7
+    assert await dump(dsn) == raw
+
+    s = cli("stats", "--format", "json", config=cfg, env=env)
+    outputs += [s.stdout, s.stderr]
+    assert s.returncode == 0, s.stderr
+    st = json.loads(s.stdout)["stores"][0]
+    assert st["kind"] == "postgres" and st["threads"] == 7
+    assert set(st["tables"]) >= {"checkpoints", "checkpoint_writes", "checkpoint_blobs"}
+    assert st["ages"]['""'] == {"<1h": 63}
+    assert st["largest_threads"][0]["checkpoints"] == 9
+
+    r = cli("once", config=cfg, env=env)
+    outputs += [r.stdout, r.stderr]
+    assert r.returncode == 0, r.stderr
+    assert set((await thread_counts(dsn)).values()) == {2}
+    sweeps = [e for e in json_events(r.stderr) if e["event"] == "sweep"]
+    assert len(sweeps) == 1 and sweeps[0]["outcome"] == "success"
+    assert sweeps[0]["checkpoints"] == 7 * 7
+
+    r = cli("purge", "--thread-prefix", "org-42:user-7:", config=cfg, env=env, input="n\n")
+    outputs += [r.stdout, r.stderr]
+    assert r.returncode == 0, r.stderr
+    assert "2 threads" in r.stdout and "nothing deleted" in r.stdout
+    r = cli("purge", "--thread-prefix", "org-42:user-7:", "--yes", config=cfg, env=env)
+    outputs += [r.stdout, r.stderr]
+    assert r.returncode == 0, r.stderr
+    left = set(await thread_counts(dsn))
+    # `_` and case are not wildcards: a range on the id, never LIKE.
+    assert left == {"user-1", "user-2", "org-42:user-70:a", "org-42_user-7:c", "ORG-42:user-7:d"}
+    async with connect(dsn) as conn:
+        for table in ("checkpoint_writes", "checkpoint_blobs"):
+            gone = await conn.fetchval(
+                f"SELECT COUNT(*) FROM {table} WHERE thread_id LIKE 'org-42:user-7:%'"
+            )
+            assert gone == 0, table
+    r = cli("purge", "--thread", "user-1", "--yes", config=cfg, env=env)
+    outputs += [r.stdout, r.stderr]
+    assert r.returncode == 0 and "user-1" not in await thread_counts(dsn)
+    audit = json_events(r.stderr)
+    assert any(e["event"] == "thread_purged" and e["thread_id"] == "user-1" for e in audit)
+    assert not any(password in out for out in outputs)
+
+
+BAD_PASSWORD = "wr0ng-s3cr3t-pw"
+ODD_PASSWORD = "p@ss:w%rd/s3cr3t"
+ODD_PASSWORD_URL = "p%40ss%3Aw%25rd%2Fs3cr3t"
+
+
+def bad_store(case: str, pg_server: PgServer, dsn: str) -> tuple[str, str, tuple[str, ...]]:
+    """(dsn, extra store yaml, words one of which the error must contain) for `case`."""
+    db = dsn.rsplit("/", 1)[1]
+    if case == "wrong password (URL)":
+        return (
+            f"postgresql://postgres:{BAD_PASSWORD}@127.0.0.1:{pg_server.port}/{db}",
+            "",
+            ("password", "authentication"),
+        )
+    if case == "wrong password (keyword DSN)":
+        return (
+            f"host=127.0.0.1 port={pg_server.port} user=postgres password={BAD_PASSWORD} "
+            f"dbname={db}",
+            "",
+            ("password", "authentication"),
+        )
+    if case == "wrong password with special characters (URL-encoded)":
+        return (
+            f"postgresql://postgres:{ODD_PASSWORD_URL}@127.0.0.1:{pg_server.port}/{db}",
+            "",
+            ("password", "authentication"),
+        )
+    if case == "unreachable host":
+        return (
+            f"postgresql://postgres:{BAD_PASSWORD}@127.0.0.1:{free_port()}/{db}",
+            "",
+            ("connect", "refused", "unreachable"),
+        )
+    assert case == "missing schema"
+    return dsn, "    schema: nope\n", ("nope",)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "wrong password (URL)",
+        "wrong password (keyword DSN)",
+        "wrong password with special characters (URL-encoded)",
+        "unreachable host",
+        "missing schema",
+    ],
+)
+async def test_store_errors_exit_1_without_the_password(
+    tmp_path: Path, dbs: Databases, pg_server: PgServer, case: str
+) -> None:
+    """A store the worker cannot use: `once`, `plan` and `stats` exit 1 with a clear error
+    naming the store, never the password, and nothing is deleted."""
+    dsn = dbs.create()
+    real_password = pg_server.password
+    async with pg_saver(dsn) as saver:
+        await turns(chat_graph(saver), "user-1", 3)
+    raw = await dump(dsn)
+    store_dsn, store_extra, words = bad_store(case, pg_server, dsn)
+    cfg = tmp_path / "janitor.yaml"
+    cfg.write_text(
+        f"stores:\n  - name: pg\n    kind: postgres\n    dsn: '{store_dsn}'\n{store_extra}"
+        "policies:\n  - {name: trim, keep_last: 1}\n"
+    )
+    secrets = (BAD_PASSWORD, ODD_PASSWORD, ODD_PASSWORD_URL, real_password)
+    for command in ("once", "plan", "stats"):
+        t0 = time.monotonic()
+        r = cli(command, config=cfg)
+        out = r.stdout + r.stderr
+        assert r.returncode == 1, (command, r.returncode, out)
+        assert time.monotonic() - t0 < 60
+        assert not any(secret in out for secret in secrets), out
+        assert "pg" in r.stderr
+        assert any(w in r.stderr.lower() for w in words), (command, r.stderr)
+        assert "Traceback" not in r.stderr, r.stderr
+    assert await dump(dsn) == raw
+
+
+# ------------------------------------------------------------------ beside an application
+
+
+async def test_live_writer_loses_nothing(tmp_path: Path, big: str) -> None:
+    """An application writing with AsyncPostgresSaver during a `once` loses no turn: ungoverned
+    threads keep every checkpoint, swept threads end with every message."""
+    live = ["live-1", "live-2", "live-3"]
+    swept = [bulk(1), bulk(THREADS // 2), bulk(THREADS - 1)]
+    async with pg_saver(big) as saver:
+        expected_before = {
+            t: (await chat_graph(saver).aget_state(thread(t))).values["messages"] for t in swept
+        }
+    out = tmp_path / "writer.json"
+    writer = app_process("write", big, "6", str(out), *live, *swept)
+    time.sleep(1.5)
+    cfg = write_config(tmp_path / "janitor.yaml", big, BULK_POLICY, SLOW_BATCHES)
+    sweeper = once(cfg)
+    _, err = sweeper.communicate(timeout=300)
+    assert writer.wait(timeout=120) == 0
+    assert sweeper.returncode == 0, err
+    batches = [e for e in json_events(err) if e["event"] == "batch"]
+    assert len(batches) > 10
+
+    result = json.loads(out.read_text())
+    assert result["errors"] == []
+    done: dict[str, int] = result["done"]
+    assert all(n > 0 for n in done.values()), done
+    counts = await thread_counts(big)
+    for t in live:
+        # Not governed by any policy: every checkpoint written is there.
+        assert counts[t] == 3 * done[t]
+    async with pg_saver(big) as saver:
+        app = chat_graph(saver)
+        for t in swept:
+            messages = (await app.aget_state(thread(t))).values["messages"]
+            live_part = [m for i in range(done[t]) for m in (f"live {i}", f"reply to live {i}")]
+            assert messages == expected_before[t] + live_part
+    assert all(n >= KEEP for t, n in counts.items() if t.startswith("bulk-"))
+    found = await orphans(big)
+    assert found["orphan_writes"] == [] and found["missing_parents"] == []
+
+
+async def watch_lock_waits(dsn: str, stop: asyncio.Event) -> float:
+    """The longest a statement of another session was seen waiting for a lock (seconds)."""
+    longest = 0.0
+    async with connect(dsn) as conn:
+        while not stop.is_set():
+            waited = await conn.fetchval(
+                "SELECT EXTRACT(EPOCH FROM max(now() - query_start)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND wait_event_type = 'Lock' "
+                "AND pid <> pg_backend_pid()"
+            )
+            longest = max(longest, float(waited or 0.0))
+            await asyncio.sleep(0.05)
+    return longest
+
+
+@pytest.mark.parametrize("table", ["checkpoints", "checkpoint_writes", "checkpoint_blobs"])
+async def test_application_lock_makes_the_sweep_back_off(
+    small_template: str, dbs: Databases, table: str
+) -> None:
+    """A transaction of the application holding a thread's rows (`FOR UPDATE`) makes the sweep
+    skip or retry that batch within lock_timeout: it finishes while the lock is held, no
+    statement waits past lock_timeout, and the locked thread is untouched until released."""
+    dsn = dbs.clone(small_template)
+    locked = bulk(SMALL_THREADS // 2)
+    before = await thread_counts(dsn)
+    policy = BULK_POLICY
+    extra = "defaults:\n  batch: {lock_timeout: 0.5, max_batch_threads: 20, pause_factor: 0}\n"
+    app = await asyncpg.connect(dsn)
+    try:
+        tx = app.transaction()
+        await tx.start()
+        held = await app.fetch(f"SELECT 1 FROM {table} WHERE thread_id = $1 FOR UPDATE", locked)
+        assert held
+        stop = asyncio.Event()
+        watcher = asyncio.create_task(watch_lock_waits(dsn, stop))
+        t0 = time.monotonic()
+        report = await asyncio.wait_for(run_pg_sweep(dsn, policy, extra=extra), timeout=120)
+        elapsed = time.monotonic() - t0
+        stop.set()
+        longest_wait = await watcher
+        assert report.outcome is Outcome.SUCCESS, report.error
+        assert elapsed < 30, elapsed
+        assert longest_wait < 0.5 + 0.5, f"a statement waited {longest_wait:.2f}s for the lock"
+        assert longest_wait > 0.1, "the sweep never met the application's lock"
+        during = await thread_counts(dsn)
+        assert during[locked] == before[locked], "the locked thread was changed"
+        trimmed = sum(1 for n in during.values() if n == KEEP)
+        assert trimmed >= 0.9 * (SMALL_THREADS - 1), f"only {trimmed} threads trimmed"
+        # The application's transaction was not disturbed.
+        assert await app.fetchval("SELECT 1") == 1
+    finally:
+        await app.close()  # rolls the application's transaction back
+    report = await run_pg_sweep(dsn, policy, extra=extra)
+    assert report.outcome is Outcome.SUCCESS, report.error
+    assert set((await thread_counts(dsn)).values()) == {KEEP}
+    assert await orphans(dsn) == NO_ORPHANS
+
+
+# ------------------------------------------------------------------ processes
+
+
+async def test_two_once_processes_sweep_each_thread_once(tmp_path: Path, big: str) -> None:
+    """Two `once` started together on one database: both exit 0, no deadlock, each thread
+    trimmed once (deleted counts add up to the rows that went), no orphans."""
+    total = (await table_counts(big))["checkpoints"]
+    cfg = write_config(tmp_path / "janitor.yaml", big, BULK_POLICY, SLOW_BATCHES)
+    procs = [once(cfg), once(cfg)]
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0, err[-3000:]
+        lowered = err.lower()
+        assert "deadlock" not in lowered and "serializ" not in lowered, err[-3000:]
+    assert set((await thread_counts(big)).values()) == {KEEP}
+    assert len(await thread_counts(big)) == THREADS
+    deleted = sum(
+        e["checkpoints"] for _, err in results for e in json_events(err) if e["event"] == "sweep"
+    )
+    assert deleted == total - KEEP * THREADS
+    assert await orphans(big) == NO_ORPHANS
+
+
+async def test_sigkill_mid_sweep_leaves_a_readable_store(tmp_path: Path, big: str) -> None:
+    """`once` killed mid-sweep: every head survives, every kept checkpoint reads back equal,
+    nothing half-deleted; a second `once` finishes the work and leaves no orphans."""
+    sample = [bulk(i) for i in range(0, THREADS, 50)]
+    before = await read_threads(big, sample)
+    blobs = await blob_keys(big)
+    async with connect(big) as conn:
+        heads = {
+            r[0]: r[1]
+            for r in await conn.fetch(
+                "SELECT thread_id, MAX(checkpoint_id) FROM checkpoints GROUP BY 1"
+            )
+        }
+    total = len(await all_keys(big))
+    cfg = write_config(tmp_path / "janitor.yaml", big, BULK_POLICY, SLOW_BATCHES)
+    proc = once(cfg)
+    deadline = time.monotonic() + 120
+    async with connect(big) as conn:
+        while time.monotonic() < deadline and proc.poll() is None:
+            await asyncio.sleep(0.1)
+            now_total = await conn.fetchval("SELECT COUNT(*) FROM checkpoints")
+            if total - now_total > total // 10:
+                break
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the sweep finished before it could be killed"
+
+    async with connect(big) as conn:
+        mid = {
+            r[0]: r[1]
+            for r in await conn.fetch(
+                "SELECT thread_id, MAX(checkpoint_id) FROM checkpoints GROUP BY 1"
+            )
+        }
+    assert mid == heads  # every thread head survived
+    counts = await thread_counts(big)
+    assert any(n == KEEP for n in counts.values()) and any(n > KEEP for n in counts.values())
+    assert all(KEEP <= n <= PER_THREAD for n in counts.values())
+    found = await orphans(big)
+    assert found["orphan_writes"] == [] and found["missing_parents"] == []
+    assert not await lost_blobs(big, blobs)
+    after = await read_threads(big, sample)
+    assert set(after) <= set(before)
+    assert all(after[k] == before[k] for k in after)
+    async with pg_saver(big) as saver:
+        for t in sample:
+            assert (await chat_graph(saver).aget_state(thread(t))).values["messages"]
+
+    proc = once(write_config(tmp_path / "fast.yaml", big, BULK_POLICY))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert set((await thread_counts(big)).values()) == {KEEP}
+    assert len(await thread_counts(big)) == THREADS
+    assert await orphans(big) == NO_ORPHANS
+    after = await read_threads(big, sample)
+    assert all(after[k] == before[k] for k in after)
+
+
+# ------------------------------------------------------------------ forks
+
+FORK_THREADS = 400
+FORK_TURNS = 6
+
+
+@pytest.fixture(scope="module")
+def fork_template(pg_server: PgServer) -> Iterator[str]:
+    """FORK_THREADS threads of `fork_graph` (messages and notes), a day old."""
+    dbs = Databases(pg_server, "fork_template")
+    dsn = dbs.create()
+    asyncio.run(build_big(dsn, fork_graph, "fork-", FORK_THREADS, FORK_TURNS))
+    yield dsn
+    dbs.drop_all()
+
+
+async def assert_forks_whole(dsn: str, forks: list[dict[str, Any]]) -> None:
+    """Every fork reads back as the forking process saw it: all channel values, same state."""
+    broken = []
+    async with pg_saver(dsn) as saver:
+        app = fork_graph(saver)
+        for f in forks:
+            tup = await saver.aget_tuple(f["config"])
+            if tup is None:
+                broken.append((f["thread_id"], "fork checkpoint gone"))
+                continue
+            values = repr(sorted(tup.checkpoint["channel_values"].items()))
+            state = await app.aget_state(f["config"])
+            if values != f["channel_values"] or state.values != f["values"]:
+                broken.append((f["thread_id"], "values differ", state.values, f["values"]))
+            elif list(state.next) != f["next"]:
+                broken.append((f["thread_id"], "next differs", state.next, f["next"]))
+    assert not broken, f"{len(broken)} of {len(forks)} forks broken: {broken[:3]}"
+
+
+async def test_forks_during_a_sweep_read_back_whole(
+    tmp_path: Path, fork_template: str, dbs: Databases
+) -> None:
+    """While `once` trims quiet threads (blob collection on), another process forks them from
+    old checkpoints; each fork references its base's `messages` blob. Every fork reads back
+    whole after that sweep, after a second one, and after one past the grace period."""
+    dsn = dbs.clone(fork_template)
+    threads = sorted(await thread_counts(dsn, "fork-"))
+    total = len(await all_keys(dsn))
+    cfg = write_config(
+        tmp_path / "janitor.yaml",
+        dsn,
+        f'  - {{name: trim, match: {{thread_id: "fork-*"}}, keep_last: {KEEP}}}',
+        "defaults:\n  batch: {target_batch_seconds: 0.01, max_batch_threads: 4, pause: 0.05}\n",
+    )
+    sweeper = once(cfg)
+    async with connect(dsn) as conn:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and sweeper.poll() is None:
+            if await conn.fetchval("SELECT COUNT(*) FROM checkpoints") < total:
+                break
+            await asyncio.sleep(0.02)
+    started = time.time()
+    out = tmp_path / "forks.json"
+    # In a shuffled order, so forks land before, during and after the sweep reaches a thread.
+    random.Random(0).shuffle(threads)
+    forker = app_process("fork", dsn, str(out), *threads)
+    _, err = sweeper.communicate(timeout=300)
+    ended = time.time()
+    assert forker.wait(timeout=300) == 0
+    assert sweeper.returncode == 0, err[-3000:]
+    result = json.loads(out.read_text())
+    assert result["errors"] == []
+    forks = result["forks"]
+    during = [f for f in forks if started <= f["at"] <= ended]
+    assert len(during) >= 20, f"only {len(during)} forks during the sweep"
+    # Each fork references its base's `messages` blob version, not a fresh one.
+    assert all(
+        f["channel_versions"]["messages"] == f["base_versions"]["messages"]
+        for f in forks
+        if not f["from_deleted"]
+    )
+    await assert_forks_whole(dsn, forks)
+
+    report = await run_pg_sweep(dsn, f"  - {{name: trim, keep_last: {KEEP}}}")
+    assert report.outcome is Outcome.SUCCESS, report.error
+    await assert_forks_whole(dsn, forks)
+    report = await run_pg_sweep(
+        dsn, f"  - {{name: trim, keep_last: {KEEP}}}", now=time.time() + 86400
+    )
+    assert report.outcome is Outcome.SUCCESS, report.error
+    await assert_forks_whole(dsn, forks)
+    found = await orphans(dsn)
+    assert found["unreferenced_blobs"] == [] and found["orphan_writes"] == []
+    # A fork committed after the sweep deleted its base names a deleted parent; a later
+    # sweep of the thread must null it (invariant 6), as the official prune does.
+    by_id = {f["config"]["configurable"]["checkpoint_id"]: f for f in forks}
+    dangling = [
+        (tid, cid, by_id.get(cid, {}).get("from_deleted"), by_id.get(cid, {}).get("at", 0) - ended)
+        for tid, _, cid in found["missing_parents"]
+    ]
+    assert dangling == [], f"(thread, checkpoint, from_deleted, s after sweep end): {dangling}"
