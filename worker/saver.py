@@ -30,6 +30,24 @@ Wrap the checkpointer a graph is compiled with::
 - Retention never breaks the application's write or read: a failure is
   logged and counted in `checkpoint_janitor_saver_failures_total`. The work
   runs on the saver's own connection under the saver's own lock.
+
+Windows that remain (within one process the saver's lock serializes the
+wrapper's work with the application's, so these concern other processes
+writing the same store):
+
+- Expiry on Postgres re-checks the thread after its deletes, in READ
+  COMMITTED, and rolls back if anything was saved; a save committing between
+  that check and COMMIT is lost with the thread. On SQLite the write lock
+  (BEGIN IMMEDIATE) leaves no window.
+- A trim on Postgres collects the blob versions only the deleted checkpoints
+  referenced, checked against the checkpoints committed when its statement
+  starts: a fork (`update_state` from a checkpoint being trimmed) committed by
+  another process during that statement can lose a blob, as with the
+  official `prune`.
+- Each process counts its own puts: N processes writing one thread may let
+  it reach `keep_last + N * slack` between trims.
+- Only one-thread reads are filtered for expiry; a listing of every thread
+  (`list(None)`) is not.
 """
 
 from __future__ import annotations
@@ -87,7 +105,7 @@ Program = Generator[Request, Any, T]
 PRUNE_STRATEGIES = ("keep_latest", "delete")
 
 _CACHE_SIZE = 65_536
-"""Threads and (thread, namespace) pairs whose state the wrapper remembers (LRU)."""
+"""Threads whose state (freshness, puts since their trims) the wrapper remembers (LRU)."""
 _RECHECK_SECONDS = 60.0
 """How long an idle thread found not expired (it waits for input) is taken as such."""
 _PAGE = 500
@@ -175,10 +193,14 @@ def _counter(registry: CollectorRegistry, name: str, doc: str, labels: Sequence[
 # ------------------------------------------------------------------ state shared by clones
 
 
-class _Lru(OrderedDict[Any, float]):
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _Lru(OrderedDict[K, V]):
     """A bounded map; the least recently set key goes first."""
 
-    def put(self, key: Any, value: float) -> None:
+    def put(self, key: K, value: V) -> None:
         self[key] = value
         self.move_to_end(key)
         if len(self) > _CACHE_SIZE:
@@ -190,17 +212,16 @@ class _State:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.fresh_until = _Lru()
+        self.fresh_until: _Lru[str, float] = _Lru()
         """thread -> time until which it cannot have expired (no check needed)."""
-        self.since_trim = _Lru()
-        """(thread, namespace) -> puts since its last trim."""
+        self.since_trim: _Lru[str, dict[str, int]] = _Lru()
+        """thread -> namespace -> puts since its last trim."""
 
     def forget(self, thread_ids: Collection[str]) -> None:
         with self.lock:
             for tid in thread_ids:
                 self.fresh_until.pop(tid, None)
-                for key in [k for k in self.since_trim if k[0] == tid]:
-                    del self.since_trim[key]
+                self.since_trim.pop(tid, None)
 
 
 def _overrides(cls: type, method: str) -> bool:
@@ -485,17 +506,20 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
                 state.fresh_until.put(thread_id, until)
             if self._trim_rules is None:
                 return False
-            key = (thread_id, ns)
-            count = state.since_trim.get(key)
+            counts = state.since_trim.get(thread_id)
+            if counts is None:
+                counts = {}
+            count = counts.get(ns)
             if count is None:
                 # First put this process sees: trim at once if it continues a
                 # history (which may be long), not when it starts one.
                 has_parent = bool(config["configurable"].get("checkpoint_id"))
-                count = self.slack + 1.0 if has_parent else 0.0
+                count = self.slack + 1 if has_parent else 0
             else:
                 count += 1
             due = count > self.slack
-            state.since_trim.put(key, 0.0 if due else count)
+            counts[ns] = 0 if due else count
+            state.since_trim.put(thread_id, counts)
             return due
 
     # -------------------------------------------------------------- reads
@@ -712,8 +736,9 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
             return False
         self._state.forget([thread_id])
         self.metrics.count(self.name, "expired", counts)
+        # The audit event of a whole-thread deletion, as the worker logs one.
         log.info(
-            "thread expired: thread_id=%s saver=%s idle_seconds=%.0f checkpoints=%d",
+            "thread deleted: thread_id=%s saver=%s reason=expired idle_seconds=%.0f checkpoints=%d",
             thread_id,
             self.name,
             decision.expiry.age_seconds,
@@ -746,6 +771,8 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
             counts: Counts = yield "delete_threads", (thread_ids,)
             self._state.forget(thread_ids)
             self.metrics.count(self.name, "prune", counts)
+            for tid in thread_ids:
+                log.info("thread deleted: thread_id=%s saver=%s reason=prune", tid, self.name)
             return
         now = self._clock()
         rules = Ruleset([Policy(name="prune", keep_last=1)])
@@ -789,42 +816,40 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
         self, cutoff: float, thread_id: str | None, keep_newest: bool
     ) -> Program[int]:
         total = 0
-        if thread_id is None:
-            thread_ids = yield from self._all_threads()
-        else:
-            thread_ids = [str(thread_id)]
-        for tid in thread_ids:
-            scanned: Scanned = yield "scan", (tid,)
-            cps = scanned.view.checkpoints
-            doomed = {
-                (c.namespace, c.checkpoint_id)
-                for c in cps
-                if c.created_at is not None and c.created_at < cutoff
-            }
-            if keep_newest:
-                newest: dict[str, str] = {}
-                for c in cps:
-                    newest[c.namespace] = max(newest.get(c.namespace, ""), c.checkpoint_id)
-                doomed -= set(newest.items())
-            doomed = self._spare_needed(scanned.view, doomed)
-            if doomed:
-                counts: Counts = yield "delete", (tid, group_ids(sorted(doomed)))
-                total += counts.checkpoints
-                self.metrics.count(self.name, "delete_checkpoints", counts)
-                self._state.forget([tid])
-        return total
-
-    def _all_threads(self) -> Generator[Request, Any, builtins.list[str]]:
-        # Every id is collected before deleting so deletes cannot shift the
-        # keyset cursor; ids only, a page at a time.
-        out: builtins.list[str] = []
+        if thread_id is not None:
+            return (yield from self._delete_older(str(thread_id), cutoff, keep_newest))
+        # Page by page (flat memory): a keyset cursor on the thread id is not
+        # shifted by what the pages before it deleted.
         after = ""
         while True:
             page: builtins.list[str] = yield "thread_page", (after, _PAGE)
-            out.extend(page)
+            for tid in page:
+                total += yield from self._delete_older(tid, cutoff, keep_newest)
             if len(page) < _PAGE:
-                return out
+                return total
             after = page[-1]
+
+    def _delete_older(self, thread_id: str, cutoff: float, keep_newest: bool) -> Program[int]:
+        """One thread's share of `delete_checkpoints`."""
+        scanned: Scanned = yield "scan", (thread_id,)
+        cps = scanned.view.checkpoints
+        doomed = {
+            (c.namespace, c.checkpoint_id)
+            for c in cps
+            if c.created_at is not None and c.created_at < cutoff
+        }
+        if keep_newest:
+            newest: dict[str, str] = {}
+            for c in cps:
+                newest[c.namespace] = max(newest.get(c.namespace, ""), c.checkpoint_id)
+            doomed -= set(newest.items())
+        doomed = self._spare_needed(scanned.view, doomed)
+        if not doomed:
+            return 0
+        counts: Counts = yield "delete", (thread_id, group_ids(sorted(doomed)))
+        self.metrics.count(self.name, "delete_checkpoints", counts)
+        self._state.forget([thread_id])
+        return counts.checkpoints
 
     def _spare_needed(self, view: ThreadView, doomed: set[tuple[str, str]]) -> set[tuple[str, str]]:
         """`doomed` less what the checkpoints that stay need (the decision's own closure).

@@ -10,6 +10,8 @@ have, done on the saver's own connection under the saver's own lock:
 - `delete(thread_id, {namespace: ids})`: those checkpoints with their writes,
   parents of kept checkpoints nulled, and (Postgres, memory) the blob versions
   only they referenced;
+- `trim(thread_id, choose)`: `scan`, the caller's decision, `delete`, as one
+  transaction under one hold of the lock (the write path's only operation);
 - `expire(thread_id, fingerprint)`: the whole thread, in one transaction that
   first checks the thread is still as scanned, so a run that saved since the
   decision wins and nothing is half deleted;
@@ -19,7 +21,9 @@ One backend per saver family: `InMemorySaver` (its dicts), `SqliteSaver`
 (sqlite3) and `AsyncSqliteSaver` (aiosqlite), `PostgresSaver` and
 `AsyncPostgresSaver` (psycopg). The SQL of an operation is written once, as a
 generator of statements (as the official Postgres `prune` does), and run by a
-sync or an async driver. A backend of a sync saver has no async operations
+sync or an async driver: for aiosqlite the whole operation runs in one hop on
+the connection's own thread; on Postgres a trim is two statements (a
+metadata-only scan, one data-modifying delete). A backend of a sync saver has no async operations
 (`NotImplementedError`, like the saver's own `aget_tuple`); one of an async
 saver runs its sync operations on the saver's event loop from another thread,
 as the saver's own sync methods do.
@@ -450,7 +454,8 @@ class MemoryBackend(Backend):
 # ------------------------------------------------------------------ SQL programs
 
 Result = tuple[list[tuple[Any, ...]], int]
-"""What a driver sends back for a statement: its rows (as tuples) and its rowcount."""
+"""What a driver sends back for a statement: its rows (as tuples) and its rowcount
+(SQLite; -1 on Postgres, whose statements here all return their counts as rows)."""
 Program = Generator[tuple[str, Sequence[Any] | Mapping[str, Any]], Result, T]
 """An operation as statements: yields (sql, params), receives the `Result`, returns a value."""
 
@@ -567,25 +572,31 @@ def sqlite_thread_page(after: str, limit: int) -> Program[list[str]]:
 # Metadata only, not the checkpoint JSONB (reading `v` or `ts` would detoast
 # every row): the format version matters only for a checkpoint whose parent
 # holds `__pregel_tasks` writes (v < 4 reads its pending sends there), so it is
-# read just for those, as the official prune's heads query does. Each probe
-# is a primary-key prefix lookup on checkpoint_writes.
+# read just for those, as the official prune's heads query does. The per-row
+# probes (primary-key prefix lookups) run only when the thread has such a
+# write at all (`s.sends`, evaluated once; CASE guarantees the order), which
+# threads without `Send` never do.
 PG_SCAN_SQL = f"""
 SELECT c.checkpoint_ns, c.checkpoint_id, c.parent_checkpoint_id, c.metadata,
-       CASE WHEN EXISTS (
+       CASE WHEN s.sends AND EXISTS (
            SELECT 1 FROM checkpoint_writes w
            WHERE w.thread_id = c.thread_id AND w.checkpoint_ns = c.checkpoint_ns
              AND w.checkpoint_id = c.parent_checkpoint_id AND w.channel = '{TASKS}'
-       ) THEN COALESCE((c.checkpoint ->> 'v')::int, 4) END,
-       EXISTS (
+       ) THEN COALESCE((c.checkpoint ->> 'v')::int, 4) END AS v,
+       CASE WHEN s.sends THEN EXISTS (
            SELECT 1 FROM checkpoint_writes w
            WHERE w.thread_id = c.thread_id AND w.checkpoint_ns = c.checkpoint_ns
              AND w.checkpoint_id = c.checkpoint_id AND w.channel = '{TASKS}'
-       )
-FROM checkpoints c WHERE c.thread_id = %s
+       ) ELSE false END AS has_sends
+FROM checkpoints c,
+     (SELECT EXISTS (
+         SELECT 1 FROM checkpoint_writes WHERE thread_id = %(thread)s AND channel = '{TASKS}'
+     ) AS sends) s
+WHERE c.thread_id = %(thread)s
 """
 # The `ts` of checkpoints whose id carries no time (not UUIDv6): rare, so apart.
 PG_TS_SQL = """
-SELECT checkpoint_ns, checkpoint_id, checkpoint ->> 'ts' FROM checkpoints
+SELECT checkpoint_ns, checkpoint_id, checkpoint ->> 'ts' AS ts FROM checkpoints
 WHERE thread_id = %s AND checkpoint_id = ANY(%s)
 """
 # A channel has a value at a checkpoint when it is inline in the JSONB
@@ -600,8 +611,9 @@ SELECT c.checkpoint_ns, c.checkpoint_id,
              ON b.thread_id = c.thread_id AND b.checkpoint_ns = c.checkpoint_ns
             AND b.channel = v.key AND b.version = v.value
            WHERE b.type <> 'empty'
-       ),
+       ) AS present,
        ARRAY(SELECT jsonb_object_keys(COALESCE(c.checkpoint -> 'channel_versions', '{}')))
+           AS versioned
 FROM checkpoints c
 WHERE c.thread_id = %s
 """
@@ -652,14 +664,19 @@ WITH d AS (
       AND b.channel = g.channel AND b.version = g.version
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM writes), (SELECT count(*) FROM blobs)
+SELECT (SELECT count(*) FROM gone) AS checkpoints, (SELECT count(*) FROM writes) AS writes,
+       (SELECT count(*) FROM blobs) AS blobs
 """
-PG_FINGERPRINT_SQL = "SELECT count(*), max(checkpoint_id) FROM checkpoints WHERE thread_id = %s"
-# Whole-thread deletes, in the official prune's order (checkpoints, blobs, writes).
-PG_DELETE_THREADS_SQL = (
-    "DELETE FROM checkpoints WHERE thread_id = ANY(%s)",
-    "DELETE FROM checkpoint_blobs WHERE thread_id = ANY(%s)",
-    "DELETE FROM checkpoint_writes WHERE thread_id = ANY(%s)",
+PG_FINGERPRINT_SQL = (
+    "SELECT count(*) AS n, max(checkpoint_id) AS newest FROM checkpoints WHERE thread_id = %s"
+)
+# Whole-thread deletes, in the official prune's order (checkpoints, blobs,
+# writes). Every Postgres statement here returns rows, counts included: in
+# pipeline mode a statement's results (and rowcount) exist only once fetched.
+PG_DELETE_THREADS_SQL = tuple(
+    f"WITH gone AS (DELETE FROM {table} WHERE thread_id = ANY(%s) RETURNING 1) "
+    "SELECT count(*) AS n FROM gone"
+    for table in ("checkpoints", "checkpoint_blobs", "checkpoint_writes")
 )
 # `metadata ->> 'run_id'` has no index: one pass over the table, then per thread.
 PG_RUN_THREADS_SQL = (
@@ -672,7 +689,7 @@ SELECT DISTINCT thread_id FROM checkpoints WHERE thread_id > %s ORDER BY thread_
 
 def pg_scan(thread_id: str) -> Program[Scanned]:
     """Rows from the metadata; `ts` and channel keys only where they matter."""
-    rows, _ = yield PG_SCAN_SQL, (thread_id,)
+    rows, _ = yield PG_SCAN_SQL, {"thread": thread_id}
     out = []
     for ns, cid, parent, meta, v, has_sends in rows:
         meta = _json_object(meta)
@@ -691,9 +708,7 @@ def pg_scan(thread_id: str) -> Program[Scanned]:
     if undated:
         found, _ = yield PG_TS_SQL, (thread_id, undated)
         ts = {(r[0], r[1]): _ts_seconds(r[2]) for r in found}
-        out = [
-            (replace(s, created_at=ts.get((s.namespace, s.checkpoint_id))), m) for s, m in out
-        ]
+        out = [(replace(s, created_at=ts.get((s.namespace, s.checkpoint_id))), m) for s, m in out]
     if is_delta_thread(s for s, _ in out):
         found, _ = yield PG_CHANNEL_KEYS_SQL, (thread_id,)
         keys = {(r[0], r[1]): (frozenset(r[2]), frozenset(r[3])) for r in found}
@@ -731,10 +746,8 @@ def pg_expire(thread_id: str, fingerprint: Fingerprint) -> Program[Counts]:
     rows, _ = yield PG_FINGERPRINT_SQL, (thread_id,)
     if (int(rows[0][0]), rows[0][1]) != fingerprint:
         raise Changed(thread_id)
-    counts = Counts(threads=1)
-    _, counts.checkpoints = yield PG_DELETE_THREADS_SQL[0], ([thread_id],)
-    _, counts.blobs = yield PG_DELETE_THREADS_SQL[1], ([thread_id],)
-    _, counts.writes = yield PG_DELETE_THREADS_SQL[2], ([thread_id],)
+    counts = yield from pg_delete_threads([thread_id])
+    counts.threads = 1
     rows, _ = yield PG_FINGERPRINT_SQL, (thread_id,)
     if int(rows[0][0]) != 0:
         raise Changed(thread_id)
@@ -744,10 +757,11 @@ def pg_expire(thread_id: str, fingerprint: Fingerprint) -> Program[Counts]:
 def pg_delete_threads(thread_ids: Sequence[str]) -> Program[Counts]:
     """Every row of the threads."""
     ids = list(thread_ids)
-    _, checkpoints = yield PG_DELETE_THREADS_SQL[0], (ids,)
-    _, blobs = yield PG_DELETE_THREADS_SQL[1], (ids,)
-    _, writes = yield PG_DELETE_THREADS_SQL[2], (ids,)
-    return Counts(checkpoints=checkpoints, blobs=blobs, writes=writes)
+    counts = []
+    for sql in PG_DELETE_THREADS_SQL:
+        rows, _ = yield sql, (ids,)
+        counts.append(int(rows[0][0]))
+    return Counts(checkpoints=counts[0], blobs=counts[1], writes=counts[2])
 
 
 def pg_threads_of_runs(run_ids: Sequence[str]) -> Program[list[str]]:
@@ -768,10 +782,19 @@ def pg_thread_page(after: str, limit: int) -> Program[list[str]]:
 class _SqlBackend(Backend):
     """Operations as programs, run by `_exec` (sync) or `_aexec` (async)."""
 
-    def _exec(self, program: Program[T], write: bool) -> T:
+    def _exec(self, program: Program[T], write: bool, atomic: bool = False) -> T:
+        """Run a program; `write`: it deletes; `atomic`: its statements need one transaction.
+
+        SQLite runs every deleting program in one BEGIN IMMEDIATE transaction.
+        On Postgres each statement is atomic alone and a trim or delete is one
+        statement, so only `atomic` programs (expiry's re-checks, whole-thread
+        deletes) take a transaction block (and any program on a connection
+        that is not in autocommit mode).
+        """
         raise self._sync_unsupported()
 
-    async def _aexec(self, program: Program[T], write: bool) -> T:
+    async def _aexec(self, program: Program[T], write: bool, atomic: bool = False) -> T:
+        """Async `_exec`."""
         raise self._async_unsupported()
 
     def _sync_unsupported(self) -> NotImplementedError:
@@ -813,13 +836,15 @@ class _SqlBackend(Backend):
     def expire(self, thread_id: str, fingerprint: Fingerprint) -> Counts | None:
         """See `Backend.expire`."""
         try:
-            return self._exec(self._programs().expire(thread_id, fingerprint), write=True)
+            return self._exec(
+                self._programs().expire(thread_id, fingerprint), write=True, atomic=True
+            )
         except Changed:
             return None
 
     def delete_threads(self, thread_ids: Sequence[str]) -> Counts:
         """See `Backend.delete_threads`."""
-        return self._exec(self._programs().delete_threads(thread_ids), write=True)
+        return self._exec(self._programs().delete_threads(thread_ids), write=True, atomic=True)
 
     def threads_of_runs(self, run_ids: Sequence[str]) -> list[str]:
         """See `Backend.threads_of_runs`."""
@@ -840,13 +865,17 @@ class _SqlBackend(Backend):
     async def aexpire(self, thread_id: str, fingerprint: Fingerprint) -> Counts | None:
         """See `Backend.expire`."""
         try:
-            return await self._aexec(self._programs().expire(thread_id, fingerprint), write=True)
+            return await self._aexec(
+                self._programs().expire(thread_id, fingerprint), write=True, atomic=True
+            )
         except Changed:
             return None
 
     async def adelete_threads(self, thread_ids: Sequence[str]) -> Counts:
         """See `Backend.delete_threads`."""
-        return await self._aexec(self._programs().delete_threads(thread_ids), write=True)
+        return await self._aexec(
+            self._programs().delete_threads(thread_ids), write=True, atomic=True
+        )
 
     async def athreads_of_runs(self, run_ids: Sequence[str]) -> list[str]:
         """See `Backend.threads_of_runs`."""
@@ -898,9 +927,7 @@ def _drive(program: Program[T], execute: Callable[[str, Any], Result]) -> T:
         return stop.value  # type: ignore[no-any-return]
 
 
-async def _adrive(
-    program: Program[T], execute: Callable[[str, Any], Awaitable[Result]]
-) -> T:
+async def _adrive(program: Program[T], execute: Callable[[str, Any], Awaitable[Result]]) -> T:
     result: Result | None = None
     try:
         while True:
@@ -929,7 +956,9 @@ def _on_loop(loop: asyncio.AbstractEventLoop, name: str, make: Callable[[], Awai
     return asyncio.run_coroutine_threadsafe(run(), loop).result()
 
 
-def _sqlite_run(conn: sqlite3.Connection, program: Program[T], write: bool) -> T:
+def _sqlite_run(
+    conn: sqlite3.Connection, program: Program[T], write: bool, atomic: bool = False
+) -> T:
     """Run a program on a sqlite3 connection; a writing one in one BEGIN IMMEDIATE transaction."""
     cur = conn.cursor()
     began = False
@@ -940,7 +969,7 @@ def _sqlite_run(conn: sqlite3.Connection, program: Program[T], write: bool) -> T
             cur.execute("BEGIN IMMEDIATE")
             began = True
 
-        def execute(sql: str, params: Sequence[Any]) -> Result:
+        def execute(sql: str, params: Any) -> Result:
             cur.execute(sql, params)
             return cur.fetchall(), cur.rowcount
 
@@ -964,7 +993,7 @@ class SqliteBackend(_SqlBackend):
     def _programs(self) -> _Programs:
         return _sqlite_programs(self.inner.serde.loads_typed)
 
-    def _exec(self, program: Program[T], write: bool) -> T:
+    def _exec(self, program: Program[T], write: bool, atomic: bool = False) -> T:
         inner: Any = self.inner
         with inner.lock:
             inner.setup()  # what the saver's own cursor() does first
@@ -979,7 +1008,7 @@ class AsyncSqliteBackend(_SqlBackend):
     def _programs(self) -> _Programs:
         return _sqlite_programs(self.inner.serde.loads_typed)
 
-    async def _aexec(self, program: Program[T], write: bool) -> T:
+    async def _aexec(self, program: Program[T], write: bool, atomic: bool = False) -> T:
         inner: Any = self.inner
         # setup() takes the saver's lock itself: call it before taking it.
         await inner.setup()
@@ -994,7 +1023,9 @@ class AsyncSqliteBackend(_SqlBackend):
             return await self._statement_by_statement(conn, program, write)
 
     @staticmethod
-    async def _statement_by_statement(conn: Any, program: Program[T], write: bool) -> T:
+    async def _statement_by_statement(
+        conn: Any, program: Program[T], write: bool, atomic: bool = False
+    ) -> T:
         # Through aiosqlite's public API, for versions without `_execute`.
         began = False
         try:
@@ -1002,7 +1033,7 @@ class AsyncSqliteBackend(_SqlBackend):
                 await conn.execute("BEGIN IMMEDIATE")
                 began = True
 
-            async def execute(sql: str, params: Sequence[Any]) -> Result:
+            async def execute(sql: str, params: Any) -> Result:
                 async with conn.execute(sql, params) as cur:
                     rows = await cur.fetchall()
                     return [tuple(r) for r in rows], cur.rowcount
@@ -1016,11 +1047,11 @@ class AsyncSqliteBackend(_SqlBackend):
                 await conn.rollback()
             raise
 
-    def _exec(self, program: Program[T], write: bool) -> T:
+    def _exec(self, program: Program[T], write: bool, atomic: bool = False) -> T:
         return _on_loop(
             self.inner.loop,  # type: ignore[attr-defined]
             type(self.inner).__name__,
-            lambda: self._aexec(program, write),
+            lambda: self._aexec(program, write, atomic),
         )
 
     def waiting(self, view: ThreadView) -> bool | None:
@@ -1032,11 +1063,22 @@ class AsyncSqliteBackend(_SqlBackend):
         )
 
 
-def _rows(cur: Any) -> list[tuple[Any, ...]]:
-    # The saver's cursors return dict rows; the programs index by position.
-    if cur.description is None:
-        return []
-    return [tuple(r.values()) if isinstance(r, dict) else tuple(r) for r in cur.fetchall()]
+def _prepare(sql: str) -> bool | None:
+    """Whether to prepare a statement: as the connection is set up, except `= ANY(array)`.
+
+    A prepared (generic) plan checks a row against an `= ANY(...)` array one
+    element at a time, so those run unprepared, as in the official prune. The
+    rest (the scan, the one-statement delete, whose planning is most of its
+    cost) follow the connection's `prepare_threshold`, as the saver's own
+    statements do (None there, for PgBouncer, prepares nothing).
+    """
+    return False if "= ANY(" in sql else None
+
+
+def _tuples(rows: Iterable[Any]) -> list[tuple[Any, ...]]:
+    # The saver's cursors return dict rows; the programs index by position
+    # (every computed column is aliased, so no two keys of a row collide).
+    return [tuple(r.values()) if isinstance(r, dict) else tuple(r) for r in rows]
 
 
 class PostgresBackend(_SqlBackend):
@@ -1047,21 +1089,24 @@ class PostgresBackend(_SqlBackend):
     def _programs(self) -> _Programs:
         return PG_PROGRAMS
 
-    def _exec(self, program: Program[T], write: bool) -> T:
+    def _exec(self, program: Program[T], write: bool, atomic: bool = False) -> T:
         inner: Any = self.inner
         with inner._cursor() as cur:
+
+            def execute(sql: str, params: Any) -> Result:
+                cur.execute(sql, params, prepare=_prepare(sql))
+                return _tuples(cur.fetchall()), -1
+
+            conn = cur.connection
+            # In pipeline mode statements would wait for the next sync to commit:
+            # they take the transaction path, which syncs first, as the official prune.
+            if conn.autocommit and not atomic and not inner.pipe:
+                return _drive(program, execute)
             if inner.pipe:
                 # As the official prune: a transaction in pipeline mode would
                 # take in what ran since the last sync.
                 inner.pipe.sync()
-
-            def execute(sql: str, params: Sequence[Any]) -> Result:
-                # Unprepared, as the official prune: a generic plan handles
-                # `= ANY(array)` badly.
-                cur.execute(sql, params, prepare=False)
-                return _rows(cur), cur.rowcount
-
-            with cur.connection.transaction():
+            with conn.transaction():
                 return _drive(program, execute)
 
 
@@ -1073,27 +1118,27 @@ class AsyncPostgresBackend(_SqlBackend):
     def _programs(self) -> _Programs:
         return PG_PROGRAMS
 
-    async def _aexec(self, program: Program[T], write: bool) -> T:
+    async def _aexec(self, program: Program[T], write: bool, atomic: bool = False) -> T:
         inner: Any = self.inner
         async with inner._cursor() as cur:
+
+            async def execute(sql: str, params: Any) -> Result:
+                await cur.execute(sql, params, prepare=_prepare(sql))
+                return _tuples(await cur.fetchall()), -1
+
+            conn = cur.connection
+            if conn.autocommit and not atomic and not inner.pipe:
+                return await _adrive(program, execute)
             if inner.pipe:
                 await inner.pipe.sync()
-
-            async def execute(sql: str, params: Sequence[Any]) -> Result:
-                await cur.execute(sql, params, prepare=False)
-                rows = await cur.fetchall() if cur.description is not None else []
-                return [tuple(r.values()) if isinstance(r, dict) else tuple(r) for r in rows], (
-                    cur.rowcount
-                )
-
-            async with cur.connection.transaction():
+            async with conn.transaction():
                 return await _adrive(program, execute)
 
-    def _exec(self, program: Program[T], write: bool) -> T:
+    def _exec(self, program: Program[T], write: bool, atomic: bool = False) -> T:
         return _on_loop(
             self.inner.loop,  # type: ignore[attr-defined]
             type(self.inner).__name__,
-            lambda: self._aexec(program, write),
+            lambda: self._aexec(program, write, atomic),
         )
 
     def waiting(self, view: ThreadView) -> bool | None:
