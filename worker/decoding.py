@@ -10,13 +10,13 @@ it is never trimmed where trimming depends on what it cannot read.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from typing import Any
 
 from langgraph.checkpoint.serde.base import SerializerProtocol
 from langgraph.checkpoint.serde.encrypted import EncryptedSerializer
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 
+from policies.summary import ts_seconds
 from policies.waiting import is_waiting
 
 
@@ -60,16 +60,7 @@ class Decoder:
     def timestamp(self, type_: str | None, blob: bytes | None) -> float | None:
         """The checkpoint's `ts` as Unix seconds: the age of a checkpoint whose id is not v6."""
         ck = self.checkpoint(type_, blob)
-        ts = ck.get("ts") if ck else None
-        if not isinstance(ts, str):
-            return None
-        try:
-            parsed = datetime.fromisoformat(ts)
-        except ValueError:
-            return None
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=UTC)
-        return parsed.timestamp()
+        return ts_seconds(ck.get("ts")) if ck else None
 
     def waiting(
         self, type_: str | None, blob: bytes | None, write_channels: Iterable[str]

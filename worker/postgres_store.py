@@ -32,7 +32,6 @@ Why deletes are safe beside a live application (DESIGN invariant 5):
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
@@ -47,6 +46,7 @@ from policies.config import redact_dsn
 from policies.decide import is_delta_thread, root_head
 from policies.ids import checkpoint_time
 from policies.model import CheckpointSummary, ThreadView
+from policies.summary import json_object, summarize
 from policies.waiting import TASKS, is_waiting
 from worker.engine import (
     Counts,
@@ -609,7 +609,7 @@ class PostgresStore:
                     raw = await conn.fetchval(
                         HEAD_METADATA_SQL, tid, head.namespace, head.checkpoint_id
                     )
-                    meta = _json(raw)
+                    meta = json_object(raw)
                 view = ThreadView(
                     thread_id=tid,
                     checkpoints=summaries,
@@ -656,8 +656,8 @@ class PostgresStore:
             else:
                 state = {
                     "channel_values": {k: True for k in r["present"]},
-                    "channel_versions": _json(r["versions"]),
-                    "versions_seen": _json(r["seen"]),
+                    "channel_versions": json_object(r["versions"]),
+                    "versions_seen": json_object(r["seen"]),
                 }
                 waiting = is_waiting(state, r["write_channels"])
                 parent = next(
@@ -918,27 +918,18 @@ def _expected_counts(
     return out
 
 
-def _json(raw: Any) -> dict[str, Any]:
-    if raw is None:
-        return {}
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except ValueError:
-            return {}
-    return raw if isinstance(raw, dict) else {}
-
-
 def _summary(tid: str, r: asyncpg.Record, sends: set[tuple[str, str, str]]) -> CheckpointSummary:
-    counters = _json(r["counters"])
-    return CheckpointSummary(
-        namespace=r["checkpoint_ns"],
-        checkpoint_id=r["checkpoint_id"],
-        parent_id=r["parent_checkpoint_id"],
-        created_at=checkpoint_time(r["checkpoint_id"]),
-        parents={k: v for k, v in _json(r["parents"]).items() if isinstance(v, str)},
-        delta_channels=frozenset(counters),
-        delta_marked=r["counters"] is not None or bool(r["delta_marked"]),
+    # The scan pulls only the metadata keys the decision reads out of the JSONB.
+    meta: dict[str, Any] = {"parents": json_object(r["parents"])}
+    if r["counters"] is not None:
+        meta["counters_since_delta_snapshot"] = json_object(r["counters"])
+    if r["delta_marked"]:
+        meta["delta_writes_versioned"] = True
+    return summarize(
+        r["checkpoint_ns"],
+        r["checkpoint_id"],
+        r["parent_checkpoint_id"],
+        meta,
         reads_parent_sends=r["v"] < 4,
         has_sends_writes=(tid, r["checkpoint_ns"], r["checkpoint_id"]) in sends,
         size=int(r["size"] or 0),

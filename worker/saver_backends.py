@@ -37,7 +37,6 @@ import sqlite3
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from langgraph.checkpoint.base import BaseCheckpointSaver
@@ -45,8 +44,8 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.checkpoint.serde.types import TASKS
 
 from policies.decide import is_delta_thread, root_head
-from policies.ids import checkpoint_time
 from policies.model import CheckpointSummary, ThreadView
+from policies.summary import json_object, summarize, ts_seconds
 from policies.waiting import is_waiting
 from worker.engine import Counts
 from worker.sqlite_store import (
@@ -88,65 +87,6 @@ class Changed(Exception):
 
 
 # ------------------------------------------------------------------ shared pieces
-
-
-def _ts_seconds(ts: object) -> float | None:
-    """A checkpoint's ISO `ts` as Unix seconds (naive means UTC, as LangGraph writes it)."""
-    if not isinstance(ts, str):
-        return None
-    try:
-        parsed = datetime.fromisoformat(ts)
-    except ValueError:
-        return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.timestamp()
-
-
-def _json_object(raw: object) -> dict[str, Any]:
-    if isinstance(raw, bytes | bytearray):
-        raw = raw.decode("utf-8", "replace")
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except ValueError:
-            return {}
-    return raw if isinstance(raw, dict) else {}
-
-
-def summarize(
-    namespace: str,
-    checkpoint_id: str,
-    parent_id: str | None,
-    metadata: Mapping[str, Any],
-    *,
-    ts: object = None,
-    reads_parent_sends: bool = False,
-    has_sends_writes: bool = False,
-) -> CheckpointSummary:
-    """The decision's facts about one checkpoint row, from its metadata.
-
-    A `DeltaChannel` leaves `counters_since_delta_snapshot` in the metadata of
-    every step but its snapshots (LangGraph.js marks `delta_writes_versioned`
-    instead), so the marker is read on every row, as the worker does.
-    """
-    counters = metadata.get("counters_since_delta_snapshot")
-    parents = metadata.get("parents")
-    return CheckpointSummary(
-        namespace=namespace,
-        checkpoint_id=checkpoint_id,
-        parent_id=parent_id,
-        created_at=checkpoint_time(checkpoint_id) or _ts_seconds(ts),
-        parents=(
-            {k: v for k, v in parents.items() if isinstance(v, str)}
-            if isinstance(parents, dict)
-            else {}
-        ),
-        delta_channels=frozenset(counters) if isinstance(counters, dict) else frozenset(),
-        delta_marked=counters is not None or "delta_writes_versioned" in metadata,
-        reads_parent_sends=reads_parent_sends,
-        has_sends_writes=has_sends_writes,
-    )
 
 
 def _scanned(
@@ -328,7 +268,7 @@ class MemoryBackend(Backend):
                 )
                 s = replace(
                     s,
-                    created_at=s.created_at or _ts_seconds(ck.get("ts")),
+                    created_at=s.created_at or ts_seconds(ck.get("ts")),
                     inline_channels=present,
                     versioned_channels=frozenset(versions),
                 )
@@ -495,7 +435,7 @@ def sqlite_scan(thread_id: str, loads: Callable[[tuple[str, bytes]], Any]) -> Pr
     rows, _ = yield SQLITE_SCAN_SQL, (thread_id,)
     out = []
     for ns, cid, parent, meta_text in rows:
-        meta = _json_object(meta_text)
+        meta = json_object(meta_text)
         out.append((summarize(ns, cid, parent, meta), meta))
     if _needs_blobs(s for s, _ in out):
         blobs, _ = yield THREAD_BLOBS_SQL, (thread_id,)
@@ -513,7 +453,7 @@ def sqlite_scan(thread_id: str, loads: Callable[[tuple[str, bytes]], Any]) -> Pr
             if ck is not None:
                 s = replace(
                     s,
-                    created_at=s.created_at or _ts_seconds(ck.get("ts")),
+                    created_at=s.created_at or ts_seconds(ck.get("ts")),
                     inline_channels=frozenset(ck.get("channel_values") or ()),
                     versioned_channels=frozenset(ck.get("channel_versions") or ()),
                 )
@@ -692,7 +632,7 @@ def pg_scan(thread_id: str) -> Program[Scanned]:
     rows, _ = yield PG_SCAN_SQL, {"thread": thread_id}
     out = []
     for ns, cid, parent, meta, v, has_sends in rows:
-        meta = _json_object(meta)
+        meta = json_object(meta)
         summary = summarize(
             ns,
             cid,
@@ -707,7 +647,7 @@ def pg_scan(thread_id: str) -> Program[Scanned]:
     undated = [s.checkpoint_id for s, _ in out if s.created_at is None]
     if undated:
         found, _ = yield PG_TS_SQL, (thread_id, undated)
-        ts = {(r[0], r[1]): _ts_seconds(r[2]) for r in found}
+        ts = {(r[0], r[1]): ts_seconds(r[2]) for r in found}
         out = [(replace(s, created_at=ts.get((s.namespace, s.checkpoint_id))), m) for s, m in out]
     if is_delta_thread(s for s, _ in out):
         found, _ = yield PG_CHANNEL_KEYS_SQL, (thread_id,)

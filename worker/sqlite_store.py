@@ -23,8 +23,8 @@ import aiosqlite
 import structlog
 
 from policies.decide import is_delta_thread, root_head
-from policies.ids import checkpoint_time
 from policies.model import CheckpointSummary, ThreadView
+from policies.summary import DELTA_MARKERS, json_object, summarize
 from worker.decoding import Decoder
 from worker.engine import (
     Counts,
@@ -341,7 +341,7 @@ class SqliteStore:
             head = root_head(summaries)
             meta: dict[str, Any] = {}
             if head is not None:
-                meta = _json_object(metadata.get((tid, head.namespace, head.checkpoint_id)))
+                meta = json_object(metadata.get((tid, head.namespace, head.checkpoint_id)))
             view = ThreadView(
                 thread_id=tid,
                 checkpoints=summaries,
@@ -556,19 +556,6 @@ class SqliteStore:
         await self.conn.execute(WAL_CHECKPOINT_SQL)
 
 
-def _json_object(text: str | bytes | None) -> dict[str, Any]:
-    if not text or text == "{}":
-        return {}
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-DELTA_MARKERS = ("counters_since_delta_snapshot", "delta_writes_versioned")
-
-
 def _summary(
     ns: str, cid: str, parent: str | None, size: int, text: str | None
 ) -> CheckpointSummary:
@@ -582,21 +569,8 @@ def _summary(
     """
     meta: dict[str, Any] = {}
     if text and (ns != "" or any(m in text for m in DELTA_MARKERS)):
-        meta = _json_object(text)
-    counters = meta.get("counters_since_delta_snapshot")
-    parents = meta.get("parents")
-    return CheckpointSummary(
-        namespace=ns,
-        checkpoint_id=cid,
-        parent_id=parent,
-        created_at=checkpoint_time(cid),
-        parents={k: v for k, v in parents.items() if isinstance(v, str)}
-        if isinstance(parents, dict)
-        else {},
-        delta_channels=frozenset(counters) if isinstance(counters, dict) else frozenset(),
-        delta_marked=any(m in meta for m in DELTA_MARKERS),
-        size=int(size),
-    )
+        meta = json_object(text)
+    return summarize(ns, cid, parent, meta, size=int(size))
 
 
 def _fingerprint(summaries: Sequence[CheckpointSummary]) -> Fingerprint:
