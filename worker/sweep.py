@@ -202,6 +202,7 @@ async def _sweep_pages(
     sizer = BatchSizer(target_seconds=s.target_batch_seconds, max_rows=s.max_batch_rows)
     grace = s.grace_period.total_seconds()
     pending: list[_Part] = []
+    pending_rows = 0
     expired = 0
 
     async def flush(parts: list[_Part]) -> None:
@@ -283,11 +284,11 @@ async def _sweep_pages(
                 expired += 1
             for part in _parts(thread, decision, report, sizer.rows, rules):
                 pending.append(part)
-                if sum(p.work.rows for p in pending) >= sizer.rows or (
-                    len(pending) >= s.max_batch_threads
-                ):
+                pending_rows += part.work.rows
+                if pending_rows >= sizer.rows or len(pending) >= s.max_batch_threads:
                     await flush(pending)
                     pending = []
+                    pending_rows = 0
                     if stop is not None and stop.is_set():
                         report.outcome = Outcome.STOPPED
                         return
