@@ -81,6 +81,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+from synthetic import MESSAGES, log, uuid6_at, uuid6_time  # noqa: E402
+
 from worker.postgres_store import connect_kwargs  # noqa: E402
 
 BENCH_FORMAT = 1  # bump when the generated layout changes (invalidates a kept base)
@@ -90,93 +92,6 @@ CACHE_MAX_AGE = DAY  # the newest checkpoint of a thread is >= 2 days old when b
 GRACE = 3600.0  # the worker's default defaults.batch.grace_period
 LOAD_THREADS_PER_TXN = 1000  # threads per bulk-load transaction
 
-# 100 ns intervals between 1582-10-15 (UUID epoch) and 1970-01-01 (Unix epoch).
-_GREGORIAN_TO_UNIX = 0x01B21DD213814000
-
-
-def log(msg: str) -> None:
-    print(f"[{datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-# =========================================================== generation
-
-
-def uuid6_at(ns: int, clock_seq: int, node: int) -> str:
-    """`langgraph.checkpoint.base.id.uuid6`, at a given time instead of now."""
-    timestamp = ns // 100 + _GREGORIAN_TO_UNIX
-    time_high_and_time_mid = (timestamp >> 12) & 0xFFFFFFFFFFFF
-    time_low_and_version = timestamp & 0x0FFF
-    uuid_int = time_high_and_time_mid << 80
-    uuid_int |= time_low_and_version << 64
-    uuid_int |= (clock_seq & 0x3FFF) << 48
-    uuid_int |= node & 0xFFFFFFFFFFFF
-    # version 6, RFC 4122 variant (as the bundled UUID class sets them)
-    uuid_int &= ~(0xC000 << 48)
-    uuid_int |= 0x8000 << 48
-    uuid_int &= ~(0xF000 << 64)
-    uuid_int |= 6 << 76
-    return str(uuid.UUID(int=uuid_int))
-
-
-def uuid6_time(checkpoint_id: str) -> float:
-    u = uuid.UUID(checkpoint_id)
-    ticks = ((u.int >> 80) << 12) | ((u.int >> 64) & 0x0FFF)
-    return (ticks - _GREGORIAN_TO_UNIX) / 10_000_000
-
-
-_WORDS = [
-    "the",
-    "user",
-    "asked",
-    "about",
-    "the",
-    "order",
-    "status",
-    "and",
-    "the",
-    "assistant",
-    "looked",
-    "it",
-    "up",
-    "in",
-    "the",
-    "database",
-    "before",
-    "answering",
-    "with",
-    "a",
-    "summary",
-    "of",
-    "shipping",
-    "dates",
-    "refunds",
-    "invoices",
-    "and",
-    "a",
-    "polite",
-    "note",
-    "about",
-    "the",
-    "next",
-    "steps",
-    "in",
-    "the",
-    "support",
-    "conversation",
-]
-
-
-def _message_pool(n: int = 24) -> list[str]:
-    rng = random.Random("messages")
-    out = []
-    for i in range(n):
-        role = "human" if i % 2 == 0 else "ai"
-        words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(25, 55)))
-        out.append(f"{role}: {words}")
-    return out
-
-
-MESSAGES = _message_pool()
 MAX_CONVERSATION = 16  # the `messages` value grows over a thread up to this many messages
 START_PATH = "~__pregel_pull, __start__"
 AGENT_PATH = "~__pregel_pull, agent"

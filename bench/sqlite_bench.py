@@ -50,6 +50,7 @@ from typing import Any
 
 from langgraph.checkpoint.base import empty_checkpoint, get_checkpoint_metadata
 from langgraph.checkpoint.sqlite import SqliteSaver
+from synthetic import MESSAGES, log, uuid6_at, uuid6_time
 
 BENCH_FORMAT = 3  # bump when the generated layout changes (invalidates the cache)
 KEEP_LAST = 5
@@ -58,93 +59,6 @@ IDLE_DAYS = 30
 DAY = 86400.0
 CACHE_MAX_AGE = DAY  # idle/recent margins are 2 days wide (see _thread_times)
 
-# 100 ns intervals between 1582-10-15 (UUID epoch) and 1970-01-01 (Unix epoch).
-_GREGORIAN_TO_UNIX = 0x01B21DD213814000
-
-
-def log(msg: str) -> None:
-    print(f"[{datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-# =========================================================== generation
-
-
-def uuid6_at(ns: int, clock_seq: int, node: int) -> str:
-    """`langgraph.checkpoint.base.id.uuid6`, at a given time instead of now."""
-    timestamp = ns // 100 + _GREGORIAN_TO_UNIX
-    time_high_and_time_mid = (timestamp >> 12) & 0xFFFFFFFFFFFF
-    time_low_and_version = timestamp & 0x0FFF
-    uuid_int = time_high_and_time_mid << 80
-    uuid_int |= time_low_and_version << 64
-    uuid_int |= (clock_seq & 0x3FFF) << 48
-    uuid_int |= node & 0xFFFFFFFFFFFF
-    # version 6, RFC 4122 variant (as the bundled UUID class sets them)
-    uuid_int &= ~(0xC000 << 48)
-    uuid_int |= 0x8000 << 48
-    uuid_int &= ~(0xF000 << 64)
-    uuid_int |= 6 << 76
-    return str(uuid.UUID(int=uuid_int))
-
-
-def uuid6_time(checkpoint_id: str) -> float:
-    u = uuid.UUID(checkpoint_id)
-    ticks = ((u.int >> 80) << 12) | ((u.int >> 64) & 0x0FFF)
-    return (ticks - _GREGORIAN_TO_UNIX) / 10_000_000
-
-
-_WORDS = [
-    "the",
-    "user",
-    "asked",
-    "about",
-    "the",
-    "order",
-    "status",
-    "and",
-    "the",
-    "assistant",
-    "looked",
-    "it",
-    "up",
-    "in",
-    "the",
-    "database",
-    "before",
-    "answering",
-    "with",
-    "a",
-    "summary",
-    "of",
-    "shipping",
-    "dates",
-    "refunds",
-    "invoices",
-    "and",
-    "a",
-    "polite",
-    "note",
-    "about",
-    "the",
-    "next",
-    "steps",
-    "in",
-    "the",
-    "support",
-    "conversation",
-]
-
-
-def _message_pool(n: int = 24) -> list[str]:
-    rng = random.Random("messages")
-    out = []
-    for i in range(n):
-        role = "human" if i % 2 == 0 else "ai"
-        words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(25, 55)))
-        out.append(f"{role}: {words}")
-    return out
-
-
-MESSAGES = _message_pool()
 N_TEMPLATES = 8
 # Template j: the conversation after j+1 turns (2 + 2j messages); reused lists.
 TEMPLATES = [MESSAGES[: 2 + 2 * j] for j in range(N_TEMPLATES)]
