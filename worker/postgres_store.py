@@ -131,9 +131,9 @@ AND NOT EXISTS (
 
 # A channel has a value at a checkpoint when it is inline in the JSONB
 # (primitives, snapshot markers) or its versioned blob is not "empty"; a
-# DeltaChannel without a snapshot stores an "empty" blob. Only for delta threads.
-CHANNEL_KEYS_SQL = """
-SELECT c.checkpoint_ns, c.checkpoint_id,
+# DeltaChannel without a snapshot stores an "empty" blob. One expression on
+# checkpoint row `c`, shared by the statements below and the saver wrapper.
+PRESENT_CHANNELS_SQL = """
        ARRAY(SELECT jsonb_object_keys(COALESCE(c.checkpoint -> 'channel_values', '{}')))
        || ARRAY(
            SELECT v.key FROM jsonb_each_text(c.checkpoint -> 'channel_versions') v
@@ -141,24 +141,30 @@ SELECT c.checkpoint_ns, c.checkpoint_id,
              ON b.thread_id = c.thread_id AND b.checkpoint_ns = c.checkpoint_ns
             AND b.channel = v.key AND b.version = v.value
            WHERE b.type <> 'empty'
-       ) AS present,
-       ARRAY(SELECT jsonb_object_keys(c.checkpoint -> 'channel_versions')) AS versioned
+       )"""
+
+# Every checkpoint's present and versioned channels; only for delta threads.
+# `{thread}` is the driver's placeholder ($1 for asyncpg, %s for psycopg).
+CHANNEL_KEYS_TEMPLATE = (
+    """
+SELECT c.checkpoint_ns, c.checkpoint_id,"""
+    + PRESENT_CHANNELS_SQL
+    + """ AS present,
+       ARRAY(SELECT jsonb_object_keys(COALESCE(c.checkpoint -> 'channel_versions', '{}')))
+           AS versioned
 FROM checkpoints c
-WHERE c.thread_id = $1
+WHERE c.thread_id = {thread}
 """
+)
+CHANNEL_KEYS_SQL = CHANNEL_KEYS_TEMPLATE.replace("{thread}", "$1")
 
 # The head as `is_waiting` reads it: present channels, versions, versions seen.
-HEAD_STATE_SQL = """
+HEAD_STATE_SQL = (
+    """
 SELECT c.checkpoint -> 'channel_versions' AS versions,
-       c.checkpoint -> 'versions_seen' AS seen,
-       ARRAY(SELECT jsonb_object_keys(COALESCE(c.checkpoint -> 'channel_values', '{}')))
-       || ARRAY(
-           SELECT v.key FROM jsonb_each_text(c.checkpoint -> 'channel_versions') v
-           JOIN checkpoint_blobs b
-             ON b.thread_id = c.thread_id AND b.checkpoint_ns = c.checkpoint_ns
-            AND b.channel = v.key AND b.version = v.value
-           WHERE b.type <> 'empty'
-       ) AS present,
+       c.checkpoint -> 'versions_seen' AS seen,"""
+    + PRESENT_CHANNELS_SQL
+    + """ AS present,
        ARRAY(
            SELECT w.channel FROM checkpoint_writes w
            WHERE w.thread_id = c.thread_id AND w.checkpoint_ns = c.checkpoint_ns
@@ -167,6 +173,7 @@ SELECT c.checkpoint -> 'channel_versions' AS versions,
 FROM checkpoints c
 WHERE c.thread_id = $1 AND c.checkpoint_ns = $2 AND c.checkpoint_id = $3
 """
+)
 
 FINGERPRINT_SQL = """
 SELECT thread_id, checkpoint_ns, count(*), max(checkpoint_id)

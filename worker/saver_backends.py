@@ -48,6 +48,7 @@ from policies.model import CheckpointSummary, ThreadView
 from policies.summary import json_object, summarize, ts_seconds
 from policies.waiting import is_waiting
 from worker.engine import Counts
+from worker.postgres_store import CHANNEL_KEYS_TEMPLATE
 from worker.sqlite_store import (
     DELETE_CHECKPOINTS_SQL,
     DELETE_WRITES_SQL,
@@ -539,24 +540,9 @@ PG_TS_SQL = """
 SELECT checkpoint_ns, checkpoint_id, checkpoint ->> 'ts' AS ts FROM checkpoints
 WHERE thread_id = %s AND checkpoint_id = ANY(%s)
 """
-# A channel has a value at a checkpoint when it is inline in the JSONB
-# (primitives, snapshot markers) or its versioned blob is not "empty" (the
-# worker's CHANNEL_KEYS_SQL with psycopg placeholders). Delta threads only.
-PG_CHANNEL_KEYS_SQL = """
-SELECT c.checkpoint_ns, c.checkpoint_id,
-       ARRAY(SELECT jsonb_object_keys(COALESCE(c.checkpoint -> 'channel_values', '{}')))
-       || ARRAY(
-           SELECT v.key FROM jsonb_each_text(c.checkpoint -> 'channel_versions') v
-           JOIN checkpoint_blobs b
-             ON b.thread_id = c.thread_id AND b.checkpoint_ns = c.checkpoint_ns
-            AND b.channel = v.key AND b.version = v.value
-           WHERE b.type <> 'empty'
-       ) AS present,
-       ARRAY(SELECT jsonb_object_keys(COALESCE(c.checkpoint -> 'channel_versions', '{}')))
-           AS versioned
-FROM checkpoints c
-WHERE c.thread_id = %s
-"""
+# The worker's statement with psycopg's placeholder: one rule for what
+# counts as a channel with a value. Delta threads only.
+PG_CHANNEL_KEYS_SQL = CHANNEL_KEYS_TEMPLATE.replace("{thread}", "%s")
 # One statement deletes the decided checkpoints of a thread (any namespaces)
 # with everything that goes with them, so it is atomic without a transaction
 # block and costs one round trip on the application's write path:
