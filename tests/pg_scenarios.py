@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
 import asyncpg
+import scenarios
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from langgraph.graph import START, StateGraph
@@ -362,19 +363,8 @@ def cli(
     input: str | None = None,
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """`python -m worker [--config X] ARGS`, run to completion."""
-    cmd = [sys.executable, "-m", "worker"]
-    if config is not None:
-        cmd += ["--config", str(config)]
-    return subprocess.run(
-        [*cmd, *args],
-        capture_output=True,
-        text=True,
-        input=input,
-        timeout=300,
-        env={**os.environ, **(env or {})},
-        cwd=HERE.parent,
-    )
+    """`scenarios.cli` with room for the slower Postgres commands."""
+    return scenarios.cli(*args, config=config, input=input, env=env, timeout=300)
 
 
 def once(cfg: Path, *extra: str) -> subprocess.Popen[str]:

@@ -7,7 +7,11 @@ Old threads are written under a shifted id clock (`worker.demo.aged`).
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
 from langgraph.channels.delta import DeltaChannel
@@ -250,3 +254,28 @@ def replicate(path: str, template: str, prefixes: Sequence[str]) -> None:
         for prefix in prefixes:
             con.execute(REPLICATE_CHECKPOINTS_SQL, (prefix, template))
             con.execute(REPLICATE_WRITES_SQL, (prefix, template))
+
+
+# ------------------------------------------------------------------ command line
+
+
+def cli(
+    *args: str,
+    config: Path | None = None,
+    input: str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
+    """`python -m worker [--config X] ARGS`, run to completion from the repo root."""
+    cmd = [sys.executable, "-m", "worker"]
+    if config is not None:
+        cmd += ["--config", str(config)]
+    return subprocess.run(
+        [*cmd, *args],
+        capture_output=True,
+        text=True,
+        input=input,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=Path(__file__).parent.parent,
+    )

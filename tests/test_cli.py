@@ -3,38 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-from scenarios import turns
+from scenarios import cli, turns
 
 from worker.demo import chat_graph
 
 PASSWORD = "s3cr3t-pw"
-
-
-def cli(
-    *args: str,
-    config: Path | None = None,
-    input: str | None = None,
-    env: dict[str, str] | None = None,
-) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "worker"]
-    if config is not None:
-        cmd += ["--config", str(config)]
-    return subprocess.run(
-        [*cmd, *args],
-        capture_output=True,
-        text=True,
-        input=input,
-        timeout=120,
-        env={**os.environ, **(env or {})},
-    )
 
 
 @pytest.fixture
