@@ -450,9 +450,7 @@ def _persistent_thread(rnd: random.Random, fork_from: int | None) -> ThreadView:
         base = [c for c in cps if c.namespace == ""][fork_from]
         cid = make_id(t + 60, rnd)
         cps.append(
-            CheckpointSummary(
-                "", cid, base.checkpoint_id, checkpoint_time(cid), source="update"
-            )
+            CheckpointSummary("", cid, base.checkpoint_id, checkpoint_time(cid), source="update")
         )
     return ThreadView("user-1", tuple(cps), waiting=False)
 
