@@ -347,8 +347,8 @@ def _replay_keeps(
     persistent = sorted(
         ns for ns, cps in by_ns.items() if ns != "" and is_persistent_subgraph(ns, cps[0].parents)
     )
-    if "" not in by_ns:
-        return {ns: trimmer.keep(ns) for ns in persistent}
+    if not persistent or "" not in by_ns:
+        return {ns: trimmer.keep(ns) for ns in ("", *persistent) if ns in by_ns}
     roots = trimmer.by_id("")
     sub_ids = {ns: sorted(c.checkpoint_id for c in by_ns[ns]) for ns in persistent}
     root_keep = trimmer.keep("")
