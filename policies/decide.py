@@ -11,6 +11,8 @@ wrapper, so the rules live in one place. It honours DESIGN's invariants:
 3. a kept checkpoint of a `DeltaChannel` thread keeps every ancestor back to
    the nearest snapshot of each delta channel it has to replay;
 4. a subgraph call's namespace goes with the root checkpoint it started from;
+   a kept root checkpoint keeps, in each persistent (`checkpointer=True`)
+   subgraph namespace, the checkpoint replaying it loads (`replay_bound`);
 5. nothing is decided from "no checkpoint has this id" except writes on a
    thread quiet for the grace period;
 6. (parents of kept checkpoints are nulled by the engines).
@@ -18,6 +20,7 @@ wrapper, so the rules live in one place. It honours DESIGN's invariants:
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -62,6 +65,29 @@ def is_subgraph_call(namespace: str, parents: Mapping[str, str]) -> bool:
     task id in its last segment; an old root namespace has no parents.
     """
     return bool(parents) and ":" in namespace.rsplit("|", 1)[-1]
+
+
+def is_persistent_subgraph(namespace: str, parents: Mapping[str, str]) -> bool:
+    """A `checkpointer=True` subgraph's namespace: it has parents and no task id."""
+    return bool(parents) and not is_subgraph_call(namespace, parents)
+
+
+FORK_SOURCES = frozenset({"update", "fork"})
+"""`metadata.source` of checkpoints `update_state` writes (and of a replay's own fork)."""
+
+
+def replay_bound(c: CheckpointSummary) -> str:
+    """The id below which replaying root checkpoint `c` reads each persistent subgraph.
+
+    As LangGraph's loop hands it to `ReplayState`: a checkpoint `update_state`
+    wrote ("update"/"fork") replays its subgraphs from before its parent (the
+    fork came after the subgraph checkpoints of the run it branches from);
+    any other from before itself (the replay forks from it). Each persistent
+    namespace then loads its newest checkpoint with an id below that bound.
+    """
+    if c.source in FORK_SOURCES and c.parent_id is not None:
+        return c.parent_id
+    return c.checkpoint_id
 
 
 def _deletes(policy: Policy | None) -> bool:
@@ -191,17 +217,16 @@ def decide(view: ThreadView, rules: Ruleset, now: float, grace_seconds: float) -
     if delta_marked:
         delta_channels = frozenset().union(*(c.delta_channels for c in view.checkpoints))
 
+    trimmer = _Trimmer(by_ns, policy_of, now, delta_marked, delta_channels)
+    calls = sorted(ns for ns, cps in by_ns.items() if is_subgraph_call(ns, cps[0].parents))
+    kept = _replay_keeps(trimmer, by_ns)
+    for ns in sorted(by_ns):
+        if ns not in kept and ns not in calls:
+            kept[ns] = trimmer.keep(ns)
     deletions: list[Deletion] = []
-    deleted_roots: set[str] = set()
-    calls: list[str] = []
-    for ns, cps in sorted(by_ns.items()):
-        if is_subgraph_call(ns, cps[0].parents):
-            calls.append(ns)
-            continue
-        deleted = _trim(tid, ns, cps, policy_of[ns], now, delta_marked, delta_channels, skips)
-        deletions.extend(deleted)
-        if ns == "":
-            deleted_roots = {d.checkpoint_id for d in deleted}
+    for ns in sorted(kept):
+        deletions.extend(trimmer.deletions(ns, kept[ns]))
+    deleted_roots = {d.checkpoint_id for d in deletions if d.namespace == ""}
 
     quiet = idle is not None and idle > grace_seconds
     root_ids = {c.checkpoint_id for c in by_ns.get("", ())}
@@ -223,7 +248,12 @@ def decide(view: ThreadView, rules: Ruleset, now: float, grace_seconds: float) -
         if whole is not None:
             deletions.extend(Deletion(ns, c.checkpoint_id, whole[0], whole[1]) for c in cps)
         else:
-            deletions.extend(_trim(tid, ns, cps, policy, now, delta_marked, delta_channels, skips))
+            deletions.extend(trimmer.deletions(ns, trimmer.keep(ns)))
+    skips.extend(
+        Skip(p.name, SkipReason.UNDECODABLE)
+        for ns in [*sorted(kept), *calls]
+        if ns in trimmer.undecodable and (p := policy_of[ns]) is not None
+    )
 
     writes: list[WritesDeletion] = []
     if quiet:
@@ -238,39 +268,125 @@ def decide(view: ThreadView, rules: Ruleset, now: float, grace_seconds: float) -
     return ThreadDecision(tid, deletions=tuple(deletions), writes=tuple(writes), skips=tuple(skips))
 
 
-def _trim(
-    tid: str,
-    ns: str,
-    cps: Sequence[CheckpointSummary],
-    policy: Policy | None,
-    now: float,
-    delta_marked: bool,
-    delta_channels: frozenset[str] | None,
-    skips: list[Skip],
-) -> list[Deletion]:
-    """History trimming of one namespace (`cps` newest first)."""
-    if policy is None or not _trims(policy):
-        return []
-    by_id = {c.checkpoint_id: c for c in cps}
-    keep = _base_keep(cps, policy, now)
-    if len(keep) == len(cps):
-        return []
-    if delta_marked and not delta_channels:
-        # Marked as DeltaChannel but no channel named (LangGraph.js marks
-        # threads with `delta_writes_versioned` only): we cannot tell which
-        # ancestors a replay reads, so the namespace is kept whole.
-        skips.append(Skip(policy.name, SkipReason.UNDECODABLE))
-        return []
-    try:
-        keep = _close_keep(by_id, keep, delta_channels)
-    except _Undecodable:
-        skips.append(Skip(policy.name, SkipReason.UNDECODABLE))
-        return []
-    return [
-        Deletion(ns, c.checkpoint_id, policy.name, Reason.TRIMMED)
-        for c in cps
-        if c.checkpoint_id not in keep
-    ]
+class _Trimmer:
+    """History trimming of one thread's namespaces, each under its own policy."""
+
+    def __init__(
+        self,
+        by_ns: Mapping[str, Sequence[CheckpointSummary]],
+        policy_of: Mapping[str, Policy | None],
+        now: float,
+        delta_marked: bool,
+        delta_channels: frozenset[str] | None,
+    ) -> None:
+        self.by_ns = by_ns
+        self.policy_of = policy_of
+        self.now = now
+        self.delta_marked = delta_marked
+        self.delta_channels = delta_channels
+        self.undecodable: set[str] = set()
+        """Namespaces whose trimming was held back: a delta history could not be read."""
+        self._by_id: dict[str, dict[str, CheckpointSummary]] = {}
+
+    def by_id(self, ns: str) -> dict[str, CheckpointSummary]:
+        """Namespace `ns`'s checkpoints by id."""
+        if ns not in self._by_id:
+            self._by_id[ns] = {c.checkpoint_id: c for c in self.by_ns[ns]}
+        return self._by_id[ns]
+
+    def keep(self, ns: str, required: Iterable[str] = ()) -> set[str] | None:
+        """Ids `ns` keeps: its policy's, `required`, and what they need; None: all of them."""
+        policy = self.policy_of[ns]
+        if policy is None or not _trims(policy) or ns in self.undecodable:
+            return None
+        cps = self.by_ns[ns]
+        keep = _base_keep(cps, policy, self.now)
+        keep.update(required)
+        if len(keep) == len(cps):
+            return None
+        if self.delta_marked and not self.delta_channels:
+            # Marked as DeltaChannel but no channel named (LangGraph.js marks
+            # threads with `delta_writes_versioned` only): we cannot tell which
+            # ancestors a replay reads, so the namespace is kept whole.
+            self.undecodable.add(ns)
+            return None
+        try:
+            return _close_keep(self.by_id(ns), keep, self.delta_channels)
+        except _Undecodable:
+            self.undecodable.add(ns)
+            return None
+
+    def deletions(self, ns: str, keep: set[str] | None) -> list[Deletion]:
+        """The trimming of `ns` that keeps `keep` (None: nothing goes)."""
+        policy = self.policy_of[ns]
+        if keep is None or policy is None:
+            return []
+        return [
+            Deletion(ns, c.checkpoint_id, policy.name, Reason.TRIMMED)
+            for c in self.by_ns[ns]
+            if c.checkpoint_id not in keep
+        ]
+
+
+def _replay_keeps(
+    trimmer: _Trimmer, by_ns: Mapping[str, Sequence[CheckpointSummary]]
+) -> dict[str, set[str] | None]:
+    """What the root namespace and the persistent subgraph namespaces keep, decided together.
+
+    A kept root checkpoint keeps what replaying it reads: in each persistent
+    namespace the newest checkpoint below its `replay_bound`, with what that
+    one needs (its delta ancestors; its writes stay with it).
+    A kept "update"/"fork" checkpoint whose parent would go also keeps that
+    parent when a kept checkpoint of a persistent namespace lies between the
+    two: deleting the parent nulls the fork's `parent_checkpoint_id`, which
+    moves its replay bound from the parent to the fork itself, and the
+    subgraph would then read that newer checkpoint. With none in between the
+    newest kept checkpoint below either bound is the same one, so the parent
+    may go. Keeping a parent only ever adds, so the loop ends.
+    """
+    persistent = sorted(
+        ns for ns, cps in by_ns.items() if ns != "" and is_persistent_subgraph(ns, cps[0].parents)
+    )
+    if not persistent or "" not in by_ns:
+        return {ns: trimmer.keep(ns) for ns in ("", *persistent) if ns in by_ns}
+    roots = trimmer.by_id("")
+    sub_ids = {ns: sorted(c.checkpoint_id for c in by_ns[ns]) for ns in persistent}
+    root_keep = trimmer.keep("")
+    while True:
+        bounds = {replay_bound(roots[r]) for r in (roots if root_keep is None else root_keep)}
+        subs = {ns: trimmer.keep(ns, _newest_below(sub_ids[ns], bounds)) for ns in persistent}
+        if root_keep is None:
+            break
+        kept_subs = [sub_ids[ns] if keep is None else sorted(keep) for ns, keep in subs.items()]
+        moved = {
+            p
+            for r in root_keep
+            if roots[r].source in FORK_SOURCES
+            and (p := roots[r].parent_id) is not None
+            and p in roots
+            and p not in root_keep
+            and any(_any_between(ids, p, r) for ids in kept_subs)
+        }
+        if not moved:
+            break
+        root_keep = trimmer.keep("", root_keep | moved)
+    return {"": root_keep, **subs}
+
+
+def _newest_below(ids: Sequence[str], bounds: Iterable[str]) -> set[str]:
+    """For each bound, the greatest of the sorted `ids` below it (as `list(before=...)`)."""
+    out = set()
+    for b in bounds:
+        i = bisect_left(ids, b)
+        if i:
+            out.add(ids[i - 1])
+    return out
+
+
+def _any_between(ids: Sequence[str], low: str, high: str) -> bool:
+    """Whether the sorted `ids` hold one in [low, high)."""
+    i = bisect_left(ids, low)
+    return i < len(ids) and ids[i] < high
 
 
 def is_delta_thread(checkpoints: Iterable[CheckpointSummary]) -> bool:

@@ -63,6 +63,8 @@ class CheckpointSummary:
     """Unix seconds (from the UUIDv6 id, else the checkpoint's `ts`); None: unknown, never old."""
     parents: Mapping[str, str] = field(default_factory=dict)
     """`metadata.parents`: {} for a root graph, {"": root checkpoint id, ...} for a subgraph."""
+    source: str | None = None
+    """`metadata.source` ("input", "loop", "update", "fork"): where a replay's subgraphs start."""
     delta_channels: frozenset[str] = frozenset()
     """Channels named in `metadata.counters_since_delta_snapshot`."""
     delta_marked: bool = False

@@ -63,6 +63,7 @@ def summarize(
     """
     counters = metadata.get("counters_since_delta_snapshot")
     parents = metadata.get("parents")
+    source = metadata.get("source")
     return CheckpointSummary(
         namespace=namespace,
         checkpoint_id=checkpoint_id,
@@ -73,6 +74,7 @@ def summarize(
             if isinstance(parents, dict)
             else {}
         ),
+        source=source if isinstance(source, str) else None,
         delta_channels=frozenset(counters) if isinstance(counters, dict) else frozenset(),
         delta_marked=any(m in metadata for m in DELTA_MARKERS),
         reads_parent_sends=reads_parent_sends,

@@ -7,6 +7,7 @@ Old threads are written under a shifted id clock (`worker.demo.aged`).
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import subprocess
 import sys
@@ -79,6 +80,48 @@ def delta_graph(checkpointer: BaseCheckpointSaver[Any]) -> Any:
     g = StateGraph(DeltaState)
     g.add_node("step", lambda s: {"items": [f"item {len(s['items'])}"]})
     g.add_edge(START, "step")
+    return g.compile(checkpointer=checkpointer)
+
+
+class MemoState(TypedDict, total=False):
+    """A `checkpointer=True` subgraph's state: notes kept as a DeltaChannel across calls."""
+
+    messages: list[str]
+    notes: Annotated[list[str], DeltaChannel(_concat, snapshot_frequency=3)]
+    reply: str
+
+
+class MemoOutput(TypedDict):
+    """What the memo subgraph hands back: a reply, not its notes."""
+
+    reply: str
+
+
+class MemoParent(TypedDict, total=False):
+    """The root graph around the memo subgraph."""
+
+    messages: Annotated[list[str], operator.add]
+    reply: str
+
+
+def _note(state: MemoState) -> dict[str, Any]:
+    notes = state.get("notes") or []
+    last = state["messages"][-1]
+    return {"notes": [f"note {len(notes)}: {last}"], "reply": f"{len(notes) + 1} notes, {last}"}
+
+
+def delta_memory_graph(checkpointer: BaseCheckpointSaver[Any]) -> Any:
+    """A `checkpointer=True` subgraph `memo` whose notes are a DeltaChannel.
+
+    Its checkpoints hold deltas between snapshots, so the one a replay loads
+    needs its ancestors; its reply (the notes count) shows which one it loaded.
+    """
+    inner = StateGraph(MemoState, output_schema=MemoOutput)
+    inner.add_node("note", _note)
+    inner.add_edge(START, "note")
+    g = StateGraph(MemoParent)
+    g.add_node("memo", inner.compile(checkpointer=True))
+    g.add_edge(START, "memo")
     return g.compile(checkpointer=checkpointer)
 
 
@@ -170,6 +213,53 @@ async def build_mixed_store(saver: BaseCheckpointSaver[Any]) -> dict[str, str]:
     return shapes
 
 
+async def time_travel(app: Any, thread_id: str) -> None:
+    """Branch a thread twice: replay the turn before the last from its step 0 (LangGraph
+    saves a "fork" checkpoint), then `update_state` the first turn's step 0 (an "update")."""
+    history = [h async for h in app.aget_state_history(thread(thread_id))]
+    # Step-0 checkpoints of each turn (the subgraph still to run), newest first.
+    starts = [h for h in history if h.metadata["source"] == "loop" and h.next]
+    await app.ainvoke(None, starts[1].config)
+    await app.aupdate_state(starts[-1].config, {"messages": ["edited"]}, as_node="__start__")
+
+
+async def build_replay_store(saver: BaseCheckpointSaver[Any]) -> dict[str, str]:
+    """Persistent (`checkpointer=True`) subgraphs, plain and DeltaChannel, with and without
+    forks. Returns thread id -> shape."""
+    await turns(persistent_subgraph_graph(saver), "subp", 3)
+    await turns(persistent_subgraph_graph(saver), "subp-fork", 3)
+    await time_travel(persistent_subgraph_graph(saver), "subp-fork")
+    await turns(delta_memory_graph(saver), "subd", 5)
+    await turns(delta_memory_graph(saver), "subd-fork", 5)
+    await time_travel(delta_memory_graph(saver), "subd-fork")
+    return {
+        "subp": "persistent-subgraph",
+        "subp-fork": "persistent-subgraph",
+        "subd": "persistent-delta",
+        "subd-fork": "persistent-delta",
+    }
+
+
+async def replay(
+    saver: BaseCheckpointSaver[Any], shape: str, thread_id: str, checkpoint_id: str
+) -> tuple[Any, Any]:
+    """Time travel to a root checkpoint: `invoke(None)` from it. Returns the run's output
+    and the thread's state after it (values and next)."""
+    app = app_for(saver, shape)
+    out = await app.ainvoke(None, thread(thread_id, checkpoint_id=checkpoint_id))
+    s = await app.aget_state(thread(thread_id), subgraphs=True)
+    return out, (s.values, s.next)
+
+
+def root_ids(keys: Sequence[tuple[str, str, str]]) -> dict[str, list[str]]:
+    """Thread -> its root checkpoint ids, oldest first, from (thread, namespace, id) keys."""
+    out: dict[str, list[str]] = {}
+    for tid, ns, cid in sorted(keys):
+        if ns == "":
+            out.setdefault(tid, []).append(cid)
+    return out
+
+
 async def resume(saver: BaseCheckpointSaver[Any], thread_id: str, shape: str) -> Any:
     """Finish a waiting thread; returns its final state values."""
     if shape == "interrupt":
@@ -193,6 +283,7 @@ def app_for(saver: BaseCheckpointSaver[Any], shape: str) -> Any:
         "chat": chat_graph,
         "subgraph": subgraph_graph,
         "persistent-subgraph": persistent_subgraph_graph,
+        "persistent-delta": delta_memory_graph,
         "send": send_graph,
         "delta": delta_graph,
         "interrupt": approval_graph,

@@ -50,6 +50,7 @@ def threads(draw: st.DrawFn) -> ThreadView:
     delta = draw(st.booleans())
     old_format = draw(st.booleans())
     future = draw(st.booleans())
+    forks = draw(st.booleans())
     cps: list[CheckpointSummary] = []
     t = start
     parent: str | None = None
@@ -57,12 +58,19 @@ def threads(draw: st.DrawFn) -> ThreadView:
     for _ in range(n_root):
         cid = make_id(t, rnd)
         inline = frozenset({"items"}) if delta and rnd.random() < 0.3 else frozenset()
+        source = "loop"
+        if forks and root_ids and rnd.random() < 0.3:
+            # `update_state` on the head, or a fork from an older checkpoint
+            # (a "fork" is what replaying a checkpoint starts with).
+            source = rnd.choice(["update", "fork"])
+            parent = rnd.choice([root_ids[-1], rnd.choice(root_ids)])
         cps.append(
             CheckpointSummary(
                 namespace="",
                 checkpoint_id=cid,
                 parent_id=parent,
                 created_at=checkpoint_time(cid),
+                source=source,
                 # Counters name the channel except at its snapshot steps.
                 delta_channels=frozenset({"items"})
                 if delta and "items" not in inline
@@ -102,9 +110,13 @@ def threads(draw: st.DrawFn) -> ThreadView:
             # A call whose root checkpoint is gone (crash, ad-hoc DELETE).
             cps[-1] = replace(cps[-1], parents={"": make_id(start - 5, rnd)})
     if draw(st.booleans()):
+        # A persistent namespace saves whenever a root step runs it: its ids
+        # interleave with the root's.
         p = None
-        for i in range(rnd.randint(1, 4)):
-            cid = make_id(start + i * step + 2, rnd)
+        span = n_root * step
+        for ct in sorted(start + rnd.uniform(0, span) + 0.5 for _ in range(rnd.randint(1, 8))):
+            cid = make_id(ct, rnd)
+            inline = frozenset({"items"}) if delta and rnd.random() < 0.3 else frozenset()
             cps.append(
                 CheckpointSummary(
                     "memory",
@@ -112,8 +124,11 @@ def threads(draw: st.DrawFn) -> ThreadView:
                     p,
                     checkpoint_time(cid),
                     parents={"": rnd.choice(root_ids)},
-                    inline_channels=frozenset({"messages"}) if delta else None,
-                    versioned_channels=frozenset({"messages"}) if delta else None,
+                    delta_channels=frozenset({"items"})
+                    if delta and "items" not in inline
+                    else frozenset(),
+                    inline_channels=(inline | {"messages"}) if delta else None,
+                    versioned_channels=frozenset({"items", "messages"}) if delta else None,
                 )
             )
             p = cid
@@ -193,6 +208,29 @@ def apply(view: ThreadView, decision_ids: set[tuple[str, str]]) -> ThreadView:
             continue
         kept.append(replace(c, parent_id=None) if c.parent_id in gone else c)
     return replace(view, checkpoints=tuple(kept))
+
+
+def replay_reads(view: ThreadView) -> dict[str, dict[str, str | None]]:
+    """Root id -> persistent namespace -> the checkpoint LangGraph's replay of that root loads.
+
+    An independent re-implementation of `ReplayState`: the newest checkpoint of
+    the namespace with an id below the bound, which is the root checkpoint's
+    parent for an "update"/"fork" checkpoint that has one, else its own id.
+    """
+    subs: dict[str, list[str]] = {}
+    for c in view.checkpoints:
+        if c.namespace and c.parents and ":" not in c.namespace.rsplit("|", 1)[-1]:
+            subs.setdefault(c.namespace, []).append(c.checkpoint_id)
+    out = {}
+    for r in view.checkpoints:
+        if r.namespace != "":
+            continue
+        fork = r.source in ("update", "fork") and r.parent_id is not None
+        bound = r.parent_id if fork and r.parent_id is not None else r.checkpoint_id
+        out[r.checkpoint_id] = {
+            ns: max((i for i in ids if i < bound), default=None) for ns, ids in subs.items()
+        }
+    return out
 
 
 def walk_needs(by_id: dict[str, CheckpointSummary], c: CheckpointSummary) -> set[str]:
@@ -275,8 +313,14 @@ def test_decision_invariants(view: ThreadView, policies: list[Policy]) -> None:
             for anc in walk_needs(same_ns, c):
                 assert (c.namespace, anc) not in deleted
 
-    # Applying the decision and deciding again deletes nothing more.
+    # Replaying a kept root checkpoint loads the same persistent-subgraph
+    # checkpoints as before (parents of kept checkpoints nulled as engines do).
     after = apply(view, deleted)
+    reads_before, reads_after = replay_reads(view), replay_reads(after)
+    for root, reads in reads_after.items():
+        assert reads == reads_before[root], root
+
+    # Applying the decision and deciding again deletes nothing more.
     again = decide(after, rules, NOW, GRACE)
     assert again.expiry is None
     assert not again.deletions, again.deletions
@@ -372,3 +416,74 @@ def test_checkpoint_time_reads_real_ids() -> None:
     assert checkpoint_time(str(uuid.uuid4())) is None
     assert checkpoint_time("not-an-id") is None
     assert checkpoint_time("zzzzzzzz-zzzz-6zzz-8zzz-zzzzzzzzzzzz") is None
+
+
+def _persistent_thread(rnd: random.Random, fork_from: int | None) -> ThreadView:
+    """Three turns of a root graph running a `checkpointer=True` subgraph `memory` in step 0.
+
+    Each turn saves root input, step 0 (memory pending), memory's three
+    checkpoints, root step 1. With `fork_from`, an `update_state` on root
+    checkpoint number `fork_from` follows (source "update", that parent).
+    """
+    cps: list[CheckpointSummary] = []
+    t = NOW - 30 * DAY
+    root_parent: str | None = None
+    sub_parent: str | None = None
+    for _ in range(3):
+        for kind in ("input", "loop", "memory", "memory", "memory", "loop"):
+            t += 60
+            cid = make_id(t, rnd)
+            if kind == "memory":
+                root = root_parent or ""
+                cps.append(
+                    CheckpointSummary(
+                        "memory", cid, sub_parent, checkpoint_time(cid), parents={"": root}
+                    )
+                )
+                sub_parent = cid
+            else:
+                cps.append(
+                    CheckpointSummary("", cid, root_parent, checkpoint_time(cid), source=kind)
+                )
+                root_parent = cid
+    if fork_from is not None:
+        base = [c for c in cps if c.namespace == ""][fork_from]
+        cid = make_id(t + 60, rnd)
+        cps.append(
+            CheckpointSummary("", cid, base.checkpoint_id, checkpoint_time(cid), source="update")
+        )
+    return ThreadView("user-1", tuple(cps), waiting=False)
+
+
+def test_kept_root_checkpoint_keeps_the_subgraph_checkpoint_its_replay_reads() -> None:
+    """keep_last 3: the step-0 root checkpoint of the last turn replays memory from the
+    turn before, so that turn's last memory checkpoint stays beside memory's own 3."""
+    view = _persistent_thread(random.Random(6), fork_from=None)
+    d = decide(view, Ruleset([Policy(name="trim", keep_last=3)]), NOW, GRACE)
+    gone = {x.checkpoint_id for x in d.deletions}
+    memory = sorted(c.checkpoint_id for c in view.checkpoints if c.namespace == "memory")
+    assert [m for m in memory if m not in gone] == [memory[5], *memory[-3:]]
+    reads = replay_reads(view)
+    after = replay_reads(apply(view, {(x.namespace, x.checkpoint_id) for x in d.deletions}))
+    assert after == {r: reads[r] for r in after}
+
+
+def test_fork_keeps_its_parent_when_the_subgraph_saved_in_between() -> None:
+    """An `update_state` on an old root checkpoint replays memory from before that parent.
+
+    Deleting the parent would null the fork's parent id and move the bound
+    to the fork itself, past memory checkpoints that stay: the parent stays.
+    An update of the head has no memory checkpoint in between: its parent
+    may go (and its subgraph read is the same either way).
+    """
+    rules = Ruleset([Policy(name="trim", keep_last=2)])
+    old = _persistent_thread(random.Random(7), fork_from=1)
+    roots = sorted(c.checkpoint_id for c in old.checkpoints if c.namespace == "")
+    gone = {x.checkpoint_id for x in decide(old, rules, NOW, GRACE).deletions}
+    assert roots[1] not in gone
+    head = _persistent_thread(random.Random(8), fork_from=-1)
+    roots = sorted(c.checkpoint_id for c in head.checkpoints if c.namespace == "")
+    d = decide(head, Ruleset([Policy(name="trim", keep_last=1)]), NOW, GRACE)
+    assert roots[-2] in {x.checkpoint_id for x in d.deletions}
+    after = apply(head, {(x.namespace, x.checkpoint_id) for x in d.deletions})
+    assert replay_reads(after)[roots[-1]] == replay_reads(head)[roots[-1]]

@@ -44,10 +44,13 @@ from scenarios import (
     approval_graph,
     breakpoint_graph,
     build_mixed_store,
+    build_replay_store,
     error_graph,
     persistent_subgraph_graph,
     read_all,
+    replay,
     resume,
+    root_ids,
     send_graph,
     states,
     turns,
@@ -167,8 +170,9 @@ async def test_keep_last_trims_every_shape(mixed: tuple[str, dict[str, str]]) ->
                 )
                 left = {r[0] for r in rows if r[0].startswith("inner:")}
                 assert left <= sub_calls, (tid, table, left - sub_calls)
-    # The persistent subgraph namespace is trimmed, not dropped.
-    assert counts[("subp-new", "memory")] == 2
+    # The persistent subgraph namespace is trimmed, not dropped: its 2 newest, and the
+    # checkpoint replaying the kept step-0 root checkpoint loads (the turn before's last).
+    assert counts[("subp-new", "memory")] == 3
     assert report.policies["trim"].deleted.checkpoints == len(gone)
     # The 60-day-old threads are quiet: the blobs only their deleted checkpoints used went.
     assert report.policies["trim"].deleted.blobs > 0
@@ -271,6 +275,55 @@ async def test_namespace_rule_for_subgraph_calls(mixed: tuple[str, dict[str, str
             assert n == counts_before[(tid, ns)]
     assert report.policies["calls"].by_reason
     assert report.policies["roots"].deleted.checkpoints > 0
+
+
+@pytest.fixture(scope="module")
+def replay_template(pg_server: PgServer) -> Iterator[tuple[str, dict[str, str]]]:
+    """Persistent subgraphs (plain and DeltaChannel, with forks), built once."""
+    dbs = Databases(pg_server, "replay_template")
+    dsn = dbs.create()
+
+    async def build() -> dict[str, str]:
+        async with pg_saver(dsn) as saver:
+            return await build_replay_store(saver)
+
+    shapes = asyncio.run(build())
+    yield dsn, shapes
+    dbs.drop_all()
+
+
+@pytest.mark.parametrize("keep_last", [1, 3])
+async def test_replay_from_every_kept_root_checkpoint_is_unchanged(
+    replay_template: tuple[str, dict[str, str]], dbs: Databases, keep_last: int
+) -> None:
+    """Time travel (`invoke(None, checkpoint_id=R)`) from each root checkpoint the sweep kept
+    returns what it returns on the unswept store, and leaves the same state.
+
+    Each replay writes checkpoints, so each runs on its own clone of either database (the
+    i-th kept root checkpoint of every thread on clone i: threads do not meet).
+    """
+    template, shapes = replay_template
+    dsn = dbs.clone(template)
+    before = await snapshot(dsn, shapes)
+    now = time.time() + LATER
+    report = await run_pg_sweep(dsn, f"  - {{name: trim, keep_last: {keep_last}}}", now=now)
+    assert report.outcome is Outcome.SUCCESS, report.error
+    assert await assert_kept_unchanged(dsn, shapes, before, now=now)
+    kept = root_ids(await all_keys(dsn))
+    for i in range(max(len(ids) for ids in kept.values())):
+        results = []
+        for source in (template, dsn):
+            async with pg_saver(dbs.clone(source)) as saver:
+                results.append(
+                    {
+                        (tid, ids[i]): await replay(saver, shapes[tid], tid, ids[i])
+                        for tid, ids in kept.items()
+                        if i < len(ids)
+                    }
+                )
+        assert results[1] == results[0]
+    # The update_state fork keeps its old parent: subgraph checkpoints stay in between.
+    assert len(kept["subp-fork"]) > keep_last and len(kept["subd-fork"]) > keep_last
 
 
 async def test_root_graph_is_stored_under_empty_namespace(dbs: Databases) -> None:

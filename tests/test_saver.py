@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import sqlite3
 import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -30,10 +32,13 @@ from prometheus_client import CollectorRegistry
 from scenarios import (
     DAY,
     build_mixed_store,
+    build_replay_store,
     delta_graph,
     persistent_subgraph_graph,
     read_all,
+    replay,
     resume,
+    root_ids,
     states,
 )
 
@@ -245,9 +250,40 @@ async def test_subgraph_calls_go_with_their_root_checkpoint(
         assert calls, "the kept root checkpoints' calls stay"
         assert set(calls.values()) <= roots, "no call outlives its root checkpoint"
         sizes = await ns_sizes(inner)
-        # The persistent `checkpointer=True` namespace is trimmed like any other.
-        assert sizes[("subp", "memory")] <= 2
+        # The persistent `checkpointer=True` namespace is trimmed to its 2 newest, and
+        # the checkpoint replaying the kept step-0 root checkpoint loads.
+        assert sizes[("subp", "memory")] <= 3
         assert await garbage_blobs(inner) == 0
+
+
+async def test_trim_keeps_what_replaying_each_kept_root_checkpoint_reads(tmp_path: Path) -> None:
+    """The wrapper's trim honours the persistent-subgraph rule: time travel from every root
+    checkpoint it kept returns what it returns on an untrimmed copy (each replay on its own
+    copy of the file, since replaying writes)."""
+    path, control = tmp_path / "store.db", tmp_path / "control.db"
+    async with AsyncSqliteSaver.from_conn_string(str(path)) as inner:
+        shapes = await build_replay_store(inner)
+    shutil.copy(path, control)
+    async with AsyncSqliteSaver.from_conn_string(str(path)) as inner:
+        saver, _ = wrap(inner, keep_last=2)
+        for tid in shapes:
+            await saver._arun(saver._trim(tid))
+        kept = root_ids(await all_keys(inner))
+    assert all(len(ids) < 12 for ids in kept.values()), "nothing was trimmed"
+    for i in range(max(len(ids) for ids in kept.values())):
+        results = []
+        for source in (control, path):
+            copy = tmp_path / f"replay-{i}-{source.stem}.db"
+            shutil.copy(source, copy)
+            async with AsyncSqliteSaver.from_conn_string(str(copy)) as inner:
+                results.append(
+                    {
+                        (tid, ids[i]): await replay(inner, shapes[tid], tid, ids[i])
+                        for tid, ids in kept.items()
+                        if i < len(ids)
+                    }
+                )
+        assert results[1] == results[0]
 
 
 @pytest.mark.parametrize("kind", SAVERS)

@@ -22,8 +22,11 @@ from scenarios import (
     DAY,
     OLD_DAYS,
     build_mixed_store,
+    build_replay_store,
     read_all,
+    replay,
     resume,
+    root_ids,
     states,
 )
 
@@ -154,8 +157,9 @@ async def test_keep_last_trims_every_shape(mixed: tuple[Path, dict[str, str]]) -
     # Subgraph calls of deleted root checkpoints went with them.
     sub_calls = [ns for (t, ns) in counts if t == "sub-new" and ns.startswith("inner:")]
     assert len(sub_calls) <= 1
-    # The persistent subgraph namespace is trimmed, not dropped.
-    assert counts[("subp-new", "memory")] == 2
+    # The persistent subgraph namespace is trimmed, not dropped: its 2 newest, and the
+    # checkpoint replaying the kept step-0 root checkpoint loads (the turn before's last).
+    assert counts[("subp-new", "memory")] == 3
     assert report.policies["trim"].deleted.checkpoints == len(gone)
     # Writes of deleted checkpoints went; the kept ones' stayed (checked by read_all).
     with sqlite3.connect(path) as con:
@@ -263,6 +267,61 @@ async def test_namespace_rule_for_subgraph_calls(mixed: tuple[Path, dict[str, st
             assert n == counts_before[(tid, ns)]
     assert report.policies["calls"].by_reason
     assert report.policies["roots"].deleted.checkpoints > 0
+
+
+@pytest.fixture(scope="module")
+def replay_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """Persistent subgraphs (plain and DeltaChannel, with forks), built once."""
+    import asyncio
+
+    path = tmp_path_factory.mktemp("replay") / "template.db"
+
+    async def build() -> dict[str, str]:
+        async with AsyncSqliteSaver.from_conn_string(str(path)) as saver:
+            return await build_replay_store(saver)
+
+    shapes = asyncio.run(build())
+    with sqlite3.connect(path) as con:
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return path, shapes
+
+
+@pytest.mark.parametrize("keep_last", [1, 3])
+async def test_replay_from_every_kept_root_checkpoint_is_unchanged(
+    tmp_path: Path, replay_template: tuple[Path, dict[str, str]], keep_last: int
+) -> None:
+    """Time travel (`invoke(None, checkpoint_id=R)`) from each root checkpoint the sweep kept
+    returns what it returns on the unswept store, and leaves the same state.
+
+    Each replay writes checkpoints, so each runs on its own copy of either store (the i-th
+    kept root checkpoint of every thread on copy i: threads do not meet).
+    """
+    template, shapes = replay_template
+    path = tmp_path / "store.db"
+    shutil.copy(template, path)
+    before, before_states = await snapshot(path, shapes)
+    report = await run_sweep(path, f"  - {{name: trim, keep_last: {keep_last}}}")
+    assert report.outcome is Outcome.SUCCESS
+    assert await assert_kept_unchanged(path, shapes, before, before_states)
+    with sqlite3.connect(path) as con:
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    kept = root_ids(all_keys(path))
+    for i in range(max(len(ids) for ids in kept.values())):
+        results = []
+        for source in (template, path):
+            copy = tmp_path / f"replay-{i}-{source.stem}.db"
+            shutil.copy(source, copy)
+            async with AsyncSqliteSaver.from_conn_string(str(copy)) as saver:
+                results.append(
+                    {
+                        (tid, ids[i]): await replay(saver, shapes[tid], tid, ids[i])
+                        for tid, ids in kept.items()
+                        if i < len(ids)
+                    }
+                )
+        assert results[1] == results[0]
+    # The update_state fork keeps its old parent: subgraph checkpoints stay in between.
+    assert len(kept["subp-fork"]) > keep_last and len(kept["subd-fork"]) > keep_last
 
 
 async def test_root_graph_is_stored_under_empty_namespace(tmp_path: Path) -> None:

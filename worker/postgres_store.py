@@ -96,6 +96,7 @@ SCAN_SQL = """
 SELECT thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id,
        COALESCE((checkpoint ->> 'v')::int, 4) AS v,
        metadata -> 'parents' AS parents,
+       metadata ->> 'source' AS source,
        metadata -> 'counters_since_delta_snapshot' AS counters,
        metadata ? 'delta_writes_versioned' AS delta_marked,
        pg_column_size(checkpoint) + pg_column_size(metadata) AS size
@@ -941,6 +942,8 @@ def _expected_counts(
 def _summary(tid: str, r: asyncpg.Record, sends: set[tuple[str, str, str]]) -> CheckpointSummary:
     # The scan pulls only the metadata keys the decision reads out of the JSONB.
     meta: dict[str, Any] = {"parents": json_object(r["parents"])}
+    if r["source"] is not None:
+        meta["source"] = r["source"]
     if r["counters"] is not None:
         meta["counters_since_delta_snapshot"] = json_object(r["counters"])
     if r["delta_marked"]:

@@ -10,8 +10,9 @@ Wrap the checkpointer a graph is compiled with::
   with the same invariants: a kept checkpoint keeps its writes and the blobs
   it references, a `DeltaChannel` thread keeps the ancestors its replay reads,
   a v < 4 Postgres checkpoint keeps the parent holding its sends, a subgraph
-  call's namespace goes with its root checkpoint, kept checkpoints whose
-  parent went get none. Trimming is amortized: a (thread, namespace) is
+  call's namespace goes with its root checkpoint, a kept root checkpoint keeps
+  the `checkpointer=True` subgraph checkpoints replaying it reads, kept
+  checkpoints whose parent went get none. Trimming is amortized: a (thread, namespace) is
   trimmed on the first put this process makes to an existing history and then
   every `slack + 1` puts, so between trims it holds at most `keep_last + slack`
   checkpoints (plus what `keep_within` and the invariants keep).

@@ -22,7 +22,7 @@ from typing import Any
 import aiosqlite
 import structlog
 
-from policies.decide import is_delta_thread, root_head
+from policies.decide import FORK_SOURCES, is_delta_thread, root_head
 from policies.model import CheckpointSummary, ThreadView
 from policies.summary import DELTA_MARKERS, json_object, summarize
 from worker.decoding import Decoder
@@ -556,19 +556,23 @@ class SqliteStore:
         await self.conn.execute(WAL_CHECKPOINT_SQL)
 
 
+_PARSE_ROOT_MARKERS = (*DELTA_MARKERS, *(f'"{src}"' for src in sorted(FORK_SOURCES)))
+
+
 def _summary(
     ns: str, cid: str, parent: str | None, size: int, text: str | None
 ) -> CheckpointSummary:
     """A scanned row as the decision sees it.
 
     A root-namespace checkpoint has no parents, so its metadata is parsed only
-    when a DeltaChannel marker appears in the text: a substring test is cheap,
+    when a DeltaChannel marker or an `update_state` source (which moves its
+    subgraphs' replay bound) appears in the text: a substring test is cheap,
     and a false positive costs one parse. SQLite keeps pending sends inline in
     every format version, so no checkpoint reads them from its parent here
     (invariant 2 is free).
     """
     meta: dict[str, Any] = {}
-    if text and (ns != "" or any(m in text for m in DELTA_MARKERS)):
+    if text and (ns != "" or any(m in text for m in _PARSE_ROOT_MARKERS)):
         meta = json_object(text)
     return summarize(ns, cid, parent, meta, size=int(size))
 
