@@ -307,8 +307,11 @@ async def test_safety_limit_stops_mass_expiry(mixed: tuple[Path, dict[str, str]]
     )
     assert report.outcome is Outcome.SAFETY_STOP
     assert report.limit_reached_by == "idle"
+    # All or nothing: more threads are due than the limit allows, so none goes.
+    assert report.expiries_wanted == n_before > report.expiry_limit == int(0.5 * n_before)
+    assert report.deleted.threads == 0
     n_after = len({t for t, _, _ in all_keys(path)})
-    assert n_before - n_after == report.expiry_limit == int(0.5 * n_before)
+    assert n_after == n_before
     plan = await run_sweep(
         path,
         "  - {name: idle, expire_after: 30d, interrupted: expire}",
