@@ -235,6 +235,8 @@ class SweepOptions:
     allow_mass_expiry: bool = False
     due: frozenset[str] | None = None
     """Policies to carry out; None: all. First match still sees every policy."""
+    expiries_in_memory: int = 10_000
+    """Expiries the pass holds in memory; the rest wait in a temporary file."""
 
 
 ProgressFn = Callable[[int, int], None]
@@ -293,7 +295,7 @@ async def _run(
         report.outcome = Outcome.LOCKED
         log.info("sweep_skipped", store=engine.name, reason="another worker holds the sweep lock")
         return
-    deferred = _DeferredExpiries()
+    deferred = _DeferredExpiries(options.expiries_in_memory)
     try:
         pass_ = _Pass(engine, rules, options, report, stop, on_batch, on_thread, deferred)
         await pass_.run(progress)
@@ -511,7 +513,9 @@ class _Pass:
     async def _hold_expiries(self) -> None:
         """The limit stops the sweep: expire none, say so (a dry run lists what it holds back)."""
         report = self.report
-        log.warning(
+        # A plan says it in its own output; a real sweep's stop needs someone to act.
+        emit = log.info if report.dry_run else log.warning
+        emit(
             "safety_stop",
             store=report.store,
             dry_run=report.dry_run,
