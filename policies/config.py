@@ -557,6 +557,8 @@ class Defaults(_Model):
     dry_run: bool = False
     max_delete_fraction: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.5
     """One sweep may expire at most this fraction of a store's threads (the safety limit)."""
+    allow_mass_expiry: bool = False
+    """Lift the safety limit for every sweep (`run`'s only way past it; `once` has a flag)."""
     batch: BatchSettings = BatchSettings()
     shutdown_grace: PositiveSeconds = 20.0
     """`run`: on SIGTERM, how long the current batch may take to commit before it is rolled back."""

@@ -90,6 +90,17 @@ def replay_bound(c: CheckpointSummary) -> str:
     return c.checkpoint_id
 
 
+def last_activity(view: ThreadView) -> float | None:
+    """Unix time of the thread's newest activity anywhere; None when nothing dates it.
+
+    A long subgraph call or a crashed run's writes keep the thread alive as
+    much as a root checkpoint does, so every namespace and orphan write counts.
+    """
+    times = [c.created_at for c in view.checkpoints if c.created_at is not None]
+    times += [t for _, cid in view.orphan_writes if (t := checkpoint_time(cid)) is not None]
+    return max(times) if times else None
+
+
 def _deletes(policy: Policy | None) -> bool:
     return policy is not None and not policy.protect
 
@@ -189,11 +200,8 @@ def decide(view: ThreadView, rules: Ruleset, now: float, grace_seconds: float) -
     policy_of = {ns: rules.first_match(tid, ns, meta) for ns in by_ns}
     root_policy = rules.first_match(tid, "", meta)
 
-    times = [c.created_at for c in view.checkpoints if c.created_at is not None]
-    times += [t for _, cid in view.orphan_writes if (t := checkpoint_time(cid)) is not None]
-    # Newest activity anywhere in the thread: a long subgraph call or a crashed
-    # run's writes keep the thread alive as much as a root checkpoint does.
-    idle = now - max(times) if times else None
+    active = last_activity(view)
+    idle = now - active if active is not None else None
 
     skips: list[Skip] = []
     if (

@@ -41,6 +41,8 @@ class SkipReason(StrEnum):
     """Trimming held back: a `DeltaChannel` history could not be read (encrypted, no key)."""
     CHANGED = "changed"
     """The thread changed between scan and delete; it is decided again next sweep."""
+    LOCKED = "locked"
+    """(SQLite) the batch could not get the write lock in time; decided again next sweep."""
 
 
 @dataclass(slots=True)

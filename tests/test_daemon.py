@@ -41,6 +41,7 @@ from daemon_helpers import (
     sqlite_rows,
 )
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+from pg_scenarios import thread_counts
 from pgserver import PgServer, free_port
 from scenarios import replicate, turns
 
@@ -195,7 +196,7 @@ def test_metrics_match_the_rows_that_really_went(
         assert exported_deleted(scrape, store, KINDS) == gone(before[store], after[store]), store
     went = {s: gone(before[s], after[s]) for s in before}
     assert went["app"]["threads"] == 2 and went["pg"]["threads"] == 1
-    assert went["old"]["threads"] == 1  # floor(0.5 * 2) threads, then the safety stop
+    assert went["old"]["threads"] == 0  # 2 due, at most floor(0.5 * 2): all or nothing
     assert went["pg"]["blobs"] > 0 and went["pg"]["writes"] > 0 and went["app"]["writes"] > 0
     for store in ("app", "pg"):
         v = scrape.value
@@ -299,6 +300,101 @@ def test_dry_run_daemon_deletes_nothing_and_exports_what_is_due(
     assert daemon.events("started")[0]["dry_run"] is True
     rc, _ = daemon.stop()
     assert rc == 0, daemon.diagnose()
+
+
+# ------------------------------------------------------------------ the safety limit
+
+
+IDLE = [f"idle-{i}" for i in range(5)]
+FRESH = ["user-1", "user-2"]
+SAFETY_THREADS = ChatThreads(fresh=dict.fromkeys(FRESH, 4), aged={60.0: dict.fromkeys(IDLE, 2)})
+"""7 threads, 5 of them idle for 60 days: more than half are due to expire."""
+
+
+def assert_safety_limit_holds_sweep_after_sweep(
+    tmp_path: Path,
+    spawn: Spawn,
+    stores: str,
+    store: str,
+    threads: Callable[[], dict[str, int]],
+    env: dict[str, str] | None = None,
+) -> None:
+    """`run` on `SAFETY_THREADS`: every sweep stops, none expires; `allow_mass_expiry` lifts it.
+
+    `threads` reads checkpoints per thread from the store itself; it is read
+    at every poll while the sweeps run, so a single expiry would show.
+    """
+    port = free_port()
+
+    def config(allow: bool) -> str:
+        policies = "  - {name: chats, expire_after: 30d, keep_last: 2}\n"
+        defaults = "  allow_mass_expiry: true\n" if allow else ""
+        return daemon_config(stores, policies, port, every="1s", defaults=defaults)
+
+    cfg = write(tmp_path / "janitor.yaml", config(False))
+    before = threads()
+    assert set(before) == set(IDLE + FRESH)
+    daemon = spawn(cfg, port, env=env)
+
+    def two_stops() -> bool:
+        assert set(threads()) == set(before), "a thread was expired"
+        stops = daemon.scrape().value(
+            "sweeps_total", store=store, policy="chats", outcome="safety_stop"
+        )
+        return (stops or 0) >= 2
+
+    daemon.wait(two_stops, 90, "two sweeps stopped by the safety limit")
+    after = threads()
+    assert {t: after[t] for t in IDLE} == {t: before[t] for t in IDLE}
+    assert {after[t] for t in FRESH} == {2}  # trimming still ran
+    scrape = daemon.scrape()
+    assert scrape.total("safety_stops_total", store=store, policy="chats") >= 2
+    assert scrape.total("deleted_total", store=store, kind="threads") == 0
+    stops = daemon.events("safety_stop")
+    assert len(stops) >= 2 and all(e["threads_to_expire"] == 5 for e in stops)
+
+    write(cfg, config(True))
+    daemon.send(signal.SIGHUP)
+    daemon.wait_metric(
+        "sweeps_total", lambda v: (v or 0) >= 1, 90, store=store, policy="chats", outcome="success"
+    )
+    assert set(threads()) == set(FRESH)
+    assert daemon.scrape().total("deleted_total", store=store, kind="threads") == 5
+    rc, _ = daemon.stop()
+    assert rc == 0, daemon.diagnose()
+
+
+def test_safety_limit_holds_sweep_after_sweep_on_sqlite(tmp_path: Path, spawn: Spawn) -> None:
+    """SQLite: the limit stops every scheduled sweep before any expiry; the config flag lifts it."""
+    app = tmp_path / "app.db"
+    asyncio.run(build_sqlite(app, SAFETY_THREADS))
+
+    def threads() -> dict[str, int]:
+        with sqlite3.connect(app, timeout=10) as con:
+            return dict(con.execute("SELECT thread_id, COUNT(*) FROM checkpoints GROUP BY 1"))
+
+    assert_safety_limit_holds_sweep_after_sweep(
+        tmp_path, spawn, sqlite_store("app", app), "app", threads
+    )
+
+
+def test_safety_limit_holds_sweep_after_sweep_on_postgres(
+    tmp_path: Path, pg_dsn: str, spawn: Spawn
+) -> None:
+    """Postgres: the limit stops every scheduled sweep before any expiry; the flag lifts it."""
+    asyncio.run(build_postgres(pg_dsn, SAFETY_THREADS))
+
+    def threads() -> dict[str, int]:
+        return asyncio.run(thread_counts(pg_dsn))
+
+    assert_safety_limit_holds_sweep_after_sweep(
+        tmp_path,
+        spawn,
+        "  - {name: pg, kind: postgres, dsn: '${JANITOR_TEST_DSN}'}\n",
+        "pg",
+        threads,
+        env={"JANITOR_TEST_DSN": pg_dsn},
+    )
 
 
 # ------------------------------------------------------------------ faults

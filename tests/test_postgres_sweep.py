@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from daemon_helpers import ChatThreads, build_postgres
 from langgraph.types import Command
 from pg_scenarios import (
     NO_ORPHANS,
@@ -26,8 +29,10 @@ from pg_scenarios import (
     Key,
     all_keys,
     blob_keys,
+    cli,
     connect,
     dump,
+    json_events,
     lost_blobs,
     ns_counts,
     orphans,
@@ -35,6 +40,8 @@ from pg_scenarios import (
     quiet_threads,
     run_pg_sweep,
     table_counts,
+    thread_counts,
+    write_config,
 )
 from pgserver import PgServer
 from scenarios import (
@@ -361,18 +368,68 @@ async def test_metadata_match_and_keep_within(mixed: tuple[str, dict[str, str]])
 
 
 async def test_safety_limit_stops_mass_expiry(mixed: tuple[str, dict[str, str]]) -> None:
-    """A clock a year ahead makes every thread idle: the sweep stops at max_delete_fraction."""
+    """A clock a year ahead makes every thread idle: past max_delete_fraction none expires."""
     dsn, _ = mixed
     n_before = len({t for t, _, _ in await all_keys(dsn)})
     policy = "  - {name: idle, expire_after: 30d, interrupted: expire}"
     report = await run_pg_sweep(dsn, policy, now=time.time() + 365 * DAY)
     assert report.outcome is Outcome.SAFETY_STOP
     assert report.limit_reached_by == "idle"
+    # All or nothing: more threads are due than the limit allows, so none goes.
+    assert report.expiries_wanted == n_before > report.expiry_limit == int(0.5 * n_before)
+    assert report.deleted.threads == 0
     n_after = len({t for t, _, _ in await all_keys(dsn)})
-    assert n_before - n_after == report.expiry_limit == int(0.5 * n_before)
+    assert n_after == n_before
     plan = await run_pg_sweep(dsn, policy, now=time.time() + 365 * DAY, dry_run=True)
     assert plan.would_hit_limit
     assert len({t for t, _, _ in await all_keys(dsn)}) == n_after
+
+
+IDLE = [f"idle-{i}" for i in range(5)]
+FRESH = ["user-1", "user-2"]
+
+
+async def test_safety_limit_expires_none_however_often_once_runs(
+    tmp_path: Path, dbs: Databases
+) -> None:
+    """`once` on Postgres: 5 of 7 threads due, 3 allowed: run after run none goes, trims run.
+
+    `--allow-mass-expiry` then expires the 5, blobs and writes with them.
+    """
+    dsn = dbs.create()
+    threads = ChatThreads(fresh=dict.fromkeys(FRESH, 4), aged={60.0: dict.fromkeys(IDLE, 2)})
+    await build_postgres(dsn, threads)
+    cfg = write_config(
+        tmp_path / "janitor.yaml", dsn, "  - {name: chats, expire_after: 30d, keep_last: 2}"
+    )
+    idle_keys = [k for k in await all_keys(dsn) if k[0] in IDLE]
+    async with pg_saver(dsn) as saver:
+        before = await read_all(saver, idle_keys)
+    for run in range(3):
+        r = await asyncio.to_thread(cli, "once", config=cfg)
+        assert r.returncode == 3, (run, r.stderr)
+        assert set(await thread_counts(dsn)) == set(IDLE + FRESH), run
+        summary = json.loads(r.stdout)["stores"][0]
+        assert summary["outcome"] == "safety_stop" and summary["total"]["threads"] == 0
+        assert summary["safety_limit"]["threads_to_expire"] == 5
+        assert "--allow-mass-expiry" in r.stderr
+    counts = await thread_counts(dsn)
+    assert {counts[t] for t in FRESH} == {2}
+    async with pg_saver(dsn) as saver:
+        assert await read_all(saver, idle_keys) == before
+
+    r = await asyncio.to_thread(cli, "once", "--allow-mass-expiry", config=cfg)
+    assert r.returncode == 0, r.stderr
+    assert set(await thread_counts(dsn)) == set(FRESH)
+    expired = [e for e in json_events(r.stderr) if e["event"] == "thread_expired"]
+    assert sorted(e["thread_id"] for e in expired) == IDLE
+    assert all(59 * DAY < e["idle_seconds"] < 61 * DAY for e in expired)
+    async with connect(dsn) as conn:
+        for table in ("checkpoint_writes", "checkpoint_blobs"):
+            left = await conn.fetchval(
+                f"SELECT COUNT(*) FROM {table} WHERE thread_id = ANY($1::text[])", IDLE
+            )
+            assert left == 0, table
 
 
 async def test_dry_run_counts_without_deleting(mixed: tuple[str, dict[str, str]]) -> None:

@@ -73,6 +73,7 @@ async def run_sweep(
     now: float | None = None,
     dry_run: bool = False,
     extra: str = "",
+    expiries_in_memory: int = 10_000,
 ) -> SweepReport:
     cfg = config(policies_yaml, path, extra)
     engine = SqliteStore("app", str(path))
@@ -85,6 +86,7 @@ async def run_sweep(
                 settings=cfg.store_settings("app"),
                 max_delete_fraction=cfg.defaults.max_delete_fraction,
                 dry_run=dry_run,
+                expiries_in_memory=expiries_in_memory,
             ),
             now=now,
         )
@@ -366,8 +368,11 @@ async def test_safety_limit_stops_mass_expiry(mixed: tuple[Path, dict[str, str]]
     )
     assert report.outcome is Outcome.SAFETY_STOP
     assert report.limit_reached_by == "idle"
+    # All or nothing: more threads are due than the limit allows, so none goes.
+    assert report.expiries_wanted == n_before > report.expiry_limit == int(0.5 * n_before)
+    assert report.deleted.threads == 0
     n_after = len({t for t, _, _ in all_keys(path)})
-    assert n_before - n_after == report.expiry_limit == int(0.5 * n_before)
+    assert n_after == n_before
     plan = await run_sweep(
         path,
         "  - {name: idle, expire_after: 30d, interrupted: expire}",
@@ -375,6 +380,23 @@ async def test_safety_limit_stops_mass_expiry(mixed: tuple[Path, dict[str, str]]
         dry_run=True,
     )
     assert plan.would_hit_limit and len({t for t, _, _ in all_keys(path)}) == n_after
+
+
+async def test_expiries_held_in_a_temp_file_all_go(mixed: tuple[Path, dict[str, str]]) -> None:
+    """Past `expiries_in_memory` the pass notes expiries in a file; each still goes, once."""
+    path, shapes = mixed
+    policy = "  - {name: idle, expire_after: 30d, interrupted: expire}"
+    report = await run_sweep(
+        path,
+        policy,
+        now=time.time() + 365 * DAY,
+        extra="defaults: {max_delete_fraction: 1.0}",
+        expiries_in_memory=2,
+    )
+    assert report.outcome is Outcome.SUCCESS
+    assert report.expiries_wanted == report.deleted.threads == len(shapes)
+    assert report.changed_threads == 0
+    assert all_keys(path) == []
 
 
 async def test_dry_run_counts_without_deleting(mixed: tuple[Path, dict[str, str]]) -> None:

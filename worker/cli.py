@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,12 +22,19 @@ import structlog
 from policies.config import Config, Policy, StoreConfig
 from policies.loader import ConfigError, load_config
 from worker.engine import StoreEngine, StoreError
-from worker.logs import configure_logging
+from worker.logs import configure_logging, iso_utc
 from worker.metrics import Metrics
 from worker.purge import purge
-from worker.report import human_bytes, render_json, render_table
+from worker.report import (
+    human_bytes,
+    render_json,
+    render_table,
+    render_threads,
+    report_dict,
+    thread_dict,
+)
 from worker.stores import make_engine
-from worker.sweep import Outcome, SweepOptions, SweepReport, sweep
+from worker.sweep import Outcome, SweepOptions, SweepReport, ThreadFn, ThreadPlan, sweep
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_SAFETY = 0, 1, 2, 3
 
@@ -95,6 +103,7 @@ async def _sweep_all(
     dry_run: bool,
     allow_mass_expiry: bool,
     now: float | None = None,
+    on_thread: ThreadFn | None = None,
 ) -> list[SweepReport]:
     reports = []
     for store in stores:
@@ -102,7 +111,7 @@ async def _sweep_all(
             settings=config.store_settings(store.name),
             max_delete_fraction=config.defaults.max_delete_fraction,
             dry_run=dry_run,
-            allow_mass_expiry=allow_mass_expiry,
+            allow_mass_expiry=allow_mass_expiry or config.defaults.allow_mass_expiry,
         )
         policies = config.policies_for(store.name)
 
@@ -111,7 +120,14 @@ async def _sweep_all(
             policies: Sequence[Policy] = policies,
             options: SweepOptions = options,
         ) -> Awaitable[SweepReport]:
-            return sweep(engine, policies, options, now=now, progress=_progress(engine.name))
+            return sweep(
+                engine,
+                policies,
+                options,
+                now=now,
+                progress=_progress(engine.name),
+                on_thread=on_thread,
+            )
 
         try:
             reports.append(await _with_engine(config, store, body))
@@ -164,7 +180,14 @@ def validate(ctx: click.Context) -> None:
 
 
 @main.command()
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "jsonl"]),
+    default="table",
+    help="json and jsonl list every thread that would go; jsonl streams one object a line.",
+)
+@click.option("--threads", "per_thread", is_flag=True, help="Table: list every thread too.")
 @click.option("--store", "only", default=None, help="Only this store.")
 @click.option(
     "--at",
@@ -173,14 +196,47 @@ def validate(ctx: click.Context) -> None:
     help="Plan as if it were this UTC time (ISO 8601), e.g. to see what expires next month.",
 )
 @click.pass_context
-def plan(ctx: click.Context, fmt: str, only: str | None, at: str | None) -> None:
-    """Dry run: what each policy would delete, per store, and why."""
+def plan(ctx: click.Context, fmt: str, per_thread: bool, only: str | None, at: str | None) -> None:
+    """Dry run: what each policy would delete, per store and thread, and why."""
     config = _load(ctx)
-    now = _parse_at(at) if at else None
+    # One moment for every store, printed with the plan: `--at` or now.
+    now = _parse_at(at) if at else time.time()
+    threads: dict[str, list[ThreadPlan]] = {}
+
+    def collect(entry: ThreadPlan) -> None:
+        threads.setdefault(entry.store, []).append(entry)
+
+    def stream(entry: ThreadPlan) -> None:
+        click.echo(json.dumps({"type": "thread", **thread_dict(entry)}))
+
+    on_thread: ThreadFn | None = None
+    if fmt == "jsonl":
+        click.echo(json.dumps({"type": "plan", "at": iso_utc(now)}))
+        on_thread = stream
+    elif fmt == "json" or per_thread:
+        on_thread = collect
     reports = asyncio.run(
-        _sweep_all(config, _stores(config, only), dry_run=True, allow_mass_expiry=False, now=now)
+        _sweep_all(
+            config,
+            _stores(config, only),
+            dry_run=True,
+            allow_mass_expiry=False,
+            now=now,
+            on_thread=on_thread,
+        )
     )
-    click.echo(render_json(reports) if fmt == "json" else render_table(reports))
+    if fmt == "jsonl":
+        for r in reports:
+            click.echo(json.dumps({"type": "store", **report_dict(r)}))
+    elif fmt == "json":
+        click.echo(render_json(reports, at=now, threads=threads))
+    else:
+        click.echo(f"plan at {iso_utc(now)}\n")
+        click.echo(render_table(reports))
+        if per_thread:
+            for r in reports:
+                click.echo(f"store {r.store}: threads that would lose rows")
+                click.echo(render_threads(threads.get(r.store, [])) + "\n")
     if any(r.outcome is Outcome.FAILED for r in reports):
         sys.exit(EXIT_FAILED)
 
@@ -254,8 +310,8 @@ def once(ctx: click.Context, dry_run: bool, allow_mass_expiry: bool, only: str |
             config, _stores(config, only), dry_run=dry_run, allow_mass_expiry=allow_mass_expiry
         )
     )
-    if sys.stdout.isatty():
-        click.echo(render_table(reports))
+    # The summary always goes to stdout: a table for a person, JSON for a log collector.
+    click.echo(render_table(reports) if sys.stdout.isatty() else render_json(reports))
     _export(config, reports)
     outcomes = {r.outcome for r in reports}
     if Outcome.FAILED in outcomes:
@@ -264,10 +320,11 @@ def once(ctx: click.Context, dry_run: bool, allow_mass_expiry: bool, only: str |
         for r in reports:
             if r.outcome is Outcome.SAFETY_STOP:
                 click.echo(
-                    f"store {r.store}: stopped by the safety limit: {r.expiries_wanted}+ threads "
+                    f"store {r.store}: stopped by the safety limit: {r.expiries_wanted} threads "
                     f"to expire, at most {r.expiry_limit} per sweep (policy "
-                    f"{r.limit_reached_by}). Check the clock and the policy; then raise "
-                    "defaults.max_delete_fraction or run `once --allow-mass-expiry` once.",
+                    f"{r.limit_reached_by}); none was expired. Check the clock and the policy "
+                    "(`plan --threads` lists them); then raise defaults.max_delete_fraction "
+                    "or run `once --allow-mass-expiry` once.",
                     err=True,
                 )
         sys.exit(EXIT_SAFETY)

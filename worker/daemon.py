@@ -138,6 +138,7 @@ class StoreRunner:
         options = SweepOptions(
             settings=cfg.store_settings(self.name),
             max_delete_fraction=cfg.defaults.max_delete_fraction,
+            allow_mass_expiry=cfg.defaults.allow_mass_expiry,
             dry_run=self.daemon.dry_run or cfg.defaults.dry_run,
             due=due,
         )

@@ -108,6 +108,8 @@ class WorkResult:
     counts: Counts
     changed: bool = False
     """The thread changed since the scan; nothing of it was deleted."""
+    locked: bool = False
+    """(SQLite) the batch never got the write lock; nothing of it was deleted."""
 
 
 class StoreEngine(Protocol):

@@ -6,11 +6,14 @@ the same batched, all-or-nothing-per-thread transactions as a sweep.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 import structlog
 
+from policies.decide import last_activity
 from worker.engine import Counts, StoreEngine, ThreadWork
+from worker.logs import iso_utc
 
 log = structlog.get_logger("checkpoint_janitor.purge")
 
@@ -56,20 +59,25 @@ async def purge(
             # scanned again: a purge deletes what it names, including new rows.
             while todo:
                 scanned = await engine.scan(todo)
+                active = {t.view.thread_id: last_activity(t.view) for t in scanned}
                 works = [ThreadWork(t.view.thread_id, t.fingerprint, expire=True) for t in scanned]
                 results = await engine.apply(works, dry_run)
-                todo = [r.thread_id for r in results if r.changed]
+                todo = [r.thread_id for r in results if r.changed or r.locked]
+                now = time.time()
                 for r in results:
-                    if r.changed:
+                    if r.changed or r.locked:
                         continue
                     if r.counts.checkpoints or r.counts.writes:
                         total.add(r.counts)
                         if not dry_run:
+                            seen = active.get(r.thread_id)
                             log.info(
                                 "thread_purged",
                                 store=engine.name,
                                 thread_id=r.thread_id,
                                 reason="purge",
+                                last_activity=iso_utc(seen) if seen is not None else None,
+                                idle_seconds=round(now - seen) if seen is not None else None,
                                 checkpoints=r.counts.checkpoints,
                                 writes=r.counts.writes,
                             )

@@ -1,20 +1,22 @@
-"""Rendering sweep reports for people (`table`) and programs (`json`)."""
+"""Rendering sweep reports for people (`table`) and programs (`json`, `jsonl`)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
 from worker.engine import Counts
-from worker.sweep import SweepReport
+from worker.logs import iso_utc
+from worker.sweep import SweepReport, ThreadPlan
 
 
 def report_dict(report: SweepReport) -> dict[str, Any]:
     """A JSON-ready dict of one store's sweep (or plan)."""
     return {
         "store": report.store,
+        "at": iso_utc(report.now),
         "dry_run": report.dry_run,
         "outcome": report.outcome.value,
         "threads_total": report.threads_total,
@@ -23,7 +25,9 @@ def report_dict(report: SweepReport) -> dict[str, Any]:
             "max_threads_expired": report.expiry_limit,
             "threads_to_expire": report.expiries_wanted,
             "would_stop": report.would_hit_limit,
+            "lifted": report.limit_lifted,
             "policy": report.limit_reached_by,
+            "by_policy": dict(report.expiries_by_policy),
         },
         "policies": [
             {
@@ -40,13 +44,89 @@ def report_dict(report: SweepReport) -> dict[str, Any]:
         "longest_batch_seconds": round(report.longest_batch_seconds, 4),
         "duration_seconds": round(report.duration_seconds, 3),
         "changed_threads": report.changed_threads,
+        "locked_threads": report.locked_threads,
         "error": report.error,
     }
 
 
-def render_json(reports: Sequence[SweepReport]) -> str:
-    """Every store's report as one JSON document."""
-    return json.dumps({"stores": [report_dict(r) for r in reports]}, indent=2)
+def thread_dict(entry: ThreadPlan) -> dict[str, Any]:
+    """A JSON-ready dict of one per-thread plan entry."""
+    return {
+        "store": entry.store,
+        "thread_id": entry.thread_id,
+        "policy": entry.policy,
+        "action": entry.action,
+        "reason": entry.reason.value,
+        "last_activity": iso_utc(entry.last_activity) if entry.last_activity is not None else None,
+        "idle_seconds": round(entry.idle_seconds) if entry.idle_seconds is not None else None,
+        "checkpoints": entry.counts.checkpoints,
+        "writes": entry.counts.writes,
+        "blobs": entry.counts.blobs,
+        "bytes": entry.counts.bytes,
+        "held_by_safety_limit": entry.held,
+    }
+
+
+def render_json(
+    reports: Sequence[SweepReport],
+    at: float | None = None,
+    threads: Mapping[str, Sequence[ThreadPlan]] | None = None,
+) -> str:
+    """Every store's report as one JSON document; with `threads`, each store's thread list."""
+    stores = []
+    for r in reports:
+        d = report_dict(r)
+        if threads is not None:
+            d["threads"] = [thread_dict(e) for e in threads.get(r.store, ())]
+        stores.append(d)
+    doc: dict[str, Any] = {"at": iso_utc(at)} if at is not None else {}
+    doc["stores"] = stores
+    return json.dumps(doc, indent=2)
+
+
+def render_threads(entries: Sequence[ThreadPlan]) -> str:
+    """A plain-text table of per-thread entries: what each thread loses, under which policy."""
+    head = [
+        "thread",
+        "policy",
+        "action",
+        "reason",
+        "last activity",
+        "idle",
+        "checkpoints",
+        "writes",
+        "bytes",
+    ]
+    rows = [
+        [
+            e.thread_id,
+            e.policy,
+            e.action + (" (held: safety limit)" if e.held else ""),
+            e.reason.value,
+            iso_utc(e.last_activity) if e.last_activity is not None else "-",
+            _age(e.idle_seconds),
+            str(e.counts.checkpoints),
+            str(e.counts.writes),
+            human_bytes(e.counts.bytes),
+        ]
+        for e in entries
+    ]
+    widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
+    fmt = [str.ljust] * 5 + [str.rjust] * 4
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(f(c, w) for f, c, w in zip(fmt, cells, widths, strict=True)).rstrip()
+
+    return "\n".join([line(head), *(line(r) for r in rows)])
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
 
 
 def human_bytes(n: int) -> str:
@@ -89,11 +169,18 @@ def render_table(reports: Sequence[SweepReport]) -> str:
         out.append(_row(head, widths))
         out.extend(_row(x, widths) for x in rows)
         if r.would_hit_limit:
+            verb = "would expire" if r.dry_run else "expired"
             out.append(
                 f"safety limit: {r.expiries_wanted} threads to expire, at most "
                 f"{r.expiry_limit} allowed per sweep (policy {r.limit_reached_by}): the sweep "
-                "stops there. Raise defaults.max_delete_fraction, or run "
+                f"{verb} none of them (trimming runs). Check the clock and the policies; then "
+                "raise defaults.max_delete_fraction, or run "
                 "`checkpoint-janitor once --allow-mass-expiry` once."
+            )
+        if r.locked_threads:
+            out.append(
+                f"write lock: {r.locked_threads} threads skipped, their batches never got the "
+                "store's write lock (defaults.batch.busy_timeout); decided again next sweep."
             )
         if r.error:
             out.append(f"error: {r.error}")

@@ -427,7 +427,7 @@ class SqliteStore:
                 busy_timeout=self.busy_timeout,
                 threads=len(batch),
             )
-            return [WorkResult(w.thread_id, Counts(), changed=True) for w in batch]
+            return [WorkResult(w.thread_id, Counts(), locked=True) for w in batch]
         try:
             tids = [w.thread_id for w in batch]
             current = await self._fingerprints(tids)

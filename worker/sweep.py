@@ -3,33 +3,43 @@
 Pages through the store's threads (keyset), decides each with
 `policies.decide`, and hands the engine batches sized by a target
 transaction time. First match is decided over the whole policy list; only the
-due policies' decisions are carried out. The safety limit caps the threads
-one sweep may expire, counted against the threads present at its start.
+due policies' decisions are carried out.
+
+The safety limit is all-or-nothing: trims are carried out as the pass goes,
+but expiries are only noted (thread id and fingerprint) until the pass ends.
+Then, knowing how many threads the sweep would expire, it expires all of them
+or, past `max_delete_fraction` of the threads counted at its start, none.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import IO
 
 import structlog
 
 from policies.config import BatchSettings, Policy
-from policies.decide import decide
+from policies.decide import decide, last_activity
 from policies.matching import Ruleset
 from policies.model import Reason, SkipReason, ThreadDecision
 from worker.engine import (
     Counts,
+    Fingerprint,
     ScannedThread,
     StoreEngine,
     ThreadWork,
+    WorkResult,
     fingerprint_of,
 )
+from worker.logs import iso_utc
 from worker.throttle import BatchSizer, pause_after
 
 log = structlog.get_logger("checkpoint_janitor.sweep")
@@ -79,14 +89,21 @@ class SweepReport:
     threads_total: int = 0
     threads_scanned: int = 0
     expiry_limit: int = 0
+    """The most threads this sweep may expire (`max_delete_fraction` of `threads_total`)."""
+    limit_lifted: bool = False
+    """`--allow-mass-expiry` or `defaults.allow_mass_expiry`: the limit does not apply."""
     expiries_wanted: int = 0
-    """Threads the policies would expire in this sweep (a dry run counts past the limit)."""
+    """Threads the policies would expire in this sweep, all counted before any is expired."""
+    expiries_by_policy: Counter[str] = field(default_factory=Counter)
+    """`expiries_wanted` per policy."""
     limit_reached_by: str | None = None
-    """The policy whose expiry met the safety limit."""
+    """The policy whose expiry went past the safety limit."""
     batches: int = 0
     longest_batch_seconds: float = 0.0
     duration_seconds: float = 0.0
     changed_threads: int = 0
+    locked_threads: int = 0
+    """(SQLite) threads of batches that never got the write lock: decided again next sweep."""
     error: str | None = None
     reachable: bool = True
     """False when the store could not be opened at all (`store_up` 0)."""
@@ -101,8 +118,32 @@ class SweepReport:
 
     @property
     def would_hit_limit(self) -> bool:
-        """The safety limit stops (or, in a dry run, would stop) this sweep."""
-        return self.expiries_wanted > self.expiry_limit
+        """The safety limit stops (or, in a dry run, would stop) this sweep: it expires none."""
+        return not self.limit_lifted and self.expiries_wanted > self.expiry_limit
+
+
+@dataclass(slots=True)
+class ThreadPlan:
+    """What one thread loses under one policy for one reason (`plan --threads`, one entry)."""
+
+    store: str
+    thread_id: str
+    policy: str
+    reason: Reason
+    last_activity: float | None
+    """Unix time of the thread's newest checkpoint or write; None when nothing dates it."""
+    idle_seconds: float | None
+    counts: Counts = field(default_factory=Counts)
+    held: bool = False
+    """An expiry the safety limit holds back: the sweep would expire none."""
+
+    @property
+    def action(self) -> str:
+        """`expire` (the whole thread goes) or `trim` (some of its rows go)."""
+        return "expire" if self.reason is Reason.EXPIRED else "trim"
+
+
+ThreadFn = Callable[[ThreadPlan], None]
 
 
 @dataclass(slots=True)
@@ -110,6 +151,78 @@ class _Part:
     work: ThreadWork
     policy: str
     reason: Reason
+    last_activity: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Expiring:
+    """An expiry the pass found, held until it knows the sweep's whole expiry count."""
+
+    thread_id: str
+    fingerprint: Fingerprint
+    policy: str
+    age_seconds: float
+    checkpoints: int
+    bytes: int
+
+    def part(self, now: float) -> _Part:
+        work = ThreadWork(
+            self.thread_id,
+            self.fingerprint,
+            expire=True,
+            estimate=max(self.checkpoints, 1),
+            bytes=self.bytes,
+        )
+        return _Part(work, self.policy, Reason.EXPIRED, now - self.age_seconds)
+
+
+class _DeferredExpiries:
+    """The pass's expiries, in scan order: in memory up to `in_memory`, the rest in a temp file.
+
+    A store may hold millions of idle threads; the file keeps the sweep's
+    memory flat however many the pass finds.
+    """
+
+    def __init__(self, in_memory: int = 10_000) -> None:
+        self.in_memory = in_memory
+        self._held: list[_Expiring] = []
+        self._spill: IO[str] | None = None
+        self._keeping = True
+
+    def add(self, e: _Expiring) -> None:
+        """Hold `e` (unless `drop` was called)."""
+        if not self._keeping:
+            return
+        self._held.append(e)
+        if len(self._held) >= self.in_memory:
+            if self._spill is None:
+                # Closed by `close()`, which the sweep calls in a `finally`.
+                self._spill = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115
+            for x in self._held:
+                row = [x.thread_id, x.fingerprint, x.policy, x.age_seconds, x.checkpoints, x.bytes]
+                self._spill.write(json.dumps(row) + "\n")
+            self._held.clear()
+
+    def drop(self) -> None:
+        """Forget every expiry and hold no more: the sweep expires none of them."""
+        self._keeping = False
+        self.close()
+
+    def __iter__(self) -> Iterator[_Expiring]:
+        if self._spill is not None:
+            self._spill.seek(0)
+            for line in self._spill:
+                tid, fp, policy, age, checkpoints, size = json.loads(line)
+                fingerprint = tuple((ns, n, newest) for ns, n, newest in fp)
+                yield _Expiring(tid, fingerprint, policy, age, checkpoints, size)
+        yield from self._held
+
+    def close(self) -> None:
+        """Release the memory and the temp file."""
+        self._held.clear()
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
 
 
 @dataclass(slots=True)
@@ -122,6 +235,8 @@ class SweepOptions:
     allow_mass_expiry: bool = False
     due: frozenset[str] | None = None
     """Policies to carry out; None: all. First match still sees every policy."""
+    expiries_in_memory: int = 10_000
+    """Expiries the pass holds in memory; the rest wait in a temporary file."""
 
 
 ProgressFn = Callable[[int, int], None]
@@ -137,11 +252,13 @@ async def sweep(
     stop: asyncio.Event | None = None,
     progress: ProgressFn | None = None,
     on_batch: BatchFn | None = None,
+    on_thread: ThreadFn | None = None,
 ) -> SweepReport:
     """Sweep `engine` once under `policies`; never raises for a store fault (see `outcome`).
 
     `stop` ends the sweep at the next batch boundary; `on_batch` hears each
-    delete transaction's duration.
+    delete transaction's duration; `on_thread` hears, per thread, policy and
+    reason, what went (or, in a dry run, would go), as soon as it is known.
     """
     started = time.monotonic()
     # One clock read per sweep: every decision in it sees the same "now".
@@ -154,7 +271,7 @@ async def sweep(
         policies={p.name: PolicyReport(p.name) for p in policies},
     )
     try:
-        await _run(engine, rules, options, report, stop, progress, on_batch)
+        await _run(engine, rules, options, report, stop, progress, on_batch, on_thread)
     except Exception as e:
         report.outcome = Outcome.FAILED
         report.error = f"{type(e).__name__}: {e}"
@@ -172,87 +289,87 @@ async def _run(
     stop: asyncio.Event | None,
     progress: ProgressFn | None,
     on_batch: BatchFn | None,
+    on_thread: ThreadFn | None,
 ) -> None:
     if not await engine.begin_sweep(report.now):
         report.outcome = Outcome.LOCKED
         log.info("sweep_skipped", store=engine.name, reason="another worker holds the sweep lock")
         return
+    deferred = _DeferredExpiries(options.expiries_in_memory)
     try:
-        await _sweep_pages(engine, rules, options, report, stop, progress, on_batch)
+        pass_ = _Pass(engine, rules, options, report, stop, on_batch, on_thread, deferred)
+        await pass_.run(progress)
     finally:
+        deferred.close()
         await engine.end_sweep()
 
 
-async def _sweep_pages(
-    engine: StoreEngine,
-    rules: Ruleset,
-    options: SweepOptions,
-    report: SweepReport,
-    stop: asyncio.Event | None,
-    progress: ProgressFn | None,
-    on_batch: BatchFn | None,
-) -> None:
-    s = options.settings
-    report.threads_total = await engine.count_threads()
-    report.expiry_limit = (
-        report.threads_total
-        if options.allow_mass_expiry
-        else math.floor(options.max_delete_fraction * report.threads_total)
-    )
-    sizer = BatchSizer(target_seconds=s.target_batch_seconds, max_rows=s.max_batch_rows)
-    grace = s.grace_period.total_seconds()
-    pending: list[_Part] = []
-    pending_rows = 0
-    expired = 0
+class _Pass:
+    """One sweep's pass: trims carried out as pages are decided, expiries after, all or none."""
 
-    async def flush(parts: list[_Part]) -> None:
-        t0 = time.monotonic()
-        results = await engine.apply([p.work for p in parts], options.dry_run)
-        elapsed = time.monotonic() - t0
-        rows = 0
-        for part, result in zip(parts, results, strict=True):
-            pr = report.policies[part.policy]
-            if result.changed:
-                report.changed_threads += 1
-                pr.skipped[SkipReason.CHANGED] += 1
-                continue
-            result.counts.bytes = part.work.bytes
-            pr.deleted.add(result.counts)
-            pr.by_reason.setdefault(part.reason, Counts()).add(result.counts)
-            rows += result.counts.checkpoints + result.counts.writes
-            if part.work.expire:
-                log.info(
-                    "thread_expired" if not options.dry_run else "thread_would_expire",
-                    store=engine.name,
-                    thread_id=part.work.thread_id,
-                    policy=part.policy,
-                    reason=part.reason.value,
-                    checkpoints=result.counts.checkpoints,
-                    writes=result.counts.writes,
-                )
-        report.batches += 1
-        report.longest_batch_seconds = max(report.longest_batch_seconds, elapsed)
-        log.debug(
-            "batch",
-            store=engine.name,
-            threads=len(parts),
-            rows=rows,
-            seconds=round(elapsed, 4),
-            dry_run=options.dry_run,
+    def __init__(
+        self,
+        engine: StoreEngine,
+        rules: Ruleset,
+        options: SweepOptions,
+        report: SweepReport,
+        stop: asyncio.Event | None,
+        on_batch: BatchFn | None,
+        on_thread: ThreadFn | None,
+        deferred: _DeferredExpiries,
+    ) -> None:
+        self.engine = engine
+        self.rules = rules
+        self.options = options
+        self.report = report
+        self.stop = stop
+        self.on_batch = on_batch
+        self.on_thread = on_thread
+        self.deferred = deferred
+        s = options.settings
+        self.sizer = BatchSizer(target_seconds=s.target_batch_seconds, max_rows=s.max_batch_rows)
+        self.pending: list[_Part] = []
+        self.pending_rows = 0
+        self.entries: dict[tuple[str, str, Reason], ThreadPlan] = {}
+        """The trims of the thread being carried out, until its last part is done."""
+
+    def stopped(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
+
+    async def run(self, progress: ProgressFn | None) -> None:
+        engine, options, report = self.engine, self.options, self.report
+        report.threads_total = await engine.count_threads()
+        report.limit_lifted = options.allow_mass_expiry
+        report.expiry_limit = (
+            report.threads_total
+            if options.allow_mass_expiry
+            else math.floor(options.max_delete_fraction * report.threads_total)
         )
-        if not options.dry_run:
-            if on_batch is not None:
-                on_batch(elapsed)
-            sizer.observe(sum(p.work.rows for p in parts), elapsed)
-            await engine.after_batch()
-            rest = pause_after(elapsed, s.pause, s.pause_factor)
-            if rest > 0:
-                await asyncio.sleep(rest)
+        async for page in engine.thread_pages(options.settings.page_threads):
+            if self.stopped():
+                report.outcome = Outcome.STOPPED
+                return
+            await self._page(page)
+            if report.outcome is Outcome.STOPPED:
+                return
+            if progress is not None:
+                progress(report.threads_scanned, report.threads_total)
+        if not await self._drain():
+            return
+        self._emit_entries()
+        if report.would_hit_limit:
+            report.outcome = Outcome.SAFETY_STOP
+            await self._hold_expiries()
+            return
+        for e in self.deferred:
+            if not await self._add(e.part(report.now)):
+                return
+        if await self._drain():
+            self._emit_entries()
 
-    async for page in engine.thread_pages(s.page_threads):
-        if stop is not None and stop.is_set():
-            report.outcome = Outcome.STOPPED
-            break
+    async def _page(self, page: list[str]) -> None:
+        engine, rules, report = self.engine, self.rules, self.report
+        grace = self.options.settings.grace_period.total_seconds()
         candidates = [t for t in page if rules.could_match_thread(t)]
         scanned = await engine.scan(candidates) if candidates else []
         report.threads_scanned += len(page)
@@ -267,39 +384,188 @@ async def _sweep_pages(
                 for t, d in decided
             ]
         for thread, decision in decided:
-            decision = _only_due(decision, options.due)
+            decision = _only_due(decision, self.options.due)
             for skip in decision.skips:
                 report.policies[skip.policy].skipped[skip.reason] += 1
             if decision.expiry is not None:
-                report.expiries_wanted += 1
-                if expired >= report.expiry_limit:
-                    report.policies[decision.expiry.policy].see_eligible(
-                        len(thread.view.checkpoints), 1, decision.expiry.age_seconds
-                    )
-                    if report.limit_reached_by is None:
-                        report.limit_reached_by = decision.expiry.policy
-                    if not options.dry_run:
-                        break
-                    continue
-                expired += 1
-            for part in _parts(thread, decision, report, sizer.rows, rules):
-                pending.append(part)
-                pending_rows += part.work.rows
-                if pending_rows >= sizer.rows or len(pending) >= s.max_batch_threads:
-                    await flush(pending)
-                    pending = []
-                    pending_rows = 0
-                    if stop is not None and stop.is_set():
-                        report.outcome = Outcome.STOPPED
-                        return
-        if report.limit_reached_by is not None and not options.dry_run:
-            break
-        if progress is not None:
-            progress(report.threads_scanned, report.threads_total)
-    if pending:
-        await flush(pending)
-    if report.limit_reached_by is not None and report.outcome is Outcome.SUCCESS:
-        report.outcome = Outcome.SAFETY_STOP
+                self._defer(thread, decision.expiry.policy, decision.expiry.age_seconds)
+                continue
+            for part in _parts(thread, decision, report, self.sizer.rows, rules):
+                if not await self._add(part):
+                    return
+
+    def _defer(self, thread: ScannedThread, policy: str, age: float) -> None:
+        """Note an expiry; once past the limit, a real sweep forgets them all (it expires none)."""
+        report = self.report
+        view = thread.view
+        report.expiries_wanted += 1
+        report.expiries_by_policy[policy] += 1
+        report.policies[policy].see_eligible(len(view.checkpoints), 1, age)
+        if report.would_hit_limit and report.limit_reached_by is None:
+            report.limit_reached_by = policy
+            if not self.options.dry_run:
+                self.deferred.drop()
+        size = sum(c.size for c in view.checkpoints)
+        self.deferred.add(
+            _Expiring(view.thread_id, thread.fingerprint, policy, age, len(view.checkpoints), size)
+        )
+
+    async def _add(self, part: _Part) -> bool:
+        """Queue `part`, flushing a full batch; False when asked to stop."""
+        self.pending.append(part)
+        self.pending_rows += part.work.rows
+        s = self.options.settings
+        if self.pending_rows >= self.sizer.rows or len(self.pending) >= s.max_batch_threads:
+            return await self._drain()
+        return True
+
+    async def _drain(self) -> bool:
+        """Carry out the queued parts; False when asked to stop."""
+        if self.pending:
+            parts, self.pending, self.pending_rows = self.pending, [], 0
+            await self._flush(parts)
+        if self.stopped():
+            self.report.outcome = Outcome.STOPPED
+            return False
+        return True
+
+    async def _flush(self, parts: list[_Part]) -> None:
+        engine, options, report = self.engine, self.options, self.report
+        s = options.settings
+        t0 = time.monotonic()
+        results = await engine.apply([p.work for p in parts], options.dry_run)
+        elapsed = time.monotonic() - t0
+        rows = 0
+        for part, result in zip(parts, results, strict=True):
+            pr = report.policies[part.policy]
+            if result.locked:
+                report.locked_threads += 1
+                pr.skipped[SkipReason.LOCKED] += 1
+                continue
+            if result.changed:
+                report.changed_threads += 1
+                pr.skipped[SkipReason.CHANGED] += 1
+                continue
+            result.counts.bytes = part.work.bytes
+            pr.deleted.add(result.counts)
+            pr.by_reason.setdefault(part.reason, Counts()).add(result.counts)
+            rows += result.counts.checkpoints + result.counts.writes
+            self._note(part, result)
+            if part.work.expire:
+                idle = report.now - part.last_activity if part.last_activity is not None else None
+                log.info(
+                    "thread_expired" if not options.dry_run else "thread_would_expire",
+                    store=engine.name,
+                    thread_id=part.work.thread_id,
+                    policy=part.policy,
+                    reason=part.reason.value,
+                    last_activity=_iso(part.last_activity),
+                    idle_seconds=round(idle) if idle is not None else None,
+                    checkpoints=result.counts.checkpoints,
+                    writes=result.counts.writes,
+                )
+        report.batches += 1
+        report.longest_batch_seconds = max(report.longest_batch_seconds, elapsed)
+        log.debug(
+            "batch",
+            store=engine.name,
+            threads=len(parts),
+            rows=rows,
+            seconds=round(elapsed, 4),
+            dry_run=options.dry_run,
+        )
+        if not options.dry_run:
+            if self.on_batch is not None:
+                self.on_batch(elapsed)
+            self.sizer.observe(sum(p.work.rows for p in parts), elapsed)
+            await engine.after_batch()
+            rest = pause_after(elapsed, s.pause, s.pause_factor)
+            if rest > 0:
+                await asyncio.sleep(rest)
+
+    def _note(self, part: _Part, result: WorkResult) -> None:
+        """Add a part's result to its thread's entries; a new thread completes the last one's.
+
+        A thread's parts are queued one after another, so they are carried
+        out in that order, possibly over several batches.
+        """
+        if self.on_thread is None:
+            return
+        tid = part.work.thread_id
+        if self.entries and next(iter(self.entries))[0] != tid:
+            self._emit_entries()
+        key = (tid, part.policy, part.reason)
+        entry = self.entries.get(key)
+        if entry is None:
+            idle = self.report.now - part.last_activity if part.last_activity is not None else None
+            entry = ThreadPlan(
+                self.engine.name, tid, part.policy, part.reason, part.last_activity, idle
+            )
+            self.entries[key] = entry
+        entry.counts.add(result.counts)
+
+    def _emit_entries(self) -> None:
+        if self.on_thread is not None:
+            for entry in self.entries.values():
+                self.on_thread(entry)
+        self.entries.clear()
+
+    async def _hold_expiries(self) -> None:
+        """The limit stops the sweep: expire none, say so (a dry run lists what it holds back)."""
+        report = self.report
+        # A plan says it in its own output; a real sweep's stop needs someone to act.
+        emit = log.info if report.dry_run else log.warning
+        emit(
+            "safety_stop",
+            store=report.store,
+            dry_run=report.dry_run,
+            threads_total=report.threads_total,
+            threads_to_expire=report.expiries_wanted,
+            max_threads_expired=report.expiry_limit,
+            by_policy=dict(report.expiries_by_policy),
+            expired=0,
+            message=(
+                f"the policies would expire {report.expiries_wanted} of {report.threads_total} "
+                f"threads, more than max_delete_fraction allows ({report.expiry_limit}); none "
+                "was expired (trimming ran). Check the clock and the policies "
+                "(`checkpoint-janitor plan --threads` lists them); then raise "
+                "defaults.max_delete_fraction, run `checkpoint-janitor once "
+                "--allow-mass-expiry` once, or set defaults.allow_mass_expiry: true"
+            ),
+        )
+        if not (report.dry_run and self.on_thread is not None):
+            return
+        # Counted, not carried out: the plan shows what the limit holds back.
+        parts: list[_Part] = []
+        for e in self.deferred:
+            parts.append(e.part(report.now))
+            if len(parts) >= self.options.settings.max_batch_threads:
+                await self._count_held(parts)
+                parts = []
+        if parts:
+            await self._count_held(parts)
+
+    async def _count_held(self, parts: list[_Part]) -> None:
+        assert self.on_thread is not None
+        results = await self.engine.apply([p.work for p in parts], True)
+        for part, result in zip(parts, results, strict=True):
+            result.counts.bytes = part.work.bytes
+            idle = self.report.now - part.last_activity if part.last_activity is not None else None
+            entry = ThreadPlan(
+                self.engine.name,
+                part.work.thread_id,
+                part.policy,
+                part.reason,
+                part.last_activity,
+                idle,
+                result.counts,
+                held=True,
+            )
+            self.on_thread(entry)
+
+
+def _iso(timestamp: float | None) -> str | None:
+    return iso_utc(timestamp) if timestamp is not None else None
 
 
 def _only_due(decision: ThreadDecision, due: frozenset[str] | None) -> ThreadDecision:
@@ -321,25 +587,15 @@ def _parts(
     chunk_rows: int,
     rules: Ruleset,
 ) -> Iterator[_Part]:
-    """The decision cut into parts of one policy and reason, each at most `chunk_rows` ids.
+    """A decision's trims in parts of one policy and reason, each at most `chunk_rows` ids.
 
     Each part carries the fingerprint the thread must have when it runs: the
-    scanned one, with the counts of the parts before it taken off.
+    scanned one, with the counts of the parts before it taken off. (Expiries
+    wait for the end of the pass: `_Pass._defer`.)
     """
     view = thread.view
     tid = view.thread_id
-    if decision.expiry is not None:
-        e = decision.expiry
-        report.policies[e.policy].see_eligible(len(view.checkpoints), 1, e.age_seconds)
-        work = ThreadWork(
-            tid,
-            thread.fingerprint,
-            expire=True,
-            estimate=max(len(view.checkpoints), 1),
-            bytes=sum(c.size for c in view.checkpoints),
-        )
-        yield _Part(work, e.policy, Reason.EXPIRED)
-        return
+    active = last_activity(view)
     remaining: dict[str, set[str]] = {}
     for c in view.checkpoints:
         remaining.setdefault(c.namespace, set()).add(c.checkpoint_id)
@@ -362,7 +618,7 @@ def _parts(
                 checkpoints={ns: chunk},
                 bytes=sum(by_key[(ns, i)].size for i in chunk),
             )
-            yield _Part(work, policy, reason)
+            yield _Part(work, policy, reason, active)
             remaining[ns].difference_update(chunk)
     writes: dict[tuple[str, str], list[str]] = {}
     for w in decision.writes:
@@ -370,14 +626,14 @@ def _parts(
     for (policy, ns), ids in writes.items():
         report.policies[policy].see_eligible(0, 0, None)
         work = ThreadWork(tid, fingerprint_of(remaining), writes={ns: ids})
-        yield _Part(work, policy, Reason.ORPHAN_WRITES)
+        yield _Part(work, policy, Reason.ORPHAN_WRITES, active)
     if thread.garbage_blobs and not decision.deletions and not decision.writes:
         # Blobs left by trims made while the thread was busy; every batch
         # collects a quiet thread's, so this part only brings it into one.
         owner = rules.first_match(tid, "", view.head_metadata)
         if owner is not None and not owner.protect and owner.name in report.policies:
             work = ThreadWork(tid, thread.fingerprint, gc_blobs=True, estimate=1)
-            yield _Part(work, owner.name, Reason.UNREFERENCED_BLOBS)
+            yield _Part(work, owner.name, Reason.UNREFERENCED_BLOBS, active)
 
 
 def _log_summary(report: SweepReport) -> None:
@@ -398,8 +654,10 @@ def _log_summary(report: SweepReport) -> None:
         longest_batch_seconds=round(report.longest_batch_seconds, 4),
         duration_seconds=round(report.duration_seconds, 3),
         changed_threads=report.changed_threads,
+        locked_threads=report.locked_threads,
         safety_limit=report.expiry_limit,
         expiries_wanted=report.expiries_wanted,
+        safety_stop=report.would_hit_limit,
         policies={
             name: {
                 "checkpoints": p.deleted.checkpoints,
