@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import operator
 import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Annotated, Any, TypedDict, cast
 
 import pytest
 from langchain_core.runnables import RunnableConfig
@@ -25,7 +26,8 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-from langgraph.types import Command
+from langgraph.graph import START, StateGraph
+from langgraph.types import Command, interrupt
 from prometheus_client import CollectorRegistry
 from scenarios import (
     DAY,
@@ -925,3 +927,115 @@ def test_threaded_sync_use_of_one_wrapper() -> None:
         == 0
     )
     conn.close()
+
+
+# ------------------------------------------------------------------ expiry racing a run
+
+
+class RaceState(TypedDict):
+    """A chat and a channel only the first turn sets: a step that expiry races must keep it."""
+
+    messages: Annotated[list[str], operator.add]
+    topic: dict[str, str]
+    """Not a primitive: Postgres keeps it in a versioned blob, not inline in the checkpoint."""
+
+
+class Gate:
+    """A node's `asyncio.Event`s: `entered` when it runs, then it waits for `go`."""
+
+    def __init__(self, open_: bool = False) -> None:
+        self.entered = asyncio.Event()
+        self.go = asyncio.Event()
+        if open_:
+            self.go.set()
+
+    async def wait(self) -> None:
+        self.entered.set()
+        await self.go.wait()
+
+
+def race_graph(checkpointer: BaseCheckpointSaver[Any], gate: Gate, *, ask: bool) -> Any:
+    """START -> slow -> END; with `ask`, `slow` first pauses at `interrupt()`.
+
+    `slow` (an LLM call) blocks on `gate` and only appends to `messages`, so
+    the checkpoint it ends with carries no new version of `topic`.
+    """
+
+    async def slow(state: RaceState) -> dict[str, Any]:
+        answer = interrupt("approve?") if ask else None
+        await gate.wait()
+        return {"messages": [f"slow reply ({answer}) to {state['messages'][-1]}"]}
+
+    g = StateGraph(RaceState)
+    g.add_node("slow", slow)
+    g.add_edge(START, "slow")
+    return g.compile(checkpointer=checkpointer)
+
+
+async def race_run(
+    saver: BaseCheckpointSaver[Any], case: str, during: Callable[[], None] | None
+) -> None:
+    """Run `case` on thread "t" of `saver`; `during` runs while the racing node is blocked.
+
+    "resume": a thread paused at `interrupt()` resumed with `Command(resume=...)`;
+    "exit": a second turn with `durability="exit"` (nothing is saved before it ends).
+    """
+    ask = case == "resume"
+    await race_graph(saver, Gate(open_=True), ask=ask).ainvoke(
+        {"messages": ["refund?"], "topic": {"name": "billing"}}, thread("t")
+    )
+    gate = Gate()
+    app = race_graph(saver, gate, ask=ask)
+    if ask:
+        run = app.ainvoke(Command(resume="yes"), thread("t"))
+    else:
+        run = app.ainvoke({"messages": ["again"]}, thread("t"), durability="exit")
+    task = asyncio.create_task(run)
+    await gate.entered.wait()
+    if during is not None:
+        during()
+    gate.go.set()
+    await task
+
+
+async def race_state(saver: BaseCheckpointSaver[Any]) -> tuple[Any, Any]:
+    """Thread "t"'s values and next tasks as the graph reads them through `saver`."""
+    state = await race_graph(saver, Gate(), ask=False).aget_state(thread("t"))
+    return state.values, state.next
+
+
+@pytest.mark.parametrize("case", ["resume", "exit"])
+@pytest.mark.parametrize("kind", SAVERS)
+async def test_expiry_never_hits_a_run_in_flight(
+    kind: str, case: str, request: pytest.FixtureRequest
+) -> None:
+    """The thread's idle time crosses `expire_after` while a node runs: the put that ends
+    the node continues the thread it read (named by its parent checkpoint), so it never
+    expires it; the state equals the same run on an untouched saver, `topic` included."""
+    untouched = InMemorySaver()
+    await race_run(untouched, case, None)
+    control = await race_state(untouched)
+    assert control[0]["topic"] == {"name": "billing"} and len(control[0]["messages"]) >= 2
+    async with open_saver(kind, request) as inner:
+        clock = Clock()
+        saver, registry = wrap(inner, expire_after="30d", interrupted="expire", clock=clock)
+
+        def idle_31_days() -> None:
+            clock.offset += 31 * DAY
+
+        await race_run(saver, case, idle_31_days)
+        assert await race_state(inner) == control
+        # The wrapper's clock runs 31 days ahead of the ids minted meanwhile: back to real
+        # time, the thread reads as the control does.
+        clock.offset = 0.0
+        assert await race_state(saver) == control
+        assert (
+            metric(
+                registry,
+                "checkpoint_janitor_saver_deleted_total",
+                saver=saver.name,
+                kind="threads",
+                reason="expired",
+            )
+            == 0
+        )
