@@ -11,14 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import operator
 import sqlite3
 import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, TypedDict, cast
+from typing import Any, cast
 
 import pytest
 from langchain_core.runnables import RunnableConfig
@@ -26,14 +25,15 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-from langgraph.graph import START, StateGraph
-from langgraph.types import Command, interrupt
+from langgraph.types import Command
 from prometheus_client import CollectorRegistry
 from scenarios import (
     DAY,
+    Gate,
     build_mixed_store,
     delta_graph,
     persistent_subgraph_graph,
+    race_graph,
     read_all,
     resume,
     states,
@@ -932,46 +932,6 @@ def test_threaded_sync_use_of_one_wrapper() -> None:
 # ------------------------------------------------------------------ expiry racing a run
 
 
-class RaceState(TypedDict):
-    """A chat and a channel only the first turn sets: a step that expiry races must keep it."""
-
-    messages: Annotated[list[str], operator.add]
-    topic: dict[str, str]
-    """Not a primitive: Postgres keeps it in a versioned blob, not inline in the checkpoint."""
-
-
-class Gate:
-    """A node's `asyncio.Event`s: `entered` when it runs, then it waits for `go`."""
-
-    def __init__(self, open_: bool = False) -> None:
-        self.entered = asyncio.Event()
-        self.go = asyncio.Event()
-        if open_:
-            self.go.set()
-
-    async def wait(self) -> None:
-        self.entered.set()
-        await self.go.wait()
-
-
-def race_graph(checkpointer: BaseCheckpointSaver[Any], gate: Gate, *, ask: bool) -> Any:
-    """START -> slow -> END; with `ask`, `slow` first pauses at `interrupt()`.
-
-    `slow` (an LLM call) blocks on `gate` and only appends to `messages`, so
-    the checkpoint it ends with carries no new version of `topic`.
-    """
-
-    async def slow(state: RaceState) -> dict[str, Any]:
-        answer = interrupt("approve?") if ask else None
-        await gate.wait()
-        return {"messages": [f"slow reply ({answer}) to {state['messages'][-1]}"]}
-
-    g = StateGraph(RaceState)
-    g.add_node("slow", slow)
-    g.add_edge(START, "slow")
-    return g.compile(checkpointer=checkpointer)
-
-
 async def race_run(
     saver: BaseCheckpointSaver[Any], case: str, during: Callable[[], None] | None
 ) -> None:
@@ -980,13 +940,13 @@ async def race_run(
     "resume": a thread paused at `interrupt()` resumed with `Command(resume=...)`;
     "exit": a second turn with `durability="exit"` (nothing is saved before it ends).
     """
-    ask = case == "resume"
-    await race_graph(saver, Gate(open_=True), ask=ask).ainvoke(
+    mode = "ask" if case == "resume" else "plain"
+    await race_graph(saver, Gate(open_=True), mode).ainvoke(
         {"messages": ["refund?"], "topic": {"name": "billing"}}, thread("t")
     )
     gate = Gate()
-    app = race_graph(saver, gate, ask=ask)
-    if ask:
+    app = race_graph(saver, gate, mode)
+    if mode == "ask":
         run = app.ainvoke(Command(resume="yes"), thread("t"))
     else:
         run = app.ainvoke({"messages": ["again"]}, thread("t"), durability="exit")
@@ -1000,7 +960,7 @@ async def race_run(
 
 async def race_state(saver: BaseCheckpointSaver[Any]) -> tuple[Any, Any]:
     """Thread "t"'s values and next tasks as the graph reads them through `saver`."""
-    state = await race_graph(saver, Gate(), ask=False).aget_state(thread("t"))
+    state = await race_graph(saver, Gate(), "plain").aget_state(thread("t"))
     return state.values, state.next
 
 

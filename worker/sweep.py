@@ -335,6 +335,7 @@ def _parts(
             tid,
             thread.fingerprint,
             expire=True,
+            defer_blobs=True,
             estimate=max(len(view.checkpoints), 1),
             bytes=sum(c.size for c in view.checkpoints),
         )
