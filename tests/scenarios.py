@@ -6,6 +6,7 @@ Old threads are written under a shifted id clock (`worker.demo.aged`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import operator
 import os
@@ -18,7 +19,7 @@ from typing import Annotated, Any, TypedDict
 from langgraph.channels.delta import DeltaChannel
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
-from langgraph.types import Command, Send
+from langgraph.types import Command, Send, interrupt
 
 from worker.demo import ChatState, aged, approval_graph, chat_graph, subgraph_graph, thread
 
@@ -143,6 +144,53 @@ def error_graph(checkpointer: BaseCheckpointSaver[Any]) -> Any:
     g.add_node("tool", Flaky())
     g.add_edge(START, "reply")
     g.add_edge("reply", "tool")
+    return g.compile(checkpointer=checkpointer)
+
+
+class RaceState(TypedDict):
+    """A chat and a channel only the first input sets: a step racing expiry must keep it."""
+
+    messages: Annotated[list[str], operator.add]
+    topic: dict[str, str]
+    """Not a primitive: Postgres keeps it in a versioned blob, not inline in the checkpoint."""
+
+
+class Gate:
+    """What a racing node waits on: `entered` is set when it runs, then it waits for `go`.
+
+    `fail`: the node raises instead (a thread stopped by an error, retried later).
+    """
+
+    def __init__(self, open_: bool = False, fail: bool = False) -> None:
+        self.entered = asyncio.Event()
+        self.go = asyncio.Event()
+        self.fail = fail
+        if open_:
+            self.go.set()
+
+    async def wait(self) -> None:
+        self.entered.set()
+        if self.fail:
+            raise RuntimeError("tool crashed")
+        await self.go.wait()
+
+
+def race_graph(checkpointer: BaseCheckpointSaver[Any], gate: Gate, mode: str = "plain") -> Any:
+    """START -> slow -> END; `slow` (an LLM call) blocks on `gate`, then appends to `messages`.
+
+    `mode` "ask": `slow` first pauses at `interrupt()` (resumed with
+    `Command(resume=...)`); "plain": it does not. The checkpoint `slow` ends
+    with carries no new version of `topic`, so it needs the old one's blob.
+    """
+
+    async def slow(state: RaceState) -> dict[str, Any]:
+        answer = interrupt("approve?") if mode == "ask" else None
+        await gate.wait()
+        return {"messages": [f"slow reply ({answer}) to {state['messages'][-1]}"]}
+
+    g = StateGraph(RaceState)
+    g.add_node("slow", slow)
+    g.add_edge(START, "slow")
     return g.compile(checkpointer=checkpointer)
 
 

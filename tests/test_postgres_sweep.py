@@ -63,6 +63,7 @@ from scenarios import (
     turns,
 )
 
+from policies.model import Reason
 from worker.demo import aged, chat_graph, subgraph_graph, thread
 from worker.sweep import Outcome
 
@@ -191,7 +192,9 @@ async def test_keep_last_trims_every_shape(mixed: tuple[str, dict[str, str]]) ->
 async def test_expiry_spares_waiting_and_protected_threads(
     mixed: tuple[str, dict[str, str]],
 ) -> None:
-    """expire_after deletes idle threads whole (all three tables), sparing waiting and vip ones."""
+    """expire_after deletes idle threads whole, sparing waiting and vip ones: checkpoints and
+    writes at once, blobs with the first sweep past the grace period (a run in flight may
+    still save onto them)."""
     dsn, shapes = mixed
     before = await snapshot(dsn, shapes)
     policies = """
@@ -210,12 +213,25 @@ async def test_expiry_spares_waiting_and_protected_threads(
     assert left == (set(shapes) - old) | waiting_old | {"vip-old"}
     assert report.policies["idle"].deleted.threads == len(old - waiting_old - {"vip-old"})
     assert report.policies["idle"].skipped["interrupted"] == len(waiting_old)
-    async with connect(dsn) as conn:
-        for table in ("checkpoint_writes", "checkpoint_blobs"):
-            stray = await conn.fetchval(
-                f"SELECT COUNT(*) FROM {table} WHERE thread_id <> ALL($1::text[])", sorted(left)
+    assert report.deleted.blobs == 0
+
+    async def stray(table: str) -> int:
+        async with connect(dsn) as conn:
+            return int(
+                await conn.fetchval(
+                    f"SELECT COUNT(*) FROM {table} WHERE thread_id <> ALL($1::text[])",
+                    sorted(left),
+                )
             )
-            assert stray == 0, f"{table}: rows of expired threads left"
+
+    assert await stray("checkpoint_writes") == 0, "writes of expired threads left"
+    waiting_blobs = await stray("checkpoint_blobs")
+    assert waiting_blobs > 0
+    later = await run_pg_sweep(dsn, policies, now=time.time() + 2 * 3600, extra=MANY)
+    assert later.outcome is Outcome.SUCCESS, later.error
+    assert later.policies["idle"].deleted.blobs == waiting_blobs
+    assert later.policies["idle"].by_reason.keys() == {Reason.UNREFERENCED_BLOBS}
+    assert await stray("checkpoint_blobs") == 0, "blobs of expired threads left"
 
 
 async def test_interrupted_expire_takes_waiting_threads(
@@ -504,7 +520,8 @@ async def test_no_orphans_after_a_sweep_past_the_grace_period(
     mixed: tuple[str, dict[str, str]], policies: str
 ) -> None:
     """With every thread quiet, a sweep leaves no unreferenced blob and no write without a
-    checkpoint, and everything it keeps reads back equal."""
+    checkpoint, and everything it keeps reads back equal. (An expired thread's blobs wait
+    out the grace period after its expiry: the next sweep past it collects them.)"""
     dsn, shapes = mixed
     before = await snapshot(dsn, shapes)
     now = time.time() + LATER
@@ -512,6 +529,13 @@ async def test_no_orphans_after_a_sweep_past_the_grace_period(
     assert report.outcome is Outcome.SUCCESS, report.error
     assert report.deleted.checkpoints > 0
     await assert_kept_unchanged(dsn, shapes, before, now=now)
+    left = {t for t, _, _ in await all_keys(dsn)}
+    found = await orphans(dsn)
+    assert not [r for r in found["unreferenced_blobs"] if r[0] in left]
+    if report.deleted.threads:
+        assert found != NO_ORPHANS
+        later = await run_pg_sweep(dsn, policies, now=now + 2 * 3600, extra=MANY)
+        assert later.outcome is Outcome.SUCCESS, later.error
     assert await orphans(dsn) == NO_ORPHANS
 
 
@@ -724,14 +748,30 @@ async def test_expire_after_leaves_the_rows_official_delete_leaves(
     assert report.deleted.threads == len(old)
     await official(theirs, old, "delete")
     mine, ref = await dump(ours), await dump(theirs)
-    assert mine == ref, table_diff(mine, ref)
-    # Everything expires a year later: both stores end empty.
+    # The expired threads' blobs wait out the grace period; the first sweep past it takes them.
+    assert {t: rows for t, rows in mine.items() if t != "checkpoint_blobs"} == {
+        t: rows for t, rows in ref.items() if t != "checkpoint_blobs"
+    }
+    assert {r[0][1] for r in mine["checkpoint_blobs"]} - {
+        r[0][1] for r in ref["checkpoint_blobs"]
+    } == set(old)
     report = await run_pg_sweep(
         ours,
         "  - {name: idle, expire_after: 30d, interrupted: expire}",
-        now=time.time() + 365 * DAY,
-        allow_mass_expiry=True,
+        now=time.time() + LATER + 2 * 3600,
+        extra=MANY,
     )
     assert report.outcome is Outcome.SUCCESS, report.error
+    mine = await dump(ours)
+    assert mine == ref, table_diff(mine, ref)
+    # Everything expires a year later: both stores end empty.
+    for later in (365 * DAY, 365 * DAY + 2 * 3600):
+        report = await run_pg_sweep(
+            ours,
+            "  - {name: idle, expire_after: 30d, interrupted: expire}",
+            now=time.time() + later,
+            allow_mass_expiry=True,
+        )
+        assert report.outcome is Outcome.SUCCESS, report.error
     await official(theirs, sorted({t for t, _, _ in await all_keys(theirs)}), "delete")
     assert await dump(ours) == await dump(theirs) == {table: [] for table in mine}

@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -31,10 +31,12 @@ from langgraph.types import Command
 from prometheus_client import CollectorRegistry
 from scenarios import (
     DAY,
+    Gate,
     build_mixed_store,
     build_replay_store,
     delta_graph,
     persistent_subgraph_graph,
+    race_graph,
     read_all,
     replay,
     resume,
@@ -961,3 +963,75 @@ def test_threaded_sync_use_of_one_wrapper() -> None:
         == 0
     )
     conn.close()
+
+
+# ------------------------------------------------------------------ expiry racing a run
+
+
+async def race_run(
+    saver: BaseCheckpointSaver[Any], case: str, during: Callable[[], None] | None
+) -> None:
+    """Run `case` on thread "t" of `saver`; `during` runs while the racing node is blocked.
+
+    "resume": a thread paused at `interrupt()` resumed with `Command(resume=...)`;
+    "exit": a second turn with `durability="exit"` (nothing is saved before it ends).
+    """
+    mode = "ask" if case == "resume" else "plain"
+    await race_graph(saver, Gate(open_=True), mode).ainvoke(
+        {"messages": ["refund?"], "topic": {"name": "billing"}}, thread("t")
+    )
+    gate = Gate()
+    app = race_graph(saver, gate, mode)
+    if mode == "ask":
+        run = app.ainvoke(Command(resume="yes"), thread("t"))
+    else:
+        run = app.ainvoke({"messages": ["again"]}, thread("t"), durability="exit")
+    task = asyncio.create_task(run)
+    await gate.entered.wait()
+    if during is not None:
+        during()
+    gate.go.set()
+    await task
+
+
+async def race_state(saver: BaseCheckpointSaver[Any]) -> tuple[Any, Any]:
+    """Thread "t"'s values and next tasks as the graph reads them through `saver`."""
+    state = await race_graph(saver, Gate(), "plain").aget_state(thread("t"))
+    return state.values, state.next
+
+
+@pytest.mark.parametrize("case", ["resume", "exit"])
+@pytest.mark.parametrize("kind", SAVERS)
+async def test_expiry_never_hits_a_run_in_flight(
+    kind: str, case: str, request: pytest.FixtureRequest
+) -> None:
+    """The thread's idle time crosses `expire_after` while a node runs: the put that ends
+    the node continues the thread it read (named by its parent checkpoint), so it never
+    expires it; the state equals the same run on an untouched saver, `topic` included."""
+    untouched = InMemorySaver()
+    await race_run(untouched, case, None)
+    control = await race_state(untouched)
+    assert control[0]["topic"] == {"name": "billing"} and len(control[0]["messages"]) >= 2
+    async with open_saver(kind, request) as inner:
+        clock = Clock()
+        saver, registry = wrap(inner, expire_after="30d", interrupted="expire", clock=clock)
+
+        def idle_31_days() -> None:
+            clock.offset += 31 * DAY
+
+        await race_run(saver, case, idle_31_days)
+        assert await race_state(inner) == control
+        # The wrapper's clock runs 31 days ahead of the ids minted meanwhile: back to real
+        # time, the thread reads as the control does.
+        clock.offset = 0.0
+        assert await race_state(saver) == control
+        assert (
+            metric(
+                registry,
+                "checkpoint_janitor_saver_deleted_total",
+                saver=saver.name,
+                kind="threads",
+                reason="expired",
+            )
+            == 0
+        )

@@ -70,6 +70,13 @@ class ThreadWork:
     """Size of the checkpoints this part deletes, as scanned (checkpoint and metadata)."""
     gc_blobs: bool = False
     """(Postgres) only collect the thread's unreferenced blobs."""
+    defer_blobs: bool = False
+    """(Postgres) an expiry that leaves the thread's blobs for the grace period.
+
+    A policy's expiry: a run that read the thread before it and saves after
+    recreates the thread on blob versions that must still exist. A purge
+    (erasure) deletes them at once.
+    """
 
     @property
     def rows(self) -> int:

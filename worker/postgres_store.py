@@ -27,12 +27,36 @@ Why deletes are safe beside a live application (DESIGN invariant 5):
   on a thread quiet for the whole grace period that commits during that one
   statement is the remaining window; it is documented, and the saver wrapper
   can close it.
+- Expiry racing a run in flight. A resume, an `invoke(None)` retry or a new
+  turn with `durability="exit"` reads the thread, then saves nothing until
+  its node ends (a Command resume leaves a `__resume__` write first; the
+  others nothing), so the fingerprint re-check cannot see it. If the expiry
+  deleted the blobs, the run's next checkpoint would name blob versions that
+  are gone (`aput` writes blobs only for the channels the step changed) and
+  read back without them. So a policy's expiry deletes the thread's
+  checkpoints and writes, and dates the thread in the tool's own table
+  `checkpoint_janitor_expired(thread_id, expired_at, head_metadata)` (created
+  on first use, in the store's schema, written in the expiry's transaction),
+  but leaves its blobs. A run that read the thread before and saves after
+  recreates it whole from its own state, without the expired history — what
+  SQLite, whose values are inline, does anyway. Sweeps later than
+  `grace_period` after the expiry delete the blobs of listed threads that
+  still hold no checkpoint and no write (re-checked in the deleting
+  statement), then the row; a thread that came back loses its row, and its
+  old blobs go by the quiet-thread GC above. The window left: a run that read
+  the thread before its expiry and saves more than `grace_period` after it
+  (or during that one statement). A purge deletes the blobs at once (and the
+  row): it names the thread for erasure.
+  Skipping threads whose head holds a `__resume__` write was weighed and not
+  taken: a write has no date, so a resume that crashed would keep its
+  thread from ever expiring, and only Command resumes leave one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -319,6 +343,92 @@ WHERE b.thread_id = ANY($1::text[])
 GROUP BY 1
 """
 
+# ---------------------------------------------------------------- expired threads' blobs
+
+# The tool's own table, in the store's schema (the saver's tables have no
+# place for it): blobs carry no date, so this dates each expiry; a thread's
+# blobs outlive its expiry by the grace period (see the module docstring).
+# `head_metadata` keeps what the policies matched the thread on.
+EXPIRED_TABLE = "checkpoint_janitor_expired"
+CREATE_EXPIRED_TABLE_SQL = f"""
+CREATE TABLE IF NOT EXISTS {EXPIRED_TABLE} (
+    thread_id TEXT PRIMARY KEY,
+    expired_at TIMESTAMPTZ NOT NULL,
+    head_metadata JSONB NOT NULL DEFAULT '{{}}'
+)
+"""
+# to_regclass follows search_path (the store's schema) and never raises.
+EXPIRED_TABLE_EXISTS_SQL = f"SELECT to_regclass('{EXPIRED_TABLE}') IS NOT NULL"
+# In the expiry's transaction, before its deletes: the head (as `root_head`
+# picks it) is still there to copy, and a rollback forgets the row too. A
+# thread expired again is dated again.
+RECORD_EXPIRED_SQL = f"""
+INSERT INTO {EXPIRED_TABLE} AS e (thread_id, expired_at, head_metadata)
+SELECT t.thread_id, to_timestamp($2), COALESCE((
+    SELECT c.metadata FROM checkpoints c
+    WHERE c.thread_id = t.thread_id
+    ORDER BY c.checkpoint_ns = '' DESC,
+             COALESCE(c.metadata -> 'parents', '{{}}') = '{{}}' DESC,
+             c.checkpoint_id DESC
+    LIMIT 1
+), '{{}}')
+FROM unnest($1::text[]) AS t(thread_id)
+ON CONFLICT (thread_id) DO UPDATE
+SET expired_at = EXCLUDED.expired_at, head_metadata = EXCLUDED.head_metadata
+"""
+# Expired threads waiting out the grace period hold only blobs, so the walks
+# over checkpoints and writes never meet them: a walk of their own.
+EXPIRED_PAGE_SQL = f"""
+SELECT e.thread_id FROM {EXPIRED_TABLE} e
+WHERE e.thread_id > $1
+  AND NOT EXISTS (SELECT 1 FROM checkpoints c WHERE c.thread_id = e.thread_id)
+  AND NOT EXISTS (SELECT 1 FROM checkpoint_writes w WHERE w.thread_id = e.thread_id)
+ORDER BY e.thread_id LIMIT $2
+"""
+EXPIRED_ROWS_SQL = f"""
+SELECT thread_id, extract(epoch FROM expired_at)::float8 AS expired_at, head_metadata
+FROM {EXPIRED_TABLE} WHERE thread_id = ANY($1::text[])
+"""
+# A thread some run recreated is a live thread again: its row goes, and its
+# old blobs are left to the quiet-thread GC, which knows what it references.
+DROP_RETURNED_SQL = f"""
+DELETE FROM {EXPIRED_TABLE} e
+WHERE e.thread_id = ANY($1::text[])
+  AND EXISTS (SELECT 1 FROM checkpoints c WHERE c.thread_id = e.thread_id)
+"""
+# The blobs of threads expired before the cutoff (now - grace) that hold no
+# checkpoint and no write, then their rows. Both conditions are re-checked
+# in the statement: a run may recreate the thread at any time.
+DELETE_EXPIRED_BLOBS_SQL = f"""
+WITH due AS (
+    DELETE FROM {EXPIRED_TABLE} e
+    WHERE e.thread_id = ANY($1::text[]) AND e.expired_at < to_timestamp($2)
+      AND NOT EXISTS (SELECT 1 FROM checkpoints c WHERE c.thread_id = e.thread_id)
+      AND NOT EXISTS (SELECT 1 FROM checkpoint_writes w WHERE w.thread_id = e.thread_id)
+    RETURNING e.thread_id
+), gone AS (
+    DELETE FROM checkpoint_blobs b USING due
+    WHERE b.thread_id = due.thread_id
+    RETURNING b.thread_id
+)
+SELECT thread_id, count(*) FROM gone GROUP BY 1
+"""
+COUNT_EXPIRED_BLOBS_SQL = f"""
+SELECT b.thread_id, count(*) FROM checkpoint_blobs b
+JOIN {EXPIRED_TABLE} e ON e.thread_id = b.thread_id
+WHERE e.thread_id = ANY($1::text[]) AND e.expired_at < to_timestamp($2)
+  AND NOT EXISTS (SELECT 1 FROM checkpoints c WHERE c.thread_id = e.thread_id)
+  AND NOT EXISTS (SELECT 1 FROM checkpoint_writes w WHERE w.thread_id = e.thread_id)
+GROUP BY 1
+"""
+# A purge names the thread for erasure: its row goes with its blobs.
+FORGET_EXPIRED_SQL = f"DELETE FROM {EXPIRED_TABLE} WHERE thread_id = ANY($1::text[])"
+EXPIRED_STATS_SQL = f"""
+SELECT count(DISTINCT e.thread_id), count(b.thread_id) FROM {EXPIRED_TABLE} e
+LEFT JOIN checkpoint_blobs b ON b.thread_id = e.thread_id
+WHERE NOT EXISTS (SELECT 1 FROM checkpoints c WHERE c.thread_id = e.thread_id)
+"""
+
 # Dry runs count what the statements above would delete.
 COUNT_CHECKPOINTS_SQL = """
 SELECT c.thread_id, c.checkpoint_ns, count(*) FROM checkpoints c
@@ -451,6 +561,8 @@ class PostgresStore:
         self._lock_conn: asyncpg.Connection | None = None
         self.now: float | None = None
         """The sweep's clock; blob GC's quiet check uses it. Set by `begin_sweep`."""
+        self._expired_table = False
+        """`checkpoint_janitor_expired` is known to exist (it is never dropped)."""
 
     # ------------------------------------------------------------ lifecycle
 
@@ -565,9 +677,30 @@ class PostgresStore:
         """Threads with at least one checkpoint."""
         return int(await self.pool.fetchval(COUNT_THREADS_SQL))
 
-    def thread_pages(self, page_size: int) -> AsyncIterator[list[str]]:
-        """Every thread id of checkpoints and writes, by keyset pages."""
-        return self.thread_range_pages("", None, page_size)
+    async def thread_pages(self, page_size: int) -> AsyncIterator[list[str]]:
+        """Every thread id of checkpoints and writes, by keyset pages.
+
+        Then the expired threads whose blobs wait out the grace period (they
+        hold nothing else, so the first walk does not meet them).
+        """
+        async for page in self.thread_range_pages("", None, page_size):
+            yield page
+        async with self.pool.acquire() as conn:
+            if not await self._has_expired_table(conn):
+                return
+        after = ""
+        while True:
+            page = [r[0] for r in await self.pool.fetch(EXPIRED_PAGE_SQL, after, page_size)]
+            if page:
+                yield page
+            if len(page) < page_size:
+                return
+            after = page[-1]
+
+    async def _has_expired_table(self, conn: asyncpg.Connection) -> bool:
+        if not self._expired_table:
+            self._expired_table = bool(await conn.fetchval(EXPIRED_TABLE_EXISTS_SQL))
+        return self._expired_table
 
     async def thread_range_pages(
         self, low: str, high: str | None, page_size: int
@@ -615,6 +748,15 @@ class PostgresStore:
                 if quiet
                 else set()
             )
+            # Expired threads' blobs, due once the grace period since the
+            # expiry has passed; they are matched on the metadata they had.
+            expired_meta: dict[str, dict[str, Any]] = {}
+            empty = [t for t in ids if not summaries_of[t]]
+            if empty and await self._has_expired_table(conn):
+                for r in await conn.fetch(EXPIRED_ROWS_SQL, empty):
+                    expired_meta[r["thread_id"]] = json_object(r["head_metadata"])
+                    if self.now is not None and self.now - r["expired_at"] > self.grace_period:
+                        garbage.add(r["thread_id"])
             for tid in ids:
                 if is_delta_thread(summaries_of[tid]):
                     summaries_of[tid] = await self._channel_keys(conn, tid, summaries_of[tid])
@@ -634,7 +776,7 @@ class PostgresStore:
                 view = ThreadView(
                     thread_id=tid,
                     checkpoints=summaries,
-                    head_metadata=head_meta.get(tid, {}),
+                    head_metadata=head_meta.get(tid) or expired_meta.get(tid, {}),
                     orphan_writes=tuple(orphans.get(tid, ())),
                 )
                 out.append(
@@ -739,6 +881,11 @@ class PostgresStore:
         if not batch:
             return []
         tids = sorted({w.thread_id for w in batch})
+        deferred = [w.thread_id for w in batch if w.expire and w.defer_blobs]
+        if deferred and not self._expired_table:
+            # Outside the batch's transaction: a rollback must not undo it.
+            await self.pool.execute(CREATE_EXPIRED_TABLE_SQL)
+            self._expired_table = True
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
                 f"SET LOCAL lock_timeout = {int(self.lock_timeout * 1000)}; "
@@ -776,9 +923,18 @@ class PostgresStore:
                 for r in await conn.fetch(DELETE_ORPHAN_WRITES_SQL, *_Triples.of(orphans).args()):
                     by_ns_wr[(r[0], r[1])] += r[2]
             if expire:
+                if deferred:
+                    await conn.execute(RECORD_EXPIRED_SQL, deferred, self._clock())
+                purged = sorted(set(expire) - set(deferred))
                 for kind, sql in EXPIRE_SQL.items():
-                    for r in await conn.fetch(sql, expire):
+                    # A policy's expiry leaves the blobs for the grace period.
+                    targets = purged if kind == "blobs" else expire
+                    if not targets:
+                        continue
+                    for r in await conn.fetch(sql, targets):
                         setattr(counts[r[0]], kind, getattr(counts[r[0]], kind) + r[1])
+                if purged and await self._has_expired_table(conn):
+                    await conn.execute(FORGET_EXPIRED_SQL, purged)
                 for t_id in expire:
                     counts[t_id].threads = 1
 
@@ -794,6 +950,11 @@ class PostgresStore:
                 await conn.execute(NULL_DANGLING_PARENTS_SQL, quiet)
                 for r in await conn.fetch(DELETE_GARBAGE_BLOBS_SQL, quiet):
                     counts[r[0]].blobs += r[1]
+            if await self._has_expired_table(conn):
+                await conn.execute(DROP_RETURNED_SQL, tids)
+                if gone := [w.thread_id for w in batch if w.gc_blobs and not w.fingerprint]:
+                    for r in await conn.fetch(DELETE_EXPIRED_BLOBS_SQL, gone, self._cutoff()):
+                        counts[r[0]].blobs += r[1]
 
         # Attribute rows to the parts: each trim part has one namespace.
         results = []
@@ -813,6 +974,14 @@ class PostgresStore:
                     seen_blobs.add(w.thread_id)
             results.append(WorkResult(w.thread_id, c))
         return results
+
+    def _clock(self) -> float:
+        """The sweep's time (the wall clock outside a sweep: a purge)."""
+        return time.time() if self.now is None else self.now
+
+    def _cutoff(self) -> float:
+        """Expiries before this have waited out the grace period."""
+        return self._clock() - self.grace_period
 
     def _quiet(self, fp: Fingerprint) -> bool:
         if not fp or self.now is None:
@@ -844,6 +1013,10 @@ class PostgresStore:
                 for kind, sql in COUNT_THREAD_SQL.items():
                     for r in await conn.fetch(sql, expire):
                         setattr(whole[r[0]], kind, r[1])
+                # A policy's expiry leaves the blobs: a later sweep counts them.
+                for w in batch:
+                    if w.expire and w.defer_blobs:
+                        whole[w.thread_id].blobs = 0
             blobs: dict[str, int] = {}
             tids = sorted(
                 {w.thread_id for w in batch if not w.expire and self._quiet(w.fingerprint)}
@@ -853,6 +1026,10 @@ class PostgresStore:
                 blobs = dict(
                     (r[0], r[1]) for r in await conn.fetch(COUNT_GARBAGE_BLOBS_SQL, tids, *t.args())
                 )
+            gone = [w.thread_id for w in batch if w.gc_blobs and not w.fingerprint]
+            if gone and await self._has_expired_table(conn):
+                for r in await conn.fetch(COUNT_EXPIRED_BLOBS_SQL, gone, self._cutoff()):
+                    blobs[r[0]] = blobs.get(r[0], 0) + r[1]
         results = []
         for w in batch:
             if w.expire:
@@ -890,6 +1067,10 @@ class PostgresStore:
                 for r in await conn.fetch(LARGEST_THREADS_SQL, largest)
             ]
             threads = int(await conn.fetchval(COUNT_THREADS_SQL))
+            pending = (0, 0)
+            if await self._has_expired_table(conn):
+                r = await conn.fetchrow(EXPIRED_STATS_SQL)
+                pending = (int(r[0]), int(r[1]))
         return {
             "store": self.name,
             "kind": "postgres",
@@ -897,6 +1078,8 @@ class PostgresStore:
             "tables": tables,
             "ages": ages.counts,
             "largest_threads": top,
+            # Expired threads whose blobs wait out the grace period (not in `threads`).
+            "expired_awaiting_blob_gc": {"threads": pending[0], "blobs": pending[1]},
         }
 
 

@@ -18,9 +18,16 @@ Wrap the checkpointer a graph is compiled with::
   checkpoints (plus what `keep_within` and the invariants keep).
 - `expire_after`: a read of a thread idle that long (its newest checkpoint,
   any namespace) returns nothing, so an expired conversation starts afresh
-  before any sweep runs; the next put to it deletes the expired rows first, in
+  before any sweep runs; the put that starts it afresh (root namespace, no
+  parent checkpoint: the run found nothing) deletes the expired rows first, in
   one transaction that first re-checks the thread, so a run that saved in
-  between wins. A thread waiting for input is kept unless `interrupted="expire"`.
+  between wins. A put that names its parent checkpoint continues a thread its
+  run read live, and never expires it (it only trims), however long the node
+  before it took: a run in flight read the thread before its idle time
+  crossed `expire_after` and saves after, so no lock orders the two; this
+  rule does, and expiry never leaves it a checkpoint without the channels
+  its step did not change. A thread waiting for input is kept unless
+  `interrupted="expire"`.
 - `prune`, `delete_for_runs` and `delete_checkpoints(before=...)` (and async
   twins) on every wrapped saver: explicit deletions by their API contracts,
   still keeping what the remaining checkpoints need (the savers' own `prune`,
@@ -33,13 +40,19 @@ Wrap the checkpointer a graph is compiled with::
   runs on the saver's own connection under the saver's own lock.
 
 Windows that remain (within one process the saver's lock serializes the
-wrapper's work with the application's, so these concern other processes
-writing the same store):
+wrapper's work with the application's saves, and the rule above keeps expiry
+off runs in flight, so these concern other processes writing the same store):
 
 - Expiry on Postgres re-checks the thread after its deletes, in READ
   COMMITTED, and rolls back if anything was saved; a save committing between
   that check and COMMIT is lost with the thread. On SQLite the write lock
   (BEGIN IMMEDIATE) leaves no window.
+- A run of another process that read the thread before this wrapper expired
+  it and saves after recreates it from its own state on SQLite; on Postgres
+  its checkpoint names blob versions the expiry deleted, and reads without
+  the channels its step did not change. (The worker's expiry keeps a thread's
+  blobs for the grace period for this reason; the wrapper's does not: one
+  wrapper per store, or one process writing a thread at a time, avoids it.)
 - A trim on Postgres collects the blob versions only the deleted checkpoints
   referenced, checked against the checkpoints committed when its statement
   starts: a fork (`update_state` from a checkpoint being trimmed) committed by
@@ -233,6 +246,21 @@ def _overrides(cls: type, method: str) -> bool:
 def _thread_ns(config: RunnableConfig) -> tuple[str, str]:
     conf = config["configurable"]
     return str(conf["thread_id"]), str(conf.get("checkpoint_ns", "") or "")
+
+
+def _starts_afresh(ns: str, config: RunnableConfig) -> bool:
+    """Whether a put starts its thread afresh, so it may expire what the thread held.
+
+    A put names the checkpoint it continues (`checkpoint_id`, the one the run
+    read) unless the run found nothing: a new thread, or one a read hid as
+    expired. Only such a root put may expire the thread. A put that continues
+    a checkpoint belongs to a run that read the thread live, however long its
+    node took: expiring under it would leave its checkpoint without the
+    channels the step did not change (InMemorySaver and Postgres store only
+    the changed channels' blobs). A subgraph's first put names no parent in its
+    new namespace either, while its root run goes on: never that one.
+    """
+    return ns == "" and not config["configurable"].get("checkpoint_id")
 
 
 def _clip_times(view: ThreadView, now: float) -> ThreadView:
@@ -462,9 +490,13 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
-        """The wrapped saver's `put`; an expired thread's rows go first, a trim may follow."""
+        """The wrapped saver's `put`; a trim may follow.
+
+        A root put that names no parent checkpoint starts its thread afresh:
+        an expired thread's rows go first. A put that names one never expires.
+        """
         tid, ns = _thread_ns(config)
-        if self._expiry_due(tid):
+        if _starts_afresh(ns, config) and self._expiry_due(tid):
             self._guarded("expire", lambda: self._run(self._expiry(tid, apply=True)))
         out = self._inner.put(config, checkpoint, metadata, new_versions)
         if self._after_put(tid, ns, config, checkpoint):
@@ -480,7 +512,7 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
     ) -> RunnableConfig:
         """Async `put`."""
         tid, ns = _thread_ns(config)
-        if self._expiry_due(tid):
+        if _starts_afresh(ns, config) and self._expiry_due(tid):
             await self._aguarded("expire", lambda: self._arun(self._expiry(tid, apply=True)))
         out = await self._inner.aput(config, checkpoint, metadata, new_versions)
         if self._after_put(tid, ns, config, checkpoint):

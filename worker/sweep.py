@@ -170,6 +170,7 @@ class _Expiring:
             self.thread_id,
             self.fingerprint,
             expire=True,
+            defer_blobs=True,
             estimate=max(self.checkpoints, 1),
             bytes=self.bytes,
         )
