@@ -25,6 +25,7 @@ import structlog
 from policies.decide import is_delta_thread, root_head
 from policies.model import CheckpointSummary, ThreadView
 from policies.summary import DELTA_MARKERS, json_object, summarize
+from policies.waiting import writes_show_waiting
 from worker.decoding import Decoder
 from worker.engine import (
     Counts,
@@ -388,7 +389,13 @@ class SqliteStore:
         return tuple(out)
 
     async def resolve_waiting(self, threads: Sequence[ScannedThread]) -> list[ScannedThread]:
-        """Decode each thread's newest root checkpoint and its writes: does it wait?"""
+        """Does each thread wait at its newest root checkpoint? Its writes, else its blob, say.
+
+        Interrupt and error writes are read first: their channel names are
+        plain even in an encrypted store. Otherwise only the decoded blob tells
+        a finished run from a static breakpoint; a head that cannot be decoded
+        is marked `head_undecodable`, never counted as waiting.
+        """
         heads = {
             t.view.thread_id: h for t in threads if (h := root_head(t.view.checkpoints)) is not None
         }
@@ -405,11 +412,13 @@ class SqliteStore:
             waiting: bool | None = False
             if tid in heads:
                 blob = blobs.get(tid)
-                waiting = self.decoder.waiting(*blob, channels[tid]) if blob else None
-            # Unreadable counts as waiting, which only ever keeps the thread.
-            out.append(
-                replace(t, view=replace(t.view, waiting=True if waiting is None else waiting))
-            )
+                if blob is None or writes_show_waiting(channels[tid]):
+                    # A head gone since the scan counts as waiting: kept, decided next sweep.
+                    waiting = True
+                else:
+                    waiting = self.decoder.waiting(*blob, channels[tid])
+            view = replace(t.view, waiting=waiting, head_undecodable=waiting is None)
+            out.append(replace(t, view=view))
         return out
 
     # ------------------------------------------------------------ delete
