@@ -290,9 +290,13 @@ def cli(
     input: str | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 120,
+    runner: Sequence[str] = (),
 ) -> subprocess.CompletedProcess[str]:
-    """`python -m worker [--config X] ARGS`, run to completion from the repo root."""
-    cmd = [sys.executable, "-m", "worker"]
+    """`python -m worker [--config X] ARGS`, run to completion from the repo root.
+
+    `runner` prefixes the command, e.g. `setpriv` to run it as another user.
+    """
+    cmd = [*runner, sys.executable, "-m", "worker"]
     if config is not None:
         cmd += ["--config", str(config)]
     return subprocess.run(
