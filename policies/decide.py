@@ -213,6 +213,9 @@ def decide(view: ThreadView, rules: Ruleset, now: float, grace_seconds: float) -
         protected = any(p is not None and p.protect for p in policy_of.values())
         if protected:
             skips.append(Skip(root_policy.name, SkipReason.PROTECTED_NAMESPACE))
+        elif root_policy.interrupted == "keep" and view.head_undecodable:
+            # Never counted as interrupted: it may as well be a finished run.
+            skips.append(Skip(root_policy.name, SkipReason.UNDECODABLE))
         elif root_policy.interrupted == "keep" and view.waiting is None:
             return ThreadDecision(tid, needs_waiting=True)
         elif root_policy.interrupted == "keep" and view.waiting:

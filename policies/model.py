@@ -38,7 +38,8 @@ class SkipReason(StrEnum):
     PROTECTED_NAMESPACE = "protected-namespace"
     """Expiry held back: a `protect` policy governs one of the thread's namespaces."""
     UNDECODABLE = "undecodable"
-    """Trimming held back: a `DeltaChannel` history could not be read (encrypted, no key)."""
+    """A checkpoint could not be read (encrypted, no key): trimming a `DeltaChannel`
+    history, or expiry under `interrupted: keep` of a thread whose head may wait."""
     CHANGED = "changed"
     """The thread changed between scan and delete; it is decided again next sweep."""
     LOCKED = "locked"
@@ -91,6 +92,9 @@ class ThreadView:
     """Metadata of the newest root checkpoint (`root_head`); policies match on it."""
     waiting: bool | None = None
     """The thread waits for input at its newest root checkpoint; None: not determined."""
+    head_undecodable: bool = False
+    """Whether it waits cannot be told: its newest root checkpoint cannot be decoded
+    (encrypted, no key) and its writes show no interrupt or error."""
     orphan_writes: tuple[tuple[str, str], ...] = ()
     """(namespace, checkpoint_id) of writes whose checkpoint is not in the store."""
 

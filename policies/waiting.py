@@ -8,6 +8,11 @@ trigger channels: LangGraph (>= 0.3) starts a node when its `branch:to:<node>`
 (or `join:...:<node>`, or `__start__`) channel holds a value the node has not
 seen, and consumes the value when the node finishes, so a finished thread
 holds none. Pending `Send`s sit in `__pregel_tasks`.
+
+Only the writes' channel names are readable without decoding (they stay
+plain text under `EncryptedSerializer`): an `interrupt()` pause or an error
+shows there, a static breakpoint or a deferred node's pause does not, and a
+finished run's head looks the same from outside (no writes, `source: loop`).
 """
 
 from __future__ import annotations
@@ -44,13 +49,21 @@ def _unseen(version: Any, seen: Any) -> bool:
         return True
 
 
+def writes_show_waiting(write_channels: Iterable[str]) -> bool:
+    """Whether a checkpoint's pending writes alone prove the thread waits.
+
+    An `__interrupt__` or `__error__` write does; their absence proves nothing.
+    """
+    return any(ch in (INTERRUPT, ERROR) for ch in write_channels)
+
+
 def is_waiting(checkpoint: Mapping[str, Any], write_channels: Iterable[str]) -> bool:
     """Whether the thread at this checkpoint has tasks left to run.
 
     `checkpoint` is the decoded checkpoint (`channel_values`, `channel_versions`,
     `versions_seen`); `write_channels` the channels of its pending writes.
     """
-    if any(ch in (INTERRUPT, ERROR) for ch in write_channels):
+    if writes_show_waiting(write_channels):
         return True
     values: Mapping[str, Any] = checkpoint.get("channel_values") or {}
     versions: Mapping[str, Any] = checkpoint.get("channel_versions") or {}

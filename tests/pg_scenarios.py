@@ -27,6 +27,7 @@ import asyncpg
 import scenarios
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+from langgraph.checkpoint.serde.base import SerializerProtocol
 from langgraph.graph import START, StateGraph
 from pgserver import PgServer, PgServerError, unique_db_name
 
@@ -51,9 +52,11 @@ PRIMARY_KEYS = {
 
 
 @contextlib.asynccontextmanager
-async def pg_saver(dsn: str) -> AsyncIterator[AsyncPostgresSaver]:
-    """The real saver on `dsn`, tables created (`setup()` is idempotent)."""
-    async with AsyncPostgresSaver.from_conn_string(dsn) as saver:
+async def pg_saver(
+    dsn: str, serde: SerializerProtocol | None = None
+) -> AsyncIterator[AsyncPostgresSaver]:
+    """The real saver on `dsn` (with `serde`, e.g. an `EncryptedSerializer`), tables created."""
+    async with AsyncPostgresSaver.from_conn_string(dsn, serde=serde) as saver:
         await saver.setup()
         yield saver
 

@@ -40,6 +40,28 @@ def breakpoint_graph(checkpointer: BaseCheckpointSaver[Any]) -> Any:
     return g.compile(checkpointer=checkpointer, interrupt_before=["review"])
 
 
+def deferred_graph(checkpointer: BaseCheckpointSaver[Any]) -> Any:
+    """Two branches joined by a deferred node `d`, with a static breakpoint before it.
+
+    `d` becomes due when the last branch ends, by a channel version bump
+    without any write naming it: the paused head has no writes, and its
+    parent's writes name no trigger, exactly as a finished run's. Only the
+    checkpoint blob shows the pending task.
+    """
+    g = StateGraph(ChatState)
+    for node in ("a", "b", "c", "c2"):
+        g.add_node(node, lambda s, node=node: {"messages": [node]})
+    g.add_node("d", lambda s: {"messages": ["joined"]}, defer=True)
+    g.add_edge(START, "a")
+    g.add_edge("a", "b")
+    g.add_edge("a", "c")
+    g.add_edge("c", "c2")
+    g.add_edge("b", "d")
+    g.add_edge("c2", END)
+    g.add_edge("d", END)
+    return g.compile(checkpointer=checkpointer, interrupt_before=["d"])
+
+
 def persistent_subgraph_graph(checkpointer: BaseCheckpointSaver[Any]) -> Any:
     """A `checkpointer=True` subgraph: its namespace `memory` outlives each call."""
     inner = StateGraph(ChatState)
@@ -320,6 +342,8 @@ async def resume(saver: BaseCheckpointSaver[Any], thread_id: str, shape: str) ->
         Flaky.fail = False
         app = error_graph(saver)
         out = await app.ainvoke(None, thread(thread_id))
+    elif shape == "deferred":
+        out = await deferred_graph(saver).ainvoke(None, thread(thread_id))
     else:
         raise ValueError(shape)
     return out
@@ -337,6 +361,7 @@ def app_for(saver: BaseCheckpointSaver[Any], shape: str) -> Any:
         "interrupt": approval_graph,
         "breakpoint": breakpoint_graph,
         "error": error_graph,
+        "deferred": deferred_graph,
     }[shape](saver)
 
 
@@ -404,9 +429,13 @@ def cli(
     input: str | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 120,
+    runner: Sequence[str] = (),
 ) -> subprocess.CompletedProcess[str]:
-    """`python -m worker [--config X] ARGS`, run to completion from the repo root."""
-    cmd = [sys.executable, "-m", "worker"]
+    """`python -m worker [--config X] ARGS`, run to completion from the repo root.
+
+    `runner` prefixes the command, e.g. `setpriv` to run it as another user.
+    """
+    cmd = [*runner, sys.executable, "-m", "worker"]
     if config is not None:
         cmd += ["--config", str(config)]
     return subprocess.run(

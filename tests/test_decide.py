@@ -359,6 +359,22 @@ def test_waiting_unknown_asks_before_expiring(view: ThreadView) -> None:
         assert not d.needs_waiting and d.expiry is None
 
 
+@settings(max_examples=200, deadline=None)
+@given(threads())
+def test_undecodable_head_is_kept_as_undecodable_not_interrupted(view: ThreadView) -> None:
+    unknown = replace(view, waiting=None, head_undecodable=True)
+    keep = Ruleset([Policy(name="ttl", expire_after=timedelta(seconds=1))])
+    d = decide(unknown, keep, NOW, GRACE)
+    idle = NOW - max(c.created_at for c in view.checkpoints if c.created_at is not None)
+    assert not d.needs_waiting and d.expiry is None
+    if idle > 1:
+        assert [s.reason for s in d.skips] == [SkipReason.UNDECODABLE]
+        expire = Ruleset(
+            [Policy(name="ttl", expire_after=timedelta(seconds=1), interrupted="expire")]
+        )
+        assert decide(unknown, expire, NOW, GRACE).expiry is not None
+
+
 def test_future_checkpoint_is_never_old() -> None:
     rnd = random.Random(3)
     cid = make_id(NOW + 10 * DAY, rnd)

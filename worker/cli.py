@@ -73,9 +73,13 @@ def _stores(config: Config, only: str | None) -> list[StoreConfig]:
 
 
 async def _with_engine(
-    config: Config, store: StoreConfig, body: Callable[[StoreEngine], Awaitable[T]]
+    config: Config,
+    store: StoreConfig,
+    body: Callable[[StoreEngine], Awaitable[T]],
+    *,
+    read_only: bool = False,
 ) -> T:
-    engine = make_engine(store, config.store_settings(store.name))
+    engine = make_engine(store, config.store_settings(store.name), read_only=read_only)
     await engine.open()
     try:
         return await body(engine)
@@ -130,7 +134,8 @@ async def _sweep_all(
             )
 
         try:
-            reports.append(await _with_engine(config, store, body))
+            # A dry run (`plan`) only reads: it works on a file it may not write.
+            reports.append(await _with_engine(config, store, body, read_only=dry_run))
         except StoreError as e:
             log.error("store_unavailable", store=store.name, error=str(e))
             report = SweepReport(
@@ -344,7 +349,7 @@ def stats(ctx: click.Context, fmt: str, only: str | None) -> None:
         for store in _stores(config, only):
             try:
                 out.append(
-                    await _with_engine(config, store, lambda e: e.stats(now))  # type: ignore[attr-defined]
+                    await _with_engine(config, store, lambda e: e.stats(now), read_only=True)  # type: ignore[attr-defined]
                 )
             except StoreError as e:
                 _fail(str(e), EXIT_FAILED)

@@ -2,9 +2,12 @@
 
 The worker decodes as little as it can: the newest root checkpoint of an
 expiry candidate (is it waiting?) and the checkpoints of `DeltaChannel`
-threads (which ancestors does a replay read?). Expiry itself needs no
-decoding, so a store encrypted with a key the worker lacks can still expire;
-it is never trimmed where trimming depends on what it cannot read.
+threads (which ancestors does a replay read?). Without the key of an
+encrypted store, deleting a whole thread needs no decoding (`interrupted:
+expire`), but with `interrupted: keep` only a head whose writes show an
+interrupt or error is known to wait; any other head might be a static
+breakpoint, so the thread is kept and counted `undecodable`. Nothing is
+trimmed where trimming depends on what the worker cannot read.
 """
 
 from __future__ import annotations

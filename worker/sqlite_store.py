@@ -17,6 +17,7 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import aiosqlite
@@ -25,6 +26,7 @@ import structlog
 from policies.decide import FORK_SOURCES, is_delta_thread, root_head
 from policies.model import CheckpointSummary, ThreadView
 from policies.summary import DELTA_MARKERS, json_object, summarize
+from policies.waiting import writes_show_waiting
 from worker.decoding import Decoder
 from worker.engine import (
     Counts,
@@ -197,8 +199,38 @@ BUSY_SLICE_MS = 20
 WAL_CHECKPOINT_SQL = "PRAGMA wal_checkpoint(PASSIVE)"
 
 
+# How the store is opened: never `rwc`, so a worker creates no file. Dry runs
+# (`plan`) and `stats` read through `mode=ro`, or `immutable` when no journal
+# holds commits the main file lacks (see `_connect_read_only`).
+READ_WRITE = "mode=rw"
+READ_ONLY = "mode=ro"
+READ_ONLY_IMMUTABLE = "mode=ro&immutable=1"
+JOURNAL_SUFFIXES = ("-wal", "-journal")
+
+
+def store_uri(path: str, params: str) -> str:
+    """The `file:` URI of `path` (relative: to the working directory) with `params`.
+
+    `as_uri` percent-encodes what SQLite's URI parser reads as syntax: an
+    unescaped `#` or `?` in the path cuts it there and drops `mode`, and the
+    file at the cut-off path is opened, and created.
+    """
+    return f"{Path(os.path.abspath(path)).as_uri()}?{params}"
+
+
+async def _connect(uri: str) -> aiosqlite.Connection:
+    # isolation_level=None: autocommit, so reads end at once and the write
+    # transactions are the explicit BEGIN IMMEDIATE ones.
+    return await aiosqlite.connect(uri, uri=True, isolation_level=None)
+
+
 class SqliteStore:
-    """A `StoreEngine` over one SQLite file, on one shared aiosqlite connection."""
+    """A `StoreEngine` over one SQLite file, on one shared aiosqlite connection.
+
+    `read_only` (dry runs: `plan`, `stats`) opens it read-only (see
+    `_connect_read_only`), so a user who may only read the file can plan; such
+    an engine cannot `apply` for real.
+    """
 
     def __init__(
         self,
@@ -207,10 +239,12 @@ class SqliteStore:
         *,
         busy_timeout: float = 5.0,
         encryption_key: str | None = None,
+        read_only: bool = False,
     ) -> None:
         self.name = name
         self.path = path
         self.busy_timeout = busy_timeout
+        self.read_only = read_only
         self.decoder = Decoder(encryption_key)
         self._conn: aiosqlite.Connection | None = None
 
@@ -228,19 +262,37 @@ class SqliteStore:
         if not os.path.exists(self.path):
             raise StoreError(self.name, f"SQLite file {self.path} does not exist")
         try:
-            # isolation_level=None: autocommit, so reads end at once and the
-            # write transactions are the explicit BEGIN IMMEDIATE ones.
-            self._conn = await aiosqlite.connect(
-                f"file:{self.path}?mode=rw", uri=True, isolation_level=None
-            )
+            if self.read_only:
+                self._conn = await self._connect_read_only()
+            else:
+                self._conn = await _connect(store_uri(self.path, READ_WRITE))
             # Short waits inside SQLite: a wait there cannot be cancelled, and
             # SIGTERM must end a batch that waits for the application's lock.
             # `_begin` retries up to the configured busy_timeout.
             await self._conn.execute(f"PRAGMA busy_timeout = {BUSY_SLICE_MS}")
             await self._check_schema()
-        except sqlite3.Error as e:
+        except BaseException as e:
+            # Any failure closes the connection: a StoreError raised with it
+            # open left aiosqlite's thread calling into a closed event loop.
             await self.close()
-            raise StoreError(self.name, f"cannot open {self.path}: {e}") from None
+            if isinstance(e, sqlite3.Error):
+                raise StoreError(self.name, f"cannot open {self.path}: {e}") from None
+            raise
+
+    async def _connect_read_only(self) -> aiosqlite.Connection:
+        """A read-only connection that creates no file, even in a folder this user cannot write.
+
+        SQLite reads a WAL store through its -wal and -shm files, creating
+        them when missing (and leaving them behind a read-only connection), or
+        fails where it cannot create them. With a -wal file (the application
+        has the store open, or crashed), `mode=ro` reads the commits still in
+        it. Without one every commit is in the main file, so `immutable` reads
+        it whole without those files or locks; an application that opens the
+        store meanwhile is not seen, which a dry run may miss.
+        """
+        if any(os.path.exists(self.path + s) for s in JOURNAL_SUFFIXES):
+            return await _connect(store_uri(self.path, READ_ONLY))
+        return await _connect(store_uri(self.path, READ_ONLY_IMMUTABLE))
 
     async def _check_schema(self) -> None:
         for table, required in REQUIRED_COLUMNS.items():
@@ -388,7 +440,13 @@ class SqliteStore:
         return tuple(out)
 
     async def resolve_waiting(self, threads: Sequence[ScannedThread]) -> list[ScannedThread]:
-        """Decode each thread's newest root checkpoint and its writes: does it wait?"""
+        """Does each thread wait at its newest root checkpoint? Its writes, else its blob, say.
+
+        Interrupt and error writes are read first: their channel names are
+        plain even in an encrypted store. Otherwise only the decoded blob tells
+        a finished run from a static breakpoint; a head that cannot be decoded
+        is marked `head_undecodable`, never counted as waiting.
+        """
         heads = {
             t.view.thread_id: h for t in threads if (h := root_head(t.view.checkpoints)) is not None
         }
@@ -405,11 +463,13 @@ class SqliteStore:
             waiting: bool | None = False
             if tid in heads:
                 blob = blobs.get(tid)
-                waiting = self.decoder.waiting(*blob, channels[tid]) if blob else None
-            # Unreadable counts as waiting, which only ever keeps the thread.
-            out.append(
-                replace(t, view=replace(t.view, waiting=True if waiting is None else waiting))
-            )
+                if blob is None or writes_show_waiting(channels[tid]):
+                    # A head gone since the scan counts as waiting: kept, decided next sweep.
+                    waiting = True
+                else:
+                    waiting = self.decoder.waiting(*blob, channels[tid])
+            view = replace(t.view, waiting=waiting, head_undecodable=waiting is None)
+            out.append(replace(t, view=view))
         return out
 
     # ------------------------------------------------------------ delete

@@ -8,13 +8,23 @@ from worker.postgres_store import PostgresStore
 from worker.sqlite_store import SqliteStore
 
 
-def make_engine(store: StoreConfig, settings: BatchSettings) -> StoreEngine:
-    """An unopened engine for `store`; `open()` it before use."""
+def make_engine(
+    store: StoreConfig, settings: BatchSettings, *, read_only: bool = False
+) -> StoreEngine:
+    """An unopened engine for `store`; `open()` it before use.
+
+    `read_only`: the caller only reads (a dry run, `stats`); a SQLite file is
+    then opened read-only, so it may belong to another user.
+    """
     key = store.encryption_key.get_secret_value() if store.encryption_key else None
     if store.kind == "sqlite":
         assert store.path is not None  # the schema requires it for sqlite
         return SqliteStore(
-            store.name, store.path, busy_timeout=settings.busy_timeout, encryption_key=key
+            store.name,
+            store.path,
+            busy_timeout=settings.busy_timeout,
+            encryption_key=key,
+            read_only=read_only,
         )
     if store.kind == "postgres":
         assert store.dsn is not None  # the schema requires it for postgres
