@@ -7,7 +7,9 @@ Old threads are written under a shifted id clock (`worker.demo.aged`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import pty
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -265,17 +267,32 @@ def cli(
     input: str | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 120,
+    terminal: bool = False,
 ) -> subprocess.CompletedProcess[str]:
-    """`python -m worker [--config X] ARGS`, run to completion from the repo root."""
+    """`python -m worker [--config X] ARGS`, run to completion from the repo root.
+
+    `terminal`: stdin is a pseudo-terminal holding `input` (a person at the
+    keyboard), not a pipe.
+    """
     cmd = [sys.executable, "-m", "worker"]
     if config is not None:
         cmd += ["--config", str(config)]
-    return subprocess.run(
+    run = functools.partial(
+        subprocess.run,
         [*cmd, *args],
         capture_output=True,
         text=True,
-        input=input,
         timeout=timeout,
         env={**os.environ, **(env or {})},
         cwd=Path(__file__).parent.parent,
     )
+    if not terminal:
+        return run(input=input)
+    leader, follower = pty.openpty()
+    try:
+        # The line discipline holds what is typed until the command reads it.
+        os.write(leader, (input or "").encode())
+        return run(stdin=follower)
+    finally:
+        os.close(follower)
+        os.close(leader)
