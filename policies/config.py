@@ -96,6 +96,60 @@ def redact_dsn(dsn: str) -> str:
 _KEYWORD_DSN = re.compile(r"\s*[a-z_]+\s*=")
 
 
+# libpq's own vocabularies (PostgreSQL docs, "Parameter Key Words"): libpq checks
+# these only when it connects, so a typo would surface as a failing store, not a bad config.
+_DSN_CHOICES: dict[str, tuple[str, ...]] = {
+    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+    "gssencmode": ("disable", "prefer", "require"),
+    "channel_binding": ("disable", "prefer", "require"),
+    "target_session_attrs": (
+        "any",
+        "read-write",
+        "read-only",
+        "primary",
+        "standby",
+        "prefer-standby",
+    ),
+    "load_balance_hosts": ("disable", "random"),
+}
+_DSN_INTEGERS = ("connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval")
+# libpq's parse errors that name an option, never a value (a value may be the password).
+_DSN_BAD_OPTION = re.compile(r'^invalid (?:URI query parameter|connection option): "([^"]*)"')
+
+
+def _dsn_options(dsn: str) -> dict[str, str]:
+    """The DSN's options as libpq reads them; errors never quote the DSN."""
+    # Imported here: psycopg loads libpq, and only configs with a postgres store need it.
+    from psycopg import Error as PsycopgError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        return {k: str(v) for k, v in conninfo_to_dict(dsn).items() if v is not None}
+    except PsycopgError as exc:
+        named = _DSN_BAD_OPTION.match(str(exc))
+        if named:
+            raise ValueError(f"dsn has an unknown option {named[1]!r}") from None
+        raise ValueError(
+            "dsn cannot be parsed as a postgresql:// URL or libpq keywords (check quoting, "
+            "percent-encoding of special characters in the URL, and key=value pairs)"
+        ) from None
+
+
+def _check_dsn_options(options: dict[str, str]) -> None:
+    for key, allowed in _DSN_CHOICES.items():
+        if key in options and options[key] not in allowed:
+            raise ValueError(f"dsn has {key}={options[key]!r}; libpq accepts {', '.join(allowed)}")
+    if "port" in options:
+        # A multi-host DSN lists one port per host; an empty one means the default.
+        for port in options["port"].split(","):
+            if port and not (port.isascii() and port.isdigit() and 0 < int(port) <= 65535):
+                raise ValueError(f"dsn has port {port!r}, expected a number 1-65535")
+    for key in _DSN_INTEGERS:
+        value = options.get(key)
+        if value and not re.fullmatch(r"-?[0-9]+", value):
+            raise ValueError(f"dsn has {key}={value!r}, expected a whole number")
+
+
 def _check_dsn(value: SecretStr | None) -> SecretStr | None:
     # Messages never echo the DSN: it carries the password.
     if value is None:
@@ -114,6 +168,7 @@ def _check_dsn(value: SecretStr | None) -> SecretStr | None:
         raise ValueError(
             "dsn is neither a postgresql:// URL nor a libpq keyword string (host=... dbname=...)"
         )
+    _check_dsn_options(_dsn_options(dsn))
     return value
 
 
@@ -146,13 +201,24 @@ def _to_seconds(value: object) -> object:
     return value
 
 
+_ZERO_DURATION = re.compile(r"0+[smhdw]", re.ASCII)
+
+
+def _to_seconds_or_zero(value: object) -> object:
+    # A knob that may be off (`jitter: 0s`, `pause: 0s`): zero is a setting here, not the
+    # "everything is old" reading that `parse_duration` refuses for retention rules.
+    if isinstance(value, str) and _ZERO_DURATION.fullmatch(value):
+        return 0.0
+    return _to_seconds(value)
+
+
 PositiveSeconds = Annotated[float, BeforeValidator(_to_seconds), Field(gt=0, allow_inf_nan=False)]
 """Seconds > 0, as a number (`0.5`) or a duration string (`2s`)."""
 
 NonNegativeSeconds = Annotated[
-    float, BeforeValidator(_to_seconds), Field(ge=0, allow_inf_nan=False)
+    float, BeforeValidator(_to_seconds_or_zero), Field(ge=0, allow_inf_nan=False)
 ]
-"""Seconds >= 0, as a number (`0.5`) or a duration string (`2s`)."""
+"""Seconds >= 0, as a number (`0.5`) or a duration string (`2s`, and `0s`)."""
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonEmptyStr = Annotated[str, Field(min_length=1)]

@@ -10,6 +10,9 @@ are substituted inside string values after parsing, so a secret full of YAML
 punctuation is never parsed as YAML. `$${` stands for a literal `${`.
 
 This and the `${file:...}` reads are the only I/O in `policies`.
+`check_config(..., offline=True)` checks a file without either lookup: a
+value holding a reference is taken as written and only errors that cannot be
+caused by what the reference would supply are reported.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pydantic_core import ErrorDetails
 
 from policies.config import Config, LocatedValueError, redact_dsn
 
-__all__ = ["ConfigError", "load_config", "load_config_text"]
+__all__ = ["ConfigError", "check_config", "load_config", "load_config_text"]
 
 KeyPath = tuple[str | int, ...]
 
@@ -83,18 +86,38 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     cannot be read.
     """
     source = os.fspath(path)
+    text = _read(source)
+    config, _ = _load(text, source, Path(source).parent, offline=False)
+    assert config is not None  # an online load resolves every reference or raises
+    return config
+
+
+def check_config(path: str | os.PathLike[str], *, offline: bool = False) -> list[str]:
+    """Check the config file at `path` without using it; raises ConfigError listing every issue.
+
+    With `offline`, `${NAME}` and `${file:...}` are not looked up (a config
+    written for another machine or a pod can be checked anywhere): the keys
+    holding them are returned, and only their own checks are skipped.
+    Returns [] when everything was checked.
+    """
+    source = os.fspath(path)
+    text = _read(source)
+    _, unresolved = _load(text, source, Path(source).parent, offline=offline)
+    return unresolved
+
+
+def _read(source: str) -> str:
     try:
         raw = Path(source).read_bytes()
     except OSError as exc:
         raise ConfigError(source, None, None, f"cannot read: {exc.strerror or exc}") from None
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise ConfigError(
             source, line, None, f"cannot read: not UTF-8 text (byte 0x{raw[exc.start]:02x})"
         ) from None
-    return _load(text, source, Path(source).parent)
 
 
 def load_config_text(text: str, source: str = "<string>") -> Config:
@@ -102,13 +125,18 @@ def load_config_text(text: str, source: str = "<string>") -> Config:
 
     Relative `${file:...}` paths are taken from the current directory.
     """
-    return _load(text, source, None)
+    config, _ = _load(text, source, None, offline=False)
+    assert config is not None
+    return config
 
 
 # --------------------------------------------------------------------------- loading
 
 
-def _load(text: str, source: str, base_dir: Path | None) -> Config:
+def _load(
+    text: str, source: str, base_dir: Path | None, *, offline: bool
+) -> tuple[Config | None, list[str]]:
+    """The validated config (None when offline lookups were skipped) and the unresolved keys."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
@@ -126,11 +154,12 @@ def _load(text: str, source: str, base_dir: Path | None) -> Config:
             source, 1, None, "the file is empty: a config needs at least `stores` and `policies`"
         )
 
-    walker = _Walker(source, base_dir)
+    walker = _Walker(source, base_dir, offline=offline)
     data = walker.walk(root, ())
-    if walker.errors:
-        _raise_all(walker.errors)
-    if not isinstance(data, dict):
+    # A truncated tree (an alias bomb) would only add errors about what is missing.
+    if not isinstance(data, dict) or (walker.errors and walker.truncated):
+        if walker.errors:
+            _raise_all(walker.errors)
         raise ConfigError(
             source,
             walker.lines[()],
@@ -138,11 +167,51 @@ def _load(text: str, source: str, base_dir: Path | None) -> Config:
             f"the top level must be a mapping (stores:, policies:, ...), not {_kind(data)}",
         )
     try:
-        return Config.model_validate(data)
+        config: Config | None = Config.model_validate(data)
     except ValidationError as exc:
-        issues = [_issue(err, data, walker, source) for err in exc.errors()]
-        _raise_all(issues)
-        raise AssertionError("unreachable") from None
+        config = None
+        # A value already reported by the walker (or, offline, one holding an
+        # unresolved reference) fails validation only because of that: skip it.
+        settled = walker.error_paths | walker.unresolved
+        located = [
+            (err, path)
+            for err in exc.errors()
+            if not _under(path := _issue_path(err, data), settled)
+        ]
+        issues = [
+            _issue(err, path, walker, source) for err, path in _drop_misspelt_missing(located)
+        ]
+    else:
+        issues = []
+    if walker.errors or issues:
+        _raise_all([*walker.errors, *issues])
+    return config, sorted(k for k in map(_format_key, walker.unresolved) if k)
+
+
+def _under(path: KeyPath, roots: set[KeyPath]) -> bool:
+    return any(path[: len(root)] == root for root in roots)
+
+
+def _drop_misspelt_missing(
+    located: list[tuple[ErrorDetails, KeyPath]],
+) -> list[tuple[ErrorDetails, KeyPath]]:
+    """Without the "required key is missing" errors a misspelt sibling already explains.
+
+    `polices:` is reported as an unknown key with a did-you-mean at its own
+    line; "required key `policies` is missing" at line 1 would only mislead.
+    """
+    unknown: dict[KeyPath, list[str]] = {}
+    for err, path in located:
+        if err["type"] == "extra_forbidden" and path:
+            unknown.setdefault(path[:-1], []).append(str(path[-1]))
+    kept = []
+    for err, path in located:
+        if err["type"] == "missing" and path:
+            siblings = unknown.get(path[:-1], [])
+            if any(difflib.get_close_matches(str(path[-1]), [u], n=1) for u in siblings):
+                continue
+        kept.append((err, path))
+    return kept
 
 
 def _raise_all(issues: list[ConfigError]) -> typing.NoReturn:
@@ -185,18 +254,28 @@ def _yaml_hint(exc: yaml.MarkedYAMLError) -> str:
 class _Walker:
     """Turns a composed node tree into plain data, recording each key's line."""
 
-    def __init__(self, source: str, base_dir: Path | None) -> None:
+    def __init__(self, source: str, base_dir: Path | None, *, offline: bool = False) -> None:
         self.source = source
         self.base_dir = base_dir
+        self.offline = offline
         self.lines: dict[KeyPath, int] = {}
         self.errors: list[ConfigError] = []
+        self.error_paths: set[KeyPath] = set()
+        self.unresolved: set[KeyPath] = set()
+        """Offline: the values holding a reference that was not looked up."""
         self.secrets: set[str] = set()
         self._constructor = yaml.SafeLoader("")
         self._active: set[int] = set()
         self._count = 0
 
+    @property
+    def truncated(self) -> bool:
+        """The walk stopped at the node limit: the data is incomplete."""
+        return self._count > _MAX_NODES
+
     def error(self, line: int, path: KeyPath, message: str) -> None:
         self.errors.append(ConfigError(self.source, line, _format_key(path), message))
+        self.error_paths.add(path)
 
     def walk(self, node: yaml.Node, path: KeyPath) -> Any:
         if not path:
@@ -328,6 +407,9 @@ class _Walker:
             if not name:
                 self.error(line, path, "`${file:}` names no file")
                 return None
+            if self.offline:
+                self.unresolved.add(path)
+                return None
             file = Path(name)
             if self.base_dir is not None and not file.is_absolute():
                 file = self.base_dir / file
@@ -345,6 +427,9 @@ class _Walker:
                 "or ${file:/path} for a file (and $${ for a literal ${)",
             )
             return None
+        if self.offline:
+            self.unresolved.add(path)
+            return None
         value = os.environ.get(ref)
         if value is None:
             self.error(line, path, f"environment variable {ref} is not set")
@@ -354,13 +439,21 @@ class _Walker:
 # --------------------------------------------------------------------------- pydantic errors
 
 
-def _issue(err: ErrorDetails, data: Any, walker: _Walker, source: str) -> ConfigError:
+def _issue_path(err: ErrorDetails, data: Any) -> KeyPath:
+    """Where in the data a pydantic error is, as precisely as the error allows."""
     loc: KeyPath = tuple(err["loc"])
     cause = err.get("ctx", {}).get("error")
     located = isinstance(cause, LocatedValueError)
     if isinstance(cause, LocatedValueError):
         loc = loc + cause.loc
-    path = _data_path(loc, data, keep_missing_tail=located or err["type"] == "missing")
+    return _data_path(loc, data, keep_missing_tail=located or err["type"] == "missing")
+
+
+def _issue(err: ErrorDetails, path: KeyPath, walker: _Walker, source: str) -> ConfigError:
+    loc: KeyPath = tuple(err["loc"])
+    cause = err.get("ctx", {}).get("error")
+    if isinstance(cause, LocatedValueError):
+        loc = loc + cause.loc
     line = _nearest_line(path, walker.lines)
     message = _message(err, cause, path, loc)
     return ConfigError(source, line, _format_key(path), _scrub(message, walker.secrets))

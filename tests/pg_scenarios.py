@@ -365,9 +365,10 @@ def cli(
     config: Path | None = None,
     input: str | None = None,
     env: dict[str, str] | None = None,
+    terminal: bool = False,
 ) -> subprocess.CompletedProcess[str]:
     """`scenarios.cli` with room for the slower Postgres commands."""
-    return scenarios.cli(*args, config=config, input=input, env=env, timeout=300)
+    return scenarios.cli(*args, config=config, input=input, env=env, timeout=300, terminal=terminal)
 
 
 def once(cfg: Path, *extra: str) -> subprocess.Popen[str]:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import operator
 import os
+import pty
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -430,20 +432,33 @@ def cli(
     env: dict[str, str] | None = None,
     timeout: float = 120,
     runner: Sequence[str] = (),
+    terminal: bool = False,
 ) -> subprocess.CompletedProcess[str]:
     """`python -m worker [--config X] ARGS`, run to completion from the repo root.
 
     `runner` prefixes the command, e.g. `setpriv` to run it as another user.
+    `terminal`: stdin is a pseudo-terminal holding `input` (a person at the
+    keyboard), not a pipe.
     """
     cmd = [*runner, sys.executable, "-m", "worker"]
     if config is not None:
         cmd += ["--config", str(config)]
-    return subprocess.run(
+    run = functools.partial(
+        subprocess.run,
         [*cmd, *args],
         capture_output=True,
         text=True,
-        input=input,
         timeout=timeout,
         env={**os.environ, **(env or {})},
         cwd=Path(__file__).parent.parent,
     )
+    if not terminal:
+        return run(input=input)
+    leader, follower = pty.openpty()
+    try:
+        # The line discipline holds what is typed until the command reads it.
+        os.write(leader, (input or "").encode())
+        return run(stdin=follower)
+    finally:
+        os.close(follower)
+        os.close(leader)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import sqlite3
+import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -273,7 +276,7 @@ def test_a_batch_that_never_gets_the_write_lock_is_skipped_as_locked(
 
 def test_purge_prefix_is_a_range_not_like(tmp_path: Path, store: Path) -> None:
     cfg = write_config(tmp_path, store, "  - {name: vip, match: {thread_id: '*'}, protect: true}")
-    r = cli("purge", "--thread-prefix", "org-42:user-7:", config=cfg, input="n\n")
+    r = cli("purge", "--thread-prefix", "org-42:user-7:", config=cfg, input="n\n", terminal=True)
     assert r.returncode == 0, r.stderr
     assert "2 threads" in r.stdout and "nothing deleted" in r.stdout
     r = cli("purge", "--thread-prefix", "org-42:user-7:", "--yes", config=cfg)
@@ -296,7 +299,7 @@ def test_stats_reports_tables_and_ages(tmp_path: Path, store: Path) -> None:
     s = json.loads(r.stdout)["stores"][0]
     assert s["threads"] == 7
     assert s["tables"]["checkpoints"]["rows"] == 63
-    assert s["ages"]['""'] == {"<1h": 63}
+    assert s["ages"][""] == {"<1h": 63}
     assert s["largest_threads"][0]["checkpoints"] == 9
 
 
@@ -378,3 +381,258 @@ def test_unreadable_config_exits_2(tmp_path: Path) -> None:
     assert "missing.yaml" in r.stderr and "cannot read" in r.stderr
     r = cli("once")
     assert r.returncode == 2 and "--config" in r.stderr
+
+
+# ------------------------------------------------------------------ issue 11: purge
+
+
+def test_purge_takes_every_thread_option(tmp_path: Path, store: Path) -> None:
+    """`--thread a --thread b` deletes both (click kept only the last one)."""
+    cfg = write_config(tmp_path, store)
+    r = cli("purge", "--thread", "user-1", "--thread", "org-42:user-7:a", "--yes", config=cfg)
+    assert r.returncode == 0, r.stderr
+    assert "2 threads" in r.stdout
+    left = set(counts(store))
+    assert left == {"user-2", "org-42:user-7:b", "org-42:user-70:a", "org-42_user-7:c"} | {
+        "ORG-42:user-7:d"
+    }
+
+
+def test_purge_without_a_terminal_needs_yes(tmp_path: Path, store: Path) -> None:
+    """No terminal and no --yes: exit 2 with a message before the store is opened."""
+    cfg = write_config(tmp_path, store)
+    raw = store.read_bytes()
+    r = cli("purge", "--thread", "user-1", config=cfg)  # stdin is an empty pipe
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "--yes" in r.stderr and "Aborted" not in r.stderr + r.stdout
+    assert r.stdout == ""
+    assert store.read_bytes() == raw
+    # At a terminal the question is asked; "y" deletes.
+    r = cli("purge", "--thread", "user-1", config=cfg, input="y\n", terminal=True)
+    assert r.returncode == 0, r.stderr
+    assert "user-1" not in counts(store)
+
+
+# ------------------------------------------------------------------ issue 11: bad DSNs
+
+
+BAD_DSNS = [
+    (
+        "url sslmode",
+        f"postgresql://janitor:{PASSWORD}@db.invalid:5432/app?sslmode=bogus",
+        "sslmode",
+    ),
+    ("url port", f"postgresql://janitor:{PASSWORD}@db.invalid:notaport/app", "port"),
+    ("keyword sslmode", f"host=db.invalid password={PASSWORD} sslmode=bogus", "sslmode"),
+    ("keyword port", f"host=db.invalid port=notaport password={PASSWORD}", "port"),
+    ("unknown option", f"postgresql://janitor:{PASSWORD}@db.invalid/app?sslmod=require", "sslmod"),
+    ("unparsable", f"host=db.invalid password={PASSWORD} dbname", "cannot be parsed"),
+]
+
+
+@pytest.mark.parametrize(("name", "dsn", "fragment"), BAD_DSNS, ids=[d[0] for d in BAD_DSNS])
+def test_bad_dsn_is_a_config_error_naming_its_line(
+    tmp_path: Path, store: Path, name: str, dsn: str, fragment: str
+) -> None:
+    """A DSN with a bad option exits 2 from `validate`, before any store is opened.
+
+    It used to pass validation and end in a traceback (or exit 1) on connect.
+    The password is never printed.
+    """
+    cfg = write_config(
+        tmp_path,
+        store,
+        extra="  - name: pg\n    kind: postgres\n    dsn: ${JANITOR_TEST_DSN}\n",
+    )
+    raw = store.read_bytes()
+    for command in ("validate", "once", "plan"):
+        r = cli(command, config=cfg, env={"JANITOR_TEST_DSN": dsn})
+        assert r.returncode == 2, (command, r.stdout, r.stderr)
+        assert f"{cfg}:7: stores[1].dsn:" in r.stderr, r.stderr
+        assert fragment in r.stderr and "Traceback" not in r.stderr
+        assert PASSWORD not in r.stderr + r.stdout
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert store.read_bytes() == raw
+
+
+# ------------------------------------------------------------------ issue 11: validate
+
+
+def test_validate_offline_skips_lookups_and_checks_the_rest(tmp_path: Path) -> None:
+    """`validate --offline` checks a config whose secrets exist only where it runs."""
+    cfg = tmp_path / "pod.yaml"
+    text = (
+        "stores:\n"
+        "  - name: pg\n    kind: postgres\n    dsn: ${file:/run/secrets/nowhere/dsn}\n"
+        "    encryption_key: ${JANITOR_UNSET_KEY}\n"
+        "policies:\n  - {name: trim, keep_last: 2}\n"
+    )
+    cfg.write_text(text)
+    online = cli("validate", config=cfg)
+    assert online.returncode == 2 and "nowhere/dsn" in online.stderr, online.stderr
+    assert "JANITOR_UNSET_KEY" in online.stderr  # both lookups are reported
+    r = cli("validate", "--offline", config=cfg)
+    assert r.returncode == 0, r.stderr
+    assert "stores[0].dsn" in r.stdout and "stores[0].encryption_key" in r.stdout
+    # Everything else is still checked, and every problem is listed.
+    cfg.write_text(
+        text.replace("keep_last: 2", "keep_last: 0").replace("kind: postgres", "kind: pg")
+    )
+    r = cli("validate", "--offline", config=cfg)
+    assert r.returncode == 2
+    assert f"{cfg}:3: stores[0].kind" in r.stderr and f"{cfg}:7: policies[0].keep_last" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "configmap",
+    sorted((Path(__file__).parent.parent / "deploy" / "kubernetes").glob("*/configmap.yaml")),
+    ids=lambda p: p.parent.name,
+)
+def test_the_deploy_docs_validate_step_works_on_the_shipped_configmaps(
+    tmp_path: Path, configmap: Path
+) -> None:
+    """docs/deploying.md's "check an edited ConfigMap" commands, run as written.
+
+    The DSN file is mounted only in the pod, so a plain `validate` cannot read it.
+    """
+    import sys
+
+    docs = (Path(__file__).parent.parent / "docs" / "deploying.md").read_text()
+    (block,) = [b for b in re.findall(r"```sh\n(.*?)```", docs, re.S) if "validate --offline" in b]
+    script = (
+        block.replace("deploy/kubernetes/postgres-deployment/configmap.yaml", str(configmap))
+        .replace("python3 ", f"{sys.executable} ")
+        .replace("checkpoint-janitor --config", f"{sys.executable} -m worker --config")
+    )
+    repo = str(Path(__file__).parent.parent)
+    r = subprocess.run(
+        ["sh", "-ec", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": repo},
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ok (offline" in r.stdout, r.stdout
+    if "${file:" in configmap.read_text():
+        assert "not looked up: stores[0].dsn" in r.stdout, r.stdout
+
+
+def test_validate_reports_every_error(tmp_path: Path, store: Path) -> None:
+    """One run lists them all, each with its line (it used to stop at the first)."""
+    cfg = write_config(
+        tmp_path,
+        store,
+        policies=(
+            "  - {name: a, keep_last: 0}\n"
+            "  - {name: b, keep_lats: 3}\n"
+            "  - {name: c, expire_after: '${JANITOR_UNSET_VARIABLE}'}\n"
+            "  - {name: d, keep_within: 0d}\n"
+        ),
+    )
+    r = cli("validate", config=cfg)
+    assert r.returncode == 2
+    found = re.findall(
+        rf"^(?:checkpoint-janitor: )?{re.escape(str(cfg))}:(\d+): (\S+):", r.stderr, re.M
+    )
+    assert found == [
+        ("6", "policies[0].keep_last"),
+        ("7", "policies[1].keep_lats"),
+        ("8", "policies[2].expire_after"),
+        ("9", "policies[3].keep_within"),
+    ], r.stderr
+    assert len(r.stderr.strip().splitlines()) == 4, r.stderr
+
+
+def test_misspelt_top_level_key_is_reported_at_its_line(tmp_path: Path, store: Path) -> None:
+    """`polices:` is an unknown key with a did-you-mean, not "`policies` is missing" at line 1."""
+    cfg = tmp_path / "typo.yaml"
+    cfg.write_text(
+        f"stores:\n  - {{name: app, kind: sqlite, path: {store}}}\n"
+        "polices:\n  - {name: trim, keep_last: 2}\n"
+    )
+    r = cli("validate", config=cfg)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"checkpoint-janitor: {cfg}:3: polices: unknown key 'polices'; did you mean 'policies'? "
+        "(allowed here: stores, defaults, policies, metrics, logging)"
+    ], r.stderr
+
+
+def test_jitter_may_be_zero(tmp_path: Path, store: Path) -> None:
+    """`jitter: 0s` is "no jitter"; a zero retention duration is still an error."""
+    cfg = write_config(tmp_path, store, extra="defaults: {jitter: 0s, batch: {pause: 0s}}\n")
+    r = cli("validate", config=cfg)
+    assert r.returncode == 0, r.stderr
+    cfg = write_config(tmp_path, store, "  - {name: idle, expire_after: 0s}")
+    r = cli("validate", config=cfg)
+    assert r.returncode == 2 and "zero" in r.stderr
+
+
+def test_version() -> None:
+    import importlib.metadata
+
+    r = cli("--version")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == (
+        f"checkpoint-janitor, version {importlib.metadata.version('checkpoint-janitor')}"
+    )
+
+
+# ------------------------------------------------------------------ issue 11: output
+
+
+async def test_stats_buckets_are_in_age_order(tmp_path: Path) -> None:
+    """Buckets youngest first whatever order the rows come in; the root namespace is `""`.
+
+    The store is read in thread-id order: `a-old` (40 days) comes before
+    `b-new`, so "first seen" order would put `<90d` before `<1h`.
+    """
+    from daemon_helpers import ChatThreads, build_sqlite
+
+    path = tmp_path / "ages.db"
+    await build_sqlite(
+        path, ChatThreads(fresh={"b-new": 1}, aged={40.0: {"a-old": 1}, 10.0: {"a-mid": 1}})
+    )
+    cfg = write_config(tmp_path, path)
+    r = cli("stats", "--format", "json", config=cfg)
+    assert r.returncode == 0, r.stderr
+    ages = json.loads(r.stdout)["stores"][0]["ages"]
+    assert list(ages) == [""]
+    assert list(ages[""]) == ["<1h", "<30d", "<90d"]
+    t = cli("stats", config=cfg)
+    assert '    "": <1h 3, <30d 3, <90d 3' in t.stdout.splitlines(), t.stdout
+
+
+def test_plan_table_has_no_blobs_column_for_sqlite(tmp_path: Path, store: Path) -> None:
+    """SQLite keeps no blobs: a column of zeros would suggest otherwise."""
+    cfg = write_config(tmp_path, store)
+    r = cli("plan", config=cfg)
+    assert r.returncode == 0, r.stderr
+    header = r.stdout.splitlines()[1].split()
+    assert header == ["policy", "reason", "threads", "checkpoints", "writes", "bytes"]
+
+
+def test_demo_can_run_again_without_the_store_growing(tmp_path: Path) -> None:
+    """Three demo runs leave a store of about the first run's size.
+
+    It used to add turns to the surviving threads, and the subgraph thread's
+    messages doubled every run: 0.35, 1.9, then 86 MB.
+    """
+    db = tmp_path / "checkpoints.db"
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text(
+        f"stores:\n  - {{name: app, kind: sqlite, path: {db}}}\n"
+        "policies:\n  - {name: idle, expire_after: 30d}\n"
+    )
+
+    def size() -> int:
+        return sum(p.stat().st_size for p in tmp_path.glob("checkpoints.db*"))
+
+    sizes = []
+    for _ in range(3):
+        r = cli("demo", config=cfg, timeout=300)
+        assert r.returncode == 0, r.stderr
+        sizes.append(size())
+    assert max(sizes) <= 1.2 * sizes[0], sizes

@@ -6,15 +6,20 @@ from __future__ import annotations
 import os
 import re
 import textwrap
+import types
+import typing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from policies.config import (
+    BatchOverrides,
     BatchSettings,
     Config,
     Match,
@@ -267,6 +272,113 @@ def test_config_example_postgres_block_is_valid_when_uncommented(tmp_path: Path)
     assert config.store_settings("main").lock_timeout == 1.0
     assert config.store_settings("main").statement_timeout == 60.0
     assert config.store_settings("app") == config.defaults.batch
+
+
+def _schema_keys(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    """Every key path of the schema, list items transparent (`stores.name`)."""
+    paths: set[tuple[str, ...]] = set()
+    for name, field in model.model_fields.items():
+        path = (*prefix, field.alias or name)
+        paths.add(path)
+        inner: Any = field.annotation
+        while True:
+            origin = typing.get_origin(inner)
+            if origin is typing.Annotated or origin is list:
+                inner = typing.get_args(inner)[0]
+            elif origin in (typing.Union, types.UnionType):
+                members = [a for a in typing.get_args(inner) if a is not type(None)]
+                if len(members) != 1:
+                    break
+                inner = members[0]
+            else:
+                break
+        # A store's `batch` takes the keys of defaults.batch, documented there once.
+        if isinstance(inner, type) and issubclass(inner, BaseModel) and inner is not BatchOverrides:
+            paths |= _schema_keys(inner, path)
+    return paths
+
+
+_KEY_LINE = re.compile(r"^(?P<indent> *)(?P<dash>- )?(?P<key>[A-Za-z_]+):(?:\s+(?P<value>.*))?$")
+
+
+def _example_keys(text: str) -> set[tuple[str, ...]]:
+    """Key paths of a YAML file as an operator reads it: commented-out keys included.
+
+    `# key: value` is read as `key: value` at the column of the `#` (the
+    example's style for optional keys); flow mappings (`{every: 10m}`) add
+    their keys one level down. Paths have no list indexes.
+    """
+    paths: set[tuple[str, ...]] = set()
+    stack: list[tuple[int, tuple[str, ...]]] = []
+    for raw in text.splitlines():
+        stripped = raw.lstrip(" ")
+        line = raw
+        if stripped.startswith("# "):
+            line = raw[: len(raw) - len(stripped)] + stripped[2:]
+        m = _KEY_LINE.match(line)
+        if m is None:
+            continue
+        column = len(m["indent"]) + (2 if m["dash"] else 0)
+        parent_column = len(m["indent"]) if m["dash"] else column
+        while stack and stack[-1][0] >= parent_column:
+            stack.pop()
+        path = (*(stack[-1][1] if stack else ()), m["key"])
+        paths.add(path)
+        stack.append((column, path))
+        value = (m["value"] or "").split(" # ")[0].strip()
+        if value.startswith("{"):
+            try:
+                flow = yaml.safe_load(value)
+            except yaml.YAMLError:
+                continue
+
+            def add(mapping: Any, at: tuple[str, ...]) -> None:
+                if isinstance(mapping, dict):
+                    for key, item in mapping.items():
+                        paths.add((*at, str(key)))
+                        add(item, (*at, str(key)))
+
+            add(flow, path)
+    return paths
+
+
+def test_config_example_shows_every_key_at_its_place() -> None:
+    """Each key of the schema appears in config.example.yaml under its parent key.
+
+    Optional keys may be commented out (`# dsn: ...`); a store's `batch`
+    overrides take the keys of `defaults.batch`, which shows them all.
+    """
+    assert BatchOverrides.model_fields.keys() == BatchSettings.model_fields.keys()
+    shown = _example_keys((REPO / "config.example.yaml").read_text())
+    missing = sorted(".".join(p) for p in _schema_keys(Config) - shown)
+    assert not missing, f"config.example.yaml does not show: {missing}"
+
+
+def test_example_keys_reads_commented_and_flow_keys() -> None:
+    text = textwrap.dedent(
+        """\
+        stores:
+          - name: app
+            # batch:
+            #   busy_timeout: 10s
+          # - name: main
+          #   pool: {min_size: 1, max_size: 4}
+        defaults:
+          schedule: {every: 10m}
+        """
+    )
+    assert _example_keys(text) == {
+        ("stores",),
+        ("stores", "name"),
+        ("stores", "batch"),
+        ("stores", "batch", "busy_timeout"),
+        ("stores", "pool"),
+        ("stores", "pool", "min_size"),
+        ("stores", "pool", "max_size"),
+        ("defaults",),
+        ("defaults", "schedule"),
+        ("defaults", "schedule", "every"),
+    }
 
 
 # --------------------------------------------------------------------------- defaults

@@ -37,6 +37,7 @@ from daemon_helpers import (
     build_sqlite,
     exported_deleted,
     gone,
+    http_get,
     pg_rows,
     sqlite_rows,
 )
@@ -63,6 +64,10 @@ DESIGN_METRICS: dict[str, tuple[str, set[str]]] = {
     "safety_stops_total": ("counter", {"store", "policy"}),
     "store_up": ("gauge", {"store"}),
     "build_info": ("gauge", {"version"}),
+    "dry_run": ("gauge", {"store"}),
+    "deleted_bytes_total": ("counter", {"store", "policy"}),
+    "config_last_reload_successful": ("gauge", set()),
+    "config_last_reload_success_timestamp_seconds": ("gauge", set()),
 }
 
 
@@ -269,7 +274,9 @@ def test_dry_run_daemon_deletes_nothing_and_exports_what_is_due(
     """`run --dry-run` (how the shipped manifests start): no row goes, deleted_total stays 0.
 
     The scan still exports what is due (`eligible`) and the sweep counts as a
-    success, so switching dry-run off later changes only the deletions.
+    success, so switching dry-run off later changes only the deletions. It is
+    visible (`dry_run` 1 from the start) and never passes for applied retention:
+    `last_success_timestamp_seconds` does not move.
     """
     app = tmp_path / "app.db"
     asyncio.run(
@@ -283,6 +290,56 @@ def test_dry_run_daemon_deletes_nothing_and_exports_what_is_due(
     )
     cfg = write(tmp_path / "janitor.yaml", daemon_config(sqlite_store("app", app), policies, port))
     daemon = spawn(cfg, port, "--dry-run")
+    assert daemon.scrape().value("dry_run", store="app") == 1
+    for policy in ("trim", "idle"):
+        daemon.wait_metric(
+            "sweeps_total",
+            lambda v: (v or 0) >= 1,
+            30,
+            store="app",
+            policy=policy,
+            outcome="success",
+        )
+    scrape = daemon.scrape()
+    assert sqlite_rows(app) == before
+    assert scrape.total("deleted_total") == 0
+    assert scrape.total("deleted_bytes_total") == 0
+    assert scrape.value("last_success_timestamp_seconds") is None
+    assert scrape.value("dry_run", store="app") == 1
+    assert scrape.value("eligible", store="app", policy="trim", kind="checkpoints") == 2 * 7
+    assert scrape.value("eligible", store="app", policy="idle", kind="threads") == 1
+    assert scrape.total("batch_duration_seconds_count") == 0  # no delete transaction ran
+    assert daemon.events("started")[0]["dry_run"] is True
+    rc, _ = daemon.stop()
+    assert rc == 0, daemon.diagnose()
+
+
+def test_deleted_bytes_are_what_the_plan_said_and_process_metrics_are_exported(
+    tmp_path: Path, spawn: Spawn
+) -> None:
+    """deleted_bytes_total per policy equals the bytes `plan` reported for the same store.
+
+    One boot sweep of an hourly schedule deletes exactly what a plan just
+    before found (nothing writes meanwhile). The daemon is not in dry-run, so
+    `dry_run` is 0; prometheus-client's process and platform series are there.
+    """
+    from scenarios import cli
+
+    app = tmp_path / "app.db"
+    asyncio.run(
+        build_sqlite(app, ChatThreads(fresh={"user-1": 5, "user-2": 4}, aged={40.0: {"idle-1": 2}}))
+    )
+    port = free_port()
+    policies = (
+        '  - {name: trim, match: {thread_id: "user-*"}, keep_last: 2}\n'
+        "  - {name: idle, expire_after: 30d}\n"
+    )
+    cfg = write(tmp_path / "janitor.yaml", daemon_config(sqlite_store("app", app), policies, port))
+    plan = cli("plan", "--format", "json", config=cfg)
+    assert plan.returncode == 0, plan.stderr
+    planned = {p["policy"]: p["bytes"] for p in json.loads(plan.stdout)["stores"][0]["policies"]}
+    assert planned["trim"] > 0 and planned["idle"] > 0
+    daemon = spawn(cfg, port)
     for policy in ("trim", "idle"):
         daemon.wait_metric(
             "last_success_timestamp_seconds",
@@ -292,14 +349,43 @@ def test_dry_run_daemon_deletes_nothing_and_exports_what_is_due(
             policy=policy,
         )
     scrape = daemon.scrape()
-    assert sqlite_rows(app) == before
-    assert scrape.total("deleted_total") == 0
-    assert scrape.value("eligible", store="app", policy="trim", kind="checkpoints") == 2 * 7
-    assert scrape.value("eligible", store="app", policy="idle", kind="threads") == 1
-    assert scrape.total("batch_duration_seconds_count") == 0  # no delete transaction ran
-    assert daemon.events("started")[0]["dry_run"] is True
+    for policy in ("trim", "idle"):
+        assert scrape.value("deleted_bytes_total", store="app", policy=policy) == planned[policy]
+    assert scrape.value("dry_run", store="app") == 0
+    families = scrape.families
+    assert "process_cpu_seconds" in families and "process_resident_memory_bytes" in families
+    assert "python_info" in families
     rc, _ = daemon.stop()
     assert rc == 0, daemon.diagnose()
+
+
+def test_a_port_in_use_ends_run_with_one_line_and_exit_1(tmp_path: Path) -> None:
+    """`metrics.listen` taken by another process: one clear line, exit 1, no store opened."""
+    import socket
+
+    from scenarios import cli
+
+    app = tmp_path / "app.db"
+    asyncio.run(build_sqlite(app, ChatThreads(fresh={"user-1": 3}, aged={})))
+    before = sqlite_rows(app)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        policies = "  - {name: trim, keep_last: 1}\n"
+        cfg = write(
+            tmp_path / "janitor.yaml",
+            daemon_config(sqlite_store("app", app), policies, port, every="1s"),
+        )
+        r = cli("run", config=cfg, timeout=60)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert lines == [
+        f"checkpoint-janitor: cannot listen on 127.0.0.1:{port} (metrics.listen): "
+        "Address already in use"
+    ], r.stderr
+    assert sqlite_rows(app) == before
 
 
 # ------------------------------------------------------------------ the safety limit
@@ -480,15 +566,24 @@ def test_sighup_reloads_a_valid_config_and_refuses_a_broken_one(
     policies = '  - {name: trim, match: {thread_id: "user-*"}, keep_last: 2}\n'
     cfg = tmp_path / "janitor.yaml"
     write(cfg, daemon_config(sqlite_store("app", app), policies, port, every="1h"))
+    t_start = time.time()
     daemon = spawn(cfg, port)
     labels = {"store": "app", "policy": "trim"}
     daemon.wait_metric("sweeps_total", lambda v: v == 1, 30, **labels)
-    assert daemon.scrape().value("schedule_interval_seconds", **labels) == 3600
+    scrape = daemon.scrape()
+    assert scrape.value("schedule_interval_seconds", **labels) == 3600
+    assert scrape.value("config_last_reload_successful") == 1
+    loaded = scrape.value("config_last_reload_success_timestamp_seconds")
+    assert loaded is not None and t_start - 1 <= loaded <= time.time()
 
     write(cfg, daemon_config(sqlite_store("app", app), policies, port, every="1s"))
     daemon.send(signal.SIGHUP)
     daemon.wait(lambda: bool(daemon.events("reloaded")), 15, "the reloaded event")
-    assert daemon.scrape().value("schedule_interval_seconds", **labels) == 1
+    scrape = daemon.scrape()
+    assert scrape.value("schedule_interval_seconds", **labels) == 1
+    assert scrape.value("config_last_reload_successful") == 1
+    reloaded = scrape.value("config_last_reload_success_timestamp_seconds")
+    assert reloaded is not None and reloaded >= loaded
     daemon.wait_metric("sweeps_total", lambda v: (v or 0) >= 4, 15, **labels)
 
     broken = daemon_config(sqlite_store("app", app), policies, port, every="1h")
@@ -504,7 +599,49 @@ def test_sighup_reloads_a_valid_config_and_refuses_a_broken_one(
     scrape = daemon.scrape()
     assert scrape.value("schedule_interval_seconds", **labels) == 1
     assert scrape.value("sweeps_total", outcome="failed") is None
+    # Refused: alertable (CheckpointJanitorConfigReloadFailed); the last applied time stays.
+    assert scrape.value("config_last_reload_successful") == 0
+    assert scrape.value("config_last_reload_success_timestamp_seconds") == reloaded
     assert daemon.get("/readyz")[0] == 200 and daemon.get("/healthz")[0] == 200
+    rc, _ = daemon.stop()
+    assert rc == 0, daemon.diagnose()
+
+
+def test_sighup_moves_the_http_server_to_a_new_listen_address(tmp_path: Path, spawn: Spawn) -> None:
+    """A reload that changes `metrics.listen` serves on the new address, not the old one.
+
+    A new address that cannot be bound refuses the whole reload: the server
+    stays where it is and config_last_reload_successful is 0.
+    """
+    import socket
+
+    app = tmp_path / "app.db"
+    asyncio.run(build_sqlite(app, ChatThreads(fresh={"user-1": 3}, aged={})))
+    first, second = free_port(), free_port()
+    policies = "  - {name: trim, keep_last: 2}\n"
+    cfg = tmp_path / "janitor.yaml"
+    write(cfg, daemon_config(sqlite_store("app", app), policies, first))
+    daemon = spawn(cfg, first)
+    write(cfg, daemon_config(sqlite_store("app", app), policies, second))
+    daemon.send(signal.SIGHUP)
+    daemon.wait(lambda: bool(daemon.events("reloaded")), 15, "the reloaded event")
+    moved = f"http://127.0.0.1:{second}/metrics"
+    status, body = http_get(moved)
+    assert status == 200 and PREFIX + "config_last_reload_successful 1.0" in body
+    with pytest.raises(OSError):
+        daemon.get("/healthz")
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        write(cfg, daemon_config(sqlite_store("app", app), policies, busy))
+        daemon.send(signal.SIGHUP)
+        daemon.wait(lambda: bool(daemon.events("reload_refused")), 15, "reload_refused")
+    refused = daemon.events("reload_refused")[0]
+    assert f"cannot listen on 127.0.0.1:{busy}" in refused["error"]
+    status, body = http_get(moved)
+    assert status == 200 and PREFIX + "config_last_reload_successful 0.0" in body
     rc, _ = daemon.stop()
     assert rc == 0, daemon.diagnose()
 

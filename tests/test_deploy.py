@@ -68,6 +68,11 @@ DESIGN_METRICS: dict[str, tuple[str, frozenset[str]]] = {
     PREFIX + "safety_stops_total": ("counter", frozenset({"store", "policy"})),
     PREFIX + "store_up": ("gauge", frozenset({"store"})),
     PREFIX + "build_info": ("gauge", frozenset({"version"})),
+    # issue 11: dry-run, bytes and reload visibility
+    PREFIX + "dry_run": ("gauge", frozenset({"store"})),
+    PREFIX + "deleted_bytes_total": ("counter", frozenset({"store", "policy"})),
+    PREFIX + "config_last_reload_successful": ("gauge", frozenset()),
+    PREFIX + "config_last_reload_success_timestamp_seconds": ("gauge", frozenset()),
 }
 SWEEP_OUTCOMES = frozenset({"success", "failed", "safety_stop", "stopped", "locked"})
 DELETED_KINDS = frozenset({"checkpoints", "writes", "blobs", "threads"})
@@ -772,6 +777,8 @@ def test_the_required_alerts_exist() -> None:
         "CheckpointJanitorNoRecentSuccess": "schedule_interval_seconds",
         "CheckpointJanitorBacklogGrowing": "oldest_eligible_age_seconds",
         "CheckpointJanitorStoreDown": "store_up",
+        "CheckpointJanitorDryRun": "checkpoint_janitor_dry_run",
+        "CheckpointJanitorConfigReloadFailed": "config_last_reload_successful",
     }
     for alert, needle in required.items():
         assert alert in exprs and needle in exprs[alert], alert
@@ -848,7 +855,16 @@ def test_dashboard_structure() -> None:
             for name in re.findall(r"\$(\w+)", t["expr"]):
                 assert name.startswith("__") or name in variables, f"{panel['title']}: ${name}"
     titles = " ".join(p["title"].lower() for p in dashboard_panels())
-    for needed in ("deleted", "sweep duration", "backlog", "store up", "last success"):
+    for needed in (
+        "deleted",
+        "sweep duration",
+        "backlog",
+        "store up",
+        "last success",
+        "dry run",
+        "config reload",
+        "bytes deleted",
+    ):
         assert needed in titles, f"the dashboard needs a panel for {needed}"
 
 
@@ -936,7 +952,9 @@ def test_names_from_exposition_reads_families_without_samples() -> None:
         cls = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}[kind]
         cls(name, "help", sorted(labels), registry=registry)
     text = generate_latest(registry).decode()
-    assert names_from_exposition(text) >= exported_metric_names()
+    # process_* and python_info come from prometheus-client's own collectors.
+    ours = {n for n in exported_metric_names() if n.startswith(PREFIX)}
+    assert names_from_exposition(text) >= ours
     assert "checkpoint_janitor_nonexistent" not in names_from_exposition(text)
 
 
@@ -947,7 +965,9 @@ UNITS = (
     "checkpoint-janitor-once.service",
     "checkpoint-janitor-once.timer",
 )
-EXEC = "/opt/checkpoint-janitor/bin/checkpoint-janitor"
+PREFIX_DIR = "/opt/checkpoint-janitor"
+"""The venv the units run from (`python3 -m venv /opt/checkpoint-janitor`)."""
+EXEC = PREFIX_DIR + "/bin/checkpoint-janitor"
 
 
 def unit_values(path: Path, section: str, key: str) -> list[str]:
@@ -999,6 +1019,37 @@ def test_systemd_units_are_hardened() -> None:
     assert unit_values(timer, "Timer", "OnCalendar")
     assert unit_values(timer, "Timer", "Persistent") == ["true"]
     assert unit_values(timer, "Install", "WantedBy") == ["timers.target"]
+
+
+def test_systemd_documentation_is_installed_by_the_package() -> None:
+    """Each unit's Documentation= is a web page or a file `pip install` puts under /opt.
+
+    The units assume `python3 -m venv /opt/checkpoint-janitor`; the package's
+    data-files install below that prefix, so a file:// link must name one of them.
+    """
+    import tomllib
+
+    data_files = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "data-files"
+    ]
+    installed = {
+        f"file://{PREFIX_DIR}/{folder}/{Path(source).name}"
+        for folder, sources in data_files.items()
+        for source in sources
+        if (ROOT / source).is_file()
+    }
+    for unit in UNITS:
+        links = [
+            link
+            for value in unit_values(SYSTEMD / unit, "Unit", "Documentation")
+            for link in value.split()
+        ]
+        assert links, f"{unit}: no Documentation="
+        for link in links:
+            assert link.startswith("https://") or link in installed, (
+                f"{unit}: Documentation={link} is not installed by the package "
+                f"(installed: {sorted(installed)})"
+            )
 
 
 @pytest.fixture

@@ -150,6 +150,10 @@ async def test_cli_commands_on_a_postgres_store(tmp_path: Path, dbs: Databases) 
     plan = json.loads(p.stdout)["stores"][0]
     assert plan["total"]["checkpoints"] == 7 * 7
     assert plan["policies"][0]["by_reason"]["trimmed"]["checkpoints"] == 7 * 7
+    t = cli("plan", config=cfg, env=env)
+    outputs += [t.stdout, t.stderr]
+    assert t.returncode == 0, t.stderr
+    assert "blobs" in t.stdout.splitlines()[1].split()  # Postgres keeps channel values in blobs
     assert await dump(dsn) == raw
 
     s = cli("stats", "--format", "json", config=cfg, env=env)
@@ -158,7 +162,7 @@ async def test_cli_commands_on_a_postgres_store(tmp_path: Path, dbs: Databases) 
     st = json.loads(s.stdout)["stores"][0]
     assert st["kind"] == "postgres" and st["threads"] == 7
     assert set(st["tables"]) >= {"checkpoints", "checkpoint_writes", "checkpoint_blobs"}
-    assert st["ages"]['""'] == {"<1h": 63}
+    assert st["ages"][""] == {"<1h": 63}
     assert st["largest_threads"][0]["checkpoints"] == 9
 
     r = cli("once", config=cfg, env=env)
@@ -169,7 +173,15 @@ async def test_cli_commands_on_a_postgres_store(tmp_path: Path, dbs: Databases) 
     assert len(sweeps) == 1 and sweeps[0]["outcome"] == "success"
     assert sweeps[0]["checkpoints"] == 7 * 7
 
-    r = cli("purge", "--thread-prefix", "org-42:user-7:", config=cfg, env=env, input="n\n")
+    r = cli(
+        "purge",
+        "--thread-prefix",
+        "org-42:user-7:",
+        config=cfg,
+        env=env,
+        input="n\n",
+        terminal=True,
+    )
     outputs += [r.stdout, r.stderr]
     assert r.returncode == 0, r.stderr
     assert "2 threads" in r.stdout and "nothing deleted" in r.stdout

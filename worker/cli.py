@@ -20,7 +20,7 @@ import click
 import structlog
 
 from policies.config import Config, Policy, StoreConfig
-from policies.loader import ConfigError, load_config
+from policies.loader import ConfigError, check_config, load_config
 from worker.engine import StoreEngine, StoreError
 from worker.logs import configure_logging, iso_utc
 from worker.metrics import Metrics
@@ -33,6 +33,7 @@ from worker.report import (
     report_dict,
     thread_dict,
 )
+from worker.stats import namespace_display
 from worker.stores import make_engine
 from worker.sweep import Outcome, SweepOptions, SweepReport, ThreadFn, ThreadPlan, sweep
 
@@ -58,9 +59,19 @@ def _load(ctx: click.Context) -> Config:
     try:
         config = load_config(path)
     except ConfigError as e:
-        _fail(str(e), EXIT_CONFIG)
+        _fail(_all_issues(e), EXIT_CONFIG)
     configure_logging(config.logging.format, ctx.obj["log_level"] or config.logging.level)
     return config
+
+
+def _all_issues(error: ConfigError) -> str:
+    # Every problem found, one per line, so one run of `validate` lists them all.
+    return "\n".join(str(issue) for issue in error.issues)
+
+
+def _blob_stores(config: Config) -> set[str]:
+    # Only Postgres keeps channel values in a blobs table.
+    return {s.name for s in config.stores if s.kind == "postgres"}
 
 
 def _stores(config: Config, only: str | None) -> list[StoreConfig]:
@@ -152,6 +163,7 @@ async def _sweep_all(
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="checkpoint-janitor", prog_name="checkpoint-janitor")
 @click.option(
     "--config",
     "config_path",
@@ -174,14 +186,30 @@ def main(ctx: click.Context, config_path: Path | None, log_level: str | None) ->
 
 
 @main.command()
+@click.option(
+    "--offline",
+    is_flag=True,
+    help="Do not read ${file:...} or ${NAME} (environment): check everything else.",
+)
 @click.pass_context
-def validate(ctx: click.Context) -> None:
-    """Check the config and its policies; errors name file, line and key."""
-    config = _load(ctx)
-    click.echo(
-        f"{ctx.obj['config_path']}: ok ({len(config.stores)} stores, "
-        f"{len(config.policies)} policies)"
-    )
+def validate(ctx: click.Context, offline: bool) -> None:
+    """Check the config and its policies; every error names file, line and key."""
+    if not offline:
+        config = _load(ctx)
+        click.echo(
+            f"{ctx.obj['config_path']}: ok ({len(config.stores)} stores, "
+            f"{len(config.policies)} policies)"
+        )
+        return
+    path = ctx.obj["config_path"]
+    if path is None:
+        _load(ctx)  # fails with the "no config" message
+    try:
+        unresolved = check_config(path, offline=True)
+    except ConfigError as e:
+        _fail(_all_issues(e), EXIT_CONFIG)
+    skipped = f"; not looked up: {', '.join(unresolved)}" if unresolved else ""
+    click.echo(f"{path}: ok (offline{skipped})")
 
 
 @main.command()
@@ -237,7 +265,7 @@ def plan(ctx: click.Context, fmt: str, per_thread: bool, only: str | None, at: s
         click.echo(render_json(reports, at=now, threads=threads))
     else:
         click.echo(f"plan at {iso_utc(now)}\n")
-        click.echo(render_table(reports))
+        click.echo(render_table(reports, _blob_stores(config)))
         if per_thread:
             for r in reports:
                 click.echo(f"store {r.store}: threads that would lose rows")
@@ -289,12 +317,17 @@ def _parse_at(text: str) -> float:
 @click.pass_context
 def run(ctx: click.Context, dry_run: bool) -> None:
     """The daemon: scheduled sweeps, /metrics, /healthz, /readyz; SIGHUP reloads."""
-    from worker.daemon import run_daemon
+    from worker.daemon import ListenError, run_daemon
 
     config = _load(ctx)
-    asyncio.run(
-        run_daemon(ctx.obj["config_path"], config, dry_run=dry_run, log_level=ctx.obj["log_level"])
-    )
+    try:
+        asyncio.run(
+            run_daemon(
+                ctx.obj["config_path"], config, dry_run=dry_run, log_level=ctx.obj["log_level"]
+            )
+        )
+    except ListenError as e:
+        _fail(str(e), EXIT_FAILED)
 
 
 @main.command()
@@ -316,7 +349,10 @@ def once(ctx: click.Context, dry_run: bool, allow_mass_expiry: bool, only: str |
         )
     )
     # The summary always goes to stdout: a table for a person, JSON for a log collector.
-    click.echo(render_table(reports) if sys.stdout.isatty() else render_json(reports))
+    if sys.stdout.isatty():
+        click.echo(render_table(reports, _blob_stores(config)))
+    else:
+        click.echo(render_json(reports))
     _export(config, reports)
     outcomes = {r.outcome for r in reports}
     if Outcome.FAILED in outcomes:
@@ -367,9 +403,9 @@ def stats(ctx: click.Context, fmt: str, only: str | None) -> None:
             if key in s:
                 click.echo(f"  {key.replace('_', ' '):<18} {human_bytes(s[key]):>29}")
         click.echo("  checkpoint ages per namespace:")
-        for ns, buckets in sorted(s["ages"].items()):
+        for ns, buckets in s["ages"].items():
             cells = ", ".join(f"{b} {n}" for b, n in buckets.items())
-            click.echo(f"    {ns}: {cells}")
+            click.echo(f"    {namespace_display(ns)}: {cells}")
         click.echo("  largest threads:")
         for t in s["largest_threads"]:
             click.echo(
@@ -378,7 +414,12 @@ def stats(ctx: click.Context, fmt: str, only: str | None) -> None:
 
 
 @main.command(name="purge")
-@click.option("--thread", "thread", default=None, help="Delete this thread whole.")
+@click.option(
+    "--thread",
+    "threads",
+    multiple=True,
+    help="Delete this thread whole (repeat for several).",
+)
 @click.option(
     "--thread-prefix",
     "prefix",
@@ -386,23 +427,37 @@ def stats(ctx: click.Context, fmt: str, only: str | None) -> None:
     help="Delete every thread whose id starts with this (exact, case-sensitive).",
 )
 @click.option("--store", "only", default=None, help="Only this store.")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option(
+    "--yes", is_flag=True, help="Do not ask for confirmation (required without a terminal)."
+)
 @click.pass_context
 def purge_cmd(
-    ctx: click.Context, thread: str | None, prefix: str | None, only: str | None, yes: bool
+    ctx: click.Context, threads: tuple[str, ...], prefix: str | None, only: str | None, yes: bool
 ) -> None:
     """Delete named threads now (user logout, GDPR erasure): every namespace and write."""
-    if (thread is None) == (prefix is None):
-        _fail("purge needs exactly one of --thread ID or --thread-prefix PREFIX", EXIT_CONFIG)
+    if bool(threads) == (prefix is not None):
+        _fail(
+            "purge needs --thread ID (one or more) or --thread-prefix PREFIX, not both",
+            EXIT_CONFIG,
+        )
     if prefix == "":
         _fail("--thread-prefix must not be empty (it would name every thread)", EXIT_CONFIG)
+    if not yes and not sys.stdin.isatty():
+        # No one can answer the question: say so before any store is opened.
+        _fail("purge asks before deleting; without a terminal, pass --yes", EXIT_CONFIG)
     config = _load(ctx)
+    named = list(dict.fromkeys(threads))
     failed = False
     for store in _stores(config, only):
 
         async def body(engine: StoreEngine) -> bool:
-            found = await purge(engine, thread, prefix, dry_run=True)
-            what = f"thread {thread!r}" if thread is not None else f"threads {prefix!r}*"
+            found = await purge(engine, named, prefix, dry_run=True)
+            if prefix is not None:
+                what = f"threads {prefix!r}*"
+            elif len(named) == 1:
+                what = f"thread {named[0]!r}"
+            else:
+                what = f"threads {', '.join(map(repr, named))}"
             click.echo(
                 f"store {engine.name}: {what}: {found.threads} threads, "
                 f"{found.checkpoints} checkpoints, {found.writes} writes"
@@ -412,7 +467,7 @@ def purge_cmd(
             if not yes and not click.confirm("Delete them?", default=False):
                 click.echo("nothing deleted")
                 return True
-            done = await purge(engine, thread, prefix, dry_run=False)
+            done = await purge(engine, named, prefix, dry_run=False)
             click.echo(
                 f"store {engine.name}: deleted {done.threads} threads, "
                 f"{done.checkpoints} checkpoints, {done.writes} writes"
@@ -451,4 +506,4 @@ def demo(ctx: click.Context) -> None:
     ctx.invoke(plan, fmt="table", only=store.name, at=later.isoformat())
     click.echo("$ checkpoint-janitor once")
     reports = asyncio.run(_sweep_all(config, [store], dry_run=False, allow_mass_expiry=False))
-    click.echo(render_table(reports))
+    click.echo(render_table(reports, _blob_stores(config)))

@@ -7,6 +7,11 @@ policy due at that time, and sweeps of one store never overlap (policies
 that fall due during a sweep run in the next pass). A store that is down is
 reconnected in the background with exponential backoff and jitter, while the
 other stores keep being swept.
+
+The HTTP server binds first, so a port in use ends the start before any store
+is opened. A reload is all or nothing: a config that does not validate, or
+whose new `metrics.listen` cannot be bound, is refused and the running one
+stays (`config_last_reload_successful` 0).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import random
 import signal
 import time
@@ -38,6 +44,10 @@ log = structlog.get_logger("checkpoint_janitor.daemon")
 
 HEARTBEAT_SECONDS = 5.0
 PING_SECONDS = 15.0
+
+
+class ListenError(Exception):
+    """`metrics.listen` cannot be bound (a port in use, an address not on this host)."""
 
 
 class StoreRunner:
@@ -202,12 +212,13 @@ class Daemon:
         self.dry_run = dry_run
         self.log_level = log_level
         """`--log-level` from the command line: it outlives reloads."""
-        self.metrics = Metrics()
+        self.metrics = Metrics(daemon=True)
         self.scheduler = AsyncIOScheduler(timezone="UTC")
         self.runners: dict[str, StoreRunner] = {}
         self.stopping = asyncio.Event()
         self.heartbeat = time.monotonic()
         self._http: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
 
     # ------------------------------------------------------------ schedule
 
@@ -268,14 +279,19 @@ class Daemon:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Connect stores, schedule policies, serve HTTP, handle signals."""
+        """Serve HTTP, connect stores, schedule policies, handle signals.
+
+        Raises ListenError, with nothing else started, if `metrics.listen` cannot be bound.
+        """
+        await self._serve()
+        self.metrics.config_loaded(True, time.time())
+        self._export_dry_run()
         self._sync_stores()
         self.scheduler.start()
         self._schedule()
         self._started = True
         self.scheduler.add_job(self._beat, "interval", seconds=HEARTBEAT_SECONDS, id="heartbeat")
         self.scheduler.add_job(self._ping, "interval", seconds=PING_SECONDS, id="ping")
-        await self._serve()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
@@ -300,12 +316,22 @@ class Daemon:
         try:
             config = load_config(self.config_path)
         except ConfigError as e:
-            log.error("reload_refused", error=str(e), config=str(self.config_path))
+            self.metrics.config_loaded(False, time.time())
+            log.error("reload_refused", error=e.format_all(), config=str(self.config_path))
             return
+        if config.metrics.listen != self.config.metrics.listen:
+            try:
+                await self._move_listener(config)
+            except ListenError as e:
+                self.metrics.config_loaded(False, time.time())
+                log.error("reload_refused", error=str(e), config=str(self.config_path))
+                return
         self.config = config
+        self.metrics.config_loaded(True, time.time())
         configure_logging(config.logging.format, self.log_level or config.logging.level)
         replaced = self._sync_stores()
         self._schedule()
+        self._export_dry_run()
         for old in replaced:
             due = await old.retire(config.defaults.shutdown_grace)
             new = self.runners.get(old.name)
@@ -319,6 +345,7 @@ class Daemon:
         log.info(
             "reloaded",
             config=str(self.config_path),
+            listen=config.metrics.listen,
             stores=[s.name for s in config.stores],
             policies=[p.name for p in config.policies],
         )
@@ -349,6 +376,12 @@ class Daemon:
 
     # ------------------------------------------------------------ http
 
+    def _export_dry_run(self) -> None:
+        # Known from the start, not only after a store's first sweep.
+        dry_run = self.dry_run or self.config.defaults.dry_run
+        for store in self.config.stores:
+            self.metrics.dry_run.labels(store.name).set(1 if dry_run else 0)
+
     async def _serve(self) -> None:
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
@@ -356,9 +389,49 @@ class Daemon:
         app.router.add_get("/readyz", self._readyz)
         self._http = web.AppRunner(app, access_log=None)
         await self._http.setup()
-        m = self.config.metrics
+        try:
+            self._site = await self._listen(self.config)
+        except ListenError:
+            await self._http.cleanup()
+            self._http = None
+            raise
+
+    async def _listen(self, config: Config) -> web.TCPSite:
+        assert self._http is not None
+        m = config.metrics
         site = web.TCPSite(self._http, m.listen_host, m.listen_port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as e:
+            await site.stop()  # a failed start leaves the site registered with the runner
+            # asyncio's own message repeats the address: the errno's text is the news.
+            # (A host name that does not resolve has a negative errno: keep its own text.)
+            errno = e.errno or 0
+            reason = os.strerror(errno) if errno > 0 else (e.strerror or str(e))
+            raise ListenError(f"cannot listen on {m.listen} (metrics.listen): {reason}") from None
+        return site
+
+    async def _move_listener(self, config: Config) -> None:
+        """Serve on `config`'s `metrics.listen` instead; on failure keep the old address."""
+        old = self._site
+        try:
+            new = await self._listen(config)
+        except ListenError:
+            if old is None:
+                raise
+            # The new address may overlap the old (127.0.0.1:9464 -> 0.0.0.0:9464):
+            # free it and try once more, and serve on the old one again if that fails.
+            await old.stop()
+            try:
+                new = await self._listen(config)
+            except ListenError:
+                self._site = await self._listen(self.config)
+                raise
+        else:
+            if old is not None:
+                await old.stop()
+        self._site = new
+        log.info("listening", listen=config.metrics.listen)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(

@@ -102,15 +102,37 @@ def thread(thread_id: str, **configurable: Any) -> dict[str, Any]:
     return {"configurable": {"thread_id": thread_id, **configurable}}
 
 
+def _chat_ids(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}{i}" for i in range(n)]
+
+
+DEMO_THREADS = (
+    *_chat_ids("user-idle-", 4),
+    "vip-1",
+    "conv-waiting",
+    *_chat_ids("user-busy-", 4),
+    "org-1:user-2:session-3",
+    *_chat_ids("user-new-", 4),
+)
+"""Every thread `run_demo` writes."""
+
+
 async def run_demo(path: str) -> None:
-    """Add demo threads to the SQLite store at `path` (created if missing).
+    """Write the demo threads into the SQLite store at `path` (created if missing).
 
     Shaped for `config.example.yaml`: chats idle for 40 days (expired),
     10-day-old chats with long histories (trimmed), a VIP thread (protected),
     a conversation waiting for a human (kept), tenant sessions with subgraph
     calls, and fresh chats (untouched).
+
+    The demo threads left by an earlier run are deleted first, so every run
+    starts from the same store: new turns on a surviving thread would add to
+    its state (the subgraph thread's messages double with every turn).
     """
     async with AsyncSqliteSaver.from_conn_string(path) as saver:
+        await saver.setup()  # a new file has no tables to delete from yet
+        for thread_id in DEMO_THREADS:
+            await saver.adelete_thread(thread_id)
         chat = chat_graph(saver)
         sub = subgraph_graph(saver)
 

@@ -1,8 +1,9 @@
 """Prometheus metrics, named as DESIGN fixes them (prefix `checkpoint_janitor_`).
 
 One `Metrics` per process (`run`) or per store (`once`, whose push is
-grouped by store). Every value comes from a `SweepReport`, so what is
-exported is what the sweep really did.
+grouped by store). Every sweep value comes from a `SweepReport`, so what is
+exported is what the sweep really did; a dry run exports what it found due
+but never deletions or a last success.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
     pushadd_to_gateway,
@@ -40,13 +43,45 @@ BATCH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2.5, 5)
 
 
 class Metrics:
-    """The worker's metrics in their own registry."""
+    """The worker's metrics in their own registry.
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    `daemon` (for `run`) adds what only a long-running process has: the
+    config reload gauges and prometheus-client's standard `process_*` and
+    `python_info` series. A `once` push of them would describe a process that
+    has exited, and an unset reload gauge would read as a refused reload.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, daemon: bool = False) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        if daemon:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
         self.deleted = Counter(
             PREFIX + "deleted", "Rows deleted, by kind.", ["store", "policy", "kind"], registry=r
+        )
+        self.deleted_bytes = Counter(
+            PREFIX + "deleted_bytes",
+            "Bytes of the rows deleted (serialized checkpoints, writes and blobs).",
+            ["store", "policy"],
+            registry=r,
+        )
+        self.dry_run = Gauge(
+            PREFIX + "dry_run",
+            "1 while sweeps of the store only report what they would delete.",
+            ["store"],
+            registry=r,
+        )
+        reload_registry = r if daemon else None
+        self.reload_ok = Gauge(
+            PREFIX + "config_last_reload_successful",
+            "1 if the last config (re)load was applied, 0 if it was refused.",
+            registry=reload_registry,
+        )
+        self.reload_time = Gauge(
+            PREFIX + "config_last_reload_success_timestamp_seconds",
+            "Unix time of the last config (re)load that was applied.",
+            registry=reload_registry,
         )
         self.sweeps = Counter(
             PREFIX + "sweeps", "Sweeps, by outcome.", ["store", "policy", "outcome"], registry=r
@@ -121,13 +156,17 @@ class Metrics:
             if not report.dry_run:
                 for kind in KINDS:
                     self.deleted.labels(store, name, kind).inc(getattr(p.deleted, kind))
+                self.deleted_bytes.labels(store, name).inc(p.deleted.bytes)
             for kind in ("threads", "checkpoints"):
                 self.eligible.labels(store, name, kind).set(getattr(p.eligible, kind))
             self.oldest_eligible_age.labels(store, name).set(p.oldest_eligible_age or 0)
             for reason, n in p.skipped.items():
                 self.skipped.labels(store, name, reason.value).inc(n)
-            if report.outcome is Outcome.SUCCESS:
+            if report.outcome is Outcome.SUCCESS and not report.dry_run:
+                # A dry run deletes nothing: "last success" must not tell an
+                # alert that retention is being applied.
                 self.last_success.labels(store, name).set(report.now + report.duration_seconds)
+        self.dry_run.labels(store).set(1 if report.dry_run else 0)
         if report.outcome is Outcome.SAFETY_STOP and report.limit_reached_by is not None:
             self.safety_stops.labels(store, report.limit_reached_by).inc()
 
@@ -142,9 +181,16 @@ class Metrics:
                 self.eligible.remove(*labels)
 
     def forget_store(self, store: str) -> None:
-        """Drop `store_up` of a store no longer configured."""
-        if (store,) in _label_sets(self.store_up):
-            self.store_up.remove(store)
+        """Drop `store_up` and `dry_run` of a store no longer configured."""
+        for gauge in (self.store_up, self.dry_run):
+            if (store,) in _label_sets(gauge):
+                gauge.remove(store)
+
+    def config_loaded(self, ok: bool, when: float) -> None:
+        """Record a config (re)load: applied (`ok`) at unix time `when`, or refused."""
+        self.reload_ok.set(1 if ok else 0)
+        if ok:
+            self.reload_time.set(when)
 
     def set_interval(self, store: str, policy: str, schedule: Schedule) -> None:
         """Export how often the policy runs, so alerts can say "no success for 2x that"."""

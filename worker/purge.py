@@ -7,7 +7,7 @@ the same batched, all-or-nothing-per-thread transactions as a sweep.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import structlog
 
@@ -36,11 +36,11 @@ def prefix_upper_bound(prefix: str) -> str | None:
 
 
 async def matching_threads(
-    engine: StoreEngine, thread: str | None, prefix: str | None
+    engine: StoreEngine, threads: Sequence[str], prefix: str | None
 ) -> AsyncIterator[list[str]]:
-    """Pages of the thread ids a purge names."""
-    if thread is not None:
-        yield [thread]
+    """Pages of the thread ids a purge names: `threads` by id, or every id with `prefix`."""
+    if threads:
+        yield list(threads)
         return
     assert prefix is not None
     async for page in engine.thread_range_pages(prefix, prefix_upper_bound(prefix), 1000):
@@ -48,11 +48,11 @@ async def matching_threads(
 
 
 async def purge(
-    engine: StoreEngine, thread: str | None, prefix: str | None, dry_run: bool
+    engine: StoreEngine, threads: Sequence[str], prefix: str | None, dry_run: bool
 ) -> Counts:
     """Delete (or count, when `dry_run`) every named thread whole."""
     total = Counts()
-    async for page in matching_threads(engine, thread, prefix):
+    async for page in matching_threads(engine, threads, prefix):
         for start in range(0, len(page), PURGE_BATCH_THREADS):
             todo = page[start : start + PURGE_BATCH_THREADS]
             # A thread written to meanwhile fails its fingerprint check and is

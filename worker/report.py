@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -146,11 +146,22 @@ def _row(cells: Sequence[str], widths: Sequence[int]) -> str:
     ).rstrip()
 
 
-def render_table(reports: Sequence[SweepReport]) -> str:
-    """A plain-text table per store: policy, reason, threads, checkpoints, writes, blobs, bytes."""
+def render_table(reports: Sequence[SweepReport], blob_stores: Collection[str] = ()) -> str:
+    """A plain-text table per store: policy, reason, threads, checkpoints, writes, bytes.
+
+    A `blobs` column only for the stores named in `blob_stores` (those with a
+    blobs table: Postgres) or that report blobs: a SQLite store has none, and
+    a column of zeros there would suggest it does.
+    """
     out: list[str] = []
-    head = ["policy", "reason", "threads", "checkpoints", "writes", "blobs", "bytes"]
     for r in reports:
+        blobs = r.store in blob_stores or any(
+            c.blobs for p in r.policies.values() for c in (p.deleted, *p.by_reason.values())
+        )
+        head = ["policy", "reason", "threads", "checkpoints", "writes", "blobs", "bytes"]
+        if not blobs:
+            head.remove("blobs")
+        blank = [""] * (len(head) - 3)
         verb = "would delete" if r.dry_run else "deleted"
         out.append(
             f"store {r.store}: {r.threads_total} threads; {verb} "
@@ -159,12 +170,12 @@ def render_table(reports: Sequence[SweepReport]) -> str:
         rows: list[list[str]] = []
         for p in r.policies.values():
             if not p.by_reason:
-                rows.append([p.policy, "-", "0", "0", "0", "0", "0 B"])
+                rows.append([p.policy, "-", *_counts(Counts(), blobs)])
             for reason, c in sorted(p.by_reason.items()):
-                rows.append([p.policy, reason.value, *_counts(c)])
+                rows.append([p.policy, reason.value, *_counts(c, blobs)])
             for reason_s, n in sorted(p.skipped.items()):
-                rows.append([p.policy, f"skipped: {reason_s.value}", str(n), "", "", "", ""])
-        rows.append(["total", "", *_counts(r.deleted)])
+                rows.append([p.policy, f"skipped: {reason_s.value}", str(n), *blank])
+        rows.append(["total", "", *_counts(r.deleted, blobs)])
         widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
         out.append(_row(head, widths))
         out.extend(_row(x, widths) for x in rows)
@@ -188,11 +199,6 @@ def render_table(reports: Sequence[SweepReport]) -> str:
     return "\n".join(out)
 
 
-def _counts(c: Counts) -> list[str]:
-    return [
-        str(c.threads),
-        str(c.checkpoints),
-        str(c.writes),
-        str(c.blobs),
-        human_bytes(c.bytes),
-    ]
+def _counts(c: Counts, blobs: bool) -> list[str]:
+    cells = [str(c.threads), str(c.checkpoints), str(c.writes)]
+    return [*cells, str(c.blobs), human_bytes(c.bytes)] if blobs else [*cells, human_bytes(c.bytes)]
