@@ -62,9 +62,9 @@ LATER = 1.0 * DAY
 
 
 @pytest.fixture(scope="module")
-def mixed_template(pg_server: PgServer) -> Iterator[tuple[str, dict[str, str]]]:
+def mixed_template(pg_server: PgServer, pg_collation: str) -> Iterator[tuple[str, dict[str, str]]]:
     """One mixed store, built once by real graphs; each test sweeps its own copy."""
-    dbs = Databases(pg_server, "mixed_template")
+    dbs = Databases(pg_server, "mixed_template", pg_collation)
     dsn = dbs.create()
 
     async def build() -> dict[str, str]:
@@ -77,8 +77,10 @@ def mixed_template(pg_server: PgServer) -> Iterator[tuple[str, dict[str, str]]]:
 
 
 @pytest.fixture
-def dbs(pg_server: PgServer, request: pytest.FixtureRequest) -> Iterator[Databases]:
-    d = Databases(pg_server, request.node.name)
+def dbs(
+    pg_server: PgServer, pg_collation: str, request: pytest.FixtureRequest
+) -> Iterator[Databases]:
+    d = Databases(pg_server, request.node.name, pg_collation)
     yield d
     d.drop_all()
 
@@ -538,8 +540,8 @@ def table_diff(ours: dict[str, list[Any]], theirs: dict[str, list[Any]]) -> dict
 
 
 @pytest.fixture(scope="module")
-def plain_template(pg_server: PgServer) -> Iterator[tuple[str, list[str]]]:
-    dbs = Databases(pg_server, "plain_template")
+def plain_template(pg_server: PgServer, pg_collation: str) -> Iterator[tuple[str, list[str]]]:
+    dbs = Databases(pg_server, "plain_template", pg_collation)
     dsn = dbs.create()
     old = asyncio.run(build_plain_store(dsn))
     yield dsn, old

@@ -56,7 +56,6 @@ from worker.engine import (
     ThreadWork,
     WorkResult,
     fingerprint_of,
-    merge_pages,
 )
 from worker.stats import AgeHistogram
 
@@ -77,16 +76,31 @@ MIGRATION_SQL = "SELECT max(v) FROM checkpoint_migrations"
 
 # ---------------------------------------------------------------- scan
 
-# No skip scan before Postgres 18: DISTINCT walks each thread's index entries,
-# which for a page of threads is what the scan reads next anyway.
-THREADS_PAGE_SQL = """
-SELECT DISTINCT thread_id FROM {table}
-WHERE thread_id >= $1 AND thread_id > $2 ORDER BY thread_id LIMIT $3
+# Both tables' keyset pages merged in one statement, so the database alone
+# orders and compares ids, in the column's own collation: Python's order is not
+# an ICU collation's, and a cursor taken in one order and compared in another
+# skips threads. Each branch is limited before the UNION, so it steps its
+# thread_id index (in the column's collation: an ORDER BY ... COLLATE "C" would
+# sort the whole table for every page). No skip scan before Postgres 18:
+# DISTINCT walks each thread's index entries, which the scan reads next anyway.
+# The first page has no lower bound, so the empty id is walked too.
+_THREADS_PAGE_TEMPLATE = """
+(SELECT DISTINCT thread_id FROM checkpoints {where} ORDER BY thread_id LIMIT $1)
+UNION
+(SELECT DISTINCT thread_id FROM checkpoint_writes {where} ORDER BY thread_id LIMIT $1)
+ORDER BY thread_id LIMIT $1
 """
-THREADS_RANGE_PAGE_SQL = """
-SELECT DISTINCT thread_id FROM {table}
-WHERE thread_id >= $1 AND thread_id > $2 AND thread_id < $3 ORDER BY thread_id LIMIT $4
-"""
+THREADS_FIRST_PAGE_SQL = _THREADS_PAGE_TEMPLATE.format(where="")
+THREADS_NEXT_PAGE_SQL = _THREADS_PAGE_TEMPLATE.format(where="WHERE thread_id > $2")
+# A purge prefix is byte-exact (`starts_with`), never a range compared in the
+# collation, which an ICU collation folds by case and reorders by punctuation.
+# On a C-collated database the planner makes `starts_with` an index range; on
+# any other it filters the index walk past the cursor, reading the rest of the
+# table per page: accepted, as a purge is an operator's one-off action.
+PREFIX_FIRST_PAGE_SQL = _THREADS_PAGE_TEMPLATE.format(where="WHERE starts_with(thread_id, $2)")
+PREFIX_NEXT_PAGE_SQL = _THREADS_PAGE_TEMPLATE.format(
+    where="WHERE starts_with(thread_id, $2) AND thread_id > $3"
+)
 
 COUNT_THREADS_SQL = "SELECT count(DISTINCT thread_id) FROM checkpoints"
 
@@ -566,29 +580,27 @@ class PostgresStore:
 
     def thread_pages(self, page_size: int) -> AsyncIterator[list[str]]:
         """Every thread id of checkpoints and writes, by keyset pages."""
-        return self.thread_range_pages("", None, page_size)
+        return self._walk(None, page_size)
 
-    async def thread_range_pages(
-        self, low: str, high: str | None, page_size: int
-    ) -> AsyncIterator[list[str]]:
-        """Thread ids in `low <= id < high` (no upper bound when `high` is None), by pages."""
-        after = ""
+    def thread_prefix_pages(self, prefix: str, page_size: int) -> AsyncIterator[list[str]]:
+        """Thread ids starting with `prefix` (byte-exact, any collation), by keyset pages."""
+        return self._walk(prefix, page_size)
+
+    async def _walk(self, prefix: str | None, page_size: int) -> AsyncIterator[list[str]]:
+        after: str | None = None
         while True:
-            pages = []
-            for table in ("checkpoints", "checkpoint_writes"):
-                if high is None:
-                    rows = await self.pool.fetch(
-                        THREADS_PAGE_SQL.format(table=table), low, after, page_size
-                    )
-                else:
-                    rows = await self.pool.fetch(
-                        THREADS_RANGE_PAGE_SQL.format(table=table), low, after, high, page_size
-                    )
-                pages.append([r[0] for r in rows])
-            page, more = merge_pages(pages, page_size)
+            if prefix is None and after is None:
+                rows = await self.pool.fetch(THREADS_FIRST_PAGE_SQL, page_size)
+            elif prefix is None:
+                rows = await self.pool.fetch(THREADS_NEXT_PAGE_SQL, page_size, after)
+            elif after is None:
+                rows = await self.pool.fetch(PREFIX_FIRST_PAGE_SQL, page_size, prefix)
+            else:
+                rows = await self.pool.fetch(PREFIX_NEXT_PAGE_SQL, page_size, prefix, after)
+            page = [r[0] for r in rows]
             if page:
                 yield page
-            if not more:
+            if len(page) < page_size:
                 return
             after = page[-1]
 

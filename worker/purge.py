@@ -15,21 +15,7 @@ from worker.engine import Counts, StoreEngine, ThreadWork
 log = structlog.get_logger("checkpoint_janitor.purge")
 
 PURGE_BATCH_THREADS = 200
-
-
-def prefix_upper_bound(prefix: str) -> str | None:
-    """The smallest string above every string starting with `prefix` (None: no bound).
-
-    A range `prefix <= id < bound` selects exactly the ids with that prefix under
-    binary collation, which LIKE would not: `_` is a wildcard there, and case
-    folding would reach `ORG-42:` when asked for `org-42:`.
-    """
-    chars = list(prefix)
-    while chars:
-        last = ord(chars.pop())
-        if last < 0x10FFFF:
-            return "".join(chars) + chr(last + 1)
-    return None
+PURGE_PAGE_THREADS = 1000
 
 
 async def matching_threads(
@@ -40,7 +26,7 @@ async def matching_threads(
         yield [thread]
         return
     assert prefix is not None
-    async for page in engine.thread_range_pages(prefix, prefix_upper_bound(prefix), 1000):
+    async for page in engine.thread_prefix_pages(prefix, PURGE_PAGE_THREADS):
         yield page
 
 
