@@ -67,18 +67,23 @@ def db_name(dsn: str) -> str:
 
 
 class Databases:
-    """Extra databases of one test or module, dropped by `drop_all()`."""
+    """Extra databases of one test or module, dropped by `drop_all()`.
 
-    def __init__(self, server: PgServer, hint: str = "") -> None:
+    `collation` is the default collation of the databases `create` makes (a
+    key of `pgserver.COLLATIONS`); a clone keeps its template's.
+    """
+
+    def __init__(self, server: PgServer, hint: str = "", collation: str = "c") -> None:
         self.server = server
         self.hint = hint
+        self.collation = collation
         self.names: list[str] = []
 
     def create(self) -> str:
         """A fresh empty database; returns its DSN."""
         name = unique_db_name(self.hint)
         self.names.append(name)
-        return self.server.create_database(name)
+        return self.server.create_database(name, self.collation)
 
     def clone(self, source_dsn: str) -> str:
         """An exact copy of `source_dsn`'s database (no one may be connected to it)."""
@@ -129,14 +134,17 @@ async def ns_counts(dsn: str) -> Counter[tuple[str, str]]:
     return Counter((t, ns) for t, ns, _ in await all_keys(dsn))
 
 
+# Byte-exact, whatever the database's collation (a range in ICU order is not a prefix).
+THREAD_COUNTS_SQL = (
+    "SELECT thread_id, COUNT(*) FROM checkpoints WHERE starts_with(thread_id, $1) GROUP BY 1"
+)
+
+
 async def thread_counts(dsn: str, prefix: str = "") -> dict[str, int]:
-    """Checkpoints per thread (all namespaces)."""
+    """Checkpoints per thread (all namespaces) of the threads starting with `prefix`."""
     async with connect(dsn) as conn:
-        rows = await conn.fetch(
-            "SELECT thread_id, COUNT(*) FROM checkpoints WHERE thread_id >= $1 GROUP BY 1",
-            prefix,
-        )
-    return {r[0]: r[1] for r in rows if r[0].startswith(prefix)}
+        rows = await conn.fetch(THREAD_COUNTS_SQL, prefix)
+    return {r[0]: r[1] for r in rows}
 
 
 async def table_counts(dsn: str) -> dict[str, int]:

@@ -39,6 +39,14 @@ HOST = "127.0.0.1"
 _SERVER_BINARIES = ("initdb", "pg_ctl", "postgres")
 _DB_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _STOP_MODES = ("smart", "fast", "immediate")
+COLLATIONS = {
+    # The cluster's own: byte order, as Python compares str.
+    "c": "",
+    # As production clusters have: case-insensitive at the first level, punctuation
+    # ordered linguistically. ICU needs no OS locale (machines here have no en_US).
+    "icu": "TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.utf8'",
+}
+"""Default collations a test database is created with (``create_database``)."""
 
 
 class PgServerError(RuntimeError):
@@ -278,10 +286,10 @@ class PgServer:
             raise PgServerError(f"psql failed ({sql!r}): {result.stderr.strip()}")
         return result.stdout
 
-    def create_database(self, name: str) -> str:
-        """Create database ``name`` and return its DSN."""
+    def create_database(self, name: str, collation: str = "c") -> str:
+        """Create database ``name`` with a default collation of ``COLLATIONS``; return its DSN."""
         self._check_db_name(name)
-        self.psql(f'CREATE DATABASE "{name}"')
+        self.psql(f'CREATE DATABASE "{name}" {COLLATIONS[collation]}')
         return self.dsn(name)
 
     def drop_database(self, name: str) -> None:

@@ -40,6 +40,14 @@ def test_make_id_round_trips() -> None:
     assert abs(checkpoint_time(make_id(t, rnd)) - t) < 1e-6  # type: ignore[operator]
 
 
+THREAD_IDS = [
+    "user-1", "vip-1", "org-1:user-2:s-3", "", "VIP-1", "Vip-1", "vip-", "vip_1", "vip-\U0010ffff",
+    "[vip]-*?%", "vip-\ud7ff", "\ue000", "\uffff\U00010000", "é-e\u0301", "x" * 300,
+]  # fmt: skip
+"""Case variants of the protect glob `vip-*`, glob metacharacters, the empty id, surrogate
+edges, a long id: ids are matched as given, never folded or pattern-read."""
+
+
 @st.composite
 def threads(draw: st.DrawFn) -> ThreadView:
     """A random thread: root chain, calls, a persistent subgraph, delta and sends markers."""
@@ -154,7 +162,7 @@ def threads(draw: st.DrawFn) -> ThreadView:
             by_ns.setdefault(c.namespace, dict(c.parents))
     cps = [replace(c, parents=by_ns[c.namespace]) if c.namespace in by_ns else c for c in cps]
     return ThreadView(
-        thread_id=draw(st.sampled_from(["user-1", "vip-1", "org-1:user-2:s-3"])),
+        thread_id=draw(st.one_of(st.sampled_from(THREAD_IDS), st.text(max_size=300))),
         checkpoints=tuple(cps),
         head_metadata={"assistant_id": draw(st.sampled_from(["bot", "other"]))},
         waiting=draw(st.booleans()),

@@ -123,3 +123,12 @@ async def test_stop_and_start_keep_data_and_port(pg_server: PgServer, pg_dsn: st
         assert await conn.fetchval("select count(*) from kept") == 1
     finally:
         await conn.close()
+
+
+async def test_databases_have_the_collation_asked_for(pg_dsn: str, pg_collation: str) -> None:
+    """ICU folds case at the first level ('a' < 'B'); C compares bytes ('B' < 'a')."""
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        assert await conn.fetchval("SELECT 'a' < 'B'") is (pg_collation == "icu")
+    finally:
+        await conn.close()

@@ -66,9 +66,9 @@ async def build_big(dsn: str, graph: Any, prefix: str, threads: int, n_turns: in
 
 
 @pytest.fixture(scope="module")
-def big_template(pg_server: PgServer) -> Iterator[str]:
+def big_template(pg_server: PgServer, pg_collation: str) -> Iterator[str]:
     """THREADS chat threads of TURNS turns, a day old."""
-    dbs = Databases(pg_server, "big_template")
+    dbs = Databases(pg_server, "big_template", pg_collation)
     dsn = dbs.create()
     asyncio.run(build_big(dsn, chat_graph, "bulk-", THREADS, TURNS))
     yield dsn
@@ -76,8 +76,10 @@ def big_template(pg_server: PgServer) -> Iterator[str]:
 
 
 @pytest.fixture
-def dbs(pg_server: PgServer, request: pytest.FixtureRequest) -> Iterator[Databases]:
-    d = Databases(pg_server, request.node.name)
+def dbs(
+    pg_server: PgServer, pg_collation: str, request: pytest.FixtureRequest
+) -> Iterator[Databases]:
+    d = Databases(pg_server, request.node.name, pg_collation)
     yield d
     d.drop_all()
 
@@ -91,9 +93,9 @@ SMALL_THREADS = 200
 
 
 @pytest.fixture(scope="module")
-def small_template(pg_server: PgServer) -> Iterator[str]:
+def small_template(pg_server: PgServer, pg_collation: str) -> Iterator[str]:
     """SMALL_THREADS chat threads of TURNS turns, a day old."""
-    dbs = Databases(pg_server, "small_template")
+    dbs = Databases(pg_server, "small_template", pg_collation)
     dsn = dbs.create()
     asyncio.run(build_big(dsn, chat_graph, "bulk-", SMALL_THREADS, TURNS))
     yield dsn
@@ -470,9 +472,9 @@ FORK_TURNS = 6
 
 
 @pytest.fixture(scope="module")
-def fork_template(pg_server: PgServer) -> Iterator[str]:
+def fork_template(pg_server: PgServer, pg_collation: str) -> Iterator[str]:
     """FORK_THREADS threads of `fork_graph` (messages and notes), a day old."""
-    dbs = Databases(pg_server, "fork_template")
+    dbs = Databases(pg_server, "fork_template", pg_collation)
     dsn = dbs.create()
     asyncio.run(build_big(dsn, fork_graph, "fork-", FORK_THREADS, FORK_TURNS))
     yield dsn

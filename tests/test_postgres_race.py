@@ -165,3 +165,27 @@ async def test_expired_thread_blobs_go_after_the_grace_period(
     assert await blob_keys(dsn) == set()
     async with connect(dsn) as conn:
         assert await conn.fetchval("SELECT count(*) FROM checkpoint_janitor_expired") == 0
+
+
+@pytest.mark.parametrize("by", ["thread", "prefix"])
+async def test_purge_reaches_an_expired_thread_whose_blobs_wait(
+    tmp_path: Path, dbs: Databases, by: str
+) -> None:
+    """An erasure request must not wait out the grace period: `purge` names an
+    expired thread that holds only blobs, counts them, and deletes them and its
+    `checkpoint_janitor_expired` row at once."""
+    dsn = dbs.create()
+    await stopped_thread(dsn, "resume")
+    await run_pg_sweep(dsn, EXPIRE, now=time.time(), allow_mass_expiry=True)
+    assert await all_keys(dsn) == [] and {k[0] for k in await blob_keys(dsn)} == {"t"}
+    cfg = write_config(tmp_path / "janitor.yaml", dsn, EXPIRE)
+    named = ["--thread", "t"] if by == "thread" else ["--thread-prefix", "t"]
+    r = await asyncio.to_thread(cli, "purge", *named, "--yes", config=cfg)
+    assert r.returncode == 0, r.stderr
+    assert "deleted 1 threads" in r.stdout, r.stdout
+    assert await blob_keys(dsn) == set()
+    async with connect(dsn) as conn:
+        assert await conn.fetchval("SELECT count(*) FROM checkpoint_janitor_expired") == 0
+    events = map(json.loads, r.stderr.splitlines())
+    purged = [e for e in events if e.get("event") == "thread_purged"]
+    assert [e["thread_id"] for e in purged] == ["t"]

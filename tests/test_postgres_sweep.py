@@ -73,9 +73,9 @@ LATER = 1.0 * DAY
 
 
 @pytest.fixture(scope="module")
-def mixed_template(pg_server: PgServer) -> Iterator[tuple[str, dict[str, str]]]:
+def mixed_template(pg_server: PgServer, pg_collation: str) -> Iterator[tuple[str, dict[str, str]]]:
     """One mixed store, built once by real graphs; each test sweeps its own copy."""
-    dbs = Databases(pg_server, "mixed_template")
+    dbs = Databases(pg_server, "mixed_template", pg_collation)
     dsn = dbs.create()
 
     async def build() -> dict[str, str]:
@@ -88,8 +88,10 @@ def mixed_template(pg_server: PgServer) -> Iterator[tuple[str, dict[str, str]]]:
 
 
 @pytest.fixture
-def dbs(pg_server: PgServer, request: pytest.FixtureRequest) -> Iterator[Databases]:
-    d = Databases(pg_server, request.node.name)
+def dbs(
+    pg_server: PgServer, pg_collation: str, request: pytest.FixtureRequest
+) -> Iterator[Databases]:
+    d = Databases(pg_server, request.node.name, pg_collation)
     yield d
     d.drop_all()
 
@@ -631,6 +633,12 @@ async def test_late_fork_of_a_deleted_checkpoint_gets_its_parent_nulled(dbs: Dat
 # ------------------------------------------------------------------ against the official prune
 
 
+AWKWARD_OLD = ["", "Chat-OLD_%[*?]\U0010ffff"]
+AWKWARD_NEW = ["CHAT-new-1", "chat-new-\ud7ff" + "x" * 290, "\ue000"]
+"""Ids the keyset walk must order and reach like any other: the empty one, case
+variants, glob metacharacters, surrogate edges, a long one."""
+
+
 async def build_plain_store(dsn: str) -> list[str]:
     """Threads without DeltaChannel, some 60 days old: chats, subgraph calls, a persistent
     subgraph, Send, interrupts, a breakpoint, an error. Returns the old threads."""
@@ -639,6 +647,8 @@ async def build_plain_store(dsn: str) -> list[str]:
         with aged(OLD_DAYS):
             await turns(chat, "chat-old-1", 4, assistant_id="support-bot")
             await turns(chat, "chat-old-2", 1)
+            for tid in AWKWARD_OLD:
+                await turns(chat, tid, 2)
             await turns(subgraph_graph(saver), "sub-old", 3)
             await turns(send_graph(saver), "send-old", 2)
             await approval_graph(saver).ainvoke({"messages": ["refund?"]}, thread("int-old"))
@@ -647,6 +657,8 @@ async def build_plain_store(dsn: str) -> list[str]:
                 await error_graph(saver).ainvoke({"messages": ["go"]}, thread("err-old"))
         await turns(chat, "chat-new-1", 5, user_id="u1")
         await turns(chat, "chat-new-2", 2)
+        for tid in AWKWARD_NEW:
+            await turns(chat, tid, 2)
         await turns(subgraph_graph(saver), "sub-new", 3)
         await turns(persistent_subgraph_graph(saver), "subp-new", 3)
         await turns(send_graph(saver), "send-new", 3)
@@ -656,7 +668,7 @@ async def build_plain_store(dsn: str) -> list[str]:
         await app.ainvoke(Command(resume="yes"), thread("int-twice"))
         await app.ainvoke({"messages": ["and again?"]}, thread("int-twice"))
         await breakpoint_graph(saver).ainvoke({"messages": ["hi"]}, thread("brk-new"))
-    return ["chat-old-1", "chat-old-2", "sub-old", "send-old", "int-old", "err-old"]
+    return ["chat-old-1", "chat-old-2", *AWKWARD_OLD, "sub-old", "send-old", "int-old", "err-old"]
 
 
 def table_diff(ours: dict[str, list[Any]], theirs: dict[str, list[Any]]) -> dict[str, Any]:
@@ -674,8 +686,8 @@ def table_diff(ours: dict[str, list[Any]], theirs: dict[str, list[Any]]) -> dict
 
 
 @pytest.fixture(scope="module")
-def plain_template(pg_server: PgServer) -> Iterator[tuple[str, list[str]]]:
-    dbs = Databases(pg_server, "plain_template")
+def plain_template(pg_server: PgServer, pg_collation: str) -> Iterator[tuple[str, list[str]]]:
+    dbs = Databases(pg_server, "plain_template", pg_collation)
     dsn = dbs.create()
     old = asyncio.run(build_plain_store(dsn))
     yield dsn, old

@@ -458,9 +458,10 @@ def purge_cmd(
                 what = f"thread {named[0]!r}"
             else:
                 what = f"threads {', '.join(map(repr, named))}"
+            blobs = f", {found.blobs} blobs" if found.blobs else ""
             click.echo(
                 f"store {engine.name}: {what}: {found.threads} threads, "
-                f"{found.checkpoints} checkpoints, {found.writes} writes"
+                f"{found.checkpoints} checkpoints, {found.writes} writes{blobs}"
             )
             if found.threads == 0:
                 return True
@@ -468,9 +469,10 @@ def purge_cmd(
                 click.echo("nothing deleted")
                 return True
             done = await purge(engine, named, prefix, dry_run=False)
+            blobs = f", {done.blobs} blobs" if done.blobs else ""
             click.echo(
                 f"store {engine.name}: deleted {done.threads} threads, "
-                f"{done.checkpoints} checkpoints, {done.writes} writes"
+                f"{done.checkpoints} checkpoints, {done.writes} writes{blobs}"
             )
             return True
 

@@ -26,16 +26,24 @@ def fingerprint_of(ids_by_ns: Mapping[str, Collection[str]]) -> Fingerprint:
     return tuple(sorted((ns, len(ids), max(ids)) for ns, ids in ids_by_ns.items() if ids))
 
 
-def merge_pages(pages: Sequence[Sequence[str]], page_size: int) -> tuple[list[str], bool]:
-    """One keyset page of thread ids from several tables' pages; and whether more follow.
+def prefix_upper_bound(prefix: str) -> str | None:
+    """The smallest string above every string starting with `prefix` (None: no bound).
 
-    A full page bounds how far its walk has seen; a short one has seen
-    everything left. So the merged page stops at the smallest bound of the
-    full ones, and the next walk resumes after its last id.
+    In code-point order (== UTF-8 byte order == SQLite's BINARY collation ==
+    Python's `str` order) `prefix <= id < bound` holds exactly when
+    `id.startswith(prefix)`, which LIKE would not give: `_` is a wildcard there,
+    and case folding would reach `ORG-42:` when asked for `org-42:`. The bound
+    skips the surrogates U+D800..U+DFFF: no stored id holds one, and a lone one
+    cannot be encoded to be compared at all.
     """
-    bound = min((p[-1] for p in pages if len(p) == page_size), default=None)
-    page = sorted({t for p in pages for t in p if bound is None or t <= bound})
-    return page, bound is not None
+    chars = list(prefix)
+    while chars:
+        last = ord(chars.pop())
+        if last == 0xD7FF:
+            return "".join(chars) + "\ue000"
+        if last < 0x10FFFF:
+            return "".join(chars) + chr(last + 1)
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,12 +151,21 @@ class StoreEngine(Protocol):
         """Threads in the store now (the safety limit's base)."""
 
     def thread_pages(self, page_size: int) -> AsyncIterator[list[str]]:
-        """Every thread id, in keyset-paginated pages (never all ids in memory)."""
+        """Every thread id, in keyset pages (never all ids in memory).
 
-    def thread_range_pages(
-        self, low: str, high: str | None, page_size: int
-    ) -> AsyncIterator[list[str]]:
-        """Thread ids in `low <= id < high` (no upper bound when `high` is None), by pages."""
+        The database alone orders the ids and compares them with the cursor,
+        in the column's own collation, so a page resumes exactly after the last
+        id of the one before; the walk starts with no lower bound, so the empty
+        id is visited too.
+        """
+
+    def thread_prefix_pages(self, prefix: str, page_size: int) -> AsyncIterator[list[str]]:
+        """The thread ids that start with `prefix`, by keyset pages like `thread_pages`.
+
+        Membership is code-point exact (`id.startswith(prefix)`) whatever the
+        column's collation: a case-insensitive or linguistic order must not
+        widen or empty a purge.
+        """
 
     async def scan(self, thread_ids: Sequence[str]) -> list[ScannedThread]:
         """Summaries of these threads, with delta threads decoded."""

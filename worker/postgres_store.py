@@ -80,7 +80,6 @@ from worker.engine import (
     ThreadWork,
     WorkResult,
     fingerprint_of,
-    merge_pages,
 )
 from worker.stats import AgeHistogram
 
@@ -101,16 +100,44 @@ MIGRATION_SQL = "SELECT max(v) FROM checkpoint_migrations"
 
 # ---------------------------------------------------------------- scan
 
-# No skip scan before Postgres 18: DISTINCT walks each thread's index entries,
-# which for a page of threads is what the scan reads next anyway.
-THREADS_PAGE_SQL = """
-SELECT DISTINCT thread_id FROM {table}
-WHERE thread_id >= $1 AND thread_id > $2 ORDER BY thread_id LIMIT $3
+# Both tables' keyset pages merged in one statement, so the database alone
+# orders and compares ids, in the column's own collation: Python's order is not
+# an ICU collation's, and a cursor taken in one order and compared in another
+# skips threads. Each branch is limited before the UNION, so it steps its
+# thread_id index (in the column's collation: an ORDER BY ... COLLATE "C" would
+# sort the whole table for every page). No skip scan before Postgres 18:
+# DISTINCT walks each thread's index entries, which the scan reads next anyway.
+# The first page has no lower bound, so the empty id is walked too.
+_THREADS_PAGE_TEMPLATE = """
+(SELECT DISTINCT thread_id FROM checkpoints {where} ORDER BY thread_id LIMIT $1)
+UNION
+(SELECT DISTINCT thread_id FROM checkpoint_writes {where} ORDER BY thread_id LIMIT $1){expired}
+ORDER BY thread_id LIMIT $1
 """
-THREADS_RANGE_PAGE_SQL = """
-SELECT DISTINCT thread_id FROM {table}
-WHERE thread_id >= $1 AND thread_id > $2 AND thread_id < $3 ORDER BY thread_id LIMIT $4
-"""
+# Once the tool's expired-threads table exists (see "expired threads' blobs"),
+# its threads join the walk: UNION drops those that still hold rows.
+_EXPIRED_BRANCH = """
+UNION
+(SELECT thread_id FROM checkpoint_janitor_expired {where} ORDER BY thread_id LIMIT $1)"""
+# A purge prefix is byte-exact (`starts_with`), never a range compared in the
+# collation, which an ICU collation folds by case and reorders by punctuation.
+# On a C-collated database the planner makes `starts_with` an index range; on
+# any other it filters the index walk past the cursor, reading the rest of the
+# table per page: accepted, as a purge is an operator's one-off action.
+_WALK_WHERE = {
+    "first": "",
+    "next": "WHERE thread_id > $2",
+    "prefix_first": "WHERE starts_with(thread_id, $2)",
+    "prefix_next": "WHERE starts_with(thread_id, $2) AND thread_id > $3",
+}
+WALK_SQL = {
+    (kind, expired): _THREADS_PAGE_TEMPLATE.format(
+        where=where, expired=_EXPIRED_BRANCH.format(where=where) if expired else ""
+    )
+    for kind, where in _WALK_WHERE.items()
+    for expired in (False, True)
+}
+"""Keyset page of thread ids: (first | next | prefix_first | prefix_next, expired table exists)."""
 
 COUNT_THREADS_SQL = "SELECT count(DISTINCT thread_id) FROM checkpoints"
 
@@ -375,15 +402,6 @@ SELECT t.thread_id, to_timestamp($2), COALESCE((
 FROM unnest($1::text[]) AS t(thread_id)
 ON CONFLICT (thread_id) DO UPDATE
 SET expired_at = EXCLUDED.expired_at, head_metadata = EXCLUDED.head_metadata
-"""
-# Expired threads waiting out the grace period hold only blobs, so the walks
-# over checkpoints and writes never meet them: a walk of their own.
-EXPIRED_PAGE_SQL = f"""
-SELECT e.thread_id FROM {EXPIRED_TABLE} e
-WHERE e.thread_id > $1
-  AND NOT EXISTS (SELECT 1 FROM checkpoints c WHERE c.thread_id = e.thread_id)
-  AND NOT EXISTS (SELECT 1 FROM checkpoint_writes w WHERE w.thread_id = e.thread_id)
-ORDER BY e.thread_id LIMIT $2
 """
 EXPIRED_ROWS_SQL = f"""
 SELECT thread_id, extract(epoch FROM expired_at)::float8 AS expired_at, head_metadata
@@ -677,20 +695,32 @@ class PostgresStore:
         """Threads with at least one checkpoint."""
         return int(await self.pool.fetchval(COUNT_THREADS_SQL))
 
-    async def thread_pages(self, page_size: int) -> AsyncIterator[list[str]]:
-        """Every thread id of checkpoints and writes, by keyset pages.
+    def thread_pages(self, page_size: int) -> AsyncIterator[list[str]]:
+        """Every thread id of checkpoints, writes and expired threads' waiting blobs, by pages."""
+        return self._walk(None, page_size)
 
-        Then the expired threads whose blobs wait out the grace period (they
-        hold nothing else, so the first walk does not meet them).
-        """
-        async for page in self.thread_range_pages("", None, page_size):
-            yield page
+    def thread_prefix_pages(self, prefix: str, page_size: int) -> AsyncIterator[list[str]]:
+        """Thread ids starting with `prefix` (byte-exact, any collation), by keyset pages."""
+        return self._walk(prefix, page_size)
+
+    async def _walk(self, prefix: str | None, page_size: int) -> AsyncIterator[list[str]]:
+        # An expired thread whose blobs wait out the grace period holds nothing
+        # else: a sweep must still meet it (to collect them), and so must a purge.
         async with self.pool.acquire() as conn:
-            if not await self._has_expired_table(conn):
-                return
-        after = ""
+            expired = await self._has_expired_table(conn)
+        after: str | None = None
         while True:
-            page = [r[0] for r in await self.pool.fetch(EXPIRED_PAGE_SQL, after, page_size)]
+            if prefix is None and after is None:
+                rows = await self.pool.fetch(WALK_SQL["first", expired], page_size)
+            elif prefix is None:
+                rows = await self.pool.fetch(WALK_SQL["next", expired], page_size, after)
+            elif after is None:
+                rows = await self.pool.fetch(WALK_SQL["prefix_first", expired], page_size, prefix)
+            else:
+                rows = await self.pool.fetch(
+                    WALK_SQL["prefix_next", expired], page_size, prefix, after
+                )
+            page = [r[0] for r in rows]
             if page:
                 yield page
             if len(page) < page_size:
@@ -701,30 +731,6 @@ class PostgresStore:
         if not self._expired_table:
             self._expired_table = bool(await conn.fetchval(EXPIRED_TABLE_EXISTS_SQL))
         return self._expired_table
-
-    async def thread_range_pages(
-        self, low: str, high: str | None, page_size: int
-    ) -> AsyncIterator[list[str]]:
-        """Thread ids in `low <= id < high` (no upper bound when `high` is None), by pages."""
-        after = ""
-        while True:
-            pages = []
-            for table in ("checkpoints", "checkpoint_writes"):
-                if high is None:
-                    rows = await self.pool.fetch(
-                        THREADS_PAGE_SQL.format(table=table), low, after, page_size
-                    )
-                else:
-                    rows = await self.pool.fetch(
-                        THREADS_RANGE_PAGE_SQL.format(table=table), low, after, high, page_size
-                    )
-                pages.append([r[0] for r in rows])
-            page, more = merge_pages(pages, page_size)
-            if page:
-                yield page
-            if not more:
-                return
-            after = page[-1]
 
     async def scan(self, thread_ids: Sequence[str]) -> list[ScannedThread]:
         """Summaries of `thread_ids`; delta threads' channel keys filled in."""

@@ -18,21 +18,7 @@ from worker.logs import iso_utc
 log = structlog.get_logger("checkpoint_janitor.purge")
 
 PURGE_BATCH_THREADS = 200
-
-
-def prefix_upper_bound(prefix: str) -> str | None:
-    """The smallest string above every string starting with `prefix` (None: no bound).
-
-    A range `prefix <= id < bound` selects exactly the ids with that prefix under
-    binary collation, which LIKE would not: `_` is a wildcard there, and case
-    folding would reach `ORG-42:` when asked for `org-42:`.
-    """
-    chars = list(prefix)
-    while chars:
-        last = ord(chars.pop())
-        if last < 0x10FFFF:
-            return "".join(chars) + chr(last + 1)
-    return None
+PURGE_PAGE_THREADS = 1000
 
 
 async def matching_threads(
@@ -43,7 +29,7 @@ async def matching_threads(
         yield list(threads)
         return
     assert prefix is not None
-    async for page in engine.thread_range_pages(prefix, prefix_upper_bound(prefix), 1000):
+    async for page in engine.thread_prefix_pages(prefix, PURGE_PAGE_THREADS):
         yield page
 
 
@@ -67,7 +53,7 @@ async def purge(
                 for r in results:
                     if r.changed or r.locked:
                         continue
-                    if r.counts.checkpoints or r.counts.writes:
+                    if r.counts.checkpoints or r.counts.writes or r.counts.blobs:
                         total.add(r.counts)
                         if not dry_run:
                             seen = active.get(r.thread_id)

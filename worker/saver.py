@@ -852,8 +852,9 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
         if thread_id is not None:
             return (yield from self._delete_older(str(thread_id), cutoff, keep_newest))
         # Page by page (flat memory): a keyset cursor on the thread id is not
-        # shifted by what the pages before it deleted.
-        after = ""
+        # shifted by what the pages before it deleted. None: from the first id
+        # (a cursor of "" would skip the empty id).
+        after: str | None = None
         while True:
             page: builtins.list[str] = yield "thread_page", (after, _PAGE)
             for tid in page:

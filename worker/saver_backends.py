@@ -179,8 +179,12 @@ class Backend:
         """Threads holding a checkpoint whose `metadata.run_id` is one of `run_ids`."""
         raise self._unsupported("find runs")
 
-    def thread_page(self, after: str, limit: int) -> list[str]:
-        """Up to `limit` thread ids greater than `after`, in order (keyset pagination)."""
+    def thread_page(self, after: str | None, limit: int) -> list[str]:
+        """Up to `limit` thread ids after `after` (None: from the first), in the store's order.
+
+        Keyset pagination: the store orders and compares ids alike, and the
+        first page has no lower bound, so the empty id is listed too.
+        """
         raise self._unsupported("list threads")
 
     def waiting(self, view: ThreadView) -> bool | None:
@@ -216,7 +220,7 @@ class Backend:
         """Async `threads_of_runs`."""
         raise self._unsupported("find runs")
 
-    async def athread_page(self, after: str, limit: int) -> list[str]:
+    async def athread_page(self, after: str | None, limit: int) -> list[str]:
         """Async `thread_page`."""
         raise self._unsupported("list threads")
 
@@ -359,9 +363,9 @@ class MemoryBackend(Backend):
                 found.append(tid)
         return found
 
-    def thread_page(self, after: str, limit: int) -> list[str]:
-        """Thread ids after `after`, sorted."""
-        return sorted(t for t in self.inner.storage if t > after)[:limit]
+    def thread_page(self, after: str | None, limit: int) -> list[str]:
+        """Thread ids after `after` (None: all), in Python's order, which it compares in."""
+        return sorted(t for t in self.inner.storage if after is None or t > after)[:limit]
 
     async def ascan(self, thread_id: str) -> Scanned:
         """`scan` (dict work needs no awaiting)."""
@@ -387,7 +391,7 @@ class MemoryBackend(Backend):
         """`threads_of_runs`."""
         return self.threads_of_runs(run_ids)
 
-    async def athread_page(self, after: str, limit: int) -> list[str]:
+    async def athread_page(self, after: str | None, limit: int) -> list[str]:
         """`thread_page`."""
         return self.thread_page(after, limit)
 
@@ -418,6 +422,10 @@ SELECT DISTINCT thread_id FROM checkpoints
 WHERE json_extract(CAST(metadata AS TEXT), '$.run_id') IN (SELECT value FROM json_each(?))
 """
 # Keyset page over the primary key's leading column: never "load every id".
+# The first page has no lower bound (a cursor of "" would skip the empty id).
+SQLITE_FIRST_THREAD_PAGE_SQL = """
+SELECT DISTINCT thread_id FROM checkpoints ORDER BY thread_id LIMIT ?
+"""
 SQLITE_THREAD_PAGE_SQL = """
 SELECT DISTINCT thread_id FROM checkpoints WHERE thread_id > ? ORDER BY thread_id LIMIT ?
 """
@@ -503,9 +511,12 @@ def sqlite_threads_of_runs(run_ids: Sequence[str]) -> Program[list[str]]:
     return [r[0] for r in rows]
 
 
-def sqlite_thread_page(after: str, limit: int) -> Program[list[str]]:
-    """One keyset page of thread ids."""
-    rows, _ = yield SQLITE_THREAD_PAGE_SQL, (after, limit)
+def sqlite_thread_page(after: str | None, limit: int) -> Program[list[str]]:
+    """One keyset page of thread ids (after None: the first)."""
+    if after is None:
+        rows, _ = yield SQLITE_FIRST_THREAD_PAGE_SQL, (limit,)
+    else:
+        rows, _ = yield SQLITE_THREAD_PAGE_SQL, (after, limit)
     return [r[0] for r in rows]
 
 
@@ -608,6 +619,11 @@ PG_DELETE_THREADS_SQL = tuple(
 PG_RUN_THREADS_SQL = (
     "SELECT DISTINCT thread_id FROM checkpoints WHERE metadata ->> 'run_id' = ANY(%s)"
 )
+# Ordered and compared by the database alike (in the column's collation, so
+# the primary key serves it); the first page has no lower bound, for the empty id.
+PG_FIRST_THREAD_PAGE_SQL = """
+SELECT DISTINCT thread_id FROM checkpoints ORDER BY thread_id LIMIT %s
+"""
 PG_THREAD_PAGE_SQL = """
 SELECT DISTINCT thread_id FROM checkpoints WHERE thread_id > %s ORDER BY thread_id LIMIT %s
 """
@@ -696,9 +712,12 @@ def pg_threads_of_runs(run_ids: Sequence[str]) -> Program[list[str]]:
     return [r[0] for r in rows]
 
 
-def pg_thread_page(after: str, limit: int) -> Program[list[str]]:
-    """One keyset page of thread ids."""
-    rows, _ = yield PG_THREAD_PAGE_SQL, (after, limit)
+def pg_thread_page(after: str | None, limit: int) -> Program[list[str]]:
+    """One keyset page of thread ids (after None: the first)."""
+    if after is None:
+        rows, _ = yield PG_FIRST_THREAD_PAGE_SQL, (limit,)
+    else:
+        rows, _ = yield PG_THREAD_PAGE_SQL, (after, limit)
     return [r[0] for r in rows]
 
 
@@ -776,7 +795,7 @@ class _SqlBackend(Backend):
         """See `Backend.threads_of_runs`."""
         return self._exec(self._programs().threads_of_runs(run_ids), write=False)
 
-    def thread_page(self, after: str, limit: int) -> list[str]:
+    def thread_page(self, after: str | None, limit: int) -> list[str]:
         """See `Backend.thread_page`."""
         return self._exec(self._programs().thread_page(after, limit), write=False)
 
@@ -807,7 +826,7 @@ class _SqlBackend(Backend):
         """See `Backend.threads_of_runs`."""
         return await self._aexec(self._programs().threads_of_runs(run_ids), write=False)
 
-    async def athread_page(self, after: str, limit: int) -> list[str]:
+    async def athread_page(self, after: str | None, limit: int) -> list[str]:
         """See `Backend.thread_page`."""
         return await self._aexec(self._programs().thread_page(after, limit), write=False)
 
@@ -819,7 +838,7 @@ class _Programs:
     expire: Callable[[str, Fingerprint], Program[Counts]]
     delete_threads: Callable[[Sequence[str]], Program[Counts]]
     threads_of_runs: Callable[[Sequence[str]], Program[list[str]]]
-    thread_page: Callable[[str, int], Program[list[str]]]
+    thread_page: Callable[[str | None, int], Program[list[str]]]
 
 
 def _sqlite_programs(loads: Callable[[tuple[str, bytes]], Any]) -> _Programs:

@@ -36,7 +36,7 @@ from worker.engine import (
     ThreadWork,
     WorkResult,
     fingerprint_of,
-    merge_pages,
+    prefix_upper_bound,
 )
 from worker.stats import AgeHistogram
 
@@ -61,18 +61,30 @@ TABLE_COLUMNS_SQL = "SELECT name FROM pragma_table_info(?)"
 
 # ---------------------------------------------------------------- scan
 
-# Two keyset walks merged in Python: threads with only orphaned writes have no
-# checkpoint row, and a UNION of both tables would sort everything past the
-# cursor instead of stepping the primary-key indexes. The upper bound (a purge
-# prefix's range) is its own statement so the index range stays closed.
-THREADS_PAGE_SQL = """
-SELECT DISTINCT thread_id FROM {table}
-WHERE thread_id >= ? AND thread_id > ? ORDER BY thread_id LIMIT ?
+# Both tables' keyset pages merged in one statement (threads with only orphaned
+# writes have no checkpoint row), so the database alone orders and compares ids
+# and the cursor is the last id in its own order. Each branch is limited before
+# the UNION, so it steps its primary-key index instead of sorting everything
+# past the cursor. BINARY collation is code-point order, so a prefix is the
+# exact range `prefix <= id < prefix_upper_bound(prefix)`; a walk of every
+# thread is the prefix "", and `>= ''` is no bound at all (the empty id included).
+_THREADS_PAGE_TEMPLATE = """
+SELECT thread_id FROM (
+    SELECT DISTINCT thread_id FROM checkpoints WHERE {where} ORDER BY thread_id LIMIT :n
+)
+UNION
+SELECT thread_id FROM (
+    SELECT DISTINCT thread_id FROM writes WHERE {where} ORDER BY thread_id LIMIT :n
+)
+ORDER BY thread_id LIMIT :n
 """
-THREADS_RANGE_PAGE_SQL = """
-SELECT DISTINCT thread_id FROM {table}
-WHERE thread_id >= ? AND thread_id > ? AND thread_id < ? ORDER BY thread_id LIMIT ?
-"""
+THREADS_PAGE_SQL = {
+    # (first page of the walk, the prefix has an upper bound) -> statement
+    (True, False): _THREADS_PAGE_TEMPLATE.format(where="thread_id >= :low"),
+    (True, True): _THREADS_PAGE_TEMPLATE.format(where="thread_id >= :low AND thread_id < :high"),
+    (False, False): _THREADS_PAGE_TEMPLATE.format(where="thread_id > :after"),
+    (False, True): _THREADS_PAGE_TEMPLATE.format(where="thread_id > :after AND thread_id < :high"),
+}
 
 COUNT_THREADS_SQL = "SELECT COUNT(DISTINCT thread_id) FROM checkpoints"
 
@@ -341,30 +353,22 @@ class SqliteStore:
 
     def thread_pages(self, page_size: int) -> AsyncIterator[list[str]]:
         """Every thread id of both tables, by keyset pages of at most `page_size`."""
-        return self.thread_range_pages("", None, page_size)
+        return self.thread_prefix_pages("", page_size)
 
-    async def thread_range_pages(
-        self, low: str, high: str | None, page_size: int
-    ) -> AsyncIterator[list[str]]:
-        """Thread ids in `low <= id < high` (no upper bound when `high` is None), by pages."""
-        after: str | None = None
+    async def thread_prefix_pages(self, prefix: str, page_size: int) -> AsyncIterator[list[str]]:
+        """Thread ids starting with `prefix` (code-point exact), by keyset pages."""
+        high = prefix_upper_bound(prefix)
+        args: dict[str, Any] = {"n": page_size, "low": prefix, "high": high, "after": None}
+        first = True
         while True:
-            pages = []
-            for table in ("checkpoints", "writes"):
-                if high is None:
-                    sql = THREADS_PAGE_SQL.format(table=table)
-                    args: tuple[Any, ...] = (low, after or "", page_size)
-                else:
-                    sql = THREADS_RANGE_PAGE_SQL.format(table=table)
-                    args = (low, after or "", high, page_size)
-                async with self.conn.execute(sql, args) as cur:
-                    pages.append([r[0] for r in await cur.fetchall()])
-            page, more = merge_pages(pages, page_size)
+            sql = THREADS_PAGE_SQL[(first, high is not None)]
+            async with self.conn.execute(sql, args) as cur:
+                page = [r[0] for r in await cur.fetchall()]
             if page:
                 yield page
-            if not more:
+            if len(page) < page_size:
                 return
-            after = page[-1]
+            first, args["after"] = False, page[-1]
 
     async def scan(self, thread_ids: Sequence[str]) -> list[ScannedThread]:
         """Summaries of `thread_ids`; delta threads decoded, waiting left undetermined."""
