@@ -610,7 +610,8 @@ def test_plan_table_has_no_blobs_column_for_sqlite(tmp_path: Path, store: Path) 
     cfg = write_config(tmp_path, store)
     r = cli("plan", config=cfg)
     assert r.returncode == 0, r.stderr
-    header = r.stdout.splitlines()[1].split()
+    # After the "plan at" line and the store's title line.
+    header = r.stdout.splitlines()[3].split()
     assert header == ["policy", "reason", "threads", "checkpoints", "writes", "bytes"]
 
 

@@ -155,7 +155,8 @@ async def test_cli_commands_on_a_postgres_store(tmp_path: Path, dbs: Databases) 
     t = cli("plan", config=cfg, env=env)
     outputs += [t.stdout, t.stderr]
     assert t.returncode == 0, t.stderr
-    assert "blobs" in t.stdout.splitlines()[1].split()  # Postgres keeps channel values in blobs
+    # Below the "plan at" line and the store title: Postgres keeps channel values in blobs.
+    assert "blobs" in t.stdout.splitlines()[3].split()
     assert await dump(dsn) == raw
 
     s = cli("stats", "--format", "json", config=cfg, env=env)
