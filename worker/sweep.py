@@ -30,6 +30,7 @@ from worker.engine import (
     ThreadWork,
     fingerprint_of,
 )
+from worker.stores.space import Reclaimed
 from worker.throttle import BatchSizer, pause_after
 
 log = structlog.get_logger("checkpoint_janitor.sweep")
@@ -90,6 +91,8 @@ class SweepReport:
     error: str | None = None
     reachable: bool = True
     """False when the store could not be opened at all (`store_up` 0)."""
+    reclaim: Reclaimed | None = None
+    """The store's space after the sweep, and what `reclaim.after_sweep` gave back."""
 
     @property
     def deleted(self) -> Counts:
