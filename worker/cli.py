@@ -477,18 +477,32 @@ def reclaim_cmd(
 async def _convert(engine: StoreEngine, settings: ReclaimSettings, yes: bool) -> Reclaimed | None:
     assert isinstance(engine, SqliteStore)  # the caller checked the store's kind
     plan = await sqlite_reclaim.plan_convert(engine, settings)
-    for line in plan.describe():
-        click.echo(line)
     if plan.pages.auto_vacuum == sqlite_reclaim.INCREMENTAL:
         # Done before (perhaps by a run that was killed after its commit): not a failure.
         click.echo(f"store {engine.name}: {plan.refusal}")
         return None
+    for line in plan.describe():
+        click.echo(line)
     if plan.refusal is not None:
         raise ReclaimRefused(f"store {engine.name}: refusing to convert: {plan.refusal}")
     if not yes and not click.confirm("Convert now?", default=False):
         click.echo("nothing changed")
         return None
-    return await sqlite_reclaim.convert(engine, settings, plan)
+    expected = plan.expected_seconds
+
+    def progress(elapsed: float) -> None:
+        # On a terminal a person watches; elsewhere one log line per tick.
+        if sys.stderr.isatty():
+            click.echo(
+                f"\rconverting: {elapsed:.0f} s of about {expected:.0f} s", nl=False, err=True
+            )
+        else:
+            log.debug("convert_progress", store=engine.name, seconds=round(elapsed, 1))
+
+    result = await sqlite_reclaim.convert(engine, settings, plan, progress)
+    if sys.stderr.isatty():
+        click.echo("", err=True)
+    return result
 
 
 async def _vacuum_full(engine: StoreEngine, yes: bool) -> Reclaimed | None:

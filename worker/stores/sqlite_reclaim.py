@@ -71,6 +71,10 @@ FIRST_STEP_PAGES = 256
 MIN_STEP_PAGES = 16
 MAX_STEP_PAGES = 100_000
 
+PROGRESS_OPCODES = 100_000
+"""SQLite calls the progress handler every this many virtual machine steps."""
+PROGRESS_SECONDS = 1.0
+
 WAL_FRAME_HEADER = 24
 """Bytes each page carries in the WAL besides its content."""
 
@@ -301,8 +305,8 @@ class ConvertPlan:
             f"store {self.store}: {self.path}: {_mb(self.file_bytes)}, "
             f"{p.free_pages} of {p.page_count} pages free ({p.free_fraction:.0%}), "
             f"auto_vacuum={p.mode}",
-            f"  converts to auto_vacuum=incremental with one VACUUM; the file becomes about "
-            f"{_mb(p.live_bytes)}",
+            f"  converts to auto_vacuum=incremental with one VACUUM; the file becomes at most "
+            f"about {_mb(p.live_bytes)}",
             f"  expected to take about {_duration(self.expected_seconds)} "
             f"(assuming {CONVERT_BYTES_PER_SECOND / 1e6:.0f} MB/s of file; slower disks take "
             "longer)",
@@ -382,12 +386,17 @@ async def plan_convert(store: SqliteStore, settings: ReclaimSettings) -> Convert
 
 
 async def convert(
-    store: SqliteStore, settings: ReclaimSettings, plan: ConvertPlan | None = None
+    store: SqliteStore,
+    settings: ReclaimSettings,
+    plan: ConvertPlan | None = None,
+    progress: Callable[[float], None] | None = None,
 ) -> Reclaimed:
     """Switch the file to incremental auto-vacuum with one VACUUM, after `plan_convert` agrees.
 
-    Raises `ReclaimRefused` when the plan refuses, or when the application
-    holds the write lock past the store's busy timeout.
+    `progress` hears the seconds elapsed from inside the VACUUM (at its start,
+    then every `PROGRESS_SECONDS`), on SQLite's thread. Raises `ReclaimRefused`
+    when the plan refuses, or when the application holds the write lock past
+    the store's busy timeout.
     """
     plan = plan or await plan_convert(store, settings)
     if plan.refusal is not None:
@@ -395,7 +404,14 @@ async def convert(
     started = time.monotonic()
     before = await measure(store)
     await store.conn.execute(SET_INCREMENTAL_SQL)
-    await _vacuum(store)
+    if progress is not None:
+        await store.conn.set_progress_handler(_ticker(progress), PROGRESS_OPCODES)
+    try:
+        await _vacuum(store)
+    finally:
+        if progress is not None:
+            # sqlite3 clears the handler on None; aiosqlite's annotation omits it.
+            await store.conn.set_progress_handler(None, PROGRESS_OPCODES)  # type: ignore[arg-type]
     held = time.monotonic() - started
     result = Reclaimed(store.name, "convert", before, before, steps=1, longest_step_seconds=held)
     p = await pages(store)
@@ -409,6 +425,21 @@ async def convert(
     result.after = await measure(store)
     result.seconds = time.monotonic() - started
     return result
+
+
+def _ticker(progress: Callable[[float], None]) -> Callable[[], int]:
+    """A SQLite progress handler calling `progress(elapsed)` now and then; never aborts."""
+    t0 = time.monotonic()
+    last: list[float] = []
+
+    def tick() -> int:
+        elapsed = time.monotonic() - t0
+        if not last or elapsed - last[0] >= PROGRESS_SECONDS:
+            last[:] = [elapsed]
+            progress(elapsed)
+        return 0
+
+    return tick
 
 
 async def _vacuum(store: SqliteStore) -> None:
