@@ -68,6 +68,11 @@ DESIGN_METRICS: dict[str, tuple[str, frozenset[str]]] = {
     PREFIX + "safety_stops_total": ("counter", frozenset({"store", "policy"})),
     PREFIX + "store_up": ("gauge", frozenset({"store"})),
     PREFIX + "build_info": ("gauge", frozenset({"version"})),
+    # issue "Space comes back"
+    PREFIX + "store_bytes": ("gauge", frozenset({"store"})),
+    PREFIX + "reclaimable_bytes": ("gauge", frozenset({"store"})),
+    PREFIX + "reclaimed_bytes_total": ("counter", frozenset({"store"})),
+    PREFIX + "reclaim_duration_seconds": ("histogram", frozenset({"store"})),
 }
 SWEEP_OUTCOMES = frozenset({"success", "failed", "safety_stop", "stopped", "locked"})
 DELETED_KINDS = frozenset({"checkpoints", "writes", "blobs", "threads"})
