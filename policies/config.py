@@ -44,6 +44,8 @@ __all__ = [
     "MetricsConfig",
     "Policy",
     "PoolConfig",
+    "ReclaimOverrides",
+    "ReclaimSettings",
     "Schedule",
     "StoreConfig",
     "redact_dsn",
@@ -421,6 +423,47 @@ class BatchOverrides(_Model):
         return base.model_copy(update=given)
 
 
+# --------------------------------------------------------------------------- reclaim
+
+Fraction = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+
+
+class ReclaimSettings(_Model):
+    """Giving disk space back after sweeps (`reclaim`).
+
+    SQLite: incremental auto-vacuum in steps sized and paced like delete
+    batches (`defaults.batch`), on files in that mode; `reclaim --convert`
+    switches a file once. Postgres: `VACUUM (ANALYZE)` on a table a sweep
+    thinned out.
+    """
+
+    after_sweep: bool = False
+    """Reclaim after each sweep that deleted something (`once` and `run`)."""
+    min_free_fraction: Fraction = 0.25
+    """SQLite `--convert` refuses a file whose free pages are below this share of it."""
+    min_disk_margin: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.1
+    """SQLite `--convert`: disk that must stay free after the copies, as a share of the file."""
+    wal_truncate_mb: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 64.0
+    """SQLite: after reclaiming, checkpoint and truncate a WAL larger than this (MiB)."""
+    min_deleted_fraction: Fraction = 0.1
+    """Postgres: VACUUM a table after a sweep deleted at least this share of its rows."""
+
+
+class ReclaimOverrides(_Model):
+    """A store's overrides of `defaults.reclaim`: any subset of the `ReclaimSettings` keys."""
+
+    after_sweep: bool | None = None
+    min_free_fraction: Fraction | None = None
+    min_disk_margin: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    wal_truncate_mb: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    min_deleted_fraction: Fraction | None = None
+
+    def apply(self, base: ReclaimSettings) -> ReclaimSettings:
+        """`base` with every key given here replacing its value."""
+        given = {k: v for k, v in self.model_dump().items() if v is not None}
+        return base.model_copy(update=given)
+
+
 # --------------------------------------------------------------------------- stores
 
 
@@ -455,6 +498,7 @@ class StoreConfig(_Model):
     pool: PoolConfig = PoolConfig(min_size=1, max_size=4)
     encryption_key: SecretStr | None = None
     batch: BatchOverrides | None = None
+    reclaim: ReclaimOverrides | None = None
 
     @field_validator("dsn")
     @classmethod
@@ -626,6 +670,8 @@ class Defaults(_Model):
     allow_mass_expiry: bool = False
     """Lift the safety limit for every sweep (`run`'s only way past it; `once` has a flag)."""
     batch: BatchSettings = BatchSettings()
+    reclaim: ReclaimSettings = ReclaimSettings()
+    """Giving disk space back after sweeps; stores may override any key."""
     shutdown_grace: PositiveSeconds = 20.0
     """`run`: on SIGTERM, how long the current batch may take to commit before it is rolled back."""
     jitter: NonNegativeSeconds = 10.0
@@ -754,6 +800,13 @@ class Config(_Model):
         if store.batch is None:
             return self.defaults.batch
         return store.batch.apply(self.defaults.batch)
+
+    def reclaim_settings(self, store_name: str) -> ReclaimSettings:
+        """`defaults.reclaim` with the store's `reclaim` overrides applied."""
+        store = self.store(store_name)
+        if store.reclaim is None:
+            return self.defaults.reclaim
+        return store.reclaim.apply(self.defaults.reclaim)
 
     def policies_for(self, store_name: str) -> list[Policy]:
         """The policies that apply to a store, in file order (first match wins among them)."""

@@ -3,7 +3,7 @@
 Run as a process: `python live_writer.py DB SECONDS OUT.json THREAD...`. It runs
 chat turns through the real `AsyncSqliteSaver` round-robin over the given
 threads until SECONDS pass, and records per thread the turns it completed,
-every error, and each turn's latency.
+every error, and each turn's latency and wall-clock end.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ async def main(db: str, seconds: float, out: str, threads: list[str]) -> None:
     done: dict[str, int] = {t: 0 for t in threads}
     errors: list[str] = []
     latencies: list[float] = []
+    ends: list[float] = []
     async with AsyncSqliteSaver.from_conn_string(db) as saver:
         app = chat_graph(saver)
         end = time.monotonic() + seconds
@@ -36,9 +37,10 @@ async def main(db: str, seconds: float, out: str, threads: list[str]) -> None:
             except Exception as e:  # recorded: the test asserts there are none
                 errors.append(f"{type(e).__name__}: {e}")
             latencies.append(time.monotonic() - t0)
+            ends.append(time.time())
             await asyncio.sleep(0.01)
     with open(out, "w") as f:
-        json.dump({"done": done, "errors": errors, "latencies": latencies}, f)
+        json.dump({"done": done, "errors": errors, "latencies": latencies, "ends": ends}, f)
 
 
 if __name__ == "__main__":

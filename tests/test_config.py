@@ -1014,3 +1014,39 @@ def test_alias_bomb_is_an_error_not_a_hang() -> None:
         levels.append(f"{name}: &{name} [{', '.join(['*' + prev] * 9)}]")
     err = load_error("\n".join(levels) + "\n")
     assert "alias bomb" in err.message and len(err.issues) == 1
+
+
+# --------------------------------------------------------------------------- reclaim
+
+
+def test_reclaim_defaults_and_store_overrides() -> None:
+    config = load_config_text(
+        """\
+stores:
+  - {name: app, kind: sqlite, path: ./a.db, reclaim: {min_free_fraction: 0.5}}
+  - {name: other, kind: sqlite, path: ./b.db}
+defaults:
+  reclaim: {after_sweep: true, wal_truncate_mb: 8}
+policies:
+  - {name: trim, keep_last: 5}
+"""
+    )
+    app, other = config.reclaim_settings("app"), config.reclaim_settings("other")
+    assert app.after_sweep and app.min_free_fraction == 0.5 and app.wal_truncate_mb == 8
+    assert other.after_sweep and other.min_free_fraction == 0.25
+    assert load_config_text(MINIMAL).reclaim_settings("app").after_sweep is False
+
+
+@pytest.mark.parametrize(
+    ("reclaim", "fragment"),
+    [
+        ("{after_sweeps: true}", "after_sweeps"),
+        ("{min_free_fraction: 0}", "min_free_fraction"),
+        ("{min_deleted_fraction: 1.5}", "min_deleted_fraction"),
+        ("{min_disk_margin: -1}", "min_disk_margin"),
+        ("{after_sweep: 'yes'}", "after_sweep"),
+    ],
+)
+def test_reclaim_rejects(reclaim: str, fragment: str) -> None:
+    error = load_error(MINIMAL.replace("policies:", f"defaults:\n  reclaim: {reclaim}\npolicies:"))
+    assert fragment in str(error)

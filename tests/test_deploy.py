@@ -73,6 +73,11 @@ DESIGN_METRICS: dict[str, tuple[str, frozenset[str]]] = {
     PREFIX + "deleted_bytes_total": ("counter", frozenset({"store", "policy"})),
     PREFIX + "config_last_reload_successful": ("gauge", frozenset()),
     PREFIX + "config_last_reload_success_timestamp_seconds": ("gauge", frozenset()),
+    # issue "Space comes back"
+    PREFIX + "store_bytes": ("gauge", frozenset({"store"})),
+    PREFIX + "reclaimable_bytes": ("gauge", frozenset({"store"})),
+    PREFIX + "reclaimed_bytes_total": ("counter", frozenset({"store"})),
+    PREFIX + "reclaim_duration_seconds": ("histogram", frozenset({"store"})),
 }
 SWEEP_OUTCOMES = frozenset({"success", "failed", "safety_stop", "stopped", "locked"})
 DELETED_KINDS = frozenset({"checkpoints", "writes", "blobs", "threads"})

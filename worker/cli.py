@@ -19,12 +19,14 @@ from typing import Any, NoReturn, TypeVar
 import click
 import structlog
 
-from policies.config import Config, Policy, StoreConfig
+from policies.config import BatchSettings, Config, Policy, ReclaimSettings, StoreConfig
 from policies.loader import ConfigError, check_config, load_config
 from worker.engine import StoreEngine, StoreError
 from worker.logs import configure_logging, iso_utc
 from worker.metrics import Metrics
+from worker.postgres_store import PostgresStore
 from worker.purge import purge
+from worker.reclaim import after_sweep, measure, reclaim
 from worker.report import (
     human_bytes,
     render_json,
@@ -33,8 +35,10 @@ from worker.report import (
     report_dict,
     thread_dict,
 )
+from worker.sqlite_store import SqliteStore
 from worker.stats import namespace_display
-from worker.stores import make_engine
+from worker.stores import make_engine, postgres_reclaim, sqlite_reclaim
+from worker.stores.space import Reclaimed, ReclaimRefused
 from worker.sweep import Outcome, SweepOptions, SweepReport, ThreadFn, ThreadPlan, sweep
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_SAFETY = 0, 1, 2, 3
@@ -119,6 +123,7 @@ async def _sweep_all(
     allow_mass_expiry: bool,
     now: float | None = None,
     on_thread: ThreadFn | None = None,
+    reclaim: bool = False,
 ) -> list[SweepReport]:
     reports = []
     for store in stores:
@@ -130,12 +135,12 @@ async def _sweep_all(
         )
         policies = config.policies_for(store.name)
 
-        def body(
+        async def body(
             engine: StoreEngine,
             policies: Sequence[Policy] = policies,
             options: SweepOptions = options,
-        ) -> Awaitable[SweepReport]:
-            return sweep(
+        ) -> SweepReport:
+            report = await sweep(
                 engine,
                 policies,
                 options,
@@ -143,6 +148,10 @@ async def _sweep_all(
                 progress=_progress(engine.name),
                 on_thread=on_thread,
             )
+            if reclaim:
+                settings = config.reclaim_settings(engine.name)
+                report.reclaim = await after_sweep(engine, settings, options.settings, report)
+            return report
 
         try:
             # A dry run (`plan`) only reads: it works on a file it may not write.
@@ -290,6 +299,8 @@ def _export(config: Config, reports: Sequence[SweepReport]) -> None:
             )
             for p in config.policies_for(report.store):
                 metrics.set_interval(report.store, p.name, config.schedule_for(p))
+            if report.reclaim is not None:
+                metrics.record_reclaim(report.reclaim)
         if m.pushgateway is not None:
             try:
                 per_store.push(m.pushgateway, m.job, report.store)
@@ -345,7 +356,11 @@ def once(ctx: click.Context, dry_run: bool, allow_mass_expiry: bool, only: str |
     dry_run = dry_run or config.defaults.dry_run
     reports = asyncio.run(
         _sweep_all(
-            config, _stores(config, only), dry_run=dry_run, allow_mass_expiry=allow_mass_expiry
+            config,
+            _stores(config, only),
+            dry_run=dry_run,
+            allow_mass_expiry=allow_mass_expiry,
+            reclaim=True,
         )
     )
     # The summary always goes to stdout: a table for a person, JSON for a log collector.
@@ -385,7 +400,7 @@ def stats(ctx: click.Context, fmt: str, only: str | None) -> None:
         for store in _stores(config, only):
             try:
                 out.append(
-                    await _with_engine(config, store, lambda e: e.stats(now), read_only=True)  # type: ignore[attr-defined]
+                    await _with_engine(config, store, lambda e: _stats_of(e, now), read_only=True)
                 )
             except StoreError as e:
                 _fail(str(e), EXIT_FAILED)
@@ -399,9 +414,11 @@ def stats(ctx: click.Context, fmt: str, only: str | None) -> None:
         click.echo(f"store {s['store']} ({s['kind']}): {s['threads']} threads")
         for table, t in s["tables"].items():
             click.echo(f"  {table:<18} {t['rows']:>12} rows  {human_bytes(t['bytes']):>10}")
-        for key in ("file_bytes", "wal_bytes", "reclaimable_bytes"):
+        for key in ("store_bytes", "file_bytes", "wal_bytes", "reclaimable_bytes"):
             if key in s:
                 click.echo(f"  {key.replace('_', ' '):<18} {human_bytes(s[key]):>29}")
+        for line in _space_lines(s["space"]):
+            click.echo(f"  {line}")
         click.echo("  checkpoint ages per namespace:")
         for ns, buckets in s["ages"].items():
             cells = ", ".join(f"{b} {n}" for b, n in buckets.items())
@@ -411,6 +428,33 @@ def stats(ctx: click.Context, fmt: str, only: str | None) -> None:
             click.echo(
                 f"    {t['thread_id']}: {t['checkpoints']} checkpoints, {human_bytes(t['bytes'])}"
             )
+
+
+async def _stats_of(engine: StoreEngine, now: float) -> dict[str, Any]:
+    """`stats` of one store, with its space as `reclaim` and the metrics see it."""
+    out: dict[str, Any] = await engine.stats(now)  # type: ignore[attr-defined]
+    space = await measure(engine)
+    out.update(
+        store_bytes=space.store_bytes, reclaimable_bytes=space.reclaimable_bytes, space=space.detail
+    )
+    return out
+
+
+def _space_lines(detail: dict[str, Any]) -> list[str]:
+    if "auto_vacuum" in detail:
+        return [
+            f"auto_vacuum {detail['auto_vacuum']}: {detail['free_pages']} of "
+            f"{detail['page_count']} pages free ({detail['free_fraction']:.0%})"
+        ]
+    lines = [f"space per table (reclaimable: {detail['bloat_estimate']}):"]
+    for name, t in sorted(detail["tables"].items()):
+        lines.append(
+            f"  {name:<18} {t['dead_rows']:>10} dead rows  table {human_bytes(t['table_bytes'])}"
+            f"  indexes {human_bytes(t['index_bytes'])}"
+            f"  reclaimable {human_bytes(t['reclaimable_bytes'])}"
+            f"  last vacuum {t['last_vacuum'] or 'never'}"
+        )
+    return lines
 
 
 @main.command(name="purge")
@@ -483,6 +527,131 @@ def purge_cmd(
             failed = True
     if failed:
         sys.exit(EXIT_FAILED)
+
+
+@main.command(name="reclaim")
+@click.option(
+    "--store", "only", default=None, help="Only this store (required with --convert, --full)."
+)
+@click.option(
+    "--convert",
+    is_flag=True,
+    help="SQLite, once per file: switch it to incremental auto-vacuum with one VACUUM "
+    "(rewrites the file and blocks writers meanwhile).",
+)
+@click.option(
+    "--full",
+    is_flag=True,
+    help="Postgres: VACUUM FULL, which locks each table against reads and writes while it runs.",
+)
+@click.option("--yes", is_flag=True, help="Do not ask before --convert or --full.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.pass_context
+def reclaim_cmd(
+    ctx: click.Context, only: str | None, convert: bool, full: bool, yes: bool, fmt: str
+) -> None:
+    """Give disk space back now: SQLite in short steps, Postgres VACUUM (ANALYZE)."""
+    if convert and full:
+        _fail("--convert (sqlite) and --full (postgres) exclude each other", EXIT_CONFIG)
+    if (convert or full) and only is None:
+        _fail("--convert and --full rewrite a store: name it with --store", EXIT_CONFIG)
+    config = _load(ctx)
+    results: list[Reclaimed] = []
+    failed = False
+    for store in _stores(config, only):
+        if convert and store.kind != "sqlite":
+            _fail(f"--convert is for sqlite stores; {store.name} is postgres (see --full)", 2)
+        if full and store.kind != "postgres":
+            _fail(f"--full is for postgres stores; {store.name} is sqlite (see --convert)", 2)
+        settings = config.reclaim_settings(store.name)
+        batch = config.store_settings(store.name)
+
+        async def body(
+            engine: StoreEngine, settings: ReclaimSettings = settings, batch: BatchSettings = batch
+        ) -> Reclaimed | None:
+            if convert:
+                return await _convert(engine, settings, yes)
+            if full:
+                return await _vacuum_full(engine, yes)
+            return await reclaim(engine, settings, batch)
+
+        try:
+            result = asyncio.run(_with_engine(config, store, body))
+        except (ReclaimRefused, StoreError) as e:
+            click.echo(f"checkpoint-janitor: {e}", err=True)
+            failed = True
+            continue
+        if result is None:
+            continue
+        results.append(result)
+        log.info("reclaim", **result.as_dict())
+        if fmt == "table":
+            click.echo(_reclaim_line(result))
+    if fmt == "json":
+        click.echo(json.dumps({"reclaimed": [r.as_dict() for r in results]}, indent=2))
+    if failed:
+        sys.exit(EXIT_FAILED)
+
+
+async def _convert(engine: StoreEngine, settings: ReclaimSettings, yes: bool) -> Reclaimed | None:
+    assert isinstance(engine, SqliteStore)  # the caller checked the store's kind
+    plan = await sqlite_reclaim.plan_convert(engine, settings)
+    if plan.pages.auto_vacuum == sqlite_reclaim.INCREMENTAL:
+        # Done before (perhaps by a run that was killed after its commit): not a failure.
+        click.echo(f"store {engine.name}: {plan.refusal}")
+        return None
+    for line in plan.describe():
+        click.echo(line)
+    if plan.refusal is not None:
+        raise ReclaimRefused(f"store {engine.name}: refusing to convert: {plan.refusal}")
+    if not yes and not click.confirm("Convert now?", default=False):
+        click.echo("nothing changed")
+        return None
+    expected = plan.expected_seconds
+
+    def progress(elapsed: float) -> None:
+        # On a terminal a person watches; elsewhere one log line per tick.
+        if sys.stderr.isatty():
+            click.echo(
+                f"\rconverting: {elapsed:.0f} s of about {expected:.0f} s", nl=False, err=True
+            )
+        else:
+            log.debug("convert_progress", store=engine.name, seconds=round(elapsed, 1))
+
+    result = await sqlite_reclaim.convert(engine, settings, plan, progress)
+    if sys.stderr.isatty():
+        click.echo("", err=True)
+    return result
+
+
+async def _vacuum_full(engine: StoreEngine, yes: bool) -> Reclaimed | None:
+    assert isinstance(engine, PostgresStore)  # the caller checked the store's kind
+    space = await measure(engine)
+    click.echo(
+        f"store {engine.name}: VACUUM FULL rewrites {', '.join(postgres_reclaim.TABLES)} one at "
+        "a time. Each holds an ACCESS EXCLUSIVE lock while it is rewritten: the application "
+        "can neither read nor write that table until it is done. It needs free disk for the "
+        "new copy of each table and its indexes."
+    )
+    for line in _space_lines(space.detail):
+        click.echo(f"  {line}")
+    if not yes and not click.confirm("Run VACUUM FULL now?", default=False):
+        click.echo("nothing changed")
+        return None
+    return await postgres_reclaim.vacuum(engine, full=True)
+
+
+def _reclaim_line(r: Reclaimed) -> str:
+    line = (
+        f"store {r.store}: {r.action}: {human_bytes(r.before.store_bytes)} -> "
+        f"{human_bytes(r.after.store_bytes)} ({human_bytes(r.reclaimed_bytes)} given back, "
+        f"{human_bytes(r.after.reclaimable_bytes)} still reclaimable) in {r.seconds:.1f} s"
+    )
+    if r.steps:
+        line += f", {r.steps} steps, longest {r.longest_step_seconds:.3f} s"
+    if r.tables:
+        line += f", tables {', '.join(r.tables)}"
+    return line + (f"\n  {r.note}" if r.note else "")
 
 
 @main.command()

@@ -37,6 +37,7 @@ from policies.loader import ConfigError, load_config
 from worker.engine import StoreEngine, StoreError
 from worker.logs import configure_logging
 from worker.metrics import Metrics
+from worker.reclaim import after_sweep
 from worker.stores import make_engine
 from worker.sweep import Outcome, SweepOptions, sweep
 
@@ -161,6 +162,11 @@ class StoreRunner:
             on_batch=metrics.batch_duration.labels(self.name).observe,
         )
         metrics.record(report, sorted(due))
+        report.reclaim = await after_sweep(
+            self.engine, cfg.reclaim_settings(self.name), options.settings, report, stop=self.stop
+        )
+        if report.reclaim is not None:
+            metrics.record_reclaim(report.reclaim)
         if report.outcome is Outcome.STOPPED:
             # Cut short by a reload or shutdown: still due, for the successor.
             self.due |= due

@@ -29,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from policies.config import Schedule
+from worker.stores.space import Reclaimed
 from worker.sweep import Outcome, SweepReport
 
 # `*_created` series double every counter's output and no alert here reads them.
@@ -143,6 +144,30 @@ class Metrics:
             PREFIX + "build_info", "The worker's version.", ["version"], registry=r
         )
         self.build_info.labels(VERSION).set(1)
+        # Space (issue "Space comes back"): set after every sweep, reclaiming or not.
+        self.store_bytes = Gauge(
+            PREFIX + "store_bytes",
+            "Bytes the store takes on disk (SQLite file and WAL; Postgres tables and indexes).",
+            ["store"],
+            registry=r,
+        )
+        self.reclaimable_bytes = Gauge(
+            PREFIX + "reclaimable_bytes",
+            "Bytes a reclamation could give back (SQLite free pages; Postgres dead tuples, est.).",
+            ["store"],
+            registry=r,
+        )
+        self.reclaimed_bytes = Counter(
+            PREFIX + "reclaimed_bytes", "Bytes the store shrank by in reclamations.", ["store"],
+            registry=r,
+        )  # fmt: skip
+        self.reclaim_duration = Histogram(
+            PREFIX + "reclaim_duration_seconds",
+            "Duration of one reclamation (all its steps).",
+            ["store"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
 
     def record(self, report: SweepReport, policies: Iterable[str]) -> None:
         """Count one sweep of `report.store` for each policy it applied."""
@@ -169,6 +194,14 @@ class Metrics:
         self.dry_run.labels(store).set(1 if report.dry_run else 0)
         if report.outcome is Outcome.SAFETY_STOP and report.limit_reached_by is not None:
             self.safety_stops.labels(store, report.limit_reached_by).inc()
+
+    def record_reclaim(self, result: Reclaimed) -> None:
+        """The store's size after a sweep or reclamation, and what the reclamation gave back."""
+        self.store_bytes.labels(result.store).set(result.after.store_bytes)
+        self.reclaimable_bytes.labels(result.store).set(result.after.reclaimable_bytes)
+        if result.action != "none":
+            self.reclaimed_bytes.labels(result.store).inc(result.reclaimed_bytes)
+            self.reclaim_duration.labels(result.store).observe(result.seconds)
 
     def keep_only(self, pairs: set[tuple[str, str]]) -> None:
         """Drop the gauges of (store, policy) pairs no longer configured (after a reload)."""

@@ -40,6 +40,7 @@ from worker.engine import (
     fingerprint_of,
 )
 from worker.logs import iso_utc
+from worker.stores.space import Reclaimed
 from worker.throttle import BatchSizer, pause_after
 
 log = structlog.get_logger("checkpoint_janitor.sweep")
@@ -107,6 +108,8 @@ class SweepReport:
     error: str | None = None
     reachable: bool = True
     """False when the store could not be opened at all (`store_up` 0)."""
+    reclaim: Reclaimed | None = None
+    """The store's space after the sweep, and what `reclaim.after_sweep` gave back."""
 
     @property
     def deleted(self) -> Counts:

@@ -1,0 +1,188 @@
+"""Vacuuming a Postgres store's checkpoint tables after sweeps.
+
+Deleted rows stay as dead tuples until vacuum. After a sweep that deleted a
+meaningful share of a table (`reclaim.min_deleted_fraction`) the worker runs
+`VACUUM (ANALYZE)` on it: the space becomes reusable and the planner's
+statistics match the smaller table, without locking the application out
+(`SHARE UPDATE EXCLUSIVE` conflicts only with DDL and other vacuums).
+Returning the space to the operating system takes `VACUUM FULL`, which holds
+an `ACCESS EXCLUSIVE` lock (no reads, no writes) while it rewrites the table:
+that runs only when an operator asks (`reclaim --full`), never on its own.
+
+Least privilege: VACUUM needs the table's owner, a superuser, or (PostgreSQL
+16+) the MAINTAIN privilege. A role without it gets no error from Postgres,
+only a WARNING ("skipping ... only table or database owner can vacuum it" /
+"permission denied to vacuum ..., skipping it") and a vacuum that did nothing;
+the warning is caught here and turned into a one-line `ReclaimRefused`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import asyncpg
+import structlog
+
+from worker.engine import Counts
+from worker.postgres_store import PostgresStore
+from worker.stores.space import Reclaimed, ReclaimRefused, Space
+
+log = structlog.get_logger("checkpoint_janitor.postgres_reclaim")
+
+TABLES = ("checkpoints", "checkpoint_blobs", "checkpoint_writes")
+"""The tables sweeps delete from (checkpoint_migrations never changes)."""
+KIND_TABLES = {
+    "checkpoints": "checkpoints",
+    "writes": "checkpoint_writes",
+    "blobs": "checkpoint_blobs",
+}
+"""Which table a sweep's deleted kind comes from."""
+
+# The statistics collector's counts, not count(*): reading a 100M-row table
+# to decide whether to vacuum it would cost more than the vacuum.
+# pg_table_size includes TOAST (where checkpoint JSONB lives) but not indexes.
+TABLE_SPACE_SQL = """
+SELECT s.relname, s.n_live_tup, s.n_dead_tup,
+       pg_table_size(s.relid), pg_indexes_size(s.relid),
+       s.vacuum_count, s.autovacuum_count, s.last_vacuum, s.last_autovacuum
+FROM pg_stat_user_tables s
+WHERE s.schemaname = $1 AND s.relname = ANY($2::text[])
+"""
+# VACUUM cannot run inside a transaction block; asyncpg sends an argument-less
+# statement as a simple query outside one. Names come from TABLES and the
+# store's validated schema identifier, never from input.
+VACUUM_SQL = 'VACUUM (ANALYZE) "{schema}"."{table}"'
+VACUUM_FULL_SQL = 'VACUUM (FULL, ANALYZE) "{schema}"."{table}"'
+# A VACUUM FULL waiting for its lock queues every later reader of the table
+# behind it: wait at most the store's lock_timeout, then give up.
+SET_LOCK_TIMEOUT_SQL = "SELECT set_config('lock_timeout', $1, false)"
+RESET_LOCK_TIMEOUT_SQL = "RESET lock_timeout"
+CURRENT_USER_SQL = "SELECT current_user"
+
+_PRIVILEGE_WARNINGS = ("only table or database owner can vacuum", "permission denied to vacuum")
+
+
+def estimate_bloat(table_bytes: int, live: int, dead: int) -> int:
+    """Bytes dead tuples hold: the table's size times their share of its tuples.
+
+    A simple estimate from the statistics collector (no pgstattuple): it
+    assumes dead and live rows are alike in size, and counts what VACUUM makes
+    reusable, not the free space inside pages that only VACUUM FULL returns to
+    the operating system.
+    """
+    total = live + dead
+    return table_bytes * dead // total if total > 0 else 0
+
+
+async def table_space(store: PostgresStore) -> dict[str, dict[str, Any]]:
+    """Per checkpoint table: live and dead tuples, table and index bytes, bloat, vacuums."""
+    async with store.pool.acquire() as conn:
+        rows = await conn.fetch(TABLE_SPACE_SQL, store.schema, list(TABLES))
+    out = {}
+    for r in rows:
+        out[r[0]] = {
+            "live_rows": int(r[1]),
+            "dead_rows": int(r[2]),
+            "table_bytes": int(r[3]),
+            "index_bytes": int(r[4]),
+            "reclaimable_bytes": estimate_bloat(int(r[3]), int(r[1]), int(r[2])),
+            "vacuum_count": int(r[5]) + int(r[6]),
+            "last_vacuum": max((t for t in (r[7], r[8]) if t is not None), default=None),
+        }
+    return out
+
+
+async def measure(store: PostgresStore) -> Space:
+    """Tables and indexes on disk, and the bloat estimate of `estimate_bloat`."""
+    tables = await table_space(store)
+    for t in tables.values():
+        if t["last_vacuum"] is not None:
+            t["last_vacuum"] = t["last_vacuum"].isoformat()
+    return Space(
+        store_bytes=sum(t["table_bytes"] + t["index_bytes"] for t in tables.values()),
+        reclaimable_bytes=sum(t["reclaimable_bytes"] for t in tables.values()),
+        detail={"tables": tables, "bloat_estimate": "dead tuples' share of pg_table_size"},
+    )
+
+
+def tables_thinned(deleted: Counts, live: dict[str, int], min_fraction: float) -> list[str]:
+    """The tables a sweep deleted at least `min_fraction` of (of rows left plus deleted)."""
+    out = []
+    for kind, table in KIND_TABLES.items():
+        gone = int(getattr(deleted, kind))
+        if gone > 0 and gone / (gone + live.get(table, 0)) >= min_fraction:
+            out.append(table)
+    return sorted(out)
+
+
+async def vacuum(
+    store: PostgresStore, tables: Sequence[str] | None = None, *, full: bool = False
+) -> Reclaimed:
+    """`VACUUM (ANALYZE)` (or `VACUUM FULL` when `full`) each of `tables` (default all three).
+
+    Raises `ReclaimRefused` when the role may not vacuum a table, or (full) when
+    the application's locks outlast the store's lock_timeout.
+    """
+    started = time.monotonic()
+    before = await measure(store)
+    chosen = list(TABLES if tables is None else tables)
+    result = Reclaimed(store.name, "vacuum_full" if full else "vacuum", before, before)
+    warnings: list[str] = []
+
+    def listen(_conn: Any, message: Any) -> None:
+        warnings.append(str(getattr(message, "message", message)))
+
+    async with store.pool.acquire() as conn:
+        conn.add_log_listener(listen)
+        try:
+            user = await conn.fetchval(CURRENT_USER_SQL)
+            await conn.fetchval(SET_LOCK_TIMEOUT_SQL, f"{int(store.lock_timeout * 1000)}ms")
+            for table in chosen:
+                warnings.clear()
+                t0 = time.monotonic()
+                sql = (VACUUM_FULL_SQL if full else VACUUM_SQL).format(
+                    schema=store.schema, table=table
+                )
+                try:
+                    await conn.execute(sql)
+                except asyncpg.exceptions.LockNotAvailableError:
+                    raise ReclaimRefused(
+                        f"store {store.name}: VACUUM FULL of {store.schema}.{table} waited "
+                        f"{store.lock_timeout:g} s (lock_timeout) for the application's locks "
+                        "and gave up; nothing was changed. Run it in a quieter window."
+                    ) from None
+                except asyncpg.exceptions.InsufficientPrivilegeError:
+                    _refuse_privilege(store, user, table)
+                # Notices are handed to listeners with call_soon: let them run.
+                await asyncio.sleep(0)
+                _check_warnings(store, user, table, warnings)
+                held = time.monotonic() - t0
+                result.steps += 1
+                result.longest_step_seconds = max(result.longest_step_seconds, held)
+                result.tables.append(table)
+                log.info(
+                    "table_vacuumed", store=store.name, table=table, full=full,
+                    seconds=round(held, 3),
+                )  # fmt: skip
+        finally:
+            conn.remove_log_listener(listen)
+            await conn.execute(RESET_LOCK_TIMEOUT_SQL)
+    result.after = await measure(store)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _check_warnings(store: PostgresStore, user: str, table: str, warnings: Iterable[str]) -> None:
+    if any(w in text for text in warnings for w in _PRIVILEGE_WARNINGS):
+        _refuse_privilege(store, user, table)
+
+
+def _refuse_privilege(store: PostgresStore, user: str, table: str) -> None:
+    raise ReclaimRefused(
+        f"store {store.name}: role {user!r} may not VACUUM {store.schema}.{table} "
+        "(Postgres skipped it): VACUUM needs the table's owner, a superuser, or on "
+        f"PostgreSQL 16+ `GRANT MAINTAIN ON {store.schema}.{table} TO {user}`"
+    )
