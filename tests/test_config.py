@@ -25,6 +25,8 @@ from policies.config import (
     Match,
     MetricsConfig,
     Policy,
+    ReclaimOverrides,
+    ReclaimSettings,
     Schedule,
     StoreConfig,
     redact_dsn,
@@ -292,8 +294,10 @@ def _schema_keys(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> set[tu
                 inner = members[0]
             else:
                 break
-        # A store's `batch` takes the keys of defaults.batch, documented there once.
-        if isinstance(inner, type) and issubclass(inner, BaseModel) and inner is not BatchOverrides:
+        # A store's `batch` and `reclaim` take the keys of defaults.batch and
+        # defaults.reclaim, documented there once.
+        overrides = (BatchOverrides, ReclaimOverrides)
+        if isinstance(inner, type) and issubclass(inner, BaseModel) and inner not in overrides:
             paths |= _schema_keys(inner, path)
     return paths
 
@@ -345,10 +349,12 @@ def _example_keys(text: str) -> set[tuple[str, ...]]:
 def test_config_example_shows_every_key_at_its_place() -> None:
     """Each key of the schema appears in config.example.yaml under its parent key.
 
-    Optional keys may be commented out (`# dsn: ...`); a store's `batch`
-    overrides take the keys of `defaults.batch`, which shows them all.
+    Optional keys may be commented out (`# dsn: ...`); a store's `batch` and
+    `reclaim` overrides take the keys of `defaults.batch` and
+    `defaults.reclaim`, which show them all.
     """
     assert BatchOverrides.model_fields.keys() == BatchSettings.model_fields.keys()
+    assert ReclaimOverrides.model_fields.keys() == ReclaimSettings.model_fields.keys()
     shown = _example_keys((REPO / "config.example.yaml").read_text())
     missing = sorted(".".join(p) for p in _schema_keys(Config) - shown)
     assert not missing, f"config.example.yaml does not show: {missing}"
