@@ -118,11 +118,12 @@ def daemon_config(
     every: str = "1h",
     defaults: str = "",
     level: str = "info",
+    jitter: str = "0",
 ) -> str:
-    """A config for `run`: no jitter, JSON logs, /metrics on 127.0.0.1:`port`."""
+    """A config for `run`: no jitter unless given, JSON logs, /metrics on 127.0.0.1:`port`."""
     return (
         f"stores:\n{stores}"
-        f"defaults:\n  schedule: {{every: {every}}}\n  jitter: 0\n{defaults}"
+        f"defaults:\n  schedule: {{every: {every}}}\n  jitter: {jitter}\n{defaults}"
         f"policies:\n{policies}"
         f'metrics: {{listen: "127.0.0.1:{port}"}}\n'
         f"logging: {{format: json, level: {level}}}\n"
@@ -695,6 +696,9 @@ def test_sighup_keeps_the_command_line_log_level(tmp_path: Path, spawn: Spawn) -
     )
     daemon = spawn(cfg, port, options=["--log-level", "debug"])
     daemon.wait(lambda: bool(daemon.events("batch")), 30, "a batch event (debug)")
+    # The boot pass's own summary must come before the reload, or it would
+    # pass for a trim of the turns written after it.
+    daemon.wait(lambda: bool(daemon.events("sweep")), 30, "the boot pass's sweep event")
     daemon.send(signal.SIGHUP)
     daemon.wait(lambda: bool(daemon.events("reloaded")), 15, "the reloaded event")
 
@@ -711,6 +715,95 @@ def test_sighup_keeps_the_command_line_log_level(tmp_path: Path, spawn: Spawn) -
     daemon.wait(trimmed_again, 20, "a sweep that trims the new turns")
     after = [e["event"] for e in daemon.events_after("reloaded")]
     assert "batch" in after, "debug logging (--log-level debug) was lost on reload"
+    rc, _ = daemon.stop()
+    assert rc == 0, daemon.diagnose()
+
+
+# ------------------------------------------------------------------ one pass per store
+
+
+def stable_passes(daemon: Daemon, store: str) -> tuple[int, Scrape]:
+    """The store's passes so far (its `sweep` log events) and a scrape taken at that count.
+
+    A pass logs `sweep` before its metrics move, so a scrape taken between two
+    equal counts shows exactly the passes those events stand for.
+    """
+    while True:
+        passes = sum(e.get("store") == store for e in daemon.events("sweep"))
+        scrape = daemon.scrape()
+        if passes == sum(e.get("store") == store for e in daemon.events("sweep")):
+            return passes, scrape
+
+
+def test_policies_due_together_share_one_pass_per_interval(tmp_path: Path, spawn: Spawn) -> None:
+    """Five policies on `every: 2s` with a 1s jitter: one pass over the store per interval.
+
+    Each policy trims its own threads. Every pass (a `sweep` event) applies all
+    five: each policy's sweeps_total{outcome=success} equals the number of
+    passes, so there is one pass per interval, not one per policy (the
+    per-policy jobs this replaced fired at their own jittered times and
+    started up to five passes an interval). Every policy really trimmed its
+    threads, and what was left reads back through the saver as before.
+    """
+    names = [f"p{i}" for i in range(5)]
+    app = tmp_path / "app.db"
+    asyncio.run(build_sqlite(app, ChatThreads(fresh={f"{n}-user": 3 for n in names}, aged={})))
+    kept_before = asyncio.run(_read_threads(app, [f"{n}-user" for n in names]))
+    port = free_port()
+    policies = "".join(
+        f'  - {{name: {n}, match: {{thread_id: "{n}-*"}}, keep_last: 2}}\n' for n in names
+    )
+    cfg = write(
+        tmp_path / "janitor.yaml",
+        daemon_config(sqlite_store("app", app), policies, port, every="2s", jitter="1s"),
+    )
+    daemon = spawn(cfg, port)
+    daemon.wait(lambda: stable_passes(daemon, "app")[0] >= 4, 60, "four passes over the store")
+    passes, scrape = stable_passes(daemon, "app")
+    applied = {
+        n: scrape.value("sweeps_total", store="app", policy=n, outcome="success") for n in names
+    }
+    assert applied == dict.fromkeys(names, passes), (passes, applied)
+    assert scrape.total("sweeps_total", store="app") == 5 * passes
+    for n in names:
+        assert scrape.value("deleted_total", store="app", policy=n, kind="checkpoints") == 7
+        assert scrape.value("schedule_interval_seconds", store="app", policy=n) == 2
+    rc, _ = daemon.stop()
+    assert rc == 0, daemon.diagnose()
+    after = asyncio.run(_read_threads(app, [f"{n}-user" for n in names]))
+    assert len(after) == 5 * 2
+    assert {cid: kept_before[cid] for cid in after} == after
+
+
+def test_a_pass_applies_only_the_policies_due_at_its_time(tmp_path: Path, spawn: Spawn) -> None:
+    """`every: 2s` and `every: 4s` policies on one store: the 4s one joins every other pass.
+
+    Both are on the same grid from boot (a first pass soon after start), so
+    there is one pass per 2s however the 1s jitter falls; the 2s policy is in
+    every pass, the 4s policy in every second one (`SweepOptions.due`), never
+    in a pass of its own.
+    """
+    app = tmp_path / "app.db"
+    asyncio.run(build_sqlite(app, ChatThreads(fresh={"fast-1": 3, "slow-1": 3}, aged={})))
+    port = free_port()
+    policies = (
+        '  - {name: fast, match: {thread_id: "fast-*"}, keep_last: 2}\n'
+        '  - {name: slow, match: {thread_id: "slow-*"}, keep_last: 2, schedule: {every: 4s}}\n'
+    )
+    cfg = write(
+        tmp_path / "janitor.yaml",
+        daemon_config(sqlite_store("app", app), policies, port, every="2s", jitter="1s"),
+    )
+    daemon = spawn(cfg, port)
+    daemon.wait(lambda: stable_passes(daemon, "app")[0] >= 5, 60, "five passes over the store")
+    passes, scrape = stable_passes(daemon, "app")
+    fast = scrape.value("sweeps_total", store="app", policy="fast", outcome="success")
+    slow = scrape.value("sweeps_total", store="app", policy="slow", outcome="success")
+    assert fast == passes, (passes, fast, slow)
+    # Passes k = 0, 2, 4... (the first at boot) are the 4s policy's; a pass
+    # delayed past the next 2s tick would merge two ticks, never add one.
+    assert slow is not None and passes // 2 <= slow < passes, (passes, fast, slow)
+    assert scrape.value("schedule_interval_seconds", store="app", policy="slow") == 4
     rc, _ = daemon.stop()
     assert rc == 0, daemon.diagnose()
 

@@ -1,12 +1,14 @@
 """`checkpoint-janitor run`: the scheduler, the HTTP endpoints, signals, reload.
 
-Each policy has an APScheduler job on its own `every:`/`cron:` trigger
-(coalesced, one instance, with jitter and a misfire grace). A job only marks
-its policy due on its store; the store's runner then sweeps once for every
-policy due at that time, and sweeps of one store never overlap (policies
-that fall due during a sweep run in the next pass). A store that is down is
-reconnected in the background with exponential backoff and jitter, while the
-other stores keep being swept.
+Each store has one APScheduler job (coalesced, one instance, with a misfire
+grace) on a `StoreTrigger`: it fires at the earliest next time of any of the
+store's policies' `every:`/`cron:` schedules, plus the jitter. When it fires,
+every policy with a schedule time since the previous firing is due, and the
+store's runner sweeps once for all of them: policies due in the same window
+share one pass. Sweeps of one store never overlap (policies that fall due
+during a sweep run in the next pass). A store that is down is reconnected in
+the background with exponential backoff and jitter, while the other stores
+keep being swept.
 
 The HTTP server binds first, so a port in use ends the start before any store
 is opened. A reload is all or nothing: a config that does not validate, or
@@ -18,11 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import os
 import random
 import signal
 import time
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from policies.config import Config, StoreConfig
@@ -49,6 +52,67 @@ PING_SECONDS = 15.0
 
 class ListenError(Exception):
     """`metrics.listen` cannot be bound (a port in use, an address not on this host)."""
+
+
+_TICK = timedelta(microseconds=1)
+
+
+def _first_after(trigger: Any, after: datetime) -> datetime | None:
+    """The first time strictly after `after` that `trigger` (without jitter) fires at."""
+    # With no previous fire time, APScheduler 3's interval and cron triggers
+    # give their first time at or after `now`, on their own grid; a float
+    # interval may land a microsecond short, so step on until it is past.
+    at: datetime | None = trigger.get_next_fire_time(None, after + _TICK)
+    while at is not None and at <= after:
+        at = trigger.get_next_fire_time(at, at + _TICK)
+    return at
+
+
+# APScheduler 3 is untyped: its trigger base class is `Any` to mypy.
+class StoreTrigger(BaseTrigger):  # type: ignore[misc]
+    """One store's schedule: the union of its policies' triggers, jittered once.
+
+    It fires at the earliest time after its previous firing at which any of
+    the policies' triggers fires, plus up to `jitter` seconds. `take_due`,
+    called when it fires, names every policy with a time since the last call:
+    policies that fall due together, or while the jitter delays the firing,
+    share one pass. A time more than `misfire_grace` (plus the jitter) in the
+    past is dropped, as APScheduler drops a missed run.
+    """
+
+    def __init__(
+        self, policies: Mapping[str, Any], *, jitter: float, misfire_grace: float, since: datetime
+    ) -> None:
+        """`policies`: each policy's trigger, without jitter; `since`: when they were scheduled."""
+        self.policies = dict(policies)
+        self.jitter = jitter
+        self.window = timedelta(seconds=misfire_grace + jitter)
+        self._since = since
+
+    def get_next_fire_time(
+        self, previous_fire_time: datetime | None, now: datetime
+    ) -> datetime | None:
+        """The first policy time after `previous_fire_time` (or from `now`), jittered."""
+        # Pure in its arguments: APScheduler asks more than once for the same run.
+        after = previous_fire_time if previous_fire_time is not None else now - _TICK
+        times = [t for t in (_first_after(tr, after) for tr in self.policies.values()) if t]
+        if not times:
+            return None
+        at: datetime = self._apply_jitter(min(times), self.jitter, now)
+        return at
+
+    def take_due(self, now: datetime) -> frozenset[str]:
+        """The policies with a time in (previous call, `now`], none missed by over the grace."""
+        since, self._since = max(self._since, now - self.window), now
+        due = []
+        for name, trigger in self.policies.items():
+            at = _first_after(trigger, since)
+            if at is not None and at <= now:
+                due.append(name)
+        return frozenset(due)
+
+    def __str__(self) -> str:
+        return f"store[{', '.join(f'{n}: {t}' for n, t in self.policies.items())}]"
 
 
 class StoreRunner:
@@ -124,10 +188,11 @@ class StoreRunner:
         except StoreError as e:
             await self.mark_down(str(e))
 
-    async def mark_due(self, policy: str) -> None:
-        """The scheduler says `policy` is due on this store."""
-        self.due.add(policy)
-        self.kick()
+    async def mark_due(self, policies: Iterable[str]) -> None:
+        """`policies` are due on this store: they join the next pass."""
+        self.due.update(policies)
+        if self.due:
+            self.kick()
 
     def kick(self) -> None:
         """Start a sweep task unless one runs: it picks up everything due."""
@@ -231,34 +296,51 @@ class Daemon:
     def _schedule(self) -> None:
         cfg = self.config
         for job in self.scheduler.get_jobs():
-            if job.id.startswith("policy:"):
+            if job.id.startswith("store:"):
                 job.remove()
         # Series of a policy no longer configured would keep alerting forever.
         self.metrics.keep_only(
             {(s.name, p.name) for s in cfg.stores for p in cfg.policies_for(s.name)}
         )
+        now = datetime.now(UTC)
+        soon = _soon()
         for store in cfg.stores:
+            triggers: dict[str, Any] = {}
             for policy in cfg.policies_for(store.name):
                 schedule = cfg.schedule_for(policy)
                 trigger = schedule.trigger()
-                trigger.jitter = math.ceil(cfg.defaults.jitter) or None
-                extra: dict[str, Any] = {}
-                if isinstance(trigger, IntervalTrigger) and not self._started:
-                    # An `every:` policy sweeps soon after boot rather than a
-                    # whole interval later; cron policies keep their hour.
-                    extra["next_run_time"] = _soon()
-                self.scheduler.add_job(
-                    self.runners[store.name].mark_due,
-                    trigger,
-                    args=(policy.name,),
-                    id=f"policy:{store.name}:{policy.name}",
-                    coalesce=True,
-                    max_instances=1,
-                    misfire_grace_time=int(cfg.defaults.misfire_grace),
-                    replace_existing=True,
-                    **extra,
-                )
+                if isinstance(trigger, IntervalTrigger):
+                    # One grid start for every `every:` policy, so equal
+                    # intervals fall due at the same instant. At boot it is
+                    # soon, not a whole interval later; cron keeps its hour.
+                    trigger.start_date = soon if not self._started else now + trigger.interval
+                triggers[policy.name] = trigger
                 self.metrics.set_interval(store.name, policy.name, schedule)
+            if not triggers:
+                continue
+            store_trigger = StoreTrigger(
+                triggers,
+                jitter=cfg.defaults.jitter,
+                misfire_grace=cfg.defaults.misfire_grace,
+                since=now,
+            )
+            self.scheduler.add_job(
+                self._fire,
+                store_trigger,
+                args=(store.name, store_trigger),
+                id=f"store:{store.name}",
+                coalesce=True,
+                max_instances=1,
+                misfire_grace_time=int(cfg.defaults.misfire_grace),
+                replace_existing=True,
+            )
+
+    async def _fire(self, store: str, trigger: StoreTrigger) -> None:
+        """A store's trigger fired: every policy due since it last fired joins one pass."""
+        runner = self.runners.get(store)
+        due = trigger.take_due(datetime.now(UTC))
+        if runner is not None:
+            await runner.mark_due(due)
 
     _started = False
 
@@ -343,9 +425,8 @@ class Daemon:
             new = self.runners.get(old.name)
             if new is not None and due:
                 # What was due on the old runner is due on its successor.
-                for policy in due:
-                    if any(p.name == policy for p in config.policies_for(old.name)):
-                        await new.mark_due(policy)
+                names = {p.name for p in config.policies_for(old.name)}
+                await new.mark_due(due & names)
             if new is None:
                 self.metrics.forget_store(old.name)
         log.info(
