@@ -93,6 +93,7 @@ from langgraph.checkpoint.base import (
     CheckpointMetadata,
     CheckpointTuple,
     DeltaChannelHistory,
+    get_checkpoint_metadata,
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
 from prometheus_client import REGISTRY, CollectorRegistry, Counter
@@ -549,8 +550,9 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
     ) -> bool:
         """Note a put; True when its namespace is due for a trim."""
         state = self._state
-        # A root put is the thread's new head: its metadata carries a per-thread TTL.
-        ttl = self._ttl_of(metadata if ns == "" else None)
+        # A root put is the thread's new head: the metadata the saver stores for it
+        # (the run's `configurable` scalars merged in) carries a per-thread TTL.
+        ttl = self._ttl_of(get_checkpoint_metadata(config, metadata) if ns == "" else None)
         with state.lock:
             if ttl is not None:
                 t = checkpoint_time(str(checkpoint.get("id", ""))) or self._clock()
