@@ -12,8 +12,10 @@ error names the exact key and line.
 
 from __future__ import annotations
 
+import math
 import re
 import zoneinfo
+from collections.abc import Mapping
 from datetime import UTC, timedelta
 from typing import Annotated, Any, Literal
 
@@ -23,14 +25,18 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    PrivateAttr,
     SecretStr,
+    Tag,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from policies.durations import parse_duration
+from policies.model import TtlFallbackReason
 
 __all__ = [
     "BatchOverrides",
@@ -38,6 +44,8 @@ __all__ = [
     "Config",
     "Defaults",
     "Duration",
+    "ExpireAfter",
+    "IdleTrim",
     "LocatedValueError",
     "LoggingConfig",
     "Match",
@@ -48,6 +56,7 @@ __all__ = [
     "ReclaimSettings",
     "Schedule",
     "StoreConfig",
+    "ThreadTTL",
     "redact_dsn",
 ]
 
@@ -608,7 +617,91 @@ class Match(_Model):
         return hash((self.thread_id, self.checkpoint_ns, items))
 
 
-_RULES = ("expire_after", "keep_last", "keep_within")
+_TTL_UNITS: dict[str, int] = {"seconds": 1, "minutes": 60, "hours": 3600, "days": 86400}
+# A bare number, as an application's `configurable` may carry it (also as a string).
+_TTL_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)", re.ASCII)
+# A duration written with a sign or a zero: not positive, whatever `parse_duration` says.
+_TTL_NOT_POSITIVE = re.compile(r"-[0-9]+[smhdw]|0+[smhdw]", re.ASCII)
+
+
+class ThreadTTL(_Model):
+    """`expire_after: {metadata_key: ttl_minutes, default: 30d}`: a TTL each thread carries.
+
+    The thread's idle TTL is read from `metadata_key` in its newest root
+    checkpoint's metadata, where a run's scalar `configurable` values land. It
+    may be a positive number (in `unit`, minutes by default, as LangSmith's
+    TTLs), the same number as a string (`"60"`), or a duration string
+    (`"45m"`, `"10d"`). Anything else (absent, null, a boolean, text, NaN,
+    zero or negative) falls back to `default` and is counted: zero never
+    means "expire now".
+    """
+
+    metadata_key: NonEmptyStr
+    default: Duration
+    unit: Literal["seconds", "minutes", "hours", "days"] = "minutes"
+
+    def seconds_for(self, metadata: Mapping[str, Any]) -> float | TtlFallbackReason:
+        """The TTL in seconds that `metadata` gives, or why the default applies instead."""
+        if metadata.get(self.metadata_key) is None:
+            return TtlFallbackReason.MISSING
+        value = metadata[self.metadata_key]
+        if isinstance(value, str):
+            text = value.strip()
+            if _TTL_NOT_POSITIVE.fullmatch(text):
+                return TtlFallbackReason.NOT_POSITIVE
+            if not _TTL_NUMBER.fullmatch(text):
+                try:
+                    return parse_duration(text).total_seconds()
+                except ValueError:
+                    return TtlFallbackReason.INVALID
+            value = float(text)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return TtlFallbackReason.INVALID
+        if math.isnan(value):
+            return TtlFallbackReason.INVALID
+        if value <= 0:
+            return TtlFallbackReason.NOT_POSITIVE
+        seconds = float(value) * _TTL_UNITS[self.unit]
+        # Out of float range is no TTL anyone meant; the default is.
+        return seconds if math.isfinite(seconds) else TtlFallbackReason.INVALID
+
+
+def _expire_after_kind(value: object) -> str:
+    return "per_thread" if isinstance(value, dict | ThreadTTL) else "duration"
+
+
+ExpireAfter = Annotated[
+    Annotated[timedelta, BeforeValidator(_to_duration), Tag("duration")]
+    | Annotated[ThreadTTL, Tag("per_thread")],
+    Discriminator(_expire_after_kind),
+]
+"""`expire_after`: a duration (`30d`) or a per-thread TTL read from metadata (`ThreadTTL`)."""
+
+
+class IdleTrim(_Model):
+    """`when_idle: {after: 30m, keep_last: 1}`: trim only threads idle longer than `after`.
+
+    Each namespace of such a thread keeps its `keep_last` newest checkpoints
+    (and what those need); the policy's own `keep_last`/`keep_within` govern
+    threads not idle yet. LangSmith's `keep_latest` TTL strategy is
+    `when_idle: {after: <default_ttl>, keep_last: 1}`.
+    """
+
+    after: Duration
+    keep_last: Annotated[int, Field(ge=1)]
+
+
+_RULES = ("expire_after", "keep_last", "keep_within", "when_idle")
+# What a `langgraph_json` file supplies; the policy may not say them itself.
+_LANGGRAPH_SUPPLIES = (
+    "protect",
+    "expire_after",
+    "keep_last",
+    "keep_within",
+    "when_idle",
+    "schedule",
+    "max_threads_per_sweep",
+)
 
 
 class Policy(_Model):
@@ -616,24 +709,54 @@ class Policy(_Model):
     (thread, namespace) governs it.
 
     `protect` keeps what it matches; `expire_after` deletes a whole thread idle
-    that long; `keep_last`/`keep_within` trim a namespace's history (the newest
-    checkpoint always survives). `interrupted: expire` lets expiry take threads
-    waiting for input. `schedule` overrides `defaults.schedule`.
+    that long (a duration, or a per-thread TTL from metadata); `keep_last`/
+    `keep_within` trim a namespace's history (the newest checkpoint always
+    survives); `when_idle` trims only idle threads. `interrupted: expire` lets
+    expiry take threads waiting for input. `schedule` overrides
+    `defaults.schedule`. `max_threads_per_sweep` caps the threads one sweep
+    acts on under this policy. `langgraph_json` names a LangSmith
+    `langgraph.json` (relative to the config file's folder) whose
+    `checkpointer.ttl` supplies the rules, schedule and cap; the worker reads
+    it and replaces this policy with its translation.
     """
 
     name: NonEmptyStr
     store: NonEmptyStr | None = None
     match: Match = Match()
     protect: bool = False
-    expire_after: Duration | None = None
+    expire_after: ExpireAfter | None = None
     keep_last: Annotated[int, Field(ge=1)] | None = None
     keep_within: Duration | None = None
+    when_idle: IdleTrim | None = None
     interrupted: Literal["keep", "expire"] = "keep"
     schedule: Schedule | None = None
+    max_threads_per_sweep: PositiveInt | None = None
+    langgraph_json: NonEmptyStr | None = None
     description: str | None = None
+
+    @property
+    def head_metadata_keys(self) -> frozenset[str]:
+        """The keys of a thread's head metadata this policy reads (match and per-thread TTL).
+
+        An engine that parses head metadata only where needed must parse it
+        for these.
+        """
+        keys = set(self.match.metadata or ())
+        if isinstance(self.expire_after, ThreadTTL):
+            keys.add(self.expire_after.metadata_key)
+        return frozenset(keys)
 
     @model_validator(mode="after")
     def _rules(self) -> Policy:
+        if self.langgraph_json is not None:
+            for key in _LANGGRAPH_SUPPLIES:
+                if key in self.model_fields_set:
+                    raise LocatedValueError(
+                        f"{key} comes from langgraph_json's checkpointer.ttl here; drop it, or "
+                        "write the policy out (`checkpoint-janitor translate` prints it)",
+                        (key,),
+                    )
+            return self
         given = [rule for rule in _RULES if getattr(self, rule) is not None]
         if self.protect and given:
             raise LocatedValueError(
@@ -646,8 +769,8 @@ class Policy(_Model):
             # A rule-less policy would still win first match and silently shield what it selects.
             raise ValueError(
                 f"policy {self.name!r} has no rule: give it protect: true, expire_after, "
-                "keep_last or keep_within (a policy without one would still win first match "
-                "and silently keep everything it selects)"
+                "keep_last, keep_within, when_idle or langgraph_json (a policy without one "
+                "would still win first match and silently keep everything it selects)"
             )
         if self.interrupted == "expire" and self.expire_after is None:
             raise LocatedValueError(
@@ -761,6 +884,18 @@ class Config(_Model):
     policies: list[Policy]
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
+    _key_lines: dict[tuple[str | int, ...], int] = PrivateAttr(default_factory=dict)
+
+    def line_of(self, key: tuple[str | int, ...]) -> int | None:
+        """The line of the config file that `key` (e.g. `("policies", 0, "name")`) is on.
+
+        Known when the config came from `policies.loader`; a key not in the
+        file gives its nearest parent's line.
+        """
+        for n in range(len(key), -1, -1):
+            if key[:n] in self._key_lines:
+                return self._key_lines[key[:n]]
+        return None
 
     @field_validator("stores")
     @classmethod

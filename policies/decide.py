@@ -23,8 +23,9 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
-from policies.config import Policy
+from policies.config import Policy, ThreadTTL
 from policies.ids import checkpoint_time
 from policies.matching import Ruleset
 from policies.model import (
@@ -36,6 +37,8 @@ from policies.model import (
     SkipReason,
     ThreadDecision,
     ThreadView,
+    TtlFallback,
+    TtlFallbackReason,
     WritesDeletion,
 )
 
@@ -101,18 +104,59 @@ def last_activity(view: ThreadView) -> float | None:
     return max(times) if times else None
 
 
+def expiry_seconds(
+    policy: Policy, head_metadata: Mapping[str, Any]
+) -> tuple[float | None, TtlFallbackReason | None]:
+    """How long a thread may stay idle under `policy` (None: it never expires), and
+    why its own TTL was not used when `expire_after` reads one from metadata.
+
+    The one place a policy's `expire_after` becomes a number for a thread: a
+    per-thread TTL is read from the head's metadata, and a missing, invalid,
+    zero or negative one gives the policy's default.
+    """
+    rule = policy.expire_after
+    if rule is None or policy.protect:
+        return None, None
+    if not isinstance(rule, ThreadTTL):
+        return rule.total_seconds(), None
+    own = rule.seconds_for(head_metadata)
+    if isinstance(own, TtlFallbackReason):
+        return rule.default.total_seconds(), own
+    return own, None
+
+
+def _idle_trim(policy: Policy, idle: float | None) -> bool:
+    """Whether `policy`'s `when_idle` trimming applies to a thread idle `idle` seconds."""
+    rule = policy.when_idle
+    return rule is not None and idle is not None and idle > rule.after.total_seconds()
+
+
 def _deletes(policy: Policy | None) -> bool:
     return policy is not None and not policy.protect
 
 
 def _trims(policy: Policy | None) -> bool:
     return _deletes(policy) and (
-        policy is not None and (policy.keep_last is not None or policy.keep_within is not None)
+        policy is not None
+        and (
+            policy.keep_last is not None
+            or policy.keep_within is not None
+            or policy.when_idle is not None
+        )
     )
 
 
-def _base_keep(cps: Sequence[CheckpointSummary], policy: Policy, now: float) -> set[str]:
-    """Ids kept by `keep_last` / `keep_within` alone; `cps` is newest first."""
+def _base_keep(
+    cps: Sequence[CheckpointSummary], policy: Policy, now: float, idle: float | None
+) -> set[str]:
+    """Ids kept by `keep_last` / `keep_within` (or, idle, `when_idle`) alone; `cps` newest first."""
+    if policy.when_idle is not None and _idle_trim(policy, idle):
+        keep = {c.checkpoint_id for c in cps[: policy.when_idle.keep_last]}
+        # Undated checkpoints are never old, idle thread or not.
+        keep.update(c.checkpoint_id for c in cps if c.created_at is None)
+        return keep
+    if policy.keep_last is None and policy.keep_within is None:
+        return {c.checkpoint_id for c in cps}  # `when_idle` alone: a busy thread keeps all
     keep_n = policy.keep_last if policy.keep_last is not None else 1
     keep = {c.checkpoint_id for c in cps[: max(keep_n, 1)]}
     horizon = now if policy.keep_within is None else now - policy.keep_within.total_seconds()
@@ -202,14 +246,13 @@ def decide(view: ThreadView, rules: Ruleset, now: float, grace_seconds: float) -
 
     active = last_activity(view)
     idle = now - active if active is not None else None
+    ttl, fallback = (None, None) if root_policy is None else expiry_seconds(root_policy, meta)
+    ttl_fallback = None
+    if root_policy is not None and fallback is not None:
+        ttl_fallback = TtlFallback(root_policy.name, fallback)
 
     skips: list[Skip] = []
-    if (
-        root_policy is not None
-        and root_policy.expire_after is not None
-        and idle is not None
-        and idle > root_policy.expire_after.total_seconds()
-    ):
+    if root_policy is not None and ttl is not None and idle is not None and idle > ttl:
         protected = any(p is not None and p.protect for p in policy_of.values())
         if protected:
             skips.append(Skip(root_policy.name, SkipReason.PROTECTED_NAMESPACE))
@@ -217,18 +260,20 @@ def decide(view: ThreadView, rules: Ruleset, now: float, grace_seconds: float) -
             # Never counted as interrupted: it may as well be a finished run.
             skips.append(Skip(root_policy.name, SkipReason.UNDECODABLE))
         elif root_policy.interrupted == "keep" and view.waiting is None:
-            return ThreadDecision(tid, needs_waiting=True)
+            return ThreadDecision(tid, needs_waiting=True, ttl_fallback=ttl_fallback)
         elif root_policy.interrupted == "keep" and view.waiting:
             skips.append(Skip(root_policy.name, SkipReason.INTERRUPTED))
         else:
-            return ThreadDecision(tid, expiry=Expiry(root_policy.name, idle))
+            return ThreadDecision(
+                tid, expiry=Expiry(root_policy.name, idle), ttl_fallback=ttl_fallback
+            )
 
     delta_marked = any(c.delta_marked for c in view.checkpoints)
     delta_channels: frozenset[str] | None = None
     if delta_marked:
         delta_channels = frozenset().union(*(c.delta_channels for c in view.checkpoints))
 
-    trimmer = _Trimmer(by_ns, policy_of, now, delta_marked, delta_channels)
+    trimmer = _Trimmer(by_ns, policy_of, now, idle, delta_marked, delta_channels)
     calls = sorted(ns for ns, cps in by_ns.items() if is_subgraph_call(ns, cps[0].parents))
     kept = _replay_keeps(trimmer, by_ns)
     for ns in sorted(by_ns):
@@ -276,7 +321,13 @@ def decide(view: ThreadView, rules: Ruleset, now: float, grace_seconds: float) -
             if policy is not None and not policy.protect:
                 writes.append(WritesDeletion(ns, cid, policy.name))
 
-    return ThreadDecision(tid, deletions=tuple(deletions), writes=tuple(writes), skips=tuple(skips))
+    return ThreadDecision(
+        tid,
+        deletions=tuple(deletions),
+        writes=tuple(writes),
+        skips=tuple(skips),
+        ttl_fallback=ttl_fallback,
+    )
 
 
 class _Trimmer:
@@ -287,12 +338,14 @@ class _Trimmer:
         by_ns: Mapping[str, Sequence[CheckpointSummary]],
         policy_of: Mapping[str, Policy | None],
         now: float,
+        idle: float | None,
         delta_marked: bool,
         delta_channels: frozenset[str] | None,
     ) -> None:
         self.by_ns = by_ns
         self.policy_of = policy_of
         self.now = now
+        self.idle = idle
         self.delta_marked = delta_marked
         self.delta_channels = delta_channels
         self.undecodable: set[str] = set()
@@ -311,7 +364,7 @@ class _Trimmer:
         if policy is None or not _trims(policy) or ns in self.undecodable:
             return None
         cps = self.by_ns[ns]
-        keep = _base_keep(cps, policy, self.now)
+        keep = _base_keep(cps, policy, self.now, self.idle)
         keep.update(required)
         if len(keep) == len(cps):
             return None

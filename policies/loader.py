@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Tag, ValidationError
 from pydantic_core import ErrorDetails
 
 from policies.config import Config, LocatedValueError, redact_dsn
@@ -183,6 +183,8 @@ def _load(
         ]
     else:
         issues = []
+        # Kept so the shell can locate errors in what it reads for a key (langgraph_json).
+        config._key_lines = dict(walker.lines)  # type: ignore[union-attr]
     if walker.errors or issues:
         _raise_all([*walker.errors, *issues])
     return config, sorted(k for k in map(_format_key, walker.unresolved) if k)
@@ -477,7 +479,8 @@ def _data_path(loc: KeyPath, data: Any, keep_missing_tail: bool) -> KeyPath:
             path.append(part)
             break
         else:
-            here = None
+            # A union member's tag (`str`, `per_thread`) names no place: the next
+            # part is looked up where this one was.
             continue
         path.append(part)
     return tuple(path)
@@ -532,6 +535,8 @@ def _model_at(loc: KeyPath) -> type[BaseModel] | None:
             if not match:
                 return None
             current = match[0].annotation
+        elif _tagged(current, part) is not None:
+            current = _tagged(current, part)
         elif typing.get_origin(current) in (list, tuple) and isinstance(part, int):
             current = typing.get_args(current)[0]
         elif typing.get_origin(current) is dict:
@@ -541,6 +546,18 @@ def _model_at(loc: KeyPath) -> type[BaseModel] | None:
     current = _unwrap(current)
     if isinstance(current, type) and issubclass(current, BaseModel):
         return current
+    return None
+
+
+def _tagged(union: Any, tag: str | int) -> Any:
+    """The member of a discriminated union that pydantic's `tag` names, else None."""
+    if typing.get_origin(union) not in (typing.Union, types.UnionType):
+        return None
+    for member in typing.get_args(union):
+        if typing.get_origin(member) is typing.Annotated and any(
+            isinstance(m, Tag) and m.tag == tag for m in member.__metadata__
+        ):
+            return member
     return None
 
 

@@ -44,6 +44,20 @@ class SkipReason(StrEnum):
     """The thread changed between scan and delete; it is decided again next sweep."""
     LOCKED = "locked"
     """(SQLite) the batch could not get the write lock in time; decided again next sweep."""
+    SWEEP_LIMIT = "sweep-limit"
+    """The policy's `max_threads_per_sweep` was reached; the thread waits for the next sweep."""
+
+
+class TtlFallbackReason(StrEnum):
+    """Why a per-thread TTL (`expire_after: {metadata_key: ...}`) fell back to its default
+    (`ttl_fallbacks_total{reason}`)."""
+
+    MISSING = "missing"
+    """The head's metadata has no such key (or null)."""
+    INVALID = "invalid"
+    """Not a number or a duration: text, a boolean, a list, NaN, out of range."""
+    NOT_POSITIVE = "not-positive"
+    """Zero or negative: never "expire now"."""
 
 
 @dataclass(slots=True)
@@ -135,6 +149,14 @@ class Skip:
 
 
 @dataclass(frozen=True, slots=True)
+class TtlFallback:
+    """The thread's own TTL could not be used: its expiry policy's default applied."""
+
+    policy: str
+    reason: TtlFallbackReason
+
+
+@dataclass(frozen=True, slots=True)
 class ThreadDecision:
     """What one thread loses. Empty when it keeps everything."""
 
@@ -145,6 +167,8 @@ class ThreadDecision:
     skips: tuple[Skip, ...] = ()
     needs_waiting: bool = False
     """Expiry depends on whether the thread waits: decode its head and decide again."""
+    ttl_fallback: TtlFallback | None = None
+    """Its root policy's per-thread TTL fell back to the default (counted per sweep)."""
 
     @property
     def is_empty(self) -> bool:

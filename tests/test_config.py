@@ -282,24 +282,25 @@ def _schema_keys(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> set[tu
     for name, field in model.model_fields.items():
         path = (*prefix, field.alias or name)
         paths.add(path)
-        inner: Any = field.annotation
-        while True:
-            origin = typing.get_origin(inner)
-            if origin is typing.Annotated or origin is list:
-                inner = typing.get_args(inner)[0]
-            elif origin in (typing.Union, types.UnionType):
-                members = [a for a in typing.get_args(inner) if a is not type(None)]
-                if len(members) != 1:
-                    break
-                inner = members[0]
-            else:
-                break
-        # A store's `batch` and `reclaim` take the keys of defaults.batch and
-        # defaults.reclaim, documented there once.
-        overrides = (BatchOverrides, ReclaimOverrides)
-        if isinstance(inner, type) and issubclass(inner, BaseModel) and inner not in overrides:
-            paths |= _schema_keys(inner, path)
+        for inner in _models_in(field.annotation):
+            # A store's `batch` and `reclaim` take the keys of defaults.batch and
+            # defaults.reclaim, documented there once.
+            if inner not in (BatchOverrides, ReclaimOverrides):
+                paths |= _schema_keys(inner, path)
     return paths
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The models a field's value may be: every model member of a union too
+    (`expire_after` is a duration or a per-thread TTL mapping)."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated or origin is list:
+        return _models_in(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return [m for a in typing.get_args(annotation) for m in _models_in(a)]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return []
 
 
 _KEY_LINE = re.compile(r"^(?P<indent> *)(?P<dash>- )?(?P<key>[A-Za-z_]+):(?:\s+(?P<value>.*))?$")

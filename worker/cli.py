@@ -20,8 +20,9 @@ import click
 import structlog
 
 from policies.config import BatchSettings, Config, Policy, ReclaimSettings, StoreConfig
-from policies.loader import ConfigError, check_config, load_config
+from policies.loader import ConfigError, check_config
 from worker.engine import StoreEngine, StoreError
+from worker.langgraph_json import load_worker_config, translate_file
 from worker.logs import configure_logging, iso_utc
 from worker.metrics import Metrics
 from worker.postgres_store import PostgresStore
@@ -61,7 +62,7 @@ def _load(ctx: click.Context) -> Config:
             EXIT_CONFIG,
         )
     try:
-        config = load_config(path)
+        config = load_worker_config(path)
     except ConfigError as e:
         _fail(_all_issues(e), EXIT_CONFIG)
     configure_logging(config.logging.format, ctx.obj["log_level"] or config.logging.level)
@@ -678,3 +679,14 @@ def demo(ctx: click.Context) -> None:
     click.echo("$ checkpoint-janitor once")
     reports = asyncio.run(_sweep_all(config, [store], dry_run=False, allow_mass_expiry=False))
     click.echo(render_table(reports, _blob_stores(config)))
+
+
+@main.command()
+@click.argument("langgraph_json", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--name", default="langgraph-ttl", show_default=True, help="The policy's name.")
+def translate(langgraph_json: Path, name: str) -> None:
+    """Print the policies equivalent to a langgraph.json's checkpointer.ttl (YAML)."""
+    try:
+        click.echo(translate_file(langgraph_json, name=name), nl=False)
+    except ConfigError as e:
+        _fail(_all_issues(e), EXIT_CONFIG)

@@ -36,8 +36,9 @@ from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from policies.config import Config, StoreConfig
-from policies.loader import ConfigError, load_config
+from policies.loader import ConfigError
 from worker.engine import StoreEngine, StoreError
+from worker.langgraph_json import load_worker_config
 from worker.logs import configure_logging
 from worker.metrics import Metrics
 from worker.reclaim import after_sweep
@@ -402,7 +403,7 @@ class Daemon:
     async def reload(self) -> None:
         """SIGHUP: a valid config replaces the running one; an invalid one is refused."""
         try:
-            config = load_config(self.config_path)
+            config = load_worker_config(self.config_path)
         except ConfigError as e:
             self.metrics.config_loaded(False, time.time())
             log.error("reload_refused", error=e.format_all(), config=str(self.config_path))

@@ -119,6 +119,13 @@ class Metrics:
             ["store", "policy", "reason"],
             registry=r,
         )
+        self.ttl_fallbacks = Counter(
+            PREFIX + "ttl_fallbacks",
+            "Threads whose own TTL (expire_after: {metadata_key}) was missing, invalid or "
+            "not positive, so the policy's default applied, by reason.",
+            ["store", "policy", "reason"],
+            registry=r,
+        )
         self.oldest_eligible_age = Gauge(
             PREFIX + "oldest_eligible_age_seconds",
             "Age of the oldest checkpoint the last scan found due (0: none).",
@@ -187,6 +194,8 @@ class Metrics:
             self.oldest_eligible_age.labels(store, name).set(p.oldest_eligible_age or 0)
             for reason, n in p.skipped.items():
                 self.skipped.labels(store, name, reason.value).inc(n)
+            for fallback, n in p.ttl_fallbacks.items():
+                self.ttl_fallbacks.labels(store, name, fallback.value).inc(n)
             if report.outcome is Outcome.SUCCESS and not report.dry_run:
                 # A dry run deletes nothing: "last success" must not tell an
                 # alert that retention is being applied.

@@ -36,6 +36,7 @@ def report_dict(report: SweepReport) -> dict[str, Any]:
                 "by_reason": {reason.value: asdict(c) for reason, c in p.by_reason.items()},
                 "oldest_eligible_age_seconds": p.oldest_eligible_age,
                 "skipped": {reason.value: n for reason, n in p.skipped.items()},
+                "ttl_fallbacks": {reason.value: n for reason, n in p.ttl_fallbacks.items()},
             }
             for p in report.policies.values()
         ],
@@ -175,6 +176,8 @@ def render_table(reports: Sequence[SweepReport], blob_stores: Collection[str] = 
                 rows.append([p.policy, reason.value, *_counts(c, blobs)])
             for reason_s, n in sorted(p.skipped.items()):
                 rows.append([p.policy, f"skipped: {reason_s.value}", str(n), *blank])
+            for fallback, n in sorted(p.ttl_fallbacks.items()):
+                rows.append([p.policy, f"ttl fallback: {fallback.value}", str(n), *blank])
         rows.append(["total", "", *_counts(r.deleted, blobs)])
         widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
         out.append(_row(head, widths))

@@ -93,12 +93,13 @@ from langgraph.checkpoint.base import (
     CheckpointMetadata,
     CheckpointTuple,
     DeltaChannelHistory,
+    get_checkpoint_metadata,
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
 from prometheus_client import REGISTRY, CollectorRegistry, Counter
 
-from policies.config import Policy
-from policies.decide import _close_keep, _Undecodable, decide
+from policies.config import Policy, ThreadTTL
+from policies.decide import _close_keep, _Undecodable, decide, expiry_seconds
 from policies.ids import checkpoint_time
 from policies.matching import Ruleset
 from policies.model import CheckpointSummary, SkipReason, ThreadDecision, ThreadView
@@ -167,6 +168,13 @@ class SaverMetrics:
             registry,
             "checkpoint_janitor_saver_skipped",
             "Rules that applied but were held back, by reason (interrupted, undecodable, changed).",
+            ("saver", "reason"),
+        )
+        self.ttl_fallbacks = _counter(
+            registry,
+            "checkpoint_janitor_saver_ttl_fallbacks",
+            "Expiry checks whose per-thread TTL (expire_after: {metadata_key}) was missing, "
+            "invalid or not positive, so the default applied, by reason.",
             ("saver", "reason"),
         )
 
@@ -290,7 +298,9 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
         keep_within: ...and keep every checkpoint younger than this
             (`timedelta` or a duration such as `"7d"`).
         expire_after: A thread idle this long (`timedelta` or `"30d"`) reads as
-            empty, and its rows go at its next put.
+            empty, and its rows go at its next put. Or a per-thread TTL read from
+            the head's metadata, as in a policy:
+            `{"metadata_key": "ttl_minutes", "default": "30d"}` (`ThreadTTL`).
         interrupted: `"keep"` (default): a thread waiting for input never
             expires; `"expire"`: it does.
         expire_on_read: Whether reads of an expired thread return nothing
@@ -331,7 +341,7 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
         inner: BaseCheckpointSaver[Any],
         keep_last: int | None = None,
         keep_within: timedelta | str | None = None,
-        expire_after: timedelta | str | None = None,
+        expire_after: timedelta | str | dict[str, Any] | ThreadTTL | None = None,
         *,
         interrupted: Literal["keep", "expire"] = "keep",
         expire_on_read: bool = True,
@@ -354,6 +364,8 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
         self._trim_rules: Ruleset | None = None
         self._expiry_rules: Ruleset | None = None
         self._expire_seconds: float | None = None
+        """A fixed `expire_after`, in seconds (None: none, or a per-thread TTL)."""
+        self._expiry_policy: Policy | None = None
         if keep_last is not None or keep_within is not None:
             self._trim_rules = Ruleset(
                 [Policy(name=self.name, keep_last=keep_last, keep_within=keep_within)]  # type: ignore[arg-type]
@@ -361,8 +373,9 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
         if expire_after is not None:
             policy = Policy(name=self.name, expire_after=expire_after, interrupted=interrupted)  # type: ignore[arg-type]
             self._expiry_rules = Ruleset([policy])
-            assert policy.expire_after is not None
-            self._expire_seconds = policy.expire_after.total_seconds()
+            self._expiry_policy = policy
+            if not isinstance(policy.expire_after, ThreadTTL):
+                self._expire_seconds, _ = expiry_seconds(policy, {})
         if (self._trim_rules or self._expiry_rules) and type(self._backend) is Backend:
             raise TypeError(
                 f"RetentionSaver cannot enforce retention on {type(inner).__name__}: it knows "
@@ -499,7 +512,7 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
         if _starts_afresh(ns, config) and self._expiry_due(tid):
             self._guarded("expire", lambda: self._run(self._expiry(tid, apply=True)))
         out = self._inner.put(config, checkpoint, metadata, new_versions)
-        if self._after_put(tid, ns, config, checkpoint):
+        if self._after_put(tid, ns, config, checkpoint, metadata):
             self._guarded("trim", lambda: self._run(self._trim(tid)))
         return out
 
@@ -515,7 +528,7 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
         if _starts_afresh(ns, config) and self._expiry_due(tid):
             await self._aguarded("expire", lambda: self._arun(self._expiry(tid, apply=True)))
         out = await self._inner.aput(config, checkpoint, metadata, new_versions)
-        if self._after_put(tid, ns, config, checkpoint):
+        if self._after_put(tid, ns, config, checkpoint, metadata):
             await self._aguarded("trim", lambda: self._arun(self._trim(tid)))
         return out
 
@@ -528,14 +541,22 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
         return until is None or self._clock() >= until
 
     def _after_put(
-        self, thread_id: str, ns: str, config: RunnableConfig, checkpoint: Checkpoint
+        self,
+        thread_id: str,
+        ns: str,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
     ) -> bool:
         """Note a put; True when its namespace is due for a trim."""
         state = self._state
+        # A root put is the thread's new head: the metadata the saver stores for it
+        # (the run's `configurable` scalars merged in) carries a per-thread TTL.
+        ttl = self._ttl_of(get_checkpoint_metadata(config, metadata) if ns == "" else None)
         with state.lock:
-            if self._expire_seconds is not None:
+            if ttl is not None:
                 t = checkpoint_time(str(checkpoint.get("id", ""))) or self._clock()
-                until = max(t + self._expire_seconds, state.fresh_until.get(thread_id, 0.0))
+                until = max(t + ttl, state.fresh_until.get(thread_id, 0.0))
                 state.fresh_until.put(thread_id, until)
             if self._trim_rules is None:
                 return False
@@ -624,18 +645,28 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
         """
         if not self._expire_on_read or "thread_id" not in config.get("configurable", {}):
             return False
-        assert self._expire_seconds is not None
-        tid, _ = _thread_ns(config)
+        tid, ns = _thread_ns(config)
+        head = tup is not None and ns == "" and not config["configurable"].get("checkpoint_id")
+        # Only the thread's newest root checkpoint carries its per-thread TTL.
+        ttl = self._ttl_of(tup.metadata if tup is not None and head else None)
         now = self._clock()
         with self._state.lock:
             if now < self._state.fresh_until.get(tid, 0.0):
                 return False
-            if tup is not None:
+            if tup is not None and ttl is not None:
                 t = checkpoint_time(str(tup.checkpoint.get("id", "")))
-                if t is not None and now - t <= self._expire_seconds:
-                    self._state.fresh_until.put(tid, t + self._expire_seconds)
+                if t is not None and now - t <= ttl:
+                    self._state.fresh_until.put(tid, t + ttl)
                     return False
         return True
+
+    def _ttl_of(self, head_metadata: Mapping[str, Any] | None) -> float | None:
+        """The expiry TTL of a thread whose head has this metadata (None: not known here)."""
+        if self._expire_seconds is not None or self._expiry_policy is None:
+            return self._expire_seconds
+        if head_metadata is None:
+            return None
+        return expiry_seconds(self._expiry_policy, head_metadata)[0]
 
     # -------------------------------------------------------------- explicit deletions
 
@@ -737,7 +768,7 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
 
     def _expiry(self, thread_id: str, *, apply: bool) -> Program[bool]:
         """Whether the thread has expired (the worker's decision); with `apply`, delete it."""
-        assert self._expiry_rules is not None and self._expire_seconds is not None
+        assert self._expiry_rules is not None and self._expiry_policy is not None
         now = self._clock()
         scanned: Scanned = yield "scan", (thread_id,)
         view = scanned.view
@@ -749,12 +780,16 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
             # Unreadable counts as waiting: it only ever keeps a thread.
             view = replace(view, waiting=True if waiting is None else waiting)
             decision = decide(view, self._expiry_rules, now, self._grace)
+        if decision.ttl_fallback is not None:
+            self.metrics.ttl_fallbacks.labels(self.name, decision.ttl_fallback.reason.value).inc()
         if decision.expiry is None:
+            ttl, _ = expiry_seconds(self._expiry_policy, view.head_metadata)
+            assert ttl is not None
             newest = max((c.created_at or now for c in view.checkpoints), default=now)
-            until = newest + self._expire_seconds
+            until = newest + ttl
             if until <= now:
                 # Held back (waiting for input): ask again in a while, not on every read.
-                until = now + min(_RECHECK_SECONDS, self._expire_seconds)
+                until = now + min(_RECHECK_SECONDS, ttl)
                 for skip in decision.skips:
                     self.metrics.skipped.labels(self.name, skip.reason.value).inc()
             with self._state.lock:

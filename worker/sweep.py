@@ -29,7 +29,7 @@ import structlog
 from policies.config import BatchSettings, Policy
 from policies.decide import decide, last_activity
 from policies.matching import Ruleset
-from policies.model import Reason, SkipReason, ThreadDecision
+from policies.model import Reason, SkipReason, ThreadDecision, TtlFallbackReason
 from worker.engine import (
     Counts,
     Fingerprint,
@@ -69,6 +69,10 @@ class PolicyReport:
     """What the scan found due, before the safety limit and concurrent changes."""
     oldest_eligible_age: float | None = None
     skipped: Counter[SkipReason] = field(default_factory=Counter)
+    ttl_fallbacks: Counter[TtlFallbackReason] = field(default_factory=Counter)
+    """Threads whose own TTL (`expire_after: {metadata_key}`) fell back to the default."""
+    acted_threads: int = 0
+    """Threads this sweep queued work for under the policy (`max_threads_per_sweep` caps it)."""
 
     def see_eligible(self, checkpoints: int, threads: int, age: float | None) -> None:
         """Count rows found due; remember the oldest."""
@@ -336,6 +340,11 @@ class _Pass:
         self.pending_rows = 0
         self.entries: dict[tuple[str, str, Reason], ThreadPlan] = {}
         """The trims of the thread being carried out, until its last part is done."""
+        self.caps = {
+            p.name: p.max_threads_per_sweep
+            for p in rules.policies
+            if p.max_threads_per_sweep is not None
+        }
 
     def stopped(self) -> bool:
         return self.stop is not None and self.stop.is_set()
@@ -391,12 +400,31 @@ class _Pass:
             decision = _only_due(decision, self.options.due)
             for skip in decision.skips:
                 report.policies[skip.policy].skipped[skip.reason] += 1
+            if decision.ttl_fallback is not None:
+                fallback = decision.ttl_fallback
+                report.policies[fallback.policy].ttl_fallbacks[fallback.reason] += 1
             if decision.expiry is not None:
                 self._defer(thread, decision.expiry.policy, decision.expiry.age_seconds)
                 continue
-            for part in _parts(thread, decision, report, self.sizer.rows, rules):
+            parts = list(_parts(thread, decision, report, self.sizer.rows, rules))
+            for part in self._within_caps(parts):
                 if not await self._add(part):
                     return
+
+    def _capped(self, policy: str) -> bool:
+        """Whether `policy` has acted on its `max_threads_per_sweep` threads; else count one."""
+        cap = self.caps.get(policy)
+        pr = self.report.policies[policy]
+        if cap is not None and pr.acted_threads >= cap:
+            pr.skipped[SkipReason.SWEEP_LIMIT] += 1
+            return True
+        pr.acted_threads += 1
+        return False
+
+    def _within_caps(self, parts: list[_Part]) -> list[_Part]:
+        """A thread's parts, without those of policies that reached their per-sweep cap."""
+        capped = {p for p in dict.fromkeys(part.policy for part in parts) if self._capped(p)}
+        return [part for part in parts if part.policy not in capped]
 
     def _defer(self, thread: ScannedThread, policy: str, age: float) -> None:
         """Note an expiry; once past the limit, a real sweep forgets them all (it expires none)."""
@@ -409,6 +437,10 @@ class _Pass:
             report.limit_reached_by = policy
             if not self.options.dry_run:
                 self.deferred.drop()
+        # Counted above even past the cap: the safety limit weighs everything the
+        # policies want, so a wrong clock cannot eat the store `max_threads_per_sweep` a time.
+        if self._capped(policy):
+            return
         size = sum(c.size for c in view.checkpoints)
         self.deferred.add(
             _Expiring(view.thread_id, thread.fingerprint, policy, age, len(view.checkpoints), size)
@@ -581,6 +613,11 @@ def _only_due(decision: ThreadDecision, due: frozenset[str] | None) -> ThreadDec
         deletions=tuple(d for d in decision.deletions if d.policy in due),
         writes=tuple(w for w in decision.writes if w.policy in due),
         skips=tuple(s for s in decision.skips if s.policy in due),
+        ttl_fallback=(
+            decision.ttl_fallback
+            if decision.ttl_fallback and decision.ttl_fallback.policy in due
+            else None
+        ),
     )
 
 
@@ -668,6 +705,7 @@ def _log_summary(report: SweepReport) -> None:
                 "writes": p.deleted.writes,
                 "threads": p.deleted.threads,
                 "skipped": {reason.value: n for reason, n in p.skipped.items()},
+                "ttl_fallbacks": {reason.value: n for reason, n in p.ttl_fallbacks.items()},
             }
             for name, p in report.policies.items()
         },
