@@ -78,6 +78,8 @@ DESIGN_METRICS: dict[str, tuple[str, frozenset[str]]] = {
     PREFIX + "reclaimable_bytes": ("gauge", frozenset({"store"})),
     PREFIX + "reclaimed_bytes_total": ("counter", frozenset({"store"})),
     PREFIX + "reclaim_duration_seconds": ("histogram", frozenset({"store"})),
+    # issue 14: per-thread TTL values that fell back to the default
+    PREFIX + "ttl_fallbacks_total": ("counter", frozenset({"store", "policy", "reason"})),
 }
 SWEEP_OUTCOMES = frozenset({"success", "failed", "safety_stop", "stopped", "locked"})
 DELETED_KINDS = frozenset({"checkpoints", "writes", "blobs", "threads"})
