@@ -44,6 +44,8 @@ class SkipReason(StrEnum):
     """The thread changed between scan and delete; it is decided again next sweep."""
     LOCKED = "locked"
     """(SQLite) the batch could not get the write lock in time; decided again next sweep."""
+    HELD = "held"
+    """A legal hold (`checkpoint-janitor hold`): the thread is skipped whole, before deciding."""
 
 
 @dataclass(slots=True)
