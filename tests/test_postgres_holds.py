@@ -235,4 +235,3 @@ async def test_holds_listing_pages_in_the_database_order(dbs: Databases) -> None
         assert sorted(listed) == sorted(ids) and len(listed) == len(set(listed))
     finally:
         await engine.close()
-

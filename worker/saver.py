@@ -173,7 +173,8 @@ class SaverMetrics:
         self.skipped = _counter(
             registry,
             "checkpoint_janitor_saver_skipped",
-            "Rules that applied but were held back, by reason (interrupted, undecodable, changed).",
+            "Rules that applied but were held back, by reason "
+            "(interrupted, undecodable, changed, held).",
             ("saver", "reason"),
         )
 
