@@ -13,6 +13,7 @@ import json
 import shutil
 import sqlite3
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -407,3 +408,28 @@ async def test_wrapper_honours_holds_placed_by_the_cli_on_sqlite(tmp_path: Path)
         assert await saver.ahold("old-held")
         async with AsyncSqliteSaver.from_conn_string(str(tmp_path / "control.db")) as control:
             await check_wrapper_honours_holds(saver, control)
+
+
+async def test_wrapper_sees_a_hold_from_elsewhere_within_holds_refresh() -> None:
+    """A hold placed by another process (here: another wrapper of the same store) binds
+    a wrapper that has read the holds once its `holds_refresh` has passed, as documented."""
+    store = InMemorySaver()
+    now = [time.time() + 3600]  # every checkpoint below is in its past
+    saver = RetentionSaver(
+        store,
+        keep_last=1,
+        slack=0,
+        registry=CollectorRegistry(),
+        clock=lambda: now[0],
+        holds_refresh=timedelta(seconds=60),
+    )
+    await turns(chat_graph(saver), "t", 2)
+    assert len(await history(saver, "t")) == 1  # trimmed: the holds (none) are read now
+    other = RetentionSaver(store, registry=CollectorRegistry())
+    assert other.hold("t")
+    now[0] += 59
+    await turns(chat_graph(saver), "t", 1)
+    assert len(await history(saver, "t")) == 1  # within the interval: not seen yet
+    now[0] += 2
+    await turns(chat_graph(saver), "t", 2)
+    assert len(await history(saver, "t")) == 7  # seen: kept whole from here on

@@ -1141,6 +1141,8 @@ class PostgresStore:
 
     async def _held_among(self, conn: asyncpg.Connection, thread_ids: Sequence[str]) -> set[str]:
         """The held threads among `thread_ids`, read in the caller's transaction under the lock."""
+        # Its own statement: READ COMMITTED takes a statement's snapshot when
+        # it starts, so a read in the same statement would predate the wait.
         await conn.execute(HOLDS_SHARED_LOCK_SQL)
         if not await self._has_holds_table(conn):
             return set()
