@@ -47,6 +47,9 @@ class SkipReason(StrEnum):
     SWEEP_LIMIT = "sweep-limit"
     """The policy's `max_threads_per_sweep` was reached; the thread waits for the next sweep."""
 
+    HELD = "held"
+    """A legal hold (`checkpoint-janitor hold`): the thread is skipped whole, before deciding."""
+
 
 class TtlFallbackReason(StrEnum):
     """Why a per-thread TTL (`expire_after: {metadata_key: ...}`) fell back to its default

@@ -8,6 +8,7 @@ A bad config exits 2 before any store is opened.
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
 import sys
 import time
@@ -21,15 +22,16 @@ import structlog
 
 from policies.config import BatchSettings, Config, Policy, ReclaimSettings, StoreConfig
 from policies.loader import ConfigError, check_config
-from worker.engine import StoreEngine, StoreError
+from worker.engine import Counts, Hold, StoreEngine, StoreError
 from worker.langgraph_json import load_worker_config, translate_file
 from worker.logs import configure_logging, iso_utc
 from worker.metrics import Metrics
 from worker.postgres_store import PostgresStore
-from worker.purge import purge
+from worker.purge import HeldThreadsError, held_among, purge
 from worker.reclaim import after_sweep, measure, reclaim
 from worker.report import (
     human_bytes,
+    render_holds,
     render_json,
     render_table,
     render_threads,
@@ -398,6 +400,7 @@ def stats(ctx: click.Context, fmt: str, only: str | None) -> None:
     async def collect() -> list[dict[str, Any]]:
         out = []
         now = datetime.now(UTC).timestamp()
+
         for store in _stores(config, only):
             try:
                 out.append(
@@ -420,6 +423,7 @@ def stats(ctx: click.Context, fmt: str, only: str | None) -> None:
                 click.echo(f"  {key.replace('_', ' '):<18} {human_bytes(s[key]):>29}")
         for line in _space_lines(s["space"]):
             click.echo(f"  {line}")
+        click.echo(f"  {'held threads':<18} {s['held_threads']:>12}")
         click.echo("  checkpoint ages per namespace:")
         for ns, buckets in s["ages"].items():
             cells = ", ".join(f"{b} {n}" for b, n in buckets.items())
@@ -436,7 +440,10 @@ async def _stats_of(engine: StoreEngine, now: float) -> dict[str, Any]:
     out: dict[str, Any] = await engine.stats(now)  # type: ignore[attr-defined]
     space = await measure(engine)
     out.update(
-        store_bytes=space.store_bytes, reclaimable_bytes=space.reclaimable_bytes, space=space.detail
+        store_bytes=space.store_bytes,
+        reclaimable_bytes=space.reclaimable_bytes,
+        space=space.detail,
+        held_threads=len(await engine.holds()),
     )
     return out
 
@@ -492,8 +499,10 @@ def purge_cmd(
         _fail("purge asks before deleting; without a terminal, pass --yes", EXIT_CONFIG)
     config = _load(ctx)
     named = list(dict.fromkeys(threads))
+    stores = _stores(config, only)
+    _refuse_held(config, stores, named, prefix)
     failed = False
-    for store in _stores(config, only):
+    for store in stores:
 
         async def body(engine: StoreEngine) -> bool:
             found = await purge(engine, named, prefix, dry_run=True)
@@ -526,6 +535,15 @@ def purge_cmd(
         except StoreError as e:
             log.error("store_unavailable", store=store.name, error=str(e))
             failed = True
+        except HeldThreadsError as e:
+            # Held while the purge ran: the batch's re-check kept them whole.
+            done = e.deleted or Counts()
+            _fail(
+                f"store {store.name}: deleted {done.threads} threads; refused "
+                f"{', '.join(map(repr, e.threads))}: put on legal hold during the purge "
+                "(`checkpoint-janitor release` lifts a hold)",
+                EXIT_CONFIG,
+            )
     if failed:
         sys.exit(EXIT_FAILED)
 
@@ -653,6 +671,124 @@ def _reclaim_line(r: Reclaimed) -> str:
     if r.tables:
         line += f", tables {', '.join(r.tables)}"
     return line + (f"\n  {r.note}" if r.note else "")
+
+
+def _refuse_held(
+    config: Config, stores: Sequence[StoreConfig], named: Sequence[str], prefix: str | None
+) -> None:
+    """Exit 2 naming the held threads if the purge names any, in any store, before deleting."""
+    refused: list[str] = []
+    for store in stores:
+
+        async def body(engine: StoreEngine) -> list[str]:
+            return held_among(await engine.holds(), named, prefix)
+
+        try:
+            held = asyncio.run(_with_engine(config, store, body, read_only=True))
+        except StoreError as e:
+            # The purge itself reports an unusable store, store by store.
+            log.error("store_unavailable", store=store.name, error=str(e))
+            continue
+        refused += [f"store {store.name}: {t!r}" for t in held]
+    if refused:
+        _fail(
+            "purge refused, nothing deleted: these threads are on legal hold:\n  "
+            + "\n  ".join(refused)
+            + "\n(`checkpoint-janitor holds --store NAME` lists holds; "
+            "`release` lifts one)",
+            EXIT_CONFIG,
+        )
+
+
+def _operator() -> str | None:
+    """Who places a hold, by default: the OS user (meaningless in a container: pass --by)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return None
+
+
+def _one_store(ctx: click.Context, name: str) -> tuple[Config, StoreConfig]:
+    config = _load(ctx)
+    return config, _stores(config, name)[0]
+
+
+@main.command(name="hold")
+@click.option("--store", "only", required=True, help="The store holding the thread.")
+@click.option("--thread", "thread_id", required=True, help="The thread to hold.")
+@click.option("--reason", default=None, help="Why (a case number, a ticket).")
+@click.option("--by", "held_by", default=None, help="Who holds it (default: the OS user).")
+@click.pass_context
+def hold_cmd(
+    ctx: click.Context, only: str, thread_id: str, reason: str | None, held_by: str | None
+) -> None:
+    """Put a thread on legal hold: never expired, trimmed or purged until released.
+
+    The thread need not exist yet: a hold may precede its data.
+    """
+    config, store = _one_store(ctx, only)
+
+    async def body(engine: StoreEngine) -> tuple[Hold | None, list[Hold]]:
+        placed = await engine.hold(thread_id, reason, held_by or _operator())
+        return placed, ([] if placed else await engine.holds())
+
+    try:
+        placed, holds = asyncio.run(_with_engine(config, store, body))
+    except StoreError as e:
+        _fail(str(e), EXIT_FAILED)
+    if placed is None:
+        old = next((h for h in holds if h.thread_id == thread_id), None)
+        since = f" since {iso_utc(old.held_at)}" if old else ""
+        click.echo(f"store {store.name}: thread {thread_id!r} was already held{since}; unchanged")
+        return
+    log.info("thread_held", store=store.name, thread_id=thread_id, reason=reason, by=placed.held_by)
+    click.echo(f"store {store.name}: thread {thread_id!r} held")
+
+
+@main.command(name="release")
+@click.option("--store", "only", required=True, help="The store holding the thread.")
+@click.option("--thread", "thread_id", required=True, help="The thread to release.")
+@click.pass_context
+def release_cmd(ctx: click.Context, only: str, thread_id: str) -> None:
+    """Lift a legal hold: the policies apply to the thread again from the next sweep."""
+    config, store = _one_store(ctx, only)
+    try:
+        lifted = asyncio.run(_with_engine(config, store, lambda e: e.release(thread_id)))
+    except StoreError as e:
+        _fail(str(e), EXIT_FAILED)
+    if not lifted:
+        click.echo(f"store {store.name}: thread {thread_id!r} was not held; nothing to release")
+        return
+    log.info("thread_released", store=store.name, thread_id=thread_id)
+    click.echo(f"store {store.name}: thread {thread_id!r} released")
+
+
+@main.command(name="holds")
+@click.option("--store", "only", required=True, help="The store to list.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.pass_context
+def holds_cmd(ctx: click.Context, only: str, fmt: str) -> None:
+    """List the legal holds of a store: thread, since when, by whom, why."""
+    config, store = _one_store(ctx, only)
+    try:
+        holds = asyncio.run(_with_engine(config, store, lambda e: e.holds(), read_only=True))
+    except StoreError as e:
+        _fail(str(e), EXIT_FAILED)
+    rows = [
+        {
+            "thread_id": h.thread_id,
+            "held_at": iso_utc(h.held_at),
+            "held_by": h.held_by,
+            "reason": h.reason,
+        }
+        for h in holds
+    ]
+    if fmt == "json":
+        click.echo(json.dumps({"store": store.name, "holds": rows}, indent=2))
+        return
+    click.echo(f"store {store.name}: {len(rows)} threads on legal hold")
+    if rows:
+        click.echo(render_holds(rows))
 
 
 @main.command()

@@ -125,6 +125,23 @@ class WorkResult:
     """The thread changed since the scan; nothing of it was deleted."""
     locked: bool = False
     """(SQLite) the batch never got the write lock; nothing of it was deleted."""
+    on_hold: bool = False
+    """A legal hold on the thread, seen inside the batch transaction; nothing of it was deleted."""
+
+
+HOLDS_TABLE = "checkpoint_janitor_holds"
+"""The tool's own table of legal holds, in the store itself (README "Legal holds")."""
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """A legal hold: the thread is never expired, trimmed or purged while it stands."""
+
+    thread_id: str
+    reason: str | None
+    held_at: float
+    """Unix time the hold was placed."""
+    held_by: str | None
 
 
 class StoreEngine(Protocol):
@@ -178,6 +195,15 @@ class StoreEngine(Protocol):
 
     async def after_batch(self) -> None:
         """Housekeeping between batches (SQLite: a passive WAL checkpoint)."""
+
+    async def holds(self) -> list[Hold]:
+        """Every legal hold, in thread-id order; none when the holds table does not exist."""
+
+    async def hold(self, thread_id: str, reason: str | None, held_by: str | None) -> Hold | None:
+        """Place a hold (creating the holds table on first use); None if one stood already."""
+
+    async def release(self, thread_id: str) -> bool:
+        """Lift the hold on `thread_id`; False if there was none."""
 
 
 class StoreError(Exception):

@@ -144,6 +144,12 @@ class Metrics:
             ["store", "policy"],
             registry=r,
         )
+        self.held_threads = Gauge(
+            PREFIX + "held_threads",
+            "Threads under a legal hold (`checkpoint-janitor hold`), as the last sweep read them.",
+            ["store"],
+            registry=r,
+        )
         self.store_up = Gauge(
             PREFIX + "store_up", "1 if the store answers, else 0.", ["store"], registry=r
         )
@@ -201,6 +207,8 @@ class Metrics:
                 # alert that retention is being applied.
                 self.last_success.labels(store, name).set(report.now + report.duration_seconds)
         self.dry_run.labels(store).set(1 if report.dry_run else 0)
+        if report.held_threads is not None:
+            self.held_threads.labels(store).set(report.held_threads)
         if report.outcome is Outcome.SAFETY_STOP and report.limit_reached_by is not None:
             self.safety_stops.labels(store, report.limit_reached_by).inc()
 
@@ -223,8 +231,8 @@ class Metrics:
                 self.eligible.remove(*labels)
 
     def forget_store(self, store: str) -> None:
-        """Drop `store_up` and `dry_run` of a store no longer configured."""
-        for gauge in (self.store_up, self.dry_run):
+        """Drop `store_up`, `dry_run` and `held_threads` of a store no longer configured."""
+        for gauge in (self.store_up, self.dry_run, self.held_threads):
             if (store,) in _label_sets(gauge):
                 gauge.remove(store)
 

@@ -73,8 +73,10 @@ from policies.model import CheckpointSummary, ThreadView
 from policies.summary import json_object, summarize
 from policies.waiting import TASKS, is_waiting
 from worker.engine import (
+    HOLDS_TABLE,
     Counts,
     Fingerprint,
+    Hold,
     ScannedThread,
     StoreError,
     ThreadWork,
@@ -447,6 +449,58 @@ LEFT JOIN checkpoint_blobs b ON b.thread_id = e.thread_id
 WHERE NOT EXISTS (SELECT 1 FROM checkpoints c WHERE c.thread_id = e.thread_id)
 """
 
+# ---------------------------------------------------------------- legal holds
+
+# The tool's own table, in the store's schema beside `checkpoint_janitor_expired`,
+# created by the first `hold` (plan and stats must work without it).
+CREATE_HOLDS_TABLE_SQL = f"""
+CREATE TABLE IF NOT EXISTS {HOLDS_TABLE} (
+    thread_id TEXT PRIMARY KEY,
+    reason TEXT,
+    held_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    held_by TEXT
+)
+"""
+# Not to_regclass (as for the expired table): it reads the relation cache,
+# which a batch that waited on the holds lock below has not refreshed, and it
+# would miss the table a concurrent first `hold` just created. pg_class read
+# with the statement's own snapshot sees every commit before the statement.
+HOLDS_TABLE_EXISTS_SQL = f"""
+SELECT EXISTS (
+    SELECT 1 FROM pg_catalog.pg_class
+    WHERE relname = '{HOLDS_TABLE}' AND relnamespace = current_schema()::regnamespace
+)
+"""
+# A hold must win against a batch already running, and row locks cannot
+# order an INSERT against a reader, nor a table that does not exist yet. So
+# a hold takes this transaction-level advisory lock exclusively (around the
+# table's creation and its insert) and every delete batch shares it before
+# reading the holds: a hold committed first is seen, a later one waits for the
+# batch's commit. Keyed by the schema, not the config's store name: another
+# config may name the same database differently. Waits obey lock_timeout.
+_HOLDS_LOCK_KEY = "hashtextextended('checkpoint-janitor-holds:' || current_schema(), 0)"
+HOLDS_LOCK_SQL = f"SELECT pg_advisory_xact_lock({_HOLDS_LOCK_KEY})"
+HOLDS_SHARED_LOCK_SQL = f"SELECT pg_advisory_xact_lock_shared({_HOLDS_LOCK_KEY})"
+HELD_AMONG_SQL = f"SELECT thread_id FROM {HOLDS_TABLE} WHERE thread_id = ANY($1::text[])"
+# Keyset pages compared by the database in its own collation (as the thread
+# walk); the first page has no lower bound, so a hold on the empty id is read.
+HOLDS_FIRST_PAGE_SQL = f"""
+SELECT thread_id, reason, extract(epoch FROM held_at)::float8, held_by
+FROM {HOLDS_TABLE} ORDER BY thread_id LIMIT $1
+"""
+HOLDS_NEXT_PAGE_SQL = f"""
+SELECT thread_id, reason, extract(epoch FROM held_at)::float8, held_by
+FROM {HOLDS_TABLE} WHERE thread_id > $1 ORDER BY thread_id LIMIT $2
+"""
+# A second hold on a held thread keeps the first (its time and reason stand).
+INSERT_HOLD_SQL = f"""
+INSERT INTO {HOLDS_TABLE} (thread_id, reason, held_by) VALUES ($1, $2, $3)
+ON CONFLICT (thread_id) DO NOTHING
+RETURNING extract(epoch FROM held_at)::float8
+"""
+DELETE_HOLD_SQL = f"DELETE FROM {HOLDS_TABLE} WHERE thread_id = $1 RETURNING thread_id"
+HOLDS_PAGE = 1000
+
 # Dry runs count what the statements above would delete.
 COUNT_CHECKPOINTS_SQL = """
 SELECT c.thread_id, c.checkpoint_ns, count(*) FROM checkpoints c
@@ -516,6 +570,14 @@ class _Triples:
         return self.threads, self.namespaces, self.ids
 
 
+class _OnHold(Exception):
+    """Threads of the batch are on hold: roll back, drop them, run the rest."""
+
+    def __init__(self, threads: set[str]) -> None:
+        super().__init__(f"{len(threads)} threads are on hold")
+        self.threads = threads
+
+
 class _Changed(Exception):
     """Threads changed between the checks of a batch: roll back, drop them, retry."""
 
@@ -581,6 +643,8 @@ class PostgresStore:
         """The sweep's clock; blob GC's quiet check uses it. Set by `begin_sweep`."""
         self._expired_table = False
         """`checkpoint_janitor_expired` is known to exist (it is never dropped)."""
+        self._holds_table = False
+        """`checkpoint_janitor_holds` is known to exist (it is never dropped)."""
 
     # ------------------------------------------------------------ lifecycle
 
@@ -851,10 +915,14 @@ class PostgresStore:
         if dry_run:
             return await self._count(batch)
         changed: set[str] = set()
+        on_hold: set[str] = set()
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            todo = [w for w in batch if w.thread_id not in changed]
+            todo = [w for w in batch if w.thread_id not in changed | on_hold]
             try:
                 done = await self._apply_once(todo)
+            except _OnHold as e:
+                on_hold |= e.threads
+                continue
             except _Changed as e:
                 changed |= e.threads
                 continue
@@ -879,7 +947,13 @@ class PostgresStore:
                 continue
             results = {id(w): r for w, r in zip(todo, done, strict=True)}
             return [
-                results.get(id(w)) or WorkResult(w.thread_id, Counts(), changed=True) for w in batch
+                results.get(id(w))
+                or (
+                    WorkResult(w.thread_id, Counts(), on_hold=True)
+                    if w.thread_id in on_hold
+                    else WorkResult(w.thread_id, Counts(), changed=True)
+                )
+                for w in batch
             ]
         return [WorkResult(w.thread_id, Counts(), changed=True) for w in batch]
 
@@ -897,6 +971,8 @@ class PostgresStore:
                 f"SET LOCAL lock_timeout = {int(self.lock_timeout * 1000)}; "
                 f"SET LOCAL statement_timeout = {int(self.statement_timeout * 1000)}"
             )
+            if on_hold := await self._held_among(conn, tids):
+                raise _OnHold(on_hold)
             before = await _fingerprints(conn, tids)
             # A thread's first part must find the thread as scanned.
             first: dict[str, ThreadWork] = {}
@@ -1054,6 +1130,59 @@ class PostgresStore:
 
     async def after_batch(self) -> None:
         """Nothing to do between batches: autovacuum reclaims dead tuples."""
+
+    # ------------------------------------------------------------ legal holds
+
+    async def _has_holds_table(self, conn: asyncpg.Connection) -> bool:
+        # Once there, never dropped: only its absence is asked again.
+        if not self._holds_table:
+            self._holds_table = bool(await conn.fetchval(HOLDS_TABLE_EXISTS_SQL))
+        return self._holds_table
+
+    async def _held_among(self, conn: asyncpg.Connection, thread_ids: Sequence[str]) -> set[str]:
+        """The held threads among `thread_ids`, read in the caller's transaction under the lock."""
+        # Its own statement: READ COMMITTED takes a statement's snapshot when
+        # it starts, so a read in the same statement would predate the wait.
+        await conn.execute(HOLDS_SHARED_LOCK_SQL)
+        if not await self._has_holds_table(conn):
+            return set()
+        return {r[0] for r in await conn.fetch(HELD_AMONG_SQL, list(thread_ids))}
+
+    async def holds(self) -> list[Hold]:
+        """Every hold, in thread-id order; none while the holds table does not exist."""
+        out: list[Hold] = []
+        async with self.pool.acquire() as conn:
+            if not await self._has_holds_table(conn):
+                return out
+            after: str | None = None
+            while True:
+                if after is None:
+                    rows = await conn.fetch(HOLDS_FIRST_PAGE_SQL, HOLDS_PAGE)
+                else:
+                    rows = await conn.fetch(HOLDS_NEXT_PAGE_SQL, after, HOLDS_PAGE)
+                out.extend(Hold(r[0], r[1], float(r[2]), r[3]) for r in rows)
+                if len(rows) < HOLDS_PAGE:
+                    return out
+                after = rows[-1][0]
+
+    async def hold(self, thread_id: str, reason: str | None, held_by: str | None) -> Hold | None:
+        """Hold `thread_id` (whether or not it has rows yet); None if it was held already."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(f"SET LOCAL lock_timeout = {int(self.lock_timeout * 1000)}")
+            await conn.execute(HOLDS_LOCK_SQL)
+            if not await self._has_holds_table(conn):
+                await conn.execute(CREATE_HOLDS_TABLE_SQL)
+            held_at = await conn.fetchval(INSERT_HOLD_SQL, thread_id, reason, held_by)
+        # Only now, committed: a rollback would leave no table behind.
+        self._holds_table = True
+        return None if held_at is None else Hold(thread_id, reason, float(held_at), held_by)
+
+    async def release(self, thread_id: str) -> bool:
+        """Lift the hold on `thread_id`; False if it had none."""
+        async with self.pool.acquire() as conn:
+            if not await self._has_holds_table(conn):
+                return False
+            return await conn.fetchval(DELETE_HOLD_SQL, thread_id) is not None
 
     # ------------------------------------------------------------ stats
 

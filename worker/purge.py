@@ -1,7 +1,9 @@
 """User-triggered deletion of named threads (`purge`).
 
 It deletes what it names, `protect` and the safety limit notwithstanding, in
-the same batched, all-or-nothing-per-thread transactions as a sweep.
+the same batched, all-or-nothing-per-thread transactions as a sweep. A legal
+hold is the exception: a purge that names a held thread, by id or by
+prefix, deletes nothing at all (`HeldThreadsError`).
 """
 
 from __future__ import annotations
@@ -12,13 +14,42 @@ from collections.abc import AsyncIterator, Sequence
 import structlog
 
 from policies.decide import last_activity
-from worker.engine import Counts, StoreEngine, ThreadWork
+from worker.engine import Counts, Hold, StoreEngine, ThreadWork
 from worker.logs import iso_utc
 
 log = structlog.get_logger("checkpoint_janitor.purge")
 
 PURGE_BATCH_THREADS = 200
 PURGE_PAGE_THREADS = 1000
+
+
+class HeldThreadsError(Exception):
+    """A purge names threads under a legal hold.
+
+    Found before the purge began, it deleted nothing (`deleted` is None). A
+    hold placed while it ran keeps that thread whole, and `deleted` counts
+    what went before and besides it.
+    """
+
+    def __init__(self, threads: Sequence[str], deleted: Counts | None = None) -> None:
+        super().__init__(
+            f"{len(threads)} named threads are on legal hold: {', '.join(map(repr, threads))}"
+        )
+        self.threads = list(threads)
+        self.deleted = deleted
+
+
+def held_among(holds: Sequence[Hold], threads: Sequence[str], prefix: str | None) -> list[str]:
+    """The held threads a purge names: `threads` by id, or every hold on an id with `prefix`.
+
+    The prefix is code-point exact, as the purge's own walk, and covers holds
+    on threads that have no rows yet: the hold speaks for what may come.
+    """
+    held = {h.thread_id for h in holds}
+    if threads:
+        return [t for t in threads if t in held]
+    assert prefix is not None
+    return sorted(t for t in held if t.startswith(prefix))
 
 
 async def matching_threads(
@@ -36,8 +67,16 @@ async def matching_threads(
 async def purge(
     engine: StoreEngine, threads: Sequence[str], prefix: str | None, dry_run: bool
 ) -> Counts:
-    """Delete (or count, when `dry_run`) every named thread whole."""
+    """Delete (or count, when `dry_run`) every named thread whole.
+
+    Raises:
+        HeldThreadsError: A named thread is on hold (nothing was deleted), or
+            was put on hold while the purge ran (that thread was kept whole).
+    """
+    if held := held_among(await engine.holds(), threads, prefix):
+        raise HeldThreadsError(held)
     total = Counts()
+    late: list[str] = []
     async for page in matching_threads(engine, threads, prefix):
         for start in range(0, len(page), PURGE_BATCH_THREADS):
             todo = page[start : start + PURGE_BATCH_THREADS]
@@ -49,9 +88,10 @@ async def purge(
                 works = [ThreadWork(t.view.thread_id, t.fingerprint, expire=True) for t in scanned]
                 results = await engine.apply(works, dry_run)
                 todo = [r.thread_id for r in results if r.changed or r.locked]
+                late.extend(r.thread_id for r in results if r.on_hold)
                 now = time.time()
                 for r in results:
-                    if r.changed or r.locked:
+                    if r.changed or r.locked or r.on_hold:
                         continue
                     if r.counts.checkpoints or r.counts.writes or r.counts.blobs:
                         total.add(r.counts)
@@ -69,4 +109,6 @@ async def purge(
                             )
                 if not dry_run:
                     await engine.after_batch()
+    if late:
+        raise HeldThreadsError(late, total)
     return total

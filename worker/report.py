@@ -46,6 +46,7 @@ def report_dict(report: SweepReport) -> dict[str, Any]:
         "duration_seconds": round(report.duration_seconds, 3),
         "changed_threads": report.changed_threads,
         "locked_threads": report.locked_threads,
+        "held_threads": report.held_threads,
         "error": report.error,
     }
 
@@ -121,6 +122,20 @@ def render_threads(entries: Sequence[ThreadPlan]) -> str:
     return "\n".join([line(head), *(line(r) for r in rows)])
 
 
+def render_holds(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A plain-text table of holds (`checkpoint-janitor holds`): thread, held at, by, reason."""
+    head = ["thread", "held at", "held by", "reason"]
+    cells = [
+        [str(r["thread_id"]), str(r["held_at"]), r["held_by"] or "-", r["reason"] or "-"]
+        for r in rows
+    ]
+    widths = [max(len(x[i]) for x in [head, *cells]) for i in range(len(head))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)).rstrip()
+        for x in [head, *cells]
+    )
+
+
 def _age(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -190,6 +205,11 @@ def render_table(reports: Sequence[SweepReport], blob_stores: Collection[str] = 
                 f"{verb} none of them (trimming runs). Check the clock and the policies; then "
                 "raise defaults.max_delete_fraction, or run "
                 "`checkpoint-janitor once --allow-mass-expiry` once."
+            )
+        if r.held_threads:
+            out.append(
+                f"legal holds: {r.held_threads} threads held, never expired, trimmed or purged "
+                "(`checkpoint-janitor holds` lists them)."
             )
         if r.locked_threads:
             out.append(

@@ -32,6 +32,13 @@ Wrap the checkpointer a graph is compiled with::
   twins) on every wrapped saver: explicit deletions by their API contracts,
   still keeping what the remaining checkpoints need (the savers' own `prune`,
   Postgres's, is used where it exists: it is the reference).
+- Legal holds (`checkpoint-janitor hold`, or `hold()` here): a held thread
+  is never trimmed, expired or hidden by the wrapper, nor touched by
+  `delete_checkpoints`. The wrapper reads the store's holds at most every
+  `holds_refresh` (60 s by default), so a hold placed by another process
+  binds it within that interval; one placed through this wrapper at once.
+  Explicit deletions by name (`delete_thread`, `prune`, `delete_for_runs`)
+  are the application's own and do as they are asked.
 - Everything else passes through to the wrapped saver: sync methods for a
   sync saver, async for an async one; what the saver lacks (`copy_thread` on
   all five) raises `NotImplementedError` as the base class does.
@@ -167,7 +174,8 @@ class SaverMetrics:
         self.skipped = _counter(
             registry,
             "checkpoint_janitor_saver_skipped",
-            "Rules that applied but were held back, by reason (interrupted, undecodable, changed).",
+            "Rules that applied but were held back, by reason "
+            "(interrupted, undecodable, changed, held).",
             ("saver", "reason"),
         )
         self.ttl_fallbacks = _counter(
@@ -234,6 +242,10 @@ class _State:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        self.held: frozenset[str] | None = None
+        """The store's held threads as last read (None: not read yet)."""
+        self.held_until = 0.0
+        """When `held` is to be read again."""
         self.fresh_until: _Lru[str, float] = _Lru()
         """thread -> time until which it cannot have expired (no check needed)."""
         self.since_trim: _Lru[str, dict[str, int]] = _Lru()
@@ -315,6 +327,9 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
             counters (default: the global registry).
         name: The `saver` label of those counters (default: the inner class name).
         clock: Seconds since the epoch; injectable for tests.
+        holds_refresh: How long the store's legal holds, once read, are taken
+            as they were (default 60 s): a hold placed by another process (the
+            `checkpoint-janitor hold` command) binds this wrapper within it.
 
     Raises:
         TypeError: Rules were given for a saver whose storage the wrapper does not know.
@@ -350,6 +365,7 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
         registry: CollectorRegistry | None = None,
         name: str | None = None,
         clock: Callable[[], float] = time.time,
+        holds_refresh: timedelta = timedelta(seconds=60),
     ) -> None:
         # BaseCheckpointSaver.__init__ only sets `serde`, which is the inner's here.
         if not isinstance(inner, BaseCheckpointSaver):
@@ -361,6 +377,7 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
         self.name = name or type(inner).__name__
         self._clock = clock
         self._grace = grace_period.total_seconds()
+        self._holds_refresh = holds_refresh.total_seconds()
         self._trim_rules: Ruleset | None = None
         self._expiry_rules: Ruleset | None = None
         self._expire_seconds: float | None = None
@@ -493,6 +510,42 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
     ) -> Mapping[str, DeltaChannelHistory]:
         """Passed through."""
         return await self._inner.aget_delta_channel_history(config=config, channels=channels)
+
+    # -------------------------------------------------------------- legal holds
+
+    def hold(self, thread_id: str, reason: str | None = None, held_by: str | None = None) -> bool:
+        """Put a thread on legal hold in the store (as `checkpoint-janitor hold`).
+
+        It need not exist yet. Returns False if it was held already (the first
+        hold stands). The worker's sweeps and purges honour it too.
+        """
+        placed = self._backend.hold(str(thread_id), reason, held_by)
+        self._forget_holds()
+        return placed
+
+    async def ahold(
+        self, thread_id: str, reason: str | None = None, held_by: str | None = None
+    ) -> bool:
+        """Async `hold`."""
+        placed = await self._backend.ahold(str(thread_id), reason, held_by)
+        self._forget_holds()
+        return placed
+
+    def release(self, thread_id: str) -> bool:
+        """Lift a thread's legal hold; False if it had none."""
+        lifted = self._backend.release(str(thread_id))
+        self._forget_holds()
+        return lifted
+
+    async def arelease(self, thread_id: str) -> bool:
+        """Async `release`."""
+        lifted = await self._backend.arelease(str(thread_id))
+        self._forget_holds()
+        return lifted
+
+    def _forget_holds(self) -> None:
+        with self._state.lock:
+            self._state.held = None
 
     # -------------------------------------------------------------- writes
 
@@ -766,9 +819,25 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
             self.metrics.skipped.labels(self.name, skip.reason.value).inc()
         return decision
 
+    def _on_hold(self, thread_id: str, *, fresh: bool = False) -> Program[bool]:
+        """Whether the thread is on legal hold: the store's holds, read every `holds_refresh`."""
+        now = self._clock()
+        with self._state.lock:
+            held = None if fresh or now >= self._state.held_until else self._state.held
+        if held is None:
+            held = yield "holds", ()
+            with self._state.lock:
+                self._state.held, self._state.held_until = held, now + self._holds_refresh
+        return thread_id in held
+
     def _expiry(self, thread_id: str, *, apply: bool) -> Program[bool]:
         """Whether the thread has expired (the worker's decision); with `apply`, delete it."""
         assert self._expiry_rules is not None and self._expiry_policy is not None
+        if (yield from self._on_hold(thread_id)):
+            # Never hidden, never expired; asked again on the next read or put.
+            if apply:
+                self.metrics.skipped.labels(self.name, SkipReason.HELD.value).inc()
+            return False
         now = self._clock()
         scanned: Scanned = yield "scan", (thread_id,)
         view = scanned.view
@@ -821,6 +890,9 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
         """
         rules = self._trim_rules
         assert rules is not None
+        if (yield from self._on_hold(thread_id)):
+            self.metrics.skipped.labels(self.name, SkipReason.HELD.value).inc()
+            return Counts()
         now = self._clock()
 
         def choose(scanned: Scanned) -> dict[str, builtins.list[str]]:
@@ -884,6 +956,9 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
         self, cutoff: float, thread_id: str | None, keep_newest: bool
     ) -> Program[int]:
         total = 0
+        # A deletion by age is retention: held threads keep everything. Read
+        # now, not from the cache: it is an explicit, one-off call.
+        yield from self._on_hold("", fresh=True)
         if thread_id is not None:
             return (yield from self._delete_older(str(thread_id), cutoff, keep_newest))
         # Page by page (flat memory): a keyset cursor on the thread id is not
@@ -900,6 +975,9 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
 
     def _delete_older(self, thread_id: str, cutoff: float, keep_newest: bool) -> Program[int]:
         """One thread's share of `delete_checkpoints`."""
+        if (yield from self._on_hold(thread_id)):
+            self.metrics.skipped.labels(self.name, SkipReason.HELD.value).inc()
+            return 0
         scanned: Scanned = yield "scan", (thread_id,)
         cps = scanned.view.checkpoints
         doomed = {

@@ -15,7 +15,9 @@ have, done on the saver's own connection under the saver's own lock:
 - `expire(thread_id, fingerprint)`: the whole thread, in one transaction that
   first checks the thread is still as scanned, so a run that saved since the
   decision wins and nothing is half deleted;
-- `delete_threads`, `threads_of_runs`, `thread_page`, `waiting`.
+- `delete_threads`, `threads_of_runs`, `thread_page`, `waiting`;
+- `holds()`, `hold(...)`, `release(...)`: the legal holds kept in the store
+  itself, in the worker's own table (for `InMemorySaver`, beside its dicts).
 
 One backend per saver family: `InMemorySaver` (its dicts), `SqliteSaver`
 (sqlite3) and `AsyncSqliteSaver` (aiosqlite), `PostgresSaver` and
@@ -33,7 +35,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sqlite3
+import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -47,13 +51,19 @@ from policies.decide import is_delta_thread, root_head
 from policies.model import CheckpointSummary, ThreadView
 from policies.summary import json_object, summarize, ts_seconds
 from policies.waiting import is_waiting
-from worker.engine import Counts
+from worker import postgres_store as pg_store
+from worker.engine import HOLDS_TABLE, Counts
+from worker.logs import iso_utc
 from worker.postgres_store import CHANNEL_KEYS_TEMPLATE
 from worker.sqlite_store import (
+    CREATE_HOLDS_TABLE_SQL,
     DELETE_CHECKPOINTS_SQL,
+    DELETE_HOLD_SQL,
     DELETE_WRITES_SQL,
     EXPIRE_CHECKPOINTS_SQL,
     EXPIRE_WRITES_SQL,
+    HOLDS_TABLE_EXISTS_SQL,
+    INSERT_HOLD_SQL,
     NULL_PARENTS_SQL,
     THREAD_BLOBS_SQL,
 )
@@ -187,6 +197,18 @@ class Backend:
         """
         raise self._unsupported("list threads")
 
+    def holds(self) -> frozenset[str]:
+        """The threads under a legal hold (none while the holds table does not exist)."""
+        raise self._unsupported("read legal holds")
+
+    def hold(self, thread_id: str, reason: str | None, held_by: str | None) -> bool:
+        """Hold the thread; False if it was held already."""
+        raise self._unsupported("hold threads")
+
+    def release(self, thread_id: str) -> bool:
+        """Lift the thread's hold; False if it had none."""
+        raise self._unsupported("release threads")
+
     def waiting(self, view: ThreadView) -> bool | None:
         """Whether the thread waits for input at its newest root checkpoint; None: unknown."""
         head = root_head(view.checkpoints)
@@ -224,6 +246,18 @@ class Backend:
         """Async `thread_page`."""
         raise self._unsupported("list threads")
 
+    async def aholds(self) -> frozenset[str]:
+        """Async `holds`."""
+        raise self._unsupported("read legal holds")
+
+    async def ahold(self, thread_id: str, reason: str | None, held_by: str | None) -> bool:
+        """Async `hold`."""
+        raise self._unsupported("hold threads")
+
+    async def arelease(self, thread_id: str) -> bool:
+        """Async `release`."""
+        raise self._unsupported("release threads")
+
     async def awaiting(self, view: ThreadView) -> bool | None:
         """Async `waiting`."""
         head = root_head(view.checkpoints)
@@ -233,6 +267,10 @@ class Backend:
 
 
 # ------------------------------------------------------------------ InMemorySaver
+
+
+MEMORY_HOLDS_ATTRIBUTE = "_checkpoint_janitor_holds"
+"""Where an `InMemorySaver` keeps its legal holds: thread -> (reason, held at, held by)."""
 
 
 class MemoryBackend(Backend):
@@ -366,6 +404,42 @@ class MemoryBackend(Backend):
     def thread_page(self, after: str | None, limit: int) -> list[str]:
         """Thread ids after `after` (None: all), in Python's order, which it compares in."""
         return sorted(t for t in self.inner.storage if after is None or t > after)[:limit]
+
+    @property
+    def _holds(self) -> dict[str, tuple[str | None, float, str | None]]:
+        # Kept on the saver itself, as the SQL stores keep them in their file or
+        # database: every wrapper (and clone) of this InMemorySaver sees them.
+        found: dict[str, tuple[str | None, float, str | None]] = self.inner.__dict__.setdefault(
+            MEMORY_HOLDS_ATTRIBUTE, {}
+        )
+        return found
+
+    def holds(self) -> frozenset[str]:
+        """The held threads."""
+        return frozenset(self._holds)
+
+    def hold(self, thread_id: str, reason: str | None, held_by: str | None) -> bool:
+        """Hold the thread; a second hold keeps the first."""
+        if thread_id in self._holds:
+            return False
+        self._holds[thread_id] = (reason, time.time(), held_by)
+        return True
+
+    def release(self, thread_id: str) -> bool:
+        """Lift the thread's hold."""
+        return self._holds.pop(thread_id, None) is not None
+
+    async def aholds(self) -> frozenset[str]:
+        """`holds`."""
+        return self.holds()
+
+    async def ahold(self, thread_id: str, reason: str | None, held_by: str | None) -> bool:
+        """`hold`."""
+        return self.hold(thread_id, reason, held_by)
+
+    async def arelease(self, thread_id: str) -> bool:
+        """`release`."""
+        return self.release(thread_id)
 
     async def ascan(self, thread_id: str) -> Scanned:
         """`scan` (dict work needs no awaiting)."""
@@ -520,6 +594,35 @@ def sqlite_thread_page(after: str | None, limit: int) -> Program[list[str]]:
     return [r[0] for r in rows]
 
 
+# Legal holds: the worker's own table and statements (`worker.sqlite_store`).
+SQLITE_HELD_SQL = f"SELECT thread_id FROM {HOLDS_TABLE}"
+
+
+def sqlite_holds() -> Program[frozenset[str]]:
+    """Every held thread; none while the table does not exist (it is created by a hold)."""
+    rows, _ = yield HOLDS_TABLE_EXISTS_SQL, (HOLDS_TABLE,)
+    if not rows:
+        return frozenset()
+    rows, _ = yield SQLITE_HELD_SQL, ()
+    return frozenset(r[0] for r in rows)
+
+
+def sqlite_hold(thread_id: str, reason: str | None, held_by: str | None) -> Program[bool]:
+    """Create the table on first use and hold the thread, under the write lock."""
+    yield CREATE_HOLDS_TABLE_SQL, ()
+    _, n = yield INSERT_HOLD_SQL, (thread_id, reason, iso_utc(time.time()), held_by)
+    return n > 0
+
+
+def sqlite_release(thread_id: str) -> Program[bool]:
+    """Delete the thread's hold, if the table exists."""
+    rows, _ = yield HOLDS_TABLE_EXISTS_SQL, (HOLDS_TABLE,)
+    if not rows:
+        return False
+    _, n = yield DELETE_HOLD_SQL, (thread_id,)
+    return n > 0
+
+
 # psycopg (`%s`), not asyncpg: these run on the saver's own connection.
 # Metadata only, not the checkpoint JSONB (reading `v` or `ts` would detoast
 # every row): the format version matters only for a checkpoint whose parent
@@ -627,6 +730,49 @@ SELECT DISTINCT thread_id FROM checkpoints ORDER BY thread_id LIMIT %s
 PG_THREAD_PAGE_SQL = """
 SELECT DISTINCT thread_id FROM checkpoints WHERE thread_id > %s ORDER BY thread_id LIMIT %s
 """
+
+
+def _psycopg(sql: str) -> str:
+    """An asyncpg statement (`$1`, `$2` in order, each once) with psycopg's `%s`."""
+    return re.sub(r"\$\d+", "%s", sql)
+
+
+# The worker's holds statements, lock included, so a hold placed through the
+# wrapper orders against the worker's batches exactly as the CLI's does.
+PG_HOLDS_TABLE_EXISTS_SQL = pg_store.HOLDS_TABLE_EXISTS_SQL
+PG_HELD_SQL = f"SELECT thread_id FROM {HOLDS_TABLE}"
+PG_HOLDS_LOCK_SQL = pg_store.HOLDS_LOCK_SQL
+PG_CREATE_HOLDS_TABLE_SQL = pg_store.CREATE_HOLDS_TABLE_SQL
+PG_INSERT_HOLD_SQL = _psycopg(pg_store.INSERT_HOLD_SQL)
+PG_DELETE_HOLD_SQL = _psycopg(pg_store.DELETE_HOLD_SQL)
+PG_NO_RESULT = frozenset({PG_CREATE_HOLDS_TABLE_SQL})
+"""Statements that return no rows (DDL): not fetched."""
+
+
+def pg_holds() -> Program[frozenset[str]]:
+    """Every held thread; none while the table does not exist."""
+    rows, _ = yield PG_HOLDS_TABLE_EXISTS_SQL, ()
+    if not rows[0][0]:
+        return frozenset()
+    rows, _ = yield PG_HELD_SQL, ()
+    return frozenset(r[0] for r in rows)
+
+
+def pg_hold(thread_id: str, reason: str | None, held_by: str | None) -> Program[bool]:
+    """Under the holds lock (one transaction): create the table on first use, hold."""
+    yield PG_HOLDS_LOCK_SQL, ()
+    yield PG_CREATE_HOLDS_TABLE_SQL, ()
+    rows, _ = yield PG_INSERT_HOLD_SQL, (thread_id, reason, held_by)
+    return bool(rows)
+
+
+def pg_release(thread_id: str) -> Program[bool]:
+    """Delete the thread's hold, if the table exists."""
+    rows, _ = yield PG_HOLDS_TABLE_EXISTS_SQL, ()
+    if not rows[0][0]:
+        return False
+    rows, _ = yield PG_DELETE_HOLD_SQL, (thread_id,)
+    return bool(rows)
 
 
 def pg_scan(thread_id: str) -> Program[Scanned]:
@@ -830,6 +976,32 @@ class _SqlBackend(Backend):
         """See `Backend.thread_page`."""
         return await self._aexec(self._programs().thread_page(after, limit), write=False)
 
+    def holds(self) -> frozenset[str]:
+        """See `Backend.holds`."""
+        return self._exec(self._programs().holds(), write=False)
+
+    def hold(self, thread_id: str, reason: str | None, held_by: str | None) -> bool:
+        """See `Backend.hold`."""
+        program = self._programs().hold(thread_id, reason, held_by)
+        return self._exec(program, write=True, atomic=True)
+
+    def release(self, thread_id: str) -> bool:
+        """See `Backend.release`."""
+        return self._exec(self._programs().release(thread_id), write=True, atomic=True)
+
+    async def aholds(self) -> frozenset[str]:
+        """See `Backend.holds`."""
+        return await self._aexec(self._programs().holds(), write=False)
+
+    async def ahold(self, thread_id: str, reason: str | None, held_by: str | None) -> bool:
+        """See `Backend.hold`."""
+        program = self._programs().hold(thread_id, reason, held_by)
+        return await self._aexec(program, write=True, atomic=True)
+
+    async def arelease(self, thread_id: str) -> bool:
+        """See `Backend.release`."""
+        return await self._aexec(self._programs().release(thread_id), write=True, atomic=True)
+
 
 @dataclass(frozen=True, slots=True)
 class _Programs:
@@ -839,6 +1011,9 @@ class _Programs:
     delete_threads: Callable[[Sequence[str]], Program[Counts]]
     threads_of_runs: Callable[[Sequence[str]], Program[list[str]]]
     thread_page: Callable[[str | None, int], Program[list[str]]]
+    holds: Callable[[], Program[frozenset[str]]]
+    hold: Callable[[str, str | None, str | None], Program[bool]]
+    release: Callable[[str], Program[bool]]
 
 
 def _sqlite_programs(loads: Callable[[tuple[str, bytes]], Any]) -> _Programs:
@@ -849,6 +1024,9 @@ def _sqlite_programs(loads: Callable[[tuple[str, bytes]], Any]) -> _Programs:
         delete_threads=sqlite_delete_threads,
         threads_of_runs=sqlite_threads_of_runs,
         thread_page=sqlite_thread_page,
+        holds=sqlite_holds,
+        hold=sqlite_hold,
+        release=sqlite_release,
     )
 
 
@@ -859,6 +1037,9 @@ PG_PROGRAMS = _Programs(
     delete_threads=pg_delete_threads,
     threads_of_runs=pg_threads_of_runs,
     thread_page=pg_thread_page,
+    holds=pg_holds,
+    hold=pg_hold,
+    release=pg_release,
 )
 
 
@@ -1040,7 +1221,7 @@ class PostgresBackend(_SqlBackend):
 
             def execute(sql: str, params: Any) -> Result:
                 cur.execute(sql, params, prepare=_prepare(sql))
-                return _tuples(cur.fetchall()), -1
+                return ([] if sql in PG_NO_RESULT else _tuples(cur.fetchall())), -1
 
             conn = cur.connection
             # In pipeline mode statements would wait for the next sync to commit:
@@ -1069,7 +1250,7 @@ class AsyncPostgresBackend(_SqlBackend):
 
             async def execute(sql: str, params: Any) -> Result:
                 await cur.execute(sql, params, prepare=_prepare(sql))
-                return _tuples(await cur.fetchall()), -1
+                return ([] if sql in PG_NO_RESULT else _tuples(await cur.fetchall())), -1
 
             conn = cur.connection
             if conn.autocommit and not atomic and not inner.pipe:

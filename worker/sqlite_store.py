@@ -17,6 +17,7 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,10 @@ from policies.summary import DELTA_MARKERS, json_object, summarize
 from policies.waiting import writes_show_waiting
 from worker.decoding import Decoder
 from worker.engine import (
+    HOLDS_TABLE,
     Counts,
     Fingerprint,
+    Hold,
     ScannedThread,
     StoreError,
     ThreadWork,
@@ -38,6 +41,7 @@ from worker.engine import (
     fingerprint_of,
     prefix_upper_bound,
 )
+from worker.logs import iso_utc
 from worker.stats import AgeHistogram
 
 log = structlog.get_logger("checkpoint_janitor.sqlite")
@@ -203,6 +207,43 @@ FROM checkpoints GROUP BY thread_id ORDER BY size DESC LIMIT ?
 """
 # Deleted rows leave free pages in the file until VACUUM: what could be reclaimed.
 FILE_PAGES_SQL = "SELECT * FROM pragma_page_size, pragma_page_count, pragma_freelist_count"
+
+# ---------------------------------------------------------------- legal holds
+
+# The tool's own table in the store's file, created by the first `hold`: plan
+# and stats open the file read-only, so reading must not need it to exist.
+# `held_at` is ISO 8601 UTC text, readable with the sqlite3 shell.
+CREATE_HOLDS_TABLE_SQL = f"""
+CREATE TABLE IF NOT EXISTS {HOLDS_TABLE} (
+    thread_id TEXT PRIMARY KEY,
+    reason TEXT,
+    held_at TEXT NOT NULL,
+    held_by TEXT
+)
+"""
+# sqlite_master rather than a SELECT that fails: a missing table means no holds.
+HOLDS_TABLE_EXISTS_SQL = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+# Keyset pages over the primary key; the first page has no lower bound, so
+# a hold on the empty id is read too.
+HOLDS_FIRST_PAGE_SQL = f"""
+SELECT thread_id, reason, held_at, held_by FROM {HOLDS_TABLE} ORDER BY thread_id LIMIT ?
+"""
+HOLDS_NEXT_PAGE_SQL = f"""
+SELECT thread_id, reason, held_at, held_by FROM {HOLDS_TABLE}
+WHERE thread_id > ? ORDER BY thread_id LIMIT ?
+"""
+# Read inside a batch's BEGIN IMMEDIATE, after the write lock is taken: a hold
+# placed since the scan is seen, and one placed later waits for the commit.
+HELD_AMONG_SQL = f"""
+SELECT thread_id FROM {HOLDS_TABLE} WHERE thread_id IN (SELECT value FROM json_each(?))
+"""
+# A second hold on a held thread keeps the first (its time and reason stand).
+INSERT_HOLD_SQL = f"""
+INSERT INTO {HOLDS_TABLE} (thread_id, reason, held_at, held_by) VALUES (?, ?, ?, ?)
+ON CONFLICT (thread_id) DO NOTHING
+"""
+DELETE_HOLD_SQL = f"DELETE FROM {HOLDS_TABLE} WHERE thread_id = ?"
+HOLDS_PAGE = 1000
 
 BUSY_SLICE_MS = 20
 
@@ -494,6 +535,7 @@ class SqliteStore:
             return [WorkResult(w.thread_id, Counts(), locked=True) for w in batch]
         try:
             tids = [w.thread_id for w in batch]
+            on_hold = await self._held_among(tids)
             current = await self._fingerprints(tids)
             repeated = (
                 {t for t in tids if tids.count(t) > 1} if len(set(tids)) < len(tids) else set()
@@ -501,6 +543,9 @@ class SqliteStore:
             results = []
             for work in batch:
                 tid = work.thread_id
+                if tid in on_hold:
+                    results.append(WorkResult(tid, Counts(), on_hold=True))
+                    continue
                 if current.get(tid, ()) != work.fingerprint:
                     results.append(WorkResult(tid, Counts(), changed=True))
                     continue
@@ -619,6 +664,69 @@ class SqliteStore:
         """Checkpoint the WAL without waiting on anyone."""
         await self.conn.execute(WAL_CHECKPOINT_SQL)
 
+    # ------------------------------------------------------------ legal holds
+
+    async def _has_holds_table(self) -> bool:
+        async with self.conn.execute(HOLDS_TABLE_EXISTS_SQL, (HOLDS_TABLE,)) as cur:
+            return await cur.fetchone() is not None
+
+    async def _held_among(self, thread_ids: Sequence[str]) -> set[str]:
+        if not await self._has_holds_table():
+            return set()
+        async with self.conn.execute(HELD_AMONG_SQL, (json.dumps(list(thread_ids)),)) as cur:
+            return {r[0] for r in await cur.fetchall()}
+
+    async def holds(self) -> list[Hold]:
+        """Every hold, in thread-id order; none while the holds table does not exist."""
+        if not await self._has_holds_table():
+            return []
+        out: list[Hold] = []
+        after: str | None = None
+        args: tuple[Any, ...]
+        while True:
+            if after is None:
+                sql, args = HOLDS_FIRST_PAGE_SQL, (HOLDS_PAGE,)
+            else:
+                sql, args = HOLDS_NEXT_PAGE_SQL, (after, HOLDS_PAGE)
+            async with self.conn.execute(sql, args) as cur:
+                page = [_hold(*r) for r in await cur.fetchall()]
+            out.extend(page)
+            if len(page) < HOLDS_PAGE:
+                return out
+            after = page[-1].thread_id
+
+    async def hold(self, thread_id: str, reason: str | None, held_by: str | None) -> Hold | None:
+        """Hold `thread_id` (whether or not it has rows yet); None if it was held already."""
+        now = time.time()
+        if not await self._write(
+            (CREATE_HOLDS_TABLE_SQL, ()),
+            (INSERT_HOLD_SQL, (thread_id, reason, iso_utc(now), held_by)),
+        ):
+            return None
+        return Hold(thread_id, reason, float(int(now)), held_by)
+
+    async def release(self, thread_id: str) -> bool:
+        """Lift the hold on `thread_id`; False if it had none."""
+        if not await self._has_holds_table():
+            return False
+        return await self._write((DELETE_HOLD_SQL, (thread_id,)))
+
+    async def _write(self, *statements: tuple[str, tuple[Any, ...]]) -> bool:
+        """Run `statements` in one BEGIN IMMEDIATE transaction; whether the last changed a row."""
+        if not await self._begin():
+            raise StoreError(self.name, f"write lock busy for {self.busy_timeout}s")
+        try:
+            changed = 0
+            for sql, args in statements:
+                cur = await self.conn.execute(sql, args)
+                changed = cur.rowcount
+            await self.conn.execute("COMMIT")
+        except BaseException:
+            if self.conn.in_transaction:
+                await self.conn.execute("ROLLBACK")
+            raise
+        return changed > 0
+
 
 _PARSE_ROOT_MARKERS = (*DELTA_MARKERS, *(f'"{src}"' for src in sorted(FORK_SOURCES)))
 
@@ -639,6 +747,10 @@ def _summary(
     if text and (ns != "" or any(m in text for m in _PARSE_ROOT_MARKERS)):
         meta = json_object(text)
     return summarize(ns, cid, parent, meta, size=int(size))
+
+
+def _hold(thread_id: str, reason: str | None, held_at: str, held_by: str | None) -> Hold:
+    return Hold(thread_id, reason, datetime.fromisoformat(held_at).timestamp(), held_by)
 
 
 def _fingerprint(summaries: Sequence[CheckpointSummary]) -> Fingerprint:

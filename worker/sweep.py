@@ -109,6 +109,9 @@ class SweepReport:
     changed_threads: int = 0
     locked_threads: int = 0
     """(SQLite) threads of batches that never got the write lock: decided again next sweep."""
+    held_threads: int | None = None
+    """Legal holds in the store when the sweep started (`checkpoint_janitor_held_threads`);
+    None: not read (the sweep failed or was locked out first)."""
     error: str | None = None
     reachable: bool = True
     """False when the store could not be opened at all (`store_up` 0)."""
@@ -345,6 +348,10 @@ class _Pass:
             for p in rules.policies
             if p.max_threads_per_sweep is not None
         }
+        self.on_hold: frozenset[str] = frozenset()
+        """Threads under a legal hold, read once at the start (the set is small)."""
+        self.held_late: set[str] = set()
+        """Threads a batch found on hold that the start did not: counted once each."""
 
     def stopped(self) -> bool:
         return self.stop is not None and self.stop.is_set()
@@ -352,6 +359,9 @@ class _Pass:
     async def run(self, progress: ProgressFn | None) -> None:
         engine, options, report = self.engine, self.options, self.report
         report.threads_total = await engine.count_threads()
+        # Read once; a hold placed later is caught by the batch's own re-check.
+        self.on_hold = frozenset(h.thread_id for h in await engine.holds())
+        report.held_threads = len(self.on_hold)
         report.limit_lifted = options.allow_mass_expiry
         report.expiry_limit = (
             report.threads_total
@@ -385,6 +395,7 @@ class _Pass:
         grace = self.options.settings.grace_period.total_seconds()
         candidates = [t for t in page if rules.could_match_thread(t)]
         scanned = await engine.scan(candidates) if candidates else []
+        scanned = self._skip_held(scanned)
         report.threads_scanned += len(page)
         decided = [(t, decide(t.view, rules, report.now, grace)) for t in scanned]
         # Waiting is read from the heads of expiry candidates only, in one go.
@@ -425,6 +436,33 @@ class _Pass:
         """A thread's parts, without those of policies that reached their per-sweep cap."""
         capped = {p for p in dict.fromkeys(part.policy for part in parts) if self._capped(p)}
         return [part for part in parts if part.policy not in capped]
+
+    def _skip_held(self, scanned: list[ScannedThread]) -> list[ScannedThread]:
+        """`scanned` without the held threads, which no policy decides on at all.
+
+        Each policy that would govern one of a held thread's namespaces counts
+        it as skipped (`held`), whatever it would have done: the hold is what
+        an operator wants to see working.
+        """
+        if not self.on_hold:
+            return scanned
+        out = []
+        for t in scanned:
+            view = t.view
+            if view.thread_id not in self.on_hold:
+                out.append(t)
+                continue
+            namespaces = {c.namespace for c in view.checkpoints} or {""}
+            governing = {
+                p.name
+                for ns in namespaces
+                if (p := self.rules.first_match(view.thread_id, ns, view.head_metadata))
+                and not p.protect
+                and (self.options.due is None or p.name in self.options.due)
+            }
+            for name in governing:
+                self.report.policies[name].skipped[SkipReason.HELD] += 1
+        return out
 
     def _defer(self, thread: ScannedThread, policy: str, age: float) -> None:
         """Note an expiry; once past the limit, a real sweep forgets them all (it expires none)."""
@@ -474,6 +512,12 @@ class _Pass:
         rows = 0
         for part, result in zip(parts, results, strict=True):
             pr = report.policies[part.policy]
+            if result.on_hold:
+                # Held after the scan: the batch's re-check kept it whole.
+                if part.work.thread_id not in self.held_late:
+                    self.held_late.add(part.work.thread_id)
+                    pr.skipped[SkipReason.HELD] += 1
+                continue
             if result.locked:
                 report.locked_threads += 1
                 pr.skipped[SkipReason.LOCKED] += 1
