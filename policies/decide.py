@@ -252,6 +252,8 @@ def decide(view: ThreadView, rules: Ruleset, now: float, grace_seconds: float) -
         ttl_fallback = TtlFallback(root_policy.name, fallback)
 
     skips: list[Skip] = []
+    if rules.has_orphan_policies and (unanswered := rules.unreconciled(tid, meta)) is not None:
+        skips.append(Skip(unanswered.name, SkipReason.REGISTRY_UNAVAILABLE))
     if root_policy is not None and ttl is not None and idle is not None and idle > ttl:
         protected = any(p is not None and p.protect for p in policy_of.values())
         if protected:
@@ -264,8 +266,12 @@ def decide(view: ThreadView, rules: Ruleset, now: float, grace_seconds: float) -
         elif root_policy.interrupted == "keep" and view.waiting:
             skips.append(Skip(root_policy.name, SkipReason.INTERRUPTED))
         else:
+            reason = Reason.ORPHANED if root_policy.orphaned is not None else Reason.EXPIRED
             return ThreadDecision(
-                tid, expiry=Expiry(root_policy.name, idle), ttl_fallback=ttl_fallback
+                tid,
+                expiry=Expiry(root_policy.name, idle, reason),
+                skips=tuple(skips),
+                ttl_fallback=ttl_fallback,
             )
 
     delta_marked = any(c.delta_marked for c in view.checkpoints)

@@ -52,7 +52,9 @@ PER_THREAD = """
 class Store:
     """A store of one backend: a SQLite file or a Postgres database, and copies of it."""
 
-    def __init__(self, backend: str, tmp: Path, request: pytest.FixtureRequest) -> None:
+    def __init__(
+        self, backend: str, tmp: Path, request: pytest.FixtureRequest, collation: str = "c"
+    ) -> None:
         self.backend = backend
         self.tmp = tmp
         self.dbs: Databases | None = None
@@ -60,7 +62,7 @@ class Store:
             self.where = str(tmp / "store.db")
         else:
             server: PgServer = request.getfixturevalue("pg_server")
-            self.dbs = Databases(server, request.node.name)
+            self.dbs = Databases(server, request.node.name, collation)
             self.where = self.dbs.create()
 
     @contextlib.asynccontextmanager

@@ -126,6 +126,13 @@ class Metrics:
             ["store", "policy", "reason"],
             registry=r,
         )
+        self.orphan_registry_errors = Counter(
+            PREFIX + "orphan_registry_errors",
+            "Sweeps in which an orphaned policy's registry query failed or returned no rows "
+            "(the policy matched nothing), by reason.",
+            ["store", "policy", "reason"],
+            registry=r,
+        )
         self.oldest_eligible_age = Gauge(
             PREFIX + "oldest_eligible_age_seconds",
             "Age of the oldest checkpoint the last scan found due (0: none).",
@@ -196,6 +203,9 @@ class Metrics:
                 self.skipped.labels(store, name, reason.value).inc(n)
             for fallback, n in p.ttl_fallbacks.items():
                 self.ttl_fallbacks.labels(store, name, fallback.value).inc(n)
+            if p.registry_error is not None:
+                failure = p.registry_error.reason.value
+                self.orphan_registry_errors.labels(store, name, failure).inc()
             if report.outcome is Outcome.SUCCESS and not report.dry_run:
                 # A dry run deletes nothing: "last success" must not tell an
                 # alert that retention is being applied.

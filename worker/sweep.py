@@ -40,6 +40,7 @@ from worker.engine import (
     fingerprint_of,
 )
 from worker.logs import iso_utc
+from worker.orphans import OrphanLookup, RegistryFailure
 from worker.stores.space import Reclaimed
 from worker.throttle import BatchSizer, pause_after
 
@@ -73,6 +74,8 @@ class PolicyReport:
     """Threads whose own TTL (`expire_after: {metadata_key}`) fell back to the default."""
     acted_threads: int = 0
     """Threads this sweep queued work for under the policy (`max_threads_per_sweep` caps it)."""
+    registry_error: RegistryFailure | None = None
+    """(`orphaned`) its registry gave no answer: the policy matched nothing this sweep."""
 
     def see_eligible(self, checkpoints: int, threads: int, age: float | None) -> None:
         """Count rows found due; remember the oldest."""
@@ -147,7 +150,7 @@ class ThreadPlan:
     @property
     def action(self) -> str:
         """`expire` (the whole thread goes) or `trim` (some of its rows go)."""
-        return "expire" if self.reason is Reason.EXPIRED else "trim"
+        return "expire" if self.reason.whole_thread else "trim"
 
 
 ThreadFn = Callable[[ThreadPlan], None]
@@ -171,6 +174,7 @@ class _Expiring:
     age_seconds: float
     checkpoints: int
     bytes: int
+    reason: Reason = Reason.EXPIRED
 
     def part(self, now: float) -> _Part:
         work = ThreadWork(
@@ -181,7 +185,7 @@ class _Expiring:
             estimate=max(self.checkpoints, 1),
             bytes=self.bytes,
         )
-        return _Part(work, self.policy, Reason.EXPIRED, now - self.age_seconds)
+        return _Part(work, self.policy, self.reason, now - self.age_seconds)
 
 
 class _DeferredExpiries:
@@ -207,7 +211,15 @@ class _DeferredExpiries:
                 # Closed by `close()`, which the sweep calls in a `finally`.
                 self._spill = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115
             for x in self._held:
-                row = [x.thread_id, x.fingerprint, x.policy, x.age_seconds, x.checkpoints, x.bytes]
+                row = [
+                    x.thread_id,
+                    x.fingerprint,
+                    x.policy,
+                    x.age_seconds,
+                    x.checkpoints,
+                    x.bytes,
+                    x.reason.value,
+                ]
                 self._spill.write(json.dumps(row) + "\n")
             self._held.clear()
 
@@ -220,9 +232,9 @@ class _DeferredExpiries:
         if self._spill is not None:
             self._spill.seek(0)
             for line in self._spill:
-                tid, fp, policy, age, checkpoints, size = json.loads(line)
+                tid, fp, policy, age, checkpoints, size, reason = json.loads(line)
                 fingerprint = tuple((ns, n, newest) for ns, n, newest in fp)
-                yield _Expiring(tid, fingerprint, policy, age, checkpoints, size)
+                yield _Expiring(tid, fingerprint, policy, age, checkpoints, size, Reason(reason))
         yield from self._held
 
     def close(self) -> None:
@@ -304,11 +316,20 @@ async def _run(
         log.info("sweep_skipped", store=engine.name, reason="another worker holds the sweep lock")
         return
     deferred = _DeferredExpiries(options.expiries_in_memory)
+    orphans: OrphanLookup | None = None
     try:
+        if rules.has_orphan_policies:
+            orphans = await OrphanLookup.open(engine, rules.policies, options.settings)
         pass_ = _Pass(engine, rules, options, report, stop, on_batch, on_thread, deferred)
+        pass_.orphans = orphans
         await pass_.run(progress)
     finally:
         deferred.close()
+        if orphans is not None:
+            await orphans.close()
+            for name, failure in orphans.failed.items():
+                if name in report.policies:
+                    report.policies[name].registry_error = failure
         await engine.end_sweep()
 
 
@@ -345,6 +366,8 @@ class _Pass:
             for p in rules.policies
             if p.max_threads_per_sweep is not None
         }
+        self.orphans: OrphanLookup | None = None
+        """The registries of `orphaned` policies, asked once per page."""
 
     def stopped(self) -> bool:
         return self.stop is not None and self.stop.is_set()
@@ -375,6 +398,8 @@ class _Pass:
             await self._hold_expiries()
             return
         for e in self.deferred:
+            if self.orphans is not None and e.policy in self.orphans.failed:
+                continue  # its registry failed after this page: no answer is trusted
             if not await self._add(e.part(report.now)):
                 return
         if await self._drain():
@@ -384,6 +409,8 @@ class _Pass:
         engine, rules, report = self.engine, self.rules, self.report
         grace = self.options.settings.grace_period.total_seconds()
         candidates = [t for t in page if rules.could_match_thread(t)]
+        if self.orphans is not None and candidates:
+            rules = rules.for_page(await self.orphans.answers(candidates))
         scanned = await engine.scan(candidates) if candidates else []
         report.threads_scanned += len(page)
         decided = [(t, decide(t.view, rules, report.now, grace)) for t in scanned]
@@ -404,7 +431,8 @@ class _Pass:
                 fallback = decision.ttl_fallback
                 report.policies[fallback.policy].ttl_fallbacks[fallback.reason] += 1
             if decision.expiry is not None:
-                self._defer(thread, decision.expiry.policy, decision.expiry.age_seconds)
+                e = decision.expiry
+                self._defer(thread, e.policy, e.age_seconds, e.reason)
                 continue
             parts = list(_parts(thread, decision, report, self.sizer.rows, rules))
             for part in self._within_caps(parts):
@@ -426,7 +454,9 @@ class _Pass:
         capped = {p for p in dict.fromkeys(part.policy for part in parts) if self._capped(p)}
         return [part for part in parts if part.policy not in capped]
 
-    def _defer(self, thread: ScannedThread, policy: str, age: float) -> None:
+    def _defer(
+        self, thread: ScannedThread, policy: str, age: float, reason: Reason = Reason.EXPIRED
+    ) -> None:
         """Note an expiry; once past the limit, a real sweep forgets them all (it expires none)."""
         report = self.report
         view = thread.view
@@ -443,7 +473,15 @@ class _Pass:
             return
         size = sum(c.size for c in view.checkpoints)
         self.deferred.add(
-            _Expiring(view.thread_id, thread.fingerprint, policy, age, len(view.checkpoints), size)
+            _Expiring(
+                view.thread_id,
+                thread.fingerprint,
+                policy,
+                age,
+                len(view.checkpoints),
+                size,
+                reason,
+            )
         )
 
     async def _add(self, part: _Part) -> bool:
