@@ -122,7 +122,11 @@ async def run(cfg: Config, now: float) -> SweepReport:
     engine = make_engine(cfg.store("s"), settings)
     await engine.open()
     try:
-        options = SweepOptions(settings, max_delete_fraction=cfg.defaults.max_delete_fraction)
+        options = SweepOptions(
+            settings,
+            max_delete_fraction=cfg.defaults.max_delete_fraction,
+            max_bytes=cfg.store("s").max_bytes,
+        )
         return await sweep(engine, cfg.policies_for("s"), options, now=now)
     finally:
         await engine.close()

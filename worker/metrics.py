@@ -133,6 +133,13 @@ class Metrics:
             ["store", "policy", "reason"],
             registry=r,
         )
+        self.over_quota = Gauge(
+            PREFIX + "over_quota_bytes",
+            "Bytes a store (policy and group empty) or a quota group stays over its size cap "
+            "after the last sweep's plan (0: under it).",
+            ["store", "policy", "group"],
+            registry=r,
+        )
         self.oldest_eligible_age = Gauge(
             PREFIX + "oldest_eligible_age_seconds",
             "Age of the oldest checkpoint the last scan found due (0: none).",
@@ -211,6 +218,13 @@ class Metrics:
                 # alert that retention is being applied.
                 self.last_success.labels(store, name).set(report.now + report.duration_seconds)
         self.dry_run.labels(store).set(1 if report.dry_run else 0)
+        if report.outcome is not Outcome.LOCKED and report.error is None:
+            # Groups come and go: only the last sweep's are shown.
+            for labels in _label_sets(self.over_quota):
+                if labels[0] == store:
+                    self.over_quota.remove(*labels)
+            for (policy, group), n in report.over_quota.items():
+                self.over_quota.labels(store, policy, group).set(n)
         if report.outcome is Outcome.SAFETY_STOP and report.limit_reached_by is not None:
             self.safety_stops.labels(store, report.limit_reached_by).inc()
 

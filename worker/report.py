@@ -51,6 +51,10 @@ def report_dict(report: SweepReport) -> dict[str, Any]:
         "duration_seconds": round(report.duration_seconds, 3),
         "changed_threads": report.changed_threads,
         "locked_threads": report.locked_threads,
+        "over_quota": [
+            {"policy": policy or None, "group": group or None, "bytes": n}
+            for (policy, group), n in report.over_quota.items()
+        ],
         "error": report.error,
     }
 
@@ -203,6 +207,14 @@ def render_table(reports: Sequence[SweepReport], blob_stores: Collection[str] = 
                 f"write lock: {r.locked_threads} threads skipped, their batches never got the "
                 "store's write lock (defaults.batch.busy_timeout); decided again next sweep."
             )
+        for (policy, group), n in r.over_quota.items():
+            if n > 0:
+                what = f"policy {policy} group {group}" if policy else "the store"
+                out.append(
+                    f"over quota: {what} stays {human_bytes(n)} over its cap after everything "
+                    "the policies allow to go (protected, waiting, held or undated threads hold "
+                    "the rest)."
+                )
         for p in r.policies.values():
             if p.registry_error is not None:
                 out.append(

@@ -41,6 +41,7 @@ from worker.engine import (
 )
 from worker.logs import iso_utc
 from worker.orphans import OrphanLookup, RegistryFailure
+from worker.quota import Decided, Eviction, QuotaPass
 from worker.stores.space import Reclaimed
 from worker.throttle import BatchSizer, pause_after
 
@@ -117,6 +118,9 @@ class SweepReport:
     """False when the store could not be opened at all (`store_up` 0)."""
     reclaim: Reclaimed | None = None
     """The store's space after the sweep, and what `reclaim.after_sweep` gave back."""
+    over_quota: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(policy, group) -> bytes still over its cap once the sweep's plan is done; ("", "")
+    is the store's `max_bytes` (always there when set, 0 when under)."""
 
     @property
     def deleted(self) -> Counts:
@@ -257,6 +261,8 @@ class SweepOptions:
     """Policies to carry out; None: all. First match still sees every policy."""
     expiries_in_memory: int = 10_000
     """Expiries the pass holds in memory; the rest wait in a temporary file."""
+    max_bytes: int | None = None
+    """The store's size cap (`stores[].max_bytes`)."""
 
 
 ProgressFn = Callable[[int, int], None]
@@ -368,6 +374,13 @@ class _Pass:
         }
         self.orphans: OrphanLookup | None = None
         """The registries of `orphaned` policies, asked once per page."""
+        self.quota = QuotaPass(
+            engine.name,
+            options.max_bytes,
+            rules.policies,
+            options.due,
+            options.settings.page_threads,
+        )
 
     def stopped(self) -> bool:
         return self.stop is not None and self.stop.is_set()
@@ -393,6 +406,13 @@ class _Pass:
         if not await self._drain():
             return
         self._emit_entries()
+        if self.quota.active:
+            # After the trims, before any expiry: evictions count in the safety limit.
+            await self.quota.evict(engine, self)
+            report.over_quota = dict(self.quota.over)
+            if self.stopped():
+                report.outcome = Outcome.STOPPED
+                return
         if report.would_hit_limit:
             report.outcome = Outcome.SAFETY_STOP
             await self._hold_expiries()
@@ -405,14 +425,14 @@ class _Pass:
         if await self._drain():
             self._emit_entries()
 
-    async def _page(self, page: list[str]) -> None:
+    async def decide_page(self, page: list[str]) -> tuple[Ruleset, Decided]:
+        """Scan and decide `page` (only the due policies' decisions), counting nothing."""
         engine, rules, report = self.engine, self.rules, self.report
         grace = self.options.settings.grace_period.total_seconds()
         candidates = [t for t in page if rules.could_match_thread(t)]
         if self.orphans is not None and candidates:
             rules = rules.for_page(await self.orphans.answers(candidates))
         scanned = await engine.scan(candidates) if candidates else []
-        report.threads_scanned += len(page)
         decided = [(t, decide(t.view, rules, report.now, grace)) for t in scanned]
         # Waiting is read from the heads of expiry candidates only, in one go.
         if asking := [t for t, d in decided if d.needs_waiting]:
@@ -423,8 +443,28 @@ class _Pass:
                 else (t, d)
                 for t, d in decided
             ]
+        return rules, [(t, _only_due(d, self.options.due)) for t, d in decided]
+
+    def evict(self, eviction: Eviction) -> None:
+        """A size cap's eviction: an expiry like any other, reason `quota`."""
+        e = eviction
+        self._defer_expiry(
+            e.thread_id,
+            e.fingerprint,
+            e.policy,
+            self.report.now - e.last_activity,
+            e.checkpoints,
+            e.size,
+            Reason.QUOTA,
+        )
+
+    async def _page(self, page: list[str]) -> None:
+        report = self.report
+        rules, decided = await self.decide_page(page)
+        report.threads_scanned += len(page)
+        if self.quota.active:
+            await self.quota.observe(self.engine, page, rules, decided)
         for thread, decision in decided:
-            decision = _only_due(decision, self.options.due)
             for skip in decision.skips:
                 report.policies[skip.policy].skipped[skip.reason] += 1
             if decision.ttl_fallback is not None:
@@ -457,12 +497,27 @@ class _Pass:
     def _defer(
         self, thread: ScannedThread, policy: str, age: float, reason: Reason = Reason.EXPIRED
     ) -> None:
+        view = thread.view
+        size = sum(c.size for c in view.checkpoints)
+        self._defer_expiry(
+            view.thread_id, thread.fingerprint, policy, age, len(view.checkpoints), size, reason
+        )
+
+    def _defer_expiry(
+        self,
+        thread_id: str,
+        fingerprint: Fingerprint,
+        policy: str,
+        age: float,
+        checkpoints: int,
+        size: int,
+        reason: Reason,
+    ) -> None:
         """Note an expiry; once past the limit, a real sweep forgets them all (it expires none)."""
         report = self.report
-        view = thread.view
         report.expiries_wanted += 1
         report.expiries_by_policy[policy] += 1
-        report.policies[policy].see_eligible(len(view.checkpoints), 1, age)
+        report.policies[policy].see_eligible(checkpoints, 1, age)
         if report.would_hit_limit and report.limit_reached_by is None:
             report.limit_reached_by = policy
             if not self.options.dry_run:
@@ -471,18 +526,7 @@ class _Pass:
         # policies want, so a wrong clock cannot eat the store `max_threads_per_sweep` a time.
         if self._capped(policy):
             return
-        size = sum(c.size for c in view.checkpoints)
-        self.deferred.add(
-            _Expiring(
-                view.thread_id,
-                thread.fingerprint,
-                policy,
-                age,
-                len(view.checkpoints),
-                size,
-                reason,
-            )
-        )
+        self.deferred.add(_Expiring(thread_id, fingerprint, policy, age, checkpoints, size, reason))
 
     async def _add(self, part: _Part) -> bool:
         """Queue `part`, flushing a full batch; False when asked to stop."""
