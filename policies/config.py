@@ -50,13 +50,17 @@ __all__ = [
     "LoggingConfig",
     "Match",
     "MetricsConfig",
+    "OrphanSource",
+    "Orphaned",
     "Policy",
     "PoolConfig",
+    "Quota",
     "ReclaimOverrides",
     "ReclaimSettings",
     "Schedule",
     "StoreConfig",
     "ThreadTTL",
+    "parse_bytes",
     "redact_dsn",
 ]
 
@@ -230,6 +234,46 @@ NonNegativeSeconds = Annotated[
     float, BeforeValidator(_to_seconds_or_zero), Field(ge=0, allow_inf_nan=False)
 ]
 """Seconds >= 0, as a number (`0.5`) or a duration string (`2s`, and `0s`)."""
+
+_BYTE_UNITS: dict[str, int] = {
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+_BYTE_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([a-z]+)", re.ASCII | re.IGNORECASE)
+
+
+def parse_bytes(text: str) -> int:
+    """`20GB` (decimal units), `512MiB` (binary units) or `100B` as a whole number of bytes > 0."""
+    m = _BYTE_SIZE.fullmatch(text.strip())
+    unit = m[2].lower() if m else ""
+    if m is None or unit not in _BYTE_UNITS:
+        raise ValueError(
+            f"size {text!r} is not a number with a unit: B, KB, MB, GB, TB (powers of 1000) "
+            "or KiB, MiB, GiB, TiB (powers of 1024), e.g. 20GB"
+        )
+    size = int(float(m[1]) * _BYTE_UNITS[unit])
+    if size <= 0:
+        # A cap of nothing would evict every thread a policy allows: never what was meant.
+        raise ValueError(f"size {text!r} is not positive")
+    return size
+
+
+def _to_bytes(value: object) -> object:
+    # A bare number is bytes (no unit to guess); text needs its unit.
+    if isinstance(value, str):
+        return parse_bytes(value)
+    return value
+
+
+ByteSize = Annotated[int, BeforeValidator(_to_bytes), Field(gt=0)]
+"""A size > 0: `20GB`, `50MB`, `512MiB`, or a whole number of bytes."""
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
@@ -497,6 +541,7 @@ class StoreConfig(_Model):
     `batch` overrides `defaults.batch` for this store only. `schema` (attribute
     `schema_`) names a non-default Postgres schema. `encryption_key` is the
     `EncryptedSerializer` AES key the application uses (16, 24 or 32 bytes).
+    `max_bytes` caps the store's data (as `stats` counts it): see `worker.quota`.
     """
 
     name: NonEmptyStr
@@ -508,6 +553,8 @@ class StoreConfig(_Model):
     encryption_key: SecretStr | None = None
     batch: BatchOverrides | None = None
     reclaim: ReclaimOverrides | None = None
+    max_bytes: ByteSize | None = None
+    """Size cap: past it, sweeps expire the least recently active threads the policies allow."""
 
     @field_validator("dsn")
     @classmethod
@@ -617,6 +664,66 @@ class Match(_Model):
         return hash((self.thread_id, self.checkpoint_ns, items))
 
 
+class OrphanSource(_Model):
+    """Where an orphan policy's registry query runs: a SQLite file or a Postgres database.
+
+    The DSN follows the stores' rules (validated, redacted, `${ENV}` or `${file:}`).
+    """
+
+    kind: Literal["sqlite", "postgres"]
+    path: NonEmptyStr | None = None
+    dsn: SecretStr | None = None
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn(cls, value: SecretStr | None) -> SecretStr | None:
+        return _check_dsn(value)
+
+    @model_validator(mode="after")
+    def _kind_keys(self) -> OrphanSource:
+        if self.kind == "sqlite" and (self.path is None or self.dsn is not None):
+            raise LocatedValueError(
+                "a sqlite source takes `path` (the registry's database file) and no `dsn`",
+                ("path",) if self.path is None else ("dsn",),
+            )
+        if self.kind == "postgres" and (self.dsn is None or self.path is not None):
+            raise LocatedValueError(
+                "a postgres source takes `dsn` (usually ${ENV} or ${file:/path}) and no `path`",
+                ("dsn",) if self.dsn is None else ("path",),
+            )
+        return self
+
+
+def _strip_statement(value: object) -> object:
+    # `SELECT id FROM threads;` is how people write SQL; the query is wrapped in a subquery.
+    return value.strip().rstrip(";").rstrip() if isinstance(value, str) else value
+
+
+class Orphaned(_Model):
+    """`orphaned: {query, source}`: the policy matches only threads the application no longer lists.
+
+    `query` returns one column, the thread ids the application still knows
+    (text; cast other types, e.g. `SELECT id::text FROM chats`). It runs in
+    `source`, or without one in the store's own database, read-only.
+    """
+
+    query: Annotated[NonEmptyStr, BeforeValidator(_strip_statement)]
+    source: OrphanSource | None = None
+
+
+class Quota(_Model):
+    """`quota: {max_bytes: 50MB, per: user_id}`: a size cap per group of the policy's threads.
+
+    Threads the policy governs are grouped by `per`, a key of their newest root
+    checkpoint's metadata; a group over `max_bytes` loses its least recently
+    active threads. Without `per` all of them form one group; a thread
+    without the key belongs to no group.
+    """
+
+    max_bytes: ByteSize
+    per: NonEmptyStr | None = None
+
+
 _TTL_UNITS: dict[str, int] = {"seconds": 1, "minutes": 60, "hours": 3600, "days": 86400}
 # A bare number, as an application's `configurable` may carry it (also as a string).
 _TTL_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)", re.ASCII)
@@ -691,7 +798,7 @@ class IdleTrim(_Model):
     keep_last: Annotated[int, Field(ge=1)]
 
 
-_RULES = ("expire_after", "keep_last", "keep_within", "when_idle")
+_RULES = ("expire_after", "keep_last", "keep_within", "when_idle", "quota")
 # What a `langgraph_json` file supplies; the policy may not say them itself.
 _LANGGRAPH_SUPPLIES = (
     "protect",
@@ -717,7 +824,9 @@ class Policy(_Model):
     acts on under this policy. `langgraph_json` names a LangSmith
     `langgraph.json` (relative to the config file's folder) whose
     `checkpointer.ttl` supplies the rules, schedule and cap; the worker reads
-    it and replaces this policy with its translation.
+    it and replaces this policy with its translation. `orphaned` narrows the
+    match to threads an application registry no longer lists (`expire_after`
+    is then the grace period); `quota` caps the bytes of groups of its threads.
     """
 
     name: NonEmptyStr
@@ -732,6 +841,8 @@ class Policy(_Model):
     schedule: Schedule | None = None
     max_threads_per_sweep: PositiveInt | None = None
     langgraph_json: NonEmptyStr | None = None
+    orphaned: Orphaned | None = None
+    quota: Quota | None = None
     description: str | None = None
 
     @property
@@ -744,11 +855,21 @@ class Policy(_Model):
         keys = set(self.match.metadata or ())
         if isinstance(self.expire_after, ThreadTTL):
             keys.add(self.expire_after.metadata_key)
+        if self.quota is not None and self.quota.per is not None:
+            keys.add(self.quota.per)
         return frozenset(keys)
 
     @model_validator(mode="after")
     def _rules(self) -> Policy:
         if self.langgraph_json is not None:
+            for key in ("orphaned", "quota"):
+                if key in self.model_fields_set:
+                    # The translation keeps only name, store, match and interrupted.
+                    raise LocatedValueError(
+                        f"{key} cannot be combined with langgraph_json; write the policy out "
+                        "(`checkpoint-janitor translate` prints it) and add it there",
+                        (key,),
+                    )
             for key in _LANGGRAPH_SUPPLIES:
                 if key in self.model_fields_set:
                     raise LocatedValueError(
@@ -772,9 +893,15 @@ class Policy(_Model):
                 "keep_last, keep_within, when_idle or langgraph_json (a policy without one "
                 "would still win first match and silently keep everything it selects)"
             )
-        if self.interrupted == "expire" and self.expire_after is None:
+        if self.orphaned is not None and self.expire_after is None:
             raise LocatedValueError(
-                "interrupted: expire only has an effect together with expire_after",
+                "orphaned needs expire_after, the grace period an orphaned thread must be idle "
+                "before it goes (e.g. expire_after: 1d)",
+                ("orphaned",),
+            )
+        if self.interrupted == "expire" and self.expire_after is None and self.quota is None:
+            raise LocatedValueError(
+                "interrupted: expire only has an effect together with expire_after or quota",
                 ("interrupted",),
             )
         return self

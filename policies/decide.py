@@ -20,6 +20,7 @@ wrapper, so the rules live in one place. It honours DESIGN's invariants:
 
 from __future__ import annotations
 
+import json
 from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -252,6 +253,8 @@ def decide(view: ThreadView, rules: Ruleset, now: float, grace_seconds: float) -
         ttl_fallback = TtlFallback(root_policy.name, fallback)
 
     skips: list[Skip] = []
+    if rules.has_orphan_policies and (unanswered := rules.unreconciled(tid, meta)) is not None:
+        skips.append(Skip(unanswered.name, SkipReason.REGISTRY_UNAVAILABLE))
     if root_policy is not None and ttl is not None and idle is not None and idle > ttl:
         protected = any(p is not None and p.protect for p in policy_of.values())
         if protected:
@@ -264,8 +267,12 @@ def decide(view: ThreadView, rules: Ruleset, now: float, grace_seconds: float) -
         elif root_policy.interrupted == "keep" and view.waiting:
             skips.append(Skip(root_policy.name, SkipReason.INTERRUPTED))
         else:
+            reason = Reason.ORPHANED if root_policy.orphaned is not None else Reason.EXPIRED
             return ThreadDecision(
-                tid, expiry=Expiry(root_policy.name, idle), ttl_fallback=ttl_fallback
+                tid,
+                expiry=Expiry(root_policy.name, idle, reason),
+                skips=tuple(skips),
+                ttl_fallback=ttl_fallback,
             )
 
     delta_marked = any(c.delta_marked for c in view.checkpoints)
@@ -456,3 +463,47 @@ def _any_between(ids: Sequence[str], low: str, high: str) -> bool:
 def is_delta_thread(checkpoints: Iterable[CheckpointSummary]) -> bool:
     """Whether engines must decode the thread's checkpoints before trimming it."""
     return any(c.delta_marked for c in checkpoints)
+
+
+def quota_verdict(
+    view: ThreadView, rules: Ruleset, held: bool = False
+) -> tuple[Policy | None, bool]:
+    """Whether a size cap may expire this thread: (the policy it goes under, or None when it
+    may not; whether that still depends on `view.waiting`, not yet read).
+
+    Size caps take what retention allows and nothing more: never a thread no
+    policy governs, one a policy protects (in any namespace), a held one
+    (`held`: the holds feature's flag), one undated (never old), or one that
+    waits for input unless its policy says `interrupted: expire`.
+    """
+    tid = view.thread_id
+    meta = view.head_metadata
+    root = rules.first_match(tid, "", meta)
+    if held or root is None or root.protect or last_activity(view) is None:
+        return None, False
+    namespaces = {c.namespace for c in view.checkpoints}
+    if any((p := rules.first_match(tid, ns, meta)) is not None and p.protect for ns in namespaces):
+        return None, False
+    if root.interrupted == "keep":
+        if view.head_undecodable or view.waiting:
+            return None, False
+        if view.waiting is None:
+            return root, True
+    return root, False
+
+
+def quota_group(policy: Policy, metadata: Mapping[str, Any]) -> str | None:
+    """The group of `policy`'s quota a thread with this head metadata counts in; None: none.
+
+    A group is named by the value as text (`u-1`; a number or boolean as JSON:
+    `7`, `true`); `""` is the one group of a quota without `per`.
+    """
+    quota = policy.quota
+    if quota is None:
+        return None
+    if quota.per is None:
+        return ""
+    value = metadata.get(quota.per)
+    if value is None or isinstance(value, dict | list):
+        return None
+    return value if isinstance(value, str) else json.dumps(value)

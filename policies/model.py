@@ -16,8 +16,19 @@ from typing import Any
 class Reason(StrEnum):
     """Why a row goes (the `reason` column of `plan`)."""
 
+    @property
+    def whole_thread(self) -> bool:
+        """The thread goes whole (an expiry), not some of its rows (a trim)."""
+        return self in (Reason.EXPIRED, Reason.ORPHANED, Reason.QUOTA)
+
     EXPIRED = "expired"
     """The whole thread: its newest root checkpoint is older than `expire_after`."""
+    ORPHANED = "orphaned"
+    """The whole thread: the application's registry no longer lists it, and it is idle
+    past the `orphaned` policy's `expire_after`."""
+    QUOTA = "quota"
+    """The whole thread: its store or group is over its size cap, and it is among the
+    least recently active the policies let go."""
     TRIMMED = "trimmed"
     """Beyond `keep_last` and older than `keep_within` in its namespace."""
     SUBGRAPH_CALL = "subgraph-call"
@@ -46,6 +57,9 @@ class SkipReason(StrEnum):
     """(SQLite) the batch could not get the write lock in time; decided again next sweep."""
     SWEEP_LIMIT = "sweep-limit"
     """The policy's `max_threads_per_sweep` was reached; the thread waits for the next sweep."""
+    REGISTRY_UNAVAILABLE = "registry-unavailable"
+    """An `orphaned` policy's registry query failed or returned no rows: the policy matched
+    nothing this sweep (the thread fell through to the next policy)."""
 
     HELD = "held"
     """A legal hold (`checkpoint-janitor hold`): the thread is skipped whole, before deciding."""
@@ -141,6 +155,7 @@ class Expiry:
 
     policy: str
     age_seconds: float
+    reason: Reason = Reason.EXPIRED
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ from policies.config import (
     ReclaimSettings,
     Schedule,
     StoreConfig,
+    parse_bytes,
     redact_dsn,
 )
 from policies.durations import UNITS, format_duration, parse_duration
@@ -884,6 +885,59 @@ MALFORMED: list[tuple[str, str, int, str, str]] = [
         "policies[0].match.metadata",
         "keys are strings",
     ),
+    (
+        "orphaned-without-grace",
+        HEADER + "  - name: p\n    orphaned: {query: SELECT id FROM t}\n    keep_last: 1\n",
+        10,
+        "policies[0].orphaned",
+        "needs expire_after",
+    ),
+    (
+        "orphaned-unknown-key",
+        HEADER + "  - name: p\n    expire_after: 1d\n    orphaned:\n      query: SELECT 1\n"
+        "      sql: SELECT 2\n",
+        13,
+        "policies[0].orphaned.sql",
+        "unknown key",
+    ),
+    (
+        "orphan-source-sqlite-without-path",
+        HEADER + "  - name: p\n    expire_after: 1d\n    orphaned:\n      query: SELECT 1\n"
+        "      source: {kind: sqlite}\n",
+        13,
+        "policies[0].orphaned.source",
+        "takes `path`",
+    ),
+    (
+        "orphan-source-bad-dsn",
+        HEADER + "  - name: p\n    expire_after: 1d\n    orphaned:\n      query: SELECT 1\n"
+        f"      source: {{kind: postgres, dsn: 'mysql://u:{PASSWORD}@h/db'}}\n",
+        13,
+        "policies[0].orphaned.source.dsn",
+        "scheme",
+    ),
+    (
+        "quota-unitless-text",
+        HEADER + "  - name: p\n    quota: {max_bytes: 50 megs}\n",
+        10,
+        "policies[0].quota.max_bytes",
+        "number with a unit",
+    ),
+    (
+        "quota-with-protect",
+        HEADER + "  - name: p\n    protect: true\n    quota: {max_bytes: 50MB}\n",
+        10,
+        "policies[0].protect",
+        "quota would never",
+    ),
+    (
+        "store-max-bytes-zero",
+        HEADER.replace("path: ./checkpoints.db", "path: ./checkpoints.db\n    max_bytes: 0GB")
+        + OK_POLICY,
+        5,
+        "stores[0].max_bytes",
+        "not positive",
+    ),
     ("control-character", HEADER + "  - name: p\x00\n", 9, "", "U+0000 is not allowed"),
     ("top-level-list", "- stores\n- policies\n", 1, "", "top level must be a mapping"),
     ("empty-file", "", 1, "", "empty"),
@@ -1057,3 +1111,19 @@ policies:
 def test_reclaim_rejects(reclaim: str, fragment: str) -> None:
     error = load_error(MINIMAL.replace("policies:", f"defaults:\n  reclaim: {reclaim}\npolicies:"))
     assert fragment in str(error)
+
+
+def test_orphaned_and_quota_keys_parse() -> None:
+    cfg = load_config_text(
+        "stores:\n  - {name: app, kind: sqlite, path: ./c.db, max_bytes: 20GB}\n"
+        "policies:\n"
+        "  - name: gone\n    expire_after: 1d\n"
+        "    orphaned: {query: 'SELECT id FROM chats;  ', source: {kind: sqlite, path: ./a.db}}\n"
+        "  - name: per-user\n    quota: {max_bytes: 512MiB, per: user_id}\n"
+    )
+    assert cfg.store("app").max_bytes == 20 * 10**9
+    gone, per_user = cfg.policies
+    assert gone.orphaned is not None and gone.orphaned.query == "SELECT id FROM chats"
+    assert per_user.quota is not None and per_user.quota.max_bytes == 512 * 2**20
+    assert per_user.head_metadata_keys == {"user_id"}
+    assert parse_bytes("1.5KB") == 1500 and parse_bytes("100 B") == 100

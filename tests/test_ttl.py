@@ -52,7 +52,9 @@ PER_THREAD = """
 class Store:
     """A store of one backend: a SQLite file or a Postgres database, and copies of it."""
 
-    def __init__(self, backend: str, tmp: Path, request: pytest.FixtureRequest) -> None:
+    def __init__(
+        self, backend: str, tmp: Path, request: pytest.FixtureRequest, collation: str = "c"
+    ) -> None:
         self.backend = backend
         self.tmp = tmp
         self.dbs: Databases | None = None
@@ -60,7 +62,7 @@ class Store:
             self.where = str(tmp / "store.db")
         else:
             server: PgServer = request.getfixturevalue("pg_server")
-            self.dbs = Databases(server, request.node.name)
+            self.dbs = Databases(server, request.node.name, collation)
             self.where = self.dbs.create()
 
     @contextlib.asynccontextmanager
@@ -120,7 +122,11 @@ async def run(cfg: Config, now: float) -> SweepReport:
     engine = make_engine(cfg.store("s"), settings)
     await engine.open()
     try:
-        options = SweepOptions(settings, max_delete_fraction=cfg.defaults.max_delete_fraction)
+        options = SweepOptions(
+            settings,
+            max_delete_fraction=cfg.defaults.max_delete_fraction,
+            max_bytes=cfg.store("s").max_bytes,
+        )
         return await sweep(engine, cfg.policies_for("s"), options, now=now)
     finally:
         await engine.close()

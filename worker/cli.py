@@ -135,6 +135,7 @@ async def _sweep_all(
             max_delete_fraction=config.defaults.max_delete_fraction,
             dry_run=dry_run,
             allow_mass_expiry=allow_mass_expiry or config.defaults.allow_mass_expiry,
+            max_bytes=store.max_bytes,
         )
         policies = config.policies_for(store.name)
 

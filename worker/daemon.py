@@ -218,6 +218,7 @@ class StoreRunner:
             allow_mass_expiry=cfg.defaults.allow_mass_expiry,
             dry_run=self.daemon.dry_run or cfg.defaults.dry_run,
             due=due,
+            max_bytes=cfg.store(self.name).max_bytes,
         )
         metrics = self.daemon.metrics
         report = await sweep(

@@ -190,6 +190,10 @@ class StoreEngine(Protocol):
     async def resolve_waiting(self, threads: Sequence[ScannedThread]) -> list[ScannedThread]:
         """The threads with `view.waiting` read from their newest root checkpoints."""
 
+    async def thread_bytes(self, thread_ids: Sequence[str]) -> dict[str, int]:
+        """Bytes each thread holds, as `stats` counts them (checkpoints, metadata, writes,
+        blobs): what size caps (`max_bytes`, `quota`) weigh."""
+
     async def apply(self, batch: Sequence[ThreadWork], dry_run: bool) -> list[WorkResult]:
         """Carry out a batch in one transaction (or count what it would delete)."""
 

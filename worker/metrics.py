@@ -126,6 +126,20 @@ class Metrics:
             ["store", "policy", "reason"],
             registry=r,
         )
+        self.orphan_registry_errors = Counter(
+            PREFIX + "orphan_registry_errors",
+            "Sweeps in which an orphaned policy's registry query failed or returned no rows "
+            "(the policy matched nothing), by reason.",
+            ["store", "policy", "reason"],
+            registry=r,
+        )
+        self.over_quota = Gauge(
+            PREFIX + "over_quota_bytes",
+            "Bytes a store (policy and group empty) or a quota group stays over its size cap "
+            "after the last sweep's plan (0: under it).",
+            ["store", "policy", "group"],
+            registry=r,
+        )
         self.oldest_eligible_age = Gauge(
             PREFIX + "oldest_eligible_age_seconds",
             "Age of the oldest checkpoint the last scan found due (0: none).",
@@ -202,6 +216,9 @@ class Metrics:
                 self.skipped.labels(store, name, reason.value).inc(n)
             for fallback, n in p.ttl_fallbacks.items():
                 self.ttl_fallbacks.labels(store, name, fallback.value).inc(n)
+            if p.registry_error is not None:
+                failure = p.registry_error.reason.value
+                self.orphan_registry_errors.labels(store, name, failure).inc()
             if report.outcome is Outcome.SUCCESS and not report.dry_run:
                 # A dry run deletes nothing: "last success" must not tell an
                 # alert that retention is being applied.
@@ -209,6 +226,13 @@ class Metrics:
         self.dry_run.labels(store).set(1 if report.dry_run else 0)
         if report.held_threads is not None:
             self.held_threads.labels(store).set(report.held_threads)
+        if report.outcome is not Outcome.LOCKED and report.error is None:
+            # Groups come and go: only the last sweep's are shown.
+            for labels in _label_sets(self.over_quota):
+                if labels[0] == store:
+                    self.over_quota.remove(*labels)
+            for (policy, group), n in report.over_quota.items():
+                self.over_quota.labels(store, policy, group).set(n)
         if report.outcome is Outcome.SAFETY_STOP and report.limit_reached_by is not None:
             self.safety_stops.labels(store, report.limit_reached_by).inc()
 

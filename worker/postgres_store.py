@@ -542,6 +542,20 @@ SELECT thread_id, count(*), sum(pg_column_size(checkpoint) + pg_column_size(meta
 FROM checkpoints GROUP BY thread_id ORDER BY size DESC LIMIT $1
 """
 
+# Per thread of a page: the row bytes of its checkpoints (and metadata), writes and
+# blobs, not the tables' disk size, which only VACUUM shrinks (a cap on it would
+# evict until the next vacuum). Correlated sums: one index range per table and thread.
+THREAD_BYTES_SQL = """
+SELECT t.id,
+    COALESCE((SELECT sum(pg_column_size(checkpoint) + pg_column_size(metadata))
+              FROM checkpoints c WHERE c.thread_id = t.id), 0)
+  + COALESCE((SELECT sum(pg_column_size(blob))
+              FROM checkpoint_writes w WHERE w.thread_id = t.id), 0)
+  + COALESCE((SELECT sum(pg_column_size(blob))
+              FROM checkpoint_blobs b WHERE b.thread_id = t.id), 0)
+FROM unnest($1::text[]) AS t(id)
+"""
+
 # Errors worth retrying the batch for: the application held a row past
 # lock_timeout, a statement ran past statement_timeout, or Postgres picked
 # this transaction as a deadlock or serialization victim.
@@ -1127,6 +1141,11 @@ class PostgresStore:
                 c.blobs = blobs.pop(w.thread_id, 0)
             results.append(WorkResult(w.thread_id, c))
         return results
+
+    async def thread_bytes(self, thread_ids: Sequence[str]) -> dict[str, int]:
+        """Bytes of each thread: checkpoints and metadata, writes and blobs."""
+        rows = await self.pool.fetch(THREAD_BYTES_SQL, list(thread_ids))
+        return {str(r[0]): int(r[1]) for r in rows}
 
     async def after_batch(self) -> None:
         """Nothing to do between batches: autovacuum reclaims dead tuples."""

@@ -37,6 +37,11 @@ def report_dict(report: SweepReport) -> dict[str, Any]:
                 "oldest_eligible_age_seconds": p.oldest_eligible_age,
                 "skipped": {reason.value: n for reason, n in p.skipped.items()},
                 "ttl_fallbacks": {reason.value: n for reason, n in p.ttl_fallbacks.items()},
+                "registry_error": (
+                    {"reason": p.registry_error.reason.value, "error": p.registry_error.message}
+                    if p.registry_error is not None
+                    else None
+                ),
             }
             for p in report.policies.values()
         ],
@@ -47,6 +52,10 @@ def report_dict(report: SweepReport) -> dict[str, Any]:
         "changed_threads": report.changed_threads,
         "locked_threads": report.locked_threads,
         "held_threads": report.held_threads,
+        "over_quota": [
+            {"policy": policy or None, "group": group or None, "bytes": n}
+            for (policy, group), n in report.over_quota.items()
+        ],
         "error": report.error,
     }
 
@@ -193,6 +202,8 @@ def render_table(reports: Sequence[SweepReport], blob_stores: Collection[str] = 
                 rows.append([p.policy, f"skipped: {reason_s.value}", str(n), *blank])
             for fallback, n in sorted(p.ttl_fallbacks.items()):
                 rows.append([p.policy, f"ttl fallback: {fallback.value}", str(n), *blank])
+            if p.registry_error is not None:
+                rows.append([p.policy, f"registry: {p.registry_error.reason.value}", "", *blank])
         rows.append(["total", "", *_counts(r.deleted, blobs)])
         widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
         out.append(_row(head, widths))
@@ -216,6 +227,20 @@ def render_table(reports: Sequence[SweepReport], blob_stores: Collection[str] = 
                 f"write lock: {r.locked_threads} threads skipped, their batches never got the "
                 "store's write lock (defaults.batch.busy_timeout); decided again next sweep."
             )
+        for (policy, group), n in r.over_quota.items():
+            if n > 0:
+                what = f"policy {policy} group {group}" if policy else "the store"
+                out.append(
+                    f"over quota: {what} stays {human_bytes(n)} over its cap after everything "
+                    "the policies allow to go (protected, waiting, held or undated threads hold "
+                    "the rest)."
+                )
+        for p in r.policies.values():
+            if p.registry_error is not None:
+                out.append(
+                    f"orphan registry of policy {p.policy}: {p.registry_error.message}; "
+                    "the policy matched no thread in this sweep."
+                )
         if r.error:
             out.append(f"error: {r.error}")
         out.append("")

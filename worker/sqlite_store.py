@@ -205,6 +205,15 @@ LARGEST_THREADS_SQL = """
 SELECT thread_id, COUNT(*), COALESCE(SUM(length(checkpoint) + length(metadata)), 0) AS size
 FROM checkpoints GROUP BY thread_id ORDER BY size DESC LIMIT ?
 """
+# Per thread of a page, as STATS_TABLE_SQL counts bytes; correlated sums, so each
+# thread is one primary-key range of each table, not a scan of the store.
+THREAD_BYTES_SQL = """
+SELECT k.value,
+    (SELECT COALESCE(SUM(length(checkpoint) + length(metadata)), 0)
+     FROM checkpoints WHERE thread_id = k.value)
+  + (SELECT COALESCE(SUM(length(value)), 0) FROM writes WHERE thread_id = k.value)
+FROM json_each(?) AS k
+"""
 # Deleted rows leave free pages in the file until VACUUM: what could be reclaimed.
 FILE_PAGES_SQL = "SELECT * FROM pragma_page_size, pragma_page_count, pragma_freelist_count"
 
@@ -659,6 +668,11 @@ class SqliteStore:
             "wal_bytes": os.path.getsize(wal) if os.path.exists(wal) else 0,
             "reclaimable_bytes": page_size * free,
         }
+
+    async def thread_bytes(self, thread_ids: Sequence[str]) -> dict[str, int]:
+        """Bytes of each thread: checkpoints and metadata, and writes' values."""
+        async with self.conn.execute(THREAD_BYTES_SQL, (json.dumps(list(thread_ids)),)) as cur:
+            return {str(t): int(n) for t, n in await cur.fetchall()}
 
     async def after_batch(self) -> None:
         """Checkpoint the WAL without waiting on anyone."""

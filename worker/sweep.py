@@ -40,6 +40,8 @@ from worker.engine import (
     fingerprint_of,
 )
 from worker.logs import iso_utc
+from worker.orphans import OrphanLookup, RegistryFailure
+from worker.quota import Decided, Eviction, QuotaPass
 from worker.stores.space import Reclaimed
 from worker.throttle import BatchSizer, pause_after
 
@@ -73,6 +75,8 @@ class PolicyReport:
     """Threads whose own TTL (`expire_after: {metadata_key}`) fell back to the default."""
     acted_threads: int = 0
     """Threads this sweep queued work for under the policy (`max_threads_per_sweep` caps it)."""
+    registry_error: RegistryFailure | None = None
+    """(`orphaned`) its registry gave no answer: the policy matched nothing this sweep."""
 
     def see_eligible(self, checkpoints: int, threads: int, age: float | None) -> None:
         """Count rows found due; remember the oldest."""
@@ -117,6 +121,9 @@ class SweepReport:
     """False when the store could not be opened at all (`store_up` 0)."""
     reclaim: Reclaimed | None = None
     """The store's space after the sweep, and what `reclaim.after_sweep` gave back."""
+    over_quota: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(policy, group) -> bytes still over its cap once the sweep's plan is done; ("", "")
+    is the store's `max_bytes` (always there when set, 0 when under)."""
 
     @property
     def deleted(self) -> Counts:
@@ -150,7 +157,7 @@ class ThreadPlan:
     @property
     def action(self) -> str:
         """`expire` (the whole thread goes) or `trim` (some of its rows go)."""
-        return "expire" if self.reason is Reason.EXPIRED else "trim"
+        return "expire" if self.reason.whole_thread else "trim"
 
 
 ThreadFn = Callable[[ThreadPlan], None]
@@ -174,6 +181,7 @@ class _Expiring:
     age_seconds: float
     checkpoints: int
     bytes: int
+    reason: Reason = Reason.EXPIRED
 
     def part(self, now: float) -> _Part:
         work = ThreadWork(
@@ -184,7 +192,7 @@ class _Expiring:
             estimate=max(self.checkpoints, 1),
             bytes=self.bytes,
         )
-        return _Part(work, self.policy, Reason.EXPIRED, now - self.age_seconds)
+        return _Part(work, self.policy, self.reason, now - self.age_seconds)
 
 
 class _DeferredExpiries:
@@ -210,7 +218,15 @@ class _DeferredExpiries:
                 # Closed by `close()`, which the sweep calls in a `finally`.
                 self._spill = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115
             for x in self._held:
-                row = [x.thread_id, x.fingerprint, x.policy, x.age_seconds, x.checkpoints, x.bytes]
+                row = [
+                    x.thread_id,
+                    x.fingerprint,
+                    x.policy,
+                    x.age_seconds,
+                    x.checkpoints,
+                    x.bytes,
+                    x.reason.value,
+                ]
                 self._spill.write(json.dumps(row) + "\n")
             self._held.clear()
 
@@ -223,9 +239,9 @@ class _DeferredExpiries:
         if self._spill is not None:
             self._spill.seek(0)
             for line in self._spill:
-                tid, fp, policy, age, checkpoints, size = json.loads(line)
+                tid, fp, policy, age, checkpoints, size, reason = json.loads(line)
                 fingerprint = tuple((ns, n, newest) for ns, n, newest in fp)
-                yield _Expiring(tid, fingerprint, policy, age, checkpoints, size)
+                yield _Expiring(tid, fingerprint, policy, age, checkpoints, size, Reason(reason))
         yield from self._held
 
     def close(self) -> None:
@@ -248,6 +264,8 @@ class SweepOptions:
     """Policies to carry out; None: all. First match still sees every policy."""
     expiries_in_memory: int = 10_000
     """Expiries the pass holds in memory; the rest wait in a temporary file."""
+    max_bytes: int | None = None
+    """The store's size cap (`stores[].max_bytes`)."""
 
 
 ProgressFn = Callable[[int, int], None]
@@ -307,11 +325,20 @@ async def _run(
         log.info("sweep_skipped", store=engine.name, reason="another worker holds the sweep lock")
         return
     deferred = _DeferredExpiries(options.expiries_in_memory)
+    orphans: OrphanLookup | None = None
     try:
+        if rules.has_orphan_policies:
+            orphans = await OrphanLookup.open(engine, rules.policies, options.settings)
         pass_ = _Pass(engine, rules, options, report, stop, on_batch, on_thread, deferred)
+        pass_.orphans = orphans
         await pass_.run(progress)
     finally:
         deferred.close()
+        if orphans is not None:
+            await orphans.close()
+            for name, failure in orphans.failed.items():
+                if name in report.policies:
+                    report.policies[name].registry_error = failure
         await engine.end_sweep()
 
 
@@ -352,6 +379,15 @@ class _Pass:
         """Threads under a legal hold, read once at the start (the set is small)."""
         self.held_late: set[str] = set()
         """Threads a batch found on hold that the start did not: counted once each."""
+        self.orphans: OrphanLookup | None = None
+        """The registries of `orphaned` policies, asked once per page."""
+        self.quota = QuotaPass(
+            engine.name,
+            options.max_bytes,
+            rules.policies,
+            options.due,
+            options.settings.page_threads,
+        )
 
     def stopped(self) -> bool:
         return self.stop is not None and self.stop.is_set()
@@ -380,23 +416,41 @@ class _Pass:
         if not await self._drain():
             return
         self._emit_entries()
+        if self.quota.active:
+            # After the trims, before any expiry: evictions count in the safety limit.
+            await self.quota.evict(engine, self)
+            report.over_quota = dict(self.quota.over)
+            if self.stopped():
+                report.outcome = Outcome.STOPPED
+                return
         if report.would_hit_limit:
             report.outcome = Outcome.SAFETY_STOP
             await self._hold_expiries()
             return
         for e in self.deferred:
+            if self.orphans is not None and e.policy in self.orphans.failed:
+                continue  # its registry failed after this page: no answer is trusted
             if not await self._add(e.part(report.now)):
                 return
         if await self._drain():
             self._emit_entries()
 
-    async def _page(self, page: list[str]) -> None:
+    async def decide_page(
+        self, page: list[str], count_held: bool = True
+    ) -> tuple[Ruleset, Decided]:
+        """Scan and decide `page` (only the due policies' decisions).
+
+        Held threads are dropped before deciding, so no cap or rule ever sees
+        them; they are counted as skipped once, in the sweep's own pass
+        (`count_held`), not again in a size cap's extra walks.
+        """
         engine, rules, report = self.engine, self.rules, self.report
         grace = self.options.settings.grace_period.total_seconds()
         candidates = [t for t in page if rules.could_match_thread(t)]
+        if self.orphans is not None and candidates:
+            rules = rules.for_page(await self.orphans.answers(candidates))
         scanned = await engine.scan(candidates) if candidates else []
-        scanned = self._skip_held(scanned)
-        report.threads_scanned += len(page)
+        scanned = self._skip_held(scanned, count_held)
         decided = [(t, decide(t.view, rules, report.now, grace)) for t in scanned]
         # Waiting is read from the heads of expiry candidates only, in one go.
         if asking := [t for t, d in decided if d.needs_waiting]:
@@ -407,15 +461,36 @@ class _Pass:
                 else (t, d)
                 for t, d in decided
             ]
+        return rules, [(t, _only_due(d, self.options.due)) for t, d in decided]
+
+    def evict(self, eviction: Eviction) -> None:
+        """A size cap's eviction: an expiry like any other, reason `quota`."""
+        e = eviction
+        self._defer_expiry(
+            e.thread_id,
+            e.fingerprint,
+            e.policy,
+            self.report.now - e.last_activity,
+            e.checkpoints,
+            e.size,
+            Reason.QUOTA,
+        )
+
+    async def _page(self, page: list[str]) -> None:
+        report = self.report
+        rules, decided = await self.decide_page(page)
+        report.threads_scanned += len(page)
+        if self.quota.active:
+            await self.quota.observe(self.engine, page, rules, decided)
         for thread, decision in decided:
-            decision = _only_due(decision, self.options.due)
             for skip in decision.skips:
                 report.policies[skip.policy].skipped[skip.reason] += 1
             if decision.ttl_fallback is not None:
                 fallback = decision.ttl_fallback
                 report.policies[fallback.policy].ttl_fallbacks[fallback.reason] += 1
             if decision.expiry is not None:
-                self._defer(thread, decision.expiry.policy, decision.expiry.age_seconds)
+                e = decision.expiry
+                self._defer(thread, e.policy, e.age_seconds, e.reason)
                 continue
             parts = list(_parts(thread, decision, report, self.sizer.rows, rules))
             for part in self._within_caps(parts):
@@ -437,7 +512,7 @@ class _Pass:
         capped = {p for p in dict.fromkeys(part.policy for part in parts) if self._capped(p)}
         return [part for part in parts if part.policy not in capped]
 
-    def _skip_held(self, scanned: list[ScannedThread]) -> list[ScannedThread]:
+    def _skip_held(self, scanned: list[ScannedThread], count: bool) -> list[ScannedThread]:
         """`scanned` without the held threads, which no policy decides on at all.
 
         Each policy that would govern one of a held thread's namespaces counts
@@ -460,17 +535,34 @@ class _Pass:
                 and not p.protect
                 and (self.options.due is None or p.name in self.options.due)
             }
-            for name in governing:
+            for name in governing if count else ():
                 self.report.policies[name].skipped[SkipReason.HELD] += 1
         return out
 
-    def _defer(self, thread: ScannedThread, policy: str, age: float) -> None:
+    def _defer(
+        self, thread: ScannedThread, policy: str, age: float, reason: Reason = Reason.EXPIRED
+    ) -> None:
+        view = thread.view
+        size = sum(c.size for c in view.checkpoints)
+        self._defer_expiry(
+            view.thread_id, thread.fingerprint, policy, age, len(view.checkpoints), size, reason
+        )
+
+    def _defer_expiry(
+        self,
+        thread_id: str,
+        fingerprint: Fingerprint,
+        policy: str,
+        age: float,
+        checkpoints: int,
+        size: int,
+        reason: Reason,
+    ) -> None:
         """Note an expiry; once past the limit, a real sweep forgets them all (it expires none)."""
         report = self.report
-        view = thread.view
         report.expiries_wanted += 1
         report.expiries_by_policy[policy] += 1
-        report.policies[policy].see_eligible(len(view.checkpoints), 1, age)
+        report.policies[policy].see_eligible(checkpoints, 1, age)
         if report.would_hit_limit and report.limit_reached_by is None:
             report.limit_reached_by = policy
             if not self.options.dry_run:
@@ -479,10 +571,7 @@ class _Pass:
         # policies want, so a wrong clock cannot eat the store `max_threads_per_sweep` a time.
         if self._capped(policy):
             return
-        size = sum(c.size for c in view.checkpoints)
-        self.deferred.add(
-            _Expiring(view.thread_id, thread.fingerprint, policy, age, len(view.checkpoints), size)
-        )
+        self.deferred.add(_Expiring(thread_id, fingerprint, policy, age, checkpoints, size, reason))
 
     async def _add(self, part: _Part) -> bool:
         """Queue `part`, flushing a full batch; False when asked to stop."""
