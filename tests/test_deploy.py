@@ -80,6 +80,11 @@ DESIGN_METRICS: dict[str, tuple[str, frozenset[str]]] = {
     PREFIX + "reclaim_duration_seconds": ("histogram", frozenset({"store"})),
     # issue 14: per-thread TTL values that fell back to the default
     PREFIX + "ttl_fallbacks_total": ("counter", frozenset({"store", "policy", "reason"})),
+    # issue 14: orphan registries and size caps
+    PREFIX + "orphan_registry_errors_total": ("counter", frozenset({"store", "policy", "reason"})),
+    PREFIX + "over_quota_bytes": ("gauge", frozenset({"store", "policy", "group"})),
+    # issue 13: legal holds
+    PREFIX + "held_threads": ("gauge", frozenset({"store"})),
 }
 SWEEP_OUTCOMES = frozenset({"success", "failed", "safety_stop", "stopped", "locked"})
 DELETED_KINDS = frozenset({"checkpoints", "writes", "blobs", "threads"})
