@@ -27,19 +27,23 @@ from typing import IO
 import structlog
 
 from policies.config import BatchSettings, Policy
-from policies.decide import decide, last_activity
+from policies.decide import last_activity
 from policies.matching import Ruleset
-from policies.model import Reason, SkipReason, ThreadDecision
+from policies.model import Reason, Skip, SkipReason, ThreadDecision
+from policies.plan import ThreadAggregate
+from policies.plan import ThreadPlan as AggregatePlan
 from worker.engine import (
     Counts,
     Fingerprint,
     ScannedThread,
     StoreEngine,
     ThreadWork,
+    TrimRange,
     WorkResult,
     fingerprint_of,
 )
 from worker.logs import iso_utc
+from worker.planning import PagePlanner, PlannedPage
 from worker.throttle import BatchSizer, pause_after
 
 log = structlog.get_logger("checkpoint_janitor.sweep")
@@ -346,15 +350,23 @@ class _Pass:
             if options.allow_mass_expiry
             else math.floor(options.max_delete_fraction * report.threads_total)
         )
-        async for page in engine.thread_pages(options.settings.page_threads):
-            if self.stopped():
-                report.outcome = Outcome.STOPPED
-                return
-            await self._page(page)
-            if report.outcome is Outcome.STOPPED:
-                return
-            if progress is not None:
-                progress(report.threads_scanned, report.threads_total)
+        grace = options.settings.grace_period.total_seconds()
+        planner = PagePlanner(engine, self.rules, report.now, grace)
+        pages = planner.pages(options.settings.page_threads)
+        try:
+            async for page in pages:
+                if self.stopped():
+                    report.outcome = Outcome.STOPPED
+                    return
+                await self._page(page)
+                if report.outcome is Outcome.STOPPED:
+                    return
+                if progress is not None:
+                    progress(report.threads_scanned, report.threads_total)
+        finally:
+            close = getattr(pages, "aclose", None)
+            if close is not None:
+                await close()
         if not await self._drain():
             return
         self._emit_entries()
@@ -368,48 +380,65 @@ class _Pass:
         if await self._drain():
             self._emit_entries()
 
-    async def _page(self, page: list[str]) -> None:
-        engine, rules, report = self.engine, self.rules, self.report
-        grace = self.options.settings.grace_period.total_seconds()
-        candidates = [t for t in page if rules.could_match_thread(t)]
-        scanned = await engine.scan(candidates) if candidates else []
-        report.threads_scanned += len(page)
-        decided = [(t, decide(t.view, rules, report.now, grace)) for t in scanned]
-        # Waiting is read from the heads of expiry candidates only, in one go.
-        if asking := [t for t, d in decided if d.needs_waiting]:
-            resolved = {t.view.thread_id: t for t in await engine.resolve_waiting(asking)}
-            decided = [
-                (r, decide(r.view, rules, report.now, grace))
-                if (r := resolved.get(t.view.thread_id)) is not None
-                else (t, d)
-                for t, d in decided
-            ]
-        for thread, decision in decided:
-            decision = _only_due(decision, self.options.due)
-            for skip in decision.skips:
-                report.policies[skip.policy].skipped[skip.reason] += 1
-            if decision.expiry is not None:
-                self._defer(thread, decision.expiry.policy, decision.expiry.age_seconds)
-                continue
-            for part in _parts(thread, decision, report, self.sizer.rows, rules):
-                if not await self._add(part):
-                    return
+    async def _page(self, page: PlannedPage) -> None:
+        """Carry out a planned page's trims; note its expiries for the end of the pass."""
+        self.report.threads_scanned += page.threads
+        for agg, plan in page.plans:
+            if not await self._planned(agg, _plan_due(plan, self.options.due)):
+                return
+        for thread, decision in page.decided:
+            if not await self._decided(thread, _only_due(decision, self.options.due)):
+                return
 
-    def _defer(self, thread: ScannedThread, policy: str, age: float) -> None:
+    def _skips(self, skips: tuple[Skip, ...]) -> None:
+        for skip in skips:
+            self.report.policies[skip.policy].skipped[skip.reason] += 1
+
+    async def _planned(self, agg: ThreadAggregate, plan: AggregatePlan) -> bool:
+        """A thread planned from aggregates; False when asked to stop."""
+        self._skips(plan.skips)
+        fingerprint = tuple(sorted((a.namespace, a.count, a.newest_id) for a in agg.namespaces))
+        if plan.expiry is not None:
+            checkpoints = sum(a.count for a in agg.namespaces)
+            e = _Expiring(
+                agg.thread_id, fingerprint, plan.expiry.policy, plan.expiry.age_seconds,
+                checkpoints, 0,
+            )  # fmt: skip
+            self._defer(e)
+            return True
+        for part in _plan_parts(agg, plan, self.report, self.sizer.rows):
+            if not await self._add(part):
+                return False
+        return True
+
+    async def _decided(self, thread: ScannedThread, decision: ThreadDecision) -> bool:
+        """A thread decided from its rows; False when asked to stop."""
+        self._skips(decision.skips)
+        if decision.expiry is not None:
+            view = thread.view
+            e = _Expiring(
+                view.thread_id, thread.fingerprint, decision.expiry.policy,
+                decision.expiry.age_seconds, len(view.checkpoints),
+                sum(c.size for c in view.checkpoints),
+            )  # fmt: skip
+            self._defer(e)
+            return True
+        for part in _parts(thread, decision, self.report, self.sizer.rows, self.rules):
+            if not await self._add(part):
+                return False
+        return True
+
+    def _defer(self, e: _Expiring) -> None:
         """Note an expiry; once past the limit, a real sweep forgets them all (it expires none)."""
         report = self.report
-        view = thread.view
         report.expiries_wanted += 1
-        report.expiries_by_policy[policy] += 1
-        report.policies[policy].see_eligible(len(view.checkpoints), 1, age)
+        report.expiries_by_policy[e.policy] += 1
+        report.policies[e.policy].see_eligible(e.checkpoints, 1, e.age_seconds)
         if report.would_hit_limit and report.limit_reached_by is None:
-            report.limit_reached_by = policy
+            report.limit_reached_by = e.policy
             if not self.options.dry_run:
                 self.deferred.drop()
-        size = sum(c.size for c in view.checkpoints)
-        self.deferred.add(
-            _Expiring(view.thread_id, thread.fingerprint, policy, age, len(view.checkpoints), size)
-        )
+        self.deferred.add(e)
 
     async def _add(self, part: _Part) -> bool:
         """Queue `part`, flushing a full batch; False when asked to stop."""
@@ -447,7 +476,9 @@ class _Pass:
                 report.changed_threads += 1
                 pr.skipped[SkipReason.CHANGED] += 1
                 continue
-            result.counts.bytes = part.work.bytes
+            if part.work.bytes:
+                # Sized at the scan; set-based deletes size what they delete.
+                result.counts.bytes = part.work.bytes
             pr.deleted.add(result.counts)
             pr.by_reason.setdefault(part.reason, Counts()).add(result.counts)
             rows += result.counts.checkpoints + result.counts.writes
@@ -550,7 +581,8 @@ class _Pass:
         assert self.on_thread is not None
         results = await self.engine.apply([p.work for p in parts], True)
         for part, result in zip(parts, results, strict=True):
-            result.counts.bytes = part.work.bytes
+            if part.work.bytes:
+                result.counts.bytes = part.work.bytes
             idle = self.report.now - part.last_activity if part.last_activity is not None else None
             entry = ThreadPlan(
                 self.engine.name,
@@ -579,6 +611,58 @@ def _only_due(decision: ThreadDecision, due: frozenset[str] | None) -> ThreadDec
         writes=tuple(w for w in decision.writes if w.policy in due),
         skips=tuple(s for s in decision.skips if s.policy in due),
     )
+
+
+def _plan_due(plan: AggregatePlan, due: frozenset[str] | None) -> AggregatePlan:
+    if due is None:
+        return plan
+    return AggregatePlan(
+        plan.thread_id,
+        expiry=plan.expiry if plan.expiry and plan.expiry.policy in due else None,
+        trims=tuple(t for t in plan.trims if t.policy in due),
+        writes=tuple(w for w in plan.writes if w.policy in due),
+        skips=tuple(s for s in plan.skips if s.policy in due),
+        last_activity=plan.last_activity,
+    )
+
+
+def _plan_parts(
+    agg: ThreadAggregate, plan: AggregatePlan, report: SweepReport, chunk_rows: int
+) -> Iterator[_Part]:
+    """A plan's trims as set-based parts of at most `chunk_rows` checkpoints, oldest first.
+
+    Each part carries the fingerprint the thread must have when it runs: the
+    aggregates' counts, less what the parts before it deleted (the newest id
+    of a namespace never goes in a trim).
+    """
+    tid = agg.thread_id
+    counts = {a.namespace: a.count for a in agg.namespaces}
+    newest = {a.namespace: a.newest_id for a in agg.namespaces}
+
+    def fingerprint() -> Fingerprint:
+        return tuple(sorted((ns, n, newest[ns]) for ns, n in counts.items() if n))
+
+    step = max(chunk_rows, 1)
+    for trim in plan.trims:
+        report.policies[trim.policy].see_eligible(trim.deletes, 0, trim.oldest_age)
+        left = trim.deletes
+        while left > 0:
+            limit = min(step, left)
+            work = ThreadWork(
+                tid,
+                fingerprint(),
+                ranges={trim.namespace: TrimRange(trim.keep, trim.before, limit)},
+            )
+            yield _Part(work, trim.policy, Reason.TRIMMED, plan.last_activity)
+            counts[trim.namespace] -= limit
+            left -= limit
+    writes: dict[tuple[str, str], list[str]] = {}
+    for w in plan.writes:
+        writes.setdefault((w.policy, w.namespace), []).append(w.checkpoint_id)
+    for (policy, ns), ids in writes.items():
+        report.policies[policy].see_eligible(0, 0, None)
+        work = ThreadWork(tid, fingerprint(), writes={ns: ids})
+        yield _Part(work, policy, Reason.ORPHAN_WRITES, plan.last_activity)
 
 
 def _parts(
