@@ -69,6 +69,9 @@ class TrimRange:
     keep: int
     before: str
     limit: int
+    offset: int = 0
+    """How many the trim's earlier parts delete: a dry run, which deletes
+    nothing, counts this part past them."""
 
 
 @dataclass(slots=True)

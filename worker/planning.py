@@ -38,8 +38,17 @@ class PlannedPage:
 class PagePlanner:
     """Reads and plans the store's threads page by page."""
 
-    def __init__(self, engine: StoreEngine, rules: Ruleset, now: float, grace: float) -> None:
+    def __init__(
+        self,
+        engine: StoreEngine,
+        rules: Ruleset,
+        now: float,
+        grace: float,
+        *,
+        aggregates: bool = True,
+    ) -> None:
         self.engine = engine
+        self.aggregates = aggregates
         self.rules = rules
         self.now = now
         self.grace = grace
@@ -48,7 +57,7 @@ class PagePlanner:
 
     def pages(self, page_size: int) -> AsyncIterator[PlannedPage]:
         """Every thread, planned, one page ahead of the caller."""
-        if isinstance(self.engine, AggregateStore):
+        if self.aggregates and isinstance(self.engine, AggregateStore):
             return prefetched(self._aggregate_pages(self.engine, page_size))
         return self._row_pages(page_size)
 

@@ -308,13 +308,19 @@ TRIM_CHECKPOINTS_SQL = """
 DELETE FROM checkpoints WHERE thread_id = :t AND checkpoint_ns = :ns AND checkpoint_id < :bound
 RETURNING COALESCE(length(checkpoint), 0) + COALESCE(length(metadata), 0)
 """
+# Dry runs: a chunk counts from the id past what the chunks before it name.
+TRIM_LOW_SQL = """
+SELECT checkpoint_id FROM checkpoints WHERE thread_id = :t AND checkpoint_ns = :ns
+ORDER BY checkpoint_id LIMIT 1 OFFSET :offset
+"""
 COUNT_TRIM_SQL = """
 SELECT count(*), total(COALESCE(length(checkpoint), 0) + COALESCE(length(metadata), 0))
-FROM checkpoints WHERE thread_id = :t AND checkpoint_ns = :ns AND checkpoint_id < :bound
+FROM checkpoints
+WHERE thread_id = :t AND checkpoint_ns = :ns AND checkpoint_id >= :low AND checkpoint_id < :bound
 """
 COUNT_TRIM_WRITES_SQL = """
 SELECT count(*) FROM writes
-WHERE thread_id = :t AND checkpoint_ns = :ns AND checkpoint_id < :bound
+WHERE thread_id = :t AND checkpoint_ns = :ns AND checkpoint_id >= :low AND checkpoint_id < :bound
 AND EXISTS (
     SELECT 1 FROM checkpoints c
     WHERE c.thread_id = :t AND c.checkpoint_ns = :ns AND c.checkpoint_id = writes.checkpoint_id
@@ -797,11 +803,27 @@ class SqliteStore:
                 counts[tid].bytes += int(size)
         return counts
 
-    async def _bound(self, tid: str, ns: str, r: TrimRange) -> str:
-        args = {"t": tid, "ns": ns, "before": r.before, "keep": r.keep, "limit": r.limit}
+    async def _bound(self, tid: str, ns: str, r: TrimRange, limit: int | None = None) -> str:
+        args = {"t": tid, "ns": ns, "before": r.before, "keep": r.keep, "limit": limit or r.limit}
         async with self.conn.execute(TRIM_BOUND_SQL, args) as cur:
             row = await cur.fetchone()
         return str(row[0]) if row and row[0] is not None else ""
+
+    async def _count_range(self, tid: str, ns: str, r: TrimRange, counts: Counts) -> None:
+        """What `_trim` would delete, past what the trim's earlier parts would."""
+        bound = await self._bound(tid, ns, r, r.offset + r.limit)
+        low = ""
+        if r.offset:
+            args = {"t": tid, "ns": ns, "offset": r.offset}
+            async with self.conn.execute(TRIM_LOW_SQL, args) as cur:
+                row = await cur.fetchone()
+            low = str(row[0]) if row else bound
+        bounds = {"t": tid, "ns": ns, "low": low, "bound": bound}
+        async with self.conn.execute(COUNT_TRIM_SQL, bounds) as cur:
+            n, size = await cur.fetchone() or (0, 0)
+        counts.checkpoints += int(n)
+        counts.bytes += int(size)
+        counts.writes += await self._one_on(self.conn, COUNT_TRIM_WRITES_SQL, bounds)
 
     async def _trim(self, tid: str, ns: str, r: TrimRange, counts: Counts) -> None:
         """One set-based trim: parents nulled, writes, then checkpoints below the bound."""
@@ -849,12 +871,7 @@ class SqliteStore:
             counts.threads = 1
             return WorkResult(tid, counts)
         for ns, r in work.ranges.items():
-            bounds = {"t": tid, "ns": ns, "bound": await self._bound(tid, ns, r)}
-            async with self.conn.execute(COUNT_TRIM_SQL, bounds) as cur:
-                n, size = await cur.fetchone() or (0, 0)
-            counts.checkpoints += int(n)
-            counts.bytes += int(size)
-            counts.writes += await self._one_on(self.conn, COUNT_TRIM_WRITES_SQL, bounds)
+            await self._count_range(tid, ns, r, counts)
         for ns, ids in work.checkpoints.items():
             args = (tid, ns, json.dumps(ids))
             counts.checkpoints += await self._one(COUNT_CHECKPOINTS_SQL, args)

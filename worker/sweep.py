@@ -242,6 +242,9 @@ class SweepOptions:
     """Policies to carry out; None: all. First match still sees every policy."""
     expiries_in_memory: int = 10_000
     """Expiries the pass holds in memory; the rest wait in a temporary file."""
+    plan_from_aggregates: bool = True
+    """Plan from aggregates where the engine offers them; False: decide every thread
+    from its rows (the reference the aggregate plan is tested against)."""
 
 
 ProgressFn = Callable[[int, int], None]
@@ -332,7 +335,13 @@ class _Pass:
         self.on_thread = on_thread
         self.deferred = deferred
         s = options.settings
-        self.sizer = BatchSizer(target_seconds=s.target_batch_seconds, max_rows=s.max_batch_rows)
+        # `max_batch_rows` is a hard cap: on the first batch and on the floor too.
+        self.sizer = BatchSizer(
+            target_seconds=s.target_batch_seconds,
+            max_rows=s.max_batch_rows,
+            min_rows=min(20, s.max_batch_rows),
+            rows=min(500, s.max_batch_rows),
+        )
         self.pending: list[_Part] = []
         self.pending_rows = 0
         self.entries: dict[tuple[str, str, Reason], ThreadPlan] = {}
@@ -351,7 +360,9 @@ class _Pass:
             else math.floor(options.max_delete_fraction * report.threads_total)
         )
         grace = options.settings.grace_period.total_seconds()
-        planner = PagePlanner(engine, self.rules, report.now, grace)
+        planner = PagePlanner(
+            engine, self.rules, report.now, grace, aggregates=options.plan_from_aggregates
+        )
         pages = planner.pages(options.settings.page_threads)
         try:
             async for page in pages:
@@ -651,7 +662,11 @@ def _plan_parts(
             work = ThreadWork(
                 tid,
                 fingerprint(),
-                ranges={trim.namespace: TrimRange(trim.keep, trim.before, limit)},
+                ranges={
+                    trim.namespace: TrimRange(
+                        trim.keep, trim.before, limit, offset=trim.deletes - left
+                    )
+                },
             )
             yield _Part(work, trim.policy, Reason.TRIMMED, plan.last_activity)
             counts[trim.namespace] -= limit
