@@ -74,6 +74,10 @@ class Detail(StrEnum):
     """Whether any checkpoint carries a DeltaChannel marker (or, on Postgres, format v < 4)."""
     COUNT = "count"
     """How many checkpoints of a namespace lie below an id (`ThreadPlan.count_below`)."""
+    REGULAR = "regular"
+    """How many ids are not regular UUIDv6 (`NamespaceAggregate.irregular`): asked only
+    when the plan would delete, so a sweep with nothing due reads no id but the
+    oldest and newest."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +88,8 @@ class NamespaceAggregate:
     count: int
     oldest_id: str
     newest_id: str
-    irregular: int = 0
-    """Ids that are not canonical lowercase UUIDv6 (`is_regular_id`)."""
+    irregular: int | None = None
+    """Ids that are not canonical lowercase UUIDv6 (`is_regular_id`); None: not counted."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +185,9 @@ class _Planner:
         skips: list[Skip] = []
         expire_after = policy.expire_after if policy is not None else None
         if policy is not None and expire_after is not None and idle > expire_after.total_seconds():
+            # Irregular ids are dated otherwise: they may make the thread younger.
+            if ns.irregular is None:
+                return ThreadPlan(self.tid, needs=frozenset({Detail.REGULAR}))
             outcome = self._expiry(policy, idle)
             if not isinstance(outcome, Skip):
                 return outcome
@@ -190,10 +197,13 @@ class _Planner:
             return ThreadPlan(self.tid, rows=True)
         if needs:
             return ThreadPlan(self.tid, needs=needs, count_below=count_below)
+        writes = self._orphan_writes(policy, idle)
+        if writes and ns.irregular is None:
+            return ThreadPlan(self.tid, needs=frozenset({Detail.REGULAR}))
         return ThreadPlan(
             self.tid,
             trims=trims,
-            writes=self._orphan_writes(policy, idle),
+            writes=writes,
             skips=tuple(skips),
             last_activity=active,
         )
@@ -241,6 +251,9 @@ class _Planner:
         keep = max(policy.keep_last or 1, 1)
         if ns.count <= keep:
             return none, frozenset(), ()
+        # From here on ids are compared with a time bound: they must sort by time.
+        if ns.irregular is None:
+            return none, frozenset({Detail.REGULAR}), ()
         horizon = self.now - (policy.keep_within.total_seconds() if policy.keep_within else 0.0)
         before = id_bound(horizon)
         if ns.oldest_id >= before:

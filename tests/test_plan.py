@@ -41,8 +41,7 @@ def aggregate_of(view: ThreadView) -> ThreadAggregate:
     for c in view.checkpoints:
         by_ns.setdefault(c.namespace, []).append(c.checkpoint_id)
     spaces = tuple(
-        NamespaceAggregate(ns, len(ids), min(ids), max(ids), sum(not is_regular_id(i) for i in ids))
-        for ns, ids in sorted(by_ns.items())
+        NamespaceAggregate(ns, len(ids), min(ids), max(ids)) for ns, ids in sorted(by_ns.items())
     )
     return ThreadAggregate(view.thread_id, spaces, head_metadata=view.head_metadata)
 
@@ -56,6 +55,17 @@ def fill(agg: ThreadAggregate, view: ThreadView, plan: ThreadPlan) -> ThreadAggr
     if Detail.MARKERS in plan.needs:
         marked = any(c.delta_marked or c.reads_parent_sends for c in view.checkpoints)
         agg = replace(agg, markers=marked)
+    if Detail.REGULAR in plan.needs:
+        irregular = {
+            ns.namespace: sum(
+                not is_regular_id(c.checkpoint_id)
+                for c in view.checkpoints
+                if c.namespace == ns.namespace
+            )
+            for ns in agg.namespaces
+        }
+        spaces = tuple(replace(ns, irregular=irregular[ns.namespace]) for ns in agg.namespaces)
+        agg = replace(agg, namespaces=spaces)
     if Detail.COUNT in plan.needs:
         below = dict(agg.below)
         for ns, bound in plan.count_below:
@@ -184,8 +194,10 @@ def test_plan_decides_the_common_thread_without_rows() -> None:
     rules = Ruleset([Policy(name="main", keep_last=5, expire_after=timedelta(days=90))])
     plan = plan_thread(aggregate_of(view), rules, NOW, GRACE)
     assert plan.needs == {Detail.ORPHANS}  # quiet: orphan writes may go
+    agg = aggregate_of(view)
+    regular = tuple(replace(ns, irregular=0) for ns in agg.namespaces)
     plan = plan_thread(
-        replace(aggregate_of(view), orphan_writes=(), markers=False), rules, NOW, GRACE
+        replace(agg, namespaces=regular, orphan_writes=(), markers=False), rules, NOW, GRACE
     )
     assert not plan.rows and not plan.needs
     assert [(t.keep, t.deletes) for t in plan.trims] == [(5, 45)]

@@ -120,16 +120,24 @@ LOOSE_PAGE_SQL = {
 }
 
 # What `policies.plan` decides from, read from the primary-key index alone
-# (a covering scan: no row is read). The last column counts ids that are not
-# canonical lowercase UUIDv6 (`policies.plan.is_regular_id`), whose text order
-# is not their time order.
-_HEX = "[0-9a-f]"
-_REGULAR_ID_GLOB = _HEX * 8 + "-" + _HEX * 4 + "-6" + _HEX * 3 + "-*"
-AGGREGATE_SQL = f"""
-SELECT thread_id, checkpoint_ns, count(*), min(checkpoint_id), max(checkpoint_id),
-       sum(length(checkpoint_id) <> 36 OR checkpoint_id NOT GLOB '{_REGULAR_ID_GLOB}')
+# (a covering scan: no row is read, and no per-row expression is computed).
+AGGREGATE_SQL = """
+SELECT thread_id, checkpoint_ns, count(*), min(checkpoint_id), max(checkpoint_id)
 FROM checkpoints
 WHERE thread_id >= :first AND thread_id <= :last
+GROUP BY thread_id, checkpoint_ns
+"""
+
+# Ids that are not canonical lowercase UUIDv6 (`policies.plan.is_regular_id`),
+# whose text order is not their time order: counted (from the index) only for
+# the threads a plan would delete from.
+_HEX = "[0-9a-f]"
+_REGULAR_ID_GLOB = _HEX * 8 + "-" + _HEX * 4 + "-6" + _HEX * 3 + "-*"
+IRREGULAR_IDS_SQL = f"""
+SELECT thread_id, checkpoint_ns,
+       sum(length(checkpoint_id) <> 36 OR checkpoint_id NOT GLOB '{_REGULAR_ID_GLOB}')
+FROM checkpoints
+WHERE thread_id IN (SELECT value FROM json_each(?))
 GROUP BY thread_id, checkpoint_ns
 """
 
@@ -629,8 +637,8 @@ class SqliteStore:
         spaces: dict[str, list[NamespaceAggregate]] = defaultdict(list)
         bounds = {"first": page[0], "last": page[-1]}
         async with self.reader.execute(AGGREGATE_SQL, bounds) as cur:
-            for tid, ns, n, oldest, newest, irregular in await cur.fetchall():
-                spaces[tid].append(NamespaceAggregate(ns, int(n), oldest, newest, int(irregular)))
+            for tid, ns, n, oldest, newest in await cur.fetchall():
+                spaces[tid].append(NamespaceAggregate(ns, int(n), oldest, newest))
         meta: dict[str, dict[str, Any]] = {}
         if head_metadata:
             heads = [
@@ -662,6 +670,17 @@ class SqliteStore:
                     found[tid].append((ns, cid))
             for tid, orphans in found.items():
                 out[tid] = replace(out[tid], orphan_writes=tuple(orphans))
+        if tids := wanting(Detail.REGULAR):
+            irregular: dict[tuple[str, str], int] = {}
+            async with self.reader.execute(IRREGULAR_IDS_SQL, (json.dumps(tids),)) as cur:
+                for tid, ns, n in await cur.fetchall():
+                    irregular[(tid, ns)] = int(n)
+            for tid in tids:
+                spaces = tuple(
+                    replace(a, irregular=irregular.get((tid, a.namespace), 0))
+                    for a in out[tid].namespaces
+                )
+                out[tid] = replace(out[tid], namespaces=spaces)
         if tids := wanting(Detail.MARKERS):
             async with self.reader.execute(MARKED_THREADS_SQL, (json.dumps(tids),)) as cur:
                 marked = {r[0] for r in await cur.fetchall()}
