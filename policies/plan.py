@@ -108,6 +108,10 @@ class ThreadAggregate:
     """(namespace, id) -> checkpoints of the namespace with an id below that id."""
     waiting: bool | None = None
     head_undecodable: bool = False
+    garbage_blobs: bool = False
+    """(Postgres) read with the orphans: the thread holds blobs no checkpoint references."""
+    rows: bool = False
+    """The engine found something only the row-level path decides (a v < 4 head)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,11 +142,16 @@ class ThreadPlan:
     writes: tuple[WritesDeletion, ...] = ()
     skips: tuple[Skip, ...] = ()
     last_activity: float | None = None
+    gc_blobs: str | None = None
+    """(Postgres) the policy that collects the thread's unreferenced blobs, when nothing
+    else of it goes (a batch collects a quiet thread's blobs with any of its deletes)."""
 
     @property
     def is_empty(self) -> bool:
         """Nothing to delete and nothing missing."""
-        return not (self.rows or self.needs or self.expiry or self.trims or self.writes)
+        return not (
+            self.rows or self.needs or self.expiry or self.trims or self.writes or self.gc_blobs
+        )
 
 
 def plan_thread(
@@ -170,7 +179,7 @@ class _Planner:
 
     def plan(self) -> ThreadPlan:
         ns = self._root_only()
-        if ns is None:
+        if ns is None or self.agg.rows:
             return ThreadPlan(self.tid, rows=True)
         policy = self.rules.first_match(self.tid, "", self.agg.head_metadata)
         newest = checkpoint_time(ns.newest_id)
@@ -200,12 +209,17 @@ class _Planner:
         writes = self._orphan_writes(policy, idle)
         if writes and ns.irregular is None:
             return ThreadPlan(self.tid, needs=frozenset({Detail.REGULAR}))
+        gc = None
+        if self.agg.garbage_blobs and not trims and not writes:
+            # As the row-level sweep: the root namespace's policy collects them.
+            gc = policy.name if policy is not None and not policy.protect else None
         return ThreadPlan(
             self.tid,
             trims=trims,
             writes=writes,
             skips=tuple(skips),
             last_activity=active,
+            gc_blobs=gc,
         )
 
     def _root_only(self) -> NamespaceAggregate | None:

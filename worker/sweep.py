@@ -634,6 +634,7 @@ def _plan_due(plan: AggregatePlan, due: frozenset[str] | None) -> AggregatePlan:
         writes=tuple(w for w in plan.writes if w.policy in due),
         skips=tuple(s for s in plan.skips if s.policy in due),
         last_activity=plan.last_activity,
+        gc_blobs=plan.gc_blobs,  # as `_parts`: whatever policies are due
     )
 
 
@@ -678,6 +679,9 @@ def _plan_parts(
         report.policies[policy].see_eligible(0, 0, None)
         work = ThreadWork(tid, fingerprint(), writes={ns: ids})
         yield _Part(work, policy, Reason.ORPHAN_WRITES, plan.last_activity)
+    if plan.gc_blobs is not None and plan.gc_blobs in report.policies:
+        work = ThreadWork(tid, fingerprint(), gc_blobs=True, estimate=1)
+        yield _Part(work, plan.gc_blobs, Reason.UNREFERENCED_BLOBS, plan.last_activity)
 
 
 def _parts(
