@@ -410,11 +410,15 @@ class _Pass:
         self._skips(plan.skips)
         fingerprint = tuple(sorted((a.namespace, a.count, a.newest_id) for a in agg.namespaces))
         if plan.expiry is not None:
-            checkpoints = sum(a.count for a in agg.namespaces)
+            # Its size is unknown until deleted: the engine sizes what it deletes.
             e = _Expiring(
-                agg.thread_id, fingerprint, plan.expiry.policy, plan.expiry.age_seconds,
-                checkpoints, 0,
-            )  # fmt: skip
+                agg.thread_id,
+                fingerprint,
+                plan.expiry.policy,
+                plan.expiry.age_seconds,
+                checkpoints=sum(a.count for a in agg.namespaces),
+                bytes=0,
+            )
             self._defer(e)
             return True
         for part in _plan_parts(agg, plan, self.report, self.sizer.rows):
@@ -428,10 +432,13 @@ class _Pass:
         if decision.expiry is not None:
             view = thread.view
             e = _Expiring(
-                view.thread_id, thread.fingerprint, decision.expiry.policy,
-                decision.expiry.age_seconds, len(view.checkpoints),
-                sum(c.size for c in view.checkpoints),
-            )  # fmt: skip
+                view.thread_id,
+                thread.fingerprint,
+                decision.expiry.policy,
+                decision.expiry.age_seconds,
+                checkpoints=len(view.checkpoints),
+                bytes=sum(c.size for c in view.checkpoints),
+            )
             self._defer(e)
             return True
         for part in _parts(thread, decision, self.report, self.sizer.rows, self.rules):
