@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from policies.model import ThreadView
+from policies.plan import ThreadAggregate, ThreadPlan
 
 Fingerprint = tuple[tuple[str, int, str], ...]
 """Per namespace of a thread: (namespace, checkpoint count, newest checkpoint id).
@@ -56,6 +57,23 @@ class ScannedThread:
     """(Postgres) the thread is quiet and holds blobs no checkpoint references."""
 
 
+@dataclass(frozen=True, slots=True)
+class TrimRange:
+    """A set-based trim of one namespace: the oldest `limit` of the ids below the bound.
+
+    The bound is the smaller of `before` and the `keep`-th newest id, both read
+    under the write lock (the fingerprint re-check guarantees the namespace is
+    as planned), so no id list crosses to the database.
+    """
+
+    keep: int
+    before: str
+    limit: int
+    offset: int = 0
+    """How many the trim's earlier parts delete: a dry run, which deletes
+    nothing, counts this part past them."""
+
+
 @dataclass(slots=True)
 class ThreadWork:
     """One thread's share of a batch: a whole-thread expiry, or some of its trims.
@@ -72,6 +90,8 @@ class ThreadWork:
     """namespace -> ids to delete (with their writes)."""
     writes: dict[str, list[str]] = field(default_factory=dict)
     """namespace -> checkpoint ids whose orphaned writes to delete."""
+    ranges: dict[str, TrimRange] = field(default_factory=dict)
+    """namespace -> a set-based trim (with the writes of the checkpoints it deletes)."""
     estimate: int = 0
     """Checkpoints an expiry deletes (it names none by id)."""
     bytes: int = 0
@@ -93,6 +113,7 @@ class ThreadWork:
             self.estimate
             + sum(len(ids) for ids in self.checkpoints.values())
             + sum(len(ids) for ids in self.writes.values())
+            + sum(r.limit for r in self.ranges.values())
         )
 
 
@@ -208,6 +229,29 @@ class StoreEngine(Protocol):
 
     async def release(self, thread_id: str) -> bool:
         """Lift the hold on `thread_id`; False if there was none."""
+
+
+@runtime_checkable
+class AggregateStore(Protocol):
+    """An engine that plans from per-(thread, namespace) aggregates (`policies.plan`).
+
+    Its reads run on a connection of their own, so the sweep plans the next
+    page while a batch of the last one commits.
+    """
+
+    def aggregate_pages(
+        self, page_size: int, head_metadata: bool
+    ) -> AsyncIterator[list[ThreadAggregate]]:
+        """Every thread (both tables), in keyset pages, with its namespaces' aggregates.
+
+        `head_metadata`: also read the metadata of each thread's newest root
+        checkpoint (only when a policy matches on metadata).
+        """
+
+    async def details(
+        self, asked: Sequence[tuple[ThreadAggregate, ThreadPlan]]
+    ) -> list[ThreadAggregate]:
+        """The aggregates with what each plan asked for (`plan.needs`) filled in."""
 
 
 class StoreError(Exception):

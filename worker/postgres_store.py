@@ -59,7 +59,7 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import asyncpg
@@ -70,6 +70,7 @@ from policies.config import redact_dsn
 from policies.decide import is_delta_thread, root_head
 from policies.ids import checkpoint_time
 from policies.model import CheckpointSummary, ThreadView
+from policies.plan import Detail, NamespaceAggregate, ThreadAggregate, ThreadPlan
 from policies.summary import json_object, summarize
 from policies.waiting import TASKS, is_waiting
 from worker.engine import (
@@ -80,6 +81,7 @@ from worker.engine import (
     ScannedThread,
     StoreError,
     ThreadWork,
+    TrimRange,
     WorkResult,
     fingerprint_of,
 )
@@ -142,6 +144,49 @@ WALK_SQL = {
 """Keyset page of thread ids: (first | next | prefix_first | prefix_next, expired table exists)."""
 
 COUNT_THREADS_SQL = "SELECT count(DISTINCT thread_id) FROM checkpoints"
+
+# What `policies.plan` decides from: one GROUP BY over the primary-key index.
+# Ids are compared in code-point order (COLLATE "C"), whatever the column's
+# collation: a UUIDv6's text order is its time order only there.
+AGGREGATE_SQL = """
+SELECT thread_id, checkpoint_ns, count(*),
+       min(checkpoint_id COLLATE "C"), max(checkpoint_id COLLATE "C")
+FROM checkpoints
+WHERE thread_id = ANY($1::text[])
+GROUP BY thread_id, checkpoint_ns
+"""
+# Ids that are not canonical lowercase UUIDv6 (`policies.plan.is_regular_id`),
+# counted only for the threads a plan would delete from.
+IRREGULAR_IDS_SQL = """
+SELECT thread_id, checkpoint_ns,
+       count(*) FILTER (
+           WHERE checkpoint_id COLLATE "C" !~ '^[0-9a-f]{8}-[0-9a-f]{4}-6[0-9a-f]{3}-.{17}$'
+       )
+FROM checkpoints
+WHERE thread_id = ANY($1::text[])
+GROUP BY thread_id, checkpoint_ns
+"""
+# What sends a thread to the row-level path: a DeltaChannel marker, or a
+# v < 4 checkpoint (its pending sends live in its parent's writes).
+MARKED_THREADS_SQL = """
+SELECT DISTINCT thread_id FROM checkpoints
+WHERE thread_id = ANY($1::text[])
+  AND (metadata ? 'counters_since_delta_snapshot' OR metadata ? 'delta_writes_versioned'
+       OR COALESCE((checkpoint ->> 'v')::int, 4) < 4)
+"""
+# Heads whose format (v < 4) makes waiting depend on the parent's writes.
+OLD_HEADS_SQL = """
+SELECT c.thread_id
+FROM unnest($1::text[], $2::text[], $3::text[]) AS h(thread_id, checkpoint_ns, checkpoint_id)
+JOIN checkpoints c
+  ON c.thread_id = h.thread_id AND c.checkpoint_ns = h.checkpoint_ns
+ AND c.checkpoint_id = h.checkpoint_id
+WHERE COALESCE((c.checkpoint ->> 'v')::int, 4) < 4
+"""
+COUNT_BELOW_SQL = """
+SELECT count(*) FROM checkpoints
+WHERE thread_id = $1 AND checkpoint_ns = $2 AND checkpoint_id COLLATE "C" < $3
+"""
 
 # Everything the decision needs, without decoding a blob. `v < 4` checkpoints
 # read their pending sends from their parent's `__pregel_tasks` writes.
@@ -283,6 +328,80 @@ WHERE c.thread_id = ANY($1::text[]) AND c.parent_checkpoint_id IS NOT NULL
         AND p.checkpoint_id = c.parent_checkpoint_id
   )
 """
+# Set-based trims: each (thread, ns) loses its ids below one bound — the
+# smallest of the plan's time bound, the keep-th newest id and the id past the
+# `limit` oldest — read under the batch's first fingerprint check, so the
+# namespace is as planned ('' if it holds fewer than `keep`: nothing goes).
+TRIM_BOUNDS_SQL = """
+SELECT CASE WHEN b.nth IS NULL THEN '' ELSE LEAST(r.before, b.nth, b.past) END
+FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::int[])
+     WITH ORDINALITY AS r(thread_id, checkpoint_ns, before, keep, lim, i)
+CROSS JOIN LATERAL (
+    SELECT
+        (SELECT c.checkpoint_id COLLATE "C" FROM checkpoints c
+         WHERE c.thread_id = r.thread_id AND c.checkpoint_ns = r.checkpoint_ns
+         ORDER BY c.checkpoint_id COLLATE "C" DESC LIMIT 1 OFFSET r.keep - 1) AS nth,
+        (SELECT c.checkpoint_id COLLATE "C" FROM checkpoints c
+         WHERE c.thread_id = r.thread_id AND c.checkpoint_ns = r.checkpoint_ns
+         ORDER BY c.checkpoint_id COLLATE "C" LIMIT 1 OFFSET r.lim) AS past
+) b
+ORDER BY r.i
+"""
+# Before the deletes, so only parents that exist (and are about to go) are nulled.
+TRIM_NULL_PARENTS_SQL = """
+UPDATE checkpoints c SET parent_checkpoint_id = NULL
+FROM unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, bound)
+WHERE c.thread_id = d.thread_id AND c.checkpoint_ns = d.checkpoint_ns
+  AND c.checkpoint_id COLLATE "C" >= d.bound AND c.parent_checkpoint_id COLLATE "C" < d.bound
+  AND EXISTS (
+      SELECT 1 FROM checkpoints p
+      WHERE p.thread_id = c.thread_id AND p.checkpoint_ns = c.checkpoint_ns
+        AND p.checkpoint_id = c.parent_checkpoint_id
+  )
+"""
+# The writes of the checkpoints these trims delete, by the same ranges; the
+# EXISTS keeps a write whose checkpoint is not (yet) saved (invariant 5).
+TRIM_WRITES_SQL = """
+WITH gone AS (
+    DELETE FROM checkpoint_writes w
+    USING unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, bound)
+    WHERE w.thread_id = d.thread_id AND w.checkpoint_ns = d.checkpoint_ns
+      AND w.checkpoint_id COLLATE "C" < d.bound
+      AND EXISTS (
+          SELECT 1 FROM checkpoints c
+          WHERE c.thread_id = w.thread_id AND c.checkpoint_ns = w.checkpoint_ns
+            AND c.checkpoint_id = w.checkpoint_id
+      )
+    RETURNING w.thread_id, w.checkpoint_ns
+)
+SELECT thread_id, checkpoint_ns, count(*) FROM gone GROUP BY 1, 2
+"""
+TRIM_CHECKPOINTS_SQL = """
+WITH gone AS (
+    DELETE FROM checkpoints c
+    USING unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, bound)
+    WHERE c.thread_id = d.thread_id AND c.checkpoint_ns = d.checkpoint_ns
+      AND c.checkpoint_id COLLATE "C" < d.bound
+    RETURNING c.thread_id, c.checkpoint_ns,
+              pg_column_size(c.checkpoint) + pg_column_size(c.metadata) AS size
+)
+SELECT thread_id, checkpoint_ns, count(*), sum(size) FROM gone GROUP BY 1, 2
+"""
+# Dry runs: the ids a trim range names (few: a plan's count), to count as the
+# statements above would delete them.
+RANGE_IDS_SQL = """
+SELECT checkpoint_id FROM checkpoints
+WHERE thread_id = $1 AND checkpoint_ns = $2 AND checkpoint_id COLLATE "C" < $3
+ORDER BY checkpoint_id COLLATE "C" OFFSET $4
+"""
+
+RANGE_BYTES_SQL = """
+SELECT sum(pg_column_size(c.checkpoint) + pg_column_size(c.metadata)) FROM checkpoints c
+JOIN unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, checkpoint_id)
+  ON c.thread_id = d.thread_id AND c.checkpoint_ns = d.checkpoint_ns
+ AND c.checkpoint_id = d.checkpoint_id
+"""
+
 # Re-checked in the statement: the checkpoint may have committed since the scan.
 DELETE_ORPHAN_WRITES_SQL = """
 WITH gone AS (
@@ -301,8 +420,11 @@ SELECT thread_id, checkpoint_ns, count(*) FROM gone GROUP BY 1, 2
 """
 EXPIRE_SQL = {
     "checkpoints": """
-        WITH gone AS (DELETE FROM checkpoints WHERE thread_id = ANY($1::text[]) RETURNING thread_id)
-        SELECT thread_id, count(*) FROM gone GROUP BY 1""",
+        WITH gone AS (
+            DELETE FROM checkpoints WHERE thread_id = ANY($1::text[])
+            RETURNING thread_id, pg_column_size(checkpoint) + pg_column_size(metadata) AS size
+        )
+        SELECT thread_id, count(*), sum(size) FROM gone GROUP BY 1""",
     "writes": """
         WITH gone AS (
             DELETE FROM checkpoint_writes WHERE thread_id = ANY($1::text[]) RETURNING thread_id
@@ -517,7 +639,8 @@ JOIN unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, c
 GROUP BY 1, 2
 """
 COUNT_THREAD_SQL = {
-    "checkpoints": "SELECT thread_id, count(*) FROM checkpoints "
+    "checkpoints": "SELECT thread_id, count(*), "
+    "sum(pg_column_size(checkpoint) + pg_column_size(metadata)) FROM checkpoints "
     "WHERE thread_id = ANY($1::text[]) GROUP BY 1",
     "writes": "SELECT thread_id, count(*) FROM checkpoint_writes "
     "WHERE thread_id = ANY($1::text[]) GROUP BY 1",
@@ -868,6 +991,102 @@ class PostgresStore:
                 )
         return out
 
+    async def aggregate_pages(
+        self, page_size: int, head_metadata: bool
+    ) -> AsyncIterator[list[ThreadAggregate]]:
+        """Every thread (checkpoints, writes, expired threads' blobs), with its aggregates."""
+        async for page in self._walk(None, page_size):
+            spaces: dict[str, list[NamespaceAggregate]] = defaultdict(list)
+            for r in await self.pool.fetch(AGGREGATE_SQL, page):
+                spaces[r[0]].append(NamespaceAggregate(r[1], int(r[2]), r[3], r[4]))
+            meta: dict[str, dict[str, Any]] = {}
+            if head_metadata:
+                heads = [(t, a.newest_id) for t in page for a in spaces[t] if a.namespace == ""]
+                rows = await self.pool.fetch(
+                    HEADS_METADATA_SQL,
+                    [t for t, _ in heads],
+                    ["" for _ in heads],
+                    [h for _, h in heads],
+                )
+                meta = {r[0]: json_object(r[1]) for r in rows}
+            yield [
+                ThreadAggregate(t, tuple(spaces[t]), head_metadata=meta.get(t, {})) for t in page
+            ]
+
+    async def details(
+        self, asked: Sequence[tuple[ThreadAggregate, ThreadPlan]]
+    ) -> list[ThreadAggregate]:
+        """Fill in what each plan asked for; orphans come with the thread's garbage blobs."""
+        out = {a.thread_id: a for a, _ in asked}
+
+        def wanting(detail: Detail) -> list[str]:
+            return [a.thread_id for a, p in asked if detail in p.needs]
+
+        async with self.pool.acquire() as conn:
+            if tids := wanting(Detail.ORPHANS):
+                await self._orphans(conn, tids, out)
+            if tids := wanting(Detail.MARKERS):
+                marked = {r[0] for r in await conn.fetch(MARKED_THREADS_SQL, tids)}
+                for t in tids:
+                    out[t] = replace(out[t], markers=t in marked)
+            if tids := wanting(Detail.REGULAR):
+                irregular = {
+                    (r[0], r[1]): int(r[2]) for r in await conn.fetch(IRREGULAR_IDS_SQL, tids)
+                }
+                for t in tids:
+                    spaces = tuple(
+                        replace(a, irregular=irregular.get((t, a.namespace), 0))
+                        for a in out[t].namespaces
+                    )
+                    out[t] = replace(out[t], namespaces=spaces)
+            for a, p in asked:
+                if Detail.COUNT in p.needs:
+                    below = dict(out[a.thread_id].below)
+                    for ns, bound in p.count_below:
+                        below[(ns, bound)] = int(
+                            await conn.fetchval(COUNT_BELOW_SQL, a.thread_id, ns, bound)
+                        )
+                    out[a.thread_id] = replace(out[a.thread_id], below=below)
+        if tids := wanting(Detail.WAITING):
+            await self._waiting(tids, out)
+        return [out[a.thread_id] for a, _ in asked]
+
+    async def _orphans(
+        self, conn: asyncpg.Connection, tids: list[str], out: dict[str, ThreadAggregate]
+    ) -> None:
+        found: dict[str, list[tuple[str, str]]] = {t: [] for t in tids}
+        for r in await conn.fetch(ORPHAN_WRITES_SQL, tids):
+            found[r[0]].append((r[1], r[2]))
+        quiet = [t for t in tids if self._quiet(_aggregate_fingerprint(out[t]))]
+        garbage = (
+            {r[0] for r in await conn.fetch(GARBAGE_BLOB_THREADS_SQL, quiet)} if quiet else set()
+        )
+        for t in tids:
+            out[t] = replace(out[t], orphan_writes=tuple(found[t]), garbage_blobs=t in garbage)
+
+    async def _waiting(self, tids: list[str], out: dict[str, ThreadAggregate]) -> None:
+        """Whether each head waits; a v < 4 head (sends in its parent's writes) goes to rows."""
+        heads = [(t, a.newest_id) for t in tids for a in out[t].namespaces if a.namespace == ""]
+        old = {
+            r[0]
+            for r in await self.pool.fetch(
+                OLD_HEADS_SQL, [t for t, _ in heads], ["" for _ in heads], [h for _, h in heads]
+            )
+        }
+        for t in old:
+            out[t] = replace(out[t], rows=True)
+        views = [
+            ScannedThread(ThreadView(t, (CheckpointSummary("", h, None, checkpoint_time(h)),)), ())
+            for t, h in heads
+            if t not in old
+        ]
+        for v in await self.resolve_waiting(views):
+            out[v.view.thread_id] = replace(
+                out[v.view.thread_id],
+                waiting=v.view.waiting,
+                head_undecodable=v.view.head_undecodable,
+            )
+
     async def _channel_keys(
         self, conn: asyncpg.Connection, thread_id: str, summaries: tuple[CheckpointSummary, ...]
     ) -> tuple[CheckpointSummary, ...]:
@@ -1015,6 +1234,9 @@ class PostgresStore:
                 for r in await conn.fetch(DELETE_CHECKPOINTS_SQL, *t.args()):
                     by_ns_ck[(r[0], r[1])] = r[2]
                 await conn.execute(NULL_PARENTS_SQL, *t.args())
+            by_ns_bytes: dict[tuple[str, str], int] = {}
+            if ranges := _merged_ranges(batch):
+                await self._trim_ranges(conn, ranges, by_ns_ck, by_ns_wr, by_ns_bytes)
             if orphans:
                 for r in await conn.fetch(DELETE_ORPHAN_WRITES_SQL, *_Triples.of(orphans).args()):
                     by_ns_wr[(r[0], r[1])] += r[2]
@@ -1029,6 +1251,8 @@ class PostgresStore:
                         continue
                     for r in await conn.fetch(sql, targets):
                         setattr(counts[r[0]], kind, getattr(counts[r[0]], kind) + r[1])
+                        if kind == "checkpoints":
+                            counts[r[0]].bytes += int(r[2] or 0)
                 if purged and await self._has_expired_table(conn):
                     await conn.execute(FORGET_EXPIRED_SQL, purged)
                 for t_id in expire:
@@ -1060,9 +1284,10 @@ class PostgresStore:
             if w.expire:
                 c = counts[w.thread_id]
             else:
-                for ns in w.checkpoints:
+                for ns in [*w.checkpoints, *w.ranges]:
                     c.checkpoints += by_ns_ck.pop((w.thread_id, ns), 0)
                     c.writes += by_ns_wr.pop((w.thread_id, ns), 0)
+                    c.bytes += by_ns_bytes.pop((w.thread_id, ns), 0)
                 for ns in w.writes:
                     c.writes += by_ns_wr.pop((w.thread_id, ns), 0)
                 if w.thread_id not in seen_blobs:
@@ -1070,6 +1295,24 @@ class PostgresStore:
                     seen_blobs.add(w.thread_id)
             results.append(WorkResult(w.thread_id, c))
         return results
+
+    async def _trim_ranges(
+        self,
+        conn: asyncpg.Connection,
+        ranges: list[tuple[str, str, TrimRange]],
+        by_ns_ck: dict[tuple[str, str], int],
+        by_ns_wr: dict[tuple[str, str], int],
+        by_ns_bytes: dict[tuple[str, str], int],
+    ) -> None:
+        """The batch's set-based trims: bounds, parents nulled, writes, checkpoints."""
+        bounds = await _bounds(conn, ranges)
+        args = ([t for t, _, _ in ranges], [ns for _, ns, _ in ranges], bounds)
+        await conn.execute(TRIM_NULL_PARENTS_SQL, *args)
+        for r in await conn.fetch(TRIM_WRITES_SQL, *args):
+            by_ns_wr[(r[0], r[1])] += r[2]
+        for r in await conn.fetch(TRIM_CHECKPOINTS_SQL, *args):
+            by_ns_ck[(r[0], r[1])] = by_ns_ck.get((r[0], r[1]), 0) + r[2]
+            by_ns_bytes[(r[0], r[1])] = int(r[3] or 0)
 
     def _clock(self) -> float:
         """The sweep's time (the wall clock outside a sweep: a purge)."""
@@ -1086,46 +1329,54 @@ class PostgresStore:
         return self.now - newest > self.grace_period
 
     async def _count(self, batch: Sequence[ThreadWork]) -> list[WorkResult]:
+        async with self.pool.acquire() as conn:
+            # A dry run names a range's ids, which the plan counted: few.
+            named = [await _named(conn, w) if w.ranges else w for w in batch]
+            results = await self._count_named(conn, named)
+        for w, result in zip(named, results, strict=True):
+            result.counts.bytes = result.counts.bytes or w.bytes
+        return results
+
+    async def _count_named(
+        self, conn: asyncpg.Connection, batch: Sequence[ThreadWork]
+    ) -> list[WorkResult]:
         expire = [w.thread_id for w in batch if w.expire]
         trims = [
             (w.thread_id, ns, i) for w in batch for ns, ids in w.checkpoints.items() for i in ids
         ]
         orphans = [(w.thread_id, ns, i) for w in batch for ns, ids in w.writes.items() for i in ids]
-        async with self.pool.acquire() as conn:
-            ck: dict[tuple[str, str], int] = {}
-            wr: dict[tuple[str, str], int] = defaultdict(int)
-            if trims:
-                t = _Triples.of(trims)
-                ck = {
-                    (r[0], r[1]): r[2] for r in await conn.fetch(COUNT_CHECKPOINTS_SQL, *t.args())
-                }
-                for r in await conn.fetch(COUNT_WRITES_SQL, *t.args()):
-                    wr[(r[0], r[1])] += r[2]
-            if orphans:
-                for r in await conn.fetch(COUNT_WRITES_SQL, *_Triples.of(orphans).args()):
-                    wr[(r[0], r[1])] += r[2]
-            whole: dict[str, Counts] = defaultdict(Counts)
-            if expire:
-                for kind, sql in COUNT_THREAD_SQL.items():
-                    for r in await conn.fetch(sql, expire):
-                        setattr(whole[r[0]], kind, r[1])
-                # A policy's expiry leaves the blobs: a later sweep counts them.
-                for w in batch:
-                    if w.expire and w.defer_blobs:
-                        whole[w.thread_id].blobs = 0
-            blobs: dict[str, int] = {}
-            tids = sorted(
-                {w.thread_id for w in batch if not w.expire and self._quiet(w.fingerprint)}
+        ck: dict[tuple[str, str], int] = {}
+        wr: dict[tuple[str, str], int] = defaultdict(int)
+        if trims:
+            t = _Triples.of(trims)
+            ck = {(r[0], r[1]): r[2] for r in await conn.fetch(COUNT_CHECKPOINTS_SQL, *t.args())}
+            for r in await conn.fetch(COUNT_WRITES_SQL, *t.args()):
+                wr[(r[0], r[1])] += r[2]
+        if orphans:
+            for r in await conn.fetch(COUNT_WRITES_SQL, *_Triples.of(orphans).args()):
+                wr[(r[0], r[1])] += r[2]
+        whole: dict[str, Counts] = defaultdict(Counts)
+        if expire:
+            for kind, sql in COUNT_THREAD_SQL.items():
+                for r in await conn.fetch(sql, expire):
+                    setattr(whole[r[0]], kind, r[1])
+                    if kind == "checkpoints":
+                        whole[r[0]].bytes = int(r[2] or 0)
+            # A policy's expiry leaves the blobs: a later sweep counts them.
+            for w in batch:
+                if w.expire and w.defer_blobs:
+                    whole[w.thread_id].blobs = 0
+        blobs: dict[str, int] = {}
+        tids = sorted({w.thread_id for w in batch if not w.expire and self._quiet(w.fingerprint)})
+        if tids:
+            t = _Triples.of(trims) if trims else _Triples([], [], [])
+            blobs = dict(
+                (r[0], r[1]) for r in await conn.fetch(COUNT_GARBAGE_BLOBS_SQL, tids, *t.args())
             )
-            if tids:
-                t = _Triples.of(trims) if trims else _Triples([], [], [])
-                blobs = dict(
-                    (r[0], r[1]) for r in await conn.fetch(COUNT_GARBAGE_BLOBS_SQL, tids, *t.args())
-                )
-            gone = [w.thread_id for w in batch if w.gc_blobs and not w.fingerprint]
-            if gone and await self._has_expired_table(conn):
-                for r in await conn.fetch(COUNT_EXPIRED_BLOBS_SQL, gone, self._cutoff()):
-                    blobs[r[0]] = blobs.get(r[0], 0) + r[1]
+        gone = [w.thread_id for w in batch if w.gc_blobs and not w.fingerprint]
+        if gone and await self._has_expired_table(conn):
+            for r in await conn.fetch(COUNT_EXPIRED_BLOBS_SQL, gone, self._cutoff()):
+                blobs[r[0]] = blobs.get(r[0], 0) + r[1]
         results = []
         for w in batch:
             if w.expire:
@@ -1252,6 +1503,52 @@ async def _fingerprints(conn: asyncpg.Connection, tids: Sequence[str]) -> dict[s
     return {tid: tuple(sorted(v)) for tid, v in found.items()}
 
 
+def _merged_ranges(batch: Sequence[ThreadWork]) -> list[tuple[str, str, TrimRange]]:
+    """The batch's trim ranges, one per (thread, namespace).
+
+    A huge trim's chunks are contiguous, oldest first, so the chunks of one
+    namespace in one batch are one range with their limits added: bounds are
+    read once, before any delete.
+    """
+    merged: dict[tuple[str, str], TrimRange] = {}
+    for w in batch:
+        for ns, r in w.ranges.items():
+            have = merged.get((w.thread_id, ns))
+            merged[(w.thread_id, ns)] = (
+                r if have is None else replace(have, limit=have.limit + r.limit)
+            )
+    return [(t, ns, r) for (t, ns), r in merged.items()]
+
+
+async def _bounds(
+    conn: asyncpg.Connection, ranges: Sequence[tuple[str, str, TrimRange]]
+) -> list[str]:
+    rows = await conn.fetch(
+        TRIM_BOUNDS_SQL,
+        [t for t, _, _ in ranges],
+        [ns for _, ns, _ in ranges],
+        [r.before for _, _, r in ranges],
+        [r.keep for _, _, r in ranges],
+        [r.limit for _, _, r in ranges],
+    )
+    return [str(r[0]) for r in rows]
+
+
+async def _named(conn: asyncpg.Connection, work: ThreadWork) -> ThreadWork:
+    """A dry run's copy of `work` naming the ids its ranges would delete, and their size."""
+    checkpoints = {ns: list(ids) for ns, ids in work.checkpoints.items()}
+    for ns, r in work.ranges.items():
+        whole = replace(r, limit=r.offset + r.limit)
+        (bound,) = await _bounds(conn, [(work.thread_id, ns, whole)])
+        rows = await conn.fetch(RANGE_IDS_SQL, work.thread_id, ns, bound, r.offset)
+        checkpoints.setdefault(ns, []).extend(row[0] for row in rows)
+    size = 0
+    if checkpoints:
+        t = _Triples.of([(work.thread_id, ns, i) for ns, ids in checkpoints.items() for i in ids])
+        size = int(await conn.fetchval(RANGE_BYTES_SQL, *t.args()) or 0)
+    return replace(work, checkpoints=checkpoints, ranges={}, bytes=work.bytes or size)
+
+
 def _counts_of(fp: Fingerprint) -> dict[str, int]:
     return {ns: n for ns, n, _ in fp}
 
@@ -1302,6 +1599,10 @@ def _with_keys(
     from dataclasses import replace
 
     return replace(s, inline_channels=keys[0], versioned_channels=keys[1])
+
+
+def _aggregate_fingerprint(agg: ThreadAggregate) -> Fingerprint:
+    return tuple(sorted((a.namespace, a.count, a.newest_id) for a in agg.namespaces))
 
 
 def _fingerprint(summaries: Sequence[CheckpointSummary]) -> Fingerprint:

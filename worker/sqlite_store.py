@@ -25,7 +25,9 @@ import aiosqlite
 import structlog
 
 from policies.decide import FORK_SOURCES, is_delta_thread, root_head
+from policies.ids import checkpoint_time
 from policies.model import CheckpointSummary, ThreadView
+from policies.plan import Detail, NamespaceAggregate, ThreadAggregate, ThreadPlan
 from policies.summary import DELTA_MARKERS, json_object, summarize
 from policies.waiting import writes_show_waiting
 from worker.decoding import Decoder
@@ -37,6 +39,7 @@ from worker.engine import (
     ScannedThread,
     StoreError,
     ThreadWork,
+    TrimRange,
     WorkResult,
     fingerprint_of,
     prefix_upper_bound,
@@ -91,6 +94,80 @@ THREADS_PAGE_SQL = {
 }
 
 COUNT_THREADS_SQL = "SELECT COUNT(DISTINCT thread_id) FROM checkpoints"
+
+# A page of thread ids of both tables by a loose index scan: each step is one
+# primary-key seek to the next distinct id, so a page costs its threads, not
+# their rows (the aggregate below reads those rows' index entries once).
+_LOOSE_PAGE_TEMPLATE = """
+WITH RECURSIVE
+c(id) AS (
+    SELECT (SELECT min(thread_id) FROM checkpoints WHERE thread_id {op} :after)
+    UNION ALL
+    SELECT (SELECT min(thread_id) FROM checkpoints WHERE thread_id > c.id) FROM c
+    WHERE c.id IS NOT NULL LIMIT :n
+),
+w(id) AS (
+    SELECT (SELECT min(thread_id) FROM writes WHERE thread_id {op} :after)
+    UNION ALL
+    SELECT (SELECT min(thread_id) FROM writes WHERE thread_id > w.id) FROM w
+    WHERE w.id IS NOT NULL LIMIT :n
+)
+SELECT id FROM c WHERE id IS NOT NULL
+UNION
+SELECT id FROM w WHERE id IS NOT NULL
+ORDER BY id LIMIT :n
+"""
+LOOSE_PAGE_SQL = {
+    # first page (no lower bound: the empty id too) -> statement
+    True: _LOOSE_PAGE_TEMPLATE.format(op=">="),
+    False: _LOOSE_PAGE_TEMPLATE.format(op=">"),
+}
+
+# What `policies.plan` decides from, read from the primary-key index alone
+# (a covering scan: no row is read, and no per-row expression is computed).
+AGGREGATE_SQL = """
+SELECT thread_id, checkpoint_ns, count(*), min(checkpoint_id), max(checkpoint_id)
+FROM checkpoints
+WHERE thread_id >= :first AND thread_id <= :last
+GROUP BY thread_id, checkpoint_ns
+"""
+
+# Ids that are not canonical lowercase UUIDv6 (`policies.plan.is_regular_id`),
+# whose text order is not their time order: counted (from the index) only for
+# the threads a plan would delete from.
+_HEX = "[0-9a-f]"
+_REGULAR_ID_GLOB = _HEX * 8 + "-" + _HEX * 4 + "-6" + _HEX * 3 + "-*"
+IRREGULAR_IDS_SQL = f"""
+SELECT thread_id, checkpoint_ns,
+       sum(length(checkpoint_id) <> 36 OR checkpoint_id NOT GLOB '{_REGULAR_ID_GLOB}')
+FROM checkpoints
+WHERE thread_id IN (SELECT value FROM json_each(?))
+GROUP BY thread_id, checkpoint_ns
+"""
+
+# The heads' metadata, found by primary key ([thread, ns, id] triples).
+HEAD_METADATA_SQL = """
+SELECT c.thread_id, CAST(c.metadata AS TEXT)
+FROM json_each(?) AS k
+JOIN checkpoints c
+  ON c.thread_id = json_extract(k.value, '$[0]') AND c.checkpoint_ns = json_extract(k.value, '$[1]')
+ AND c.checkpoint_id = json_extract(k.value, '$[2]')
+"""
+
+# Threads with a DeltaChannel marker in any checkpoint's metadata: the same
+# substring test `_summary` makes before parsing (a false positive only sends
+# the thread to the row-level path).
+MARKED_THREADS_SQL = """
+SELECT DISTINCT thread_id FROM checkpoints
+WHERE thread_id IN (SELECT value FROM json_each(?))
+AND (instr(CAST(metadata AS TEXT), 'counters_since_delta_snapshot') > 0
+     OR instr(CAST(metadata AS TEXT), 'delta_writes_versioned') > 0)
+"""
+
+# An index range count: how many checkpoints a time bound would reach.
+COUNT_BELOW_SQL = """
+SELECT count(*) FROM checkpoints WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id < ?
+"""
 
 # Metadata is JSON text in a BLOB column. SQLite's JSON functions cost more
 # per row than the rest of the scan, so the text comes back whole and Python
@@ -180,6 +257,91 @@ AND NOT EXISTS (
 """
 EXPIRE_WRITES_SQL = "DELETE FROM writes WHERE thread_id = ?"
 EXPIRE_CHECKPOINTS_SQL = "DELETE FROM checkpoints WHERE thread_id = ?"
+
+# Many whole threads per statement; RETURNING counts (and sizes) each thread's
+# rows in the same pass as the delete.
+EXPIRE_MANY_WRITES_SQL = """
+DELETE FROM writes WHERE thread_id IN (SELECT value FROM json_each(?)) RETURNING thread_id
+"""
+EXPIRE_MANY_CHECKPOINTS_SQL = """
+DELETE FROM checkpoints WHERE thread_id IN (SELECT value FROM json_each(?))
+RETURNING thread_id, COALESCE(length(checkpoint), 0) + COALESCE(length(metadata), 0)
+"""
+
+# A set-based trim deletes the ids of (thread, ns) below one bound: the
+# smallest of the plan's time bound, the keep-th newest id and, for a chunk,
+# the id just past its `limit` oldest. Read under the write lock, after the
+# fingerprint re-check, so it is the bound the plan meant. The last branch
+# gives '' (nothing goes) should the namespace hold fewer than `keep`.
+TRIM_BOUND_SQL = """
+SELECT min(b) FROM (
+    SELECT :before AS b
+    UNION ALL
+    SELECT * FROM (
+        SELECT checkpoint_id FROM checkpoints WHERE thread_id = :t AND checkpoint_ns = :ns
+        ORDER BY checkpoint_id DESC LIMIT 1 OFFSET :keep - 1
+    )
+    UNION ALL
+    SELECT * FROM (
+        SELECT checkpoint_id FROM checkpoints WHERE thread_id = :t AND checkpoint_ns = :ns
+        ORDER BY checkpoint_id LIMIT 1 OFFSET :limit
+    )
+    UNION ALL
+    SELECT '' WHERE (
+        SELECT count(*) FROM (
+            SELECT 1 FROM checkpoints WHERE thread_id = :t AND checkpoint_ns = :ns LIMIT :keep
+        )
+    ) < :keep
+)
+"""
+# Before the delete, so only parents that exist (and are about to go) are
+# nulled, as the official `prune` does; it reads the kept rows only.
+TRIM_NULL_PARENTS_SQL = """
+UPDATE checkpoints SET parent_checkpoint_id = NULL
+WHERE thread_id = :t AND checkpoint_ns = :ns AND checkpoint_id >= :bound
+AND parent_checkpoint_id < :bound
+AND EXISTS (
+    SELECT 1 FROM checkpoints p
+    WHERE p.thread_id = :t AND p.checkpoint_ns = :ns
+    AND p.checkpoint_id = checkpoints.parent_checkpoint_id
+)
+"""
+# The writes of the checkpoints this trim deletes, by the same range; the
+# EXISTS keeps a write whose checkpoint is not (yet) saved (DESIGN invariant 5).
+TRIM_WRITES_SQL = """
+DELETE FROM writes
+WHERE thread_id = :t AND checkpoint_ns = :ns AND checkpoint_id < :bound
+AND EXISTS (
+    SELECT 1 FROM checkpoints c
+    WHERE c.thread_id = :t AND c.checkpoint_ns = :ns AND c.checkpoint_id = writes.checkpoint_id
+)
+"""
+TRIM_CHECKPOINTS_SQL = """
+DELETE FROM checkpoints WHERE thread_id = :t AND checkpoint_ns = :ns AND checkpoint_id < :bound
+RETURNING COALESCE(length(checkpoint), 0) + COALESCE(length(metadata), 0)
+"""
+# Dry runs: a chunk counts from the id past what the chunks before it name.
+TRIM_LOW_SQL = """
+SELECT checkpoint_id FROM checkpoints WHERE thread_id = :t AND checkpoint_ns = :ns
+ORDER BY checkpoint_id LIMIT 1 OFFSET :offset
+"""
+COUNT_TRIM_SQL = """
+SELECT count(*), total(COALESCE(length(checkpoint), 0) + COALESCE(length(metadata), 0))
+FROM checkpoints
+WHERE thread_id = :t AND checkpoint_ns = :ns AND checkpoint_id >= :low AND checkpoint_id < :bound
+"""
+COUNT_TRIM_WRITES_SQL = """
+SELECT count(*) FROM writes
+WHERE thread_id = :t AND checkpoint_ns = :ns AND checkpoint_id >= :low AND checkpoint_id < :bound
+AND EXISTS (
+    SELECT 1 FROM checkpoints c
+    WHERE c.thread_id = :t AND c.checkpoint_ns = :ns AND c.checkpoint_id = writes.checkpoint_id
+)
+"""
+COUNT_THREAD_BYTES_SQL = """
+SELECT total(COALESCE(length(checkpoint), 0) + COALESCE(length(metadata), 0))
+FROM checkpoints WHERE thread_id = ?
+"""
 
 # Dry runs count what the statements above would delete.
 COUNT_CHECKPOINTS_SQL = """
@@ -309,6 +471,7 @@ class SqliteStore:
         self.read_only = read_only
         self.decoder = Decoder(encryption_key)
         self._conn: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -319,6 +482,12 @@ class SqliteStore:
             raise StoreError(self.name, "not open")
         return self._conn
 
+    @property
+    def reader(self) -> aiosqlite.Connection:
+        """The connection a sweep plans on: its own (WAL lets it read while a batch
+        commits on `conn`), or `conn` itself for a read-only engine."""
+        return self._reader if self._reader is not None else self.conn
+
     async def open(self) -> None:
         """Open the file (never create it) and check it holds the saver's tables."""
         if not os.path.exists(self.path):
@@ -328,6 +497,8 @@ class SqliteStore:
                 self._conn = await self._connect_read_only()
             else:
                 self._conn = await _connect(store_uri(self.path, READ_WRITE))
+                self._reader = await _connect(store_uri(self.path, READ_WRITE))
+                await self._reader.execute(f"PRAGMA busy_timeout = {BUSY_SLICE_MS}")
             # Short waits inside SQLite: a wait there cannot be cancelled, and
             # SIGTERM must end a batch that waits for the application's lock.
             # `_begin` retries up to the configured busy_timeout.
@@ -388,7 +559,10 @@ class SqliteStore:
         """Nothing to release."""
 
     async def close(self) -> None:
-        """Close the connection."""
+        """Close the connections."""
+        if self._reader is not None:
+            reader, self._reader = self._reader, None
+            await reader.close()
         if self._conn is not None:
             conn, self._conn = self._conn, None
             await conn.close()
@@ -425,7 +599,7 @@ class SqliteStore:
         ids_json = json.dumps(list(thread_ids))
         # fetchall, not `async for`: aiosqlite hops threads once per fetched
         # chunk, and its default chunk is one row.
-        async with self.conn.execute(SCAN_SQL, (ids_json,)) as cur:
+        async with self.reader.execute(SCAN_SQL, (ids_json,)) as cur:
             scanned = await cur.fetchall()
         rows: dict[str, list[CheckpointSummary]] = defaultdict(list)
         metadata: dict[tuple[str, str, str], str | None] = {}
@@ -434,7 +608,7 @@ class SqliteStore:
             metadata[(tid, ns, cid)] = text
         del scanned
         orphans: dict[str, list[tuple[str, str]]] = defaultdict(list)
-        async with self.conn.execute(ORPHAN_WRITES_SQL, (ids_json,)) as cur:
+        async with self.reader.execute(ORPHAN_WRITES_SQL, (ids_json,)) as cur:
             for tid, ns, cid in await cur.fetchall():
                 orphans[tid].append((ns, cid))
         out = []
@@ -467,7 +641,7 @@ class SqliteStore:
         """
         keys: dict[tuple[str, str], tuple[frozenset[str], frozenset[str]] | None] = {}
         # One row at a time, so memory holds one blob, not the thread's.
-        async with self.conn.execute(THREAD_BLOBS_SQL, (thread_id,)) as cur:
+        async with self.reader.execute(THREAD_BLOBS_SQL, (thread_id,)) as cur:
             async for ns, cid, type_, blob in cur:
                 keys[(ns, cid)] = self.decoder.channel_keys(type_, blob)
         out = []
@@ -486,12 +660,97 @@ class SqliteStore:
         for s in summaries:
             if s.created_at is None:
                 key = (thread_id, s.namespace, s.checkpoint_id)
-                async with self.conn.execute(CHECKPOINT_BLOB_SQL, key) as cur:
+                async with self.reader.execute(CHECKPOINT_BLOB_SQL, key) as cur:
                     row = await cur.fetchone()
                 if row is not None:
                     s = replace(s, created_at=self.decoder.timestamp(row[0], row[1]))
             out.append(s)
         return tuple(out)
+
+    async def aggregate_pages(
+        self, page_size: int, head_metadata: bool
+    ) -> AsyncIterator[list[ThreadAggregate]]:
+        """Every thread of both tables, by keyset pages, with its namespaces' aggregates."""
+        args: dict[str, Any] = {"n": page_size, "after": ""}
+        first = True
+        while True:
+            async with self.reader.execute(LOOSE_PAGE_SQL[first], args) as cur:
+                page = [r[0] for r in await cur.fetchall()]
+            if not page:
+                return
+            yield await self._aggregates(page, head_metadata)
+            if len(page) < page_size:
+                return
+            first, args["after"] = False, page[-1]
+
+    async def _aggregates(self, page: list[str], head_metadata: bool) -> list[ThreadAggregate]:
+        spaces: dict[str, list[NamespaceAggregate]] = defaultdict(list)
+        bounds = {"first": page[0], "last": page[-1]}
+        async with self.reader.execute(AGGREGATE_SQL, bounds) as cur:
+            for tid, ns, n, oldest, newest in await cur.fetchall():
+                spaces[tid].append(NamespaceAggregate(ns, int(n), oldest, newest))
+        meta: dict[str, dict[str, Any]] = {}
+        if head_metadata:
+            heads = [
+                [tid, "", a.newest_id]
+                for tid in page
+                for a in spaces.get(tid, ())
+                if a.namespace == ""
+            ]
+            async with self.reader.execute(HEAD_METADATA_SQL, (json.dumps(heads),)) as cur:
+                meta = {r[0]: json_object(r[1]) for r in await cur.fetchall()}
+        return [
+            ThreadAggregate(tid, tuple(spaces.get(tid, ())), head_metadata=meta.get(tid, {}))
+            for tid in page
+        ]
+
+    async def details(
+        self, asked: Sequence[tuple[ThreadAggregate, ThreadPlan]]
+    ) -> list[ThreadAggregate]:
+        """Fill in what each plan asked for: orphan writes, markers, waiting, range counts."""
+        out = {a.thread_id: a for a, _ in asked}
+
+        def wanting(detail: Detail) -> list[str]:
+            return [a.thread_id for a, p in asked if detail in p.needs]
+
+        if tids := wanting(Detail.ORPHANS):
+            found: dict[str, list[tuple[str, str]]] = {t: [] for t in tids}
+            async with self.reader.execute(ORPHAN_WRITES_SQL, (json.dumps(tids),)) as cur:
+                for tid, ns, cid in await cur.fetchall():
+                    found[tid].append((ns, cid))
+            for tid, orphans in found.items():
+                out[tid] = replace(out[tid], orphan_writes=tuple(orphans))
+        if tids := wanting(Detail.REGULAR):
+            irregular: dict[tuple[str, str], int] = {}
+            async with self.reader.execute(IRREGULAR_IDS_SQL, (json.dumps(tids),)) as cur:
+                for tid, ns, n in await cur.fetchall():
+                    irregular[(tid, ns)] = int(n)
+            for tid in tids:
+                spaces = tuple(
+                    replace(a, irregular=irregular.get((tid, a.namespace), 0))
+                    for a in out[tid].namespaces
+                )
+                out[tid] = replace(out[tid], namespaces=spaces)
+        if tids := wanting(Detail.MARKERS):
+            async with self.reader.execute(MARKED_THREADS_SQL, (json.dumps(tids),)) as cur:
+                marked = {r[0] for r in await cur.fetchall()}
+            for tid in tids:
+                out[tid] = replace(out[tid], markers=tid in marked)
+        if tids := wanting(Detail.WAITING):
+            for t in await self.resolve_waiting([_head_only(out[tid]) for tid in tids]):
+                v = t.view
+                out[v.thread_id] = replace(
+                    out[v.thread_id], waiting=v.waiting, head_undecodable=v.head_undecodable
+                )
+        for a, p in asked:
+            if Detail.COUNT in p.needs:
+                below = dict(out[a.thread_id].below)
+                for ns, bound in p.count_below:
+                    below[(ns, bound)] = await self._one_on(
+                        self.reader, COUNT_BELOW_SQL, (a.thread_id, ns, bound)
+                    )
+                out[a.thread_id] = replace(out[a.thread_id], below=below)
+        return [out[a.thread_id] for a, _ in asked]
 
     async def resolve_waiting(self, threads: Sequence[ScannedThread]) -> list[ScannedThread]:
         """Does each thread wait at its newest root checkpoint? Its writes, else its blob, say.
@@ -505,10 +764,10 @@ class SqliteStore:
             t.view.thread_id: h for t in threads if (h := root_head(t.view.checkpoints)) is not None
         }
         keys = json.dumps([[tid, h.namespace, h.checkpoint_id] for tid, h in heads.items()])
-        async with self.conn.execute(HEAD_BLOBS_SQL, (keys,)) as cur:
+        async with self.reader.execute(HEAD_BLOBS_SQL, (keys,)) as cur:
             blobs = {r[0]: (r[1], r[2]) for r in await cur.fetchall()}
         channels: dict[str, list[str]] = defaultdict(list)
-        async with self.conn.execute(HEAD_WRITE_CHANNELS_SQL, (keys,)) as cur:
+        async with self.reader.execute(HEAD_WRITE_CHANNELS_SQL, (keys,)) as cur:
             for tid, channel in await cur.fetchall():
                 channels[tid].append(channel)
         out = []
@@ -549,7 +808,8 @@ class SqliteStore:
             repeated = (
                 {t for t in tids if tids.count(t) > 1} if len(set(tids)) < len(tids) else set()
             )
-            results = []
+            results: list[WorkResult] = []
+            expiring: dict[int, str] = {}
             for work in batch:
                 tid = work.thread_id
                 if tid in on_hold:
@@ -558,11 +818,20 @@ class SqliteStore:
                 if current.get(tid, ()) != work.fingerprint:
                     results.append(WorkResult(tid, Counts(), changed=True))
                     continue
+                if work.expire:
+                    # Placeholder: every expiry of the batch goes in one statement below.
+                    expiring[len(results)] = tid
+                    results.append(WorkResult(tid, Counts()))
+                    continue
                 results.append(await self._delete(work))
                 if tid in repeated:
                     # A later part of this thread expects it as this part left it.
                     current.update(await self._fingerprints([tid]))
                     current.setdefault(tid, ())
+            if expiring:
+                gone = await self._expire(sorted(set(expiring.values())))
+                for i, tid in expiring.items():
+                    results[i] = WorkResult(tid, gone.get(tid, Counts(threads=1)))
             await conn.execute("COMMIT")
         except BaseException:
             # Also on cancellation (SIGTERM): the batch is all or nothing.
@@ -594,10 +863,58 @@ class SqliteStore:
                 found[tid].append((ns, int(n), newest))
         return {tid: tuple(sorted(v)) for tid, v in found.items()}
 
+    async def _expire(self, thread_ids: list[str]) -> dict[str, Counts]:
+        """Delete these threads whole, in two statements, counting each one's rows."""
+        counts = {tid: Counts(threads=1) for tid in thread_ids}
+        ids = json.dumps(thread_ids)
+        async with self.conn.execute(EXPIRE_MANY_WRITES_SQL, (ids,)) as cur:
+            for (tid,) in await cur.fetchall():
+                counts[tid].writes += 1
+        async with self.conn.execute(EXPIRE_MANY_CHECKPOINTS_SQL, (ids,)) as cur:
+            for tid, size in await cur.fetchall():
+                counts[tid].checkpoints += 1
+                counts[tid].bytes += int(size)
+        return counts
+
+    async def _bound(self, tid: str, ns: str, r: TrimRange, limit: int | None = None) -> str:
+        args = {"t": tid, "ns": ns, "before": r.before, "keep": r.keep, "limit": limit or r.limit}
+        async with self.conn.execute(TRIM_BOUND_SQL, args) as cur:
+            row = await cur.fetchone()
+        return str(row[0]) if row and row[0] is not None else ""
+
+    async def _count_range(self, tid: str, ns: str, r: TrimRange, counts: Counts) -> None:
+        """What `_trim` would delete, past what the trim's earlier parts would."""
+        bound = await self._bound(tid, ns, r, r.offset + r.limit)
+        low = ""
+        if r.offset:
+            args = {"t": tid, "ns": ns, "offset": r.offset}
+            async with self.conn.execute(TRIM_LOW_SQL, args) as cur:
+                row = await cur.fetchone()
+            low = str(row[0]) if row else bound
+        bounds = {"t": tid, "ns": ns, "low": low, "bound": bound}
+        async with self.conn.execute(COUNT_TRIM_SQL, bounds) as cur:
+            n, size = await cur.fetchone() or (0, 0)
+        counts.checkpoints += int(n)
+        counts.bytes += int(size)
+        counts.writes += await self._one_on(self.conn, COUNT_TRIM_WRITES_SQL, bounds)
+
+    async def _trim(self, tid: str, ns: str, r: TrimRange, counts: Counts) -> None:
+        """One set-based trim: parents nulled, writes, then checkpoints below the bound."""
+        args = {"t": tid, "ns": ns, "bound": await self._bound(tid, ns, r)}
+        await self.conn.execute(TRIM_NULL_PARENTS_SQL, args)
+        cur = await self.conn.execute(TRIM_WRITES_SQL, args)
+        counts.writes += cur.rowcount
+        async with self.conn.execute(TRIM_CHECKPOINTS_SQL, args) as cur:
+            sizes = list(await cur.fetchall())
+        counts.checkpoints += len(sizes)
+        counts.bytes += sum(int(r[0]) for r in sizes)
+
     async def _delete(self, work: ThreadWork) -> WorkResult:
         conn = self.conn
         counts = Counts()
         tid = work.thread_id
+        for ns, r in work.ranges.items():
+            await self._trim(tid, ns, r, counts)
         if work.expire:
             cur = await conn.execute(EXPIRE_WRITES_SQL, (tid,))
             counts.writes += cur.rowcount
@@ -623,8 +940,11 @@ class SqliteStore:
         if work.expire:
             counts.checkpoints = await self._one(COUNT_THREAD_CHECKPOINTS_SQL, (tid,))
             counts.writes = await self._one(COUNT_THREAD_WRITES_SQL, (tid,))
+            counts.bytes = await self._one(COUNT_THREAD_BYTES_SQL, (tid,))
             counts.threads = 1
             return WorkResult(tid, counts)
+        for ns, r in work.ranges.items():
+            await self._count_range(tid, ns, r, counts)
         for ns, ids in work.checkpoints.items():
             args = (tid, ns, json.dumps(ids))
             counts.checkpoints += await self._one(COUNT_CHECKPOINTS_SQL, args)
@@ -634,9 +954,15 @@ class SqliteStore:
         return WorkResult(tid, counts)
 
     async def _one(self, sql: str, args: tuple[Any, ...]) -> int:
-        async with self.conn.execute(sql, args) as cur:
+        return await self._one_on(self.conn, sql, args)
+
+    @staticmethod
+    async def _one_on(
+        conn: aiosqlite.Connection, sql: str, args: tuple[Any, ...] | dict[str, Any]
+    ) -> int:
+        async with conn.execute(sql, args) as cur:
             row = await cur.fetchone()
-        return int(row[0]) if row else 0
+        return int(row[0] or 0) if row else 0
 
     async def stats(self, now: float, largest: int = 10) -> dict[str, Any]:
         """What the store holds: rows and bytes per table, ages per namespace, largest threads."""
@@ -765,6 +1091,15 @@ def _summary(
 
 def _hold(thread_id: str, reason: str | None, held_at: str, held_by: str | None) -> Hold:
     return Hold(thread_id, reason, datetime.fromisoformat(held_at).timestamp(), held_by)
+
+
+def _head_only(agg: ThreadAggregate) -> ScannedThread:
+    """A view holding only the thread's newest root checkpoint: all `resolve_waiting` reads."""
+    heads = [a for a in agg.namespaces if a.namespace == ""]
+    cps = tuple(
+        CheckpointSummary("", a.newest_id, None, checkpoint_time(a.newest_id)) for a in heads
+    )
+    return ScannedThread(ThreadView(agg.thread_id, cps), ())
 
 
 def _fingerprint(summaries: Sequence[CheckpointSummary]) -> Fingerprint:

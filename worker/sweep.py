@@ -19,33 +19,39 @@ import math
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import IO
+from typing import IO, TypeVar
 
 import structlog
 
 from policies.config import BatchSettings, Policy
 from policies.decide import decide, last_activity
 from policies.matching import Ruleset
-from policies.model import Reason, SkipReason, ThreadDecision, TtlFallbackReason
+from policies.model import Reason, Skip, SkipReason, ThreadDecision, TtlFallbackReason
+from policies.plan import ThreadAggregate, plannable
+from policies.plan import ThreadPlan as AggregatePlan
 from worker.engine import (
     Counts,
     Fingerprint,
     ScannedThread,
     StoreEngine,
     ThreadWork,
+    TrimRange,
     WorkResult,
     fingerprint_of,
 )
 from worker.logs import iso_utc
 from worker.orphans import OrphanLookup, RegistryFailure
+from worker.planning import PagePlanner, PlannedPage
 from worker.quota import Decided, Eviction, QuotaPass
 from worker.stores.space import Reclaimed
 from worker.throttle import BatchSizer, pause_after
 
 log = structlog.get_logger("checkpoint_janitor.sweep")
+
+_P = TypeVar("_P")
 
 
 class Outcome(StrEnum):
@@ -266,6 +272,9 @@ class SweepOptions:
     """Expiries the pass holds in memory; the rest wait in a temporary file."""
     max_bytes: int | None = None
     """The store's size cap (`stores[].max_bytes`)."""
+    plan_from_aggregates: bool = True
+    """Plan from aggregates where the engine offers them; False: decide every thread
+    from its rows (the reference the aggregate plan is tested against)."""
 
 
 ProgressFn = Callable[[int, int], None]
@@ -365,7 +374,13 @@ class _Pass:
         self.on_thread = on_thread
         self.deferred = deferred
         s = options.settings
-        self.sizer = BatchSizer(target_seconds=s.target_batch_seconds, max_rows=s.max_batch_rows)
+        # `max_batch_rows` is a hard cap: on the first batch and on the floor too.
+        self.sizer = BatchSizer(
+            target_seconds=s.target_batch_seconds,
+            max_rows=s.max_batch_rows,
+            min_rows=min(20, s.max_batch_rows),
+            rows=min(500, s.max_batch_rows),
+        )
         self.pending: list[_Part] = []
         self.pending_rows = 0
         self.entries: dict[tuple[str, str, Reason], ThreadPlan] = {}
@@ -404,16 +419,14 @@ class _Pass:
             if options.allow_mass_expiry
             else math.floor(options.max_delete_fraction * report.threads_total)
         )
-        async for page in engine.thread_pages(options.settings.page_threads):
-            if self.stopped():
-                report.outcome = Outcome.STOPPED
-                return
-            await self._page(page)
-            if report.outcome is Outcome.STOPPED:
-                return
-            if progress is not None:
-                progress(report.threads_scanned, report.threads_total)
-        if not await self._drain():
+        page_threads = options.settings.page_threads
+        if self._from_aggregates():
+            grace = options.settings.grace_period.total_seconds()
+            planner = PagePlanner(engine, self.rules, report.now, grace)
+            done = await self._walk(planner.pages(page_threads), self._planned_page, progress)
+        else:
+            done = await self._walk(engine.thread_pages(page_threads), self._page, progress)
+        if not done or not await self._drain():
             return
         self._emit_entries()
         if self.quota.active:
@@ -434,6 +447,46 @@ class _Pass:
                 return
         if await self._drain():
             self._emit_entries()
+
+    def _from_aggregates(self) -> bool:
+        """Whether this pass plans from aggregates (`policies.plan`), not from every row.
+
+        The aggregate planner knows ages, counts, waiting and delta markers;
+        holds, orphan registries, size caps, per-thread TTLs and idle-gated
+        trims are decided from rows (`policies.decide`), so a pass that meets
+        any of them reads rows, as every pass did before.
+        """
+        return (
+            self.options.plan_from_aggregates
+            and not self.on_hold
+            and self.orphans is None
+            and not self.quota.active
+            and all(plannable(p) for p in self.rules.policies)
+        )
+
+    async def _walk(
+        self,
+        pages: AsyncIterator[_P],
+        handle: Callable[[_P], Awaitable[None]],
+        progress: ProgressFn | None,
+    ) -> bool:
+        """Hand every page to `handle`; False when the pass stopped."""
+        report = self.report
+        try:
+            async for page in pages:
+                if self.stopped():
+                    report.outcome = Outcome.STOPPED
+                    return False
+                await handle(page)
+                if report.outcome is Outcome.STOPPED:
+                    return False
+                if progress is not None:
+                    progress(report.threads_scanned, report.threads_total)
+        finally:
+            close = getattr(pages, "aclose", None)
+            if close is not None:
+                await close()
+        return True
 
     async def decide_page(
         self, page: list[str], count_held: bool = True
@@ -477,25 +530,66 @@ class _Pass:
         )
 
     async def _page(self, page: list[str]) -> None:
+        """A page of thread ids decided from their rows (`decide_page`)."""
         report = self.report
         rules, decided = await self.decide_page(page)
         report.threads_scanned += len(page)
         if self.quota.active:
             await self.quota.observe(self.engine, page, rules, decided)
         for thread, decision in decided:
-            for skip in decision.skips:
-                report.policies[skip.policy].skipped[skip.reason] += 1
-            if decision.ttl_fallback is not None:
-                fallback = decision.ttl_fallback
-                report.policies[fallback.policy].ttl_fallbacks[fallback.reason] += 1
-            if decision.expiry is not None:
-                e = decision.expiry
-                self._defer(thread, e.policy, e.age_seconds, e.reason)
-                continue
-            parts = list(_parts(thread, decision, report, self.sizer.rows, rules))
-            for part in self._within_caps(parts):
-                if not await self._add(part):
-                    return
+            if not await self._decided(thread, decision, rules):
+                return
+
+    async def _planned_page(self, page: PlannedPage) -> None:
+        """A page planned from aggregates: its plans, then the threads handed to rows."""
+        self.report.threads_scanned += page.threads
+        for agg, plan in page.plans:
+            if not await self._planned(agg, _plan_due(plan, self.options.due)):
+                return
+        for thread, decision in page.decided:
+            if not await self._decided(thread, _only_due(decision, self.options.due), self.rules):
+                return
+
+    def _skips(self, skips: tuple[Skip, ...]) -> None:
+        for skip in skips:
+            self.report.policies[skip.policy].skipped[skip.reason] += 1
+
+    async def _planned(self, agg: ThreadAggregate, plan: AggregatePlan) -> bool:
+        """A thread planned from aggregates; False when asked to stop."""
+        self._skips(plan.skips)
+        fingerprint = tuple(sorted((a.namespace, a.count, a.newest_id) for a in agg.namespaces))
+        if plan.expiry is not None:
+            # Its size is unknown until deleted: the engine sizes what it deletes.
+            checkpoints = sum(a.count for a in agg.namespaces)
+            e = plan.expiry
+            self._defer_expiry(
+                agg.thread_id, fingerprint, e.policy, e.age_seconds, checkpoints, 0, Reason.EXPIRED
+            )
+            return True
+        parts = list(_plan_parts(agg, plan, self.report, self.sizer.rows))
+        for part in self._within_caps(parts):
+            if not await self._add(part):
+                return False
+        return True
+
+    async def _decided(
+        self, thread: ScannedThread, decision: ThreadDecision, rules: Ruleset
+    ) -> bool:
+        """A thread decided from its rows; False when asked to stop."""
+        report = self.report
+        self._skips(decision.skips)
+        if decision.ttl_fallback is not None:
+            fallback = decision.ttl_fallback
+            report.policies[fallback.policy].ttl_fallbacks[fallback.reason] += 1
+        if decision.expiry is not None:
+            e = decision.expiry
+            self._defer(thread, e.policy, e.age_seconds, e.reason)
+            return True
+        parts = list(_parts(thread, decision, report, self.sizer.rows, rules))
+        for part in self._within_caps(parts):
+            if not await self._add(part):
+                return False
+        return True
 
     def _capped(self, policy: str) -> bool:
         """Whether `policy` has acted on its `max_threads_per_sweep` threads; else count one."""
@@ -615,7 +709,9 @@ class _Pass:
                 report.changed_threads += 1
                 pr.skipped[SkipReason.CHANGED] += 1
                 continue
-            result.counts.bytes = part.work.bytes
+            if part.work.bytes:
+                # Sized at the scan; set-based deletes size what they delete.
+                result.counts.bytes = part.work.bytes
             pr.deleted.add(result.counts)
             pr.by_reason.setdefault(part.reason, Counts()).add(result.counts)
             rows += result.counts.checkpoints + result.counts.writes
@@ -718,7 +814,8 @@ class _Pass:
         assert self.on_thread is not None
         results = await self.engine.apply([p.work for p in parts], True)
         for part, result in zip(parts, results, strict=True):
-            result.counts.bytes = part.work.bytes
+            if part.work.bytes:
+                result.counts.bytes = part.work.bytes
             idle = self.report.now - part.last_activity if part.last_activity is not None else None
             entry = ThreadPlan(
                 self.engine.name,
@@ -752,6 +849,66 @@ def _only_due(decision: ThreadDecision, due: frozenset[str] | None) -> ThreadDec
             else None
         ),
     )
+
+
+def _plan_due(plan: AggregatePlan, due: frozenset[str] | None) -> AggregatePlan:
+    if due is None:
+        return plan
+    return AggregatePlan(
+        plan.thread_id,
+        expiry=plan.expiry if plan.expiry and plan.expiry.policy in due else None,
+        trims=tuple(t for t in plan.trims if t.policy in due),
+        writes=tuple(w for w in plan.writes if w.policy in due),
+        skips=tuple(s for s in plan.skips if s.policy in due),
+        last_activity=plan.last_activity,
+        gc_blobs=plan.gc_blobs,  # as `_parts`: whatever policies are due
+    )
+
+
+def _plan_parts(
+    agg: ThreadAggregate, plan: AggregatePlan, report: SweepReport, chunk_rows: int
+) -> Iterator[_Part]:
+    """A plan's trims as set-based parts of at most `chunk_rows` checkpoints, oldest first.
+
+    Each part carries the fingerprint the thread must have when it runs: the
+    aggregates' counts, less what the parts before it deleted (the newest id
+    of a namespace never goes in a trim).
+    """
+    tid = agg.thread_id
+    counts = {a.namespace: a.count for a in agg.namespaces}
+    newest = {a.namespace: a.newest_id for a in agg.namespaces}
+
+    def fingerprint() -> Fingerprint:
+        return tuple(sorted((ns, n, newest[ns]) for ns, n in counts.items() if n))
+
+    step = max(chunk_rows, 1)
+    for trim in plan.trims:
+        report.policies[trim.policy].see_eligible(trim.deletes, 0, trim.oldest_age)
+        left = trim.deletes
+        while left > 0:
+            limit = min(step, left)
+            work = ThreadWork(
+                tid,
+                fingerprint(),
+                ranges={
+                    trim.namespace: TrimRange(
+                        trim.keep, trim.before, limit, offset=trim.deletes - left
+                    )
+                },
+            )
+            yield _Part(work, trim.policy, Reason.TRIMMED, plan.last_activity)
+            counts[trim.namespace] -= limit
+            left -= limit
+    writes: dict[tuple[str, str], list[str]] = {}
+    for w in plan.writes:
+        writes.setdefault((w.policy, w.namespace), []).append(w.checkpoint_id)
+    for (policy, ns), ids in writes.items():
+        report.policies[policy].see_eligible(0, 0, None)
+        work = ThreadWork(tid, fingerprint(), writes={ns: ids})
+        yield _Part(work, policy, Reason.ORPHAN_WRITES, plan.last_activity)
+    if plan.gc_blobs is not None and plan.gc_blobs in report.policies:
+        work = ThreadWork(tid, fingerprint(), gc_blobs=True, estimate=1)
+        yield _Part(work, plan.gc_blobs, Reason.UNREFERENCED_BLOBS, plan.last_activity)
 
 
 def _parts(

@@ -1,0 +1,325 @@
+"""The plan from aggregates: what one thread loses, decided from per-namespace summaries.
+
+A sweep reads, per (thread, namespace), the checkpoint count and the oldest and
+newest ids from the primary-key index, never the rows. For the common thread —
+one root namespace, UUIDv6 ids, no DeltaChannel, nothing old-format — that is
+enough to decide: since a UUIDv6 id sorts by time, `keep_last` and
+`keep_within` become "delete every checkpoint with an id below X" for one id X,
+and an expiry needs only the newest id. `plan_thread` says so, or asks for the
+few facts it lacks (`Detail`), or hands the thread to the row-level `decide`
+(`ThreadPlan.rows`), which stays the reference: for every thread it does not
+hand over, `plan_thread` deletes exactly what `decide` would.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from enum import StrEnum
+from typing import Any
+
+from policies.config import Policy, ThreadTTL
+from policies.ids import checkpoint_time
+from policies.matching import Ruleset
+from policies.model import Expiry, Skip, SkipReason, WritesDeletion
+
+_GREGORIAN_TO_UNIX = 0x01B21DD213814000
+_TICKS_LIMIT = 1 << 60
+_REGULAR_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-6[0-9a-f]{3}-.{17}\Z", re.DOTALL)
+
+
+def is_regular_id(checkpoint_id: str) -> bool:
+    """A canonical lowercase UUIDv6: its text order is its time order.
+
+    Engines count the ids of a namespace that are not (`NamespaceAggregate.irregular`)
+    with the same rule in SQL: length 36, lowercase hex, `6` at offset 14.
+    """
+    return _REGULAR_ID.match(checkpoint_id) is not None
+
+
+def id_bound(horizon: float) -> str:
+    """The id X with: a regular id is below X exactly when it is dated at or before `horizon`.
+
+    Found as the smallest 60-bit tick count that `checkpoint_time` dates after
+    `horizon` (the same float arithmetic, so no rounding can split them),
+    written as the id's first 18 characters.
+    """
+    ticks = math.floor(horizon * 10_000_000) + _GREGORIAN_TO_UNIX
+
+    def dated(t: int) -> float:
+        return (t - _GREGORIAN_TO_UNIX) / 10_000_000
+
+    while ticks > 0 and dated(ticks) > horizon:
+        ticks -= 1
+    while dated(ticks) <= horizon:
+        ticks += 1
+    if ticks <= 0:
+        return ""
+    if ticks >= _TICKS_LIMIT:
+        return "g"  # above every lowercase hex id
+    high, low = ticks >> 12, ticks & 0xFFF
+    return f"{high >> 16:08x}-{high & 0xFFFF:04x}-6{low:03x}"
+
+
+class Detail(StrEnum):
+    """A fact `plan_thread` needs before it can decide a thread; the engine reads it."""
+
+    ORPHANS = "orphans"
+    """Writes whose checkpoint is not in the store (only asked for quiet or idle threads)."""
+    WAITING = "waiting"
+    """Whether the newest root checkpoint waits for input (expiry candidates only)."""
+    MARKERS = "markers"
+    """Whether any checkpoint carries a DeltaChannel marker (or, on Postgres, format v < 4)."""
+    COUNT = "count"
+    """How many checkpoints of a namespace lie below an id (`ThreadPlan.count_below`)."""
+    REGULAR = "regular"
+    """How many ids are not regular UUIDv6 (`NamespaceAggregate.irregular`): asked only
+    when the plan would delete, so a sweep with nothing due reads no id but the
+    oldest and newest."""
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceAggregate:
+    """One (thread, namespace) as the primary-key index gives it."""
+
+    namespace: str
+    count: int
+    oldest_id: str
+    newest_id: str
+    irregular: int | None = None
+    """Ids that are not canonical lowercase UUIDv6 (`is_regular_id`); None: not counted."""
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadAggregate:
+    """A thread's namespaces' aggregates, and the details read for it so far."""
+
+    thread_id: str
+    namespaces: tuple[NamespaceAggregate, ...]
+    head_metadata: Mapping[str, Any] = field(default_factory=dict)
+    """Metadata of the newest root checkpoint (needed only when a policy matches on metadata)."""
+    orphan_writes: tuple[tuple[str, str], ...] | None = None
+    """(namespace, checkpoint_id) of writes without a checkpoint; None: not read."""
+    markers: bool | None = None
+    """Some checkpoint is marked as DeltaChannel (or v < 4 on Postgres); None: not read."""
+    below: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    """(namespace, id) -> checkpoints of the namespace with an id below that id."""
+    waiting: bool | None = None
+    head_undecodable: bool = False
+    garbage_blobs: bool = False
+    """(Postgres) read with the orphans: the thread holds blobs no checkpoint references."""
+    rows: bool = False
+    """The engine found something only the row-level path decides (a v < 4 head)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Trim:
+    """Delete the checkpoints of `namespace` below `before`, except the `keep` newest."""
+
+    namespace: str
+    policy: str
+    keep: int
+    before: str
+    deletes: int
+    """How many go (the ids below min(`before`, the `keep`-th newest))."""
+    oldest_age: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadPlan:
+    """What one thread loses, or what is missing to tell."""
+
+    thread_id: str
+    rows: bool = False
+    """Decide this thread from its rows (`policies.decide`)."""
+    needs: frozenset[Detail] = frozenset()
+    count_below: tuple[tuple[str, str], ...] = ()
+    """With `Detail.COUNT`: the (namespace, id) pairs to count below."""
+    expiry: Expiry | None = None
+    trims: tuple[Trim, ...] = ()
+    writes: tuple[WritesDeletion, ...] = ()
+    skips: tuple[Skip, ...] = ()
+    last_activity: float | None = None
+    gc_blobs: str | None = None
+    """(Postgres) the policy that collects the thread's unreferenced blobs, when nothing
+    else of it goes (a batch collects a quiet thread's blobs with any of its deletes)."""
+
+    @property
+    def is_empty(self) -> bool:
+        """Nothing to delete and nothing missing."""
+        return not (
+            self.rows or self.needs or self.expiry or self.trims or self.writes or self.gc_blobs
+        )
+
+
+def plannable(policy: Policy) -> bool:
+    """Whether `plan_thread` decides this policy's rules; else its threads go to rows.
+
+    Orphan registries, size caps, idle-gated trims and per-thread TTLs read
+    what aggregates do not hold (registry answers, sizes, head metadata).
+    """
+    return (
+        policy.orphaned is None
+        and policy.quota is None
+        and policy.when_idle is None
+        and not isinstance(policy.expire_after, ThreadTTL)
+    )
+
+
+def _ttl_seconds(policy: Policy | None) -> float | None:
+    """A plannable policy's idle TTL in seconds (None: it does not expire threads)."""
+    if policy is None or not isinstance(policy.expire_after, timedelta):
+        return None
+    return policy.expire_after.total_seconds()
+
+
+def plan_thread(
+    agg: ThreadAggregate, rules: Ruleset, now: float, grace_seconds: float
+) -> ThreadPlan:
+    """What `agg`'s thread loses under `rules` at `now`, as `decide` would say from its rows.
+
+    Threads with a namespace besides the root one (subgraph calls, persistent
+    subgraphs, old root namespaces), ids that are not regular UUIDv6 (`ts`
+    dating, no time order), or DeltaChannel / v < 4 markers are handed to the
+    row-level path.
+    """
+    return _Planner(agg, rules, now, grace_seconds).plan()
+
+
+class _Planner:
+    """`plan_thread` in steps: shape, activity, expiry, trim, orphan writes."""
+
+    def __init__(self, agg: ThreadAggregate, rules: Ruleset, now: float, grace: float) -> None:
+        self.agg = agg
+        self.rules = rules
+        self.now = now
+        self.grace = grace
+        self.tid = agg.thread_id
+
+    def plan(self) -> ThreadPlan:
+        ns = self._root_only()
+        if ns is None or self.agg.rows:
+            return ThreadPlan(self.tid, rows=True)
+        policy = self.rules.first_match(self.tid, "", self.agg.head_metadata)
+        if policy is not None and not plannable(policy):
+            return ThreadPlan(self.tid, rows=True)
+        newest = checkpoint_time(ns.newest_id)
+        assert newest is not None  # a regular id is dated
+        if self.agg.orphan_writes is None and self._orphans_matter(policy, newest):
+            return ThreadPlan(self.tid, needs=frozenset({Detail.ORPHANS}))
+        orphan_times = [
+            t for _, cid in self.agg.orphan_writes or () if (t := checkpoint_time(cid)) is not None
+        ]
+        active = max([newest, *orphan_times])
+        idle = self.now - active
+        skips: list[Skip] = []
+        ttl = _ttl_seconds(policy)
+        if policy is not None and ttl is not None and idle > ttl:
+            # Irregular ids are dated otherwise: they may make the thread younger.
+            if ns.irregular is None:
+                return ThreadPlan(self.tid, needs=frozenset({Detail.REGULAR}))
+            outcome = self._expiry(policy, idle)
+            if not isinstance(outcome, Skip):
+                return outcome
+            skips.append(outcome)
+        trims, needs, count_below = self._trim(policy, ns)
+        if trims is None:
+            return ThreadPlan(self.tid, rows=True)
+        if needs:
+            return ThreadPlan(self.tid, needs=needs, count_below=count_below)
+        writes = self._orphan_writes(policy, idle)
+        if writes and ns.irregular is None:
+            return ThreadPlan(self.tid, needs=frozenset({Detail.REGULAR}))
+        gc = None
+        if self.agg.garbage_blobs and not trims and not writes:
+            # As the row-level sweep: the root namespace's policy collects them.
+            gc = policy.name if policy is not None and not policy.protect else None
+        return ThreadPlan(
+            self.tid,
+            trims=trims,
+            writes=writes,
+            skips=tuple(skips),
+            last_activity=active,
+            gc_blobs=gc,
+        )
+
+    def _root_only(self) -> NamespaceAggregate | None:
+        """The root namespace when it is the thread's only one, with regular ids; else None."""
+        spaces = self.agg.namespaces
+        if len(spaces) != 1 or spaces[0].namespace != "":
+            return None
+        ns = spaces[0]
+        if ns.irregular or not (is_regular_id(ns.oldest_id) and is_regular_id(ns.newest_id)):
+            return None
+        return ns
+
+    def _orphans_matter(self, policy: Policy | None, newest: float) -> bool:
+        """Whether orphan writes matter: on a quiet thread they go, on an idle one they date it."""
+        idle = self.now - newest
+        ttl = _ttl_seconds(policy)
+        expiring = ttl is not None and idle > ttl
+        return idle > self.grace or expiring
+
+    def _expiry(self, policy: Policy, idle: float) -> ThreadPlan | Skip:
+        """As `decide`: a root-only thread has no protected namespace besides its own."""
+        agg = self.agg
+        if policy.interrupted == "keep" and agg.head_undecodable:
+            return Skip(policy.name, SkipReason.UNDECODABLE)
+        if policy.interrupted == "keep" and agg.waiting is None:
+            return ThreadPlan(self.tid, needs=frozenset({Detail.WAITING}))
+        if policy.interrupted == "keep" and agg.waiting:
+            return Skip(policy.name, SkipReason.INTERRUPTED)
+        return ThreadPlan(self.tid, expiry=Expiry(policy.name, idle), last_activity=self.now - idle)
+
+    def _trim(
+        self, policy: Policy | None, ns: NamespaceAggregate
+    ) -> tuple[tuple[Trim, ...] | None, frozenset[Detail], tuple[tuple[str, str], ...]]:
+        """The root namespace's trim: (trims or None for "use rows", needs, counts to read)."""
+        none: tuple[Trim, ...] = ()
+        if policy is None or policy.protect:
+            return none, frozenset(), ()
+        if policy.keep_last is None and policy.keep_within is None:
+            return none, frozenset(), ()
+        keep = max(policy.keep_last or 1, 1)
+        if ns.count <= keep:
+            return none, frozenset(), ()
+        # From here on ids are compared with a time bound: they must sort by time.
+        if ns.irregular is None:
+            return none, frozenset({Detail.REGULAR}), ()
+        horizon = self.now - (policy.keep_within.total_seconds() if policy.keep_within else 0.0)
+        before = id_bound(horizon)
+        if ns.oldest_id >= before:
+            return none, frozenset(), ()
+        if ns.newest_id < before:
+            deletes = ns.count - keep
+        elif ("", before) in self.agg.below:
+            deletes = min(self.agg.below[("", before)], ns.count - keep)
+        else:
+            return none, frozenset({Detail.COUNT}), (("", before),)
+        if deletes <= 0:
+            return none, frozenset(), ()
+        if self.agg.markers is None:
+            return none, frozenset({Detail.MARKERS}), ()
+        if self.agg.markers:
+            return None, frozenset(), ()
+        oldest = checkpoint_time(ns.oldest_id)
+        age = self.now - oldest if oldest is not None else None
+        return (Trim("", policy.name, keep, before, deletes, age),), frozenset(), ()
+
+    def _orphan_writes(self, policy: Policy | None, idle: float) -> tuple[WritesDeletion, ...]:
+        """As `decide`: on a quiet thread, orphan writes older than the grace period go."""
+        if idle <= self.grace:
+            return ()
+        out = []
+        for ns, cid in self.agg.orphan_writes or ():
+            t = checkpoint_time(cid)
+            if t is not None and self.now - t <= self.grace:
+                continue
+            owner = policy if ns == "" else None
+            owner = owner or self.rules.first_match(self.tid, ns, self.agg.head_metadata)
+            if owner is not None and not owner.protect:
+                out.append(WritesDeletion(ns, cid, owner.name))
+        return tuple(out)

@@ -1,0 +1,139 @@
+"""A sweep's planning side: pages of threads turned into plans, ahead of the deletes.
+
+An engine that offers aggregates (`AggregateStore`) is planned from them
+(`policies.plan`): per page, one GROUP BY over the primary key, then only the
+details the plans ask for, and the row-level `decide` only for the threads
+handed over. Other engines are decided from their rows, page by page. Either
+way the pages come out of `prefetched`, so page N+1 is read and planned while
+the batches of page N commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from policies.decide import decide
+from policies.matching import Ruleset
+from policies.model import ThreadDecision
+from policies.plan import ThreadAggregate, ThreadPlan, plan_thread
+from worker.engine import AggregateStore, ScannedThread, StoreEngine
+
+MAX_DETAIL_ROUNDS = 5
+"""Orphans, waiting, markers, counts: a plan asks at most this many times."""
+
+
+@dataclass(slots=True)
+class PlannedPage:
+    """One page's threads, each either planned from aggregates or decided from rows."""
+
+    threads: int
+    """Threads the page held (`threads_scanned`)."""
+    plans: list[tuple[ThreadAggregate, ThreadPlan]] = field(default_factory=list)
+    decided: list[tuple[ScannedThread, ThreadDecision]] = field(default_factory=list)
+
+
+class PagePlanner:
+    """Reads and plans the store's threads page by page."""
+
+    def __init__(
+        self,
+        engine: StoreEngine,
+        rules: Ruleset,
+        now: float,
+        grace: float,
+        *,
+        aggregates: bool = True,
+    ) -> None:
+        self.engine = engine
+        self.aggregates = aggregates
+        self.rules = rules
+        self.now = now
+        self.grace = grace
+        self.head_metadata = any(p.match.metadata for p in rules.policies)
+        """Policies match on metadata: read the heads' metadata with the aggregates."""
+
+    def pages(self, page_size: int) -> AsyncIterator[PlannedPage]:
+        """Every thread, planned, one page ahead of the caller."""
+        if self.aggregates and isinstance(self.engine, AggregateStore):
+            return prefetched(self._aggregate_pages(self.engine, page_size))
+        return self._row_pages(page_size)
+
+    async def _aggregate_pages(
+        self, engine: AggregateStore, page_size: int
+    ) -> AsyncIterator[PlannedPage]:
+        async for aggs in engine.aggregate_pages(page_size, self.head_metadata):
+            yield await self._plan(engine, aggs)
+
+    async def _row_pages(self, page_size: int) -> AsyncIterator[PlannedPage]:
+        async for ids in self.engine.thread_pages(page_size):
+            page = PlannedPage(len(ids))
+            page.decided = await self.decide_rows(ids)
+            yield page
+
+    async def _plan(self, engine: AggregateStore, aggs: list[ThreadAggregate]) -> PlannedPage:
+        """Plan a page: ask for details until every plan is complete or handed to rows."""
+        page = PlannedPage(len(aggs))
+        todo = [a for a in aggs if self.rules.could_match_thread(a.thread_id)]
+        rows: list[str] = []
+        for _ in range(MAX_DETAIL_ROUNDS):
+            asked: list[tuple[ThreadAggregate, ThreadPlan]] = []
+            for agg in todo:
+                plan = plan_thread(agg, self.rules, self.now, self.grace)
+                if plan.rows:
+                    rows.append(agg.thread_id)
+                elif plan.needs:
+                    asked.append((agg, plan))
+                elif not plan.is_empty or plan.skips:
+                    page.plans.append((agg, plan))
+            if not asked:
+                todo = []
+                break
+            todo = await engine.details(asked)
+        rows.extend(a.thread_id for a in todo)  # still asking: the rows decide
+        if rows:
+            page.decided = await self.decide_rows(sorted(rows))
+        return page
+
+    async def decide_rows(
+        self, thread_ids: Sequence[str]
+    ) -> list[tuple[ScannedThread, ThreadDecision]]:
+        """The row-level path: scan, decide, and read waiting for the expiry candidates."""
+        engine, rules = self.engine, self.rules
+        candidates = [t for t in thread_ids if rules.could_match_thread(t)]
+        scanned = await engine.scan(candidates) if candidates else []
+        decided = [(t, decide(t.view, rules, self.now, self.grace)) for t in scanned]
+        # Waiting is read from the heads of expiry candidates only, in one go.
+        if asking := [t for t, d in decided if d.needs_waiting]:
+            resolved = {t.view.thread_id: t for t in await engine.resolve_waiting(asking)}
+            decided = [
+                (r, decide(r.view, rules, self.now, self.grace))
+                if (r := resolved.get(t.view.thread_id)) is not None
+                else (t, d)
+                for t, d in decided
+            ]
+        return decided
+
+
+async def prefetched(pages: AsyncIterator[PlannedPage]) -> AsyncIterator[PlannedPage]:
+    """`pages`, with the next one already being produced while the caller works on this one."""
+    it = aiter(pages)
+    nxt: asyncio.Future[PlannedPage] = asyncio.ensure_future(anext(it))
+    try:
+        while True:
+            try:
+                page = await nxt
+            except StopAsyncIteration:
+                return
+            nxt = asyncio.ensure_future(anext(it))
+            yield page
+    finally:
+        if not nxt.done():
+            nxt.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await nxt
+        close = getattr(it, "aclose", None)
+        if close is not None:
+            await close()
