@@ -279,6 +279,32 @@ def verify_readback(
                 < 1e-3
             )
             checked += 1
+    checked += asyncio.run(_averify_heads(path, rng.sample(ids, min(5, len(ids))), per_thread,
+                                          now, payload))  # fmt: skip
+    return checked
+
+
+async def _averify_heads(
+    path: Path, ids: list[str], per_thread: int, now: float, payload: str
+) -> int:
+    """The async reader too: `AsyncSqliteSaver.aget_tuple` of a few heads and first checkpoints."""
+    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+    checked = 0
+    async with AsyncSqliteSaver.from_conn_string(str(path)) as saver:
+        for tid in ids:
+            exp = gen_thread(tid, per_thread, now, saver.serde, payload)
+            cfg = {"configurable": {"thread_id": tid, "checkpoint_ns": ""}}
+            head = await saver.aget_tuple(cfg)  # type: ignore[arg-type]
+            assert head is not None and head.checkpoint == exp.checkpoints[-1], tid
+            assert head.metadata == exp.metadatas[-1], tid
+            first_cfg = {"configurable": {**cfg["configurable"],
+                                          "checkpoint_id": exp.checkpoints[0]["id"]}}  # fmt: skip
+            first = await saver.aget_tuple(first_cfg)  # type: ignore[arg-type]
+            assert first is not None and first.checkpoint == exp.checkpoints[0], tid
+            assert first.parent_config is None, tid
+            assert [tuple(w) for w in first.pending_writes or []] == exp.writes[0], tid
+            checked += 2
     return checked
 
 
