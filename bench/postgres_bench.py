@@ -17,7 +17,10 @@ times on identical copies of it (`CREATE DATABASE ... TEMPLATE base`):
   (c)      the official `AsyncPostgresSaver.aprune(all_thread_ids,
            strategy="keep_latest")`, against
   (b')     `checkpoint-janitor once` with `keep_last: 1`; both must leave the
-           same rows in checkpoints, checkpoint_writes and checkpoint_blobs.
+           same rows in checkpoints, checkpoint_writes and checkpoint_blobs;
+  (noop)   `checkpoint-janitor once` with nothing due (keep_last 50,
+           expire_after 365d) against its limit: the per-(thread, namespace)
+           GROUP BY aggregate plus the heads' metadata (issue 10).
 
     python bench/postgres_bench.py [--threads 20000 --per-thread 50 --workdir DIR]
                                    [--dsn postgresql://user:pw@host/postgres]

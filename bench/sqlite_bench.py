@@ -14,9 +14,18 @@ times on identical copies of it:
            writer alone);
   (c)      `checkpoint-janitor once --allow-mass-expiry` with `expire_after: 30d`
            against the official `SqliteSaver.delete_thread` loop over the same
-           idle threads.
+           idle threads;
+  (noop)   `checkpoint-janitor once` with nothing due (keep_last 50,
+           expire_after 365d) against its limit: the per-(thread, namespace)
+           GROUP BY aggregate plus reading each head's metadata (issue 10);
+  (tb)     (b-load) once per `--target-batch` value of
+           `defaults.batch.target_batch_seconds`: writer p99 against throughput.
 
     python bench/sqlite_bench.py [--threads 20000 --per-thread 50 --workdir DIR]
+    python bench/sqlite_bench.py --scale 20000,200000   # 1M vs 10M, small payloads
+
+`--scale` builds small-payload stores once (10M checkpoints is ~15 GB) and
+times (noop) and (b) on each size, reporting the time ratios and peak RSS.
 
 The built store is cached in the workdir (rebuilt when missing, when its shape
 differs or when it is more than a day old: idleness is relative to "now").
