@@ -1792,9 +1792,8 @@ def main() -> None:
         one: dict[str, Any] = {}
         if "noop" in only:
             log(f"(noop) a sweep with nothing due vs its aggregate limit{tag}")
-            # (b) gets a fresh copy like (a): the no-op copy, idle while (a)
-            # wrote gigabytes, has left the page cache by then (measured: (b)
-            # 1.3-1.6x slower on it than on a fresh copy).
+            # (b) gets a fresh copy like (a), not the no-op run's: both then
+            # start from a just-written file, whatever (a) did to the page cache.
             one["noop"], _ = run_noop(base, workdir)
             log(
                 f"    worker {one['noop']['worker']['wall_seconds']} s,"
