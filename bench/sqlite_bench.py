@@ -14,9 +14,18 @@ times on identical copies of it:
            writer alone);
   (c)      `checkpoint-janitor once --allow-mass-expiry` with `expire_after: 30d`
            against the official `SqliteSaver.delete_thread` loop over the same
-           idle threads.
+           idle threads;
+  (noop)   `checkpoint-janitor once` with nothing due (keep_last 50,
+           expire_after 365d) against its limit: the per-(thread, namespace)
+           GROUP BY aggregate plus reading each head's metadata (issue 10);
+  (tb)     (b-load) once per `--target-batch` value of
+           `defaults.batch.target_batch_seconds`: writer p99 against throughput.
 
     python bench/sqlite_bench.py [--threads 20000 --per-thread 50 --workdir DIR]
+    python bench/sqlite_bench.py --scale 20000,200000   # 1M vs 10M, small payloads
+
+`--scale` builds small-payload stores once (10M checkpoints is ~15 GB) and
+times (noop) and (b) on each size, reporting the time ratios and peak RSS.
 
 The built store is cached in the workdir (rebuilt when missing, when its shape
 differs or when it is more than a day old: idleness is relative to "now").
@@ -28,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -63,6 +73,13 @@ N_TEMPLATES = 8
 # Template j: the conversation after j+1 turns (2 + 2j messages); reused lists.
 TEMPLATES = [MESSAGES[: 2 + 2 * j] for j in range(N_TEMPLATES)]
 TASK_PATH = "~__pregel_pull, agent"
+# Payload "small" (the scale stores): the same rows, keys, chains and writes,
+# but each checkpoint carries one short message, so a 10M store stays a size
+# that copies in minutes. Row count is what scales a sweep's work.
+PAYLOADS = ("chat", "small")
+SMALL_MESSAGES = [f"{'human' if i % 2 == 0 else 'ai'}: turn {i}" for i in range(8)]
+# Bytes per checkpoint measured on built stores (row, writes, indexes), for the disk check.
+BYTES_PER_CHECKPOINT = {"chat": 4_600, "small": 1_550}
 
 
 @dataclass(slots=True)
@@ -92,8 +109,10 @@ def _thread_times(rng: random.Random, per_thread: int, now: float) -> tuple[bool
     return idle, times
 
 
-def gen_thread(thread_id: str, per_thread: int, now: float, serde: Any) -> ThreadRows:
-    """One thread's rows, deterministic in (thread_id, per_thread, now)."""
+def gen_thread(
+    thread_id: str, per_thread: int, now: float, serde: Any, payload: str = "chat"
+) -> ThreadRows:
+    """One thread's rows, deterministic in (thread_id, per_thread, now, payload)."""
     rng = random.Random(f"thread:{thread_id}")
     idle, times = _thread_times(rng, per_thread, now)
     node = rng.getrandbits(48)
@@ -111,7 +130,11 @@ def gen_thread(thread_id: str, per_thread: int, now: float, serde: Any) -> Threa
         ns = int(t * 1e9)
         cid = uuid6_at(ns, step, node)
         ts = datetime.fromtimestamp(t, UTC).isoformat()
-        msgs = TEMPLATES[min(N_TEMPLATES - 1, i * N_TEMPLATES // max(per_thread, 1))]
+        msgs = (
+            TEMPLATES[min(N_TEMPLATES - 1, i * N_TEMPLATES // max(per_thread, 1))]
+            if payload == "chat"
+            else [SMALL_MESSAGES[i % len(SMALL_MESSAGES)]]
+        )
         if step < 0:
             ck = {
                 **base,
@@ -147,7 +170,11 @@ def gen_thread(thread_id: str, per_thread: int, now: float, serde: Any) -> Threa
         ck_rows.append((thread_id, "", cid, parent, type_, blob, meta_bytes))
         # The task that ran from this checkpoint wrote two channels.
         task_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
-        reply = [MESSAGES[(i * 2 + 1) % len(MESSAGES)]]
+        reply = (
+            [MESSAGES[(i * 2 + 1) % len(MESSAGES)]]
+            if payload == "chat"
+            else [SMALL_MESSAGES[(i * 2 + 1) % len(SMALL_MESSAGES)]]
+        )
         pending = [(task_id, "messages", reply), (task_id, "branch:to:agent", None)]
         for idx, (_, channel, value) in enumerate(pending):
             wt, wv = serde.dumps_typed(value)
@@ -167,7 +194,9 @@ def thread_ids(n: int) -> list[str]:
 # =========================================================== build
 
 
-def build_store(path: Path, n_threads: int, per_thread: int, now: float) -> dict[str, Any]:
+def build_store(
+    path: Path, n_threads: int, per_thread: int, now: float, payload: str = "chat"
+) -> dict[str, Any]:
     """Create `path` with the saver's DDL and bulk-insert the generated rows."""
     for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
         p.unlink(missing_ok=True)
@@ -196,11 +225,11 @@ def build_store(path: Path, n_threads: int, per_thread: int, now: float) -> dict
     w_buf: list[tuple[Any, ...]] = []
     conn.execute("BEGIN")
     for k, tid in enumerate(ids):
-        rows = gen_thread(tid, per_thread, now, serde)
+        rows = gen_thread(tid, per_thread, now, serde, payload)
         idle += rows.idle
         ck_buf.extend(rows.checkpoint_rows)
         w_buf.extend(rows.write_rows)
-        if len(ck_buf) >= 50_000 or k == len(ids) - 1:
+        if len(ck_buf) >= 200_000 or k == len(ids) - 1:
             conn.executemany(ck_sql, ck_buf)
             conn.executemany(w_sql, w_buf)
             ck_buf.clear()
@@ -223,14 +252,16 @@ def build_store(path: Path, n_threads: int, per_thread: int, now: float) -> dict
     }
 
 
-def verify_readback(path: Path, n_threads: int, per_thread: int, now: float, samples: int) -> int:
+def verify_readback(
+    path: Path, n_threads: int, per_thread: int, now: float, samples: int, payload: str = "chat"
+) -> int:
     """Read sampled rows back through the real SqliteSaver; assert they are what was written."""
     ids = thread_ids(n_threads)
     rng = random.Random("verify")
     checked = 0
     with SqliteSaver.from_conn_string(str(path)) as saver:
         for tid in rng.sample(ids, min(samples, len(ids))):
-            exp = gen_thread(tid, per_thread, now, saver.serde)
+            exp = gen_thread(tid, per_thread, now, saver.serde, payload)
             i = rng.randrange(per_thread)
             cid = exp.checkpoints[i]["id"]
             cfg = {"configurable": {"thread_id": tid, "checkpoint_ns": "", "checkpoint_id": cid}}
@@ -257,18 +288,63 @@ def verify_readback(path: Path, n_threads: int, per_thread: int, now: float, sam
                 < 1e-3
             )
             checked += 1
+    checked += asyncio.run(_averify_heads(path, rng.sample(ids, min(5, len(ids))), per_thread,
+                                          now, payload))  # fmt: skip
     return checked
 
 
+async def _averify_heads(
+    path: Path, ids: list[str], per_thread: int, now: float, payload: str
+) -> int:
+    """The async reader too: `AsyncSqliteSaver.aget_tuple` of a few heads and first checkpoints."""
+    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+    checked = 0
+    async with AsyncSqliteSaver.from_conn_string(str(path)) as saver:
+        for tid in ids:
+            exp = gen_thread(tid, per_thread, now, saver.serde, payload)
+            cfg = {"configurable": {"thread_id": tid, "checkpoint_ns": ""}}
+            head = await saver.aget_tuple(cfg)  # type: ignore[arg-type]
+            assert head is not None and head.checkpoint == exp.checkpoints[-1], tid
+            assert head.metadata == exp.metadatas[-1], tid
+            first_cfg = {"configurable": {**cfg["configurable"],
+                                          "checkpoint_id": exp.checkpoints[0]["id"]}}  # fmt: skip
+            first = await saver.aget_tuple(first_cfg)  # type: ignore[arg-type]
+            assert first is not None and first.checkpoint == exp.checkpoints[0], tid
+            assert first.parent_config is None, tid
+            assert [tuple(w) for w in first.pending_writes or []] == exp.writes[0], tid
+            checked += 2
+    return checked
+
+
+def store_name(n_threads: int, per_thread: int, payload: str) -> str:
+    return f"base-{n_threads}x{per_thread}" + ("" if payload == "chat" else f"-{payload}")
+
+
+def check_free_disk(workdir: Path, need: int, what: str) -> None:
+    """Refuse to start a build (or a copy) that would fill the disk the workdir is on."""
+    free = shutil.disk_usage(workdir).free
+    log(f"{what}: needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free in {workdir}")
+    if free < need:
+        raise SystemExit(f"not enough free disk in {workdir} for {what}")
+
+
 def ensure_store(
-    workdir: Path, n_threads: int, per_thread: int, rebuild: bool
+    workdir: Path, n_threads: int, per_thread: int, rebuild: bool, payload: str = "chat"
 ) -> tuple[Path, dict]:
-    base = workdir / f"base-{n_threads}x{per_thread}.db"
-    meta_path = workdir / f"base-{n_threads}x{per_thread}.json"
+    """The cached base store for this shape, built (and read back) when missing or stale.
+
+    The "small" stores serve only keep_last and no-op sweeps, whose result does
+    not depend on how old the checkpoints are, so they never go stale by age;
+    the "chat" store's idle/recent split is relative to its build time.
+    """
+    name = store_name(n_threads, per_thread, payload)
+    base = workdir / f"{name}.db"
+    meta_path = workdir / f"{name}.json"
     meta: dict[str, Any] | None = None
     if not rebuild and base.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        fresh = time.time() - meta.get("now", 0) < CACHE_MAX_AGE
+        fresh = payload != "chat" or time.time() - meta.get("now", 0) < CACHE_MAX_AGE
         if meta.get("format") != BENCH_FORMAT or not fresh:
             log("cached store is stale (format or age): rebuilding")
             meta = None
@@ -276,11 +352,15 @@ def ensure_store(
             log(f"using cached store {base} (built {meta['built_at']})")
     if meta is None:
         now = time.time()
-        log(f"building {n_threads} threads x {per_thread} checkpoints into {base}")
+        remove_db(base)
+        # The store, then at least one copy of it next to it.
+        need = 2 * n_threads * per_thread * BYTES_PER_CHECKPOINT[payload] + 2**30
+        check_free_disk(workdir, need, f"building {name} and one copy")
+        log(f"building {n_threads} threads x {per_thread} checkpoints ({payload}) into {base}")
         tmp = workdir / (base.name + ".building")
-        info = build_store(tmp, n_threads, per_thread, now)
+        info = build_store(tmp, n_threads, per_thread, now, payload)
         log(f"built in {info['build_seconds']} s; verifying read-back through SqliteSaver")
-        checked = verify_readback(tmp, n_threads, per_thread, now, samples=20)
+        checked = verify_readback(tmp, n_threads, per_thread, now, 20, payload)
         for p in (base, Path(f"{base}-wal"), Path(f"{base}-shm")):
             p.unlink(missing_ok=True)
         tmp.rename(base)
@@ -289,11 +369,13 @@ def ensure_store(
             "now": now,
             "built_at": datetime.fromtimestamp(now, UTC).isoformat(),
             "readback_checked": checked,
+            "payload": payload,
+            "db_bytes": file_size(base),
             **info,
         }
         meta_path.write_text(json.dumps(meta, indent=2))
     # Re-verify the cached file cheaply every run (the saver reads it back).
-    checked = verify_readback(base, n_threads, per_thread, meta["now"], samples=20)
+    checked = verify_readback(base, n_threads, per_thread, meta["now"], 20, payload)
     log(f"read-back through the real SqliteSaver: {checked} sampled checkpoints OK")
     meta["readback_checked"] = checked
     return base, meta
@@ -306,7 +388,12 @@ def fresh_copy(base: Path, dst: Path) -> Path:
     runs, and every fsync of a commit waits behind gigabytes of it.
     """
     remove_db(dst)
-    shutil.copyfile(base, dst)
+    # A reflink where the filesystem has them (btrfs, xfs): instant and shares
+    # blocks until written; elsewhere `cp` falls back to a full copy.
+    try:
+        subprocess.run(["cp", "--reflink=auto", str(base), str(dst)], check=True)
+    except (OSError, subprocess.CalledProcessError):
+        shutil.copyfile(base, dst)
     os.sync()
     return dst
 
@@ -651,10 +738,23 @@ def worker_numbers(run: WorkerRun) -> dict[str, Any]:
     }
 
 
-def run_b(base: Path, workdir: Path, n_threads: int, no_pause: bool = False) -> dict[str, Any]:
-    """(b); with `no_pause` the diagnostic (b0): the same with `pause_factor: 0`."""
-    tag = "b0" if no_pause else "b"
-    db = fresh_copy(base, workdir / f"copy-{tag}.db")
+def run_b(
+    base: Path,
+    workdir: Path,
+    n_threads: int,
+    no_pause: bool = False,
+    db: Path | None = None,
+    tag: str | None = None,
+    check_integrity: bool = True,
+) -> dict[str, Any]:
+    """(b); with `no_pause` the diagnostic (b0): the same with `pause_factor: 0`.
+
+    `db`: an untouched copy to use (the no-op run's, which deleted nothing)
+    instead of a fresh one; it is removed afterwards either way.
+    """
+    tag = tag or ("b0" if no_pause else "b")
+    if db is None:
+        db = fresh_copy(base, workdir / f"copy-{tag}.db")
     defaults = {"batch": {"pause_factor": 0}} if no_pause else None
     name = "keep5-nopause" if no_pause else "keep5"
     config = write_config(workdir, db, name, {"keep_last": KEEP_LAST}, defaults)
@@ -663,10 +763,86 @@ def run_b(base: Path, workdir: Path, n_threads: int, no_pause: bool = False) -> 
     if run.returncode != 0:
         out["stderr_tail"] = run.stderr_tail
     out["shape"] = shape_after_trim(db, n_threads)
-    out["integrity_check"] = integrity_ok(db)
+    # integrity_check reads every page: minutes on the 10M store, so scale runs skip it.
+    out["integrity_check"] = integrity_ok(db) if check_integrity else "ok (not run)"
     out["db_bytes_after"] = file_size(db)
     remove_db(db)
     return out
+
+
+# =========================================================== no-op sweep
+
+# A no-op sweep's limit, part 1: the per-(thread, namespace) summary a planner
+# needs, read from the primary-key index alone (GROUP BY follows its order).
+NOOP_AGGREGATE_SQL = """SELECT thread_id, checkpoint_ns, count(*), min(checkpoint_id),
+    max(checkpoint_id) FROM checkpoints GROUP BY 1, 2"""
+# Part 2: each head's metadata (metadata rules and the waiting check look at
+# heads only), one primary-key lookup per head.
+NOOP_HEAD_METADATA_SQL = """SELECT metadata FROM checkpoints
+    WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id = ?"""
+# The bench stores hold at most 50 checkpoints a thread, none older than 60
+# days: keep_last 50 keeps them all and expire_after 365d expires no thread.
+NOOP_POLICY = {"keep_last": 50, "expire_after": "365d"}
+
+
+def noop_limit(db: Path) -> dict[str, Any]:
+    """Time the aggregate and the heads' metadata reads (with JSON decoding) on `db`."""
+    conn = sqlite3.connect(str(db))
+    try:
+        load0 = loadavg()
+        cpu0 = time.process_time()
+        t0 = time.monotonic()
+        groups = conn.execute(NOOP_AGGREGATE_SQL).fetchall()
+        t1 = time.monotonic()
+        decoded = 0
+        for tid, ns, _n, _lo, head in groups:
+            (meta,) = conn.execute(NOOP_HEAD_METADATA_SQL, (tid, ns, head)).fetchone()
+            decoded += bool(json.loads(meta))
+        t2 = time.monotonic()
+        cpu = time.process_time() - cpu0
+    finally:
+        conn.close()
+    return {
+        "seconds": round(t2 - t0, 3),
+        "aggregate_seconds": round(t1 - t0, 3),
+        "head_metadata_seconds": round(t2 - t1, 3),
+        "groups": len(groups),
+        "checkpoints": sum(g[2] for g in groups),
+        "heads_with_metadata": decoded,
+        "cpu_seconds": round(cpu, 2),
+        "loadavg_before_after": [load0, loadavg()],
+    }
+
+
+def run_noop(
+    base: Path, workdir: Path, keep_copy: bool = False
+) -> tuple[dict[str, Any], Path | None]:
+    """A sweep with nothing due against its limit, on one copy (nothing is deleted).
+
+    The limit runs first and again after the worker, and the faster of the two
+    counts, so neither side gets the page cache the other warmed. With
+    `keep_copy` the untouched copy is handed back for (b).
+    """
+    db = fresh_copy(base, workdir / "copy-noop.db")
+    before = noop_limit(db)
+    config = write_config(workdir, db, "noop", NOOP_POLICY)
+    run = run_worker(config, db, workdir, "noop")
+    after = noop_limit(db)
+    worker = worker_numbers(run)
+    if run.returncode != 0:
+        worker["stderr_tail"] = run.stderr_tail
+    limit = min(before, after, key=lambda x: x["seconds"])
+    limit["runs_seconds"] = [before["seconds"], after["seconds"]]
+    worker["rows_unchanged"] = after["checkpoints"] == before["checkpoints"]
+    out = {
+        "limit": limit,
+        "worker": worker,
+        "ratio_worker_to_limit": round(run.wall_seconds / limit["seconds"], 2),
+    }
+    if keep_copy and worker["rows_unchanged"] and not worker["checkpoints_deleted"]:
+        return out, db
+    remove_db(db)
+    return out, None
 
 
 # =========================================================== the concurrent writer
@@ -840,24 +1016,32 @@ def summarize_writer(result: dict[str, Any], t_from: float | None, t_to: float |
 
 
 def run_b_load(
-    base: Path, workdir: Path, n_threads: int, rate: float, baseline_seconds: float
+    base: Path,
+    workdir: Path,
+    n_threads: int,
+    rate: float,
+    baseline_seconds: float,
+    target_batch: float | None = None,
 ) -> dict[str, Any]:
-    db = fresh_copy(base, workdir / "copy-bload.db")
-    config = write_config(workdir, db, "keep5-load", {"keep_last": KEEP_LAST})
+    """(b-load); with `target_batch`, the same with `defaults.batch.target_batch_seconds` set."""
+    tag = "bload" if target_batch is None else f"tb{target_batch:g}"
+    db = fresh_copy(base, workdir / f"copy-{tag}.db")
+    defaults = None if target_batch is None else {"batch": {"target_batch_seconds": target_batch}}
+    config = write_config(workdir, db, f"keep5-{tag}", {"keep_last": KEEP_LAST}, defaults)
     heads = swept_heads(db, 20_000, "swept")
     half = len(heads) // 2
     # Baseline: the writer alone.
     log(f"  (b-load) baseline: writer alone for {baseline_seconds:.0f} s at {rate}/s")
-    w0 = Writer(workdir, db, "baseline", rate, heads[:half], duration=baseline_seconds)
+    w0 = Writer(workdir, db, f"baseline-{tag}", rate, heads[:half], duration=baseline_seconds)
     w0.start()
     w0.proc.wait()  # type: ignore[union-attr]
     baseline = summarize_writer(json.loads(w0.out.read_text()), None, None)
     # Under the sweep.
     log("  (b-load) sweep with the writer running")
-    w1 = Writer(workdir, db, "load", rate, heads[half:], duration=None)
+    w1 = Writer(workdir, db, f"load-{tag}", rate, heads[half:], duration=None)
     w1.start()
     time.sleep(1.0)
-    run = run_worker(config, db, workdir, "bload")
+    run = run_worker(config, db, workdir, tag)
     time.sleep(1.0)
     result = w1.finish()
     during = summarize_writer(result, run.started_at, run.ended_at)
@@ -894,6 +1078,7 @@ def run_b_load(
             "writer_checkpoints_lost": lost,
             "threads_left_over_5": over,
             "integrity_check": integrity_ok(db),
+            "target_batch_seconds": target_batch,
         }
     )
     remove_db(db)
@@ -1044,6 +1229,12 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
     def add(name: str, value: str, met: bool | None) -> None:
         out.append({"target": name, "measured": value, "met": met})
 
+    if noop := res.get("noop"):
+        r = noop["ratio_worker_to_limit"]
+        add("(noop) no-op sweep <= 3x its aggregate limit", f"{r:.1f}x", r <= 3)
+        mib = noop["worker"]["peak_rss_mb"]
+        if mib is not None:
+            add("(noop) peak RSS < 200 MB", f"{mib} MiB", mib * 2**20 < 200e6)
     if a and b:
         r = b["checkpoints_per_s"] / a["checkpoints_per_s"]
         add("(b) throughput >= (a)", f"{r:.2f}x of (a)", r >= 1.0)
@@ -1070,6 +1261,19 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
             f"{p99} ms",
             p99 is not None and p99 < 50,
         )
+    for value, r_tb in res.get("tb", {}).items():
+        p99 = r_tb["writer_during_sweep"]["aput"]["p99_ms"]
+        tput = r_tb["checkpoints_per_s"] / a["checkpoints_per_s"] if a else None
+        add(
+            f"(tb {value}) writer p99 <= 50 ms at >= 0.6x of (a)",
+            f"p99 {p99} ms at " + (f"{tput:.2f}x" if tput is not None else "? (no (a))"),
+            p99 is not None and p99 <= 50 and tput is not None and tput >= 0.6,
+        )
+        add(
+            f"(tb {value}) writer never errors",
+            f"{r_tb['writer_during_sweep']['errors']} errors",
+            r_tb["writer_during_sweep"]["errors"] == 0,
+        )
     for key, label in (("b", "(b)"), ("b_load", "(b-load)")):
         if res.get(key):
             v = res[key]["wal_max_bytes"]
@@ -1087,6 +1291,14 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
 
 def ratios_of(one: dict[str, Any]) -> dict[str, float]:
     ratios: dict[str, float] = {}
+    if one.get("noop"):
+        ratios["(noop) worker / aggregate limit, seconds"] = one["noop"]["ratio_worker_to_limit"]
+    for value, r in one.get("tb", {}).items():
+        if one.get("a"):
+            ratios[f"(tb {value}) throughput / (a)"] = round(
+                r["checkpoints_per_s"] / one["a"]["checkpoints_per_s"], 3
+            )
+        ratios[f"(tb {value}) writer aput p99 ms"] = r["writer_during_sweep"]["aput"]["p99_ms"]
     if one.get("a") and one.get("b"):
         ratios["(b)/(a) throughput"] = round(
             one["b"]["checkpoints_per_s"] / one["a"]["checkpoints_per_s"], 3
@@ -1117,6 +1329,17 @@ def worker_cpu(run: dict[str, Any]) -> str:
     return fmt(round(cpu["user_s"] + cpu["sys_s"], 1)) if cpu else "-"
 
 
+def print_table(hdr: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(str(r[i])) for r in [hdr, *rows]) for i in range(len(hdr))]
+    for r in [hdr, *rows]:
+        print(
+            "  ".join(
+                str(x).rjust(wd) if i else str(x).ljust(wd)
+                for i, (x, wd) in enumerate(zip(r, widths, strict=True))
+            )
+        )
+
+
 def print_report(res: dict[str, Any]) -> None:
     print()
     print("=" * 100)
@@ -1137,7 +1360,7 @@ def print_report(res: dict[str, Any]) -> None:
         f"store: {s['threads']:,} threads x {s['per_thread']} = {s['checkpoints']:,} checkpoints,"
         f" {s['writes']:,} writes, {mb(s['db_bytes'])}, {s['idle_threads']:,} idle (> 30 d)"
     )
-    rows = []
+    rows: list[tuple[str, ...]] = []
     hdr = (
         "run",
         "seconds",
@@ -1150,6 +1373,36 @@ def print_report(res: dict[str, Any]) -> None:
         "max WAL",
         "check",
     )
+    if noop := res.get("noop"):
+        lim, w = noop["limit"], noop["worker"]
+        rows.append(
+            (
+                "(noop) limit: GROUP BY + heads",
+                fmt(lim["seconds"]),
+                fmt(lim["cpu_seconds"]),
+                "-",
+                "-",
+                "-",
+                "-",
+                "-",
+                "-",
+                f"{lim['groups']:,} groups",
+            )
+        )
+        rows.append(
+            (
+                "(noop) janitor, nothing due",
+                fmt(w["wall_seconds"]),
+                worker_cpu(w),
+                fmt(w["checkpoints_deleted"]),
+                fmt(w["writes_deleted"]),
+                "-",
+                "-",
+                f"{w['peak_rss_mb']} MiB",
+                mb(w["wal_max_bytes"]),
+                "ok" if w["rows_unchanged"] and w["exit_code"] == 0 else "BAD",
+            )
+        )
     if a := res.get("a"):
         rows.append(
             (
@@ -1219,19 +1472,31 @@ def print_report(res: dict[str, Any]) -> None:
                 chk,
             )
         )
-    widths = [max(len(str(r[i])) for r in [hdr, *rows]) for i in range(len(hdr))]
-    for r in [hdr, *rows]:
-        print(
-            "  ".join(
-                str(x).rjust(wd) if i else str(x).ljust(wd)
-                for i, (x, wd) in enumerate(zip(r, widths, strict=True))
+    for value, t in res.get("tb", {}).items():
+        ok = t.get("integrity_check") == "ok" and not t["writer_checkpoints_lost"]
+        chk = "ok" if ok else "BAD"
+        rows.append(
+            (
+                f"(tb {value}) b-load, target {value} s",
+                fmt(t["wall_seconds"]),
+                worker_cpu(t),
+                fmt(t["checkpoints_deleted"]),
+                fmt(t["writes_deleted"]),
+                fmt(t["checkpoints_per_s"]),
+                f"{(t['longest_write_txn_s'] or 0) * 1000:.0f} ms",
+                f"{t['peak_rss_mb']} MiB",
+                mb(t["wal_max_bytes"]),
+                chk,
             )
         )
-    if bl := res.get("b_load"):
+    print_table(hdr, rows)
+    loaded = [("b-load", res["b_load"])] if res.get("b_load") else []
+    loaded += [(f"tb {v}", t) for v, t in res.get("tb", {}).items()]
+    for name, bl in loaded:
         print()
         for label, d in (
-            ("writer alone (baseline)", bl["writer_baseline"]),
-            ("writer during sweep", bl["writer_during_sweep"]),
+            (f"{name} writer alone", bl["writer_baseline"]),
+            (f"{name} writer in sweep", bl["writer_during_sweep"]),
         ):
             ap = d["aput"]
             print(
@@ -1248,6 +1513,7 @@ def print_report(res: dict[str, Any]) -> None:
         print()
         print("per repetition (seconds):")
         for key, get in (
+            ("noop", lambda x: (x["limit"]["seconds"], x["worker"]["wall_seconds"])),
             ("a", lambda x: x["seconds"]),
             ("b", lambda x: x["wall_seconds"]),
             ("b0", lambda x: x["wall_seconds"]),
@@ -1264,6 +1530,161 @@ def print_report(res: dict[str, Any]) -> None:
         print(f"ratio {k}: {v}")
     print()
     for t in res.get("targets", []):
+        mark = {True: "MET", False: "MISSED", None: "?"}[t["met"]]
+        print(f"  [{mark:>6}] {t['target']}: {t['measured']}")
+    print("=" * 100)
+
+
+# =========================================================== --scale
+
+
+def run_scale(
+    workdir: Path, sizes: list[int], per_thread: int, repeat: int, rebuild: bool
+) -> dict[str, Any]:
+    """The no-op sweep and keep_last 5 on small-payload stores of each size.
+
+    Each repetition measures every size in turn (same moment, similar load), so
+    the big/small time ratios are taken within one repetition. The no-op run's
+    copy, untouched, is the keep_last run's copy.
+    """
+    global RUN_SUFFIX
+    stores: dict[int, dict[str, Any]] = {}
+    for n in sizes:
+        base, meta = ensure_store(workdir, n, per_thread, rebuild, "small")
+        stores[n] = {
+            "path": str(base),
+            "threads": n,
+            "per_thread": per_thread,
+            "checkpoints": n * per_thread,
+            "db_bytes": file_size(base),
+            "built_at": meta["built_at"],
+            "build_seconds": meta.get("build_seconds"),
+            "readback_checked": meta["readback_checked"],
+        }
+    reps: list[dict[str, Any]] = []
+    for r in range(repeat):
+        one: dict[str, Any] = {"sizes": {}}
+        for n in sizes:
+            base = Path(stores[n]["path"])
+            RUN_SUFFIX = f"-{n}" + (f"-r{r + 1}" if repeat > 1 else "")
+            check_free_disk(workdir, file_size(base) + 2**30, f"a copy of {base.name}")
+            log(f"(scale {n:,} threads, rep {r + 1}/{repeat}) no-op sweep vs its limit")
+            noop, db = run_noop(base, workdir, keep_copy=True)
+            w_s, lim_s = noop["worker"]["wall_seconds"], noop["limit"]["seconds"]
+            log(f"    worker {w_s} s, limit {lim_s} s")
+            log(f"(scale {n:,} threads, rep {r + 1}/{repeat}) keep_last 5")
+            b = run_b(base, workdir, n, db=db, check_integrity=False)
+            log(f"    {b['wall_seconds']} s, {b['checkpoints_per_s']} checkpoints/s")
+            one["sizes"][str(n)] = {"noop": noop, "b": b}
+        one["ratios"] = scale_ratios(one["sizes"], sizes)
+        reps.append(one)
+    median: dict[str, Any] = {}
+    for n in sizes:
+        runs = [one["sizes"][str(n)] for one in reps]
+        median[str(n)] = {
+            kind: sorted((x[kind] for x in runs), key=lambda v: v["wall_seconds"]
+                         if kind == "b" else v["worker"]["wall_seconds"])[(len(runs) - 1) // 2]
+            for kind in ("noop", "b")
+        }  # fmt: skip
+    ratios = {
+        name: round(statistics.median(one["ratios"][name] for one in reps), 3)
+        for name in reps[0]["ratios"]
+    }
+    out = {"stores": stores, "repetitions": reps, "median": median, "ratios": ratios}
+    out["targets"] = scale_targets(out, sizes)
+    return out
+
+
+def scale_ratios(by_size: dict[str, Any], sizes: list[int]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for lo, hi in itertools.pairwise(sizes):
+        a, b = by_size[str(lo)], by_size[str(hi)]
+        out[f"rows x{hi / lo:g}: no-op sweep time ratio"] = round(
+            b["noop"]["worker"]["wall_seconds"] / a["noop"]["worker"]["wall_seconds"], 2
+        )
+        out[f"rows x{hi / lo:g}: no-op limit time ratio"] = round(
+            b["noop"]["limit"]["seconds"] / a["noop"]["limit"]["seconds"], 2
+        )
+        out[f"rows x{hi / lo:g}: keep_last 5 time ratio"] = round(
+            b["b"]["wall_seconds"] / a["b"]["wall_seconds"], 2
+        )
+    return out
+
+
+def scale_targets(res: dict[str, Any], sizes: list[int]) -> list[dict[str, Any]]:
+    out = []
+    for lo, hi in itertools.pairwise(sizes):
+        cap = 1.1 * hi / lo  # "at most linear": 11x for 10x the rows
+        for kind in ("no-op sweep", "keep_last 5"):
+            per_rep = [one["ratios"][f"rows x{hi / lo:g}: {kind} time ratio"] for one in
+                       res["repetitions"]]  # fmt: skip
+            out.append({
+                "target": f"{kind}: {hi:,} threads take <= {cap:g}x the time of {lo:,}",
+                "measured": " | ".join(f"{v}x" for v in per_rep),
+                "met": all(v <= cap for v in per_rep),
+            })  # fmt: skip
+    rss: list[tuple[str, str, float | None]] = []
+    for one in res["repetitions"]:
+        for n, run in one["sizes"].items():
+            rss.append((n, "no-op", run["noop"]["worker"]["peak_rss_mb"]))
+            rss.append((n, "keep5", run["b"]["peak_rss_mb"]))
+    worst = max((v for _, _, v in rss if v is not None), default=None)
+    out.append({
+        "target": "peak RSS < 200 MB at every size",
+        "measured": ", ".join(f"{int(n):,} {k}: {v} MiB" for n, k, v in rss),
+        "met": worst is not None and worst * 2**20 < 200e6,
+    })  # fmt: skip
+    return out
+
+
+def print_scale(res: dict[str, Any]) -> None:
+    sc = res["scale"]
+    print()
+    print("=" * 100)
+    cv = res["worker_code"]
+    print(
+        f"worker code: git {cv['git_head']}, sha256 {cv['code_sha256']},"
+        f" {len(cv['dirty_files'])} uncommitted files; load average at start"
+        f" {res['loadavg_at_start']}, at end {res.get('loadavg_at_end')}"
+    )
+    hdr = (
+        "store (small payload)",
+        "file",
+        "no-op s",
+        "limit s",
+        "no-op/limit",
+        "no-op RSS",
+        "keep5 s",
+        "ckpt/s",
+        "longest txn",
+        "keep5 RSS",
+        "load 1 min (keep5)",
+    )
+    rows = []
+    for n, st in sc["stores"].items():
+        m = sc["median"][str(n)]
+        noop, b = m["noop"], m["b"]
+        rows.append(
+            (
+                f"{st['threads']:,} x {st['per_thread']} = {st['checkpoints']:,}",
+                f"{st['db_bytes'] / 2**30:.2f} GiB",
+                fmt(noop["worker"]["wall_seconds"]),
+                fmt(noop["limit"]["seconds"]),
+                f"{noop['ratio_worker_to_limit']}x",
+                f"{noop['worker']['peak_rss_mb']} MiB",
+                fmt(b["wall_seconds"]),
+                fmt(b["checkpoints_per_s"]),
+                f"{(b['longest_write_txn_s'] or 0) * 1000:.0f} ms",
+                f"{b['peak_rss_mb']} MiB",
+                "{} -> {}".format(*(x[0] if x else "?" for x in b["loadavg_before_after"])),
+            )
+        )
+    print_table(hdr, rows)
+    print()
+    for k, v in sc["ratios"].items():
+        print(f"ratio {k}: {v}")
+    print()
+    for t in sc["targets"]:
         mark = {True: "MET", False: "MISSED", None: "?"}[t["met"]]
         print(f"  [{mark:>6}] {t['target']}: {t['measured']}")
     print("=" * 100)
@@ -1287,10 +1708,32 @@ def main() -> None:
     ap.add_argument(
         "--only",
         default="a,b,bload,c",
-        help="comma-separated subset of a,b,bload,c (default: all), plus the diagnostic b0"
-        " ((b) with pause_factor: 0)",
+        help="comma-separated subset of noop,a,b,bload,c,tb (default: a,b,bload,c), plus the"
+        " diagnostic b0 ((b) with pause_factor: 0); noop is a sweep with nothing due against"
+        " its aggregate limit, tb is (b-load) once per --target-batch value",
+    )
+    ap.add_argument(
+        "--target-batch",
+        default="0.05,0.1,0.2",
+        help="tb: the defaults.batch.target_batch_seconds values to run (default 0.05,0.1,0.2)",
+    )
+    ap.add_argument(
+        "--scale",
+        help="THREADS,THREADS,...: instead of the runs above, the no-op sweep and keep_last 5"
+        " on small-payload stores of each size (--per-thread each), and the time and RSS"
+        " ratios between them (e.g. 20000,200000 for 1M and 10M)",
     )
     ap.add_argument("--rebuild", action="store_true", help="rebuild the cached store")
+    ap.add_argument(
+        "--payload",
+        choices=PAYLOADS,
+        default="chat",
+        help="checkpoint payload: chat (the default, ~4.6 KB a checkpoint with its writes) or"
+        " small (a few hundred bytes; used by --scale)",
+    )
+    ap.add_argument(
+        "--build-only", action="store_true", help="build (or check) the store, measure nothing"
+    )
     ap.add_argument("--rate", type=float, default=50.0, help="(b-load) writer puts per second")
     ap.add_argument("--baseline-seconds", type=float, default=10.0)
     ap.add_argument(
@@ -1313,7 +1756,20 @@ def main() -> None:
         "worker_code": code_version(),
         "loadavg_at_start": loadavg(),
     }
-    base, meta = ensure_store(workdir, args.threads, args.per_thread, args.rebuild)
+    if args.scale:
+        sizes = [int(x) for x in args.scale.split(",") if x.strip()]
+        res["scale"] = run_scale(workdir, sizes, args.per_thread, args.repeat, args.rebuild)
+        res["finished_at"] = datetime.now(UTC).isoformat()
+        res["loadavg_at_end"] = loadavg()
+        out = workdir / f"results-scale-{'-'.join(map(str, sizes))}x{args.per_thread}.json"
+        out.write_text(json.dumps(res, indent=2))
+        print_scale(res)
+        log(f"results written to {out}")
+        return
+    base, meta = ensure_store(workdir, args.threads, args.per_thread, args.rebuild, args.payload)
+    if args.build_only:
+        log(f"store ready: {base} ({file_size(base) / 2**30:.2f} GiB)")
+        return
     conn = sqlite3.connect(str(base))
     res["store"] = {
         "threads": args.threads,
@@ -1334,6 +1790,15 @@ def main() -> None:
         RUN_SUFFIX = f"-r{r + 1}" if args.repeat > 1 else ""
         tag = f" [repetition {r + 1}/{args.repeat}]" if args.repeat > 1 else ""
         one: dict[str, Any] = {}
+        if "noop" in only:
+            log(f"(noop) a sweep with nothing due vs its aggregate limit{tag}")
+            # (b) gets a fresh copy like (a), not the no-op run's: both then
+            # start from a just-written file, whatever (a) did to the page cache.
+            one["noop"], _ = run_noop(base, workdir)
+            log(
+                f"    worker {one['noop']['worker']['wall_seconds']} s,"
+                f" limit {one['noop']['limit']['seconds']} s"
+            )
         if "a" in only:
             log(f"(a) one set-based DELETE in one transaction{tag}")
             one["a"] = run_a(base, workdir, args.threads)
@@ -1361,6 +1826,15 @@ def main() -> None:
                 f"    loop {one['c']['delete_thread_loop']['seconds']} s,"
                 f" worker {one['c']['worker']['wall_seconds']} s"
             )
+        if "tb" in only:
+            for tb in [float(x) for x in args.target_batch.split(",") if x.strip()]:
+                log(f"(tb) (b-load) with target_batch_seconds {tb:g}{tag}")
+                r_tb = run_b_load(base, workdir, args.threads, args.rate, args.baseline_seconds, tb)
+                one.setdefault("tb", {})[f"{tb:g}"] = r_tb
+                log(
+                    f"    {r_tb['wall_seconds']} s, writer p99"
+                    f" {r_tb['writer_during_sweep']['aput']['p99_ms']} ms"
+                )
         one["ratios"] = ratios_of(one)
         one["targets"] = targets(one)
         reps.append(one)
@@ -1369,6 +1843,7 @@ def main() -> None:
     # taken within each repetition (same moment, same load) and their median
     # reported; a target counts as met only if every repetition met it.
     for key, metric in (
+        ("noop", lambda x: x["worker"]["wall_seconds"]),
         ("a", lambda x: x["seconds"]),
         ("b", lambda x: x["wall_seconds"]),
         ("b0", lambda x: x["wall_seconds"]),
@@ -1378,6 +1853,11 @@ def main() -> None:
         runs = [one[key] for one in reps if key in one]
         if runs:
             res[key] = sorted(runs, key=metric)[(len(runs) - 1) // 2]
+    for value in reps[0].get("tb", {}):
+        runs = [one["tb"][value] for one in reps]
+        res.setdefault("tb", {})[value] = sorted(runs, key=lambda x: x["wall_seconds"])[
+            (len(runs) - 1) // 2
+        ]
     res["ratios"] = {
         name: round(statistics.median(one["ratios"][name] for one in reps), 3)
         for name in reps[0]["ratios"]
