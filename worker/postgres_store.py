@@ -1167,7 +1167,18 @@ class PostgresStore:
                         error=type(e).__name__,
                         threads=len(todo),
                     )
-                    return [WorkResult(w.thread_id, Counts(), changed=True) for w in batch]
+                    # Contention, not a change: the threads wait for the next sweep as
+                    # `locked` (those found changed or held before stay so).
+                    return [
+                        WorkResult(
+                            w.thread_id,
+                            Counts(),
+                            changed=w.thread_id in changed,
+                            on_hold=w.thread_id in on_hold,
+                            locked=w.thread_id not in changed | on_hold,
+                        )
+                        for w in batch
+                    ]
                 delay = min(5.0, 0.1 * 2**attempt) * (0.5 + random.random())
                 log.info(
                     "batch_retry",
