@@ -744,7 +744,6 @@ def run_b(
     n_threads: int,
     no_pause: bool = False,
     db: Path | None = None,
-    tag: str | None = None,
     check_integrity: bool = True,
 ) -> dict[str, Any]:
     """(b); with `no_pause` the diagnostic (b0): the same with `pause_factor: 0`.
@@ -752,7 +751,7 @@ def run_b(
     `db`: an untouched copy to use (the no-op run's, which deleted nothing)
     instead of a fresh one; it is removed afterwards either way.
     """
-    tag = tag or ("b0" if no_pause else "b")
+    tag = "b0" if no_pause else "b"
     if db is None:
         db = fresh_copy(base, workdir / f"copy-{tag}.db")
     defaults = {"batch": {"pause_factor": 0}} if no_pause else None
