@@ -106,6 +106,18 @@ def bulk(i: int) -> str:
     return f"bulk-{i:05d}-t"
 
 
+async def assert_no_orphans_past_grace(dsn: str, policies: str = BULK_POLICY) -> None:
+    """No write without its checkpoint and no dangling parent now; the blobs the trims left
+    unreferenced wait out the grace period after them, and a sweep past it (which deletes
+    no more) collects them all."""
+    found = await orphans(dsn)
+    assert found["orphan_writes"] == [] and found["missing_parents"] == [], found
+    report = await run_pg_sweep(dsn, policies, now=time.time() + 2 * 3600)
+    assert report.outcome is Outcome.SUCCESS, report.error
+    assert report.deleted.checkpoints == 0 and report.deleted.writes == 0
+    assert await orphans(dsn) == NO_ORPHANS
+
+
 async def read_threads(dsn: str, threads: list[str]) -> dict[str, Any]:
     """Every checkpoint of `threads` as the saver reads it, by checkpoint id."""
     out: dict[str, Any] = {}
@@ -348,12 +360,20 @@ async def test_application_lock_makes_the_sweep_back_off(
 ) -> None:
     """A transaction of the application holding a thread's rows (`FOR UPDATE`) makes the sweep
     skip or retry that batch within lock_timeout: it finishes while the lock is held, no
-    statement waits past lock_timeout, and the locked thread is untouched until released."""
+    statement waits past lock_timeout, and the locked thread is untouched until released.
+    Blobs go only past the grace period after a trim: for them, the threads are trimmed
+    first and the lock meets the sweep that collects."""
     dsn = dbs.clone(small_template)
     locked = bulk(SMALL_THREADS // 2)
-    before = await thread_counts(dsn)
     policy = BULK_POLICY
     extra = "defaults:\n  batch: {lock_timeout: 0.5, max_batch_threads: 20, pause_factor: 0}\n"
+    now = None
+    if table == "checkpoint_blobs":
+        first = await run_pg_sweep(dsn, policy, extra=extra)
+        assert first.outcome is Outcome.SUCCESS and first.deleted.blobs == 0, first.error
+        now = time.time() + 2 * 3600
+    before = await thread_counts(dsn)
+    garbage = {r[0] for r in (await orphans(dsn))["unreferenced_blobs"]}
     app = await asyncpg.connect(dsn)
     try:
         tx = app.transaction()
@@ -363,7 +383,9 @@ async def test_application_lock_makes_the_sweep_back_off(
         stop = asyncio.Event()
         watcher = asyncio.create_task(watch_lock_waits(dsn, stop))
         t0 = time.monotonic()
-        report = await asyncio.wait_for(run_pg_sweep(dsn, policy, extra=extra), timeout=120)
+        report = await asyncio.wait_for(
+            run_pg_sweep(dsn, policy, extra=extra, now=now), timeout=120
+        )
         elapsed = time.monotonic() - t0
         stop.set()
         longest_wait = await watcher
@@ -378,14 +400,17 @@ async def test_application_lock_makes_the_sweep_back_off(
         assert during[locked] == before[locked], "the locked thread was changed"
         trimmed = sum(1 for n in during.values() if n == KEEP)
         assert trimmed >= 0.9 * (SMALL_THREADS - 1), f"only {trimmed} threads trimmed"
+        if table == "checkpoint_blobs":
+            left = {r[0] for r in (await orphans(dsn))["unreferenced_blobs"]}
+            assert locked in left and len(left) <= 0.1 * len(garbage), len(left)
         # The application's transaction was not disturbed.
         assert await app.fetchval("SELECT 1") == 1
     finally:
         await app.close()  # rolls the application's transaction back
-    report = await run_pg_sweep(dsn, policy, extra=extra)
+    report = await run_pg_sweep(dsn, policy, extra=extra, now=now)
     assert report.outcome is Outcome.SUCCESS, report.error
     assert set((await thread_counts(dsn)).values()) == {KEEP}
-    assert await orphans(dsn) == NO_ORPHANS
+    await assert_no_orphans_past_grace(dsn, policy)
 
 
 # ------------------------------------------------------------------ processes
@@ -408,7 +433,7 @@ async def test_two_once_processes_sweep_each_thread_once(tmp_path: Path, big: st
         e["checkpoints"] for _, err in results for e in json_events(err) if e["event"] == "sweep"
     )
     assert deleted == total - KEEP * THREADS
-    assert await orphans(big) == NO_ORPHANS
+    await assert_no_orphans_past_grace(big)
 
 
 async def test_sigkill_mid_sweep_leaves_a_readable_store(tmp_path: Path, big: str) -> None:
@@ -464,7 +489,7 @@ async def test_sigkill_mid_sweep_leaves_a_readable_store(tmp_path: Path, big: st
     assert proc.returncode == 0, err[-3000:]
     assert set((await thread_counts(big)).values()) == {KEEP}
     assert len(await thread_counts(big)) == THREADS
-    assert await orphans(big) == NO_ORPHANS
+    await assert_no_orphans_past_grace(big)
     after = await read_threads(big, sample)
     assert all(after[k] == before[k] for k in after)
 

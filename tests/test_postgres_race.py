@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from langgraph.types import Command
 from pg_scenarios import (
     Databases,
@@ -26,6 +27,7 @@ from pg_scenarios import (
     blob_keys,
     cli,
     connect,
+    fork_graph,
     orphans,
     pg_saver,
     run_pg_sweep,
@@ -189,3 +191,81 @@ async def test_purge_reaches_an_expired_thread_whose_blobs_wait(
     events = map(json.loads, r.stderr.splitlines())
     purged = [e for e in events if e.get("event") == "thread_purged"]
     assert [e["thread_id"] for e in purged] == ["t"]
+
+
+# ------------------------------------------------------------------ a fork racing a trim
+
+TRIMS = {
+    "aggregate": "  - {name: trim, keep_last: 2}",
+    "rows": "  - {name: trim, when_idle: {after: 1h, keep_last: 2}}",
+}
+"""The same trim decided from aggregates (set-based ranges) and from rows (by ids)."""
+
+
+class PausedPutSaver(AsyncPostgresSaver):
+    """The real saver whose `aput` first waits on `gate`: `aupdate_state` has read its base
+    (`aget_tuple`) and built the fork when it blocks, and writes it when `gate.go` is set."""
+
+    gate = Gate(open_=True)
+
+    async def aput(self, *args: Any, **kwargs: Any) -> Any:
+        await self.gate.wait()
+        return await super().aput(*args, **kwargs)
+
+
+async def fork_from_old(dsn: str, gate: Gate, during: Any = None) -> Any:
+    """`aupdate_state` thread "t" from its oldest finished turn B with a note (so the fork
+    names B's `messages` blob version); `during()` runs between its read of B and its write.
+    Returns the fork's state read back through the real saver."""
+    async with PausedPutSaver.from_conn_string(dsn) as saver:
+        saver.gate = gate
+        app = fork_graph(saver)
+        history = [s async for s in app.aget_state_history(thread("t"))]
+        base = [s for s in history if s.values.get("messages") and not s.next][-1]
+        update = asyncio.create_task(
+            app.aupdate_state(base.config, {"notes": ["fork of t"]}, as_node="reply")
+        )
+        await gate.entered.wait()
+        if during is not None:
+            await during()
+        gate.go.set()
+        state = await app.aget_state(await update)
+    return state.values, state.next
+
+
+@pytest.mark.parametrize("path", sorted(TRIMS))
+async def test_fork_across_a_trim_keeps_its_base_blobs(dbs: Databases, path: str) -> None:
+    """Issue 9's first promise: a fork that read its base B before a sweep trimmed B (and
+    collected, in the same batch, the `messages` blob version only B referenced) and writes
+    after that sweep commits must read back whole, as the same fork on an untouched copy.
+    The trim dates the thread, so its unreferenced blobs wait out the grace period; the
+    first sweep past it collects them, and the fork still reads back whole."""
+    dsn = dbs.create()
+    with aged(1):
+        async with pg_saver(dsn) as saver:
+            for i in range(4):
+                await fork_graph(saver).ainvoke({"messages": [f"turn {i}"]}, thread("t"))
+    untouched = dbs.clone(dsn)
+    expected = await fork_from_old(untouched, Gate(open_=True))
+    assert expected[0]["messages"] and expected[0]["notes"] == ["fork of t"]
+
+    async def trim() -> None:
+        report = await run_pg_sweep(dsn, TRIMS[path])
+        assert report.error is None and report.deleted.checkpoints > 0
+
+    assert await fork_from_old(dsn, Gate(), during=trim) == expected
+
+    # Within the grace period after a trim nothing the fork names goes; past it, the
+    # history's unreferenced blobs do (the fork's dangling parent is nulled too). The fork
+    # makes three checkpoints, so one more trim (now, or idle after 1h) restarts the wait.
+    for later in (0.0, 2 * HOUR, 4 * HOUR):
+        report = await run_pg_sweep(dsn, TRIMS[path], now=time.time() + later)
+        assert report.error is None
+        async with pg_saver(dsn) as saver:
+            state = await fork_graph(saver).aget_state(thread("t"))
+        assert (state.values, state.next) == expected
+    assert await orphans(dsn) == {
+        "unreferenced_blobs": [],
+        "orphan_writes": [],
+        "missing_parents": [],
+    }

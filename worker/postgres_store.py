@@ -17,16 +17,31 @@ Why deletes are safe beside a live application (DESIGN invariant 5):
   again without that thread). REPEATABLE READ could not do this: its snapshot
   would never see the resume. The window left is the few milliseconds
   between the last re-check and COMMIT.
-- Blobs are the hard part: a fork (`update_state` from an old checkpoint)
-  writes a new checkpoint that references the old checkpoint's blob
-  versions without rewriting them (`ON CONFLICT DO NOTHING`, and only new
-  versions are written), and no row lock of ours blocks its insert. So blobs
-  are collected only on threads quiet for the grace period, by an anti-join
-  against the committed checkpoints evaluated inside the same statement as the
-  delete, after the post-delete re-check showed the thread still quiet. A fork
-  on a thread quiet for the whole grace period that commits during that one
-  statement is the remaining window; it is documented, and the saver wrapper
-  can close it.
+- Blobs are the hard part: a fork (`update_state` from an old checkpoint B)
+  reads B, then writes a new checkpoint that references B's blob versions
+  without rewriting them (`aput` writes blobs only for the channels it
+  changed, `ON CONFLICT DO NOTHING`), and no row lock of ours blocks its
+  insert. The window is not one statement: it runs from the fork's read to
+  its write, across our commit. A batch that trimmed B and, in the same
+  transaction, collected the blob versions only B referenced (the thread
+  being quiet) would leave the fork naming versions that are gone: it reads
+  back with those channels empty. So a thread's unreferenced blobs are
+  collected only when (a) the thread is quiet for the grace period (newest
+  checkpoint), and (b) it has had no deletion — trim or policy expiry — for
+  the grace period. Deletions are dated in the tool's own table
+  `checkpoint_janitor_deletions(thread_id, deleted_at)` (created on first
+  use, in the store's schema, upserted by one statement per batch in the
+  deletes' transaction, at the sweep's clock); the collecting statement
+  re-checks both the references (an anti-join against the committed
+  checkpoints) and the date. Both plans (rows and aggregates) ask the same
+  statement which threads hold collectable blobs, and the dry run counts
+  none for a thread the batch trims. A row older than the grace period is
+  dropped when a batch next collects on its thread; a purge drops it.
+  The window left: a run that read a checkpoint and saves a fork of it more
+  than `grace_period` after a sweep deleted it. Deletions by other tools are
+  not dated: the saver wrapper (`RetentionSaver`) frees blobs in its trim
+  statement at once, as the official `prune` does, so a fork racing a
+  wrapper trim of its base keeps the old window (see `saver_backends`).
 - Expiry racing a run in flight. A resume, an `invoke(None)` retry or a new
   turn with `durability="exit"` reads the thread, then saves nothing until
   its node ends (a Command resume leaves a `__resume__` write first; the
@@ -436,10 +451,60 @@ EXPIRE_SQL = {
         )
         SELECT thread_id, count(*) FROM gone GROUP BY 1""",
 }
+# ---------------------------------------------------------------- dated deletions
+
+# The tool's own table, beside `checkpoint_janitor_expired`: blobs carry no
+# date and a deleted checkpoint leaves no row, so this dates each thread's
+# latest deletion (trim or expiry). A fork that read a checkpoint before a
+# sweep deleted it saves, after that sweep, a checkpoint naming the blob
+# versions it read; so a thread's unreferenced blobs wait out the grace period
+# after its last deletion (see the module docstring). One row per thread.
+DELETIONS_TABLE = "checkpoint_janitor_deletions"
+CREATE_DELETIONS_TABLE_SQL = f"""
+CREATE TABLE IF NOT EXISTS {DELETIONS_TABLE} (
+    thread_id TEXT PRIMARY KEY,
+    deleted_at TIMESTAMPTZ NOT NULL
+)
+"""
+DELETIONS_TABLE_EXISTS_SQL = f"SELECT to_regclass('{DELETIONS_TABLE}') IS NOT NULL"
+# One statement per batch, in the deletes' transaction (a rollback forgets it).
+# GREATEST: a sweep on a clock behind an earlier one's must not shorten a wait.
+RECORD_DELETIONS_SQL = f"""
+INSERT INTO {DELETIONS_TABLE} AS d (thread_id, deleted_at)
+SELECT t.thread_id, to_timestamp($2) FROM unnest($1::text[]) AS t(thread_id)
+ON CONFLICT (thread_id) DO UPDATE SET deleted_at = GREATEST(d.deleted_at, EXCLUDED.deleted_at)
+"""
+# A row past the grace period no longer holds anything back; by primary key,
+# for the threads a batch collected blobs on (expired threads' included).
+PRUNE_DELETIONS_SQL = f"""
+DELETE FROM {DELETIONS_TABLE}
+WHERE thread_id = ANY($1::text[]) AND deleted_at < to_timestamp($2)
+"""
+FORGET_DELETIONS_SQL = f"DELETE FROM {DELETIONS_TABLE} WHERE thread_id = ANY($1::text[])"
+# What the collecting statements below add once the table exists (`{cutoff}`:
+# the placeholder of now - grace); a thread deleted from since then keeps its
+# unreferenced blobs. Re-checked in the statement, like the references.
+_NOT_RECENTLY_DELETED = f"""
+  AND NOT EXISTS (
+      SELECT 1 FROM {DELETIONS_TABLE} dd
+      WHERE dd.thread_id = b.thread_id AND dd.deleted_at >= to_timestamp({{cutoff}})
+  )"""
+
+
+def _dated(template: str, cutoff: str) -> dict[bool, str]:
+    """`template` without (False) and with (True) the recent-deletion check, bound to `cutoff`."""
+    return {
+        False: template.replace("{recent}", ""),
+        True: template.replace("{recent}", _NOT_RECENTLY_DELETED.replace("{cutoff}", cutoff)),
+    }
+
+
 # The blobs no committed checkpoint of their thread and namespace references,
-# on quiet threads only (see the module docstring). The references are built
-# once per thread (a hash anti-join), not probed per blob.
-DELETE_GARBAGE_BLOBS_SQL = """
+# on quiet threads not deleted from within the grace period (see the module
+# docstring). The references are built once per thread (a hash anti-join),
+# not probed per blob. Keyed by "the deletions table exists"; $2 is the cutoff.
+DELETE_GARBAGE_BLOBS_SQL = _dated(
+    """
 WITH refs AS (
     SELECT DISTINCT c.thread_id, c.checkpoint_ns, v.key AS channel, v.value AS version
     FROM checkpoints c
@@ -452,14 +517,18 @@ WITH refs AS (
           SELECT 1 FROM refs r
           WHERE r.thread_id = b.thread_id AND r.checkpoint_ns = b.checkpoint_ns
             AND r.channel = b.channel AND r.version = b.version
-      )
+      ){recent}
     RETURNING b.thread_id
 )
 SELECT thread_id, count(*) FROM gone GROUP BY 1
-"""
-# Which quiet threads hold blobs no checkpoint references (left by trims made
-# while the thread was busy): they get a sweep part of their own.
-GARBAGE_BLOB_THREADS_SQL = """
+""",
+    "$2",
+)
+# Which quiet threads hold blobs the statement above would collect (left by
+# trims made while the thread was busy or within the grace period): they get
+# a sweep part of their own. Both plans (rows and aggregates) ask this.
+GARBAGE_BLOB_THREADS_SQL = _dated(
+    """
 WITH refs AS (
     SELECT DISTINCT c.thread_id, c.checkpoint_ns, v.key AS channel, v.value AS version
     FROM checkpoints c
@@ -472,9 +541,12 @@ WHERE b.thread_id = ANY($1::text[])
       SELECT 1 FROM refs r
       WHERE r.thread_id = b.thread_id AND r.checkpoint_ns = b.checkpoint_ns
         AND r.channel = b.channel AND r.version = b.version
-  )
-"""
-COUNT_GARBAGE_BLOBS_SQL = """
+  ){recent}
+""",
+    "$2",
+)
+COUNT_GARBAGE_BLOBS_SQL = _dated(
+    """
 WITH refs AS (
     SELECT DISTINCT c.thread_id, c.checkpoint_ns, v.key AS channel, v.value AS version
     FROM checkpoints c
@@ -490,9 +562,11 @@ WHERE b.thread_id = ANY($1::text[])
       SELECT 1 FROM refs r
       WHERE r.thread_id = b.thread_id AND r.checkpoint_ns = b.checkpoint_ns
         AND r.channel = b.channel AND r.version = b.version
-  )
+  ){recent}
 GROUP BY 1
-"""
+""",
+    "$5",
+)
 
 # ---------------------------------------------------------------- expired threads' blobs
 
@@ -782,6 +856,8 @@ class PostgresStore:
         """`checkpoint_janitor_expired` is known to exist (it is never dropped)."""
         self._holds_table = False
         """`checkpoint_janitor_holds` is known to exist (it is never dropped)."""
+        self._deletions_table = False
+        """`checkpoint_janitor_deletions` is known to exist (it is never dropped)."""
 
     # ------------------------------------------------------------ lifecycle
 
@@ -933,6 +1009,19 @@ class PostgresStore:
             self._expired_table = bool(await conn.fetchval(EXPIRED_TABLE_EXISTS_SQL))
         return self._expired_table
 
+    async def _has_deletions_table(self, conn: asyncpg.Connection) -> bool:
+        if not self._deletions_table:
+            self._deletions_table = bool(await conn.fetchval(DELETIONS_TABLE_EXISTS_SQL))
+        return self._deletions_table
+
+    async def _fetch_dated(
+        self, conn: asyncpg.Connection, sql: dict[bool, str], *args: Any
+    ) -> list[asyncpg.Record]:
+        """A blob-collecting statement, with the recent-deletion check once there are dates."""
+        if await self._has_deletions_table(conn):
+            return list(await conn.fetch(sql[True], *args, self._cutoff()))
+        return list(await conn.fetch(sql[False], *args))
+
     async def scan(self, thread_ids: Sequence[str]) -> list[ScannedThread]:
         """Summaries of `thread_ids`; delta threads' channel keys filled in."""
         ids = list(thread_ids)
@@ -951,7 +1040,7 @@ class PostgresStore:
             }
             quiet = [t for t in ids if self._quiet(_fingerprint(summaries_of[t]))]
             garbage = (
-                {r[0] for r in await conn.fetch(GARBAGE_BLOB_THREADS_SQL, quiet)}
+                {r[0] for r in await self._fetch_dated(conn, GARBAGE_BLOB_THREADS_SQL, quiet)}
                 if quiet
                 else set()
             )
@@ -1059,7 +1148,9 @@ class PostgresStore:
             found[r[0]].append((r[1], r[2]))
         quiet = [t for t in tids if self._quiet(_aggregate_fingerprint(out[t]))]
         garbage = (
-            {r[0] for r in await conn.fetch(GARBAGE_BLOB_THREADS_SQL, quiet)} if quiet else set()
+            {r[0] for r in await self._fetch_dated(conn, GARBAGE_BLOB_THREADS_SQL, quiet)}
+            if quiet
+            else set()
         )
         for t in tids:
             out[t] = replace(out[t], orphan_writes=tuple(found[t]), garbage_blobs=t in garbage)
@@ -1210,6 +1301,11 @@ class PostgresStore:
             # Outside the batch's transaction: a rollback must not undo it.
             await self.pool.execute(CREATE_EXPIRED_TABLE_SQL)
             self._expired_table = True
+        # Every trim and policy expiry dates its thread: its blobs wait (a purge erases).
+        dated = sorted({w.thread_id for w in batch if w.checkpoints or w.ranges} | set(deferred))
+        if dated and not self._deletions_table:
+            await self.pool.execute(CREATE_DELETIONS_TABLE_SQL)
+            self._deletions_table = True
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
                 f"SET LOCAL lock_timeout = {int(self.lock_timeout * 1000)}; "
@@ -1266,8 +1362,12 @@ class PostgresStore:
                             counts[r[0]].bytes += int(r[2] or 0)
                 if purged and await self._has_expired_table(conn):
                     await conn.execute(FORGET_EXPIRED_SQL, purged)
+                if purged and await self._has_deletions_table(conn):
+                    await conn.execute(FORGET_DELETIONS_SQL, purged)
                 for t_id in expire:
                     counts[t_id].threads = 1
+            if dated:
+                await conn.execute(RECORD_DELETIONS_SQL, dated, self._clock())
 
             # Re-read every thread: a checkpoint committed since the first
             # check (a resume, a fork) shows as a count we did not expect.
@@ -1279,13 +1379,16 @@ class PostgresStore:
             quiet = [t for t in tids if t not in expire and self._quiet(after.get(t, ()))]
             if quiet:
                 await conn.execute(NULL_DANGLING_PARENTS_SQL, quiet)
-                for r in await conn.fetch(DELETE_GARBAGE_BLOBS_SQL, quiet):
+                for r in await self._fetch_dated(conn, DELETE_GARBAGE_BLOBS_SQL, quiet):
                     counts[r[0]].blobs += r[1]
+            gone = [w.thread_id for w in batch if w.gc_blobs and not w.fingerprint]
             if await self._has_expired_table(conn):
                 await conn.execute(DROP_RETURNED_SQL, tids)
-                if gone := [w.thread_id for w in batch if w.gc_blobs and not w.fingerprint]:
+                if gone:
                     for r in await conn.fetch(DELETE_EXPIRED_BLOBS_SQL, gone, self._cutoff()):
                         counts[r[0]].blobs += r[1]
+            if (quiet or gone) and await self._has_deletions_table(conn):
+                await conn.execute(PRUNE_DELETIONS_SQL, [*quiet, *gone], self._cutoff())
 
         # Attribute rows to the parts: each trim part has one namespace.
         results = []
@@ -1378,12 +1481,19 @@ class PostgresStore:
                 if w.expire and w.defer_blobs:
                     whole[w.thread_id].blobs = 0
         blobs: dict[str, int] = {}
-        tids = sorted({w.thread_id for w in batch if not w.expire and self._quiet(w.fingerprint)})
+        # A trim dates its thread, so the batch collects no blob of it.
+        trimmed = {w.thread_id for w in batch if w.checkpoints or w.ranges}
+        tids = sorted(
+            {
+                w.thread_id
+                for w in batch
+                if not w.expire and w.thread_id not in trimmed and self._quiet(w.fingerprint)
+            }
+        )
         if tids:
             t = _Triples.of(trims) if trims else _Triples([], [], [])
-            blobs = dict(
-                (r[0], r[1]) for r in await conn.fetch(COUNT_GARBAGE_BLOBS_SQL, tids, *t.args())
-            )
+            rows = await self._fetch_dated(conn, COUNT_GARBAGE_BLOBS_SQL, tids, *t.args())
+            blobs = {r[0]: r[1] for r in rows}
         gone = [w.thread_id for w in batch if w.gc_blobs and not w.fingerprint]
         if gone and await self._has_expired_table(conn):
             for r in await conn.fetch(COUNT_EXPIRED_BLOBS_SQL, gone, self._cutoff()):

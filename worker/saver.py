@@ -302,6 +302,13 @@ def _clip_times(view: ThreadView, now: float) -> ThreadView:
 class RetentionSaver(BaseCheckpointSaver[Any]):
     """A checkpointer that enforces retention at write time around any of the seed savers.
 
+    On Postgres a trim frees the blob versions only the trimmed checkpoints
+    referenced at once, as the official `prune` does; the worker's sweep
+    instead waits `grace_period` after a deletion. So an `update_state` fork
+    from a checkpoint this wrapper trims between the fork's read and its write
+    loses the channels the fork did not change. Keep `keep_last` above the
+    depth your application forks from, or leave trimming to the worker.
+
     Args:
         inner: The saver to wrap: `InMemorySaver`, `SqliteSaver`,
             `AsyncSqliteSaver`, `PostgresSaver` or `AsyncPostgresSaver` (or a

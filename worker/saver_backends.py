@@ -9,7 +9,9 @@ have, done on the saver's own connection under the saver's own lock:
   time), with each checkpoint's `run_id`;
 - `delete(thread_id, {namespace: ids})`: those checkpoints with their writes,
   parents of kept checkpoints nulled, and (Postgres, memory) the blob versions
-  only they referenced;
+  only they referenced, at once (unlike the worker's sweep, which dates the
+  deletion and collects them `grace_period` later: a fork that read a deleted
+  checkpoint and saves after this loses those channels; see `PG_DELETE_SQL`);
 - `trim(thread_id, choose)`: `scan`, the caller's decision, `delete`, as one
   transaction under one hold of the lock (the write path's only operation);
 - `expire(thread_id, fingerprint)`: the whole thread, in one transaction that
@@ -665,8 +667,14 @@ PG_CHANNEL_KEYS_SQL = CHANNEL_KEYS_TEMPLATE.replace("{thread}", "%s")
 # - kept checkpoints whose parent went get none (as the official prune);
 # - blob versions the deleted checkpoints referenced and no other checkpoint
 #   of their namespace does (`kept` reads the statement's snapshot less the
-#   deleted ids). A checkpoint committed while the statement runs that forks
-#   from a deleted one is the window left, as for the official prune.
+#   deleted ids), at once, as the official prune does. The window left is
+#   wider than this statement: a fork (`update_state`) that read a deleted
+#   checkpoint before it and saves after it names blob versions this freed
+#   (`aput` rewrites only changed channels) and reads back without them. The
+#   worker closes it by dating deletions (`postgres_store`, "Blobs are the
+#   hard part"); here the trim runs inside the application, typically on the
+#   thread's own write path, and keeping freed blobs would need that table and
+#   a later sweep, so the window is documented (README, RetentionSaver).
 # The UPDATE and the DELETE touch disjoint rows of `checkpoints`.
 PG_DELETE_SQL = """
 WITH d AS (
