@@ -203,7 +203,10 @@ def test_metrics_match_the_rows_that_really_went(
     went = {s: gone(before[s], after[s]) for s in before}
     assert went["app"]["threads"] == 2 and went["pg"]["threads"] == 1
     assert went["old"]["threads"] == 0  # 2 due, at most floor(0.5 * 2): all or nothing
-    assert went["pg"]["blobs"] > 0 and went["pg"]["writes"] > 0 and went["app"]["writes"] > 0
+    assert went["pg"]["writes"] > 0 and went["app"]["writes"] > 0
+    # A deletion's blobs wait out grace_period (a fork or resume in flight may still name
+    # them; README "What always stays"): none go in this first sweep, and none are counted.
+    assert went["pg"]["blobs"] == 0
     for store in ("app", "pg"):
         v = scrape.value
         assert (
