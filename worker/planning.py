@@ -101,20 +101,28 @@ class PagePlanner:
         self, thread_ids: Sequence[str]
     ) -> list[tuple[ScannedThread, ThreadDecision]]:
         """The row-level path: scan, decide, and read waiting for the expiry candidates."""
-        engine, rules = self.engine, self.rules
-        candidates = [t for t in thread_ids if rules.could_match_thread(t)]
-        scanned = await engine.scan(candidates) if candidates else []
-        decided = [(t, decide(t.view, rules, self.now, self.grace)) for t in scanned]
-        # Waiting is read from the heads of expiry candidates only, in one go.
-        if asking := [t for t, d in decided if d.needs_waiting]:
-            resolved = {t.view.thread_id: t for t in await engine.resolve_waiting(asking)}
-            decided = [
-                (r, decide(r.view, rules, self.now, self.grace))
-                if (r := resolved.get(t.view.thread_id)) is not None
-                else (t, d)
-                for t, d in decided
-            ]
-        return decided
+        candidates = [t for t in thread_ids if self.rules.could_match_thread(t)]
+        scanned = await self.engine.scan(candidates) if candidates else []
+        return await decide_scanned(self.engine, scanned, self.rules, self.now, self.grace)
+
+
+async def decide_scanned(
+    engine: StoreEngine, scanned: Sequence[ScannedThread], rules: Ruleset, now: float, grace: float
+) -> list[tuple[ScannedThread, ThreadDecision]]:
+    """`decide` each scanned thread; the expiry candidates again once their waiting is read.
+
+    Waiting is read from the heads of expiry candidates only, in one go.
+    """
+    decided = [(t, decide(t.view, rules, now, grace)) for t in scanned]
+    if asking := [t for t, d in decided if d.needs_waiting]:
+        resolved = {t.view.thread_id: t for t in await engine.resolve_waiting(asking)}
+        decided = [
+            (r, decide(r.view, rules, now, grace))
+            if (r := resolved.get(t.view.thread_id)) is not None
+            else (t, d)
+            for t, d in decided
+        ]
+    return decided
 
 
 async def prefetched(pages: AsyncIterator[PlannedPage]) -> AsyncIterator[PlannedPage]:

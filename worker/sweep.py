@@ -27,7 +27,7 @@ from typing import IO, TypeVar
 import structlog
 
 from policies.config import BatchSettings, Policy
-from policies.decide import decide, last_activity
+from policies.decide import last_activity
 from policies.matching import Ruleset
 from policies.model import Reason, Skip, SkipReason, ThreadDecision, TtlFallbackReason
 from policies.plan import ThreadAggregate, plannable
@@ -44,7 +44,7 @@ from worker.engine import (
 )
 from worker.logs import iso_utc
 from worker.orphans import OrphanLookup, RegistryFailure
-from worker.planning import PagePlanner, PlannedPage
+from worker.planning import PagePlanner, PlannedPage, decide_scanned
 from worker.quota import Decided, Eviction, QuotaPass
 from worker.stores.space import Reclaimed
 from worker.throttle import BatchSizer, pause_after
@@ -504,16 +504,7 @@ class _Pass:
             rules = rules.for_page(await self.orphans.answers(candidates))
         scanned = await engine.scan(candidates) if candidates else []
         scanned = self._skip_held(scanned, count_held)
-        decided = [(t, decide(t.view, rules, report.now, grace)) for t in scanned]
-        # Waiting is read from the heads of expiry candidates only, in one go.
-        if asking := [t for t, d in decided if d.needs_waiting]:
-            resolved = {t.view.thread_id: t for t in await engine.resolve_waiting(asking)}
-            decided = [
-                (r, decide(r.view, rules, report.now, grace))
-                if (r := resolved.get(t.view.thread_id)) is not None
-                else (t, d)
-                for t, d in decided
-            ]
+        decided = await decide_scanned(engine, scanned, rules, report.now, grace)
         return rules, [(t, _only_due(d, self.options.due)) for t, d in decided]
 
     def evict(self, eviction: Eviction) -> None:
