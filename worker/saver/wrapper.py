@@ -111,7 +111,7 @@ from policies.ids import checkpoint_time
 from policies.matching import Ruleset
 from policies.model import CheckpointSummary, SkipReason, ThreadDecision, ThreadView
 from worker.engine import Counts
-from worker.saver_backends import Backend, Scanned, backend_for, group_ids
+from worker.saver.backends import Backend, Scanned, backend_for, group_ids
 
 __all__ = ["RetentionSaver", "SaverMetrics"]
 

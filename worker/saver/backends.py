@@ -1,4 +1,4 @@
-"""Storage access for `worker.saver.RetentionSaver`: read a thread's shape, delete by id.
+"""Storage access for `worker.saver.wrapper.RetentionSaver`: read a thread's shape, delete by id.
 
 `RetentionSaver` decides with `policies.decide` (the worker's rules); what it
 needs from the wrapped saver is the same few operations the worker's engines
