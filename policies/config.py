@@ -19,8 +19,6 @@ from collections.abc import Mapping
 from datetime import UTC, timedelta
 from typing import Annotated, Any, Literal
 
-from apscheduler.triggers.cron import CronTrigger
-from apscheduler.triggers.interval import IntervalTrigger
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -132,11 +130,22 @@ _DSN_INTEGERS = ("connect_timeout", "keepalives", "keepalives_idle", "keepalives
 _DSN_BAD_OPTION = re.compile(r'^invalid (?:URI query parameter|connection option): "([^"]*)"')
 
 
+POSTGRES_EXTRA_MISSING = (
+    "a postgres dsn needs the Postgres drivers, which this install lacks: "
+    "install checkpoint-janitor[postgres]"
+)
+"""The error of a config naming Postgres on an install without the `postgres` extra."""
+
+
 def _dsn_options(dsn: str) -> dict[str, str]:
     """The DSN's options as libpq reads them; errors never quote the DSN."""
-    # Imported here: psycopg loads libpq, and only configs with a postgres store need it.
-    from psycopg import Error as PsycopgError
-    from psycopg.conninfo import conninfo_to_dict
+    # Imported here: psycopg loads libpq, and only configs with a postgres store need it
+    # (a SQLite-only install has none).
+    try:
+        from psycopg import Error as PsycopgError
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        raise ValueError(POSTGRES_EXTRA_MISSING) from None
 
     try:
         return {k: str(v) for k, v in conninfo_to_dict(dsn).items() if v is not None}
@@ -396,6 +405,9 @@ class Schedule(_Model):
     def _valid_cron(cls, value: str | None) -> str | None:
         if value is None:
             return None
+        # Imported here: an application importing the saver wrapper loads no scheduler.
+        from apscheduler.triggers.cron import CronTrigger
+
         try:
             CronTrigger.from_crontab(" ".join(_crontab_fields(value)), timezone=UTC)
         except ValueError as exc:
@@ -418,6 +430,9 @@ class Schedule(_Model):
 
     def trigger(self) -> Any:
         """The APScheduler 3 trigger for this schedule (crontab weekdays translated)."""
+        from apscheduler.triggers.cron import CronTrigger
+        from apscheduler.triggers.interval import IntervalTrigger
+
         tz = zoneinfo.ZoneInfo(self.timezone) if self.timezone else UTC
         if self.cron is not None:
             return CronTrigger.from_crontab(" ".join(_crontab_fields(self.cron)), timezone=tz)

@@ -1151,6 +1151,8 @@ def test_dockerfile_shape() -> None:
     final_runs = " ".join(a for w, a in final if w == "RUN")
     for tool in ("apt-get", "gcc", "build-essential", "pip install"):
         assert tool not in final_runs, f"no {tool} in the final stage"
+    build_runs = " ".join(a for w, a in instructions[: -len(final)] if w == "RUN")
+    assert '".[postgres]"' in build_runs, "the image installs the postgres extra"
     assert "9464" in words["EXPOSE"]
     # the build stage copies what the distribution needs, and the ignore file lets it through
     for word, source in instructions:

@@ -26,7 +26,6 @@ from worker.engine import Counts, Hold, StoreEngine, StoreError
 from worker.langgraph_json import load_worker_config, translate_file
 from worker.logs import configure_logging, iso_utc
 from worker.metrics import Metrics
-from worker.postgres_store import PostgresStore
 from worker.purge import HeldThreadsError, held_among, purge
 from worker.reclaim import after_sweep, measure, reclaim
 from worker.report import (
@@ -40,7 +39,7 @@ from worker.report import (
 )
 from worker.sqlite_store import SqliteStore
 from worker.stats import namespace_display
-from worker.stores import make_engine, postgres_reclaim, sqlite_reclaim
+from worker.stores import as_postgres, make_engine, sqlite_reclaim
 from worker.stores.space import Reclaimed, ReclaimRefused
 from worker.sweep import Outcome, SweepOptions, SweepReport, ThreadFn, ThreadPlan, sweep
 
@@ -645,7 +644,11 @@ async def _convert(engine: StoreEngine, settings: ReclaimSettings, yes: bool) ->
 
 
 async def _vacuum_full(engine: StoreEngine, yes: bool) -> Reclaimed | None:
-    assert isinstance(engine, PostgresStore)  # the caller checked the store's kind
+    # Imported here: a SQLite-only install has no Postgres driver.
+    from worker.stores import postgres_reclaim
+
+    pg = as_postgres(engine)
+    assert pg is not None  # the caller checked the store's kind
     space = await measure(engine)
     click.echo(
         f"store {engine.name}: VACUUM FULL rewrites {', '.join(postgres_reclaim.TABLES)} one at "
@@ -658,7 +661,7 @@ async def _vacuum_full(engine: StoreEngine, yes: bool) -> Reclaimed | None:
     if not yes and not click.confirm("Run VACUUM FULL now?", default=False):
         click.echo("nothing changed")
         return None
-    return await postgres_reclaim.vacuum(engine, full=True)
+    return await postgres_reclaim.vacuum(pg, full=True)
 
 
 def _reclaim_line(r: Reclaimed) -> str:

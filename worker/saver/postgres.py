@@ -90,6 +90,10 @@ PG_CHANNEL_KEYS_SQL = CHANNEL_KEYS_TEMPLATE.replace("{thread}", "%s")
 #   hard part"); here the trim runs inside the application, typically on the
 #   thread's own write path, and keeping freed blobs would need that table and
 #   a later sweep, so the window is documented (README, RetentionSaver).
+# Different from the engine on purpose: its counterpart, the sweep's trim
+# (`postgres_store.TRIM_WRITES_SQL` / `TRIM_CHECKPOINTS_SQL`), deletes no blob;
+# `postgres_store.DELETE_GARBAGE_BLOBS_SQL` collects them later, on threads
+# quiet for the grace period and not deleted from within it.
 # The UPDATE and the DELETE touch disjoint rows of `checkpoints`.
 PG_DELETE_SQL = """
 WITH d AS (
@@ -130,7 +134,7 @@ WITH d AS (
 SELECT (SELECT count(*) FROM gone) AS checkpoints, (SELECT count(*) FROM writes) AS writes,
        (SELECT count(*) FROM blobs) AS blobs
 """
-PG_FINGERPRINT_SQL = (
+PG_STAMP_SQL = (
     "SELECT count(*) AS n, max(checkpoint_id) AS newest FROM checkpoints WHERE thread_id = %s"
 )
 # Whole-thread deletes, in the official prune's order (checkpoints, blobs,
@@ -147,6 +151,10 @@ PG_RUN_THREADS_SQL = (
 )
 # Ordered and compared by the database alike (in the column's collation, so
 # the primary key serves it); the first page has no lower bound, for the empty id.
+# Only `checkpoints`, unlike the engine's walk (`postgres_store.WALK_SQL`, which
+# unions `checkpoint_writes` and the expired-threads table): its one caller,
+# `delete_checkpoints(before=...)`, deletes checkpoints, so a thread holding
+# only orphaned writes or expired blobs has nothing for it; those are the sweep's.
 PG_FIRST_THREAD_PAGE_SQL = """
 SELECT DISTINCT thread_id FROM checkpoints ORDER BY thread_id LIMIT %s
 """
@@ -254,12 +262,12 @@ def pg_expire(thread_id: str, stamp: ThreadStamp) -> Statements[Counts]:
     REPEATABLE READ could not do this: its snapshot would never see the
     resume. The window left is the moment between the last check and COMMIT.
     """
-    rows, _ = yield PG_FINGERPRINT_SQL, (thread_id,)
+    rows, _ = yield PG_STAMP_SQL, (thread_id,)
     if (int(rows[0][0]), rows[0][1]) != stamp:
         raise ThreadChanged(thread_id)
     counts = yield from pg_delete_threads([thread_id])
     counts.threads = 1
-    rows, _ = yield PG_FINGERPRINT_SQL, (thread_id,)
+    rows, _ = yield PG_STAMP_SQL, (thread_id,)
     if int(rows[0][0]) != 0:
         raise ThreadChanged(thread_id)
     return counts

@@ -59,7 +59,7 @@ FROM checkpoints WHERE thread_id = ?
 """
 # The re-check under the write lock: a checkpoint saved since the scan
 # changes the count or the newest id.
-SQLITE_FINGERPRINT_SQL = "SELECT COUNT(*), MAX(checkpoint_id) FROM checkpoints WHERE thread_id = ?"
+SQLITE_STAMP_SQL = "SELECT COUNT(*), MAX(checkpoint_id) FROM checkpoints WHERE thread_id = ?"
 # No index covers metadata: `delete_for_runs` reads every row once, then
 # works thread by thread.
 SQLITE_RUN_THREADS_SQL = """
@@ -67,6 +67,10 @@ SELECT DISTINCT thread_id FROM checkpoints
 WHERE json_extract(CAST(metadata AS TEXT), '$.run_id') IN (SELECT value FROM json_each(?))
 """
 # Keyset page over the primary key's leading column: never "load every id".
+# Only `checkpoints`, unlike the engine's walk (`sqlite_store.THREADS_PAGE_SQL`,
+# which unions `writes`): its one caller, `delete_checkpoints(before=...)`,
+# deletes checkpoints, so a thread holding only orphaned writes has nothing
+# for it; those are the sweep's.
 # The first page has no lower bound (a cursor of "" would skip the empty id).
 SQLITE_FIRST_THREAD_PAGE_SQL = """
 SELECT DISTINCT thread_id FROM checkpoints ORDER BY thread_id LIMIT ?
@@ -131,7 +135,7 @@ def sqlite_delete(thread_id: str, ids_by_ns: Mapping[str, Sequence[str]]) -> Sta
 
 def sqlite_expire(thread_id: str, stamp: ThreadStamp) -> Statements[Counts]:
     """Under BEGIN IMMEDIATE nothing commits meanwhile: check once, then delete."""
-    rows, _ = yield SQLITE_FINGERPRINT_SQL, (thread_id,)
+    rows, _ = yield SQLITE_STAMP_SQL, (thread_id,)
     if (int(rows[0][0]), rows[0][1]) != stamp:
         raise ThreadChanged(thread_id)
     counts = Counts(threads=1)
