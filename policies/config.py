@@ -535,6 +535,34 @@ class ReclaimOverrides(_Model):
 # --------------------------------------------------------------------------- stores
 
 
+_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+class ArchiveConfig(_Model):
+    """`archive: {path: /var/lib/checkpoint-janitor/archive, max_bytes: 50GB}`.
+
+    Every row a sweep deletes from the store is first written under `path`
+    (a directory, or an fsspec URL such as `s3://bucket/prefix`), and the
+    delete commits only once that is safe (README "Getting data back").
+    `max_bytes` caps the store's archive directory: a batch that would pass
+    it deletes nothing and fails the sweep.
+    """
+
+    path: NonEmptyStr
+    max_bytes: ByteSize | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _path_or_url(cls, value: str) -> str:
+        if "://" in value and not _URL_SCHEME.match(value):
+            raise ValueError(
+                f"archive path {value!r} is neither a directory nor a URL such as s3://bucket/prefix"
+            )
+        if _URL_SCHEME.match(value) and not value.split("://", 1)[1].strip("/"):
+            raise ValueError(f"archive URL {value!r} names no bucket or directory")
+        return value
+
+
 class PoolConfig(_Model):
     """Postgres connection pool size (one pool per store, shared by its policies)."""
 
@@ -570,6 +598,8 @@ class StoreConfig(_Model):
     reclaim: ReclaimOverrides | None = None
     max_bytes: ByteSize | None = None
     """Size cap: past it, sweeps expire the least recently active threads the policies allow."""
+    archive: ArchiveConfig | None = None
+    """Where sweeps archive what they delete; replaces `defaults.archive` for this store."""
 
     @field_validator("dsn")
     @classmethod
@@ -937,6 +967,8 @@ class Defaults(_Model):
     batch: BatchSettings = BatchSettings()
     reclaim: ReclaimSettings = ReclaimSettings()
     """Giving disk space back after sweeps; stores may override any key."""
+    archive: ArchiveConfig | None = None
+    """Archive before delete for every store without an `archive` of its own."""
     shutdown_grace: PositiveSeconds = 20.0
     """`run`: on SIGTERM, how long the current batch may take to commit before it is rolled back."""
     jitter: NonNegativeSeconds = 10.0
@@ -1084,6 +1116,11 @@ class Config(_Model):
         if store.reclaim is None:
             return self.defaults.reclaim
         return store.reclaim.apply(self.defaults.reclaim)
+
+    def archive_for(self, store_name: str) -> ArchiveConfig | None:
+        """The store's `archive`, else `defaults.archive` (None: sweeps do not archive)."""
+        store = self.store(store_name)
+        return store.archive if store.archive is not None else self.defaults.archive
 
     def policies_for(self, store_name: str) -> list[Policy]:
         """The policies that apply to a store, in file order (first match wins among them)."""

@@ -85,6 +85,10 @@ DESIGN_METRICS: dict[str, tuple[str, frozenset[str]]] = {
     PREFIX + "over_quota_bytes": ("gauge", frozenset({"store", "policy", "group"})),
     # issue 13: legal holds
     PREFIX + "held_threads": ("gauge", frozenset({"store"})),
+    # issue 13: archive before delete
+    PREFIX + "archived_rows_total": ("counter", frozenset({"store", "table"})),
+    PREFIX + "archive_bytes_total": ("counter", frozenset({"store"})),
+    PREFIX + "archive_failures_total": ("counter", frozenset({"store"})),
 }
 SWEEP_OUTCOMES = frozenset({"success", "failed", "safety_stop", "stopped", "locked"})
 DELETED_KINDS = frozenset({"checkpoints", "writes", "blobs", "threads"})

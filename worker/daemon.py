@@ -44,6 +44,7 @@ from worker.logs import configure_logging
 from worker.metrics import Metrics
 from worker.reclaim import after_sweep
 from worker.stores import make_engine
+from worker.stores.archive import archive_factory
 from worker.sweep import Outcome, SweepOptions, sweep
 
 log = structlog.get_logger("checkpoint_janitor.daemon")
@@ -220,6 +221,7 @@ class StoreRunner:
             dry_run=self.daemon.dry_run or cfg.defaults.dry_run,
             due=due,
             max_bytes=cfg.store(self.name).max_bytes,
+            archive=archive_factory(cfg.store(self.name), cfg.archive_for(self.name)),
         )
         metrics = self.daemon.metrics
         report = await sweep(

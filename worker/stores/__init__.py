@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING
 
 from policies.config import POSTGRES_EXTRA_MISSING, BatchSettings, StoreConfig
 from worker.engine import StoreEngine, StoreError
-from worker.sqlite_store import SqliteStore
 
 if TYPE_CHECKING:
     from worker.postgres_store import PostgresStore
@@ -24,6 +23,10 @@ def make_engine(
     Raises:
         StoreError: a postgres store on an install without the `postgres` extra.
     """
+    # Imported here, not at the top: the engines import `worker.stores.archive`,
+    # and a package that imported them back at load time would be circular.
+    from worker.sqlite_store import SqliteStore
+
     key = store.encryption_key.get_secret_value() if store.encryption_key else None
     if store.kind == "sqlite":
         assert store.path is not None  # the schema requires it for sqlite
