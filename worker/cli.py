@@ -136,6 +136,7 @@ async def _sweep_all(
             dry_run=dry_run,
             allow_mass_expiry=allow_mass_expiry or config.defaults.allow_mass_expiry,
             max_bytes=store.max_bytes,
+            residue_check_every=config.defaults.residue_check_every,
         )
         policies = config.policies_for(store.name)
 

@@ -219,6 +219,7 @@ class StoreRunner:
             dry_run=self.daemon.dry_run or cfg.defaults.dry_run,
             due=due,
             max_bytes=cfg.store(self.name).max_bytes,
+            residue_check_every=cfg.defaults.residue_check_every,
         )
         metrics = self.daemon.metrics
         report = await sweep(
