@@ -36,7 +36,10 @@ Why deletes are safe beside a live application (DESIGN invariant 5):
   checkpoints) and the date. Both plans (rows and aggregates) ask the same
   statement which threads hold collectable blobs, and the dry run counts
   none for a thread the batch trims. A row older than the grace period is
-  dropped when a batch next collects on its thread; a purge drops it.
+  dropped when a batch next collects on its thread; a purge drops it. Between
+  a store's residue looks (`defaults.residue_check_every`) a row is also what
+  makes a sweep look at its thread's blobs at all (`ThreadAggregate.dated`):
+  the worker's own trims keep their timing, others' leftovers wait for a look.
   The window left: a run that read a checkpoint and saves a fork of it more
   than `grace_period` after a sweep deleted it. Deletions by other tools are
   not dated: the saver wrapper (`RetentionSaver`) frees blobs in its trim
