@@ -18,6 +18,12 @@ and the same (thread, namespace, checkpoint id) keys of checkpoints and writes.
 It reports each run's wall time and peak RSS (`/usr/bin/time -v`) and the
 orphan / idle time ratio (target: at most 1.5x).
 
+`--diag` adds (idle-rows): the same idle expiry written as a per-thread TTL
+that no thread sets (`expire_after: {metadata_key: ..., default: 30d}`), which
+the sweep decides from rows as it does an `orphaned` policy, where plain
+`expire_after` is planned from per-thread aggregates: it separates the cost
+of the registry from the cost of reading rows.
+
     python bench/orphan_bench.py [--threads 20000 --per-thread 50 --workdir DIR --repeat 2]
 
 The store is built (or reused from the workdir) by `sqlite_bench.ensure_store`;
@@ -134,6 +140,11 @@ def main() -> None:
     )
     ap.add_argument("--repeat", type=int, default=2, help="repetitions (median reported)")
     ap.add_argument("--integrity", action="store_true", help="PRAGMA integrity_check each copy")
+    ap.add_argument(
+        "--diag",
+        action="store_true",
+        help="also run (idle-rows): idle expiry decided from rows, as orphan policies are",
+    )
     args = ap.parse_args()
     workdir: Path = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -162,11 +173,15 @@ def main() -> None:
             "expire_after": GRACE,
         },
         "idle": {"expire_after": f"{IDLE_DAYS}d"},
+        # No checkpoint's metadata has this key: every thread falls back to 30d.
+        "idle_rows": {"expire_after": {"metadata_key": "bench_ttl_minutes", "default": "30d"}},
     }
     reps: list[dict[str, Any]] = []
     for rep in range(args.repeat):
         # Alternate the order, so neither kind always gets the warmer page cache.
         order = ["orphan", "idle"] if rep % 2 == 0 else ["idle", "orphan"]
+        if args.diag:
+            order.append("idle_rows")
         one: dict[str, Any] = {"order": order, "loadavg_before": loadavg()}
         for kind in order:
             one[kind] = one_run(base, workdir, kind, policies[kind], f"r{rep + 1}", args.integrity)
@@ -175,6 +190,8 @@ def main() -> None:
         one["same_rows"] = o["digest"] == i["digest"]
         one["orphan_over_idle_seconds"] = round(o["wall_seconds"] / i["wall_seconds"], 3)
         one["orphan_over_idle_rss"] = round(o["peak_rss_mb"] / i["peak_rss_mb"], 3)
+        if "idle_rows" in one:
+            one["same_rows"] = one["same_rows"] and one["idle_rows"]["digest"] == i["digest"]
         log(
             f"  rep {rep + 1}: orphan / idle = {one['orphan_over_idle_seconds']}x time,"
             f" {one['orphan_over_idle_rss']}x RSS, same rows left: {one['same_rows']}"
@@ -197,6 +214,8 @@ def main() -> None:
             f"  {i['peak_rss_mb']:>5} MB"
             f"  {o['threads_expired']}/{i['threads_expired']}  {r['same_rows']}"
         )
+        if d := r.get("idle_rows"):
+            print(f"     idle-rows: {d['wall_seconds']} s, peak RSS {d['peak_rss_mb']} MB")
     print(
         f"median orphan / idle: {res['median_orphan_over_idle_seconds']}x (target <= 1.5x:"
         f" {'MET' if res['target_met'] else 'MISSED'}); identical stores: {res['all_same_rows']}"
