@@ -788,7 +788,11 @@ def run_a(
 
 
 def write_config(
-    workdir: Path, name: str, policy: dict[str, Any], batch: dict[str, Any] | None = None
+    workdir: Path,
+    name: str,
+    policy: dict[str, Any],
+    batch: dict[str, Any] | None = None,
+    reclaim: dict[str, Any] | None = None,
 ) -> Path:
     import yaml
 
@@ -800,6 +804,8 @@ def write_config(
     }
     if batch:
         cfg["defaults"] = {"batch": batch}
+    if reclaim:
+        cfg.setdefault("defaults", {})["reclaim"] = reclaim
     path = workdir / f"config-{name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -1354,6 +1360,267 @@ def run_c(
     }
 
 
+# =========================================================== reclaim (issue 12)
+
+RECLAIM_TABLES = ("checkpoints", "checkpoint_blobs", "checkpoint_writes")
+# The statistics collector's view (no scan of the tables: a scan would prune
+# dead tuples off the pages it reads and change what is being measured).
+RECLAIM_TABLE_STATS_SQL = """
+SELECT s.relname, pg_total_relation_size(s.relid), pg_table_size(s.relid),
+       pg_indexes_size(s.relid), pg_relation_size(s.relid), s.n_live_tup, s.n_dead_tup,
+       s.last_vacuum, s.last_autovacuum, s.vacuum_count, s.autovacuum_count, s.last_analyze
+FROM pg_stat_user_tables s WHERE s.relname = ANY(%s) ORDER BY 1"""
+# A backend flushes its table counts at exit before it leaves pg_stat_activity:
+# once the worker's sessions are gone, its deletes and vacuums are counted.
+RECLAIM_OTHER_SESSIONS_SQL = """SELECT count(*) FROM pg_stat_activity
+WHERE datname = current_database() AND pid <> pg_backend_pid()
+  AND backend_type = 'client backend'"""
+# What the main heap's pages really hold, whatever the statistics say (they can
+# lag: see the docs). The _approx variant reads only pages not all-visible and
+# never prunes, so measuring leaves the dead tuples where they are.
+RECLAIM_PHYSICAL_SQL = """SELECT table_len, scanned_percent, approx_tuple_count, dead_tuple_count,
+       dead_tuple_len, approx_free_space FROM pgstattuple_approx(%s::regclass)"""
+# Per-table autovacuum off on the copy only: the "without" run must show what
+# the sweep leaves, not what an autovacuum worker did meanwhile.
+RECLAIM_AUTOVACUUM_OFF_SQL = (
+    "ALTER TABLE {table} SET (autovacuum_enabled = off, toast.autovacuum_enabled = off)"
+)
+
+
+def reclaim_table_stats(dsn: str, wait_for_sessions: bool = True) -> dict[str, Any]:
+    """Per checkpoint table: total/table/index bytes, live/dead tuples, vacuum times."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        if wait_for_sessions:
+            deadline = time.monotonic() + 60
+            while conn.execute(RECLAIM_OTHER_SESSIONS_SQL).fetchone()[0]:  # type: ignore[index]
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the worker's sessions did not go away in 60 s")
+                time.sleep(0.1)
+        conn.execute("SELECT pg_stat_force_next_flush()")
+        rows = conn.execute(RECLAIM_TABLE_STATS_SQL, (list(RECLAIM_TABLES),)).fetchall()
+        db_bytes = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]  # type: ignore[index]
+    out: dict[str, Any] = {}
+    for name, total, table, index, heap, live, dead, lv, lav, vc, avc, la in rows:
+        out[name] = {
+            "total_bytes": total,
+            "table_bytes": table,
+            "index_bytes": index,
+            "heap_bytes": heap,
+            "n_live_tup": live,
+            "n_dead_tup": dead,
+            "last_vacuum": lv.isoformat() if lv else None,
+            "last_autovacuum": lav.isoformat() if lav else None,
+            "vacuum_count": vc,
+            "autovacuum_count": avc,
+            "last_analyze": la.isoformat() if la else None,
+        }
+    out["database_bytes"] = db_bytes
+    return out
+
+
+def reclaim_physical(dsn: str) -> dict[str, Any]:
+    """pgstattuple_approx of each checkpoint table's main heap (TOAST not included)."""
+    out: dict[str, Any] = {}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for table in RECLAIM_TABLES:
+            t0 = time.monotonic()
+            row = conn.execute(RECLAIM_PHYSICAL_SQL, (table,)).fetchone()
+            assert row is not None
+            length, scanned, live, dead, dead_len, free = row
+            out[table] = {
+                "heap_bytes": length,
+                "scanned_percent": round(scanned, 1),
+                "live_tuples": live,
+                "dead_tuples": dead,
+                "dead_tuple_bytes": dead_len,
+                "free_bytes": int(free),
+                "seconds": round(time.monotonic() - t0, 2),
+            }
+    return out
+
+
+def janitor_stats(config: Path, dsn: str) -> dict[str, Any]:
+    """What `checkpoint-janitor stats --format json` reports about the store's space."""
+    t0 = time.monotonic()
+    done = subprocess.run(
+        [*janitor_cmd(), "--config", str(config), "stats", "--format", "json"],
+        capture_output=True, text=True, check=False, env={**os.environ, "BENCH_PG_DSN": dsn},
+    )  # fmt: skip
+    if done.returncode != 0:
+        return {"error": done.stderr[-2000:]}
+    (s,) = json.loads(done.stdout)["stores"]
+    return {
+        "seconds": round(time.monotonic() - t0, 2),
+        "store_bytes": s["store_bytes"],
+        "reclaimable_bytes": s["reclaimable_bytes"],
+        "tables": {
+            name: {k: t[k] for k in ("dead_rows", "reclaimable_bytes", "last_vacuum")}
+            for name, t in s["space"]["tables"].items()
+        },
+    }
+
+
+def reclaim_events(log_path: Path) -> dict[str, Any]:
+    """The worker's `table_vacuumed` and `reclaim` events (VACUUM times) from its log."""
+    vacuums: list[dict[str, Any]] = []
+    summary: dict[str, Any] | None = None
+    for line in log_path.read_text(errors="replace").splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        if ev.get("event") == "table_vacuumed":
+            vacuums.append({"table": ev["table"], "seconds": ev["seconds"]})
+        elif ev.get("event") == "reclaim":
+            summary = {k: v for k, v in ev.items() if k not in ("event", "level", "timestamp")}
+    return {"vacuums": vacuums, "reclaim": summary}
+
+
+def reclaim_sweep(
+    server: Server, dsn: str, workdir: Path, tag: str, vacuum: bool, grace: str | None
+) -> dict[str, Any]:
+    """`once` with keep_last 5 and `reclaim.after_sweep` = `vacuum`, and its aftermath."""
+    batch = {"grace_period": grace} if grace else None
+    config = write_config(
+        workdir, tag, {"keep_last": KEEP_LAST}, batch, reclaim={"after_sweep": vacuum}
+    )
+    run = run_worker(server, config, dsn, workdir, tag)
+    sweep = worker_numbers(run)
+    sweep.pop("slow_statements", None)
+    if run.returncode != 0:
+        sweep["stderr_tail"] = run.stderr_tail
+    events = reclaim_events(workdir / f"worker-{tag}{RUN_SUFFIX}.log")
+    after = reclaim_table_stats(dsn)
+    # After the table statistics: `stats` reads the checkpoints table.
+    return {
+        "sweep": sweep,
+        "vacuum_seconds": round(sum(v["seconds"] for v in events["vacuums"]), 3),
+        **events,
+        "after": after,
+        "janitor_stats_after": janitor_stats(config, dsn),
+        "physical_after": reclaim_physical(dsn),
+    }
+
+
+def reclaim_variant(
+    server: Server, base: str, workdir: Path, vacuum: bool, autovacuum: bool, full: bool
+) -> dict[str, Any]:
+    """On a fresh copy: two `once` runs of keep_last 5, with or without the VACUUM step.
+
+    The first trims every thread to 5; its blobs wait out the grace period
+    (postgres_store: a fork may still name them), so the second, run with a
+    1 s grace period, is the later sweep that collects them.
+    """
+    name = "with_vacuum" if vacuum else "without_vacuum"
+    db = f"bench_copy_reclaim_{'on' if vacuum else 'off'}"
+    dsn = server.copy(base, db)
+    out: dict[str, Any] = {"database": db, "table_autovacuum": autovacuum}
+    # Cumulative statistics are per database: a TEMPLATE copy starts with none.
+    out["copy_stats_fresh"] = reclaim_table_stats(dsn, wait_for_sessions=False)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pgstattuple")
+        for table in RECLAIM_TABLES:
+            if not autovacuum:
+                conn.execute(RECLAIM_AUTOVACUUM_OFF_SQL.format(table=table))  # type: ignore[arg-type]
+            conn.execute(f"ANALYZE {table}")  # type: ignore[arg-type]
+    out["before"] = reclaim_table_stats(dsn, wait_for_sessions=False)
+    config = write_config(workdir, f"reclaim-{name}-stats", {"keep_last": KEEP_LAST})
+    out["janitor_stats_before"] = janitor_stats(config, dsn)
+    out["physical_before"] = reclaim_physical(dsn)
+    log(f"  (reclaim {name}) sweep 1: keep_last {KEEP_LAST}")
+    out["sweep1"] = reclaim_sweep(server, dsn, workdir, f"reclaim-{name}-1", vacuum, None)
+    time.sleep(1.5)  # past the second sweep's 1 s grace period since the first's deletions
+    log(f"  (reclaim {name}) sweep 2: keep_last {KEEP_LAST}, grace_period 1s (blob GC)")
+    out["sweep2"] = reclaim_sweep(server, dsn, workdir, f"reclaim-{name}-2", vacuum, "1s")
+    if full:
+        log(f"  (reclaim {name}) reclaim --full (VACUUM FULL, operator's choice)")
+        t0 = time.monotonic()
+        done = subprocess.run(
+            [*janitor_cmd(), "--config", str(config), "reclaim", "--store", "bench", "--full",
+             "--yes", "--format", "json"],
+            capture_output=True, text=True, check=False, env={**os.environ, "BENCH_PG_DSN": dsn},
+        )  # fmt: skip
+        wall = time.monotonic() - t0
+        if done.returncode != 0:
+            out["full"] = {"error": done.stderr[-2000:]}
+        else:
+            (r,) = json.loads(done.stdout[done.stdout.index('{\n  "reclaimed"') :])["reclaimed"]
+            out["full"] = {"wall_seconds": round(wall, 2), **r}
+            out["full"]["after"] = reclaim_table_stats(dsn)
+            out["full"]["physical_after"] = reclaim_physical(dsn)
+    server.drop(db)
+    return out
+
+
+def run_reclaim(
+    server: Server, base: str, workdir: Path, autovacuum: bool, full: bool
+) -> dict[str, Any]:
+    """Issue 12 (Postgres): sizes and dead tuples around keep_last 5, without and with VACUUM."""
+    return {
+        "server_autovacuum": server.settings().get("autovacuum"),
+        "without_vacuum": with_load(
+            reclaim_variant, server, base, workdir, False, autovacuum, False
+        ),
+        "with_vacuum": with_load(reclaim_variant, server, base, workdir, True, autovacuum, full),
+    }
+
+
+def print_reclaim(r: dict[str, Any]) -> None:
+    """The issue 12 table: per table and moment, bytes and tuples, both variants."""
+    print()
+    print(f"reclaim: server autovacuum {r['server_autovacuum']}, per-table autovacuum on the"
+          f" copies {'on' if r['without_vacuum']['table_autovacuum'] else 'off'}")  # fmt: skip
+    hdr = ("variant", "moment", "table", "total", "table", "indexes", "live", "dead",
+           "last vacuum", "last autovacuum", "heap dead (pgstattuple)", "heap free")  # fmt: skip
+    rows: list[tuple[str, ...]] = []
+    for key in ("without_vacuum", "with_vacuum"):
+        v = r.get(key)
+        if not v:
+            continue
+        s1, s2 = v["sweep1"], v["sweep2"]
+        moments = [("before", v["before"], v["physical_before"]),
+                   ("after sweep 1", s1["after"], s1["physical_after"]),
+                   ("after sweep 2", s2["after"], s2["physical_after"])]  # fmt: skip
+        if isinstance(v.get("full"), dict) and "after" in v["full"]:
+            moments.append(("after VACUUM FULL", v["full"]["after"], v["full"]["physical_after"]))
+        for moment, snap, phys in moments:
+            for t in RECLAIM_TABLES:
+                s = snap[t]
+                rows.append((key, moment, t, mb(s["total_bytes"]), mb(s["table_bytes"]),
+                             mb(s["index_bytes"]), fmt(s["n_live_tup"]), fmt(s["n_dead_tup"]),
+                             (s["last_vacuum"] or "-")[11:19] or "-",
+                             (s["last_autovacuum"] or "-")[11:19] or "-",
+                             fmt(phys[t]["dead_tuples"]), mb(phys[t]["free_bytes"])))  # fmt: skip
+    widths = [max(len(str(x[i])) for x in [hdr, *rows]) for i in range(len(hdr))]
+    for row in [hdr, *rows]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)))
+    print()
+    for key in ("without_vacuum", "with_vacuum"):
+        v = r.get(key)
+        if not v:
+            continue
+        for n in ("sweep1", "sweep2"):
+            sw = v[n]
+            js = sw["janitor_stats_after"]
+            print(
+                f"{key} {n}: wall {sw['sweep']['wall_seconds']} s (sweep"
+                f" {sw['sweep']['sweep_seconds']} s), deleted {sw['sweep']['checkpoints_deleted']}"
+                f" checkpoints / {sw['sweep']['writes_deleted']} writes /"
+                f" {sw['sweep']['blobs_deleted']} blobs; VACUUM {sw['vacuum_seconds']} s"
+                f" {sw['vacuums']}; stats after: store {mb(js.get('store_bytes'))},"
+                f" reclaimable {mb(js.get('reclaimable_bytes'))}"
+            )
+        js = v["janitor_stats_before"]
+        print(f"{key} stats before: store {mb(js.get('store_bytes'))},"
+              f" reclaimable {mb(js.get('reclaimable_bytes'))}")  # fmt: skip
+        if isinstance(v.get("full"), dict):
+            f = v["full"]
+            what = f.get("error") or f.get("tables")
+            print(f"{key} reclaim --full: {f.get('wall_seconds')} s, {what}")
+
+
 # =========================================================== --explain
 
 
@@ -1777,6 +2044,8 @@ def print_report(res: dict[str, Any]) -> None:
             f"{'':>24}  writer checkpoints lost: {bl['writer_checkpoints_lost']}"
             f" of {bl['writer_checkpoints_committed']}"
         )
+    if rc := res.get("reclaim"):
+        print_reclaim(rc)
     reps = res.get("repetitions", [])
     if len(reps) > 1:
         print()
@@ -1816,12 +2085,25 @@ def main() -> None:
     ap.add_argument(
         "--only",
         default="a,b,c,bload",
-        help="comma-separated subset of noop,a,b,b0,bnojit,c,bload,explain (default: a,b,c,bload;"
+        help="comma-separated subset of noop,a,b,b0,bnojit,c,bload,explain,reclaim (default:"
+        " a,b,c,bload;"
         " noop is a sweep with nothing due (keep_last 50, expire_after 365d) against its"
         " aggregate limit;"
         " b0 is (b) with defaults.batch.pause_factor 0, bnojit is (b) with jit = off for the"
         " copy's sessions, explain writes EXPLAIN ANALYZE of the worker's statements to the"
-        " workdir)",
+        " workdir; reclaim is issue 12's table sizes and dead tuples around keep_last 5,"
+        " without and with the VACUUM step, on two copies)",
+    )
+    ap.add_argument(
+        "--reclaim-autovacuum",
+        choices=("off", "on"),
+        default="off",
+        help="(reclaim) autovacuum of the copies' tables (default off: the sweep's own effect)",
+    )
+    ap.add_argument(
+        "--reclaim-full",
+        action="store_true",
+        help="(reclaim) end the with-VACUUM copy with `reclaim --full` (VACUUM FULL)",
     )
     ap.add_argument("--rebuild", action="store_true", help="rebuild a kept base database")
     ap.add_argument("--rate", type=float, default=50.0, help="(b-load) writer puts per second")
@@ -2000,6 +2282,19 @@ def main() -> None:
                 )
             ):
                 log(f"    {r['wall_seconds']} s")
+            if "reclaim" in only and (
+                r := phase(
+                    "reclaim",
+                    "(reclaim) keep_last 5 without and with the VACUUM step (issue 12)",
+                    run_reclaim,
+                    server,
+                    base,
+                    workdir,
+                    args.reclaim_autovacuum == "on",
+                    args.reclaim_full,
+                )
+            ):
+                log(f"    with VACUUM: {r['with_vacuum']['sweep1']['vacuum_seconds']} s of VACUUM")
             one["ratios"] = ratios(one)
     finally:
         server.close()
@@ -2014,6 +2309,7 @@ def main() -> None:
         ("bnojit", lambda x: x["wall_seconds"]),
         ("c", lambda x: x["worker_keep1"]["wall_seconds"]),
         ("b_load", lambda x: x["wall_seconds"]),
+        ("reclaim", lambda x: x["with_vacuum"]["sweep1"]["sweep"]["wall_seconds"]),
     ):
         runs = [one[key] for one in reps if key in one]
         if runs:
