@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from policies.config import BatchSettings, StoreConfig
 from worker.engine import StoreEngine, StoreError
-from worker.postgres_store import PostgresStore
-from worker.sqlite_store import SqliteStore
 
 
 def make_engine(
@@ -16,6 +14,11 @@ def make_engine(
     `read_only`: the caller only reads (a dry run, `stats`); a SQLite file is
     then opened read-only, so it may belong to another user.
     """
+    # Imported here, not at the top: the engines import this package's
+    # modules (the archive), and a package import must not need them back.
+    from worker.postgres_store import PostgresStore
+    from worker.sqlite_store import SqliteStore
+
     key = store.encryption_key.get_secret_value() if store.encryption_key else None
     if store.kind == "sqlite":
         assert store.path is not None  # the schema requires it for sqlite
