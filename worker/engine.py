@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from policies.model import ThreadView
 from policies.plan import ThreadAggregate, ThreadPlan
+
+if TYPE_CHECKING:
+    from worker.stores.archive import Archive, SegmentReader, Selection
 
 Fingerprint = tuple[tuple[str, int, str], ...]
 """Per namespace of a thread: (namespace, checkpoint count, newest checkpoint id).
@@ -252,6 +255,84 @@ class AggregateStore(Protocol):
         self, asked: Sequence[tuple[ThreadAggregate, ThreadPlan]]
     ) -> list[ThreadAggregate]:
         """The aggregates with what each plan asked for (`plan.needs`) filled in."""
+
+
+@dataclass(slots=True)
+class Recovered:
+    """What a sweep's start did with the `.pending` segments earlier runs left."""
+
+    promoted: int = 0
+    """Their rows were gone from the store (the delete committed): now complete."""
+    discarded: int = 0
+    """Their rows were still there (the delete never committed), or they never verified."""
+
+
+@dataclass(slots=True)
+class RestoreCounts:
+    """What a restore inserted (or, dry run, would insert), per thread and table."""
+
+    inserted: dict[str, dict[str, int]] = field(default_factory=dict)
+    """thread_id -> store table -> rows that were missing and are put back."""
+    relinked: dict[str, int] = field(default_factory=dict)
+    """thread_id -> parent ids set back on checkpoints whose parent the sweep nulled."""
+    present: int = 0
+    """Archived rows already in the store, left as they are."""
+    segments: int = 0
+    """Segments read."""
+
+    def add(self, thread_id: str, table: str, rows: int) -> None:
+        """Count `rows` of `table` for `thread_id` (zero counts are not recorded)."""
+        if rows:
+            per = self.inserted.setdefault(thread_id, {})
+            per[table] = per.get(table, 0) + rows
+
+    def relink(self, thread_id: str, links: int) -> None:
+        """Count `links` parent ids set back for `thread_id`."""
+        if links:
+            self.relinked[thread_id] = self.relinked.get(thread_id, 0) + links
+
+    def threads(self) -> list[str]:
+        """The threads that get anything back, in id order."""
+        return sorted(set(self.inserted) | set(self.relinked))
+
+    def totals(self) -> dict[str, int]:
+        """Rows per table over all threads, with `parents` for the re-links."""
+        out: dict[str, int] = {}
+        for per in self.inserted.values():
+            for table, n in per.items():
+                out[table] = out.get(table, 0) + n
+        out["parents"] = sum(self.relinked.values())
+        return out
+
+
+@runtime_checkable
+class ArchivingStore(Protocol):
+    """An engine that archives what it deletes and restores from an archive (issue 13).
+
+    The sweep archives only through an engine that is one; a store with an
+    `archive` on an engine that is not fails the sweep rather than delete
+    without it.
+    """
+
+    async def apply(
+        self, batch: Sequence[ThreadWork], dry_run: bool, archive: Archive | None = None
+    ) -> list[WorkResult]:
+        """`StoreEngine.apply`, writing every row the batch deletes (and each parent
+        id it nulls) to one `archive.segment()`, sealed before the commit:
+        `seal()` -> COMMIT -> `complete()`; a failure before COMMIT rolls back and
+        `abandon()`s (the `ArchiveError` propagates: nothing deleted). A COMMIT
+        that raises leaves the segment `.pending` for `recover_archive`."""
+
+    async def recover_archive(self, archive: Archive) -> Recovered:
+        """Resolve `archive.pending()`: promote a segment whose rows are gone from
+        the store, discard one whose rows are still there (or that does not verify)."""
+
+    async def restore(
+        self, segments: Sequence[SegmentReader], select: Selection, dry_run: bool
+    ) -> RestoreCounts:
+        """Insert the selected threads' archived rows that are missing (existing
+        rows untouched) and set back nulled parents where still NULL and the
+        parent exists; a dry run counts what it would do."""
 
 
 class StoreError(Exception):

@@ -14,8 +14,8 @@ def make_engine(
     `read_only`: the caller only reads (a dry run, `stats`); a SQLite file is
     then opened read-only, so it may belong to another user.
     """
-    # Imported here, not at the top: the engines import this package's
-    # modules (the archive), and a package import must not need them back.
+    # Imported here, not at the top: the engines import `worker.stores.archive`,
+    # and a package that imported them back at load time would be circular.
     from worker.postgres_store import PostgresStore
     from worker.sqlite_store import SqliteStore
 

@@ -1,0 +1,281 @@
+"""The archive format (worker/stores/archive.py) on its own, and sweeps that archive."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from worker.stores.archive import (
+    FORMAT_VERSION,
+    Archive,
+    ArchiveError,
+    ArchiveSettings,
+    Selection,
+    checksum,
+    read_segments,
+    row_digest,
+)
+
+CHECKPOINT_COLUMNS = (
+    "thread_id",
+    "checkpoint_ns",
+    "checkpoint_id",
+    "parent_checkpoint_id",
+    "type",
+    "checkpoint",
+    "metadata",
+)
+WRITE_COLUMNS = (
+    "thread_id",
+    "checkpoint_ns",
+    "checkpoint_id",
+    "task_id",
+    "idx",
+    "channel",
+    "type",
+    "value",
+)
+
+
+def _rows(thread: str, n: int) -> list[tuple[Any, ...]]:
+    return [
+        (
+            thread,
+            "",
+            f"id-{i:03d}",
+            f"id-{i - 1:03d}" if i else None,
+            "msgpack",
+            bytes([i]) * 5,
+            b"{}",
+        )
+        for i in range(n)
+    ]
+
+
+def _filled(archive: Archive) -> Any:
+    seg = archive.segment()
+    seg.add("checkpoints", CHECKPOINT_COLUMNS, _rows("t1", 3) + _rows("t2", 2))
+    seg.add("writes", WRITE_COLUMNS, [("t1", "", "id-000", "task", -1, "__error__", "json", b"x")])
+    seg.add_nulled_parents([("t1", "", "id-003", "id-002")])
+    return seg
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_seal_writes_a_pending_segment_that_reads_back_exactly(tmp_path: Path) -> None:
+    archive = Archive("main", "sqlite", ArchiveSettings(str(tmp_path)), time.time())
+    seg = _filled(archive)
+    seg.seal()
+    assert seg.path is not None and seg.path.endswith("000001.pending.sqlite")
+    assert not [f for f in _files(tmp_path) if "partial" in f]
+    [reader] = list(read_segments(str(tmp_path)))
+    assert reader.pending
+    reader.verify()
+    assert reader.meta["format_version"] == str(FORMAT_VERSION)
+    assert reader.meta["store"] == "main" and reader.backend == "sqlite"
+    assert reader.meta["rows.checkpoints"] == "5" and reader.meta["rows.writes"] == "1"
+    assert sorted(reader.rows("checkpoints")) == sorted(_rows("t1", 3) + _rows("t2", 2))
+    assert list(reader.rows("checkpoints", Selection(thread_id="t2"))) == _rows("t2", 2)
+    assert reader.nulled_parents() == [("t1", "", "id-003", "id-002")]
+    assert reader.counts(Selection(prefix="t1")) == {
+        "t1": {"checkpoints": 3, "writes": 1, "nulled_parents": 1}
+    }
+    # Readable with plain sqlite3, in the saver's own column names and types.
+    conn = sqlite3.connect(reader.local_path)
+    assert conn.execute("SELECT typeof(idx), typeof(value) FROM writes").fetchone() == (
+        "integer",
+        "blob",
+    )
+    conn.close()
+
+    seg.complete()
+    assert seg.path.endswith("000001.sqlite")
+    [reader] = list(read_segments(str(tmp_path), store="main"))
+    assert not reader.pending
+    reader.verify()
+    assert list(read_segments(str(tmp_path), store="other")) == []
+    archive.close()
+
+
+def test_abandon_removes_the_segment(tmp_path: Path) -> None:
+    archive = Archive("main", "sqlite", ArchiveSettings(str(tmp_path)), time.time())
+    seg = _filled(archive)
+    seg.seal()
+    seg.abandon()
+    assert list(read_segments(str(tmp_path))) == []
+    archive.close()
+
+
+def test_an_empty_segment_writes_nothing(tmp_path: Path) -> None:
+    archive = Archive("main", "sqlite", ArchiveSettings(str(tmp_path)), time.time())
+    seg = archive.segment()
+    assert seg.empty()
+    seg.seal()
+    seg.complete()
+    assert _files(tmp_path) == []
+
+
+def test_a_partial_is_never_read(tmp_path: Path) -> None:
+    archive = Archive("main", "sqlite", ArchiveSettings(str(tmp_path)), time.time())
+    seg = _filled(archive)
+    seg.seal()
+    seg.complete()
+    sweep_dir = Path(archive.sweep_dir or "")
+    (sweep_dir / "000002.partial").write_bytes(b"SQLite format 3\x00 torn write")
+    archive.close()
+    assert [r.meta["segment"] for r in read_segments(str(tmp_path))] == ["1"]
+    later = Archive("main", "sqlite", ArchiveSettings(str(tmp_path)), time.time() + 5)
+    assert later.pending() == []
+
+
+def test_the_checksum_catches_a_changed_row(tmp_path: Path) -> None:
+    archive = Archive("main", "sqlite", ArchiveSettings(str(tmp_path)), time.time())
+    seg = _filled(archive)
+    seg.seal()
+    seg.complete()
+    assert seg.path is not None
+    conn = sqlite3.connect(seg.path)
+    conn.execute("UPDATE checkpoints SET checkpoint = X'00' WHERE checkpoint_id = 'id-001'")
+    conn.commit()
+    conn.close()
+    [reader] = list(read_segments(str(tmp_path)))
+    with pytest.raises(ArchiveError, match="checksum mismatch"):
+        reader.verify()
+
+
+def test_the_checksum_ignores_row_order_but_not_types() -> None:
+    rows = _rows("t", 4)
+    forward = checksum([("checkpoints", CHECKPOINT_COLUMNS, [row_digest(r) for r in rows])])
+    backward = checksum([("checkpoints", CHECKPOINT_COLUMNS, [row_digest(r) for r in rows[::-1]])])
+    assert forward == backward
+    assert row_digest(("1",)) != row_digest((1,)) != row_digest((b"1",))
+
+
+def test_max_bytes_refuses_a_segment_and_leaves_nothing(tmp_path: Path) -> None:
+    archive = Archive("main", "sqlite", ArchiveSettings(str(tmp_path), max_bytes=1000), time.time())
+    seg = _filled(archive)
+    with pytest.raises(ArchiveError, match="max_bytes 1000") as info:
+        seg.seal()
+    assert "'main'" in str(info.value) and str(tmp_path) in str(info.value)
+    assert [f for f in _files(tmp_path) if f.endswith(".sqlite") or "partial" in f] == []
+
+
+def test_a_path_under_a_regular_file_fails_with_store_and_path(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    archive = Archive("main", "sqlite", ArchiveSettings(str(blocker / "archive")), time.time())
+    with pytest.raises(ArchiveError, match="cannot create the archive directory") as info:
+        _filled(archive).seal()
+    assert "'main'" in str(info.value) and "file/archive" in str(info.value)
+
+
+def test_pending_finds_segments_of_finished_runs_only(tmp_path: Path) -> None:
+    settings = ArchiveSettings(str(tmp_path))
+    crashed = Archive("main", "sqlite", settings, time.time() - 60)
+    _filled(crashed).seal()
+    crashed.close()  # its process died: the lock went with it
+    running = Archive("main", "sqlite", settings, time.time() - 30)
+    _filled(running).seal()
+    current = Archive("main", "sqlite", settings, time.time())
+    _filled(current).seal()
+    # `running` still holds its lock: its pending may be committing right now.
+    assert [p.path for p in current.pending()] == [
+        os.path.join(crashed.sweep_dir or "", "000001.pending.sqlite")
+    ]
+    running.close()
+    found = current.pending()
+    assert len(found) == 2 and all(p.valid() for p in found)
+    found[0].promote()
+    found[1].discard()
+    names = _files(tmp_path)
+    assert sum(n.endswith("000001.sqlite") and "pending" not in n for n in names) == 1
+    assert sum("pending" in n for n in names) == 1  # current's own
+    current.close()
+
+
+def test_two_archives_of_one_second_do_not_collide(tmp_path: Path) -> None:
+    settings = ArchiveSettings(str(tmp_path))
+    started = time.time()
+    first = Archive("main", "sqlite", settings, started)
+    second = Archive("main", "sqlite", settings, started)
+    for archive in (first, second):
+        seg = _filled(archive)
+        seg.seal()
+        seg.complete()
+    assert first.sweep_dir != second.sweep_dir
+    assert len(list(read_segments(str(tmp_path)))) == 2
+
+
+def test_an_odd_store_name_stays_one_directory(tmp_path: Path) -> None:
+    archive = Archive("../team/a b", "sqlite", ArchiveSettings(str(tmp_path)), time.time())
+    seg = _filled(archive)
+    seg.seal()
+    seg.complete()
+    assert seg.path is not None
+    assert Path(seg.path).resolve().is_relative_to(tmp_path.resolve())
+    assert [r.store for r in read_segments(str(tmp_path), store="../team/a b")] == ["../team/a b"]
+
+
+def test_a_file_url_goes_through_fsspec(tmp_path: Path) -> None:
+    url = f"file://{tmp_path}/arch"
+    archive = Archive("main", "postgres", ArchiveSettings(url), time.time())
+    seg = _filled(archive)
+    seg.seal()
+    assert seg.path is not None and seg.path.endswith(".pending.sqlite")
+    seg.complete()
+    archive.close()
+    [reader] = list(read_segments(url, store="main"))
+    reader.verify()
+    assert reader.backend == "postgres" and not reader.pending
+    assert sorted(reader.rows("checkpoints", Selection(thread_id="t1"))) == _rows("t1", 3)
+    reader.close()
+
+
+def test_s3_through_a_local_moto_server(tmp_path: Path) -> None:
+    moto_server = pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    import boto3
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        env = {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": endpoint,
+        }
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in env.items():
+                mp.setenv(key, value)
+            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="janitor")
+            url = "s3://janitor/archive"
+            archive = Archive("main", "sqlite", ArchiveSettings(url, max_bytes=10**6), time.time())
+            seg = _filled(archive)
+            seg.seal()
+            assert seg.path is not None and seg.path.endswith(".pending.sqlite")
+            gone = archive.segment()
+            gone.add("checkpoints", CHECKPOINT_COLUMNS, _rows("t3", 1))
+            gone.seal()
+            gone.abandon()
+            seg.complete()
+            archive.close()
+            readers = list(read_segments(url))
+            assert [(r.meta["segment"], r.pending) for r in readers] == [("1", False)]
+            readers[0].verify()
+            assert sorted(readers[0].rows("checkpoints")) == sorted(_rows("t1", 3) + _rows("t2", 2))
+            readers[0].close()
+            tiny = Archive("main", "sqlite", ArchiveSettings(url, max_bytes=100), time.time())
+            with pytest.raises(ArchiveError, match="max_bytes"):
+                _filled(tiny).seal()
+    finally:
+        server.stop()

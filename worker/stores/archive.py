@@ -1,0 +1,890 @@
+"""The archive a sweep writes before it deletes and restore reads (README "Getting data back").
+
+Layout: `<path>/<store>/<sweep start UTC>-<pid>/<NNNNNN>.sqlite`, one SQLite
+"segment" file per deleting batch. A segment holds the batch's deleted rows in
+tables named and shaped as the source saver's own (`checkpoints`, `writes`;
+Postgres: `checkpoints`, `checkpoint_blobs`, `checkpoint_writes`), the parent
+ids the batch set to NULL (`nulled_parents`), and `archive_meta`.
+
+A segment's life, so that a crash never leaves a half-written file that counts:
+`NNNNNN.partial` (written, `synchronous=FULL`, fsynced with its directory,
+re-opened and verified) -> `NNNNNN.pending.sqlite` (the store's delete may now
+commit) -> `NNNNNN.sqlite` (the delete committed). A `.partial` never counts; a
+`.pending.sqlite` left by a crash is resolved by the next sweep (`Archive.pending`):
+removed when its rows are still in the store, promoted when they are gone.
+
+The checksum (`archive_meta.sha256`, method `row-sha256-sorted-v1`) does not
+depend on row order: for each table in name order, feed SHA-256 with
+`table:<name>\\n<col1>,<col2>,...\\n` and then the sorted 32-byte SHA-256
+digests of its rows, each digest over the row's values in column order encoded
+as `N` (NULL), `I<decimal>;` (integer), `R<repr>;` (real), `T<len>:<utf-8>`
+(text), `B<len>:<bytes>` (blob).
+
+File I/O is synchronous; engines call it through `asyncio.to_thread`. A path
+with a scheme (`s3://bucket/prefix`) goes through `fsspec`: the segment is
+written and verified in a local temporary directory, uploaded as
+`.pending.sqlite`, read back and compared (size and SHA-256 of the bytes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import sqlite3
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from typing import IO, Any, Literal
+from urllib.parse import quote
+
+FORMAT_VERSION = 1
+"""Bumped on any change a reader of version 1 would misread."""
+
+CHECKSUM_METHOD = "row-sha256-sorted-v1"
+"""How `archive_meta.sha256` is computed (module docstring)."""
+
+META_TABLE = "archive_meta"
+NULLED_TABLE = "nulled_parents"
+NULLED_COLUMNS = ("thread_id", "checkpoint_ns", "checkpoint_id", "parent_checkpoint_id")
+
+PARTIAL_SUFFIX = ".partial"
+PENDING_SUFFIX = ".pending.sqlite"
+COMPLETE_SUFFIX = ".sqlite"
+LOCK_NAME = ".lock"
+
+_SEGMENT_RE = re.compile(r"^(\d{6})(\.pending)?\.sqlite$")
+_SWEEP_DIR_RE = re.compile(r"^(\d{8}T\d{6}Z)-(\d+)(?:-(\d+))?$")
+
+# Untyped columns (no declared type, so no affinity): SQLite keeps every value
+# exactly as inserted (text stays text, a blob stays a blob, an int an int).
+CREATE_TABLE = 'CREATE TABLE "{table}" ({columns})'
+CREATE_META = f"CREATE TABLE {META_TABLE} (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+INSERT_ROW = 'INSERT INTO "{table}" ({columns}) VALUES ({marks})'
+# The reader learns the tables from the file itself, so a segment written by a
+# newer engine with another table still restores what it knows.
+LIST_TABLES = "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
+TABLE_COLUMNS = "SELECT name FROM pragma_table_info(?) ORDER BY cid"
+READ_META = f"SELECT key, value FROM {META_TABLE}"
+COUNT_ROWS = 'SELECT count(*) FROM "{table}"'
+# Exact thread / code-point prefix match (LIKE would treat `_` as a wildcard and fold case).
+SELECT_ROWS = 'SELECT {columns} FROM "{table}"{where}'
+
+
+class ArchiveError(Exception):
+    """An archive that cannot be written or read; the message names store, path and reason."""
+
+    def __init__(self, store: str, path: str, reason: str) -> None:
+        super().__init__(f"archive of store {store!r} at {path}: {reason}")
+        self.store = store
+        self.path = path
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveSettings:
+    """Where a store's archive lives, and the size its directory must stay under."""
+
+    path: str
+    """A directory, or an fsspec URL (`s3://bucket/prefix`)."""
+    max_bytes: int | None = None
+    """Refuse (and so delete nothing) a segment that would bring the store's
+    archive directory past this many bytes."""
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Which threads a restore takes: one id, an id prefix, or all (both None)."""
+
+    thread_id: str | None = None
+    prefix: str | None = None
+
+    def matches(self, thread_id: str) -> bool:
+        """Whether `thread_id` is selected (prefix is code-point exact)."""
+        if self.thread_id is not None:
+            return thread_id == self.thread_id
+        if self.prefix is not None:
+            return thread_id.startswith(self.prefix)
+        return True
+
+    def where(self) -> tuple[str, tuple[Any, ...]]:
+        """A WHERE clause over a `thread_id` column (empty for all), with its parameters."""
+        if self.thread_id is not None:
+            return " WHERE thread_id = ?", (self.thread_id,)
+        if self.prefix is not None:
+            # substr, not LIKE: exact code points, no wildcard in the prefix.
+            return " WHERE substr(thread_id, 1, ?) = ?", (len(self.prefix), self.prefix)
+        return "", ()
+
+
+# -- checksum ---------------------------------------------------------------
+
+
+def _normalize(value: Any) -> Any:
+    """The value as SQLite stores and returns it (bool -> int, buffers -> bytes)."""
+    if value is None or isinstance(value, str | bytes | float):
+        return value
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    raise TypeError(f"cannot archive a value of type {type(value).__name__}")
+
+
+def _encode(value: Any) -> bytes:
+    if value is None:
+        return b"N"
+    if isinstance(value, int):
+        return b"I%d;" % value
+    if isinstance(value, float):
+        return b"R" + repr(value).encode() + b";"
+    if isinstance(value, str):
+        data = value.encode("utf-8", "surrogatepass")
+        return b"T%d:" % len(data) + data
+    assert isinstance(value, bytes)
+    return b"B%d:" % len(value) + value
+
+
+def row_digest(row: Sequence[Any]) -> bytes:
+    """SHA-256 of one row's canonical encoding (module docstring)."""
+    h = hashlib.sha256()
+    for value in row:
+        h.update(_encode(value))
+    return h.digest()
+
+
+def checksum(tables: Iterable[tuple[str, Sequence[str], Iterable[bytes]]]) -> str:
+    """The segment checksum from (table, columns, row digests), any order of tables or rows."""
+    h = hashlib.sha256()
+    for name, columns, digests in sorted(tables, key=lambda t: t[0]):
+        h.update(f"table:{name}\n{','.join(columns)}\n".encode())
+        for d in sorted(digests):
+            h.update(d)
+    return h.hexdigest()
+
+
+# -- places: a local directory or an fsspec filesystem ----------------------
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _dir_name(store: str) -> str:
+    """A store name as one path component (any `/` or odd character %-escaped)."""
+    name = quote(store, safe="-_.@+=,")
+    return name.replace(".", "%2E") if name in {".", ".."} else name
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _tree_bytes(path: str) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.path.getsize(os.path.join(root, name))
+    return total
+
+
+def _filesystem(url: str) -> Any:
+    """The fsspec filesystem for `url` (imported only for URLs: local paths need no fsspec)."""
+    try:
+        import fsspec
+    except ImportError as exc:  # pragma: no cover - fsspec is a dependency
+        raise RuntimeError(f"fsspec is needed for archive URL {url}") from exc
+    fs, _ = fsspec.core.url_to_fs(url)
+    return fs
+
+
+def _strip_protocol(fs: Any, url: str) -> str:
+    return str(fs._strip_protocol(url))
+
+
+def _join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+# -- writing -----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Table:
+    columns: tuple[str, ...]
+    rows: list[tuple[Any, ...]] = field(default_factory=list)
+
+
+class Archive:
+    """One store's archive during one sweep: hands out a segment per deleting batch."""
+
+    def __init__(
+        self,
+        store: str,
+        backend: Literal["sqlite", "postgres"],
+        settings: ArchiveSettings,
+        started: float,
+    ) -> None:
+        self.store = store
+        self.backend = backend
+        self.settings = settings
+        self.started = started
+        self.remote = _is_url(settings.path)
+        self._fs: Any = _filesystem(settings.path) if self.remote else None
+        root = _strip_protocol(self._fs, settings.path) if self.remote else settings.path
+        self.store_dir = (
+            _join(root, _dir_name(store)) if self.remote else os.path.join(root, _dir_name(store))
+        )
+        self._stamp = datetime.fromtimestamp(started, UTC).strftime("%Y%m%dT%H%M%SZ")
+        self._sweep_dir: str | None = None
+        self._local_dir: str | None = None
+        """Where segments are written first: the sweep dir, or a temp dir for a URL."""
+        self._lock: IO[bytes] | None = None
+        self._next = 1
+        self.segments_written = 0
+        self.bytes_written = 0
+
+    @property
+    def sweep_dir(self) -> str | None:
+        """This sweep's directory (None until the first segment is sealed)."""
+        return self._sweep_dir
+
+    def error(self, reason: str, path: str | None = None) -> ArchiveError:
+        """An `ArchiveError` naming this store and `path` (default: its archive directory)."""
+        shown = path or (self._shown(self.store_dir))
+        return ArchiveError(self.store, shown, reason)
+
+    def _shown(self, path: str) -> str:
+        if self.remote:
+            protocol = self._fs.protocol
+            scheme = protocol[0] if isinstance(protocol, tuple | list) else protocol
+            return f"{scheme}://{path}"
+        return path
+
+    def segment(self) -> Segment:
+        """The next batch's segment (nothing is written until `seal`)."""
+        number = self._next
+        self._next += 1
+        return Segment(self, number)
+
+    def pending(self) -> list[PendingSegment]:
+        """`.pending.sqlite` segments earlier runs left behind, oldest first.
+
+        A sweep directory whose lock another live sweep holds is skipped: its
+        pending segment may be a batch whose delete is committing right now.
+        """
+        found: list[PendingSegment] = []
+        for sweep_dir in self._sweep_dirs():
+            if sweep_dir == self._sweep_dir or self._is_live(sweep_dir):
+                continue
+            for name in self._list(sweep_dir):
+                m = _SEGMENT_RE.match(name)
+                if m and m[2]:
+                    found.append(PendingSegment(self, self._path_in(sweep_dir, name)))
+        return found
+
+    def close(self) -> None:
+        """Release this sweep's directory lock and any local temporary files."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+        if self.remote and self._local_dir is not None:
+            shutil.rmtree(self._local_dir, ignore_errors=True)
+            self._local_dir = None
+
+    # -- file system helpers --
+
+    def _path_in(self, directory: str, name: str) -> str:
+        return _join(directory, name) if self.remote else os.path.join(directory, name)
+
+    def _list(self, directory: str) -> list[str]:
+        if self.remote:
+            try:
+                entries = self._fs.ls(directory, detail=False)
+            except FileNotFoundError:
+                return []
+            return sorted(str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
+        try:
+            return sorted(os.listdir(directory))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def _sweep_dirs(self) -> list[str]:
+        names = [n for n in self._list(self.store_dir) if _SWEEP_DIR_RE.match(n)]
+        return [self._path_in(self.store_dir, n) for n in sorted(names, key=_sweep_order)]
+
+    def _is_live(self, sweep_dir: str) -> bool:
+        """Another sweep (any process on this host) still holds `sweep_dir`'s lock."""
+        if self.remote:
+            return False
+        try:
+            f = open(os.path.join(sweep_dir, LOCK_NAME), "rb")  # noqa: SIM115
+        except FileNotFoundError:
+            return False
+        with f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return False
+
+    def _ensure_dirs(self) -> str:
+        """Create this sweep's directory (once), locked against recovery by another sweep."""
+        if self._local_dir is not None:
+            return self._local_dir
+        base = f"{self._stamp}-{os.getpid()}"
+        try:
+            if self.remote:
+                self._fs.makedirs(self.store_dir, exist_ok=True)
+                taken = set(self._list(self.store_dir))
+                suffix = 0
+                name = base
+                while name in taken:
+                    suffix += 1
+                    name = f"{base}-{suffix}"
+                self._sweep_dir = _join(self.store_dir, name)
+                # A no-op on object stores; a file:// or sftp target needs the directory.
+                self._fs.makedirs(self._sweep_dir, exist_ok=True)
+                self._local_dir = tempfile.mkdtemp(prefix="janitor-archive-")
+                return self._local_dir
+            os.makedirs(self.store_dir, exist_ok=True)
+            suffix = 0
+            while True:
+                name = base if suffix == 0 else f"{base}-{suffix}"
+                path = os.path.join(self.store_dir, name)
+                try:
+                    os.mkdir(path)
+                    break
+                except FileExistsError:
+                    suffix += 1
+            lock = open(os.path.join(path, LOCK_NAME), "wb")  # noqa: SIM115
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._lock = lock
+            _fsync_dir(self.store_dir)
+        except OSError as exc:
+            raise self.error(f"cannot create the archive directory: {exc.strerror or exc}") from exc
+        self._sweep_dir = path
+        self._local_dir = path
+        return path
+
+    def _used_bytes(self) -> int:
+        if self.remote:
+            try:
+                return int(self._fs.du(self.store_dir, total=True))
+            except FileNotFoundError:
+                return 0
+        return _tree_bytes(self.store_dir)
+
+
+def _sweep_order(name: str) -> tuple[str, int, int]:
+    m = _SWEEP_DIR_RE.match(name)
+    assert m is not None
+    return (m[1], int(m[3] or 0), int(m[2]))
+
+
+class Segment:
+    """One deleting batch's archive: rows are collected, then sealed before the delete commits."""
+
+    def __init__(self, archive: Archive, number: int) -> None:
+        self.archive = archive
+        self.number = number
+        self._tables: dict[str, _Table] = {}
+        self._state: Literal["open", "pending", "complete", "abandoned"] = "open"
+        self.path: str | None = None
+        """Where the segment is now (its `.pending.sqlite` after `seal`, final after `complete`)."""
+        self.bytes = 0
+        self.counts: dict[str, int] = {}
+        """Rows per table, as sealed."""
+
+    def add(self, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]) -> None:
+        """Add rows of `table` (values exactly as the store returned them)."""
+        if self._state != "open":
+            raise RuntimeError(f"segment {self.number} is {self._state}")
+        if table in (META_TABLE,) or not table:
+            raise ValueError(f"reserved table name {table!r}")
+        cols = tuple(columns)
+        held = self._tables.get(table)
+        if held is None:
+            held = self._tables[table] = _Table(cols)
+        elif held.columns != cols:
+            raise ValueError(f"table {table!r} was added with columns {held.columns}, now {cols}")
+        try:
+            held.rows.extend(tuple(_normalize(v) for v in row) for row in rows)
+        except TypeError as exc:
+            raise self.archive.error(f"table {table}: {exc}") from exc
+
+    def add_nulled_parents(self, rows: Sequence[tuple[str, str, str, str]]) -> None:
+        """Record parent ids the batch sets to NULL on checkpoints it keeps."""
+        self.add(NULLED_TABLE, NULLED_COLUMNS, rows)
+
+    def empty(self) -> bool:
+        """No row was added: nothing to seal."""
+        return not any(t.rows for t in self._tables.values())
+
+    def rows(self, table: str) -> int:
+        """Rows added to `table` so far."""
+        held = self._tables.get(table)
+        return len(held.rows) if held else 0
+
+    def seal(self) -> None:
+        """Write, fsync, re-open and verify, then rename to `.pending.sqlite`.
+
+        Raises `ArchiveError` (leaving no file behind) when any step fails or
+        the store's archive would pass `max_bytes`. An empty segment writes nothing.
+        """
+        if self._state != "open":
+            raise RuntimeError(f"segment {self.number} is {self._state}")
+        if self.empty():
+            self._state = "pending"
+            return
+        archive = self.archive
+        local_dir = archive._ensure_dirs()
+        partial = os.path.join(local_dir, f"{self.number:06d}{PARTIAL_SUFFIX}")
+        tables = {name: t for name, t in self._tables.items() if t.rows}
+        self.counts = {name: len(t.rows) for name, t in tables.items()}
+        expected = checksum(
+            (name, t.columns, (row_digest(r) for r in t.rows)) for name, t in tables.items()
+        )
+        try:
+            self._write(partial, tables, expected)
+            _fsync_file(partial)
+            _fsync_dir(local_dir)
+            counts, found = _verify_file(partial)
+            if counts != self.counts or found != expected:
+                raise OSError(
+                    f"read back {counts} with checksum {found[:12]}, "
+                    f"wrote {self.counts} with {expected[:12]}"
+                )
+            self.bytes = os.path.getsize(partial)
+            limit = archive.settings.max_bytes
+            if limit is not None:
+                used = archive._used_bytes()
+                if not archive.remote:
+                    used -= self.bytes  # the partial is already inside the directory
+                if used + self.bytes > limit:
+                    raise _Refused(
+                        f"segment of {self.bytes} bytes would bring the archive to "
+                        f"{used + self.bytes} bytes, past max_bytes {limit}; nothing deleted"
+                    )
+            self.path = self._publish(partial)
+        except _Refused as exc:
+            _remove(partial)
+            raise archive.error(str(exc)) from None
+        except (OSError, sqlite3.Error) as exc:
+            _remove(partial)
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise archive.error(
+                f"cannot write segment {self.number:06d}: {reason}; nothing deleted",
+                archive._shown(archive.sweep_dir or archive.store_dir),
+            ) from exc
+        except Exception as exc:  # fsspec backends raise their own errors
+            _remove(partial)
+            raise archive.error(
+                f"cannot write segment {self.number:06d}: {exc}; nothing deleted"
+            ) from exc
+        self._state = "pending"
+        archive.segments_written += 1
+        archive.bytes_written += self.bytes
+
+    def _write(self, partial: str, tables: dict[str, _Table], expected: str) -> None:
+        archive = self.archive
+        _remove(partial)
+        conn = sqlite3.connect(partial, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=DELETE")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("BEGIN")
+            for name, t in sorted(tables.items()):
+                cols = ", ".join(f'"{c}"' for c in t.columns)
+                conn.execute(CREATE_TABLE.format(table=name, columns=cols))
+                conn.executemany(
+                    INSERT_ROW.format(
+                        table=name, columns=cols, marks=", ".join("?" * len(t.columns))
+                    ),
+                    t.rows,
+                )
+            conn.execute(CREATE_META)
+            meta = {
+                "format_version": str(FORMAT_VERSION),
+                "store": archive.store,
+                "backend": archive.backend,
+                "created_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                "sweep_started": datetime.fromtimestamp(archive.started, UTC).isoformat(),
+                "segment": str(self.number),
+                "tool": "checkpoint-janitor",
+                "tool_version": _tool_version(),
+                "checksum_method": CHECKSUM_METHOD,
+                "sha256": expected,
+                **{f"rows.{name}": str(n) for name, n in sorted(self.counts.items())},
+            }
+            conn.executemany(
+                f"INSERT INTO {META_TABLE} (key, value) VALUES (?, ?)", sorted(meta.items())
+            )
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    def _publish(self, partial: str) -> str:
+        """Move a verified partial to its `.pending.sqlite` name (uploading it for a URL)."""
+        archive = self.archive
+        name = f"{self.number:06d}{PENDING_SUFFIX}"
+        if not archive.remote:
+            pending = os.path.join(os.path.dirname(partial), name)
+            os.replace(partial, pending)
+            _fsync_dir(os.path.dirname(pending))
+            return pending
+        assert archive.sweep_dir is not None
+        remote = _join(archive.sweep_dir, name)
+        fs = archive._fs
+        fs.put_file(partial, remote)
+        back = partial + ".readback"
+        try:
+            fs.get_file(remote, back)
+            if os.path.getsize(back) != os.path.getsize(partial) or _file_sha256(
+                back
+            ) != _file_sha256(partial):
+                with contextlib.suppress(Exception):
+                    fs.rm_file(remote)
+                raise OSError(f"uploaded {archive._shown(remote)} reads back different")
+        finally:
+            _remove(back)
+            _remove(partial)
+        return remote
+
+    def complete(self) -> None:
+        """The batch's delete committed: give the segment its final name."""
+        if self._state != "pending":
+            raise RuntimeError(f"segment {self.number} is {self._state}, not pending")
+        self._state = "complete"
+        if self.path is None:
+            return
+        self.path = _promote(self.archive, self.path)
+
+    def abandon(self) -> None:
+        """The batch's delete rolled back: remove the segment."""
+        if self._state == "open":
+            self._state = "abandoned"
+            return
+        if self._state != "pending":
+            raise RuntimeError(f"segment {self.number} is {self._state}, not pending")
+        self._state = "abandoned"
+        if self.path is not None:
+            _discard(self.archive, self.path)
+            self.path = None
+
+
+class _Refused(Exception):
+    """The size limit refuses a segment (not an I/O failure)."""
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+def _final_name(pending: str) -> str:
+    assert pending.endswith(PENDING_SUFFIX)
+    return pending[: -len(PENDING_SUFFIX)] + COMPLETE_SUFFIX
+
+
+def _promote(archive: Archive, pending: str) -> str:
+    final = _final_name(pending)
+    try:
+        if archive.remote:
+            archive._fs.copy(pending, final)
+            archive._fs.rm_file(pending)
+        else:
+            os.replace(pending, final)
+            _fsync_dir(os.path.dirname(final))
+    except Exception as exc:
+        raise archive.error(f"cannot complete the segment: {exc}", archive._shown(pending)) from exc
+    return final
+
+
+def _discard(archive: Archive, pending: str) -> None:
+    try:
+        if archive.remote:
+            archive._fs.rm_file(pending)
+        else:
+            _remove(pending)
+            _fsync_dir(os.path.dirname(pending))
+    except FileNotFoundError:
+        pass
+    except Exception as exc:
+        raise archive.error(f"cannot remove the segment: {exc}", archive._shown(pending)) from exc
+
+
+def _tool_version() -> str:
+    try:
+        return metadata.version("checkpoint-janitor")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a checkout
+        return "unknown"
+
+
+# -- reading -----------------------------------------------------------------
+
+
+def _connect_ro(path: str) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True)
+
+
+def _verify_file(path: str) -> tuple[dict[str, int], str]:
+    """Row counts per table and the checksum, recomputed from the file's rows."""
+    conn = _connect_ro(path)
+    try:
+        counts: dict[str, int] = {}
+        parts: list[tuple[str, list[str], list[bytes]]] = []
+        for (name,) in conn.execute(LIST_TABLES).fetchall():
+            if name == META_TABLE:
+                continue
+            columns = [c for (c,) in conn.execute(TABLE_COLUMNS, (name,))]
+            cols = ", ".join(f'"{c}"' for c in columns)
+            digests = [
+                row_digest(r)
+                for r in conn.execute(SELECT_ROWS.format(columns=cols, table=name, where=""))
+            ]
+            counts[name] = len(digests)
+            parts.append((name, columns, digests))
+        return counts, checksum(parts)
+    finally:
+        conn.close()
+
+
+class SegmentReader:
+    """One sealed segment (complete or pending), read with plain sqlite3."""
+
+    def __init__(self, location: str, local_path: str, *, pending: bool, remote: bool) -> None:
+        self.location = location
+        """Where the segment is (path or URL), for messages."""
+        self.local_path = local_path
+        self.pending = pending
+        """A `.pending.sqlite` segment: its batch's delete may not have committed."""
+        self._remote = remote
+        self._meta: dict[str, str] | None = None
+
+    def __enter__(self) -> SegmentReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the local copy of a downloaded segment."""
+        if self._remote:
+            _remove(self.local_path)
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            return _connect_ro(self.local_path)
+        except sqlite3.Error as exc:
+            raise ArchiveError("?", self.location, f"cannot open: {exc}") from exc
+
+    @property
+    def meta(self) -> dict[str, str]:
+        """The segment's `archive_meta` as a dict."""
+        if self._meta is None:
+            conn = self._connect()
+            try:
+                self._meta = dict(conn.execute(READ_META).fetchall())
+            except sqlite3.Error as exc:
+                raise ArchiveError("?", self.location, f"not an archive segment: {exc}") from exc
+            finally:
+                conn.close()
+        return self._meta
+
+    @property
+    def store(self) -> str:
+        """The store the rows were deleted from."""
+        return self.meta.get("store", "?")
+
+    @property
+    def backend(self) -> str:
+        """`sqlite` or `postgres`: which saver's tables the segment holds."""
+        return self.meta.get("backend", "?")
+
+    def tables(self) -> list[str]:
+        """The tables of deleted rows (not `nulled_parents` nor `archive_meta`), by name."""
+        conn = self._connect()
+        try:
+            return [
+                n
+                for (n,) in conn.execute(LIST_TABLES).fetchall()
+                if n not in (META_TABLE, NULLED_TABLE)
+            ]
+        finally:
+            conn.close()
+
+    def columns(self, table: str) -> list[str]:
+        """The column names of `table`, in order."""
+        conn = self._connect()
+        try:
+            return [c for (c,) in conn.execute(TABLE_COLUMNS, (table,))]
+        finally:
+            conn.close()
+
+    def rows(self, table: str, select: Selection | None = None) -> Iterator[tuple[Any, ...]]:
+        """The archived rows of `table` (columns as `columns(table)`) of the selected threads."""
+        columns = self.columns(table)
+        if not columns:
+            return
+        where, params = (select or Selection()).where()
+        cols = ", ".join(f'"{c}"' for c in columns)
+        conn = self._connect()
+        try:
+            yield from conn.execute(
+                SELECT_ROWS.format(columns=cols, table=table, where=where), params
+            )
+        finally:
+            conn.close()
+
+    def nulled_parents(self, select: Selection | None = None) -> list[tuple[str, str, str, str]]:
+        """(thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id) the batch set to NULL."""
+        return [(str(a), str(b), str(c), str(d)) for a, b, c, d in self.rows(NULLED_TABLE, select)]
+
+    def counts(self, select: Selection | None = None) -> dict[str, dict[str, int]]:
+        """thread_id -> table -> archived rows of the selected threads (nulled parents included)."""
+        out: dict[str, dict[str, int]] = {}
+        where, params = (select or Selection()).where()
+        conn = self._connect()
+        try:
+            names = [n for (n,) in conn.execute(LIST_TABLES).fetchall() if n != META_TABLE]
+            for table in names:
+                sql = f'SELECT thread_id, count(*) FROM "{table}"{where} GROUP BY thread_id'
+                for thread_id, n in conn.execute(sql, params):
+                    out.setdefault(thread_id, {})[table] = n
+        finally:
+            conn.close()
+        return out
+
+    def verify(self) -> None:
+        """Raise `ArchiveError` unless the rows match the counts and checksum in `archive_meta`."""
+        try:
+            meta = self.meta
+            counts, found = _verify_file(self.local_path)
+        except sqlite3.Error as exc:
+            raise ArchiveError(self.store, self.location, f"unreadable: {exc}") from exc
+        if meta.get("format_version") != str(FORMAT_VERSION):
+            raise ArchiveError(
+                self.store, self.location, f"format_version {meta.get('format_version')!r}"
+            )
+        want = {k[5:]: int(v) for k, v in meta.items() if k.startswith("rows.")}
+        if counts != want:
+            raise ArchiveError(self.store, self.location, f"row counts {counts} != meta {want}")
+        if found != meta.get("sha256"):
+            raise ArchiveError(self.store, self.location, "checksum mismatch: a row was changed")
+
+
+class PendingSegment:
+    """A `.pending.sqlite` an earlier run left: its delete may or may not have committed."""
+
+    def __init__(self, archive: Archive, path: str) -> None:
+        self.archive = archive
+        self.path = path
+        self.reader = _reader(archive.remote, archive._fs, path, archive._shown(path))
+
+    def valid(self) -> bool:
+        """The segment verifies. One that does not was never sealed, so its delete never ran."""
+        try:
+            self.reader.verify()
+        except ArchiveError:
+            return False
+        return True
+
+    def promote(self) -> None:
+        """Its rows are gone from the store: the delete committed, so it is complete."""
+        self.reader.close()
+        _promote(self.archive, self.path)
+
+    def discard(self) -> None:
+        """Its rows are still in the store: the delete never committed, so remove it."""
+        self.reader.close()
+        _discard(self.archive, self.path)
+
+
+def _reader(remote: bool, fs: Any, path: str, shown: str) -> SegmentReader:
+    pending = path.endswith(PENDING_SUFFIX)
+    if not remote:
+        return SegmentReader(path, path, pending=pending, remote=False)
+    fd, local = tempfile.mkstemp(prefix="janitor-segment-", suffix=".sqlite")
+    os.close(fd)
+    fs.get_file(path, local)
+    return SegmentReader(shown, local, pending=pending, remote=True)
+
+
+def read_segments(path: str, store: str | None = None) -> Iterator[SegmentReader]:
+    """Every complete and pending segment under `path`, oldest first.
+
+    `path` may be the archive root (the `path` of the config), a store's
+    directory, a sweep's directory or one segment file; `store` keeps the
+    segments of that store only (by their `archive_meta`). `.partial` files
+    are never read.
+    """
+    remote = _is_url(path)
+    fs: Any = _filesystem(path) if remote else None
+    found: list[tuple[tuple[str, int, int], int, str]] = []
+
+    def shown(p: str) -> str:
+        if not remote:
+            return p
+        protocol = fs.protocol
+        return f"{protocol[0] if isinstance(protocol, tuple | list) else protocol}://{p}"
+
+    root = _strip_protocol(fs, path) if remote else path
+    if remote:
+        candidates = [str(p) for p in fs.find(root)] if fs.isdir(root) else [root]
+    elif os.path.isfile(root):
+        candidates = [root]
+    else:
+        candidates = [os.path.join(d, f) for d, _, files in os.walk(root) for f in files]
+    for candidate in candidates:
+        parts = candidate.replace(os.sep, "/").rstrip("/").split("/")
+        m = _SEGMENT_RE.match(parts[-1])
+        if not m:
+            continue
+        sweep = parts[-2] if len(parts) >= 2 else ""
+        order = _sweep_order(sweep) if _SWEEP_DIR_RE.match(sweep) else ("", 0, 0)
+        found.append((order, int(m[1]), candidate))
+    found.sort()
+
+    def generate() -> Iterator[SegmentReader]:
+        for _order, _n, candidate in found:
+            reader = _reader(remote, fs, candidate, shown(candidate))
+            try:
+                if store is not None and reader.store != store:
+                    reader.close()
+                    continue
+            except ArchiveError:
+                reader.close()
+                raise
+            yield reader
+
+    return generate()
