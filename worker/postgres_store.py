@@ -93,6 +93,8 @@ from worker.engine import (
     Counts,
     Fingerprint,
     Hold,
+    Recovered,
+    RestoreCounts,
     ScannedThread,
     StoreError,
     ThreadWork,
@@ -102,7 +104,7 @@ from worker.engine import (
 )
 from worker.stats import AgeHistogram
 from worker.stores import postgres_archive as pg_archive
-from worker.stores.archive import Archive, ArchiveSettings, Segment, SegmentReader, Selection
+from worker.stores.archive import Archive, Segment, SegmentReader, Selection
 
 log = structlog.get_logger("checkpoint_janitor.postgres")
 
@@ -957,7 +959,6 @@ class PostgresStore:
         lock_timeout: float = 2.0,
         statement_timeout: float = 30.0,
         grace_period: float = 3600.0,
-        archive: ArchiveSettings | None = None,
     ) -> None:
         self.name = name
         self._dsn = dsn
@@ -977,10 +978,6 @@ class PostgresStore:
         """`checkpoint_janitor_holds` is known to exist (it is never dropped)."""
         self._deletions_table = False
         """`checkpoint_janitor_deletions` is known to exist (it is never dropped)."""
-        self.archive_settings = archive
-        """Where deleted rows are archived before each delete commits (None: not archived)."""
-        self._archive: Archive | None = None
-        """This sweep's (or purge's) archive, opened by its first deleting batch."""
 
     # ------------------------------------------------------------ lifecycle
 
@@ -1048,8 +1045,7 @@ class PostgresStore:
             )
 
     async def close(self) -> None:
-        """Release the sweep lock, the archive and the pool."""
-        self._close_archive()
+        """Release the sweep lock and close the pool."""
         if self._lock_conn is not None:
             conn, self._lock_conn = self._lock_conn, None
             await self.pool.release(conn)
@@ -1079,27 +1075,9 @@ class PostgresStore:
             self._lock_conn = conn
         else:
             await self.pool.release(conn)
-            return False
-        # Under the sweep lock, before any batch: no other sweep of this store
-        # is between its seal and its commit.
-        await self.recover_archive()
-        return True
+        return got
 
     # ------------------------------------------------------------ archive
-
-    def _archive_segment(self) -> Segment | None:
-        """A new segment for the next batch, or None when the store has no archive."""
-        if self.archive_settings is None:
-            return None
-        if self._archive is None:
-            # Named by the wall clock: a sweep's `now` may be set for a test or a plan.
-            self._archive = Archive(self.name, "postgres", self.archive_settings, time.time())
-        return self._archive.segment()
-
-    def _close_archive(self) -> None:
-        if self._archive is not None:
-            archive, self._archive = self._archive, None
-            archive.close()
 
     def _archived(self, segment: Segment) -> None:
         """A batch's segment is complete: its rows are safe in the archive."""
@@ -1112,8 +1090,8 @@ class PostgresStore:
                 bytes=segment.bytes,
             )
 
-    async def recover_archive(self) -> tuple[int, int]:
-        """Settle the `.pending` segments earlier runs left: (completed, removed).
+    async def recover_archive(self, archive: Archive) -> Recovered:
+        """Settle the `.pending` segments earlier runs left in `archive`.
 
         A pending segment was sealed, and its batch's COMMIT then may or may
         not have happened (a crash, a lost connection). Its rows still in the
@@ -1122,39 +1100,33 @@ class PostgresStore:
         Some of each (rows restored or re-written since): complete, so nothing
         deleted is left without its archive; restore skips rows that exist.
         """
-        if self.archive_settings is None:
-            return 0, 0
-        archive = Archive(self.name, "postgres", self.archive_settings, time.time())
-        done = removed = 0
-        try:
-            for pending in await asyncio.to_thread(archive.pending):
-                if not await asyncio.to_thread(pending.valid):
-                    # Renamed to .pending only after verifying: a torn copy never ran a delete.
-                    await asyncio.to_thread(pending.discard)
-                    removed += 1
-                    continue
-                async with self.pool.acquire() as conn:
-                    verdict = await pg_archive.committed(conn, pending)
-                if verdict is False:
-                    await asyncio.to_thread(pending.discard)
-                    removed += 1
-                else:
-                    await asyncio.to_thread(pending.promote)
-                    done += 1
-                log.info(
-                    "archive_pending_settled",
-                    store=self.name,
-                    segment=pending.path,
-                    outcome="removed" if verdict is False else "completed",
-                    partly_present=verdict is None,
-                )
-        finally:
-            archive.close()
-        return done, removed
+        out = Recovered()
+        for pending in await asyncio.to_thread(archive.pending):
+            if not await asyncio.to_thread(pending.valid):
+                # Renamed to .pending only once verified: a torn copy never ran a delete.
+                await asyncio.to_thread(pending.discard)
+                out.discarded += 1
+                continue
+            async with self.pool.acquire() as conn:
+                verdict = await pg_archive.committed(conn, pending)
+            if verdict is False:
+                await asyncio.to_thread(pending.discard)
+                out.discarded += 1
+            else:
+                await asyncio.to_thread(pending.promote)
+                out.promoted += 1
+            log.info(
+                "archive_pending_settled",
+                store=self.name,
+                segment=pending.path,
+                outcome="discarded" if verdict is False else "promoted",
+                partly_present=verdict is None,
+            )
+        return out
 
     async def restore(
         self, segments: Sequence[SegmentReader], select: Selection, dry_run: bool
-    ) -> dict[str, pg_archive.ThreadRestore]:
+    ) -> RestoreCounts:
         """Put the selected archived rows back (or count what is missing, `dry_run`).
 
         Rows that exist are left as they are; nulled parents are re-linked
@@ -1173,8 +1145,7 @@ class PostgresStore:
                 raise self._error("restore failed", e) from None
 
     async def end_sweep(self) -> None:
-        """Close the sweep's archive; release the store's advisory lock."""
-        self._close_archive()
+        """Release the store's advisory lock."""
         if self._lock_conn is not None:
             conn, self._lock_conn = self._lock_conn, None
             try:
@@ -1450,8 +1421,14 @@ class PostgresStore:
 
     # ------------------------------------------------------------ delete
 
-    async def apply(self, batch: Sequence[ThreadWork], dry_run: bool) -> list[WorkResult]:
-        """One READ COMMITTED transaction for the batch, retried on lock and deadlock errors."""
+    async def apply(
+        self, batch: Sequence[ThreadWork], dry_run: bool, archive: Archive | None = None
+    ) -> list[WorkResult]:
+        """One READ COMMITTED transaction for the batch, retried on lock and deadlock errors.
+
+        With `archive`, every row it deletes and every parent id it nulls go to
+        one segment, sealed before the COMMIT (`ArchivingStore.apply`).
+        """
         if dry_run:
             return await self._count(batch)
         changed: set[str] = set()
@@ -1459,7 +1436,7 @@ class PostgresStore:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             todo = [w for w in batch if w.thread_id not in changed | on_hold]
             try:
-                done = await self._apply_once(todo)
+                done = await self._apply_once(todo, archive)
             except _OnHold as e:
                 on_hold |= e.threads
                 continue
@@ -1508,7 +1485,9 @@ class PostgresStore:
             ]
         return [WorkResult(w.thread_id, Counts(), changed=True) for w in batch]
 
-    async def _apply_once(self, batch: Sequence[ThreadWork]) -> list[WorkResult]:
+    async def _apply_once(
+        self, batch: Sequence[ThreadWork], archive: Archive | None
+    ) -> list[WorkResult]:
         if not batch:
             return []
         tids = sorted({w.thread_id for w in batch})
@@ -1524,7 +1503,7 @@ class PostgresStore:
             self._deletions_table = True
         # The batch's archive segment: filled by the statements below, sealed
         # (written, fsynced, verified) before COMMIT, completed after it.
-        segment = self._archive_segment()
+        segment = None if archive is None else archive.segment()
         sealed = False
         try:
             async with self.pool.acquire() as conn, conn.transaction():

@@ -16,14 +16,14 @@ restores into a newer table (the column takes its default).
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 import structlog
 
+from worker.engine import RestoreCounts
 from worker.stores.archive import PendingSegment, SegmentReader, Selection
 
 log = structlog.get_logger("checkpoint_janitor.postgres_archive")
@@ -120,16 +120,6 @@ class RestoreError(Exception):
     """A segment that does not fit the store's tables (unknown table or column)."""
 
 
-@dataclass(slots=True)
-class ThreadRestore:
-    """Rows restored (or, in a dry run, missing and to be restored) for one thread."""
-
-    rows: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    """table -> rows."""
-    parents: int = 0
-    """Parent links re-made."""
-
-
 def _cast_arrays(types: Sequence[str], first: int = 1) -> str:
     return ", ".join(f"${first + i}::{t}[]" for i, t in enumerate(types))
 
@@ -197,11 +187,9 @@ class Restorer:
             )
         return [t for t in RESTORED_TABLES if t in tables]
 
-    async def restore(
-        self, segments: Sequence[SegmentReader], select: Selection
-    ) -> dict[str, ThreadRestore]:
+    async def restore(self, segments: Sequence[SegmentReader], select: Selection) -> RestoreCounts:
         """Insert the selected missing rows of every segment, then re-link nulled parents."""
-        out: dict[str, ThreadRestore] = defaultdict(ThreadRestore)
+        out = RestoreCounts(segments=len(segments))
         nulled: list[tuple[str, str, str, str]] = []
         for segment in segments:
             async with self.conn.transaction():
@@ -214,40 +202,49 @@ class Restorer:
                         arrays=_cast_arrays([types[c] for c in columns]),
                     )
                     for chunk in _chunks(segment.rows(table, select)):
-                        for r in await self.conn.fetch(sql, *_columns_of(chunk, len(columns))):
-                            out[r[0]].rows[table] += 1
+                        inserted = Counter(
+                            r[0]
+                            for r in await self.conn.fetch(sql, *_columns_of(chunk, len(columns)))
+                        )
+                        for thread_id, n in inserted.items():
+                            out.add(thread_id, table, n)
+                        out.present += len(chunk) - inserted.total()
             nulled.extend(segment.nulled_parents(select))
         # After every segment's rows: a parent nulled by a later sweep (a
         # dangling one) may come back from an earlier segment.
         for chunk in _chunks(nulled):
-            for r in await self.conn.fetch(RELINK_PARENTS_SQL, *_columns_of(chunk, 4)):
-                out[r[0]].parents += 1
-        return dict(out)
+            relinked = Counter(
+                r[0] for r in await self.conn.fetch(RELINK_PARENTS_SQL, *_columns_of(chunk, 4))
+            )
+            for thread_id, n in relinked.items():
+                out.relink(thread_id, n)
+        return out
 
-    async def count(
-        self, segments: Sequence[SegmentReader], select: Selection
-    ) -> dict[str, ThreadRestore]:
+    async def count(self, segments: Sequence[SegmentReader], select: Selection) -> RestoreCounts:
         """What `restore` would do now: the selected archived rows missing from the store."""
-        out: dict[str, ThreadRestore] = defaultdict(ThreadRestore)
+        out = RestoreCounts(segments=len(segments))
         keys: dict[str, set[tuple[Any, ...]]] = defaultdict(set)
         nulled: set[tuple[str, str, str, str]] = set()
         for segment in segments:
             for table in self._tables(segment):
                 columns = await self._columns(segment, table)
                 at = [columns.index(k) for k in KEYS[table]]
-                keys[table].update(tuple(r[i] for i in at) for r in segment.rows(table, select))
+                for r in segment.rows(table, select):
+                    keys[table].add(tuple(r[i] for i in at))
+                    out.present += 1
             nulled.update(segment.nulled_parents(select))
         for table, found in keys.items():
             sql = _keys_sql(table, await self._table_types(table), exists=False)
             for chunk in _chunks(sorted(found)):
                 for r in await self.conn.fetch(sql, *_columns_of(chunk, len(KEYS[table]))):
-                    out[r[0]].rows[table] += int(r[1])
+                    out.add(r[0], table, int(r[1]))
+                    out.present -= int(r[1])
         back = sorted(keys.get("checkpoints", ()))
         for chunk in _chunks(sorted(nulled)):
             args = [*_columns_of(chunk, 4), *_columns_of(back, 3)]
             for r in await self.conn.fetch(COUNT_RELINKS_SQL, *args):
-                out[r[0]].parents += int(r[1])
-        return dict(out)
+                out.relink(r[0], int(r[1]))
+        return out
 
 
 async def committed(conn: asyncpg.Connection, pending: PendingSegment) -> bool | None:
