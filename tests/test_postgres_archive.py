@@ -249,3 +249,44 @@ async def test_archive_that_cannot_be_written_deletes_nothing(
     assert await dump(dsn) == before
     files = segment_files(tmp_path / "archive")
     assert files == {"complete": [], "pending": [], "partial": []}
+
+
+async def test_pending_segments_are_settled_by_what_the_store_holds(
+    mixed_template: tuple[str, dict[str, str]], dbs: Databases, tmp_path: Path
+) -> None:
+    """A crash between seal and rename leaves `.pending.sqlite` segments. The next sweep
+    promotes those whose rows are gone (the delete committed) and removes those whose rows
+    are still there (it never committed), so no batch counts twice as complete."""
+    template, _ = mixed_template
+    dsn, untouched = dbs.clone(template), dbs.clone(template)
+    root = tmp_path / "archive"
+    report = await archived_sweep(dsn, ArchiveSettings(str(root)), time.time() + DAY)
+    assert report.outcome is Outcome.SUCCESS, report.error
+    complete = sorted(root.rglob("*.sqlite"))
+    assert complete
+    # The same segments, as a crash before the rename would leave them, twice:
+    # beside the swept store (rows gone) and beside the untouched copy (rows there).
+    for base in (tmp_path / "swept", tmp_path / "untouched"):
+        for f in complete:
+            target = base / f.relative_to(root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.with_name(f.name.replace(".sqlite", ".pending.sqlite")).write_bytes(
+                f.read_bytes()
+            )
+    for db, base, want in ((dsn, "swept", "complete"), (untouched, "untouched", "none")):
+        engine = engine_for(db)
+        await engine.open()
+        archive = Archive("pg", "postgres", ArchiveSettings(str(tmp_path / base)), time.time())
+        try:
+            got = await engine.recover_archive(archive)
+        finally:
+            archive.close()
+            await engine.close()
+        files = segment_files(tmp_path / base)
+        assert files["pending"] == []
+        if want == "complete":
+            assert (got.promoted, got.discarded) == (len(complete), 0)
+            assert sorted(files["complete"]) == sorted(f.name for f in complete)
+        else:
+            assert (got.promoted, got.discarded) == (0, len(complete))
+            assert files["complete"] == []
