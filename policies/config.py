@@ -19,8 +19,6 @@ from collections.abc import Mapping
 from datetime import UTC, timedelta
 from typing import Annotated, Any, Literal
 
-from apscheduler.triggers.cron import CronTrigger
-from apscheduler.triggers.interval import IntervalTrigger
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -132,11 +130,22 @@ _DSN_INTEGERS = ("connect_timeout", "keepalives", "keepalives_idle", "keepalives
 _DSN_BAD_OPTION = re.compile(r'^invalid (?:URI query parameter|connection option): "([^"]*)"')
 
 
+POSTGRES_EXTRA_MISSING = (
+    "a postgres dsn needs the Postgres drivers, which this install lacks: "
+    "install checkpoint-janitor[postgres]"
+)
+"""The error of a config naming Postgres on an install without the `postgres` extra."""
+
+
 def _dsn_options(dsn: str) -> dict[str, str]:
     """The DSN's options as libpq reads them; errors never quote the DSN."""
-    # Imported here: psycopg loads libpq, and only configs with a postgres store need it.
-    from psycopg import Error as PsycopgError
-    from psycopg.conninfo import conninfo_to_dict
+    # Imported here: psycopg loads libpq, and only configs with a postgres store need it
+    # (a SQLite-only install has none).
+    try:
+        from psycopg import Error as PsycopgError
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        raise ValueError(POSTGRES_EXTRA_MISSING) from None
 
     try:
         return {k: str(v) for k, v in conninfo_to_dict(dsn).items() if v is not None}
@@ -396,6 +405,9 @@ class Schedule(_Model):
     def _valid_cron(cls, value: str | None) -> str | None:
         if value is None:
             return None
+        # Imported here: an application importing the saver wrapper loads no scheduler.
+        from apscheduler.triggers.cron import CronTrigger
+
         try:
             CronTrigger.from_crontab(" ".join(_crontab_fields(value)), timezone=UTC)
         except ValueError as exc:
@@ -418,6 +430,9 @@ class Schedule(_Model):
 
     def trigger(self) -> Any:
         """The APScheduler 3 trigger for this schedule (crontab weekdays translated)."""
+        from apscheduler.triggers.cron import CronTrigger
+        from apscheduler.triggers.interval import IntervalTrigger
+
         tz = zoneinfo.ZoneInfo(self.timezone) if self.timezone else UTC
         if self.cron is not None:
             return CronTrigger.from_crontab(" ".join(_crontab_fields(self.cron)), timezone=tz)
@@ -520,6 +535,34 @@ class ReclaimOverrides(_Model):
 # --------------------------------------------------------------------------- stores
 
 
+_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+class ArchiveConfig(_Model):
+    """`archive: {path: /var/lib/checkpoint-janitor/archive, max_bytes: 50GB}`.
+
+    Every row a sweep deletes from the store is first written under `path`
+    (a directory, or an fsspec URL such as `s3://bucket/prefix`), and the
+    delete commits only once that is safe (README "Getting data back").
+    `max_bytes` caps the store's archive directory: a batch that would pass
+    it deletes nothing and fails the sweep.
+    """
+
+    path: NonEmptyStr
+    max_bytes: ByteSize | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _path_or_url(cls, value: str) -> str:
+        if "://" in value and not _URL_SCHEME.match(value):
+            raise ValueError(
+                f"archive path {value!r} is neither a directory nor a URL such as s3://bucket/prefix"
+            )
+        if _URL_SCHEME.match(value) and not value.split("://", 1)[1].strip("/"):
+            raise ValueError(f"archive URL {value!r} names no bucket or directory")
+        return value
+
+
 class PoolConfig(_Model):
     """Postgres connection pool size (one pool per store, shared by its policies)."""
 
@@ -555,6 +598,8 @@ class StoreConfig(_Model):
     reclaim: ReclaimOverrides | None = None
     max_bytes: ByteSize | None = None
     """Size cap: past it, sweeps expire the least recently active threads the policies allow."""
+    archive: ArchiveConfig | None = None
+    """Where sweeps archive what they delete; replaces `defaults.archive` for this store."""
 
     @field_validator("dsn")
     @classmethod
@@ -922,6 +967,8 @@ class Defaults(_Model):
     batch: BatchSettings = BatchSettings()
     reclaim: ReclaimSettings = ReclaimSettings()
     """Giving disk space back after sweeps; stores may override any key."""
+    archive: ArchiveConfig | None = None
+    """Archive before delete for every store without an `archive` of its own."""
     shutdown_grace: PositiveSeconds = 20.0
     """`run`: on SIGTERM, how long the current batch may take to commit before it is rolled back."""
     jitter: NonNegativeSeconds = 10.0
@@ -1069,6 +1116,11 @@ class Config(_Model):
         if store.reclaim is None:
             return self.defaults.reclaim
         return store.reclaim.apply(self.defaults.reclaim)
+
+    def archive_for(self, store_name: str) -> ArchiveConfig | None:
+        """The store's `archive`, else `defaults.archive` (None: sweeps do not archive)."""
+        store = self.store(store_name)
+        return store.archive if store.archive is not None else self.defaults.archive
 
     def policies_for(self, store_name: str) -> list[Policy]:
         """The policies that apply to a store, in file order (first match wins among them)."""

@@ -166,21 +166,45 @@ def _base_keep(
     return keep
 
 
-class _Undecodable(Exception):
-    pass
+class UndecodableHistory(Exception):
+    """A `DeltaChannel` history cannot be read, so what a replay needs is unknown.
+
+    Raised by `close_keep`; whoever decides keeps the namespace whole.
+    """
 
 
-def _close_keep(
+def delta_channels_of(checkpoints: Iterable[CheckpointSummary]) -> frozenset[str] | None:
+    """The thread's `DeltaChannel`s, for `close_keep`; None for a thread without any.
+
+    Empty (not None) when the thread is marked as using one but names none.
+    """
+    cps = list(checkpoints)
+    if not is_delta_thread(cps):
+        return None
+    return frozenset().union(*(c.delta_channels for c in cps))
+
+
+def close_keep(
     by_id: Mapping[str, CheckpointSummary],
     keep: set[str],
     delta_channels: frozenset[str] | None,
 ) -> set[str]:
-    """Add what kept checkpoints need: v < 4 sends parents, delta ancestors to their seeds.
+    """`keep` plus what kept checkpoints need: v < 4 sends parents, delta ancestors to their seeds.
 
+    The one statement of invariants 2 and 3, for the decision and for the
+    saver wrapper's explicit deletions. `by_id` is one namespace's
+    checkpoints by id; `delta_channels` as `delta_channels_of` gives it.
     Repeats until nothing is added, since an ancestor kept for one checkpoint
-    has needs of its own. `delta_channels` is None for a thread without
-    `DeltaChannel`s. Raises `_Undecodable` when a delta history cannot be read.
+    has needs of its own.
+
+    Raises:
+        UndecodableHistory: a delta history cannot be read, or the thread is
+            marked as using a `DeltaChannel` but names none (LangGraph.js marks
+            threads with `delta_writes_versioned` only): which ancestors a
+            replay reads is unknown.
     """
+    if delta_channels is not None and not delta_channels:
+        raise UndecodableHistory
     keep = set(keep)
     work = list(keep)
     while work:
@@ -209,7 +233,7 @@ def _delta_ancestors(
     value from before the channel became a DeltaChannel), which is kept too.
     """
     if c.inline_channels is None or c.versioned_channels is None:
-        raise _Undecodable
+        raise UndecodableHistory
     pending = {
         ch for ch in delta_channels if ch in c.versioned_channels and ch not in c.inline_channels
     }
@@ -220,7 +244,7 @@ def _delta_ancestors(
     while pending and parent is not None and parent in by_id and parent not in seen:
         anc = by_id[parent]
         if anc.inline_channels is None:
-            raise _Undecodable
+            raise UndecodableHistory
         seen.add(parent)
         out.append(parent)
         pending -= anc.inline_channels
@@ -275,12 +299,7 @@ def decide(view: ThreadView, rules: Ruleset, now: float, grace_seconds: float) -
                 ttl_fallback=ttl_fallback,
             )
 
-    delta_marked = any(c.delta_marked for c in view.checkpoints)
-    delta_channels: frozenset[str] | None = None
-    if delta_marked:
-        delta_channels = frozenset().union(*(c.delta_channels for c in view.checkpoints))
-
-    trimmer = _Trimmer(by_ns, policy_of, now, idle, delta_marked, delta_channels)
+    trimmer = _Trimmer(by_ns, policy_of, now, idle, delta_channels_of(view.checkpoints))
     calls = sorted(ns for ns, cps in by_ns.items() if is_subgraph_call(ns, cps[0].parents))
     kept = _replay_keeps(trimmer, by_ns)
     for ns in sorted(by_ns):
@@ -346,14 +365,12 @@ class _Trimmer:
         policy_of: Mapping[str, Policy | None],
         now: float,
         idle: float | None,
-        delta_marked: bool,
         delta_channels: frozenset[str] | None,
     ) -> None:
         self.by_ns = by_ns
         self.policy_of = policy_of
         self.now = now
         self.idle = idle
-        self.delta_marked = delta_marked
         self.delta_channels = delta_channels
         self.undecodable: set[str] = set()
         """Namespaces whose trimming was held back: a delta history could not be read."""
@@ -375,15 +392,9 @@ class _Trimmer:
         keep.update(required)
         if len(keep) == len(cps):
             return None
-        if self.delta_marked and not self.delta_channels:
-            # Marked as DeltaChannel but no channel named (LangGraph.js marks
-            # threads with `delta_writes_versioned` only): we cannot tell which
-            # ancestors a replay reads, so the namespace is kept whole.
-            self.undecodable.add(ns)
-            return None
         try:
-            return _close_keep(self.by_id(ns), keep, self.delta_channels)
-        except _Undecodable:
+            return close_keep(self.by_id(ns), keep, self.delta_channels)
+        except UndecodableHistory:
             self.undecodable.add(ns)
             return None
 

@@ -1186,3 +1186,41 @@ def test_promtool_accepts_a_real_scrape(tmp_path: Path, spawn: Spawn) -> None:
     assert r.stdout.strip() == "" and r.stderr.strip() == "", r.stdout + r.stderr
     rc, _ = daemon.stop()
     assert rc == 0, daemon.diagnose()
+
+
+def test_metrics_speak_openmetrics_to_a_prometheus_that_asks(tmp_path: Path, spawn: Spawn) -> None:
+    """/metrics is prometheus-client's own handler: it negotiates the format and compresses.
+
+    A Prometheus asking for OpenMetrics gets it (gzipped when it accepts gzip);
+    a plain GET still gets the text format the other tests parse.
+    """
+    import gzip
+    import urllib.request
+
+    app = tmp_path / "app.db"
+    asyncio.run(build_sqlite(app, ChatThreads(fresh={"user-1": 3}, aged={})))
+    port = free_port()
+    policies = '  - {name: trim, match: {thread_id: "user-*"}, keep_last: 2}\n'
+    cfg = write(tmp_path / "janitor.yaml", daemon_config(sqlite_store("app", app), policies, port))
+    daemon = spawn(cfg, port)
+    daemon.wait_metric(
+        "last_success_timestamp_seconds", lambda v: v is not None, 30, store="app", policy="trim"
+    )
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/metrics",
+        headers={
+            "Accept": "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+            "Accept-Encoding": "gzip",
+        },
+    )
+    with urllib.request.urlopen(request, timeout=10) as r:
+        headers, body = r.headers, r.read()
+    assert headers["Content-Type"].startswith("application/openmetrics-text")
+    assert headers["Content-Encoding"] == "gzip"
+    text = gzip.decompress(body).decode()
+    assert "checkpoint_janitor_last_success_timestamp_seconds" in text
+    assert text.rstrip().endswith("# EOF")
+    status, plain = daemon.get("/metrics")
+    assert status == 200 and "# EOF" not in plain
+    rc, _ = daemon.stop()
+    assert rc == 0, daemon.diagnose()

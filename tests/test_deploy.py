@@ -85,6 +85,10 @@ DESIGN_METRICS: dict[str, tuple[str, frozenset[str]]] = {
     PREFIX + "over_quota_bytes": ("gauge", frozenset({"store", "policy", "group"})),
     # issue 13: legal holds
     PREFIX + "held_threads": ("gauge", frozenset({"store"})),
+    # issue 13: archive before delete
+    PREFIX + "archived_rows_total": ("counter", frozenset({"store", "table"})),
+    PREFIX + "archive_bytes_total": ("counter", frozenset({"store"})),
+    PREFIX + "archive_failures_total": ("counter", frozenset({"store"})),
 }
 SWEEP_OUTCOMES = frozenset({"success", "failed", "safety_stop", "stopped", "locked"})
 DELETED_KINDS = frozenset({"checkpoints", "writes", "blobs", "threads"})
@@ -1151,6 +1155,8 @@ def test_dockerfile_shape() -> None:
     final_runs = " ".join(a for w, a in final if w == "RUN")
     for tool in ("apt-get", "gcc", "build-essential", "pip install"):
         assert tool not in final_runs, f"no {tool} in the final stage"
+    build_runs = " ".join(a for w, a in instructions[: -len(final)] if w == "RUN")
+    assert '".[postgres]"' in build_runs, "the image installs the postgres extra"
     assert "9464" in words["EXPOSE"]
     # the build stage copies what the distribution needs, and the ignore file lets it through
     for word, source in instructions:

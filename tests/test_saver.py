@@ -539,7 +539,7 @@ async def test_expiry_rechecks_the_thread_before_deleting() -> None:
             await chat_graph(inner).ainvoke({"messages": ["x"]}, thread("t"))
         scanned = await saver._backend.ascan("t")
         await chat_graph(inner).ainvoke({"messages": ["resumed"]}, thread("t"))
-        assert await saver._backend.aexpire("t", scanned.fingerprint) is None
+        assert await saver._backend.aexpire("t", scanned.stamp) is None
         assert len(await all_keys(inner)) == 6
 
 
@@ -553,10 +553,10 @@ async def test_sql_expiry_rechecks_the_thread_before_deleting(
             await chat_graph(inner).ainvoke({"messages": ["x"]}, thread("t"))
         scanned = await saver._backend.ascan("t")
         await chat_graph(inner).ainvoke({"messages": ["resumed"]}, thread("t"))
-        assert await saver._backend.aexpire("t", scanned.fingerprint) is None
+        assert await saver._backend.aexpire("t", scanned.stamp) is None
         assert len(await all_keys(inner)) == 6
         scanned = await saver._backend.ascan("t")
-        counts = await saver._backend.aexpire("t", scanned.fingerprint)
+        counts = await saver._backend.aexpire("t", scanned.stamp)
         assert counts is not None and counts.checkpoints == 6 and counts.threads == 1
         assert await all_keys(inner) == [] and await write_keys(inner) == set()
 

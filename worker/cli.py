@@ -22,11 +22,10 @@ import structlog
 
 from policies.config import BatchSettings, Config, Policy, ReclaimSettings, StoreConfig
 from policies.loader import ConfigError, check_config
-from worker.engine import Counts, Hold, StoreEngine, StoreError
+from worker.engine import ArchivingStore, Counts, Hold, RestoreCounts, StoreEngine, StoreError
 from worker.langgraph_json import load_worker_config, translate_file
 from worker.logs import configure_logging, iso_utc
 from worker.metrics import Metrics
-from worker.postgres_store import PostgresStore
 from worker.purge import HeldThreadsError, held_among, purge
 from worker.reclaim import after_sweep, measure, reclaim
 from worker.report import (
@@ -40,9 +39,24 @@ from worker.report import (
 )
 from worker.sqlite_store import SqliteStore
 from worker.stats import namespace_display
-from worker.stores import make_engine, postgres_reclaim, sqlite_reclaim
+from worker.stores import as_postgres, make_engine, sqlite_reclaim
+from worker.stores.archive import (
+    ArchiveError,
+    ArchiveFactory,
+    Selection,
+    archive_factory,
+    read_segments,
+)
 from worker.stores.space import Reclaimed, ReclaimRefused
-from worker.sweep import Outcome, SweepOptions, SweepReport, ThreadFn, ThreadPlan, sweep
+from worker.sweep import (
+    Outcome,
+    SweepOptions,
+    SweepReport,
+    ThreadFn,
+    ThreadPlan,
+    open_archive,
+    sweep,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_SAFETY = 0, 1, 2, 3
 
@@ -136,6 +150,7 @@ async def _sweep_all(
             dry_run=dry_run,
             allow_mass_expiry=allow_mass_expiry or config.defaults.allow_mass_expiry,
             max_bytes=store.max_bytes,
+            archive=archive_factory(store, config.archive_for(store.name)),
         )
         policies = config.policies_for(store.name)
 
@@ -481,11 +496,22 @@ def _space_lines(detail: dict[str, Any]) -> list[str]:
 )
 @click.option("--store", "only", default=None, help="Only this store.")
 @click.option(
+    "--archive",
+    "keep_archive",
+    is_flag=True,
+    help="Archive what goes first, to the store's `archive` (off by default: erasure).",
+)
+@click.option(
     "--yes", is_flag=True, help="Do not ask for confirmation (required without a terminal)."
 )
 @click.pass_context
 def purge_cmd(
-    ctx: click.Context, threads: tuple[str, ...], prefix: str | None, only: str | None, yes: bool
+    ctx: click.Context,
+    threads: tuple[str, ...],
+    prefix: str | None,
+    only: str | None,
+    keep_archive: bool,
+    yes: bool,
 ) -> None:
     """Delete named threads now (user logout, GDPR erasure): every namespace and write."""
     if bool(threads) == (prefix is not None):
@@ -501,11 +527,19 @@ def purge_cmd(
     config = _load(ctx)
     named = list(dict.fromkeys(threads))
     stores = _stores(config, only)
+    bare = [s.name for s in stores if config.archive_for(s.name) is None]
+    if keep_archive and bare:
+        _fail(
+            f"purge --archive: no `archive` configured for store {', '.join(bare)} "
+            "(stores[].archive or defaults.archive)",
+            EXIT_CONFIG,
+        )
     _refuse_held(config, stores, named, prefix)
     failed = False
     for store in stores:
+        factory = archive_factory(store, config.archive_for(store.name)) if keep_archive else None
 
-        async def body(engine: StoreEngine) -> bool:
+        async def body(engine: StoreEngine, factory: ArchiveFactory | None = factory) -> bool:
             found = await purge(engine, named, prefix, dry_run=True)
             if prefix is not None:
                 what = f"threads {prefix!r}*"
@@ -523,11 +557,19 @@ def purge_cmd(
             if not yes and not click.confirm("Delete them?", default=False):
                 click.echo("nothing deleted")
                 return True
-            done = await purge(engine, named, prefix, dry_run=False)
+            archive = await open_archive(engine, factory, time.time()) if factory else None
+            try:
+                done = await purge(engine, named, prefix, dry_run=False, archive=archive)
+            finally:
+                if archive is not None:
+                    archive.close()
             blobs = f", {done.blobs} blobs" if done.blobs else ""
+            kept = ""
+            if archive is not None:
+                kept = f"; archived {sum(archive.completed_rows.values())} rows"
             click.echo(
                 f"store {engine.name}: deleted {done.threads} threads, "
-                f"{done.checkpoints} checkpoints, {done.writes} writes{blobs}"
+                f"{done.checkpoints} checkpoints, {done.writes} writes{blobs}{kept}"
             )
             return True
 
@@ -535,6 +577,10 @@ def purge_cmd(
             asyncio.run(_with_engine(config, store, body))
         except StoreError as e:
             log.error("store_unavailable", store=store.name, error=str(e))
+            failed = True
+        except ArchiveError as e:
+            # The batch that could not be archived deleted nothing.
+            click.echo(f"checkpoint-janitor: {e}", err=True)
             failed = True
         except HeldThreadsError as e:
             # Held while the purge ran: the batch's re-check kept them whole.
@@ -547,6 +593,105 @@ def purge_cmd(
             )
     if failed:
         sys.exit(EXIT_FAILED)
+
+
+@main.command(name="restore")
+@click.option("--store", "name", required=True, help="The store to put the rows back into.")
+@click.option(
+    "--from",
+    "source",
+    required=True,
+    help="The archive: its path (or URL) as in the config, a store's or sweep's folder, "
+    "or one segment file.",
+)
+@click.option("--thread", "thread_id", default=None, help="Restore this thread.")
+@click.option(
+    "--thread-prefix",
+    "prefix",
+    default=None,
+    help="Restore every thread whose id starts with this (exact, case-sensitive).",
+)
+@click.option("--all", "everything", is_flag=True, help="Restore every archived thread.")
+@click.option("--dry-run", is_flag=True, help="Show what would be restored; change nothing.")
+@click.option(
+    "--yes", is_flag=True, help="Do not ask for confirmation (required without a terminal)."
+)
+@click.pass_context
+def restore_cmd(
+    ctx: click.Context,
+    name: str,
+    source: str,
+    thread_id: str | None,
+    prefix: str | None,
+    everything: bool,
+    dry_run: bool,
+    yes: bool,
+) -> None:
+    """Put archived rows back: missing rows are inserted, existing rows left alone."""
+    if [thread_id is not None, prefix is not None, everything].count(True) != 1:
+        _fail("restore needs one of --thread ID, --thread-prefix PREFIX or --all", EXIT_CONFIG)
+    if prefix == "":
+        _fail("--thread-prefix must not be empty (use --all to restore everything)", EXIT_CONFIG)
+    if not yes and not dry_run and not sys.stdin.isatty():
+        _fail("restore asks before writing; without a terminal, pass --yes", EXIT_CONFIG)
+    if "://" not in source and not Path(source).exists():
+        _fail(f"--from {source}: no such file or directory", EXIT_CONFIG)
+    config, store = _one_store(ctx, name)
+    select = Selection(thread_id=thread_id, prefix=prefix)
+    try:
+        segments = list(read_segments(source, store=store.name))
+        for seg in segments:
+            # Every segment first: a damaged one stops the restore before any row goes in.
+            seg.verify()
+    except ArchiveError as e:
+        _fail(str(e), EXIT_FAILED)
+    if not segments:
+        click.echo(f"store {store.name}: no archive segments of this store under {source}")
+        return
+
+    async def body(engine: StoreEngine) -> None:
+        if not isinstance(engine, ArchivingStore):
+            raise StoreError(engine.name, "this store engine cannot restore from an archive")
+        found = await engine.restore(segments, select, dry_run=True)
+        _show_restore(engine.name, found, len(segments), done=False)
+        if not found.threads() or dry_run:
+            return
+        if not yes and not click.confirm("Restore them?", default=False):
+            click.echo("nothing restored")
+            return
+        done = await engine.restore(segments, select, dry_run=False)
+        _show_restore(engine.name, done, len(segments), done=True)
+
+    try:
+        asyncio.run(_with_engine(config, store, body, read_only=dry_run))
+    except (StoreError, ArchiveError) as e:
+        _fail(str(e), EXIT_FAILED)
+    finally:
+        for seg in segments:
+            seg.close()
+
+
+def _show_restore(store: str, counts: RestoreCounts, segments: int, *, done: bool) -> None:
+    totals = counts.totals()
+    parts = [f"{n} {table}" for table, n in sorted(totals.items()) if table != "parents"]
+    links = f", {totals['parents']} parent links" if totals["parents"] else ""
+    if done:
+        click.echo(
+            f"store {store}: restored {len(counts.threads())} threads: "
+            f"{', '.join(parts) or 'no rows'}{links}"
+        )
+        return
+    click.echo(
+        f"store {store}: {segments} archive segments; {len(counts.threads())} threads to "
+        f"restore ({', '.join(parts) or 'no rows'}{links}; "
+        f"{counts.present} archived rows already in the store are left alone)"
+    )
+    for tid in counts.threads():
+        per = counts.inserted.get(tid, {})
+        cells = [f"{n} {table}" for table, n in sorted(per.items())]
+        if tid in counts.relinked:
+            cells.append(f"{counts.relinked[tid]} parent links")
+        click.echo(f"  {tid}: {', '.join(cells)}")
 
 
 @main.command(name="reclaim")
@@ -645,7 +790,11 @@ async def _convert(engine: StoreEngine, settings: ReclaimSettings, yes: bool) ->
 
 
 async def _vacuum_full(engine: StoreEngine, yes: bool) -> Reclaimed | None:
-    assert isinstance(engine, PostgresStore)  # the caller checked the store's kind
+    # Imported here: a SQLite-only install has no Postgres driver.
+    from worker.stores import postgres_reclaim
+
+    pg = as_postgres(engine)
+    assert pg is not None  # the caller checked the store's kind
     space = await measure(engine)
     click.echo(
         f"store {engine.name}: VACUUM FULL rewrites {', '.join(postgres_reclaim.TABLES)} one at "
@@ -658,7 +807,7 @@ async def _vacuum_full(engine: StoreEngine, yes: bool) -> Reclaimed | None:
     if not yes and not click.confirm("Run VACUUM FULL now?", default=False):
         click.echo("nothing changed")
         return None
-    return await postgres_reclaim.vacuum(engine, full=True)
+    return await postgres_reclaim.vacuum(pg, full=True)
 
 
 def _reclaim_line(r: Reclaimed) -> str:

@@ -34,6 +34,7 @@ from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.interval import IntervalTrigger
+from prometheus_client.aiohttp import make_aiohttp_handler
 
 from policies.config import Config, StoreConfig
 from policies.loader import ConfigError
@@ -43,6 +44,7 @@ from worker.logs import configure_logging
 from worker.metrics import Metrics
 from worker.reclaim import after_sweep
 from worker.stores import make_engine
+from worker.stores.archive import archive_factory
 from worker.sweep import Outcome, SweepOptions, sweep
 
 log = structlog.get_logger("checkpoint_janitor.daemon")
@@ -219,6 +221,7 @@ class StoreRunner:
             dry_run=self.daemon.dry_run or cfg.defaults.dry_run,
             due=due,
             max_bytes=cfg.store(self.name).max_bytes,
+            archive=archive_factory(cfg.store(self.name), cfg.archive_for(self.name)),
         )
         metrics = self.daemon.metrics
         report = await sweep(
@@ -473,7 +476,9 @@ class Daemon:
 
     async def _serve(self) -> None:
         app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
+        # prometheus-client's own handler: content negotiation (OpenMetrics for
+        # a Prometheus that asks for it), `name[]` filtering and gzip.
+        app.router.add_get("/metrics", make_aiohttp_handler(self.metrics.registry))
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         self._http = web.AppRunner(app, access_log=None)
@@ -521,12 +526,6 @@ class Daemon:
                 await old.stop()
         self._site = new
         log.info("listening", listen=config.metrics.listen)
-
-    async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(
-            body=self.metrics.exposition(),
-            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
-        )
 
     async def _healthz(self, request: web.Request) -> web.Response:
         # "The scheduler loop is alive", not "the database answers": a store

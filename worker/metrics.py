@@ -164,6 +164,24 @@ class Metrics:
             ["store"],
             registry=r,
         )
+        self.archived_rows = Counter(
+            PREFIX + "archived_rows",
+            "Rows written to the archive before their delete committed, by store table.",
+            ["store", "table"],
+            registry=r,
+        )
+        self.archive_bytes = Counter(
+            PREFIX + "archive_bytes",
+            "Bytes of archive segments written for deletes that committed.",
+            ["store"],
+            registry=r,
+        )
+        self.archive_failures = Counter(
+            PREFIX + "archive_failures",
+            "Sweeps or purges stopped because a batch could not be archived (nothing deleted).",
+            ["store"],
+            registry=r,
+        )
         self.store_up = Gauge(
             PREFIX + "store_up", "1 if the store answers, else 0.", ["store"], registry=r
         )
@@ -226,6 +244,9 @@ class Metrics:
         self.dry_run.labels(store).set(1 if report.dry_run else 0)
         if report.held_threads is not None:
             self.held_threads.labels(store).set(report.held_threads)
+        self.record_archive(store, report.archived_rows, report.archive_bytes)
+        if report.archive_failed:
+            self.archive_failures.labels(store).inc()
         if report.outcome is not Outcome.LOCKED and report.error is None:
             # Groups come and go: only the last sweep's are shown.
             for labels in _label_sets(self.over_quota):
@@ -235,6 +256,13 @@ class Metrics:
                 self.over_quota.labels(store, policy, group).set(n)
         if report.outcome is Outcome.SAFETY_STOP and report.limit_reached_by is not None:
             self.safety_stops.labels(store, report.limit_reached_by).inc()
+
+    def record_archive(self, store: str, rows: dict[str, int], size: int) -> None:
+        """Count what a sweep or purge archived (segments whose delete committed)."""
+        for table, n in rows.items():
+            self.archived_rows.labels(store, table).inc(n)
+        if size:
+            self.archive_bytes.labels(store).inc(size)
 
     def record_reclaim(self, result: Reclaimed) -> None:
         """The store's size after a sweep or reclamation, and what the reclamation gave back."""

@@ -26,16 +26,19 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import aiosqlite
-import asyncpg
 import structlog
 
 from policies.config import BatchSettings, OrphanSource, Policy, redact_dsn
 from worker.engine import StoreEngine
-from worker.postgres_store import PostgresStore, connect_kwargs, connect_kwargs_safe
 from worker.sqlite_store import READ_ONLY, SqliteStore, store_uri
+from worker.stores import as_postgres
+
+if TYPE_CHECKING:
+    # At run time imported where used: a SQLite-only install has no Postgres driver.
+    import asyncpg
 
 log = structlog.get_logger("checkpoint_janitor.orphans")
 
@@ -118,6 +121,8 @@ class PostgresRegistry:
         self.owned = owned
 
     async def _fetch(self, sql: str, *args: object) -> list[asyncpg.Record]:
+        import asyncpg
+
         if isinstance(self.conn, asyncpg.Pool):
             async with self.conn.acquire() as conn, conn.transaction(readonly=True):
                 return list(await conn.fetch(sql, *args, timeout=self.timeout))
@@ -135,6 +140,8 @@ class PostgresRegistry:
 
     async def close(self) -> None:
         """Close the connection this registry opened (never the store's pool)."""
+        import asyncpg
+
         if self.owned and isinstance(self.conn, asyncpg.Connection):
             await self.conn.close()
 
@@ -147,8 +154,8 @@ async def open_registry(engine: StoreEngine, policy: Policy, settings: BatchSett
     if source is None:
         if isinstance(engine, SqliteStore):
             return SqliteRegistry(await _sqlite_read_only(engine.path), query)
-        if isinstance(engine, PostgresStore):
-            return PostgresRegistry(engine.pool, query, engine.statement_timeout, owned=False)
+        if (pg := as_postgres(engine)) is not None:
+            return PostgresRegistry(pg.pool, query, pg.statement_timeout, owned=False)
         raise TypeError(f"no registry for a {type(engine).__name__} store")
     if source.kind == "sqlite":
         assert source.path is not None
@@ -164,6 +171,10 @@ async def _sqlite_read_only(path: str) -> aiosqlite.Connection:
 
 
 async def _postgres_connect(source: OrphanSource) -> asyncpg.Connection:
+    import asyncpg
+
+    from worker.postgres_store import connect_kwargs
+
     assert source.dsn is not None
     return await asyncpg.connect(
         **connect_kwargs(source.dsn.get_secret_value()),
@@ -178,6 +189,8 @@ def _safe_message(e: BaseException, source: OrphanSource | None) -> str:
     """The error, with the source's password (if any) never in it."""
     message = f"{type(e).__name__}: {e}"
     if source is not None and source.dsn is not None:
+        from worker.postgres_store import connect_kwargs_safe
+
         dsn = source.dsn.get_secret_value()
         password = connect_kwargs_safe(dsn).get("password")
         if password:

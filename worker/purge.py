@@ -14,8 +14,9 @@ from collections.abc import AsyncIterator, Sequence
 import structlog
 
 from policies.decide import last_activity
-from worker.engine import Counts, Hold, StoreEngine, ThreadWork
+from worker.engine import ArchivingStore, Counts, Hold, StoreEngine, ThreadWork
 from worker.logs import iso_utc
+from worker.stores.archive import Archive
 
 log = structlog.get_logger("checkpoint_janitor.purge")
 
@@ -65,9 +66,16 @@ async def matching_threads(
 
 
 async def purge(
-    engine: StoreEngine, threads: Sequence[str], prefix: str | None, dry_run: bool
+    engine: StoreEngine,
+    threads: Sequence[str],
+    prefix: str | None,
+    dry_run: bool,
+    archive: Archive | None = None,
 ) -> Counts:
     """Delete (or count, when `dry_run`) every named thread whole.
+
+    `archive` (`purge --archive`): archive what goes first, as a sweep does.
+    Without it nothing is kept: erasure is a purge's purpose.
 
     Raises:
         HeldThreadsError: A named thread is on hold (nothing was deleted), or
@@ -86,7 +94,11 @@ async def purge(
                 scanned = await engine.scan(todo)
                 active = {t.view.thread_id: last_activity(t.view) for t in scanned}
                 works = [ThreadWork(t.view.thread_id, t.fingerprint, expire=True) for t in scanned]
-                results = await engine.apply(works, dry_run)
+                if archive is not None and not dry_run:
+                    assert isinstance(engine, ArchivingStore)  # `open_archive` checked it
+                    results = await engine.apply(works, dry_run, archive)
+                else:
+                    results = await engine.apply(works, dry_run)
                 todo = [r.thread_id for r in results if r.changed or r.locked]
                 late.extend(r.thread_id for r in results if r.on_hold)
                 now = time.time()

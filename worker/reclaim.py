@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import sys
 
-import asyncpg
 import structlog
 
 from policies.config import BatchSettings, ReclaimSettings
 from worker.engine import Counts, StoreEngine, StoreError
-from worker.postgres_store import PostgresStore
 from worker.sqlite_store import SqliteStore
-from worker.stores import postgres_reclaim, sqlite_reclaim
+from worker.stores import as_postgres, sqlite_reclaim
 from worker.stores.space import Reclaimed, ReclaimRefused, Space
 from worker.sweep import Outcome, SweepReport
 
@@ -30,8 +29,10 @@ async def measure(engine: StoreEngine) -> Space:
     """The store's size on disk and what a reclamation could give back."""
     if isinstance(engine, SqliteStore):
         return await sqlite_reclaim.measure(engine)
-    if isinstance(engine, PostgresStore):
-        return await postgres_reclaim.measure(engine)
+    if (pg := as_postgres(engine)) is not None:
+        from worker.stores import postgres_reclaim
+
+        return await postgres_reclaim.measure(pg)
     raise StoreError(engine.name, f"cannot measure a {type(engine).__name__}")
 
 
@@ -50,16 +51,18 @@ async def reclaim(
     """
     if isinstance(engine, SqliteStore):
         return await sqlite_reclaim.reclaim_incremental(engine, batch, settings, stop=stop)
-    if isinstance(engine, PostgresStore):
+    if (pg := as_postgres(engine)) is not None:
+        from worker.stores import postgres_reclaim
+
         tables = None
         if deleted is not None:
-            space = await postgres_reclaim.table_space(engine)
+            space = await postgres_reclaim.table_space(pg)
             live = {name: t["live_rows"] for name, t in space.items()}
             tables = postgres_reclaim.tables_thinned(deleted, live, settings.min_deleted_fraction)
             if not tables:
-                now = await postgres_reclaim.measure(engine)
+                now = await postgres_reclaim.measure(pg)
                 return Reclaimed(engine.name, "none", now, now)
-        return await postgres_reclaim.vacuum(engine, tables)
+        return await postgres_reclaim.vacuum(pg, tables)
     raise StoreError(engine.name, f"cannot reclaim a {type(engine).__name__}")
 
 
@@ -88,6 +91,17 @@ async def after_sweep(
         return Reclaimed(engine.name, "none", now, now)
     except (ReclaimRefused, StoreError) as e:
         log.error("reclaim_failed", store=engine.name, error=str(e))
-    except (sqlite3.Error, asyncpg.PostgresError, OSError) as e:
+    except Exception as e:
+        if not isinstance(e, (sqlite3.Error, OSError)) and not _postgres_error(e):
+            raise
         log.error("reclaim_failed", store=engine.name, error=f"{type(e).__name__}: {e}")
     return None
+
+
+def _postgres_error(e: BaseException) -> bool:
+    """An error of the Postgres driver, without importing it where no Postgres store ran."""
+    if "asyncpg" not in sys.modules:
+        return False
+    import asyncpg
+
+    return isinstance(e, asyncpg.PostgresError)

@@ -56,6 +56,7 @@ def report_dict(report: SweepReport) -> dict[str, Any]:
             {"policy": policy or None, "group": group or None, "bytes": n}
             for (policy, group), n in report.over_quota.items()
         ],
+        "archived": {"rows": dict(report.archived_rows), "bytes": report.archive_bytes},
         "error": report.error,
     }
 

@@ -15,9 +15,10 @@ import os
 import sqlite3
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,8 @@ from worker.engine import (
     Counts,
     Fingerprint,
     Hold,
+    Recovered,
+    RestoreCounts,
     ScannedThread,
     StoreError,
     ThreadWork,
@@ -46,6 +49,15 @@ from worker.engine import (
 )
 from worker.logs import iso_utc
 from worker.stats import AgeHistogram
+from worker.stores.archive import (
+    NULLED_TABLE,
+    Archive,
+    ArchiveError,
+    PendingSegment,
+    Segment,
+    SegmentReader,
+    Selection,
+)
 
 log = structlog.get_logger("checkpoint_janitor.sqlite")
 
@@ -320,6 +332,112 @@ TRIM_CHECKPOINTS_SQL = """
 DELETE FROM checkpoints WHERE thread_id = :t AND checkpoint_ns = :ns AND checkpoint_id < :bound
 RETURNING COALESCE(length(checkpoint), 0) + COALESCE(length(metadata), 0)
 """
+# ---------------------------------------------------------------- archive
+# With an archive (README "Getting data back") every delete returns the whole
+# rows it removes (`RETURNING *`, SQLite >= 3.35), so what is archived is
+# exactly what went, read in the same statement under the same write lock.
+RETURNING_ALL = " RETURNING *"
+ARCHIVE_DELETE_WRITES_SQL = DELETE_WRITES_SQL + RETURNING_ALL
+ARCHIVE_DELETE_CHECKPOINTS_SQL = DELETE_CHECKPOINTS_SQL + RETURNING_ALL
+ARCHIVE_DELETE_ORPHAN_WRITES_SQL = DELETE_ORPHAN_WRITES_SQL + RETURNING_ALL
+ARCHIVE_EXPIRE_WRITES_SQL = EXPIRE_WRITES_SQL + RETURNING_ALL
+ARCHIVE_EXPIRE_CHECKPOINTS_SQL = EXPIRE_CHECKPOINTS_SQL + RETURNING_ALL
+ARCHIVE_EXPIRE_MANY_WRITES_SQL = """
+DELETE FROM writes WHERE thread_id IN (SELECT value FROM json_each(?)) RETURNING *
+"""
+ARCHIVE_EXPIRE_MANY_CHECKPOINTS_SQL = """
+DELETE FROM checkpoints WHERE thread_id IN (SELECT value FROM json_each(?)) RETURNING *
+"""
+ARCHIVE_TRIM_WRITES_SQL = TRIM_WRITES_SQL + RETURNING_ALL
+ARCHIVE_TRIM_CHECKPOINTS_SQL = """
+DELETE FROM checkpoints WHERE thread_id = :t AND checkpoint_ns = :ns AND checkpoint_id < :bound
+RETURNING *
+"""
+# RETURNING shows an UPDATE's new values (NULL), so the parents about to be
+# nulled are read first, by the same WHERE as the UPDATE that follows.
+ARCHIVE_NULL_PARENTS_SQL = """
+SELECT thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id FROM checkpoints
+WHERE thread_id = ? AND checkpoint_ns = ?
+AND parent_checkpoint_id IN (SELECT value FROM json_each(?))
+"""
+ARCHIVE_TRIM_NULL_PARENTS_SQL = """
+SELECT thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id FROM checkpoints
+WHERE thread_id = :t AND checkpoint_ns = :ns AND checkpoint_id >= :bound
+AND parent_checkpoint_id < :bound
+AND EXISTS (
+    SELECT 1 FROM checkpoints p
+    WHERE p.thread_id = :t AND p.checkpoint_ns = :ns
+    AND p.checkpoint_id = checkpoints.parent_checkpoint_id
+)
+"""
+# Recovery of a `.pending` segment: one still-present key means its delete never committed.
+CHECKPOINT_PRESENT_SQL = """
+SELECT 1 FROM checkpoints WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id = ?
+"""
+WRITE_PRESENT_SQL = """
+SELECT 1 FROM writes
+WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id = ? AND task_id = ? AND idx = ?
+"""
+RECOVERY_SAMPLE = 8
+"""Keys of each table a recovery looks up in the store."""
+
+# ---------------------------------------------------------------- restore
+# A segment is ATTACHed read-only and copied in SQL: no row crosses into
+# Python, and the primary keys (thread, ns, id[, task, idx]) decide what is
+# missing. The filter is on the archived side's thread_id (alias s).
+ATTACH_SEGMENT_SQL = "ATTACH DATABASE ? AS archived"
+DETACH_SEGMENT_SQL = "DETACH DATABASE archived"
+# Whether the attached segment recorded nulled parents (older batches may not have any).
+ARCHIVED_NULLED_SQL = "SELECT 1 FROM archived.sqlite_master WHERE type = 'table' AND name = ?"
+RESTORE_FILTER = {
+    "all": "1",
+    "thread": "s.thread_id = :thread",
+    "prefix": "substr(s.thread_id, 1, :n) = :prefix",
+}
+RESTORE_KEYS = {
+    "checkpoints": ("thread_id", "checkpoint_ns", "checkpoint_id"),
+    "writes": ("thread_id", "checkpoint_ns", "checkpoint_id", "task_id", "idx"),
+}
+"""The primary key of each saver table: what "the row exists" means."""
+# Per thread, the archived rows whose key the store lacks (counted before the insert).
+RESTORE_MISSING_SQL = """
+SELECT s.thread_id, count(*) FROM archived."{table}" s
+WHERE {filter} AND NOT EXISTS (SELECT 1 FROM main."{table}" m WHERE {keys})
+GROUP BY s.thread_id
+"""
+RESTORE_SELECTED_SQL = 'SELECT count(*) FROM archived."{table}" s WHERE {filter}'
+# OR IGNORE: a row the store has (the application wrote it again, or an earlier
+# restore did) stays as it is.
+RESTORE_INSERT_SQL = """
+INSERT OR IGNORE INTO main."{table}" ({columns})
+SELECT {columns} FROM archived."{table}" s WHERE {filter}
+"""
+# Only where the parent is still NULL (nothing set it since) and the parent row
+# is back: a kept checkpoint then reads as before the sweep.
+RESTORE_RELINK_MATCH = """
+{filter}
+AND m.thread_id = s.thread_id AND m.checkpoint_ns = s.checkpoint_ns
+AND m.checkpoint_id = s.checkpoint_id AND m.parent_checkpoint_id IS NULL
+AND EXISTS (
+    SELECT 1 FROM main.checkpoints p
+    WHERE p.thread_id = s.thread_id AND p.checkpoint_ns = s.checkpoint_ns
+    AND p.checkpoint_id = s.parent_checkpoint_id
+)
+"""
+# RETURNING names the updated table's columns unqualified (SQLite allows no alias there).
+RESTORE_RELINK_SQL = (
+    "UPDATE main.checkpoints AS m SET parent_checkpoint_id = s.parent_checkpoint_id\n"
+    "FROM archived.nulled_parents s WHERE" + RESTORE_RELINK_MATCH + "RETURNING thread_id"
+)
+# A dry run inserts no parent, so it counts every link still NULL (an upper bound).
+RESTORE_RELINK_COUNT_SQL = """
+SELECT m.thread_id, count(*) FROM main.checkpoints m, archived.nulled_parents s
+WHERE {filter}
+AND m.thread_id = s.thread_id AND m.checkpoint_ns = s.checkpoint_ns
+AND m.checkpoint_id = s.checkpoint_id AND m.parent_checkpoint_id IS NULL
+GROUP BY m.thread_id
+"""
+
 # Dry runs: a chunk counts from the id past what the chunks before it name.
 TRIM_LOW_SQL = """
 SELECT checkpoint_id FROM checkpoints WHERE thread_id = :t AND checkpoint_ns = :ns
@@ -787,8 +905,16 @@ class SqliteStore:
 
     # ------------------------------------------------------------ delete
 
-    async def apply(self, batch: Sequence[ThreadWork], dry_run: bool) -> list[WorkResult]:
-        """Carry out `batch` in one BEGIN IMMEDIATE transaction, or count it when `dry_run`."""
+    async def apply(
+        self, batch: Sequence[ThreadWork], dry_run: bool, archive: Archive | None = None
+    ) -> list[WorkResult]:
+        """Carry out `batch` in one BEGIN IMMEDIATE transaction, or count it when `dry_run`.
+
+        With `archive`, every row the batch deletes (and each parent id it
+        nulls) goes to one segment, sealed (written, fsynced, verified) before
+        the COMMIT: a segment that cannot be sealed rolls the batch back and
+        its `ArchiveError` propagates (nothing deleted).
+        """
         if dry_run:
             return [await self._count(work) for work in batch]
         conn = self.conn
@@ -801,6 +927,7 @@ class SqliteStore:
                 threads=len(batch),
             )
             return [WorkResult(w.thread_id, Counts(), locked=True) for w in batch]
+        seg = archive.segment() if archive is not None else None
         try:
             tids = [w.thread_id for w in batch]
             on_hold = await self._held_among(tids)
@@ -823,22 +950,47 @@ class SqliteStore:
                     expiring[len(results)] = tid
                     results.append(WorkResult(tid, Counts()))
                     continue
-                results.append(await self._delete(work))
+                results.append(await self._delete(work, seg))
                 if tid in repeated:
                     # A later part of this thread expects it as this part left it.
                     current.update(await self._fingerprints([tid]))
                     current.setdefault(tid, ())
             if expiring:
-                gone = await self._expire(sorted(set(expiring.values())))
+                gone = await self._expire(sorted(set(expiring.values())), seg)
                 for i, tid in expiring.items():
                     results[i] = WorkResult(tid, gone.get(tid, Counts(threads=1)))
-            await conn.execute("COMMIT")
+            if seg is not None:
+                # Sealed under the write lock: nothing commits before its archive is safe.
+                await asyncio.to_thread(seg.seal)
         except BaseException:
             # Also on cancellation (SIGTERM): the batch is all or nothing.
             if conn.in_transaction:
                 await conn.execute("ROLLBACK")
+            if seg is not None:
+                await asyncio.to_thread(seg.abandon)
             raise
+        try:
+            await conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                # Certainly not committed: the segment goes with the batch.
+                await conn.execute("ROLLBACK")
+                if seg is not None:
+                    await asyncio.to_thread(seg.abandon)
+            # Otherwise it may have committed: the segment stays `.pending` for
+            # the next sweep's `recover_archive` to settle.
+            raise
+        if seg is not None:
+            await self._complete(seg)
         return results
+
+    async def _complete(self, seg: Segment) -> None:
+        """Give a committed batch's segment its final name; a failure leaves it `.pending`
+        (safe: the next sweep's recovery promotes it), so the sweep goes on."""
+        try:
+            await asyncio.to_thread(seg.complete)
+        except ArchiveError as e:
+            log.warning("archive_complete_failed", store=self.name, error=str(e))
 
     async def _begin(self) -> bool:
         """BEGIN IMMEDIATE, retried until `busy_timeout`; False if the lock stayed taken."""
@@ -863,10 +1015,23 @@ class SqliteStore:
                 found[tid].append((ns, int(n), newest))
         return {tid: tuple(sorted(v)) for tid, v in found.items()}
 
-    async def _expire(self, thread_ids: list[str]) -> dict[str, Counts]:
+    async def _expire(self, thread_ids: list[str], seg: Segment | None) -> dict[str, Counts]:
         """Delete these threads whole, in two statements, counting each one's rows."""
         counts = {tid: Counts(threads=1) for tid in thread_ids}
         ids = json.dumps(thread_ids)
+        if seg is not None:
+            # thread_id is the first column of both tables.
+            _, rows = await self._archived(seg, "writes", ARCHIVE_EXPIRE_MANY_WRITES_SQL, (ids,))
+            for row in rows:
+                counts[row[0]].writes += 1
+            columns, rows = await self._archived(
+                seg, "checkpoints", ARCHIVE_EXPIRE_MANY_CHECKPOINTS_SQL, (ids,)
+            )
+            size = _checkpoint_size(columns)
+            for row in rows:
+                counts[row[0]].checkpoints += 1
+                counts[row[0]].bytes += size(row)
+            return counts
         async with self.conn.execute(EXPIRE_MANY_WRITES_SQL, (ids,)) as cur:
             for (tid,) in await cur.fetchall():
                 counts[tid].writes += 1
@@ -898,9 +1063,23 @@ class SqliteStore:
         counts.bytes += int(size)
         counts.writes += await self._one_on(self.conn, COUNT_TRIM_WRITES_SQL, bounds)
 
-    async def _trim(self, tid: str, ns: str, r: TrimRange, counts: Counts) -> None:
+    async def _trim(
+        self, tid: str, ns: str, r: TrimRange, counts: Counts, seg: Segment | None
+    ) -> None:
         """One set-based trim: parents nulled, writes, then checkpoints below the bound."""
         args = {"t": tid, "ns": ns, "bound": await self._bound(tid, ns, r)}
+        if seg is not None:
+            await self._archive_nulled(seg, ARCHIVE_TRIM_NULL_PARENTS_SQL, args)
+            await self.conn.execute(TRIM_NULL_PARENTS_SQL, args)
+            _, rows = await self._archived(seg, "writes", ARCHIVE_TRIM_WRITES_SQL, args)
+            counts.writes += len(rows)
+            columns, rows = await self._archived(
+                seg, "checkpoints", ARCHIVE_TRIM_CHECKPOINTS_SQL, args
+            )
+            counts.checkpoints += len(rows)
+            size = _checkpoint_size(columns)
+            counts.bytes += sum(size(row) for row in rows)
+            return
         await self.conn.execute(TRIM_NULL_PARENTS_SQL, args)
         cur = await self.conn.execute(TRIM_WRITES_SQL, args)
         counts.writes += cur.rowcount
@@ -909,12 +1088,14 @@ class SqliteStore:
         counts.checkpoints += len(sizes)
         counts.bytes += sum(int(r[0]) for r in sizes)
 
-    async def _delete(self, work: ThreadWork) -> WorkResult:
+    async def _delete(self, work: ThreadWork, seg: Segment | None) -> WorkResult:
         conn = self.conn
         counts = Counts()
         tid = work.thread_id
         for ns, r in work.ranges.items():
-            await self._trim(tid, ns, r, counts)
+            await self._trim(tid, ns, r, counts, seg)
+        if seg is not None:
+            return await self._delete_archived(work, counts, seg)
         if work.expire:
             cur = await conn.execute(EXPIRE_WRITES_SQL, (tid,))
             counts.writes += cur.rowcount
@@ -933,6 +1114,53 @@ class SqliteStore:
             cur = await conn.execute(DELETE_ORPHAN_WRITES_SQL, (tid, ns, json.dumps(ids)))
             counts.writes += cur.rowcount
         return WorkResult(tid, counts)
+
+    async def _delete_archived(self, work: ThreadWork, counts: Counts, seg: Segment) -> WorkResult:
+        """`_delete`'s statements past the trims, each returning the rows it removes."""
+        tid = work.thread_id
+        if work.expire:
+            _, rows = await self._archived(seg, "writes", ARCHIVE_EXPIRE_WRITES_SQL, (tid,))
+            counts.writes += len(rows)
+            _, rows = await self._archived(
+                seg, "checkpoints", ARCHIVE_EXPIRE_CHECKPOINTS_SQL, (tid,)
+            )
+            counts.checkpoints += len(rows)
+            counts.threads = 1
+            return WorkResult(tid, counts)
+        for ns, ids in work.checkpoints.items():
+            args = (tid, ns, json.dumps(ids))
+            _, rows = await self._archived(seg, "writes", ARCHIVE_DELETE_WRITES_SQL, args)
+            counts.writes += len(rows)
+            _, rows = await self._archived(seg, "checkpoints", ARCHIVE_DELETE_CHECKPOINTS_SQL, args)
+            counts.checkpoints += len(rows)
+            await self._archive_nulled(seg, ARCHIVE_NULL_PARENTS_SQL, args)
+            await self.conn.execute(NULL_PARENTS_SQL, args)
+        for ns, ids in work.writes.items():
+            args = (tid, ns, json.dumps(ids))
+            _, rows = await self._archived(seg, "writes", ARCHIVE_DELETE_ORPHAN_WRITES_SQL, args)
+            counts.writes += len(rows)
+        return WorkResult(tid, counts)
+
+    async def _archived(
+        self, seg: Segment, table: str, sql: str, args: tuple[Any, ...] | dict[str, Any]
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Run a `... RETURNING *` delete of `table`, add the rows it removed to `seg`,
+        and return their columns and rows."""
+        async with self.conn.execute(sql, args) as cur:
+            rows = [tuple(r) for r in await cur.fetchall()]
+            columns = [d[0] for d in cur.description or ()]
+        if rows:
+            seg.add(table, columns, rows)
+        return columns, rows
+
+    async def _archive_nulled(
+        self, seg: Segment, sql: str, args: tuple[Any, ...] | dict[str, Any]
+    ) -> None:
+        """Record the parent ids the UPDATE that follows will set to NULL."""
+        async with self.conn.execute(sql, args) as cur:
+            rows = await cur.fetchall()
+        if rows:
+            seg.add_nulled_parents([(str(a), str(b), str(c), str(d)) for a, b, c, d in rows])
 
     async def _count(self, work: ThreadWork) -> WorkResult:
         counts = Counts()
@@ -1003,6 +1231,148 @@ class SqliteStore:
     async def after_batch(self) -> None:
         """Checkpoint the WAL without waiting on anyone."""
         await self.conn.execute(WAL_CHECKPOINT_SQL)
+
+    # ------------------------------------------------------------ archive
+
+    async def recover_archive(self, archive: Archive) -> Recovered:
+        """Settle the `.pending` segments a crashed sweep left (see `ArchivingStore`)."""
+        done = Recovered()
+        for pending in await asyncio.to_thread(archive.pending):
+            if await asyncio.to_thread(pending.valid) and not await self._still_here(pending):
+                await asyncio.to_thread(pending.promote)
+                done.promoted += 1
+                log.info("archive_segment_promoted", store=self.name, segment=pending.path)
+            else:
+                await asyncio.to_thread(pending.discard)
+                done.discarded += 1
+                log.info("archive_segment_discarded", store=self.name, segment=pending.path)
+        return done
+
+    async def _still_here(self, pending: PendingSegment) -> bool:
+        """Whether some of the segment's rows are in the store: its delete never committed.
+
+        A batch deletes all its rows or none, so a few keys of each table tell.
+        """
+
+        def sample() -> list[tuple[str, list[tuple[Any, ...]]]]:
+            out = []
+            for table, sql in (
+                ("checkpoints", CHECKPOINT_PRESENT_SQL),
+                ("writes", WRITE_PRESENT_SQL),
+            ):
+                columns = pending.reader.columns(table)
+                if not columns:
+                    continue
+                at = [columns.index(k) for k in RESTORE_KEYS[table]]
+                keys = []
+                for row in pending.reader.rows(table):
+                    keys.append(tuple(row[i] for i in at))
+                    if len(keys) >= RECOVERY_SAMPLE:
+                        break
+                out.append((sql, keys))
+            return out
+
+        for sql, keys in await asyncio.to_thread(sample):
+            for key in keys:
+                if await self._one(sql, key):
+                    return True
+        return False
+
+    async def restore(
+        self, segments: Sequence[SegmentReader], select: Selection, dry_run: bool
+    ) -> RestoreCounts:
+        """Put the selected threads' archived rows back (see `ArchivingStore.restore`).
+
+        One write transaction per segment, so the application's writes go on
+        between them; the parents are re-linked after every segment's rows are
+        in, as a link may point at a row a later segment archived.
+        """
+        counts = RestoreCounts()
+        params: dict[str, Any] = {"thread": select.thread_id, "prefix": select.prefix}
+        params["n"] = len(select.prefix or "")
+        where = RESTORE_FILTER[select.kind]
+        for seg in segments:
+            if seg.backend != "sqlite":
+                raise ArchiveError(
+                    self.name, seg.location, f"holds {seg.backend} rows; this store is sqlite"
+                )
+            counts.segments += 1
+            restore_rows = partial(self._restore_rows, seg, where, params, counts, dry_run)
+            await self._in_segment(seg, dry_run, restore_rows)
+        for seg in segments:
+            await self._in_segment(
+                seg, dry_run, lambda: self._relink(where, params, counts, dry_run)
+            )
+        return counts
+
+    async def _in_segment(
+        self, seg: SegmentReader, dry_run: bool, body: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Run `body` with `seg` attached as `archived`, in a write transaction unless `dry_run`."""
+        conn = self.conn
+        await conn.execute(
+            ATTACH_SEGMENT_SQL, (f"{Path(os.path.abspath(seg.local_path)).as_uri()}?mode=ro",)
+        )
+        try:
+            if dry_run:
+                await body()
+                return
+            if not await self._begin():
+                raise StoreError(self.name, f"write lock busy for {self.busy_timeout}s")
+            try:
+                await body()
+                await conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    await conn.execute("ROLLBACK")
+                raise
+        finally:
+            await conn.execute(DETACH_SEGMENT_SQL)
+
+    async def _restore_rows(
+        self,
+        seg: SegmentReader,
+        where: str,
+        params: dict[str, Any],
+        counts: RestoreCounts,
+        dry_run: bool,
+    ) -> None:
+        present = set(await asyncio.to_thread(seg.tables))
+        for table, key in RESTORE_KEYS.items():
+            if table not in present:
+                continue
+            columns = ", ".join(f'"{c}"' for c in await asyncio.to_thread(seg.columns, table))
+            keys = " AND ".join(f"m.{k} = s.{k}" for k in key)
+            selected = await self._one_on(
+                self.conn, RESTORE_SELECTED_SQL.format(table=table, filter=where), params
+            )
+            missing = 0
+            sql = RESTORE_MISSING_SQL.format(table=table, filter=where, keys=keys)
+            async with self.conn.execute(sql, params) as cur:
+                for tid, n in await cur.fetchall():
+                    counts.add(tid, table, int(n))
+                    missing += int(n)
+            counts.present += selected - missing
+            if not dry_run and missing:
+                await self.conn.execute(
+                    RESTORE_INSERT_SQL.format(table=table, columns=columns, filter=where), params
+                )
+
+    async def _relink(
+        self, where: str, params: dict[str, Any], counts: RestoreCounts, dry_run: bool
+    ) -> None:
+        if not await self._one(ARCHIVED_NULLED_SQL, (NULLED_TABLE,)):
+            return
+        if dry_run:
+            async with self.conn.execute(
+                RESTORE_RELINK_COUNT_SQL.format(filter=where), params
+            ) as cur:
+                for tid, n in await cur.fetchall():
+                    counts.relink(tid, int(n))
+            return
+        async with self.conn.execute(RESTORE_RELINK_SQL.format(filter=where), params) as cur:
+            for (tid,) in await cur.fetchall():
+                counts.relink(tid, 1)
 
     # ------------------------------------------------------------ legal holds
 
@@ -1087,6 +1457,17 @@ def _summary(
     if text and (ns != "" or any(m in text for m in _PARSE_ROOT_MARKERS)):
         meta = json_object(text)
     return summarize(ns, cid, parent, meta, size=int(size))
+
+
+def _checkpoint_size(columns: Sequence[str]) -> Callable[[Sequence[Any]], int]:
+    """A returned checkpoint row's size as the sweep counts it: checkpoint and metadata
+    (`length()` in SQL: bytes of a blob, characters of a text, as Python's `len`)."""
+    at = [columns.index("checkpoint"), columns.index("metadata")] if columns else []
+
+    def size(row: Sequence[Any]) -> int:
+        return sum(len(row[i]) for i in at if row[i] is not None)
+
+    return size
 
 
 def _hold(thread_id: str, reason: str | None, held_at: str, held_by: str | None) -> Hold:

@@ -33,10 +33,12 @@ from policies.model import Reason, Skip, SkipReason, ThreadDecision, TtlFallback
 from policies.plan import ThreadAggregate, plannable
 from policies.plan import ThreadPlan as AggregatePlan
 from worker.engine import (
+    ArchivingStore,
     Counts,
     Fingerprint,
     ScannedThread,
     StoreEngine,
+    StoreError,
     ThreadWork,
     TrimRange,
     WorkResult,
@@ -46,6 +48,7 @@ from worker.logs import iso_utc
 from worker.orphans import OrphanLookup, RegistryFailure
 from worker.planning import PagePlanner, PlannedPage, decide_scanned
 from worker.quota import Decided, Eviction, QuotaPass
+from worker.stores.archive import Archive, ArchiveError, ArchiveFactory
 from worker.stores.space import Reclaimed
 from worker.throttle import BatchSizer, pause_after
 
@@ -130,6 +133,12 @@ class SweepReport:
     over_quota: dict[tuple[str, str], int] = field(default_factory=dict)
     """(policy, group) -> bytes still over its cap once the sweep's plan is done; ("", "")
     is the store's `max_bytes` (always there when set, 0 when under)."""
+    archived_rows: dict[str, int] = field(default_factory=dict)
+    """Rows per store table written to the archive by batches that committed."""
+    archive_bytes: int = 0
+    """Bytes of the archive segments those batches wrote."""
+    archive_failed: bool = False
+    """A batch could not archive, so it deleted nothing and the sweep failed."""
 
     @property
     def deleted(self) -> Counts:
@@ -275,6 +284,8 @@ class SweepOptions:
     plan_from_aggregates: bool = True
     """Plan from aggregates where the engine offers them; False: decide every thread
     from its rows (the reference the aggregate plan is tested against)."""
+    archive: ArchiveFactory | None = None
+    """The store's archive (`stores[].archive`): every batch archives what it deletes."""
 
 
 ProgressFn = Callable[[int, int], None]
@@ -313,6 +324,7 @@ async def sweep(
     except Exception as e:
         report.outcome = Outcome.FAILED
         report.error = f"{type(e).__name__}: {e}"
+        report.archive_failed = isinstance(e, ArchiveError)
         log.error("sweep_failed", store=engine.name, error=report.error)
     report.duration_seconds = time.monotonic() - started
     _log_summary(report)
@@ -335,13 +347,21 @@ async def _run(
         return
     deferred = _DeferredExpiries(options.expiries_in_memory)
     orphans: OrphanLookup | None = None
+    archive: Archive | None = None
     try:
+        if options.archive is not None and not options.dry_run:
+            archive = await open_archive(engine, options.archive, report.now)
         if rules.has_orphan_policies:
             orphans = await OrphanLookup.open(engine, rules.policies, options.settings)
         pass_ = _Pass(engine, rules, options, report, stop, on_batch, on_thread, deferred)
         pass_.orphans = orphans
+        pass_.archive = archive
         await pass_.run(progress)
     finally:
+        if archive is not None:
+            report.archived_rows = dict(archive.completed_rows)
+            report.archive_bytes = archive.completed_bytes
+            archive.close()
         deferred.close()
         if orphans is not None:
             await orphans.close()
@@ -349,6 +369,28 @@ async def _run(
                 if name in report.policies:
                     report.policies[name].registry_error = failure
         await engine.end_sweep()
+
+
+async def open_archive(engine: StoreEngine, factory: ArchiveFactory, now: float) -> Archive:
+    """The archive of a sweep (or purge) started at `now`, with the `.pending` segments
+    earlier runs left settled first (so nothing is counted twice as complete)."""
+    if not isinstance(engine, ArchivingStore):
+        # Deleting without the archive the config asks for would lose data for good.
+        raise StoreError(engine.name, "this store engine cannot archive; remove `archive`")
+    archive = factory(now)
+    try:
+        recovered = await engine.recover_archive(archive)
+    except BaseException:
+        archive.close()
+        raise
+    if recovered.promoted or recovered.discarded:
+        log.info(
+            "archive_recovered",
+            store=engine.name,
+            promoted=recovered.promoted,
+            discarded=recovered.discarded,
+        )
+    return archive
 
 
 class _Pass:
@@ -396,6 +438,8 @@ class _Pass:
         """Threads a batch found on hold that the start did not: counted once each."""
         self.orphans: OrphanLookup | None = None
         """The registries of `orphaned` policies, asked once per page."""
+        self.archive: Archive | None = None
+        """Where every batch archives what it deletes (None: the store has no archive)."""
         self.quota = QuotaPass(
             engine.name,
             options.max_bytes,
@@ -681,7 +725,12 @@ class _Pass:
         engine, options, report = self.engine, self.options, self.report
         s = options.settings
         t0 = time.monotonic()
-        results = await engine.apply([p.work for p in parts], options.dry_run)
+        works = [p.work for p in parts]
+        if self.archive is not None:
+            assert isinstance(engine, ArchivingStore)  # `open_archive` checked it
+            results = await engine.apply(works, options.dry_run, self.archive)
+        else:
+            results = await engine.apply(works, options.dry_run)
         elapsed = time.monotonic() - t0
         rows = 0
         for part, result in zip(parts, results, strict=True):

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from policies.config import BatchSettings, StoreConfig
+import sys
+from typing import TYPE_CHECKING
+
+from policies.config import POSTGRES_EXTRA_MISSING, BatchSettings, StoreConfig
 from worker.engine import StoreEngine, StoreError
+
+if TYPE_CHECKING:
+    from worker.postgres_store import PostgresStore
 
 
 def make_engine(
@@ -13,10 +19,12 @@ def make_engine(
 
     `read_only`: the caller only reads (a dry run, `stats`); a SQLite file is
     then opened read-only, so it may belong to another user.
+
+    Raises:
+        StoreError: a postgres store on an install without the `postgres` extra.
     """
     # Imported here, not at the top: the engines import `worker.stores.archive`,
     # and a package that imported them back at load time would be circular.
-    from worker.postgres_store import PostgresStore
     from worker.sqlite_store import SqliteStore
 
     key = store.encryption_key.get_secret_value() if store.encryption_key else None
@@ -31,6 +39,11 @@ def make_engine(
         )
     if store.kind == "postgres":
         assert store.dsn is not None  # the schema requires it for postgres
+        try:
+            # Imported here: the Postgres driver comes with the `postgres` extra only.
+            from worker.postgres_store import PostgresStore
+        except ImportError as e:
+            raise StoreError(store.name, f"{POSTGRES_EXTRA_MISSING} ({e})") from None
         return PostgresStore(
             store.name,
             store.dsn.get_secret_value(),
@@ -42,3 +55,17 @@ def make_engine(
             grace_period=settings.grace_period.total_seconds(),
         )
     raise StoreError(store.name, f"unknown store kind {store.kind!r}")
+
+
+def as_postgres(engine: StoreEngine) -> PostgresStore | None:
+    """`engine` if it is the Postgres engine, else None.
+
+    An engine can only be a `PostgresStore` once `make_engine` has imported
+    that module, so this never imports the Postgres driver itself (a
+    SQLite-only install has none).
+    """
+    if "worker.postgres_store" not in sys.modules:
+        return None
+    from worker.postgres_store import PostgresStore
+
+    return engine if isinstance(engine, PostgresStore) else None

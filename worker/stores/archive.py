@@ -36,12 +36,14 @@ import re
 import shutil
 import sqlite3
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from typing import IO, Any, Literal
 from urllib.parse import quote
+
+from policies.config import ArchiveConfig, StoreConfig
 
 FORMAT_VERSION = 1
 """Bumped on any change a reader of version 1 would misread."""
@@ -104,6 +106,13 @@ class Selection:
     thread_id: str | None = None
     prefix: str | None = None
 
+    @property
+    def kind(self) -> Literal["thread", "prefix", "all"]:
+        """Which of the three selections this is."""
+        if self.thread_id is not None:
+            return "thread"
+        return "prefix" if self.prefix is not None else "all"
+
     def matches(self, thread_id: str) -> bool:
         """Whether `thread_id` is selected (prefix is code-point exact)."""
         if self.thread_id is not None:
@@ -120,6 +129,22 @@ class Selection:
             # substr, not LIKE: exact code points, no wildcard in the prefix.
             return " WHERE substr(thread_id, 1, ?) = ?", (len(self.prefix), self.prefix)
         return "", ()
+
+
+ArchiveFactory = Callable[[float], "Archive"]
+"""Opens a store's `Archive` for a sweep started at the given unix time."""
+
+
+def archive_factory(store: StoreConfig, config: ArchiveConfig | None) -> ArchiveFactory | None:
+    """How sweeps of `store` open their archive (None: the store has none)."""
+    if config is None:
+        return None
+    settings = ArchiveSettings(config.path, config.max_bytes)
+
+    def open_archive(started: float) -> Archive:
+        return Archive(store.name, store.kind, settings, started)
+
+    return open_archive
 
 
 # -- checksum ---------------------------------------------------------------
@@ -271,6 +296,10 @@ class Archive:
         self._next = 1
         self.segments_written = 0
         self.bytes_written = 0
+        self.completed_rows: dict[str, int] = {}
+        """Rows per table in segments this sweep completed (their delete committed)."""
+        self.completed_bytes = 0
+        """Bytes of the segments this sweep completed."""
 
     @property
     def sweep_dir(self) -> str | None:
@@ -587,7 +616,11 @@ class Segment:
         self._state = "complete"
         if self.path is None:
             return
-        self.path = _promote(self.archive, self.path)
+        archive = self.archive
+        for table, n in self.counts.items():
+            archive.completed_rows[table] = archive.completed_rows.get(table, 0) + n
+        archive.completed_bytes += self.bytes
+        self.path = _promote(archive, self.path)
 
     def abandon(self) -> None:
         """The batch's delete rolled back: remove the segment."""

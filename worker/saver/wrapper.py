@@ -77,20 +77,19 @@ import builtins
 import logging
 import threading
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import (
     AsyncIterator,
     Callable,
     Collection,
-    Generator,
     Iterator,
     Mapping,
     Sequence,
 )
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import (
@@ -103,26 +102,45 @@ from langgraph.checkpoint.base import (
     get_checkpoint_metadata,
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
-from prometheus_client import REGISTRY, CollectorRegistry, Counter
+from prometheus_client import REGISTRY, CollectorRegistry
 
 from policies.config import Policy, ThreadTTL
-from policies.decide import _close_keep, _Undecodable, decide, expiry_seconds
+from policies.decide import (
+    UndecodableHistory,
+    close_keep,
+    decide,
+    delta_channels_of,
+    expiry_seconds,
+)
 from policies.ids import checkpoint_time
 from policies.matching import Ruleset
 from policies.model import CheckpointSummary, SkipReason, ThreadDecision, ThreadView
 from worker.engine import Counts
-from worker.saver_backends import Backend, Scanned, backend_for, group_ids
+from worker.saver.backends import Backend, backend_for
+from worker.saver.metrics import SaverMetrics
+from worker.saver.operations import (
+    Delete,
+    DeleteThreads,
+    Expire,
+    Holds,
+    Program,
+    Scan,
+    Scanned,
+    ThreadPage,
+    ThreadsOfRuns,
+    Trim,
+    Waiting,
+    arun,
+    ask,
+    group_ids,
+    run,
+)
 
 __all__ = ["RetentionSaver", "SaverMetrics"]
 
 log = logging.getLogger("checkpoint_janitor.saver")
 
 T = TypeVar("T")
-
-Request = tuple[str, tuple[Any, ...]]
-"""A backend call a retention program asks for: (operation name, arguments)."""
-Program = Generator[Request, Any, T]
-"""Retention logic written once, driven by `_run` (sync) or `_arun` (async)."""
 
 PRUNE_STRATEGIES = ("keep_latest", "delete")
 
@@ -131,93 +149,6 @@ _CACHE_SIZE = 65_536
 _RECHECK_SECONDS = 60.0
 """How long an idle thread found not expired (it waits for input) is taken as such."""
 _PAGE = 500
-
-
-# ------------------------------------------------------------------ metrics
-
-
-class SaverMetrics:
-    """The wrapper's `checkpoint_janitor_saver_*` counters in one registry.
-
-    Created once per registry (`for_registry`), so several wrappers, and the
-    clones `with_allowlist` makes, share them; the `saver` label tells
-    wrappers apart.
-    """
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.deleted = _counter(
-            registry,
-            "checkpoint_janitor_saver_deleted",
-            "Rows the saver wrapper deleted, by kind (checkpoints, writes, blobs, threads) "
-            "and reason (trimmed, expired, prune, delete_for_runs, delete_checkpoints).",
-            ("saver", "kind", "reason"),
-        )
-        self.trims = _counter(
-            registry,
-            "checkpoint_janitor_saver_trims",
-            "Trims the saver wrapper ran after puts.",
-            ("saver",),
-        )
-        self.failures = _counter(
-            registry,
-            "checkpoint_janitor_saver_failures",
-            "Retention work on the application's write or read path that failed "
-            "(logged, never raised), by operation (trim, expire, read).",
-            ("saver", "operation"),
-        )
-        self.expired_reads = _counter(
-            registry,
-            "checkpoint_janitor_saver_expired_reads",
-            "Reads answered empty because the thread had expired.",
-            ("saver",),
-        )
-        self.skipped = _counter(
-            registry,
-            "checkpoint_janitor_saver_skipped",
-            "Rules that applied but were held back, by reason "
-            "(interrupted, undecodable, changed, held).",
-            ("saver", "reason"),
-        )
-        self.ttl_fallbacks = _counter(
-            registry,
-            "checkpoint_janitor_saver_ttl_fallbacks",
-            "Expiry checks whose per-thread TTL (expire_after: {metadata_key}) was missing, "
-            "invalid or not positive, so the default applied, by reason.",
-            ("saver", "reason"),
-        )
-
-    _lock: ClassVar[threading.Lock] = threading.Lock()
-    _by_registry: ClassVar[weakref.WeakKeyDictionary[CollectorRegistry, SaverMetrics]] = (
-        weakref.WeakKeyDictionary()
-    )
-
-    @classmethod
-    def for_registry(cls, registry: CollectorRegistry) -> SaverMetrics:
-        """The metrics of `registry`, registering them on first use."""
-        with cls._lock:
-            metrics = cls._by_registry.get(registry)
-            if metrics is None:
-                metrics = cls._by_registry[registry] = cls(registry)
-            return metrics
-
-    def count(self, saver: str, reason: str, counts: Counts) -> None:
-        """Add deleted rows."""
-        for kind in ("threads", "checkpoints", "writes", "blobs"):
-            n = getattr(counts, kind)
-            if n:
-                self.deleted.labels(saver, kind, reason).inc(n)
-
-
-def _counter(registry: CollectorRegistry, name: str, doc: str, labels: Sequence[str]) -> Counter:
-    try:
-        return Counter(name, doc, labels, registry=registry)
-    except ValueError:
-        # Registered already by code we do not track (a module reloaded in
-        # tests, another copy of this package): reuse that collector.
-        existing = getattr(registry, "_names_to_collectors", {}).get(name + "_total")
-        if isinstance(existing, Counter):
-            return existing
-        raise
 
 
 # ------------------------------------------------------------------ state shared by clones
@@ -391,11 +322,13 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
         """A fixed `expire_after`, in seconds (None: none, or a per-thread TTL)."""
         self._expiry_policy: Policy | None = None
         if keep_last is not None or keep_within is not None:
-            self._trim_rules = Ruleset(
-                [Policy(name=self.name, keep_last=keep_last, keep_within=keep_within)]  # type: ignore[arg-type]
-            )
+            # Validated from values: `keep_within` may be duration text ("7d").
+            trim = {"name": self.name, "keep_last": keep_last, "keep_within": keep_within}
+            self._trim_rules = Ruleset([Policy.model_validate(trim)])
         if expire_after is not None:
-            policy = Policy(name=self.name, expire_after=expire_after, interrupted=interrupted)  # type: ignore[arg-type]
+            policy = Policy.model_validate(
+                {"name": self.name, "expire_after": expire_after, "interrupted": interrupted}
+            )
             self._expiry_rules = Ruleset([policy])
             self._expiry_policy = policy
             if not isinstance(policy.expire_after, ThreadTTL):
@@ -463,18 +396,30 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
         return clone
 
     def __enter__(self) -> RetentionSaver:
-        self._inner.__enter__()  # type: ignore[attr-defined]
+        self._sync_context().__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> Any:
-        return self._inner.__exit__(*exc)  # type: ignore[attr-defined]
+        return self._sync_context().__exit__(*exc)
 
     async def __aenter__(self) -> RetentionSaver:
-        await self._inner.__aenter__()  # type: ignore[attr-defined]
+        await self._async_context().__aenter__()
         return self
 
     async def __aexit__(self, *exc: Any) -> Any:
-        return await self._inner.__aexit__(*exc)  # type: ignore[attr-defined]
+        return await self._async_context().__aexit__(*exc)
+
+    def _sync_context(self) -> AbstractContextManager[Any]:
+        # The structural check of `with`: the base saver class declares no
+        # __enter__, but most savers are context managers.
+        if not isinstance(self._inner, AbstractContextManager):
+            raise AttributeError(f"{type(self._inner).__name__} is not a context manager")
+        return self._inner
+
+    def _async_context(self) -> AbstractAsyncContextManager[Any]:
+        if not isinstance(self._inner, AbstractAsyncContextManager):
+            raise AttributeError(f"{type(self._inner).__name__} is not an async context manager")
+        return self._inner
 
     def put_writes(
         self,
@@ -832,7 +777,7 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
         with self._state.lock:
             held = None if fresh or now >= self._state.held_until else self._state.held
         if held is None:
-            held = yield "holds", ()
+            held = yield from ask(Holds())
             with self._state.lock:
                 self._state.held, self._state.held_until = held, now + self._holds_refresh
         return thread_id in held
@@ -846,13 +791,13 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
                 self.metrics.skipped.labels(self.name, SkipReason.HELD.value).inc()
             return False
         now = self._clock()
-        scanned: Scanned = yield "scan", (thread_id,)
+        scanned = yield from ask(Scan(thread_id))
         view = scanned.view
         if not view.checkpoints:
             return False
         decision = decide(view, self._expiry_rules, now, self._grace)
         if decision.needs_waiting:
-            waiting = yield "waiting", (view,)
+            waiting = yield from ask(Waiting(view))
             # Unreadable counts as waiting: it only ever keeps a thread.
             view = replace(view, waiting=True if waiting is None else waiting)
             decision = decide(view, self._expiry_rules, now, self._grace)
@@ -873,7 +818,7 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
             return False
         if not apply:
             return True
-        counts = yield "expire", (thread_id, scanned.fingerprint)
+        counts = yield from ask(Expire(thread_id, scanned.stamp))
         if counts is None:
             # A run saved to the thread since the scan: it wins, the thread stays.
             self.metrics.skipped.labels(self.name, SkipReason.CHANGED.value).inc()
@@ -906,7 +851,7 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
             decision = self._decide(scanned.view, rules, now)
             return group_ids((d.namespace, d.checkpoint_id) for d in decision.deletions)
 
-        counts: Counts = yield "trim", (thread_id, choose)
+        counts = yield from ask(Trim(thread_id, choose))
         self.metrics.trims.labels(self.name).inc()
         self.metrics.count(self.name, "trimmed", counts)
         return counts
@@ -915,7 +860,7 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
         if not thread_ids:
             return
         if strategy == "delete":
-            counts: Counts = yield "delete_threads", (thread_ids,)
+            counts = yield from ask(DeleteThreads(thread_ids))
             self._state.forget(thread_ids)
             self.metrics.count(self.name, "prune", counts)
             for tid in thread_ids:
@@ -927,7 +872,7 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
         refused: builtins.list[str] = []
         # Decide every thread first: a refusal prunes nothing, as the official prune.
         for tid in thread_ids:
-            scanned: Scanned = yield "scan", (tid,)
+            scanned = yield from ask(Scan(tid))
             decision = decide(_clip_times(scanned.view, now), rules, now, self._grace)
             if any(s.reason == SkipReason.UNDECODABLE for s in decision.skips):
                 refused.append(tid)
@@ -941,7 +886,7 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
                 f"cannot be read: {', '.join(sorted(refused))}"
             )
         for tid, ids in plans:
-            counts = yield "delete", (tid, ids)
+            counts = yield from ask(Delete(tid, ids))
             self.metrics.count(self.name, "prune", counts)
         self._state.forget(thread_ids)
 
@@ -949,13 +894,13 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
         if not run_ids:
             return
         wanted = set(run_ids)
-        thread_ids: builtins.list[str] = yield "threads_of_runs", (run_ids,)
+        thread_ids = yield from ask(ThreadsOfRuns(run_ids))
         for tid in thread_ids:
-            scanned: Scanned = yield "scan", (tid,)
+            scanned = yield from ask(Scan(tid))
             doomed = {key for key, run in scanned.run_ids.items() if run in wanted}
             doomed = self._spare_needed(scanned.view, doomed)
             if doomed:
-                counts: Counts = yield "delete", (tid, group_ids(sorted(doomed)))
+                counts = yield from ask(Delete(tid, group_ids(sorted(doomed))))
                 self.metrics.count(self.name, "delete_for_runs", counts)
         self._state.forget(thread_ids)
 
@@ -973,7 +918,7 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
         # (a cursor of "" would skip the empty id).
         after: str | None = None
         while True:
-            page: builtins.list[str] = yield "thread_page", (after, _PAGE)
+            page = yield from ask(ThreadPage(after, _PAGE))
             for tid in page:
                 total += yield from self._delete_older(tid, cutoff, keep_newest)
             if len(page) < _PAGE:
@@ -985,7 +930,7 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
         if (yield from self._on_hold(thread_id)):
             self.metrics.skipped.labels(self.name, SkipReason.HELD.value).inc()
             return 0
-        scanned: Scanned = yield "scan", (thread_id,)
+        scanned = yield from ask(Scan(thread_id))
         cps = scanned.view.checkpoints
         doomed = {
             (c.namespace, c.checkpoint_id)
@@ -1000,7 +945,7 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
         doomed = self._spare_needed(scanned.view, doomed)
         if not doomed:
             return 0
-        counts: Counts = yield "delete", (thread_id, group_ids(sorted(doomed)))
+        counts = yield from ask(Delete(thread_id, group_ids(sorted(doomed))))
         self.metrics.count(self.name, "delete_checkpoints", counts)
         self._state.forget([thread_id])
         return counts.checkpoints
@@ -1017,9 +962,7 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
         by_ns: dict[str, dict[str, CheckpointSummary]] = {}
         for c in view.checkpoints:
             by_ns.setdefault(c.namespace, {})[c.checkpoint_id] = c
-        delta_channels: frozenset[str] | None = None
-        if any(c.delta_marked for c in view.checkpoints):
-            delta_channels = frozenset().union(*(c.delta_channels for c in view.checkpoints))
+        delta_channels = delta_channels_of(view.checkpoints)
         out: set[tuple[str, str]] = set()
         for ns, by_id in by_ns.items():
             mine = {cid for n, cid in doomed if n == ns}
@@ -1027,10 +970,8 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
                 continue
             remaining = set(by_id) - mine
             try:
-                if delta_channels is not None and not delta_channels:
-                    raise _Undecodable
-                keep = _close_keep(by_id, remaining, delta_channels)
-            except _Undecodable:
+                keep = close_keep(by_id, remaining, delta_channels)
+            except UndecodableHistory:
                 self.metrics.skipped.labels(self.name, SkipReason.UNDECODABLE.value).inc()
                 log.warning(
                     "kept namespace %r of thread %s: its DeltaChannel history cannot be read",
@@ -1045,23 +986,11 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
 
     def _run(self, program: Program[T]) -> T:
         """Drive a program with the backend's sync operations."""
-        result: Any = None
-        try:
-            while True:
-                op, args = program.send(result)
-                result = getattr(self._backend, op)(*args)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
+        return run(program, self._backend)
 
     async def _arun(self, program: Program[T]) -> T:
         """Drive a program with the backend's async operations."""
-        result: Any = None
-        try:
-            while True:
-                op, args = program.send(result)
-                result = await getattr(self._backend, "a" + op)(*args)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
+        return await arun(program, self._backend)
 
     def _guarded(self, operation: str, fn: Callable[[], T]) -> T | None:
         """Retention on the application's path: a failure is logged and counted, never raised."""

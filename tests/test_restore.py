@@ -1,0 +1,449 @@
+"""Archive before delete and `restore` on SQLite stores written by real graphs.
+
+Every check compares through the real saver with an untouched copy of the
+store taken before the sweep: `aget_tuple` of every checkpoint, `aget_state`
+of every head, and resuming waiting threads on both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+from scenarios import build_mixed_store, cli, read_all, resume, states
+
+from worker.demo import chat_graph, thread
+from worker.sqlite_store import SqliteStore
+from worker.stores.archive import Archive, ArchiveSettings, Selection, read_segments
+from worker.sweep import Outcome, SweepOptions, sweep
+
+Key = tuple[str, str, str]
+
+EXPIRE_AND_TRIM = """
+  - {name: trim, keep_last: 1, expire_after: 30d, interrupted: expire}
+"""
+
+
+def all_keys(path: Path) -> list[Key]:
+    with sqlite3.connect(path) as con:
+        sql = "SELECT thread_id, checkpoint_ns, checkpoint_id FROM checkpoints"
+        return sorted(con.execute(sql))
+
+
+def raw_rows(path: Path) -> tuple[list[Any], list[Any]]:
+    """Both saver tables as stored, ordered."""
+    with sqlite3.connect(path) as con:
+        return (
+            sorted(con.execute("SELECT * FROM checkpoints")),
+            sorted(con.execute("SELECT * FROM writes")),
+        )
+
+
+def write_config(tmp_path: Path, store: Path, archive: str, policies: str, extra: str = "") -> Path:
+    cfg = tmp_path / "janitor.yaml"
+    cfg.write_text(
+        f"""
+stores:
+  - name: app
+    kind: sqlite
+    path: {store}
+    archive: {{path: "{archive}"{extra}}}
+defaults:
+  max_delete_fraction: 1.0
+  batch: {{max_batch_rows: 15}}
+policies:
+{policies}
+"""
+    )
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def mixed_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """One store of every shape (tests/scenarios.py), built once; each test copies it."""
+    path = tmp_path_factory.mktemp("mixed") / "template.db"
+
+    async def build() -> dict[str, str]:
+        async with AsyncSqliteSaver.from_conn_string(str(path)) as saver:
+            return await build_mixed_store(saver)
+
+    shapes = asyncio.run(build())
+    with sqlite3.connect(path) as con:
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return path, shapes
+
+
+@pytest.fixture
+def stores(
+    tmp_path: Path, mixed_template: tuple[Path, dict[str, str]]
+) -> tuple[Path, Path, dict[str, str]]:
+    """The store the sweep works on, and an untouched control copy."""
+    template, shapes = mixed_template
+    store, control = tmp_path / "store.db", tmp_path / "control.db"
+    shutil.copy(template, store)
+    shutil.copy(template, control)
+    return store, control, shapes
+
+
+async def assert_same_through_the_saver(
+    store: Path, control: Path, shapes: dict[str, str], keys: list[Key]
+) -> None:
+    """Every checkpoint of the control reads back equal from the store, and every head's state."""
+    async with (
+        AsyncSqliteSaver.from_conn_string(str(store)) as a,
+        AsyncSqliteSaver.from_conn_string(str(control)) as b,
+    ):
+        got, want = await read_all(a, keys), await read_all(b, keys)
+        assert len(want) == len(keys)
+        for key in keys:
+            assert got.get(key) == want[key], key
+        assert await states(a, shapes) == await states(b, shapes)
+
+
+def archived_rows(archive: Path) -> dict[str, list[Any]]:
+    """Rows per table over the complete segments (a pending one does not count)."""
+    out: dict[str, list[Any]] = {}
+    for seg in read_segments(str(archive), store="app"):
+        if seg.pending:
+            continue
+        for table in seg.tables():
+            out.setdefault(table, []).extend(seg.rows(table))
+        out.setdefault("nulled_parents", []).extend(seg.nulled_parents())
+    return out
+
+
+def test_expire_and_trim_archive_then_restore_all_reads_back_equal(
+    tmp_path: Path, stores: tuple[Path, Path, dict[str, str]]
+) -> None:
+    store, control, shapes = stores
+    archive = tmp_path / "archive"
+    cfg = write_config(tmp_path, store, str(archive), EXPIRE_AND_TRIM)
+    keys = all_keys(control)
+
+    r = cli("once", config=cfg)
+    assert r.returncode == 0, r.stderr
+    left = set(all_keys(store))
+    gone = set(keys) - left
+    assert gone and {"user-old-1", "int-old", "brk-old", "err-old"}.isdisjoint(t for t, *_ in left)
+    summary = json.loads(r.stdout)["stores"][0]
+    # Several batches (max_batch_rows 15): several segments, all complete, none pending.
+    segments = list(read_segments(str(archive)))
+    assert len(segments) > 2 and not any(s.pending for s in segments)
+    for seg in segments:
+        seg.verify()
+    # Exactly the deleted rows, each once, exactly as stored.
+    before_cp, before_w = raw_rows(control)
+    after_cp, after_w = raw_rows(store)
+    rows = archived_rows(archive)
+    # A trim split over batches nulls, in one batch, the parent of a checkpoint a later
+    # batch deletes: that row is archived as stored then, its parent in nulled_parents.
+    nulled = {tuple(r[:3]): r[3] for r in rows["nulled_parents"]}
+    relinked = sorted(
+        (*r[:3], nulled.get(tuple(r[:3]), r[3]) if r[3] is None else r[3], *r[4:])
+        for r in rows["checkpoints"]
+    )
+    assert relinked == [r for r in before_cp if tuple(r[:3]) in gone]
+    assert len(rows["checkpoints"]) == len(gone) == summary["total"]["checkpoints"]
+    assert len(rows["writes"]) == len(before_w) - len(after_w) == summary["total"]["writes"]
+    assert summary["archived"]["rows"] == {t: len(v) for t, v in rows.items()}
+    assert rows["nulled_parents"], "a trim nulled no parent: the scenario tests too little"
+
+    r = cli("restore", "--store", "app", "--from", str(archive), "--all", "--dry-run", config=cfg)
+    assert r.returncode == 0, r.stderr
+    assert "user-old-1:" in r.stdout and "parent links" in r.stdout
+    assert raw_rows(store) == (after_cp, after_w), "a dry run wrote"
+
+    r = cli("restore", "--store", "app", "--from", str(archive), "--all", "--yes", config=cfg)
+    assert r.returncode == 0, r.stderr
+    # The store is byte for byte the control again, rows and parent links included.
+    assert raw_rows(store) == raw_rows(control)
+    asyncio.run(assert_same_through_the_saver(store, control, shapes, keys))
+
+    # Waiting threads resume on the restored store as on the control.
+    async def resume_both() -> None:
+        for tid in ("int-old", "int-new", "brk-old", "err-old"):
+            async with (
+                AsyncSqliteSaver.from_conn_string(str(store)) as a,
+                AsyncSqliteSaver.from_conn_string(str(control)) as b,
+            ):
+                assert await resume(a, tid, shapes[tid]) == await resume(b, tid, shapes[tid])
+
+    asyncio.run(resume_both())
+
+    # A second restore finds nothing missing.
+    r = cli("restore", "--store", "app", "--from", str(archive), "--all", "--yes", config=cfg)
+    assert r.returncode == 0, r.stderr
+    assert "0 threads to restore" in r.stdout
+
+
+def test_restore_one_thread_or_a_prefix_only(
+    tmp_path: Path, stores: tuple[Path, Path, dict[str, str]]
+) -> None:
+    store, control, _ = stores
+    archive = tmp_path / "archive"
+    cfg = write_config(tmp_path, store, str(archive), EXPIRE_AND_TRIM)
+    assert cli("once", config=cfg).returncode == 0
+    gone_threads = {t for t, *_ in all_keys(control)} - {t for t, *_ in all_keys(store)}
+    assert "user-old-1" in gone_threads
+
+    r = cli("restore", "--store", "app", "--from", str(archive), "--thread", "user-old-1",
+            "--yes", config=cfg)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    keys = [k for k in all_keys(control) if k[0] == "user-old-1"]
+    assert [k for k in all_keys(store) if k[0] == "user-old-1"] == keys
+    asyncio.run(assert_same_through_the_saver(store, control, {"user-old-1": "chat"}, keys))
+    assert "user-old-2" not in {t for t, *_ in all_keys(store)}
+
+    r = cli("restore", "--store", "app", "--from", str(archive / "app"), "--thread-prefix",
+            "org-1:user-2:", "--yes", config=cfg)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    org = [k for k in all_keys(control) if k[0].startswith("org-1:user-2:")]
+    assert [k for k in all_keys(store) if k[0].startswith("org-1:user-2:")] == org
+    # `org-1:user-20:` does not start with `org-1:user-2:` (no LIKE wildcard, no folding).
+    assert [k for k in all_keys(store) if k[0].startswith("org-1:user-20:")] != [
+        k for k in all_keys(control) if k[0].startswith("org-1:user-20:")
+    ]
+
+
+def test_restore_asks_first_and_needs_yes_without_a_terminal(
+    tmp_path: Path, stores: tuple[Path, Path, dict[str, str]]
+) -> None:
+    store, _, _ = stores
+    archive = tmp_path / "archive"
+    cfg = write_config(tmp_path, store, str(archive), EXPIRE_AND_TRIM)
+    assert cli("once", config=cfg).returncode == 0
+    after = raw_rows(store)
+    r = cli("restore", "--store", "app", "--from", str(archive), "--all", config=cfg)
+    assert r.returncode == 2 and "--yes" in r.stderr
+    r = cli("restore", "--store", "app", "--from", str(archive), config=cfg)
+    assert r.returncode == 2
+    r = cli("restore", "--store", "app", "--from", str(archive), "--all", config=cfg,
+            input="n\n", terminal=True)  # fmt: skip
+    assert r.returncode == 0 and "nothing restored" in r.stdout
+    assert raw_rows(store) == after
+
+
+async def test_restore_a_thread_while_the_application_writes_to_it(
+    tmp_path: Path, stores: tuple[Path, Path, dict[str, str]]
+) -> None:
+    """Turns saved between the restore's segments stay; the old checkpoints come back
+    under them, and the thread reads as the control plus the new turns."""
+    store, control, _ = stores
+    tid = "user-new-1"
+    settings = ArchiveSettings(str(tmp_path / "archive"))
+    cfg_policies = "  - {name: trim, keep_last: 1}"
+    from policies.loader import load_config_text
+
+    cfg = load_config_text(
+        f"stores: [{{name: app, kind: sqlite, path: {store}}}]\n"
+        "defaults: {batch: {max_batch_rows: 4}}\n"
+        f"policies:\n{cfg_policies}\n"
+    )
+    engine = SqliteStore("app", str(store))
+    await engine.open()
+    try:
+        report = await sweep(
+            engine,
+            cfg.policies_for("app"),
+            SweepOptions(
+                settings=cfg.store_settings("app"),
+                archive=lambda started: Archive("app", "sqlite", settings, started),
+            ),
+        )
+        assert report.outcome is Outcome.SUCCESS, report.error
+        segments = [
+            s for s in read_segments(settings.path, "app") if s.counts(Selection(tid)).get(tid)
+        ]
+        assert len(segments) >= 2, "the thread's trim should span segments"
+
+        # The application saves a turn between the restore's segment transactions:
+        # the engine's `_in_segment` runs one segment at a time; wrap it so the
+        # turn runs exactly after the first segment committed.
+        turned = asyncio.Event()
+        original = engine._in_segment
+        calls = 0
+
+        async def in_segment(seg: Any, dry_run: bool, body: Any) -> None:
+            nonlocal calls
+            await original(seg, dry_run, body)
+            calls += 1
+            if calls == 1 and not dry_run:
+                async with AsyncSqliteSaver.from_conn_string(str(store)) as saver:
+                    await chat_graph(saver).ainvoke({"messages": ["new turn"]}, thread(tid))
+                turned.set()
+
+        engine._in_segment = in_segment  # type: ignore[method-assign]
+        counts = await engine.restore(segments, Selection(thread_id=tid), dry_run=False)
+        assert turned.is_set()
+        assert counts.inserted[tid]["checkpoints"] > 0
+    finally:
+        await engine.close()
+
+    control_keys = [k for k in all_keys(control) if k[0] == tid]
+    store_keys = [k for k in all_keys(store) if k[0] == tid]
+    assert set(control_keys) < set(store_keys)
+    new = sorted(set(store_keys) - set(control_keys))
+    async with (
+        AsyncSqliteSaver.from_conn_string(str(store)) as a,
+        AsyncSqliteSaver.from_conn_string(str(control)) as b,
+    ):
+        got, want = await read_all(a, control_keys), await read_all(b, control_keys)
+        assert got == want
+        # The new turn's checkpoints chain onto the old head, which is back.
+        head = await chat_graph(a).aget_state(thread(tid))
+        old_head = await chat_graph(b).aget_state(thread(tid))
+        assert head.values["messages"][:-2] == old_head.values["messages"]
+        assert head.values["messages"][-2] == "new turn"
+        assert head.config["configurable"]["checkpoint_id"] == max(k[2] for k in new if k[1] == "")
+
+
+# ------------------------------------------------------------------ failures
+
+
+@pytest.mark.parametrize("broken", ["max_bytes", "under_a_file"])
+def test_an_archive_that_cannot_be_written_deletes_nothing(
+    tmp_path: Path, stores: tuple[Path, Path, dict[str, str]], broken: str
+) -> None:
+    store, control, _ = stores
+    if broken == "max_bytes":
+        # A "full disk": the size limit refuses the first segment.
+        archive, extra = str(tmp_path / "archive"), ", max_bytes: 2KB"
+    else:
+        # mkdir fails under a regular file, even for root (chmod would not stop root).
+        (tmp_path / "blocker").write_text("a file, not a folder")
+        archive, extra = str(tmp_path / "blocker" / "archive"), ""
+    cfg = write_config(tmp_path, store, archive, EXPIRE_AND_TRIM, extra)
+    textfile = tmp_path / "janitor.prom"
+    cfg.write_text(cfg.read_text() + f"metrics: {{textfile: {textfile}}}\n")
+
+    r = cli("once", config=cfg)
+    assert r.returncode == 1, r.stderr
+    assert raw_rows(store) == raw_rows(control), "a batch deleted without its archive"
+    error = json.loads(r.stdout)["stores"][0]["error"]
+    assert "ArchiveError" in error and "'app'" in error and archive in error
+    assert ("max_bytes 2000" if broken == "max_bytes" else "cannot create") in error
+    assert 'checkpoint_janitor_archive_failures_total{store="app"} 1.0' in textfile.read_text()
+    assert [s for s in Path(tmp_path).rglob("*") if s.name.endswith((".sqlite", ".partial"))] == []
+
+
+# A `once` whose batches wait, after a step of their archive, until a file exists:
+# the test kills it there. The wait is in this test's own wrapper, not in the tool.
+PAUSED_ONCE = """
+import os, sys, time
+from worker.stores import archive
+step, gate = sys.argv[1], sys.argv[2]
+original = getattr(archive.Segment, step)
+def paused(self):
+    if step == "complete":
+        while not os.path.exists(gate):
+            time.sleep(0.01)
+    original(self)
+    if step == "seal":
+        while not os.path.exists(gate):
+            time.sleep(0.01)
+setattr(archive.Segment, step, paused)
+from worker.cli import main
+main(["--config", sys.argv[3], "once"])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", ["seal", "complete"])
+def test_sigkill_between_archive_and_delete_then_the_next_run_finishes(
+    tmp_path: Path, stores: tuple[Path, Path, dict[str, str]], step: str
+) -> None:
+    """Killed after the first segment is `.pending`: before its COMMIT (`seal`), or after
+    its COMMIT and before the rename (`complete`). The next run settles it; every deleted
+    row is then in exactly one complete segment, and restore gives the control back."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    store, control, shapes = stores
+    archive = tmp_path / "archive"
+    cfg = write_config(tmp_path, store, str(archive), EXPIRE_AND_TRIM)
+    gate = tmp_path / "gate"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_ONCE, step, str(gate), str(cfg)],
+        cwd=Path(__file__).parent.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not list(archive.rglob("*.pending.sqlite")):
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "no segment became pending"
+            time.sleep(0.01)
+        if step == "complete":
+            # The COMMIT ran just before `complete` waits: give it the moment it needs
+            # by waiting for the rows to go (read through a fresh connection).
+            first = next(iter(read_segments(str(archive))))
+            key = next(iter(first.rows("checkpoints")))[:3]
+            while key in set(all_keys(store)):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    [pending] = list(archive.rglob("*.pending.sqlite"))
+    if step == "seal":
+        assert raw_rows(store) == raw_rows(control), "the killed batch committed"
+
+    r = cli("once", config=cfg)
+    assert r.returncode == 0, r.stderr
+    assert not list(archive.rglob("*.pending.sqlite"))
+    assert pending.with_name(pending.name.replace(".pending", "")).exists() == (step == "complete")
+    rows = archived_rows(archive)
+    keys = [tuple(r[:3]) for r in rows["checkpoints"]]
+    assert len(keys) == len(set(keys)), "a checkpoint is archived twice as complete"
+    assert set(keys) == set(all_keys(control)) - set(all_keys(store))
+    # The writes' key: thread_id, checkpoint_ns, checkpoint_id, task_id, idx.
+    writes = [(r[0], r[1], r[2], r[3], r[5]) for r in rows["writes"]]
+    assert len(writes) == len(set(writes)), "a write is archived twice as complete"
+
+    r = cli("restore", "--store", "app", "--from", str(archive), "--all", "--yes", config=cfg)
+    assert r.returncode == 0, r.stderr
+    assert raw_rows(store) == raw_rows(control)
+    asyncio.run(assert_same_through_the_saver(store, control, shapes, all_keys(control)))
+
+
+def test_purge_archives_only_when_asked(
+    tmp_path: Path, stores: tuple[Path, Path, dict[str, str]]
+) -> None:
+    store, control, _ = stores
+    archive = tmp_path / "archive"
+    cfg = write_config(tmp_path, store, str(archive), EXPIRE_AND_TRIM)
+
+    r = cli("purge", "--store", "app", "--thread", "user-old-1", "--yes", config=cfg)
+    assert r.returncode == 0, r.stderr
+    assert "user-old-1" not in {t for t, *_ in all_keys(store)}
+    assert not archive.exists() or list(read_segments(str(archive))) == []
+
+    r = cli("purge", "--store", "app", "--thread", "user-old-2", "--archive", "--yes", config=cfg)
+    assert r.returncode == 0, r.stderr
+    assert "archived" in r.stdout
+    [seg] = list(read_segments(str(archive), "app"))
+    assert not seg.pending and set(seg.counts()) == {"user-old-2"}
+
+    r = cli("restore", "--store", "app", "--from", str(archive), "--all", "--yes", config=cfg)
+    assert r.returncode == 0, r.stderr
+    keys = [k for k in all_keys(control) if k[0] == "user-old-2"]
+    asyncio.run(assert_same_through_the_saver(store, control, {"user-old-2": "chat"}, keys))
+    assert "user-old-1" not in {t for t, *_ in all_keys(store)}, "erased without --archive"
+
+    bare = tmp_path / "bare.yaml"
+    bare.write_text(
+        f"stores: [{{name: app, kind: sqlite, path: {store}}}]\n"
+        "policies: [{name: p, keep_last: 1}]\n"
+    )
+    r = cli("purge", "--store", "app", "--thread", "vip-old", "--archive", "--yes", config=bare)
+    assert r.returncode == 2 and "no `archive` configured" in r.stderr
+    assert "vip-old" in {t for t, *_ in all_keys(store)}
