@@ -41,7 +41,7 @@ Why deletes are safe beside a live application (DESIGN invariant 5):
   than `grace_period` after a sweep deleted it. Deletions by other tools are
   not dated: the saver wrapper (`RetentionSaver`) frees blobs in its trim
   statement at once, as the official `prune` does, so a fork racing a
-  wrapper trim of its base keeps the old window (see `saver_backends`).
+  wrapper trim of its base keeps the old window (see `worker/saver/postgres.py`).
 - Expiry racing a run in flight. A resume, an `invoke(None)` retry or a new
   turn with `durability="exit"` reads the thread, then saves nothing until
   its node ends (a Command resume leaves a `__resume__` write first; the
