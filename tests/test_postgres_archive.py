@@ -1,15 +1,18 @@
 """Archive before delete, and restore, on Postgres stores written by real graphs (issue 13).
 
-Every sweep here archives through the real engine; the comparison is always
-with an untouched copy of the store (`CREATE DATABASE ... TEMPLATE`), read
-through the real `AsyncPostgresSaver`: every checkpoint (`aget_tuple`), each
-thread head's state (`aget_state`, subgraphs included), an interrupted thread
-resumed with `Command(resume=...)`, and the saver's three tables row by row.
+Everything runs the way an operator runs it: a config whose Postgres store has
+an `archive`, then `checkpoint-janitor once`, `purge --archive` and `restore`
+as subprocesses. The comparison is always with an untouched copy of the store
+(`CREATE DATABASE ... TEMPLATE`), read through the real `AsyncPostgresSaver`:
+every checkpoint (`aget_tuple`), each thread head's state (`aget_state`,
+subgraphs included), the waiting threads resumed, and the saver's three tables
+row by row.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -17,88 +20,73 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pg_scenarios import Databases, all_keys, dump, pg_config, pg_saver
+from daemon_helpers import Scrape
+from pg_scenarios import Databases, all_keys, dump, pg_saver, store_yaml
 from pgserver import PgServer
-from scenarios import (
-    DAY,
-    Gate,
-    build_mixed_store,
-    race_graph,
-    read_all,
-    resume,
-    states,
-)
+from scenarios import Gate, build_mixed_store, cli, race_graph, read_all, resume, states
 
 from worker.demo import thread
-from worker.engine import RestoreCounts, ThreadWork, WorkResult
-from worker.postgres_store import PostgresStore
-from worker.stores.archive import Archive, ArchiveSettings, Selection, read_segments
-from worker.sweep import Outcome, SweepOptions, SweepReport, sweep
+from worker.stores.archive import read_segments
 
-MANY = "defaults: {max_delete_fraction: 1.0}"
-# Trims every thread to its newest checkpoint and expires the idle ones whole
-# (the interrupted ones included), so every deleting statement runs.
-POLICIES = "  - {name: trim, keep_last: 1, expire_after: 30d, interrupted: expire}"
-GRACE = 3600.0
-"""The default grace_period: blobs wait this long after a deletion."""
-
-
-class ArchivingEngine(PostgresStore):
-    """The real engine, handed `archive` for every batch, as a sweep with an archive does."""
-
-    archive: Archive | None = None
-
-    async def apply(
-        self, batch: Sequence[ThreadWork], dry_run: bool, archive: Archive | None = None
-    ) -> list[WorkResult]:
-        """`PostgresStore.apply` with this engine's archive (none for a dry run)."""
-        return await super().apply(batch, dry_run, None if dry_run else self.archive)
+EXPIRE_AND_TRIM = "  - {name: trim, keep_last: 1, expire_after: 30d, interrupted: expire}"
+"""Trims every thread to its newest checkpoint and expires the idle ones whole (the
+interrupted ones included), so every deleting statement runs."""
+KEEP_ALL = "  - {name: keep, keep_last: 100000}"
+"""Deletes nothing: a `once` that only settles the pending segments earlier runs left."""
+GRACE = 1
+"""The grace_period (seconds) of the tests that collect blobs: small, so a second `once`
+a moment later collects the expired threads' blobs and the trims' garbage."""
+WAITING = ("int-old", "int-new", "brk-old", "err-old")
+"""Threads stopped at an interrupt, a breakpoint or an error: resumed on both stores."""
 
 
-def engine_for(dsn: str) -> ArchivingEngine:
-    cfg = pg_config(POLICIES, dsn, MANY)
-    settings = cfg.store_settings("pg")
-    return ArchivingEngine("pg", dsn, grace_period=settings.grace_period.total_seconds())
+def write_config(
+    tmp_path: Path,
+    dsn: str,
+    archive: Path,
+    policies: str,
+    *,
+    archive_extra: str = "",
+    batch: str = "max_batch_rows: 15",
+) -> Path:
+    """A config of store `pg` on `dsn` archiving to `archive`; metrics to a textfile.
+
+    Small batches (`max_batch_rows`) split trims over several segments, so a
+    checkpoint's parent is nulled in one batch and the checkpoint deleted in a later one.
+    """
+    cfg = tmp_path / "janitor.yaml"
+    cfg.write_text(
+        store_yaml(dsn, f'    archive: {{path: "{archive}"{archive_extra}}}\n')
+        + f"""defaults:
+  max_delete_fraction: 1.0
+  allow_mass_expiry: true
+  batch: {{{batch}}}
+metrics: {{textfile: {tmp_path / "janitor.prom"}}}
+policies:
+{policies}
+"""
+    )
+    return cfg
 
 
-async def archived_sweep(
-    dsn: str, settings: ArchiveSettings, now: float, policies: str = POLICIES
-) -> SweepReport:
-    """One sweep of `dsn` at `now`, archiving into `settings`, pending segments settled first."""
-    cfg = pg_config(policies, dsn, MANY)
-    engine = engine_for(dsn)
-    await engine.open()
-    archive = Archive("pg", "postgres", settings, time.time())
-    engine.archive = archive
-    try:
-        await engine.recover_archive(archive)
-        return await sweep(
-            engine,
-            cfg.policies_for("pg"),
-            SweepOptions(
-                settings=cfg.store_settings("pg"),
-                max_delete_fraction=1.0,
-                allow_mass_expiry=True,
-            ),
-            now=now,
-        )
-    finally:
-        archive.close()
-        await engine.close()
+def scrape(tmp_path: Path) -> Scrape:
+    """The metrics the last `once` wrote."""
+    return Scrape.parse((tmp_path / "janitor.prom").read_text())
 
 
-async def restore(
-    dsn: str, path: str, select: Selection | None = None, dry_run: bool = False
-) -> RestoreCounts:
-    engine = engine_for(dsn)
-    await engine.open()
-    segments = list(read_segments(path, "pg"))
-    try:
-        return await engine.restore(segments, select or Selection(), dry_run)
-    finally:
-        for s in segments:
-            s.close()
-        await engine.close()
+def once(cfg: Path) -> dict[str, Any]:
+    """`checkpoint-janitor once`, which must succeed; the store's JSON summary."""
+    r = cli("once", config=cfg)
+    assert r.returncode == 0, r.stderr
+    summary: dict[str, Any] = json.loads(r.stdout)["stores"][0]
+    return summary
+
+
+def restore_all(cfg: Path, archive: Path, *more: str) -> str:
+    """`restore --store pg --from ARCHIVE --all --yes`, which must succeed; its output."""
+    r = cli("restore", "--store", "pg", "--from", str(archive), "--all", "--yes", *more, config=cfg)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
 
 
 @pytest.fixture(scope="module")
@@ -132,60 +120,103 @@ async def saver_view(dsn: str, shapes: dict[str, str], keys: Sequence[Any]) -> A
 
 
 def segment_files(root: Path) -> dict[str, list[str]]:
-    """Segment file names under `root` by kind (complete, pending, partial)."""
+    """Segment file paths under `root` (relative to it) by kind (complete, pending, partial)."""
     out: dict[str, list[str]] = {"complete": [], "pending": [], "partial": []}
-    for _dir, _, files in os.walk(root):
+    for folder, _, files in os.walk(root):
         for f in files:
+            rel = os.path.relpath(os.path.join(folder, f), root)
             if f.endswith(".pending.sqlite"):
-                out["pending"].append(f)
+                out["pending"].append(rel)
             elif f.endswith(".partial"):
-                out["partial"].append(f)
+                out["partial"].append(rel)
             elif f.endswith(".sqlite"):
-                out["complete"].append(f)
+                out["complete"].append(rel)
+    return {kind: sorted(names) for kind, names in out.items()}
+
+
+def archived_rows(archive: Path) -> dict[str, int]:
+    """Rows per table over the complete segments of store `pg`."""
+    out: dict[str, int] = {}
+    for seg in read_segments(str(archive), store="pg"):
+        assert not seg.pending
+        for per_table in seg.counts().values():
+            for table, n in per_table.items():
+                out[table] = out.get(table, 0) + n
+        seg.close()
     return out
+
+
+def assert_metrics_match(tmp_path: Path, summary: dict[str, Any]) -> None:
+    """The textfile counts exactly what the run's summary says it archived."""
+    m = scrape(tmp_path)
+    for table, n in summary["archived"]["rows"].items():
+        assert m.value("archived_rows_total", store="pg", table=table) == n, table
+    assert m.value("archive_bytes_total", store="pg") == summary["archived"]["bytes"] > 0
+    assert m.total("archive_failures_total", store="pg") == 0
 
 
 async def test_expire_trim_collect_then_restore_all_reads_back_equal(
     mixed_template: tuple[str, dict[str, str]], dbs: Databases, tmp_path: Path
 ) -> None:
     """Trims, expiries, parent nulling and (past the grace period) blob collection all go to
-    the archive; `restore --all` then gives back a store equal to the untouched copy,
-    row for row and through the saver, and an interrupted thread resumes the same."""
+    the archive and count in the metrics; `restore --all` then gives back a store equal to
+    the untouched copy, row for row and through the saver, and waiting threads resume the
+    same."""
     template, shapes = mixed_template
     dsn, copy = dbs.clone(template), dbs.clone(template)
     keys = await all_keys(copy)
-    settings = ArchiveSettings(str(tmp_path / "archive"))
-    now = time.time() + DAY
-    first = await archived_sweep(dsn, settings, now)
-    assert first.outcome is Outcome.SUCCESS, first.error
-    # Past the grace period: the expired threads' blobs and the trims' garbage go.
-    later = await archived_sweep(dsn, settings, now + 2 * GRACE)
-    assert later.outcome is Outcome.SUCCESS, later.error
-    assert sum(p.deleted.blobs for p in later.policies.values()) > 0
+    archive = tmp_path / "archive"
+    cfg = write_config(
+        tmp_path, dsn, archive, EXPIRE_AND_TRIM, batch=f"max_batch_rows: 15, grace_period: {GRACE}s"
+    )
+
+    first = await asyncio.to_thread(once, cfg)
+    assert first["total"]["checkpoints"] > 0 and first["batches"] > 2
+    assert_metrics_match(tmp_path, first)
+    # The expiries are dated by the first run's clock: a run that starts after that
+    # clock plus the grace period collects their blobs.
+    due = time.time() + GRACE
+    while time.time() <= due:
+        await asyncio.sleep(due - time.time() + 0.01)
+    later = await asyncio.to_thread(once, cfg)
+    assert later["total"]["blobs"] > 0
+    assert later["archived"]["rows"]["checkpoint_blobs"] == later["total"]["blobs"]
+    assert_metrics_match(tmp_path, later)
+
     original, swept = await dump(copy), await dump(dsn)
     for table in ("checkpoints", "checkpoint_writes", "checkpoint_blobs"):
         assert len(swept[table]) < len(original[table]), table
-    files = segment_files(tmp_path / "archive")
-    assert files["complete"] and not files["pending"] and not files["partial"]
+    files = segment_files(archive)
+    assert len(files["complete"]) > 2 and not files["pending"] and not files["partial"]
+    # Every archived row counted once, by the run whose delete committed it.
+    runs: dict[str, int] = {}
+    for run in (first, later):
+        for table, n in run["archived"]["rows"].items():
+            runs[table] = runs.get(table, 0) + n
+    assert archived_rows(archive) == runs
+    assert runs["nulled_parents"] > 0, "no parent was nulled: the scenario tests too little"
+    for table in ("checkpoints", "checkpoint_writes", "checkpoint_blobs"):
+        assert runs[table] == len(original[table]) - len(swept[table]), table
 
-    preview = await restore(dsn, settings.path, dry_run=True)
+    out = await asyncio.to_thread(restore_all, cfg, archive, "--dry-run")
+    assert "user-old-1:" in out and "parent links" in out
     assert await dump(dsn) == swept, "a dry run changed the store"
-    done = await restore(dsn, settings.path)
-    assert done.totals() == preview.totals()
-    assert done.totals()["parents"] > 0
+    out = await asyncio.to_thread(restore_all, cfg, archive)
+    assert "restored" in out and "parent links" in out
     assert await dump(dsn) == original
     # Restoring again finds everything there: nothing inserted, nothing changed.
-    again = await restore(dsn, settings.path)
-    assert again.threads() == [] and again.present > 0
+    out = await asyncio.to_thread(restore_all, cfg, archive)
+    assert "0 threads to restore" in out
     assert await dump(dsn) == original
 
     assert await saver_view(dsn, shapes, keys) == await saver_view(copy, shapes, keys)
-    resumed = []
-    for db in (dsn, copy):
-        async with pg_saver(db) as saver:
-            resumed.append(await resume(saver, "int-old", "interrupt"))
-    assert resumed[0] == resumed[1]
-    assert "human said yes" in str(resumed[0])
+    for tid in WAITING:
+        resumed = []
+        for db in (dsn, copy):
+            async with pg_saver(db) as saver:
+                resumed.append(await resume(saver, tid, shapes[tid]))
+        assert resumed[0] == resumed[1], tid
+    assert await saver_view(dsn, shapes, keys) == await saver_view(copy, shapes, keys)
 
 
 async def test_restore_one_thread_while_the_app_writes_to_it(
@@ -201,11 +232,9 @@ async def test_restore_one_thread_while_the_app_writes_to_it(
             await app.ainvoke({"messages": [f"turn {i}"], "topic": {"t": "x"}}, thread("t1"))
             await app.ainvoke({"messages": [f"other {i}"], "topic": {"t": "y"}}, thread("t2"))
     copy = dbs.clone(dsn)
-    settings = ArchiveSettings(str(tmp_path / "archive"))
-    report = await archived_sweep(
-        dsn, settings, time.time() + DAY, "  - {name: trim, keep_last: 1}"
-    )
-    assert report.outcome is Outcome.SUCCESS, report.error
+    archive = tmp_path / "archive"
+    cfg = write_config(tmp_path, dsn, archive, "  - {name: trim, keep_last: 1}")
+    await asyncio.to_thread(once, cfg)
     before_restore = {k for k in await all_keys(dsn) if k[0] == "t1"}
 
     gate = Gate()
@@ -215,12 +244,16 @@ async def test_restore_one_thread_while_the_app_writes_to_it(
         await gate.entered.wait()  # the run has read the thread and saved its input
         mid = {k for k in await all_keys(dsn) if k[0] == "t1"}
         assert mid > before_restore
-        done = await restore(dsn, settings.path, Selection(thread_id="t1"))
+        r = await asyncio.to_thread(
+            cli, "restore", "--store", "pg", "--from", str(archive), "--thread", "t1", "--yes",
+            config=cfg,
+        )  # fmt: skip
         gate.go.set()
         await run
         final = await app.aget_state(thread("t1"))
 
-    assert done.threads() == ["t1"]
+    assert r.returncode == 0, r.stderr
+    assert "restored 1 threads" in r.stdout
     original = {k for k in await all_keys(copy) if k[0] == "t1"}
     now_keys = {k for k in await all_keys(dsn) if k[0] == "t1"}
     assert original | mid <= now_keys
@@ -235,58 +268,97 @@ async def test_restore_one_thread_while_the_app_writes_to_it(
     assert len([k for k in await all_keys(dsn) if k[0] == "t2"]) == 1, "t2 was not selected"
 
 
-async def test_archive_that_cannot_be_written_deletes_nothing(
+async def test_an_archive_that_cannot_be_written_deletes_nothing(
     mixed_template: tuple[str, dict[str, str]], dbs: Databases, tmp_path: Path
 ) -> None:
-    """A segment past `max_bytes` (a full disk) fails the sweep before any delete commits."""
+    """A segment past `max_bytes` (a full disk): `once` exits 1 before any delete commits,
+    says which store and archive, leaves no segment, and counts the failure."""
     template, _ = mixed_template
     dsn = dbs.clone(template)
     before = await dump(dsn)
-    settings = ArchiveSettings(str(tmp_path / "archive"), max_bytes=1024)
-    report = await archived_sweep(dsn, settings, time.time() + DAY)
-    assert report.outcome is Outcome.FAILED
-    assert report.error is not None and "max_bytes" in report.error
-    assert await dump(dsn) == before
-    files = segment_files(tmp_path / "archive")
-    assert files == {"complete": [], "pending": [], "partial": []}
+    archive = tmp_path / "archive"
+    cfg = write_config(tmp_path, dsn, archive, EXPIRE_AND_TRIM, archive_extra=", max_bytes: 1KB")
+
+    r = await asyncio.to_thread(cli, "once", config=cfg)
+    assert r.returncode == 1, r.stderr
+    assert await dump(dsn) == before, "a batch deleted without its archive"
+    error = json.loads(r.stdout)["stores"][0]["error"]
+    assert "ArchiveError" in error and "'pg'" in error and str(archive) in error
+    assert "max_bytes 1000" in error
+    m = scrape(tmp_path)
+    assert m.value("archive_failures_total", store="pg") == 1
+    assert m.total("archived_rows_total", store="pg") == 0
+    assert segment_files(archive) == {"complete": [], "pending": [], "partial": []}
+
+
+async def test_purge_archives_only_when_asked_and_restores_equal(
+    mixed_template: tuple[str, dict[str, str]], dbs: Databases, tmp_path: Path
+) -> None:
+    """`purge` erases (no archive); `purge --archive` archives what it deletes, blobs
+    included, and `restore` gives that thread back as the untouched copy has it."""
+    template, shapes = mixed_template
+    dsn, copy = dbs.clone(template), dbs.clone(template)
+    archive = tmp_path / "archive"
+    cfg = write_config(tmp_path, dsn, archive, EXPIRE_AND_TRIM)
+
+    r = await asyncio.to_thread(
+        cli, "purge", "--store", "pg", "--thread", "user-old-1", "--yes", config=cfg
+    )
+    assert r.returncode == 0, r.stderr
+    assert "user-old-1" not in {k[0] for k in await all_keys(dsn)}
+    assert segment_files(archive)["complete"] == []
+
+    r = await asyncio.to_thread(
+        cli, "purge", "--store", "pg", "--thread", "user-old-2", "--archive", "--yes", config=cfg
+    )
+    assert r.returncode == 0, r.stderr
+    assert "archived" in r.stdout
+    [seg] = list(read_segments(str(archive), "pg"))
+    assert not seg.pending and set(seg.counts()) == {"user-old-2"}
+    assert seg.counts()["user-old-2"]["checkpoint_blobs"] > 0
+    seg.close()
+
+    out = await asyncio.to_thread(restore_all, cfg, archive)
+    assert "restored 1 threads" in out
+
+    def rows_of(tables: dict[str, list[tuple[Any, ...]]], tid: str) -> dict[str, list[Any]]:
+        return {t: [r for r in rows if dict(r)["thread_id"] == tid] for t, rows in tables.items()}
+
+    swept, original = await dump(dsn), await dump(copy)
+    assert rows_of(swept, "user-old-2") == rows_of(original, "user-old-2")
+    assert all(rows for rows in rows_of(swept, "user-old-2").values())
+    assert not any(rows_of(swept, "user-old-1").values()), "erased without --archive"
+    keys = [k for k in await all_keys(copy) if k[0] == "user-old-2"]
+    one = {"user-old-2": shapes["user-old-2"]}
+    assert await saver_view(dsn, one, keys) == await saver_view(copy, one, keys)
 
 
 async def test_pending_segments_are_settled_by_what_the_store_holds(
     mixed_template: tuple[str, dict[str, str]], dbs: Databases, tmp_path: Path
 ) -> None:
-    """A crash between seal and rename leaves `.pending.sqlite` segments. The next sweep
+    """A crash between seal and rename leaves `.pending.sqlite` segments. The next `once`
     promotes those whose rows are gone (the delete committed) and removes those whose rows
     are still there (it never committed), so no batch counts twice as complete."""
     template, _ = mixed_template
     dsn, untouched = dbs.clone(template), dbs.clone(template)
     root = tmp_path / "archive"
-    report = await archived_sweep(dsn, ArchiveSettings(str(root)), time.time() + DAY)
-    assert report.outcome is Outcome.SUCCESS, report.error
-    complete = sorted(root.rglob("*.sqlite"))
+    await asyncio.to_thread(once, write_config(tmp_path, dsn, root, EXPIRE_AND_TRIM))
+    complete = segment_files(root)["complete"]
     assert complete
     # The same segments, as a crash before the rename would leave them, twice:
     # beside the swept store (rows gone) and beside the untouched copy (rows there).
-    for base in (tmp_path / "swept", tmp_path / "untouched"):
-        for f in complete:
-            target = base / f.relative_to(root)
+    for base in ("swept", "untouched"):
+        for rel in complete:
+            target = tmp_path / base / rel.replace(".sqlite", ".pending.sqlite")
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.with_name(f.name.replace(".sqlite", ".pending.sqlite")).write_bytes(
-                f.read_bytes()
-            )
-    for db, base, want in ((dsn, "swept", "complete"), (untouched, "untouched", "none")):
-        engine = engine_for(db)
-        await engine.open()
-        archive = Archive("pg", "postgres", ArchiveSettings(str(tmp_path / base)), time.time())
-        try:
-            got = await engine.recover_archive(archive)
-        finally:
-            archive.close()
-            await engine.close()
+            target.write_bytes((root / rel).read_bytes())
+    for db, base in ((dsn, "swept"), (untouched, "untouched")):
+        # A `once` that deletes nothing: only its recovery touches the archive.
+        summary = await asyncio.to_thread(
+            once, write_config(tmp_path, db, tmp_path / base, KEEP_ALL)
+        )
+        assert summary["total"]["checkpoints"] == 0
         files = segment_files(tmp_path / base)
-        assert files["pending"] == []
-        if want == "complete":
-            assert (got.promoted, got.discarded) == (len(complete), 0)
-            assert sorted(files["complete"]) == sorted(f.name for f in complete)
-        else:
-            assert (got.promoted, got.discarded) == (0, len(complete))
-            assert files["complete"] == []
+        assert files["pending"] == [] and files["partial"] == []
+        assert files["complete"] == (complete if base == "swept" else [])
+    assert await dump(untouched) == await dump(template)
