@@ -17,7 +17,10 @@ times on identical copies of it:
            idle threads;
   (noop)   `checkpoint-janitor once` with nothing due (keep_last 50,
            expire_after 365d) against its limit: the per-(thread, namespace)
-           GROUP BY aggregate plus reading each head's metadata (issue 10);
+           GROUP BY aggregate plus reading each head's metadata (issue 10),
+           timed on the second sweep: the first on a copy looks at every
+           quiet thread's residue (`defaults.residue_check_every`) and is
+           reported beside it;
   (tb)     (b-load) once per `--target-batch` value of
            `defaults.batch.target_batch_seconds`: writer p99 against throughput.
 
@@ -819,12 +822,16 @@ def run_noop(
     """A sweep with nothing due against its limit, on one copy (nothing is deleted).
 
     The limit runs first and again after the worker, and the faster of the two
-    counts, so neither side gets the page cache the other warmed. With
-    `keep_copy` the untouched copy is handed back for (b).
+    counts, so neither side gets the page cache the other warmed. The worker
+    runs twice: the first sweep of a store looks at every quiet thread's
+    residue and dates the look (`defaults.residue_check_every`, default 1d),
+    the second is the steady state the ratio is taken on. With `keep_copy`
+    the untouched copy is handed back for (b).
     """
     db = fresh_copy(base, workdir / "copy-noop.db")
     before = noop_limit(db)
     config = write_config(workdir, db, "noop", NOOP_POLICY)
+    first = run_worker(config, db, workdir, "noop-first")
     run = run_worker(config, db, workdir, "noop")
     after = noop_limit(db)
     worker = worker_numbers(run)
@@ -836,7 +843,9 @@ def run_noop(
     out = {
         "limit": limit,
         "worker": worker,
+        "first_sweep": worker_numbers(first),
         "ratio_worker_to_limit": round(run.wall_seconds / limit["seconds"], 2),
+        "ratio_first_sweep_to_limit": round(first.wall_seconds / limit["seconds"], 2),
     }
     if keep_copy and worker["rows_unchanged"] and not worker["checkpoints_deleted"]:
         return out, db
@@ -1388,6 +1397,21 @@ def print_report(res: dict[str, Any]) -> None:
                 f"{lim['groups']:,} groups",
             )
         )
+        if f := noop.get("first_sweep"):
+            rows.append(
+                (
+                    "(noop) first sweep (residue look)",
+                    fmt(f["wall_seconds"]),
+                    worker_cpu(f),
+                    fmt(f["checkpoints_deleted"]),
+                    fmt(f["writes_deleted"]),
+                    "-",
+                    "-",
+                    f"{f['peak_rss_mb']} MiB",
+                    mb(f["wal_max_bytes"]),
+                    "ok" if f["exit_code"] == 0 else "BAD",
+                )
+            )
         rows.append(
             (
                 "(noop) janitor, nothing due",

@@ -977,6 +977,10 @@ class Defaults(_Model):
     """`run`: a sweep missed by less than this (a busy or paused process) still runs, once."""
     retry_max: PositiveSeconds = 300.0
     """`run`: the longest wait between reconnection attempts to a store that is down."""
+    residue_check_every: NonNegativeSeconds = 86400.0
+    """How often a sweep looks at every quiet thread for residue (orphan writes, unreferenced
+    blobs); between, it looks only where the tool deleted and at expiry candidates. 0: every
+    sweep looks everywhere."""
 
 
 def _host_port(listen: str) -> tuple[str, int]:

@@ -102,9 +102,16 @@ class Ruleset:
                 return None
         return None
 
-    def could_match_thread(self, thread_id: str) -> bool:
-        """Whether any policy might govern some namespace of this thread (a cheap pre-filter)."""
+    def could_match_thread(self, thread_id: str, among: Set[str] | None = None) -> bool:
+        """Whether any policy might govern some namespace of this thread (a cheap pre-filter).
+
+        `among`: only the policies of these names count (None: every policy).
+        """
         return any(
-            p.match.thread_id is None or any(fnmatchcase(thread_id, g) for g in p.match.thread_id)
+            (among is None or p.name in among)
+            and (
+                p.match.thread_id is None
+                or any(fnmatchcase(thread_id, g) for g in p.match.thread_id)
+            )
             for p in self.policies
         )

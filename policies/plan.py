@@ -9,6 +9,14 @@ and an expiry needs only the newest id. `plan_thread` says so, or asks for the
 few facts it lacks (`Detail`), or hands the thread to the row-level `decide`
 (`ThreadPlan.rows`), which stays the reference: for every thread it does not
 hand over, `plan_thread` deletes exactly what `decide` would.
+
+Residue — writes a crashed run left without a checkpoint and (Postgres)
+blobs no checkpoint references — is looked for on quiet threads. Reading it
+costs a join over every quiet thread's rows, so a pass may look only on the
+threads it must (`residue`): expiry candidates (orphan writes date a thread),
+threads the tool itself deleted from (`ThreadAggregate.dated`), and those
+governed by the policies whose periodic residue check is due. With
+`residue=None` (every check due) the plan is `decide`'s exactly.
 """
 
 from __future__ import annotations
@@ -111,6 +119,9 @@ class ThreadAggregate:
     head_undecodable: bool = False
     garbage_blobs: bool = False
     """(Postgres) read with the orphans: the thread holds blobs no checkpoint references."""
+    dated: bool = False
+    """(Postgres) the tool deleted from the thread over the grace period ago and has not
+    collected its blobs since: its residue is looked for on every pass."""
     rows: bool = False
     """The engine found something only the row-level path decides (a v < 4 head)."""
 
@@ -177,7 +188,11 @@ def _ttl_seconds(policy: Policy | None) -> float | None:
 
 
 def plan_thread(
-    agg: ThreadAggregate, rules: Ruleset, now: float, grace_seconds: float
+    agg: ThreadAggregate,
+    rules: Ruleset,
+    now: float,
+    grace_seconds: float,
+    residue: frozenset[str] | None = None,
 ) -> ThreadPlan:
     """What `agg`'s thread loses under `rules` at `now`, as `decide` would say from its rows.
 
@@ -185,18 +200,31 @@ def plan_thread(
     subgraphs, old root namespaces), ids that are not regular UUIDv6 (`ts`
     dating, no time order), or DeltaChannel / v < 4 markers are handed to the
     row-level path.
+
+    `residue`: the policies whose quiet threads this pass looks at for residue
+    (orphan writes, unreferenced blobs); None: every policy's. A quiet thread
+    outside it, neither dated nor due to expire, keeps its residue until a
+    pass that looks.
     """
-    return _Planner(agg, rules, now, grace_seconds).plan()
+    return _Planner(agg, rules, now, grace_seconds, residue).plan()
 
 
 class _Planner:
     """`plan_thread` in steps: shape, activity, expiry, trim, orphan writes."""
 
-    def __init__(self, agg: ThreadAggregate, rules: Ruleset, now: float, grace: float) -> None:
+    def __init__(
+        self,
+        agg: ThreadAggregate,
+        rules: Ruleset,
+        now: float,
+        grace: float,
+        residue: frozenset[str] | None,
+    ) -> None:
         self.agg = agg
         self.rules = rules
         self.now = now
         self.grace = grace
+        self.residue = residue
         self.tid = agg.thread_id
 
     def plan(self) -> ThreadPlan:
@@ -257,11 +285,24 @@ class _Planner:
         return ns
 
     def _orphans_matter(self, policy: Policy | None, newest: float) -> bool:
-        """Whether orphan writes matter: on a quiet thread they go, on an idle one they date it."""
+        """Whether orphan writes matter: on a quiet thread they go, on an idle one they date it.
+
+        A quiet thread's residue is looked for only when this pass looks at its
+        policies' (`residue`) or the tool deleted from it (`dated`); any policy
+        that might govern one of its namespaces counts, as orphan writes of a
+        namespace without checkpoints belong to that namespace's policy.
+        """
         idle = self.now - newest
         ttl = _ttl_seconds(policy)
-        expiring = ttl is not None and idle > ttl
-        return idle > self.grace or expiring
+        if ttl is not None and idle > ttl:
+            return True
+        if idle <= self.grace:
+            return False
+        return (
+            self.residue is None
+            or self.agg.dated
+            or self.rules.could_match_thread(self.tid, self.residue)
+        )
 
     def _expiry(self, policy: Policy, idle: float) -> ThreadPlan | Skip:
         """As `decide`: a root-only thread has no protected namespace besides its own."""

@@ -335,8 +335,10 @@ async def run_pg_sweep(
     extra: str = "",
     store_extra: str = "",
     allow_mass_expiry: bool = False,
+    residue_check_every: float = 0.0,
 ) -> SweepReport:
-    """One sweep of store `pg` on `dsn`, as the CLI runs it."""
+    """One sweep of store `pg` on `dsn`, as the CLI runs it (by default every sweep looks
+    at every quiet thread's residue)."""
     from worker.stores import make_engine
 
     cfg = pg_config(policies_yaml, dsn, extra, store_extra)
@@ -352,6 +354,7 @@ async def run_pg_sweep(
                 max_delete_fraction=cfg.defaults.max_delete_fraction,
                 dry_run=dry_run,
                 allow_mass_expiry=allow_mass_expiry,
+                residue_check_every=residue_check_every,
             ),
             now=now,
         )

@@ -594,13 +594,74 @@ async def test_leftovers_of_a_crashed_run_go_after_grace(dbs: Databases) -> None
             t: (await chat_graph(saver).aget_state(thread(t))).values for t in ("user-1", "user-2")
         }
     # user-1 is trimmed; user-2 has nothing to trim (its blob is the only leftover).
-    report = await run_pg_sweep(dsn, "  - {name: trim, keep_last: 10}")
+    # Cadence 0: every sweep looks at every quiet thread's residue.
+    report = await run_pg_sweep(dsn, "  - {name: trim, keep_last: 10}", residue_check_every=0)
     assert report.outcome is Outcome.SUCCESS, report.error
     assert report.policies["trim"].deleted.writes == 2
     assert await orphans(dsn) == NO_ORPHANS
     async with pg_saver(dsn) as saver:
         for t, values in heads.items():
             assert (await chat_graph(saver).aget_state(thread(t))).values == values
+
+
+async def test_residue_cadence_dated_threads_every_sweep_others_at_the_next_look(
+    dbs: Databases,
+) -> None:
+    """With `residue_check_every`, a sweep between looks still collects the unreferenced
+    blobs of the threads it trimmed (dated in `checkpoint_janitor_deletions`), and
+    leaves a crashed run's leftovers on another quiet thread to the next look, dated per
+    policy in `checkpoint_janitor_residue_checks`. Kept checkpoints read back equal."""
+    from langgraph.checkpoint.base.id import uuid6
+
+    dsn = dbs.create()
+    with aged(OLD_DAYS):
+        async with pg_saver(dsn) as saver:
+            await turns(chat_graph(saver), "user-1", 4)
+            await turns(chat_graph(saver), "user-2", 1)
+    # Trims user-1 (four turns), not user-2 (one turn).
+    policy = "  - {name: trim, keep_last: 5}"
+    t0 = time.time()
+    first = await run_pg_sweep(dsn, policy, now=t0, residue_check_every=DAY)
+    assert first.outcome is Outcome.SUCCESS, first.error
+    assert first.policies["trim"].deleted.checkpoints > 0
+    # The trim's leftovers wait out the grace period after it.
+    assert {r[0] for r in (await orphans(dsn))["unreferenced_blobs"]} == {"user-1"}
+    async with connect(dsn) as conn:
+        checked = await conn.fetch(
+            "SELECT policy, extract(epoch FROM checked_at)::float8 "
+            "FROM checkpoint_janitor_residue_checks"
+        )
+    assert [(r[0], pytest.approx(r[1])) for r in checked] == [("trim", pytest.approx(t0))]
+
+    # A crashed run on user-2: a write without its checkpoint, a blob no one references.
+    async with pg_saver(dsn) as saver:
+        head = await saver.aget_tuple(thread("user-2"))
+        assert head is not None
+        with aged(OLD_DAYS):
+            ghost = {**head.config["configurable"], "checkpoint_id": str(uuid6())}
+        await saver.aput_writes({"configurable": ghost}, [("messages", ["lost"])], "t-1")
+    async with connect(dsn) as conn:
+        await conn.execute(
+            "INSERT INTO checkpoint_blobs SELECT thread_id, checkpoint_ns, channel, "
+            "'99999999999999999999999999999999.0.1', type, blob FROM checkpoint_blobs "
+            "WHERE thread_id = 'user-2' AND channel = 'messages' LIMIT 1"
+        )
+    untouched = dbs.clone(dsn)
+    async with pg_saver(untouched) as saver:
+        before = await read_all(saver, await all_keys(untouched))
+
+    second = await run_pg_sweep(dsn, policy, now=t0 + 2 * 3600, residue_check_every=DAY)
+    assert second.outcome is Outcome.SUCCESS, second.error
+    left = await orphans(dsn)
+    assert {r[0] for r in left["unreferenced_blobs"]} == {"user-2"}
+    assert {r[0] for r in left["orphan_writes"]} == {"user-2"}
+
+    third = await run_pg_sweep(dsn, policy, now=t0 + DAY + 1, residue_check_every=DAY)
+    assert third.outcome is Outcome.SUCCESS, third.error
+    assert third.policies["trim"].deleted.writes == 1
+    assert await orphans(dsn) == NO_ORPHANS
+    async with pg_saver(dsn) as saver:
+        assert await read_all(saver, await all_keys(dsn)) == before
 
 
 async def test_late_fork_of_a_deleted_checkpoint_gets_its_parent_nulled(dbs: Databases) -> None:

@@ -151,6 +151,7 @@ async def _sweep_all(
             allow_mass_expiry=allow_mass_expiry or config.defaults.allow_mass_expiry,
             max_bytes=store.max_bytes,
             archive=archive_factory(store, config.archive_for(store.name)),
+            residue_check_every=config.defaults.residue_check_every,
         )
         policies = config.policies_for(store.name)
 

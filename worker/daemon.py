@@ -222,6 +222,7 @@ class StoreRunner:
             due=due,
             max_bytes=cfg.store(self.name).max_bytes,
             archive=archive_factory(cfg.store(self.name), cfg.archive_for(self.name)),
+            residue_check_every=cfg.defaults.residue_check_every,
         )
         metrics = self.daemon.metrics
         report = await sweep(

@@ -157,6 +157,11 @@ HOLDS_TABLE = "checkpoint_janitor_holds"
 """The tool's own table of legal holds, in the store itself (README "Legal holds")."""
 
 
+RESIDUE_TABLE = "checkpoint_janitor_residue_checks"
+"""The tool's own table of when each policy's quiet threads were last all looked at for
+residue (README "Residue"), in the store itself."""
+
+
 @dataclass(frozen=True, slots=True)
 class Hold:
     """A legal hold: the thread is never expired, trimmed or purged while it stands."""
@@ -255,6 +260,14 @@ class AggregateStore(Protocol):
         self, asked: Sequence[tuple[ThreadAggregate, ThreadPlan]]
     ) -> list[ThreadAggregate]:
         """The aggregates with what each plan asked for (`plan.needs`) filled in."""
+
+    async def residue_checks(self) -> dict[str, float]:
+        """Per policy, when the last pass that looked at all its quiet threads for residue
+        started (Unix time); empty while the table does not exist (nothing is created)."""
+
+    async def record_residue_checks(self, policies: Sequence[str], at: float) -> None:
+        """Note that a pass started at `at` looked at every quiet thread of `policies` for
+        residue and carried out what it found (creating the table on first use)."""
 
 
 @dataclass(slots=True)

@@ -46,9 +46,12 @@ class PagePlanner:
         grace: float,
         *,
         aggregates: bool = True,
+        residue: frozenset[str] | None = None,
     ) -> None:
         self.engine = engine
         self.aggregates = aggregates
+        self.residue = residue
+        """The policies whose quiet threads' residue the plans look for (None: all)."""
         self.rules = rules
         self.now = now
         self.grace = grace
@@ -81,7 +84,7 @@ class PagePlanner:
         for _ in range(MAX_DETAIL_ROUNDS):
             asked: list[tuple[ThreadAggregate, ThreadPlan]] = []
             for agg in todo:
-                plan = plan_thread(agg, self.rules, self.now, self.grace)
+                plan = plan_thread(agg, self.rules, self.now, self.grace, self.residue)
                 if plan.rows:
                     rows.append(agg.thread_id)
                 elif plan.needs:

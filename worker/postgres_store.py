@@ -36,7 +36,10 @@ Why deletes are safe beside a live application (DESIGN invariant 5):
   checkpoints) and the date. Both plans (rows and aggregates) ask the same
   statement which threads hold collectable blobs, and the dry run counts
   none for a thread the batch trims. A row older than the grace period is
-  dropped when a batch next collects on its thread; a purge drops it.
+  dropped when a batch next collects on its thread; a purge drops it. Between
+  a store's residue looks (`defaults.residue_check_every`) a row is also what
+  makes a sweep look at its thread's blobs at all (`ThreadAggregate.dated`):
+  the worker's own trims keep their timing, others' leftovers wait for a look.
   The window left: a run that read a checkpoint and saves a fork of it more
   than `grace_period` after a sweep deleted it. Deletions by other tools are
   not dated: the saver wrapper (`RetentionSaver`) frees blobs in its trim
@@ -90,6 +93,7 @@ from policies.summary import json_object, summarize
 from policies.waiting import TASKS, is_waiting
 from worker.engine import (
     HOLDS_TABLE,
+    RESIDUE_TABLE,
     Counts,
     Fingerprint,
     Hold,
@@ -557,6 +561,13 @@ DELETE FROM {DELETIONS_TABLE}
 WHERE thread_id = ANY($1::text[]) AND deleted_at < to_timestamp($2)
 """
 FORGET_DELETIONS_SQL = f"DELETE FROM {DELETIONS_TABLE} WHERE thread_id = ANY($1::text[])"
+# The threads of a page whose residue a pass looks for whatever the cadence
+# (`policies.plan`, `dated`): deleted from before the cutoff, so their blobs
+# may be due, and not yet collected (collecting drops the row). By primary key.
+DATED_THREADS_SQL = f"""
+SELECT thread_id FROM {DELETIONS_TABLE}
+WHERE thread_id = ANY($1::text[]) AND deleted_at < to_timestamp($2)
+"""
 # What the collecting statements below add once the table exists (`{cutoff}`:
 # the placeholder of now - grace); a thread deleted from since then keeps its
 # unreferenced blobs. Re-checked in the statement, like the references.
@@ -774,6 +785,28 @@ RETURNING extract(epoch FROM held_at)::float8
 """
 DELETE_HOLD_SQL = f"DELETE FROM {HOLDS_TABLE} WHERE thread_id = $1 RETURNING thread_id"
 HOLDS_PAGE = 1000
+
+# ---------------------------------------------------------------- residue checks
+
+# The tool's own table, in the store's schema beside the deletions table,
+# created by the first sweep that completes a look at every quiet thread's
+# residue (plan and stats must work without it). One row per policy, since a
+# pass looks only at the policies due in it.
+CREATE_RESIDUE_TABLE_SQL = f"""
+CREATE TABLE IF NOT EXISTS {RESIDUE_TABLE} (
+    policy TEXT PRIMARY KEY,
+    checked_at TIMESTAMPTZ NOT NULL
+)
+"""
+RESIDUE_TABLE_EXISTS_SQL = f"SELECT to_regclass('{RESIDUE_TABLE}') IS NOT NULL"
+RESIDUE_CHECKS_SQL = f"""
+SELECT policy, extract(epoch FROM checked_at)::float8 FROM {RESIDUE_TABLE}
+"""
+RECORD_RESIDUE_CHECKS_SQL = f"""
+INSERT INTO {RESIDUE_TABLE} (policy, checked_at)
+SELECT p, to_timestamp($2) FROM unnest($1::text[]) AS p
+ON CONFLICT (policy) DO UPDATE SET checked_at = EXCLUDED.checked_at
+"""
 
 # Dry runs count what the statements above would delete.
 COUNT_CHECKPOINTS_SQL = """
@@ -1275,6 +1308,11 @@ class PostgresStore:
             spaces: dict[str, list[NamespaceAggregate]] = defaultdict(list)
             for r in await self.pool.fetch(AGGREGATE_SQL, page):
                 spaces[r[0]].append(NamespaceAggregate(r[1], int(r[2]), r[3], r[4]))
+            dated: set[str] = set()
+            async with self.pool.acquire() as conn:
+                if await self._has_deletions_table(conn):
+                    rows = await conn.fetch(DATED_THREADS_SQL, page, self._cutoff())
+                    dated = {r[0] for r in rows}
             meta: dict[str, dict[str, Any]] = {}
             if head_metadata:
                 heads = [(t, a.newest_id) for t in page for a in spaces[t] if a.namespace == ""]
@@ -1286,7 +1324,10 @@ class PostgresStore:
                 )
                 meta = {r[0]: json_object(r[1]) for r in rows}
             yield [
-                ThreadAggregate(t, tuple(spaces[t]), head_metadata=meta.get(t, {})) for t in page
+                ThreadAggregate(
+                    t, tuple(spaces[t]), head_metadata=meta.get(t, {}), dated=t in dated
+                )
+                for t in page
             ]
 
     async def details(
@@ -1341,6 +1382,22 @@ class PostgresStore:
         )
         for t in tids:
             out[t] = replace(out[t], orphan_writes=tuple(found[t]), garbage_blobs=t in garbage)
+
+    async def residue_checks(self) -> dict[str, float]:
+        """When each policy's quiet threads were last all looked at for residue."""
+        async with self.pool.acquire() as conn:
+            if not await conn.fetchval(RESIDUE_TABLE_EXISTS_SQL):
+                return {}
+            return {str(r[0]): float(r[1]) for r in await conn.fetch(RESIDUE_CHECKS_SQL)}
+
+    async def record_residue_checks(self, policies: Sequence[str], at: float) -> None:
+        """Date a complete look at these policies' quiet threads (one upsert)."""
+        try:
+            async with self.pool.acquire() as conn:
+                await conn.execute(CREATE_RESIDUE_TABLE_SQL)
+                await conn.execute(RECORD_RESIDUE_CHECKS_SQL, list(policies), at)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            raise self._error("cannot record the residue check", e) from None
 
     async def _waiting(self, tids: list[str], out: dict[str, ThreadAggregate]) -> None:
         """Whether each head waits; a v < 4 head (sends in its parent's writes) goes to rows."""

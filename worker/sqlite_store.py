@@ -34,6 +34,7 @@ from policies.waiting import writes_show_waiting
 from worker.decoding import Decoder
 from worker.engine import (
     HOLDS_TABLE,
+    RESIDUE_TABLE,
     Counts,
     Fingerprint,
     Hold,
@@ -534,6 +535,25 @@ ON CONFLICT (thread_id) DO NOTHING
 DELETE_HOLD_SQL = f"DELETE FROM {HOLDS_TABLE} WHERE thread_id = ?"
 HOLDS_PAGE = 1000
 
+# ---------------------------------------------------------------- residue checks
+
+# The tool's own table in the store's file, created by the first sweep that
+# completes a look at every quiet thread's residue: plan and stats open the
+# file read-only, so reading must not need it. One row per policy, since a
+# pass looks only at the policies due in it; `checked_at` is ISO 8601 UTC
+# text to the second, rounded down (an earlier date only brings a look forward).
+CREATE_RESIDUE_TABLE_SQL = f"""
+CREATE TABLE IF NOT EXISTS {RESIDUE_TABLE} (
+    policy TEXT PRIMARY KEY,
+    checked_at TEXT NOT NULL
+)
+"""
+RESIDUE_CHECKS_SQL = f"SELECT policy, checked_at FROM {RESIDUE_TABLE}"
+RECORD_RESIDUE_CHECK_SQL = f"""
+INSERT INTO {RESIDUE_TABLE} (policy, checked_at) VALUES (?, ?)
+ON CONFLICT (policy) DO UPDATE SET checked_at = excluded.checked_at
+"""
+
 BUSY_SLICE_MS = 20
 
 # PASSIVE never waits for the application's readers or writers, so it is
@@ -869,6 +889,27 @@ class SqliteStore:
                     )
                 out[a.thread_id] = replace(out[a.thread_id], below=below)
         return [out[a.thread_id] for a, _ in asked]
+
+    async def residue_checks(self) -> dict[str, float]:
+        """When each policy's quiet threads were last all looked at for residue."""
+        # sqlite_master, as for holds: a missing table means no look recorded yet.
+        async with self.conn.execute(HOLDS_TABLE_EXISTS_SQL, (RESIDUE_TABLE,)) as cur:
+            if await cur.fetchone() is None:
+                return {}
+        async with self.conn.execute(RESIDUE_CHECKS_SQL) as cur:
+            rows = await cur.fetchall()
+        return {str(p): datetime.fromisoformat(at).timestamp() for p, at in rows}
+
+    async def record_residue_checks(self, policies: Sequence[str], at: float) -> None:
+        """Date a complete look at these policies' quiet threads, in one short write."""
+        stamp = iso_utc(at)
+        try:
+            await self._write(
+                (CREATE_RESIDUE_TABLE_SQL, ()),
+                *((RECORD_RESIDUE_CHECK_SQL, (name, stamp)) for name in policies),
+            )
+        except sqlite3.Error as e:
+            raise StoreError(self.name, f"cannot record the residue check: {e}") from None
 
     async def resolve_waiting(self, threads: Sequence[ScannedThread]) -> list[ScannedThread]:
         """Does each thread wait at its newest root checkpoint? Its writes, else its blob, say.

@@ -33,6 +33,7 @@ from policies.model import Reason, Skip, SkipReason, ThreadDecision, TtlFallback
 from policies.plan import ThreadAggregate, plannable
 from policies.plan import ThreadPlan as AggregatePlan
 from worker.engine import (
+    AggregateStore,
     ArchivingStore,
     Counts,
     Fingerprint,
@@ -286,6 +287,9 @@ class SweepOptions:
     from its rows (the reference the aggregate plan is tested against)."""
     archive: ArchiveFactory | None = None
     """The store's archive (`stores[].archive`): every batch archives what it deletes."""
+    residue_check_every: float = 0.0
+    """Seconds between passes that look at every quiet thread for residue
+    (`defaults.residue_check_every`); 0: every pass looks."""
 
 
 ProgressFn = Callable[[int, int], None]
@@ -464,14 +468,19 @@ class _Pass:
             else math.floor(options.max_delete_fraction * report.threads_total)
         )
         page_threads = options.settings.page_threads
+        # The row-level path reads every thread's residue: all due policies' look.
+        residue: frozenset[str] | None = None
         if self._from_aggregates():
             grace = options.settings.grace_period.total_seconds()
-            planner = PagePlanner(engine, self.rules, report.now, grace)
+            residue = await self._residue_due()
+            planner = PagePlanner(engine, self.rules, report.now, grace, residue=residue)
             done = await self._walk(planner.pages(page_threads), self._planned_page, progress)
         else:
             done = await self._walk(engine.thread_pages(page_threads), self._page, progress)
         if not done or not await self._drain():
             return
+        # Trims and residue are carried out by now; expiries never carry residue.
+        await self._record_residue(residue)
         self._emit_entries()
         if self.quota.active:
             # After the trims, before any expiry: evictions count in the safety limit.
@@ -491,6 +500,57 @@ class _Pass:
                 return
         if await self._drain():
             self._emit_entries()
+
+    def _residue_policies(self) -> list[str]:
+        """The due policies that collect residue (a protected thread keeps its own)."""
+        due = self.options.due
+        return [
+            p.name for p in self.rules.policies if not p.protect and (due is None or p.name in due)
+        ]
+
+    async def _residue_due(self) -> frozenset[str] | None:
+        """The policies whose quiet threads this pass looks at for residue (None: all).
+
+        Due when the last look at them started `residue_check_every` ago or
+        longer, or is unknown, or lies ahead of this sweep's clock.
+        """
+        every = self.options.residue_check_every
+        engine = self.engine
+        if every <= 0 or not isinstance(engine, AggregateStore):
+            return None
+        checked = await engine.residue_checks()
+        now = self.report.now
+        return frozenset(
+            name
+            for name in self._residue_policies()
+            if (at := checked.get(name)) is None or not 0 <= now - at < every
+        )
+
+    async def _record_residue(self, looked: frozenset[str] | None) -> None:
+        """Date the look this pass took at quiet threads' residue, when it was complete.
+
+        Not when a batch never got the write lock (what it would have
+        collected is still there), nor for a policy whose `max_threads_per_sweep`
+        or failed registry kept some of its threads out of the pass.
+        """
+        engine, options, report = self.engine, self.options, self.report
+        if options.dry_run or options.residue_check_every <= 0 or report.locked_threads:
+            return
+        if not isinstance(engine, AggregateStore):
+            return
+        failed = self.orphans.failed if self.orphans is not None else {}
+        names = [
+            n
+            for n in (self._residue_policies() if looked is None else sorted(looked))
+            if not report.policies[n].skipped[SkipReason.SWEEP_LIMIT] and n not in failed
+        ]
+        if not names:
+            return
+        try:
+            await engine.record_residue_checks(names, report.now)
+        except StoreError as e:
+            # Only the cadence is lost: the next pass looks everywhere again.
+            log.warning("residue_check_not_recorded", store=engine.name, error=str(e))
 
     def _from_aggregates(self) -> bool:
         """Whether this pass plans from aggregates (`policies.plan`), not from every row.
