@@ -44,7 +44,7 @@ Why deletes are safe beside a live application (DESIGN invariant 5):
   than `grace_period` after a sweep deleted it. Deletions by other tools are
   not dated: the saver wrapper (`RetentionSaver`) frees blobs in its trim
   statement at once, as the official `prune` does, so a fork racing a
-  wrapper trim of its base keeps the old window (see `saver_backends`).
+  wrapper trim of its base keeps the old window (see `worker/saver/postgres.py`).
 - Expiry racing a run in flight. A resume, an `invoke(None)` retry or a new
   turn with `durability="exit"` reads the thread, then saves nothing until
   its node ends (a Command resume leaves a `__resume__` write first; the
@@ -77,7 +77,7 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import asyncpg
@@ -97,6 +97,8 @@ from worker.engine import (
     Counts,
     Fingerprint,
     Hold,
+    Recovered,
+    RestoreCounts,
     ScannedThread,
     StoreError,
     ThreadWork,
@@ -105,6 +107,8 @@ from worker.engine import (
     fingerprint_of,
 )
 from worker.stats import AgeHistogram
+from worker.stores import postgres_archive as pg_archive
+from worker.stores.archive import Archive, Segment, SegmentReader, Selection
 
 log = structlog.get_logger("checkpoint_janitor.postgres")
 
@@ -302,51 +306,112 @@ GROUP BY thread_id, checkpoint_ns
 
 # ---------------------------------------------------------------- delete
 
+# Each deleting statement comes in two shapes built from one DELETE: the
+# counting one (no archive: only counts cross to the worker) and the capturing
+# one, `RETURNING <alias>.*`, whose rows go to the batch's archive segment
+# before the commit (issue 13); the worker tallies those into the same counts.
+SIZE_COLUMN = "janitor_size"
+"""Extra column a capturing checkpoint delete returns: the bytes the counts report."""
+
+
+@dataclass(frozen=True, slots=True)
+class Deleting:
+    """One deleting statement: its counting and capturing SQL, and how counts are grouped."""
+
+    table: str
+    """The saver's table it deletes from (and the archive table the rows go to)."""
+    count: str
+    """Returns (*by, count[, sum of size]) per group."""
+    capture: str
+    """Returns every column of each deleted row (and `SIZE_COLUMN` when `sized`)."""
+    by: tuple[str, ...]
+    sized: bool = False
+
+
+def _deleting(
+    table: str, alias: str, core: str, by: tuple[str, ...], sized: bool = False, ctes: str = ""
+) -> Deleting:
+    """Both shapes of the DELETE `core` (no RETURNING), after the table expressions `ctes`."""
+    size = f"pg_column_size({alias}.checkpoint) + pg_column_size({alias}.metadata)"
+    keys = ", ".join(f"{alias}.{c}" for c in by)
+    groups = ", ".join(str(i + 1) for i in range(len(by)))
+    count = (
+        f"WITH {ctes + ', ' if ctes else ''}gone AS (\n{core}\n"
+        f"    RETURNING {keys}{f', {size} AS size' if sized else ''}\n)\n"
+        f"SELECT {', '.join(by)}, count(*){', sum(size)' if sized else ''} "
+        f"FROM gone GROUP BY {groups}"
+    )
+    capture = (
+        f"{'WITH ' + ctes if ctes else ''}\n{core}\n"
+        f"RETURNING {alias}.*{f', {size} AS {SIZE_COLUMN}' if sized else ''}"
+    )
+    return Deleting(table, count, capture, by, sized)
+
+
 # Deletes take the decided (thread, namespace, id) triples as parallel arrays,
 # one statement per batch, each row found by primary key.
-DELETE_WRITES_SQL = """
-WITH gone AS (
+DELETE_WRITES = _deleting(
+    "checkpoint_writes",
+    "w",
+    """
     DELETE FROM checkpoint_writes w
     USING unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, checkpoint_id)
     WHERE w.thread_id = d.thread_id AND w.checkpoint_ns = d.checkpoint_ns
-      AND w.checkpoint_id = d.checkpoint_id
-    RETURNING w.thread_id, w.checkpoint_ns
+      AND w.checkpoint_id = d.checkpoint_id""",
+    ("thread_id", "checkpoint_ns"),
 )
-SELECT thread_id, checkpoint_ns, count(*) FROM gone GROUP BY 1, 2
-"""
-DELETE_CHECKPOINTS_SQL = """
-WITH gone AS (
+DELETE_WRITES_SQL = DELETE_WRITES.count
+DELETE_CHECKPOINTS = _deleting(
+    "checkpoints",
+    "c",
+    """
     DELETE FROM checkpoints c
     USING unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, checkpoint_id)
     WHERE c.thread_id = d.thread_id AND c.checkpoint_ns = d.checkpoint_ns
-      AND c.checkpoint_id = d.checkpoint_id
-    RETURNING c.thread_id, c.checkpoint_ns
+      AND c.checkpoint_id = d.checkpoint_id""",
+    ("thread_id", "checkpoint_ns"),
 )
-SELECT thread_id, checkpoint_ns, count(*) FROM gone GROUP BY 1, 2
+DELETE_CHECKPOINTS_SQL = DELETE_CHECKPOINTS.count
+# Parent nulling returns each changed row's old parent (the archive's
+# `nulled_parents`). Postgres before 18 has no `OLD` in RETURNING, so the rows
+# are read and locked (FOR UPDATE) in a subquery first: what it read is what
+# the UPDATE overwrites, whatever commits meanwhile.
+_NULLED = """
+UPDATE checkpoints c SET parent_checkpoint_id = NULL
+FROM ({locked}
+    FOR UPDATE OF k
+) o
+WHERE c.thread_id = o.thread_id AND c.checkpoint_ns = o.checkpoint_ns
+  AND c.checkpoint_id = o.checkpoint_id
+RETURNING c.thread_id, c.checkpoint_ns, c.checkpoint_id, o.parent_checkpoint_id
 """
 # Grouped per namespace so each namespace's remaining rows are read once,
 # not once per deleted id (parent_checkpoint_id has no index).
-NULL_PARENTS_SQL = """
-UPDATE checkpoints c SET parent_checkpoint_id = NULL
-FROM (
-    SELECT thread_id, checkpoint_ns, array_agg(checkpoint_id) AS ids
-    FROM unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, checkpoint_id)
-    GROUP BY 1, 2
-) d
-WHERE c.thread_id = d.thread_id AND c.checkpoint_ns = d.checkpoint_ns
-  AND c.parent_checkpoint_id = ANY(d.ids)
-"""
+NULL_PARENTS_SQL = _NULLED.format(
+    locked="""
+    SELECT k.thread_id, k.checkpoint_ns, k.checkpoint_id, k.parent_checkpoint_id
+    FROM checkpoints k
+    JOIN (
+        SELECT thread_id, checkpoint_ns, array_agg(checkpoint_id) AS ids
+        FROM unnest($1::text[], $2::text[], $3::text[])
+             AS d(thread_id, checkpoint_ns, checkpoint_id)
+        GROUP BY 1, 2
+    ) d ON k.thread_id = d.thread_id AND k.checkpoint_ns = d.checkpoint_ns
+       AND k.parent_checkpoint_id = ANY(d.ids)"""
+)
 # A fork saved after an earlier sweep deleted its base names a parent that is
 # gone; on a quiet thread (no run can still save that parent) it is nulled too.
-NULL_DANGLING_PARENTS_SQL = """
-UPDATE checkpoints c SET parent_checkpoint_id = NULL
-WHERE c.thread_id = ANY($1::text[]) AND c.parent_checkpoint_id IS NOT NULL
-  AND NOT EXISTS (
-      SELECT 1 FROM checkpoints p
-      WHERE p.thread_id = c.thread_id AND p.checkpoint_ns = c.checkpoint_ns
-        AND p.checkpoint_id = c.parent_checkpoint_id
-  )
-"""
+NULL_DANGLING_PARENTS_SQL = _NULLED.format(
+    locked="""
+    SELECT k.thread_id, k.checkpoint_ns, k.checkpoint_id, k.parent_checkpoint_id
+    FROM checkpoints k
+    WHERE k.thread_id = ANY($1::text[]) AND k.parent_checkpoint_id IS NOT NULL
+      AND NOT EXISTS (
+          SELECT 1 FROM checkpoints p
+          WHERE p.thread_id = k.thread_id AND p.checkpoint_ns = k.checkpoint_ns
+            AND p.checkpoint_id = k.parent_checkpoint_id
+      )"""
+)
 # Set-based trims: each (thread, ns) loses its ids below one bound — the
 # smallest of the plan's time bound, the keep-th newest id and the id past the
 # `limit` oldest — read under the batch's first fingerprint check, so the
@@ -367,21 +432,25 @@ CROSS JOIN LATERAL (
 ORDER BY r.i
 """
 # Before the deletes, so only parents that exist (and are about to go) are nulled.
-TRIM_NULL_PARENTS_SQL = """
-UPDATE checkpoints c SET parent_checkpoint_id = NULL
-FROM unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, bound)
-WHERE c.thread_id = d.thread_id AND c.checkpoint_ns = d.checkpoint_ns
-  AND c.checkpoint_id COLLATE "C" >= d.bound AND c.parent_checkpoint_id COLLATE "C" < d.bound
-  AND EXISTS (
-      SELECT 1 FROM checkpoints p
-      WHERE p.thread_id = c.thread_id AND p.checkpoint_ns = c.checkpoint_ns
-        AND p.checkpoint_id = c.parent_checkpoint_id
-  )
-"""
+TRIM_NULL_PARENTS_SQL = _NULLED.format(
+    locked="""
+    SELECT k.thread_id, k.checkpoint_ns, k.checkpoint_id, k.parent_checkpoint_id
+    FROM checkpoints k
+    JOIN unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, bound)
+      ON k.thread_id = d.thread_id AND k.checkpoint_ns = d.checkpoint_ns
+    WHERE k.checkpoint_id COLLATE "C" >= d.bound AND k.parent_checkpoint_id COLLATE "C" < d.bound
+      AND EXISTS (
+          SELECT 1 FROM checkpoints p
+          WHERE p.thread_id = k.thread_id AND p.checkpoint_ns = k.checkpoint_ns
+            AND p.checkpoint_id = k.parent_checkpoint_id
+      )"""
+)
 # The writes of the checkpoints these trims delete, by the same ranges; the
 # EXISTS keeps a write whose checkpoint is not (yet) saved (invariant 5).
-TRIM_WRITES_SQL = """
-WITH gone AS (
+TRIM_WRITES = _deleting(
+    "checkpoint_writes",
+    "w",
+    """
     DELETE FROM checkpoint_writes w
     USING unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, bound)
     WHERE w.thread_id = d.thread_id AND w.checkpoint_ns = d.checkpoint_ns
@@ -390,22 +459,22 @@ WITH gone AS (
           SELECT 1 FROM checkpoints c
           WHERE c.thread_id = w.thread_id AND c.checkpoint_ns = w.checkpoint_ns
             AND c.checkpoint_id = w.checkpoint_id
-      )
-    RETURNING w.thread_id, w.checkpoint_ns
+      )""",
+    ("thread_id", "checkpoint_ns"),
 )
-SELECT thread_id, checkpoint_ns, count(*) FROM gone GROUP BY 1, 2
-"""
-TRIM_CHECKPOINTS_SQL = """
-WITH gone AS (
+TRIM_WRITES_SQL = TRIM_WRITES.count
+TRIM_CHECKPOINTS = _deleting(
+    "checkpoints",
+    "c",
+    """
     DELETE FROM checkpoints c
     USING unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, bound)
     WHERE c.thread_id = d.thread_id AND c.checkpoint_ns = d.checkpoint_ns
-      AND c.checkpoint_id COLLATE "C" < d.bound
-    RETURNING c.thread_id, c.checkpoint_ns,
-              pg_column_size(c.checkpoint) + pg_column_size(c.metadata) AS size
+      AND c.checkpoint_id COLLATE "C" < d.bound""",
+    ("thread_id", "checkpoint_ns"),
+    sized=True,
 )
-SELECT thread_id, checkpoint_ns, count(*), sum(size) FROM gone GROUP BY 1, 2
-"""
+TRIM_CHECKPOINTS_SQL = TRIM_CHECKPOINTS.count
 # Dry runs: the ids a trim range names (few: a plan's count), to count as the
 # statements above would delete them.
 RANGE_IDS_SQL = """
@@ -422,8 +491,10 @@ JOIN unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, c
 """
 
 # Re-checked in the statement: the checkpoint may have committed since the scan.
-DELETE_ORPHAN_WRITES_SQL = """
-WITH gone AS (
+DELETE_ORPHAN_WRITES = _deleting(
+    "checkpoint_writes",
+    "w",
+    """
     DELETE FROM checkpoint_writes w
     USING unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, checkpoint_id)
     WHERE w.thread_id = d.thread_id AND w.checkpoint_ns = d.checkpoint_ns
@@ -432,29 +503,34 @@ WITH gone AS (
           SELECT 1 FROM checkpoints c
           WHERE c.thread_id = w.thread_id AND c.checkpoint_ns = w.checkpoint_ns
             AND c.checkpoint_id = w.checkpoint_id
-      )
-    RETURNING w.thread_id, w.checkpoint_ns
+      )""",
+    ("thread_id", "checkpoint_ns"),
 )
-SELECT thread_id, checkpoint_ns, count(*) FROM gone GROUP BY 1, 2
-"""
-EXPIRE_SQL = {
-    "checkpoints": """
-        WITH gone AS (
-            DELETE FROM checkpoints WHERE thread_id = ANY($1::text[])
-            RETURNING thread_id, pg_column_size(checkpoint) + pg_column_size(metadata) AS size
-        )
-        SELECT thread_id, count(*), sum(size) FROM gone GROUP BY 1""",
-    "writes": """
-        WITH gone AS (
-            DELETE FROM checkpoint_writes WHERE thread_id = ANY($1::text[]) RETURNING thread_id
-        )
-        SELECT thread_id, count(*) FROM gone GROUP BY 1""",
-    "blobs": """
-        WITH gone AS (
-            DELETE FROM checkpoint_blobs WHERE thread_id = ANY($1::text[]) RETURNING thread_id
-        )
-        SELECT thread_id, count(*) FROM gone GROUP BY 1""",
+DELETE_ORPHAN_WRITES_SQL = DELETE_ORPHAN_WRITES.count
+# A whole thread, table by table (a policy's expiry skips "blobs": see the docstring).
+EXPIRE = {
+    "checkpoints": _deleting(
+        "checkpoints",
+        "c",
+        "    DELETE FROM checkpoints c WHERE c.thread_id = ANY($1::text[])",
+        ("thread_id",),
+        sized=True,
+    ),
+    "writes": _deleting(
+        "checkpoint_writes",
+        "w",
+        "    DELETE FROM checkpoint_writes w WHERE w.thread_id = ANY($1::text[])",
+        ("thread_id",),
+    ),
+    "blobs": _deleting(
+        "checkpoint_blobs",
+        "b",
+        "    DELETE FROM checkpoint_blobs b WHERE b.thread_id = ANY($1::text[])",
+        ("thread_id",),
+    ),
 }
+EXPIRE_SQL = {kind: d.count for kind, d in EXPIRE.items()}
+
 # ---------------------------------------------------------------- dated deletions
 
 # The tool's own table, beside `checkpoint_janitor_expired`: blobs carry no
@@ -514,27 +590,27 @@ def _dated(template: str, cutoff: str) -> dict[bool, str]:
 # on quiet threads not deleted from within the grace period (see the module
 # docstring). The references are built once per thread (a hash anti-join),
 # not probed per blob. Keyed by "the deletions table exists"; $2 is the cutoff.
-DELETE_GARBAGE_BLOBS_SQL = _dated(
-    """
-WITH refs AS (
+_GARBAGE_REFS = """refs AS (
     SELECT DISTINCT c.thread_id, c.checkpoint_ns, v.key AS channel, v.value AS version
     FROM checkpoints c
     CROSS JOIN LATERAL jsonb_each_text(c.checkpoint -> 'channel_versions') AS v
     WHERE c.thread_id = ANY($1::text[])
-), gone AS (
+)"""
+DELETE_GARBAGE_BLOBS = {
+    dated: _deleting("checkpoint_blobs", "b", core, ("thread_id",), ctes=_GARBAGE_REFS)
+    for dated, core in _dated(
+        """
     DELETE FROM checkpoint_blobs b
     WHERE b.thread_id = ANY($1::text[])
       AND NOT EXISTS (
           SELECT 1 FROM refs r
           WHERE r.thread_id = b.thread_id AND r.checkpoint_ns = b.checkpoint_ns
             AND r.channel = b.channel AND r.version = b.version
-      ){recent}
-    RETURNING b.thread_id
-)
-SELECT thread_id, count(*) FROM gone GROUP BY 1
-""",
-    "$2",
-)
+      ){recent}""",
+        "$2",
+    ).items()
+}
+DELETE_GARBAGE_BLOBS_SQL = {dated: d.count for dated, d in DELETE_GARBAGE_BLOBS.items()}
 # Which quiet threads hold blobs the statement above would collect (left by
 # trims made while the thread was busy or within the grace period): they get
 # a sweep part of their own. Both plans (rows and aggregates) ask this.
@@ -626,20 +702,22 @@ WHERE e.thread_id = ANY($1::text[])
 # The blobs of threads expired before the cutoff (now - grace) that hold no
 # checkpoint and no write, then their rows. Both conditions are re-checked
 # in the statement: a run may recreate the thread at any time.
-DELETE_EXPIRED_BLOBS_SQL = f"""
-WITH due AS (
+DELETE_EXPIRED_BLOBS = _deleting(
+    "checkpoint_blobs",
+    "b",
+    """
+    DELETE FROM checkpoint_blobs b USING due
+    WHERE b.thread_id = due.thread_id""",
+    ("thread_id",),
+    ctes=f"""due AS (
     DELETE FROM {EXPIRED_TABLE} e
     WHERE e.thread_id = ANY($1::text[]) AND e.expired_at < to_timestamp($2)
       AND NOT EXISTS (SELECT 1 FROM checkpoints c WHERE c.thread_id = e.thread_id)
       AND NOT EXISTS (SELECT 1 FROM checkpoint_writes w WHERE w.thread_id = e.thread_id)
     RETURNING e.thread_id
-), gone AS (
-    DELETE FROM checkpoint_blobs b USING due
-    WHERE b.thread_id = due.thread_id
-    RETURNING b.thread_id
+)""",
 )
-SELECT thread_id, count(*) FROM gone GROUP BY 1
-"""
+DELETE_EXPIRED_BLOBS_SQL = DELETE_EXPIRED_BLOBS.count
 COUNT_EXPIRED_BLOBS_SQL = f"""
 SELECT b.thread_id, count(*) FROM checkpoint_blobs b
 JOIN {EXPIRED_TABLE} e ON e.thread_id = b.thread_id
@@ -830,6 +908,48 @@ class _Changed(Exception):
         self.threads = threads
 
 
+@dataclass(slots=True)
+class _BatchCounts:
+    """What one batch's statements deleted, before it is attributed to the parts."""
+
+    threads: defaultdict[str, Counts] = field(default_factory=lambda: defaultdict(Counts))
+    """Per thread: expiries' rows and collected blobs."""
+    by_ns_ck: dict[tuple[str, str], int] = field(default_factory=dict)
+    by_ns_wr: defaultdict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    by_ns_bytes: dict[tuple[str, str], int] = field(default_factory=dict)
+
+
+async def _delete(
+    conn: asyncpg.Connection, segment: Segment | None, stmt: Deleting, *args: Any
+) -> list[tuple[Any, ...]]:
+    """Run `stmt`; rows as its counting shape returns them. With a segment, the deleted
+    rows themselves come back and are added to it, and the counts are tallied here."""
+    if segment is None:
+        return [tuple(r) for r in await conn.fetch(stmt.count, *args)]
+    rows = await conn.fetch(stmt.capture, *args)
+    if not rows:
+        return []
+    # A Record iterates its values, not its column names.
+    columns = [c for c in rows[0].keys() if c != SIZE_COLUMN]  # noqa: SIM118
+    segment.add(stmt.table, columns, [tuple(r[c] for c in columns) for r in rows])
+    tally: dict[tuple[Any, ...], list[int]] = {}
+    for r in rows:
+        t = tally.setdefault(tuple(r[c] for c in stmt.by), [0, 0])
+        t[0] += 1
+        if stmt.sized:
+            t[1] += int(r[SIZE_COLUMN] or 0)
+    return [(*k, n, size) if stmt.sized else (*k, n) for k, (n, size) in tally.items()]
+
+
+async def _null_parents(
+    conn: asyncpg.Connection, segment: Segment | None, sql: str, *args: Any
+) -> None:
+    """Run a parent-nulling statement; with a segment, record the old parents in it."""
+    rows = await conn.fetch(sql, *args)
+    if segment is not None and rows:
+        segment.add_nulled_parents([(r[0], r[1], r[2], r[3]) for r in rows])
+
+
 def connect_kwargs(dsn: str) -> dict[str, Any]:
     """asyncpg connection arguments from a URL or libpq keyword DSN."""
     try:
@@ -989,6 +1109,73 @@ class PostgresStore:
         else:
             await self.pool.release(conn)
         return got
+
+    # ------------------------------------------------------------ archive
+
+    def _archived(self, segment: Segment) -> None:
+        """A batch's segment is complete: its rows are safe in the archive."""
+        if segment.counts:
+            log.debug(
+                "batch_archived",
+                store=self.name,
+                segment=segment.path,
+                rows=segment.counts,
+                bytes=segment.bytes,
+            )
+
+    async def recover_archive(self, archive: Archive) -> Recovered:
+        """Settle the `.pending` segments earlier runs left in `archive`.
+
+        A pending segment was sealed, and its batch's COMMIT then may or may
+        not have happened (a crash, a lost connection). Its rows still in the
+        store: the delete rolled back, the segment goes (a later batch archives
+        them again). Gone: the delete committed, the segment is complete.
+        Some of each (rows restored or re-written since): complete, so nothing
+        deleted is left without its archive; restore skips rows that exist.
+        """
+        out = Recovered()
+        for pending in await asyncio.to_thread(archive.pending):
+            if not await asyncio.to_thread(pending.valid):
+                # Renamed to .pending only once verified: a torn copy never ran a delete.
+                await asyncio.to_thread(pending.discard)
+                out.discarded += 1
+                continue
+            async with self.pool.acquire() as conn:
+                verdict = await pg_archive.committed(conn, pending)
+            if verdict is False:
+                await asyncio.to_thread(pending.discard)
+                out.discarded += 1
+            else:
+                await asyncio.to_thread(pending.promote)
+                out.promoted += 1
+            log.info(
+                "archive_pending_settled",
+                store=self.name,
+                segment=pending.path,
+                outcome="discarded" if verdict is False else "promoted",
+                partly_present=verdict is None,
+            )
+        return out
+
+    async def restore(
+        self, segments: Sequence[SegmentReader], select: Selection, dry_run: bool
+    ) -> RestoreCounts:
+        """Put the selected archived rows back (or count what is missing, `dry_run`).
+
+        Rows that exist are left as they are; nulled parents are re-linked
+        where still NULL and the parent exists (`worker.stores.postgres_archive`).
+        """
+        async with self.pool.acquire() as conn:
+            await conn.execute(f"SET lock_timeout = {int(self.lock_timeout * 1000)}")
+            restorer = pg_archive.Restorer(conn, self.name)
+            try:
+                if dry_run:
+                    return await restorer.count(segments, select)
+                return await restorer.restore(segments, select)
+            except pg_archive.RestoreError as e:
+                raise StoreError(self.name, str(e)) from None
+            except (OSError, asyncpg.PostgresError) as e:
+                raise self._error("restore failed", e) from None
 
     async def end_sweep(self) -> None:
         """Release the store's advisory lock."""
@@ -1291,8 +1478,14 @@ class PostgresStore:
 
     # ------------------------------------------------------------ delete
 
-    async def apply(self, batch: Sequence[ThreadWork], dry_run: bool) -> list[WorkResult]:
-        """One READ COMMITTED transaction for the batch, retried on lock and deadlock errors."""
+    async def apply(
+        self, batch: Sequence[ThreadWork], dry_run: bool, archive: Archive | None = None
+    ) -> list[WorkResult]:
+        """One READ COMMITTED transaction for the batch, retried on lock and deadlock errors.
+
+        With `archive`, every row it deletes and every parent id it nulls go to
+        one segment, sealed before the COMMIT (`ArchivingStore.apply`).
+        """
         if dry_run:
             return await self._count(batch)
         changed: set[str] = set()
@@ -1300,7 +1493,7 @@ class PostgresStore:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             todo = [w for w in batch if w.thread_id not in changed | on_hold]
             try:
-                done = await self._apply_once(todo)
+                done = await self._apply_once(todo, archive)
             except _OnHold as e:
                 on_hold |= e.threads
                 continue
@@ -1349,7 +1542,9 @@ class PostgresStore:
             ]
         return [WorkResult(w.thread_id, Counts(), changed=True) for w in batch]
 
-    async def _apply_once(self, batch: Sequence[ThreadWork]) -> list[WorkResult]:
+    async def _apply_once(
+        self, batch: Sequence[ThreadWork], archive: Archive | None
+    ) -> list[WorkResult]:
         if not batch:
             return []
         tids = sorted({w.thread_id for w in batch})
@@ -1363,106 +1558,144 @@ class PostgresStore:
         if dated and not self._deletions_table:
             await self.pool.execute(CREATE_DELETIONS_TABLE_SQL)
             self._deletions_table = True
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                f"SET LOCAL lock_timeout = {int(self.lock_timeout * 1000)}; "
-                f"SET LOCAL statement_timeout = {int(self.statement_timeout * 1000)}"
-            )
-            if on_hold := await self._held_among(conn, tids):
-                raise _OnHold(on_hold)
-            before = await _fingerprints(conn, tids)
-            # A thread's first part must find the thread as scanned.
-            first: dict[str, ThreadWork] = {}
-            for w in batch:
-                first.setdefault(w.thread_id, w)
-            if bad := {t for t, w in first.items() if before.get(t, ()) != w.fingerprint}:
-                raise _Changed(bad)
+        # The batch's archive segment: filled by the statements below, sealed
+        # (written, fsynced, verified) before COMMIT, completed after it.
+        segment = None if archive is None else archive.segment()
+        sealed = False
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                counts = await self._batch(conn, batch, tids, deferred, dated, segment)
+                if segment is not None:
+                    # A seal that fails raises here: the transaction rolls back.
+                    await asyncio.to_thread(segment.seal)
+                    sealed = True
+        except BaseException as e:
+            if segment is None:
+                raise
+            if not sealed:
+                await asyncio.to_thread(segment.abandon)
+                raise
+            # Sealed, then COMMIT failed: whether the delete committed is unknown.
+            # The segment stays pending for the next run's recovery to settle,
+            # and this batch is not retried (a retry would archive its rows again).
+            raise StoreError(
+                self.name,
+                f"commit failed after the archive segment was sealed "
+                f"({segment.path}); the next sweep settles it: {type(e).__name__}: {e}",
+            ) from e
+        if segment is not None:
+            await asyncio.to_thread(segment.complete)
+            self._archived(segment)
+        return self._results(batch, counts)
 
-            expire = [w.thread_id for w in batch if w.expire]
-            trims = [
-                (w.thread_id, ns, i)
-                for w in batch
-                for ns, ids in w.checkpoints.items()
-                for i in ids
-            ]
-            orphans = [
-                (w.thread_id, ns, i) for w in batch for ns, ids in w.writes.items() for i in ids
-            ]
-            counts: dict[str, Counts] = defaultdict(Counts)
-            by_ns_ck: dict[tuple[str, str], int] = {}
-            by_ns_wr: dict[tuple[str, str], int] = defaultdict(int)
-            if trims:
-                t = _Triples.of(trims)
-                for r in await conn.fetch(DELETE_WRITES_SQL, *t.args()):
-                    by_ns_wr[(r[0], r[1])] += r[2]
-                for r in await conn.fetch(DELETE_CHECKPOINTS_SQL, *t.args()):
-                    by_ns_ck[(r[0], r[1])] = r[2]
-                await conn.execute(NULL_PARENTS_SQL, *t.args())
-            by_ns_bytes: dict[tuple[str, str], int] = {}
-            if ranges := _merged_ranges(batch):
-                await self._trim_ranges(conn, ranges, by_ns_ck, by_ns_wr, by_ns_bytes)
-            if orphans:
-                for r in await conn.fetch(DELETE_ORPHAN_WRITES_SQL, *_Triples.of(orphans).args()):
-                    by_ns_wr[(r[0], r[1])] += r[2]
-            if expire:
-                if deferred:
-                    await conn.execute(RECORD_EXPIRED_SQL, deferred, self._clock())
-                purged = sorted(set(expire) - set(deferred))
-                for kind, sql in EXPIRE_SQL.items():
-                    # A policy's expiry leaves the blobs for the grace period.
-                    targets = purged if kind == "blobs" else expire
-                    if not targets:
-                        continue
-                    for r in await conn.fetch(sql, targets):
-                        setattr(counts[r[0]], kind, getattr(counts[r[0]], kind) + r[1])
-                        if kind == "checkpoints":
-                            counts[r[0]].bytes += int(r[2] or 0)
-                if purged and await self._has_expired_table(conn):
-                    await conn.execute(FORGET_EXPIRED_SQL, purged)
-                if purged and await self._has_deletions_table(conn):
-                    await conn.execute(FORGET_DELETIONS_SQL, purged)
-                for t_id in expire:
-                    counts[t_id].threads = 1
-            if dated:
-                await conn.execute(RECORD_DELETIONS_SQL, dated, self._clock())
+    async def _batch(
+        self,
+        conn: asyncpg.Connection,
+        batch: Sequence[ThreadWork],
+        tids: list[str],
+        deferred: list[str],
+        dated: list[str],
+        segment: Segment | None,
+    ) -> _BatchCounts:
+        """The batch's statements, in its transaction; deleted rows also go to `segment`."""
+        await conn.execute(
+            f"SET LOCAL lock_timeout = {int(self.lock_timeout * 1000)}; "
+            f"SET LOCAL statement_timeout = {int(self.statement_timeout * 1000)}"
+        )
+        if on_hold := await self._held_among(conn, tids):
+            raise _OnHold(on_hold)
+        before = await _fingerprints(conn, tids)
+        # A thread's first part must find the thread as scanned.
+        first: dict[str, ThreadWork] = {}
+        for w in batch:
+            first.setdefault(w.thread_id, w)
+        if bad := {t for t, w in first.items() if before.get(t, ()) != w.fingerprint}:
+            raise _Changed(bad)
 
-            # Re-read every thread: a checkpoint committed since the first
-            # check (a resume, a fork) shows as a count we did not expect.
-            after = await _fingerprints(conn, tids)
-            expected = _expected_counts(batch, before, by_ns_ck)
-            if bad := {t for t in tids if _counts_of(after.get(t, ())) != expected.get(t, {})}:
-                raise _Changed(bad)
+        expire = [w.thread_id for w in batch if w.expire]
+        trims = [
+            (w.thread_id, ns, i) for w in batch for ns, ids in w.checkpoints.items() for i in ids
+        ]
+        orphans = [(w.thread_id, ns, i) for w in batch for ns, ids in w.writes.items() for i in ids]
+        bc = _BatchCounts()
+        if trims:
+            t = _Triples.of(trims)
+            for r in await _delete(conn, segment, DELETE_WRITES, *t.args()):
+                bc.by_ns_wr[(r[0], r[1])] += r[2]
+            for r in await _delete(conn, segment, DELETE_CHECKPOINTS, *t.args()):
+                bc.by_ns_ck[(r[0], r[1])] = r[2]
+            await _null_parents(conn, segment, NULL_PARENTS_SQL, *t.args())
+        if ranges := _merged_ranges(batch):
+            await self._trim_ranges(conn, ranges, bc, segment)
+        if orphans:
+            t = _Triples.of(orphans)
+            for r in await _delete(conn, segment, DELETE_ORPHAN_WRITES, *t.args()):
+                bc.by_ns_wr[(r[0], r[1])] += r[2]
+        counts = bc.threads
+        if expire:
+            if deferred:
+                await conn.execute(RECORD_EXPIRED_SQL, deferred, self._clock())
+            purged = sorted(set(expire) - set(deferred))
+            for kind, stmt in EXPIRE.items():
+                # A policy's expiry leaves the blobs for the grace period.
+                targets = purged if kind == "blobs" else expire
+                if not targets:
+                    continue
+                for r in await _delete(conn, segment, stmt, targets):
+                    setattr(counts[r[0]], kind, getattr(counts[r[0]], kind) + r[1])
+                    if kind == "checkpoints":
+                        counts[r[0]].bytes += int(r[2] or 0)
+            if purged and await self._has_expired_table(conn):
+                await conn.execute(FORGET_EXPIRED_SQL, purged)
+            if purged and await self._has_deletions_table(conn):
+                await conn.execute(FORGET_DELETIONS_SQL, purged)
+            for t_id in expire:
+                counts[t_id].threads = 1
+        if dated:
+            await conn.execute(RECORD_DELETIONS_SQL, dated, self._clock())
 
-            quiet = [t for t in tids if t not in expire and self._quiet(after.get(t, ()))]
-            if quiet:
-                await conn.execute(NULL_DANGLING_PARENTS_SQL, quiet)
-                for r in await self._fetch_dated(conn, DELETE_GARBAGE_BLOBS_SQL, quiet):
+        # Re-read every thread: a checkpoint committed since the first
+        # check (a resume, a fork) shows as a count we did not expect.
+        after = await _fingerprints(conn, tids)
+        expected = _expected_counts(batch, before, bc.by_ns_ck)
+        if bad := {t for t in tids if _counts_of(after.get(t, ())) != expected.get(t, {})}:
+            raise _Changed(bad)
+
+        quiet = [t for t in tids if t not in expire and self._quiet(after.get(t, ()))]
+        if quiet:
+            await _null_parents(conn, segment, NULL_DANGLING_PARENTS_SQL, quiet)
+            recent = await self._has_deletions_table(conn)
+            args: tuple[Any, ...] = (quiet, self._cutoff()) if recent else (quiet,)
+            for r in await _delete(conn, segment, DELETE_GARBAGE_BLOBS[recent], *args):
+                counts[r[0]].blobs += r[1]
+        gone = [w.thread_id for w in batch if w.gc_blobs and not w.fingerprint]
+        if await self._has_expired_table(conn):
+            await conn.execute(DROP_RETURNED_SQL, tids)
+            if gone:
+                for r in await _delete(conn, segment, DELETE_EXPIRED_BLOBS, gone, self._cutoff()):
                     counts[r[0]].blobs += r[1]
-            gone = [w.thread_id for w in batch if w.gc_blobs and not w.fingerprint]
-            if await self._has_expired_table(conn):
-                await conn.execute(DROP_RETURNED_SQL, tids)
-                if gone:
-                    for r in await conn.fetch(DELETE_EXPIRED_BLOBS_SQL, gone, self._cutoff()):
-                        counts[r[0]].blobs += r[1]
-            if (quiet or gone) and await self._has_deletions_table(conn):
-                await conn.execute(PRUNE_DELETIONS_SQL, [*quiet, *gone], self._cutoff())
+        if (quiet or gone) and await self._has_deletions_table(conn):
+            await conn.execute(PRUNE_DELETIONS_SQL, [*quiet, *gone], self._cutoff())
+        return bc
 
-        # Attribute rows to the parts: each trim part has one namespace.
+    @staticmethod
+    def _results(batch: Sequence[ThreadWork], bc: _BatchCounts) -> list[WorkResult]:
+        """Attribute the batch's rows to its parts: each trim part has one namespace."""
         results = []
         seen_blobs: set[str] = set()
         for w in batch:
             c = Counts()
             if w.expire:
-                c = counts[w.thread_id]
+                c = bc.threads[w.thread_id]
             else:
                 for ns in [*w.checkpoints, *w.ranges]:
-                    c.checkpoints += by_ns_ck.pop((w.thread_id, ns), 0)
-                    c.writes += by_ns_wr.pop((w.thread_id, ns), 0)
-                    c.bytes += by_ns_bytes.pop((w.thread_id, ns), 0)
+                    c.checkpoints += bc.by_ns_ck.pop((w.thread_id, ns), 0)
+                    c.writes += bc.by_ns_wr.pop((w.thread_id, ns), 0)
+                    c.bytes += bc.by_ns_bytes.pop((w.thread_id, ns), 0)
                 for ns in w.writes:
-                    c.writes += by_ns_wr.pop((w.thread_id, ns), 0)
+                    c.writes += bc.by_ns_wr.pop((w.thread_id, ns), 0)
                 if w.thread_id not in seen_blobs:
-                    c.blobs = counts[w.thread_id].blobs
+                    c.blobs = bc.threads[w.thread_id].blobs
                     seen_blobs.add(w.thread_id)
             results.append(WorkResult(w.thread_id, c))
         return results
@@ -1471,19 +1704,18 @@ class PostgresStore:
         self,
         conn: asyncpg.Connection,
         ranges: list[tuple[str, str, TrimRange]],
-        by_ns_ck: dict[tuple[str, str], int],
-        by_ns_wr: dict[tuple[str, str], int],
-        by_ns_bytes: dict[tuple[str, str], int],
+        bc: _BatchCounts,
+        segment: Segment | None,
     ) -> None:
         """The batch's set-based trims: bounds, parents nulled, writes, checkpoints."""
         bounds = await _bounds(conn, ranges)
         args = ([t for t, _, _ in ranges], [ns for _, ns, _ in ranges], bounds)
-        await conn.execute(TRIM_NULL_PARENTS_SQL, *args)
-        for r in await conn.fetch(TRIM_WRITES_SQL, *args):
-            by_ns_wr[(r[0], r[1])] += r[2]
-        for r in await conn.fetch(TRIM_CHECKPOINTS_SQL, *args):
-            by_ns_ck[(r[0], r[1])] = by_ns_ck.get((r[0], r[1]), 0) + r[2]
-            by_ns_bytes[(r[0], r[1])] = int(r[3] or 0)
+        await _null_parents(conn, segment, TRIM_NULL_PARENTS_SQL, *args)
+        for r in await _delete(conn, segment, TRIM_WRITES, *args):
+            bc.by_ns_wr[(r[0], r[1])] += r[2]
+        for r in await _delete(conn, segment, TRIM_CHECKPOINTS, *args):
+            bc.by_ns_ck[(r[0], r[1])] = bc.by_ns_ck.get((r[0], r[1]), 0) + r[2]
+            bc.by_ns_bytes[(r[0], r[1])] = int(r[3] or 0)
 
     def _clock(self) -> float:
         """The sweep's time (the wall clock outside a sweep: a purge)."""
