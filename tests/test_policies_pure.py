@@ -47,7 +47,12 @@ BANNED_ATTRIBUTES = frozenset(
 
 def test_importing_policies_loads_no_scheduler() -> None:
     done = subprocess.run(
-        [sys.executable, "-c", FRESH], capture_output=True, text=True, cwd=ROOT, check=True
+        [sys.executable, "-c", FRESH],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+        timeout=120,
     )
     assert json.loads(done.stdout) == []
 
