@@ -16,7 +16,7 @@ import math
 import re
 import zoneinfo
 from collections.abc import Mapping
-from datetime import UTC, timedelta
+from datetime import timedelta
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -33,6 +33,7 @@ from pydantic import (
     model_validator,
 )
 
+from policies.crontab import crontab_fields
 from policies.durations import parse_duration
 from policies.model import TtlFallbackReason
 
@@ -305,82 +306,13 @@ class _Model(BaseModel):
 # --------------------------------------------------------------------------- schedules
 
 
-_CRON_NICKNAMES = {
-    "@yearly": "0 0 1 1 *",
-    "@annually": "0 0 1 1 *",
-    "@monthly": "0 0 1 * *",
-    "@weekly": "0 0 * * 0",
-    "@daily": "0 0 * * *",
-    "@midnight": "0 0 * * *",
-    "@hourly": "0 * * * *",
-}
-_DOW_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
-
-
-def _crontab_day(token: str) -> int:
-    low = token.lower()
-    if low in _DOW_NAMES:
-        return _DOW_NAMES.index(low)
-    if token.isascii() and token.isdigit() and int(token) <= 7:
-        return int(token)
-    raise ValueError(f"day of week {token!r} is not 0-7 or sun..sat")
-
-
-def _crontab_days_of_week(field: str) -> str:
-    """A crontab day-of-week field as the weekday names APScheduler 3 understands.
-
-    APScheduler 3's `from_crontab` numbers weekdays from Monday (0 = mon), so a
-    crontab `0` (Sunday) would fire on Mondays. Names mean the same to both, so
-    every day-of-week field is spelled out by name.
-    """
-    if field == "*":
-        return field
-    days: set[int] = set()
-    for part in field.split(","):
-        span, slash, step_text = part.partition("/")
-        if slash and not (step_text.isascii() and step_text.isdigit() and int(step_text) > 0):
-            raise ValueError(f"day-of-week step {step_text!r} is not a positive integer")
-        step = int(step_text) if slash else 1
-        if span == "*":
-            low, high = 0, 6
-        elif "-" in span:
-            first, _, last = span.partition("-")
-            low, high = _crontab_day(first), _crontab_day(last)
-        else:
-            low = _crontab_day(span)
-            high = 7 if slash else low  # vixie cron: `1/2` means `1-7/2`
-        if low > high:
-            raise ValueError(f"day-of-week range {span!r} runs backwards")
-        days.update(day % 7 for day in range(low, high + 1, step))
-    return ",".join(_DOW_NAMES[day] for day in sorted(days))
-
-
-def _crontab_fields(expression: str) -> list[str]:
-    """The five fields of a crontab line, nicknames (`@daily`) expanded, weekdays by name."""
-    expression = _CRON_NICKNAMES.get(expression.strip().lower(), expression)
-    fields = expression.split()
-    if len(fields) != 5:
-        raise ValueError(
-            f"it has {len(fields)} fields, expected 5 "
-            '(minute hour day-of-month month day-of-week, e.g. "0 3 * * *")'
-        )
-    if not fields[2].startswith("*") and not fields[4].startswith("*"):
-        # crontab fires when EITHER matches (unless one starts with `*`); APScheduler
-        # only when both do.
-        raise ValueError(
-            "it restricts both day-of-month and day-of-week, which crontab and APScheduler "
-            "read differently (either vs both); restrict only one of them"
-        )
-    fields[4] = _crontab_days_of_week(fields[4])
-    return fields
-
-
 class Schedule(_Model):
     """When a policy runs: exactly one of `every` (a duration) or `cron` (5-field crontab).
 
     `cron` has crontab semantics (weekday 0 and 7 are Sunday) and runs in
     `timezone` (an IANA name; UTC when absent). `timezone` is meaningless for
-    `every` and rejected there.
+    `every` and rejected there. The cron text is checked by `policies.crontab`;
+    the shell builds the trigger (worker/service/schedule.py).
     """
 
     every: Duration | None = None
@@ -405,11 +337,8 @@ class Schedule(_Model):
     def _valid_cron(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        # Imported here: an application importing the saver wrapper loads no scheduler.
-        from apscheduler.triggers.cron import CronTrigger
-
         try:
-            CronTrigger.from_crontab(" ".join(_crontab_fields(value)), timezone=UTC)
+            crontab_fields(value)
         except ValueError as exc:
             raise ValueError(f"invalid cron expression {value!r}: {exc}") from None
         return value
@@ -427,17 +356,6 @@ class Schedule(_Model):
                 ("timezone",),
             )
         return self
-
-    def trigger(self) -> Any:
-        """The APScheduler 3 trigger for this schedule (crontab weekdays translated)."""
-        from apscheduler.triggers.cron import CronTrigger
-        from apscheduler.triggers.interval import IntervalTrigger
-
-        tz = zoneinfo.ZoneInfo(self.timezone) if self.timezone else UTC
-        if self.cron is not None:
-            return CronTrigger.from_crontab(" ".join(_crontab_fields(self.cron)), timezone=tz)
-        assert self.every is not None
-        return IntervalTrigger(seconds=self.every.total_seconds(), timezone=tz)
 
 
 # --------------------------------------------------------------------------- batches

@@ -1,30 +1,30 @@
-"""Reading a config file into a `Config`, with errors that name file, line and key.
+"""Config text into a `Config`, with errors that name file, line and key.
 
 The YAML is composed (not constructed) so every key and list item keeps the
 line it came from; the node tree is walked into plain data and a map from key
-paths to lines, and pydantic's error locations are mapped back onto it.
+paths to lines, and pydantic's error locations are mapped back onto it. The
+lines stay on the `Config` (`Config.line_of`) for the shell to locate what it
+finds later.
 
-`${NAME}` (environment) and `${file:/path}` (a file's content, trailing
-newlines stripped; a relative path is taken from the config file's folder)
-are substituted inside string values after parsing, so a secret full of YAML
-punctuation is never parsed as YAML. `$${` stands for a literal `${`.
-
-This and the `${file:...}` reads are the only I/O in `policies`.
-`check_config(..., offline=True)` checks a file without either lookup: a
-value holding a reference is taken as written and only errors that cannot be
-caused by what the reference would supply are reported.
+`${NAME}` and `${file:/path}` references are substituted inside string values
+after parsing, so a secret full of YAML punctuation is never parsed as YAML.
+`$${` stands for a literal `${`. This module only recognises a reference
+(`Reference`); what it stands for comes from a `Resolver` the caller passes:
+the shell's reads the environment and files (worker/service/config_files.py).
+Without a resolver (`check_config_text(..., resolve=None)`) a value holding a
+reference is taken as written and only errors that cannot be caused by what
+the reference would supply are reported.
 """
 
 from __future__ import annotations
 
 import difflib
-import os
 import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 import yaml
 from pydantic import BaseModel, Tag, ValidationError
@@ -32,7 +32,14 @@ from pydantic_core import ErrorDetails
 
 from policies.config import Config, LocatedValueError, redact_dsn
 
-__all__ = ["ConfigError", "check_config", "load_config", "load_config_text"]
+__all__ = [
+    "ConfigError",
+    "Reference",
+    "Resolver",
+    "UnresolvedReference",
+    "check_config_text",
+    "parse_config",
+]
 
 KeyPath = tuple[str | int, ...]
 
@@ -48,7 +55,7 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 class ConfigError(Exception):
     """A configuration that cannot be used, located as precisely as possible.
 
-    `source` is the file (or the `source` given to `load_config_text`), `line`
+    `source` is the file (or whatever the caller named the text), `line`
     is 1-based (None only when the file cannot be read at all), `key` is the
     dotted key path such as `policies[1].keep_last` (None when the problem has
     no key, e.g. a YAML syntax error). `issues` holds every problem found, in
@@ -79,64 +86,66 @@ class ConfigError(Exception):
         return "\n".join(str(issue) for issue in self.issues)
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read, substitute and validate the config file at `path`.
+@dataclass(frozen=True)
+class Reference:
+    """A `${...}` in a config value: `${NAME}` (`kind` "env") or `${file:path}` (`kind` "file").
 
-    Raises ConfigError for anything wrong with it, including a file that
-    cannot be read.
+    `name` is the variable's name or the path as written; placing a relative
+    path is the resolver's business.
     """
-    source = os.fspath(path)
-    text = _read(source)
-    config, _ = _load(text, source, Path(source).parent, offline=False)
-    assert config is not None  # an online load resolves every reference or raises
+
+    kind: Literal["env", "file"]
+    name: str
+
+
+class UnresolvedReference(Exception):
+    """Raised by a `Resolver` that has no value for a reference; the message says why.
+
+    The loader reports the message as written, at the value's line and key,
+    so it must not quote what the value would have been.
+    """
+
+
+class Resolver(Protocol):
+    """Supplies the text a `Reference` stands for, or raises `UnresolvedReference`.
+
+    Called once per reference in a string value, after the YAML is parsed:
+    the text returned is substituted as it is, never parsed as YAML.
+    """
+
+    def __call__(self, reference: Reference, /) -> str:
+        """The text `reference` stands for."""
+        ...
+
+
+def parse_config(text: str, source: str, resolve: Resolver) -> Config:
+    """Parse, substitute and validate config text; `source` names it in errors.
+
+    Raises ConfigError listing every issue. The Config returned knows the
+    line of each key (`Config.line_of`).
+    """
+    config, _ = _load(text, source, resolve)
+    assert config is not None  # with a resolver every reference is resolved or raises
     return config
 
 
-def check_config(path: str | os.PathLike[str], *, offline: bool = False) -> list[str]:
-    """Check the config file at `path` without using it; raises ConfigError listing every issue.
+def check_config_text(text: str, source: str, resolve: Resolver | None) -> list[str]:
+    """Check config text without using it; raises ConfigError listing every issue.
 
-    With `offline`, `${NAME}` and `${file:...}` are not looked up (a config
-    written for another machine or a pod can be checked anywhere): the keys
-    holding them are returned, and only their own checks are skipped.
-    Returns [] when everything was checked.
+    With `resolve` None, references are not looked up (a config written for
+    another machine or a pod can be checked anywhere): the keys holding them
+    are returned, and only their own checks are skipped. Returns [] when
+    everything was checked.
     """
-    source = os.fspath(path)
-    text = _read(source)
-    _, unresolved = _load(text, source, Path(source).parent, offline=offline)
+    _, unresolved = _load(text, source, resolve)
     return unresolved
-
-
-def _read(source: str) -> str:
-    try:
-        raw = Path(source).read_bytes()
-    except OSError as exc:
-        raise ConfigError(source, None, None, f"cannot read: {exc.strerror or exc}") from None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise ConfigError(
-            source, line, None, f"cannot read: not UTF-8 text (byte 0x{raw[exc.start]:02x})"
-        ) from None
-
-
-def load_config_text(text: str, source: str = "<string>") -> Config:
-    """Substitute and validate config text; `source` names it in errors.
-
-    Relative `${file:...}` paths are taken from the current directory.
-    """
-    config, _ = _load(text, source, None, offline=False)
-    assert config is not None
-    return config
 
 
 # --------------------------------------------------------------------------- loading
 
 
-def _load(
-    text: str, source: str, base_dir: Path | None, *, offline: bool
-) -> tuple[Config | None, list[str]]:
-    """The validated config (None when offline lookups were skipped) and the unresolved keys."""
+def _load(text: str, source: str, resolve: Resolver | None) -> tuple[Config | None, list[str]]:
+    """The validated config (None when unresolved references kept it invalid) and those keys."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
@@ -154,7 +163,7 @@ def _load(
             source, 1, None, "the file is empty: a config needs at least `stores` and `policies`"
         )
 
-    walker = _Walker(source, base_dir, offline=offline)
+    walker = _Walker(source, resolve)
     data = walker.walk(root, ())
     # A truncated tree (an alias bomb) would only add errors about what is missing.
     if not isinstance(data, dict) or (walker.errors and walker.truncated):
@@ -170,8 +179,8 @@ def _load(
         config: Config | None = Config.model_validate(data)
     except ValidationError as exc:
         config = None
-        # A value already reported by the walker (or, offline, one holding an
-        # unresolved reference) fails validation only because of that: skip it.
+        # A value already reported by the walker (or, without a resolver, one holding
+        # a reference) fails validation only because of that: skip it.
         settled = walker.error_paths | walker.unresolved
         located = [
             (err, path)
@@ -256,15 +265,14 @@ def _yaml_hint(exc: yaml.MarkedYAMLError) -> str:
 class _Walker:
     """Turns a composed node tree into plain data, recording each key's line."""
 
-    def __init__(self, source: str, base_dir: Path | None, *, offline: bool = False) -> None:
+    def __init__(self, source: str, resolve: Resolver | None) -> None:
         self.source = source
-        self.base_dir = base_dir
-        self.offline = offline
+        self.resolve = resolve
         self.lines: dict[KeyPath, int] = {}
         self.errors: list[ConfigError] = []
         self.error_paths: set[KeyPath] = set()
         self.unresolved: set[KeyPath] = set()
-        """Offline: the values holding a reference that was not looked up."""
+        """Without a resolver: the values holding a reference that was not looked up."""
         self.secrets: set[str] = set()
         self._constructor = yaml.SafeLoader("")
         self._active: set[int] = set()
@@ -409,19 +417,10 @@ class _Walker:
             if not name:
                 self.error(line, path, "`${file:}` names no file")
                 return None
-            if self.offline:
-                self.unresolved.add(path)
-                return None
-            file = Path(name)
-            if self.base_dir is not None and not file.is_absolute():
-                file = self.base_dir / file
-            try:
-                return file.read_text(encoding="utf-8").rstrip("\r\n")
-            except (OSError, UnicodeDecodeError) as exc:
-                reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-                self.error(line, path, f"cannot read {file} for `${{file:{name}}}`: {reason}")
-                return None
-        if not _ENV_NAME.fullmatch(ref):
+            reference = Reference("file", name)
+        elif _ENV_NAME.fullmatch(ref):
+            reference = Reference("env", ref)
+        else:
             self.error(
                 line,
                 path,
@@ -429,13 +428,14 @@ class _Walker:
                 "or ${file:/path} for a file (and $${ for a literal ${)",
             )
             return None
-        if self.offline:
+        if self.resolve is None:
             self.unresolved.add(path)
             return None
-        value = os.environ.get(ref)
-        if value is None:
-            self.error(line, path, f"environment variable {ref} is not set")
-        return value
+        try:
+            return self.resolve(reference)
+        except UnresolvedReference as exc:
+            self.error(line, path, str(exc))
+            return None
 
 
 # --------------------------------------------------------------------------- pydantic errors

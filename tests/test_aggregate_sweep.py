@@ -29,8 +29,8 @@ from pgserver import PgServer
 from scenarios import OLD_DAYS, build_mixed_store, turns
 from test_decide import THREAD_IDS
 
-from policies.loader import load_config_text
 from worker.demo import aged, chat_graph, thread
+from worker.service.config_files import load_config_text
 from worker.sqlite_store import SqliteStore
 from worker.stores import make_engine
 from worker.sweep import Outcome, SweepOptions, SweepReport, sweep

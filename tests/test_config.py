@@ -33,7 +33,9 @@ from policies.config import (
     redact_dsn,
 )
 from policies.durations import UNITS, format_duration, parse_duration
-from policies.loader import ConfigError, load_config, load_config_text
+from policies.loader import ConfigError
+from worker.service.config_files import load_config, load_config_text
+from worker.service.schedule import trigger_for
 
 REPO = Path(__file__).resolve().parent.parent
 PASSWORD = "hunter2-Pa55"
@@ -531,21 +533,21 @@ def test_cron_weekdays_follow_crontab_not_apscheduler() -> None:
     # APScheduler 3 numbers weekdays from Monday; crontab's 0 is Sunday.
     start = datetime(2025, 1, 1, tzinfo=UTC)  # a Wednesday
     for expression in ("0 3 * * 0", "0 3 * * 7", "0 3 * * sun", "@weekly"):
-        fire = Schedule(cron=expression).trigger().get_next_fire_time(None, start)
+        fire = trigger_for(Schedule(cron=expression)).get_next_fire_time(None, start)
         assert fire.strftime("%A") == "Sunday", expression
-    weekdays = Schedule(cron="0 3 * * 1-5").trigger()
+    weekdays = trigger_for(Schedule(cron="0 3 * * 1-5"))
     fire = weekdays.get_next_fire_time(None, datetime(2025, 1, 4, tzinfo=UTC))  # Saturday
     assert fire.strftime("%A") == "Monday"
 
 
 def test_cron_timezone() -> None:
     schedule = Schedule(cron="0 3 * * *", timezone="Europe/Berlin")
-    fire = schedule.trigger().get_next_fire_time(None, datetime(2025, 1, 1, tzinfo=UTC))
+    fire = trigger_for(schedule).get_next_fire_time(None, datetime(2025, 1, 1, tzinfo=UTC))
     assert fire.utcoffset() == timedelta(hours=1) and fire.hour == 3
 
 
 def test_every_schedule_trigger() -> None:
-    trigger = Schedule(every=timedelta(minutes=10)).trigger()
+    trigger = trigger_for(Schedule(every=timedelta(minutes=10)))
     assert trigger.interval == timedelta(minutes=10)
 
 

@@ -295,7 +295,7 @@ def janitor_containers() -> list[tuple[Path, dict[str, Any], dict[str, Any], dic
 
 def load_shipped_config(text: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     """Load a shipped config with the real loader; secrets come from tmp_path."""
-    from policies.loader import load_config
+    from worker.service.config_files import load_config
 
     secrets = tmp_path / "secrets"
     secrets.mkdir(exist_ok=True)

@@ -24,11 +24,11 @@ from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from prometheus_client import CollectorRegistry
 from scenarios import build_mixed_store, cli, read_all, states, turns
 
-from policies.loader import load_config_text
 from worker import RetentionSaver
 from worker.demo import aged, chat_graph, thread
 from worker.engine import HOLDS_TABLE, ThreadWork
 from worker.metrics import Metrics
+from worker.service.config_files import load_config_text
 from worker.sqlite_store import CREATE_HOLDS_TABLE_SQL, INSERT_HOLD_SQL, SqliteStore
 from worker.sweep import Outcome, SweepOptions, SweepReport, sweep
 

@@ -18,10 +18,10 @@ from scenarios import breakpoint_graph, cli, turns
 from test_ttl import Store, run, threads_of
 
 from policies.config import Config
-from policies.loader import load_config_text
 from policies.model import Reason
 from worker.demo import aged, chat_graph, thread
 from worker.metrics import Metrics
+from worker.service.config_files import load_config_text
 from worker.stores import make_engine
 from worker.sweep import Outcome
 

@@ -238,7 +238,7 @@ async def test_restore_a_thread_while_the_application_writes_to_it(
     tid = "user-new-1"
     settings = ArchiveSettings(str(tmp_path / "archive"))
     cfg_policies = "  - {name: trim, keep_last: 1}"
-    from policies.loader import load_config_text
+    from worker.service.config_files import load_config_text
 
     cfg = load_config_text(
         f"stores: [{{name: app, kind: sqlite, path: {store}}}]\n"

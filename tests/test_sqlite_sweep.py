@@ -31,8 +31,8 @@ from scenarios import (
     states,
 )
 
-from policies.loader import load_config_text
 from worker.demo import aged, chat_graph, thread
+from worker.service.config_files import load_config_text
 from worker.sqlite_store import SqliteStore
 from worker.sweep import Outcome, SweepOptions, SweepReport, sweep
 

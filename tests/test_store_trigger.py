@@ -16,6 +16,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from policies.config import Schedule
 from worker.daemon import StoreTrigger
+from worker.service.schedule import trigger_for
 
 T0 = datetime(2025, 1, 1, 0, 0, 10, tzinfo=UTC)
 
@@ -24,7 +25,7 @@ def triggers(**schedules: Schedule) -> dict[str, Any]:
     """Each schedule's APScheduler trigger, `every:` ones on one grid from T0 (as at boot)."""
     out = {}
     for name, schedule in schedules.items():
-        trigger = schedule.trigger()
+        trigger = trigger_for(schedule)
         if isinstance(trigger, IntervalTrigger):
             trigger.start_date = T0
         out[name] = trigger

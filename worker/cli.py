@@ -21,7 +21,7 @@ import click
 import structlog
 
 from policies.config import BatchSettings, Config, Policy, ReclaimSettings, StoreConfig
-from policies.loader import ConfigError, check_config
+from policies.loader import ConfigError
 from worker.engine import ArchivingStore, Counts, Hold, RestoreCounts, StoreEngine, StoreError
 from worker.langgraph_json import load_worker_config, translate_file
 from worker.logs import configure_logging, iso_utc
@@ -37,6 +37,7 @@ from worker.report import (
     report_dict,
     thread_dict,
 )
+from worker.service.config_files import check_config
 from worker.sqlite_store import SqliteStore
 from worker.stats import namespace_display
 from worker.stores import as_postgres, make_engine, sqlite_reclaim

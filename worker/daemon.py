@@ -43,6 +43,7 @@ from worker.langgraph_json import load_worker_config
 from worker.logs import configure_logging
 from worker.metrics import Metrics
 from worker.reclaim import after_sweep
+from worker.service.schedule import trigger_for
 from worker.stores import make_engine
 from worker.stores.archive import archive_factory
 from worker.sweep import Outcome, SweepOptions, sweep
@@ -314,7 +315,7 @@ class Daemon:
             triggers: dict[str, Any] = {}
             for policy in cfg.policies_for(store.name):
                 schedule = cfg.schedule_for(policy)
-                trigger = schedule.trigger()
+                trigger = trigger_for(schedule)
                 if isinstance(trigger, IntervalTrigger):
                     # One grid start for every `every:` policy, so equal
                     # intervals fall due at the same instant. At boot it is

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from policies.config import Config
 from policies.langgraph import apply_langgraph_ttl, parse_langgraph_ttl, translate
-from policies.loader import ConfigError, load_config
+from policies.loader import ConfigError
+from worker.service.config_files import load_config
 
 __all__ = ["load_worker_config", "resolve_langgraph_json", "translate_file"]
 

@@ -360,7 +360,10 @@ def interval_seconds(schedule: Schedule) -> float:
     """Seconds between two runs of `schedule` (for cron: between its next two fire times)."""
     if schedule.every is not None:
         return schedule.every.total_seconds()
-    trigger = schedule.trigger()
+    # Imported here: the one-shot CLI loads this module and no scheduler.
+    from worker.service.schedule import trigger_for
+
+    trigger = trigger_for(schedule)
     now = datetime.now(UTC)
     first = trigger.get_next_fire_time(None, now)
     second = trigger.get_next_fire_time(first, first + timedelta(seconds=1)) if first else None
