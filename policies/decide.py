@@ -1,7 +1,8 @@
 """The decision: what one thread loses under an ordered set of policies.
 
 One pure function, `decide`, shared by every store engine and the saver
-wrapper, so the rules live in one place. It honours DESIGN's invariants:
+wrapper, so the rules live in one place. It honours the numbered invariants
+of docs/architecture.md ("What always stays"):
 
 1. writes go only with the checkpoint they belong to (engines delete writes by
    the ids decided here), so a kept checkpoint keeps its writes; blobs are the

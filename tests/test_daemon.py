@@ -50,7 +50,8 @@ from worker.demo import chat_graph, thread
 
 KINDS = ("checkpoints", "writes", "blobs", "threads")
 
-# DESIGN "Metrics": name -> (type, label names). Counters are parsed without `_total`.
+# README "Running it as a daemon" (/metrics): name -> (type, label names).
+# Counters are parsed without `_total`.
 DESIGN_METRICS: dict[str, tuple[str, set[str]]] = {
     "deleted_total": ("counter", {"store", "policy", "kind"}),
     "sweeps_total": ("counter", {"store", "policy", "outcome"}),
@@ -136,7 +137,7 @@ def daemon_config(
 def test_metrics_match_the_rows_that_really_went(
     tmp_path: Path, pg_server: PgServer, pg_dsn: str, spawn: Spawn
 ) -> None:
-    """deleted_total equals the rows each store lost; every DESIGN metric is exported.
+    """deleted_total equals the rows each store lost; every documented metric is exported.
 
     Three stores, every policy on an hourly schedule, so each sweeps once at
     boot and the scrape shows that one sweep: `app` (SQLite) is trimmed and
@@ -259,7 +260,7 @@ def test_metrics_match_the_rows_that_really_went(
 
 
 def assert_design_families(scrape: Scrape) -> None:
-    """Every DESIGN metric is exported with its type and exactly its labels."""
+    """Every metric README lists is exported with its type and exactly its labels."""
     for name, (kind, labels) in DESIGN_METRICS.items():
         family_name = PREFIX + (name.removesuffix("_total") if kind == "counter" else name)
         family = scrape.families.get(family_name)
@@ -654,7 +655,7 @@ def test_sighup_drops_the_series_of_a_removed_policy(tmp_path: Path, spawn: Spaw
     """A policy removed by a reload stops being exported as scheduled.
 
     Otherwise its frozen last_success next to a live schedule_interval makes
-    the DESIGN alert ("no success for twice the interval") fire forever for a
+    the staleness alert ("no success for twice the interval") fire forever for a
     policy that no longer exists.
     """
     app = tmp_path / "app.db"

@@ -49,12 +49,12 @@ CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # (native podFailurePolicy on exit codes, CronJob timeZone) and the newest the
 # installed kubernetes-validate knows.
 K8S_VERSIONS = ("1.29.0", "latest")
-WORKER_GRACE_SECONDS = 20  # DESIGN / issue 4: SIGTERM stops within this by default
+WORKER_GRACE_SECONDS = 20  # defaults.shutdown_grace / issue 4: SIGTERM stops within this by default
 
 # --- the exported metric names ------------------------------------------------
 
 PREFIX = "checkpoint_janitor_"
-# DESIGN "Metrics": family name as exposed -> (type, labels)
+# README "Running it as a daemon" (/metrics): family name as exposed -> (type, labels)
 DESIGN_METRICS: dict[str, tuple[str, frozenset[str]]] = {
     PREFIX + "deleted_total": ("counter", frozenset({"store", "policy", "kind"})),
     PREFIX + "sweeps_total": ("counter", frozenset({"store", "policy", "outcome"})),

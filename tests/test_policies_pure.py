@@ -2,7 +2,7 @@
 
 Reading the config file, the environment and `${file:...}` files is
 worker/service/config_files.py's; building APScheduler triggers is
-worker/service/schedule.py's (DESIGN "Layout").
+worker/service/schedule.py's (docs/architecture.md "Layers").
 """
 
 from __future__ import annotations

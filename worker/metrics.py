@@ -1,4 +1,4 @@
-"""Prometheus metrics, named as DESIGN fixes them (prefix `checkpoint_janitor_`).
+"""Prometheus metrics as README "Running it as a daemon" lists them (`checkpoint_janitor_*`).
 
 One `Metrics` per process (`run`) or per store (`once`, whose push is
 grouped by store). Every sweep value comes from a `SweepReport`, so what is

@@ -17,7 +17,7 @@ its answer from then on, and the sweep drops the policy's expiries
 
 Queries run read-only: SQLite on a `mode=ro` connection, Postgres in a READ
 ONLY transaction, and both drivers refuse more than one statement.
-(DESIGN layout: `worker/sweep/orphans.py` once the sweep is a package.)
+(docs/architecture.md "Layers": `worker/sweep/orphans.py` once the sweep is a package.)
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Tables `checkpoints` (checkpoint and metadata as JSONB), `checkpoint_blobs`
 through `checkpoint -> 'channel_versions'`), `checkpoint_writes` and
 `checkpoint_migrations`. One asyncpg pool per store, shared by its policies.
 
-Why deletes are safe beside a live application (DESIGN invariant 5):
+Why deletes are safe beside a live application (docs/architecture.md, invariant 5):
 
 - Checkpoints and writes go by the ids decided from the scan, never by "no
   checkpoint has this id": a run may commit a superstep's writes before their

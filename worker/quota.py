@@ -25,7 +25,7 @@ Memory, for a store of 10M threads:
   or after every allowed thread, is reported (`SweepReport.over_quota`),
   never brought under by breaking a rule.
 
-(DESIGN layout: `worker/sweep/quota.py` once the sweep is a package.)
+(docs/architecture.md "Layers": `worker/sweep/quota.py` once the sweep is a package.)
 """
 
 from __future__ import annotations

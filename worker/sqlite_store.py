@@ -320,7 +320,7 @@ AND EXISTS (
 )
 """
 # The writes of the checkpoints this trim deletes, by the same range; the
-# EXISTS keeps a write whose checkpoint is not (yet) saved (DESIGN invariant 5).
+# EXISTS keeps a write whose checkpoint is not (yet) saved (invariant 5, docs/architecture.md).
 TRIM_WRITES_SQL = """
 DELETE FROM writes
 WHERE thread_id = :t AND checkpoint_ns = :ns AND checkpoint_id < :bound
