@@ -120,6 +120,28 @@ async def connect(dsn: str) -> AsyncIterator[asyncpg.Connection]:
         await conn.close()
 
 
+# Every session on the database but the asking one. A backend reports its
+# pending statistics as it exits, before it leaves pg_stat_activity.
+OTHER_SESSIONS_SQL = """
+SELECT count(*) FROM pg_stat_activity
+WHERE datname = current_database() AND pid <> pg_backend_pid()
+"""
+
+
+async def sessions_gone(dsn: str, timeout: float = 30.0) -> None:
+    """Wait (at most `timeout` s) until no other session is connected to `dsn`'s database.
+
+    Then every count those sessions took is in `pg_stat_user_tables`: nothing
+    reported late can change it any more.
+    """
+    deadline = time.monotonic() + timeout
+    async with connect(dsn) as conn:
+        while (left := await conn.fetchval(OTHER_SESSIONS_SQL)) > 0:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{left} sessions still on {db_name(dsn)} after {timeout:g} s")
+            await asyncio.sleep(0.05)
+
+
 async def all_keys(dsn: str) -> list[Key]:
     """(thread, namespace, checkpoint id) of every checkpoint row."""
     async with connect(dsn) as conn:

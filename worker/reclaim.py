@@ -56,6 +56,9 @@ async def reclaim(
 
         tables = None
         if deleted is not None:
+            # The sweep's last deletions may not be reported yet: n_live_tup
+            # would still count them and understate the share deleted.
+            await postgres_reclaim.flush_statistics(pg)
             space = await postgres_reclaim.table_space(pg)
             live = {name: t["live_rows"] for name, t in space.items()}
             tables = postgres_reclaim.tables_thinned(deleted, live, settings.min_deleted_fraction)

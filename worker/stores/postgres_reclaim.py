@@ -61,6 +61,23 @@ VACUUM_FULL_SQL = 'VACUUM (FULL, ANALYZE) "{schema}"."{table}"'
 SET_LOCK_TIMEOUT_SQL = "SELECT set_config('lock_timeout', $1, false)"
 RESET_LOCK_TIMEOUT_SQL = "RESET lock_timeout"
 CURRENT_USER_SQL = "SELECT current_user"
+# A backend keeps its table counts (a DELETE's dead tuples) pending and
+# reports them at most once a second, else after 10 s idle or at exit: when a
+# sweep ends, its sessions often hold their last batches' counts. A VACUUM
+# that runs first sets n_dead_tup to what it found (none), then the late
+# report adds the deletions back (issue 12: 1.7 GiB "reclaimable" in tables
+# holding no dead tuple). pg_stat_force_next_flush() (PostgreSQL 15+, PUBLIC)
+# makes this very statement's end report everything pending, before the
+# answer comes back, so the counts are in before the VACUUM starts.
+FORCE_STATS_FLUSH_SQL = "SELECT pg_stat_force_next_flush()"
+# Before PostgreSQL 15 a backend reports at the end of any transaction that
+# ends 500 ms (PGSTAT_STAT_INTERVAL) after its last report, and never when
+# idle: an empty statement after that wait is the report.
+REPORT_STATS_SQL = "SELECT 1"
+FORCE_FLUSH_VERSION = 15
+"""The first PostgreSQL with pg_stat_force_next_flush()."""
+REPORT_INTERVAL_SECONDS = 1.0
+"""Older servers: wait this long (their interval is 0.5 s) so the next statement reports."""
 
 _PRIVILEGE_WARNINGS = ("only table or database owner can vacuum", "permission denied to vacuum")
 
@@ -95,8 +112,57 @@ async def table_space(store: PostgresStore) -> dict[str, dict[str, Any]]:
     return out
 
 
-async def measure(store: PostgresStore) -> Space:
-    """Tables and indexes on disk, and the bloat estimate of `estimate_bloat`."""
+async def flush_statistics(store: PostgresStore) -> int:
+    """Make every idle session of the store's pool report its pending table counts now.
+
+    What this process deleted is then in `pg_stat_user_tables`, instead of
+    arriving after a VACUUM has counted the table (and being added on top).
+    A session another task is using is waited for at most `lock_timeout`,
+    then left out. Returns how many sessions reported.
+    """
+    pool = store.pool
+    held: list[Any] = []
+    try:
+        # asyncpg hands out live connections before empty slots; an empty slot
+        # it fills anyway opens a session with nothing pending, hence the bound.
+        while pool.get_idle_size() > 0 and len(held) < pool.get_max_size():
+            try:
+                held.append(await pool.acquire(timeout=store.lock_timeout))
+            except TimeoutError:
+                break
+        if not held:
+            return 0
+        if held[0].get_server_version().major >= FORCE_FLUSH_VERSION:
+            try:
+                await _on_each(held, FORCE_STATS_FLUSH_SQL)
+                return len(held)
+            except asyncpg.exceptions.InsufficientPrivilegeError:
+                pass  # EXECUTE revoked from PUBLIC: the older servers' way still works
+        await asyncio.sleep(REPORT_INTERVAL_SECONDS)
+        await _on_each(held, REPORT_STATS_SQL)
+        return len(held)
+    finally:
+        for conn in held:
+            await pool.release(conn)
+
+
+async def _on_each(conns: Sequence[Any], sql: str) -> None:
+    # Every statement finishes before any error is raised: a connection goes
+    # back to the pool idle, never with a statement still running on it.
+    results = await asyncio.gather(*(c.fetchval(sql) for c in conns), return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+
+
+async def measure(store: PostgresStore, *, flush: bool = True) -> Space:
+    """Tables and indexes on disk, and the bloat estimate of `estimate_bloat`.
+
+    With `flush`, the pool's sessions report their pending counts first
+    (`flush_statistics`), so a sweep just run is counted in full.
+    """
+    if flush:
+        await flush_statistics(store)
     tables = await table_space(store)
     for t in tables.values():
         if t["last_vacuum"] is not None:
@@ -127,6 +193,8 @@ async def vacuum(
     the application's locks outlast the store's lock_timeout.
     """
     started = time.monotonic()
+    # Also what makes the VACUUM's counts final: every pending report of the
+    # pool's sessions lands before it, none after (`flush_statistics`).
     before = await measure(store)
     chosen = list(TABLES if tables is None else tables)
     result = Reclaimed(store.name, "vacuum_full" if full else "vacuum", before, before)
@@ -170,7 +238,8 @@ async def vacuum(
         finally:
             conn.remove_log_listener(listen)
             await conn.execute(RESET_LOCK_TIMEOUT_SQL)
-    result.after = await measure(store)
+    # Nothing of the pool's is pending any more: the VACUUM reported its own counts.
+    result.after = await measure(store, flush=False)
     result.seconds = time.monotonic() - started
     return result
 
