@@ -240,7 +240,11 @@ async def test_restore_one_thread_while_the_app_writes_to_it(
     gate = Gate()
     async with pg_saver(dsn) as saver:
         app = race_graph(saver, gate)
-        run = asyncio.create_task(app.ainvoke({"messages": ["live"]}, thread("t1")))
+        # durability="sync": the input checkpoint is saved before the node runs (the
+        # default "async" saves it in the background, so it may not be there yet).
+        run = asyncio.create_task(
+            app.ainvoke({"messages": ["live"]}, thread("t1"), durability="sync")
+        )
         await gate.entered.wait()  # the run has read the thread and saved its input
         mid = {k for k in await all_keys(dsn) if k[0] == "t1"}
         assert mid > before_restore
