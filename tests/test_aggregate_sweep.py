@@ -77,7 +77,8 @@ ORPHAN_RULES = {"orphaned", "orphaned-failing"}
 # The application's registry in the store's own database, keyed by its id as apps keep them.
 REGISTRY_DDL = "CREATE TABLE app_threads (thread_id TEXT PRIMARY KEY)"
 REGISTRY_FILL_SQL = "INSERT INTO app_threads VALUES (?)"
-# Sorted by the database, so both backends list the same half whatever their collation says.
+# Unordered: `listed_half` sorts in Python, so both backends list the same half whatever
+# their collation.
 THREAD_IDS_SQL = "SELECT DISTINCT thread_id FROM checkpoints"
 
 
