@@ -20,9 +20,9 @@ orphan / idle time ratio (target: at most 1.5x).
 
 `--diag` adds (idle-rows): the same idle expiry written as a per-thread TTL
 that no thread sets (`expire_after: {metadata_key: ..., default: 30d}`), which
-the sweep decides from rows as it does an `orphaned` policy, where plain
-`expire_after` is planned from per-thread aggregates: it separates the cost
-of the registry from the cost of reading rows.
+the sweep decides from rows, where plain `expire_after` (and, since the
+orphan planning of issue 14, an `orphaned` policy) is planned from
+per-thread aggregates: it shows what reading rows costs.
 
     python bench/orphan_bench.py [--threads 20000 --per-thread 50 --workdir DIR --repeat 2]
 
@@ -143,7 +143,7 @@ def main() -> None:
     ap.add_argument(
         "--diag",
         action="store_true",
-        help="also run (idle-rows): idle expiry decided from rows, as orphan policies are",
+        help="also run (idle-rows): idle expiry decided from rows, not from aggregates",
     )
     args = ap.parse_args()
     workdir: Path = args.workdir.resolve()

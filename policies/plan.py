@@ -17,6 +17,10 @@ threads it must (`residue`): expiry candidates (orphan writes date a thread),
 threads the tool itself deleted from (`ThreadAggregate.dated`), and those
 governed by the policies whose periodic residue check is due. With
 `residue=None` (every check due) the plan is `decide`'s exactly.
+
+An `orphaned` policy is planned too: whether the application's registry still
+lists a thread comes in the `Ruleset` (`Ruleset.for_page`, the page's answers),
+which `first_match` and `unreconciled` read here exactly as `decide` reads them.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from typing import Any
 from policies.config import Policy, ThreadTTL
 from policies.ids import checkpoint_time
 from policies.matching import Ruleset
-from policies.model import Expiry, Skip, SkipReason, WritesDeletion
+from policies.model import Expiry, Reason, Skip, SkipReason, WritesDeletion
 
 _GREGORIAN_TO_UNIX = 0x01B21DD213814000
 _TICKS_LIMIT = 1 << 60
@@ -169,12 +173,12 @@ class ThreadPlan:
 def plannable(policy: Policy) -> bool:
     """Whether `plan_thread` decides this policy's rules; else its threads go to rows.
 
-    Orphan registries, size caps, idle-gated trims and per-thread TTLs read
-    what aggregates do not hold (registry answers, sizes, head metadata).
+    Size caps, idle-gated trims and per-thread TTLs read what aggregates do
+    not hold (sizes, head metadata). An `orphaned` policy is plannable: its
+    registry's answer is part of the `Ruleset` the plan is given.
     """
     return (
-        policy.orphaned is None
-        and policy.quota is None
+        policy.quota is None
         and policy.when_idle is None
         and not isinstance(policy.expire_after, ThreadTTL)
     )
@@ -199,7 +203,8 @@ def plan_thread(
     Threads with a namespace besides the root one (subgraph calls, persistent
     subgraphs, old root namespaces), ids that are not regular UUIDv6 (`ts`
     dating, no time order), or DeltaChannel / v < 4 markers are handed to the
-    row-level path.
+    row-level path. With `orphaned` policies, `rules` must carry the registries'
+    answers for the thread (`Ruleset.for_page`), as for `decide`.
 
     `residue`: the policies whose quiet threads this pass looks at for residue
     (orphan writes, unreferenced blobs); None: every policy's. A quiet thread
@@ -231,9 +236,14 @@ class _Planner:
         ns = self._root_only()
         if ns is None or self.agg.rows:
             return ThreadPlan(self.tid, rows=True)
-        policy = self.rules.first_match(self.tid, "", self.agg.head_metadata)
+        meta = self.agg.head_metadata
+        policy = self.rules.first_match(self.tid, "", meta)
         if policy is not None and not plannable(policy):
             return ThreadPlan(self.tid, rows=True)
+        skips: list[Skip] = []
+        if self.rules.has_orphan_policies and (gone := self.rules.unreconciled(self.tid, meta)):
+            # As `decide`: the policy whose registry failed counts the thread it let fall through.
+            skips.append(Skip(gone.name, SkipReason.REGISTRY_UNAVAILABLE))
         newest = checkpoint_time(ns.newest_id)
         assert newest is not None  # a regular id is dated
         if self.agg.orphan_writes is None and self._orphans_matter(policy, newest):
@@ -243,13 +253,12 @@ class _Planner:
         ]
         active = max([newest, *orphan_times])
         idle = self.now - active
-        skips: list[Skip] = []
         ttl = _ttl_seconds(policy)
         if policy is not None and ttl is not None and idle > ttl:
             # Irregular ids are dated otherwise: they may make the thread younger.
             if ns.irregular is None:
                 return ThreadPlan(self.tid, needs=frozenset({Detail.REGULAR}))
-            outcome = self._expiry(policy, idle)
+            outcome = self._expiry(policy, idle, tuple(skips))
             if not isinstance(outcome, Skip):
                 return outcome
             skips.append(outcome)
@@ -304,8 +313,11 @@ class _Planner:
             or self.rules.could_match_thread(self.tid, self.residue)
         )
 
-    def _expiry(self, policy: Policy, idle: float) -> ThreadPlan | Skip:
-        """As `decide`: a root-only thread has no protected namespace besides its own."""
+    def _expiry(self, policy: Policy, idle: float, skips: tuple[Skip, ...]) -> ThreadPlan | Skip:
+        """As `decide`: a root-only thread has no protected namespace besides its own.
+
+        `skips`: what the thread's plan already skipped (kept with the expiry, as `decide` does).
+        """
         agg = self.agg
         if policy.interrupted == "keep" and agg.head_undecodable:
             return Skip(policy.name, SkipReason.UNDECODABLE)
@@ -313,7 +325,13 @@ class _Planner:
             return ThreadPlan(self.tid, needs=frozenset({Detail.WAITING}))
         if policy.interrupted == "keep" and agg.waiting:
             return Skip(policy.name, SkipReason.INTERRUPTED)
-        return ThreadPlan(self.tid, expiry=Expiry(policy.name, idle), last_activity=self.now - idle)
+        reason = Reason.ORPHANED if policy.orphaned is not None else Reason.EXPIRED
+        return ThreadPlan(
+            self.tid,
+            expiry=Expiry(policy.name, idle, reason),
+            skips=skips,
+            last_activity=self.now - idle,
+        )
 
     def _trim(
         self, policy: Policy | None, ns: NamespaceAggregate

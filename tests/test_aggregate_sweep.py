@@ -7,6 +7,10 @@ as the worker does (`plan_from_aggregates`, the default), the other with every
 thread decided from its rows (`policies.decide`, the oracle). Both copies must
 then hold the same rows, column for column, and the sweeps report the same
 counts; the swept store still reads back unchanged through the saver.
+
+`orphaned` rule sets ask a registry in the store's own database (`app_threads`,
+every other thread id of the template): both copies ask the same one, the
+planned copy once per page for the page's ids, the oracle per row page.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import asyncio
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +33,9 @@ from pgserver import PgServer
 from scenarios import OLD_DAYS, build_mixed_store, turns
 from test_decide import THREAD_IDS
 
+from policies.model import Reason, SkipReason
 from worker.demo import aged, chat_graph, thread
+from worker.engine import ScannedThread
 from worker.service.config_files import load_config_text
 from worker.sqlite_store import SqliteStore
 from worker.stores import make_engine
@@ -49,7 +55,47 @@ POLICIES = {
         "  - {name: calls, match: {checkpoint_ns: 'inner:*'}, keep_last: 1}\n"
         "  - {name: rest, keep_last: 2, expire_after: 45d}"
     ),
+    # Unlisted and idle 20 days: expired as orphaned; listed: trimmed by `rest`.
+    "orphaned": (
+        "  - {name: vip, match: {thread_id: 'vip-*'}, protect: true}\n"
+        "  - name: orphans\n"
+        "    orphaned: {query: 'SELECT thread_id FROM app_threads'}\n"
+        "    expire_after: 20d\n"
+        "    keep_last: 2\n"
+        "  - {name: rest, keep_last: 3, expire_after: 50d}"
+    ),
+    # The registry fails: nothing is orphaned, every thread falls through (and is counted).
+    "orphaned-failing": (
+        "  - name: orphans\n"
+        "    orphaned: {query: 'SELECT no_such_column FROM app_threads'}\n"
+        "    expire_after: 1d\n"
+        "  - {name: rest, keep_last: 2, expire_after: 45d}"
+    ),
 }
+ORPHAN_RULES = {"orphaned", "orphaned-failing"}
+
+# The application's registry in the store's own database, keyed by its id as apps keep them.
+REGISTRY_DDL = "CREATE TABLE app_threads (thread_id TEXT PRIMARY KEY)"
+REGISTRY_FILL_SQL = "INSERT INTO app_threads VALUES (?)"
+# Unordered: `listed_half` sorts in Python, so both backends list the same half whatever
+# their collation.
+THREAD_IDS_SQL = "SELECT DISTINCT thread_id FROM checkpoints"
+
+
+def listed_half(thread_ids: Sequence[str]) -> list[str]:
+    """Every other thread id in code-point order: what the registry still lists."""
+    return sorted(thread_ids)[::2]
+
+
+class ScanCountingStore(SqliteStore):
+    """The real SQLite engine, noting which threads the sweep read row by row."""
+
+    scanned: list[str]
+
+    async def scan(self, thread_ids: Sequence[str]) -> list[ScannedThread]:
+        """As the engine's, remembering `thread_ids`."""
+        self.scanned.extend(thread_ids)
+        return await super().scan(thread_ids)
 
 
 async def build_store(saver: BaseCheckpointSaver[Any]) -> None:
@@ -95,16 +141,29 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "WHERE thread_id = 'huge'"
         )
         con.commit()
+        tids = [r[0] for r in con.execute(THREAD_IDS_SQL)]
+        con.execute(REGISTRY_DDL)
+        con.executemany(REGISTRY_FILL_SQL, [(t,) for t in listed_half(tids)])
+        con.commit()
         con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     return path
 
 
-async def _sweep(path: Path, policies: str, now: float, *, aggregates: bool, **opts: Any) -> Any:
+async def _sweep(
+    path: Path,
+    policies: str,
+    now: float,
+    *,
+    aggregates: bool,
+    scanned: list[str] | None = None,
+    **opts: Any,
+) -> Any:
     cfg = load_config_text(
         f"stores:\n  - name: app\n    kind: sqlite\n    path: '{path}'\n"
         f"defaults:\n  batch: {{max_batch_rows: 7, pause_factor: 0}}\npolicies:\n{policies}\n"
     )
-    engine = SqliteStore("app", str(path), read_only=opts.get("dry_run", False))
+    engine = ScanCountingStore("app", str(path), read_only=opts.get("dry_run", False))
+    engine.scanned = scanned if scanned is not None else []
     await engine.open()
     try:
         return await sweep(
@@ -161,7 +220,8 @@ async def test_aggregate_plan_deletes_what_rows_decide(
     assert dump(planned) == before
     assert totals(dry) == totals(dry_oracle)
 
-    report = await _sweep(planned, POLICIES[rules], now, aggregates=True)
+    from_rows: list[str] = []
+    report = await _sweep(planned, POLICIES[rules], now, aggregates=True, scanned=from_rows)
     expected = await _sweep(oracle, POLICIES[rules], now, aggregates=False)
     assert report.outcome is expected.outcome is Outcome.SUCCESS
     assert dump(planned) == dump(oracle)
@@ -171,6 +231,17 @@ async def test_aggregate_plan_deletes_what_rows_decide(
     assert {n: dict(p.skipped) for n, p in report.policies.items()} == {
         n: dict(p.skipped) for n, p in expected.policies.items()
     }
+    if rules in ORPHAN_RULES:
+        orphans, oracle_orphans = report.policies["orphans"], expected.policies["orphans"]
+        assert orphans.by_reason == oracle_orphans.by_reason
+        if rules == "orphaned":
+            assert orphans.registry_error is None
+            assert orphans.by_reason[Reason.ORPHANED].threads > 0
+        else:
+            assert orphans.registry_error is not None
+            assert orphans.skipped[SkipReason.REGISTRY_UNAVAILABLE] > 0
+        # Planned from aggregates: the plain root-only chat threads are never read as rows.
+        assert "huge" not in from_rows and "crashed-new" not in from_rows
 
 
 # ------------------------------------------------------------------ Postgres
@@ -182,6 +253,7 @@ SELECT 'custom-ids', checkpoint_ns, upper(checkpoint_id), upper(parent_checkpoin
        type, checkpoint, metadata
 FROM checkpoints WHERE thread_id = 'huge'
 """
+PG_REGISTRY_FILL_SQL = "INSERT INTO app_threads VALUES ($1)"
 PG_CUSTOM_BLOBS_SQL = """
 INSERT INTO checkpoint_blobs
 SELECT 'custom-ids', checkpoint_ns, channel, version, type, blob
@@ -201,6 +273,9 @@ def pg_template(pg_server: PgServer, pg_collation: str) -> Iterator[str]:
         async with connect(dsn) as conn:
             await conn.execute(PG_CUSTOM_IDS_SQL)
             await conn.execute(PG_CUSTOM_BLOBS_SQL)
+            tids = [r[0] for r in await conn.fetch(THREAD_IDS_SQL)]
+            await conn.execute(REGISTRY_DDL)
+            await conn.executemany(PG_REGISTRY_FILL_SQL, [(t,) for t in listed_half(tids)])
 
     asyncio.run(build())
     yield dsn
@@ -255,5 +330,9 @@ async def test_postgres_aggregate_plan_deletes_what_rows_decide(
         assert {n: dict(p.skipped) for n, p in report.policies.items()} == {
             n: dict(p.skipped) for n, p in expected.policies.items()
         }
+        if rules in ORPHAN_RULES:
+            orphans, oracle_orphans = report.policies["orphans"], expected.policies["orphans"]
+            assert orphans.by_reason == oracle_orphans.by_reason
+            assert (orphans.registry_error is None) == (rules == "orphaned")
     finally:
         dbs.drop_all()

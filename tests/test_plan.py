@@ -19,11 +19,11 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from test_decide import DAY, GRACE, NOW, THREAD_IDS, make_id, rulesets, threads
 
-from policies.config import Match, Policy
+from policies.config import Match, Orphaned, Policy
 from policies.decide import decide
 from policies.ids import checkpoint_time
 from policies.matching import Ruleset
-from policies.model import CheckpointSummary, ThreadView
+from policies.model import CheckpointSummary, Reason, SkipReason, ThreadView
 from policies.plan import (
     Detail,
     NamespaceAggregate,
@@ -98,8 +98,8 @@ def deleted_by(plan: ThreadPlan, view: ThreadView) -> set[tuple[str, str]]:
     return out
 
 
-def assert_same(view: ThreadView, policies: list[Policy]) -> ThreadPlan:
-    rules = Ruleset(policies)
+def assert_same(view: ThreadView, policies: list[Policy] | Ruleset) -> ThreadPlan:
+    rules = policies if isinstance(policies, Ruleset) else Ruleset(policies)
     plan = planned(view, rules)
     if plan.rows:
         return plan
@@ -108,7 +108,9 @@ def assert_same(view: ThreadView, policies: list[Policy]) -> ThreadPlan:
     if d.expiry is not None:
         assert plan.expiry is not None
         assert plan.expiry.policy == d.expiry.policy
+        assert plan.expiry.reason == d.expiry.reason
         assert plan.expiry.age_seconds == pytest.approx(d.expiry.age_seconds)
+        assert plan.skips == d.skips
         return plan
     assert deleted_by(plan, view) == {(x.namespace, x.checkpoint_id) for x in d.deletions}
     assert {t.policy for t in plan.trims} == {x.policy for x in d.deletions}
@@ -252,3 +254,90 @@ def expiring_rules(draw: st.DrawFn) -> list[Policy]:
 @given(root_threads(), expiring_rules())
 def test_plan_expires_what_decide_expires(view: ThreadView, policies: list[Policy]) -> None:
     assert_same(view, policies)
+
+
+# ------------------------------------------------------------------ orphan registries
+
+REGISTRY = Orphaned(query="SELECT id FROM chats")
+
+
+@st.composite
+def orphan_rules(draw: st.DrawFn) -> list[Policy]:
+    """An `orphaned` policy (grace, maybe a trim), sometimes behind a protect rule, often
+    with a fallback policy that the threads the registry lists fall through to."""
+    policies = []
+    if draw(st.booleans()):
+        policies.append(Policy(name="vip", match=Match(thread_id=("vip-*",)), protect=True))
+    policies.append(
+        Policy(
+            name="orphans",
+            match=Match(metadata={"assistant_id": "bot"}) if draw(st.booleans()) else Match(),
+            orphaned=REGISTRY,
+            expire_after=timedelta(hours=draw(st.integers(1, 24 * 60))),
+            keep_last=draw(st.one_of(st.none(), st.integers(1, 6))),
+            interrupted=draw(st.sampled_from(["keep", "expire"])),
+        )
+    )
+    if draw(st.booleans()):
+        policies.append(
+            Policy(
+                name="rest",
+                keep_last=draw(st.integers(1, 6)),
+                expire_after=draw(st.one_of(st.none(), st.integers(1, 90).map(_days))),
+            )
+        )
+    return policies
+
+
+def _days(n: int) -> timedelta:
+    return timedelta(days=n)
+
+
+def registry_rules(policies: list[Policy], thread_id: str, answer: str) -> Ruleset:
+    """The rules as a page's registry answer leaves them: `listed`, `unlisted`, or
+    `failed` (no answer: the policy matches nothing)."""
+    rules = Ruleset(policies)
+    if answer == "failed":
+        return rules
+    return rules.for_page({"orphans": {thread_id, "other"} if answer == "listed" else {"other"}})
+
+
+def decides_itself(view: ThreadView) -> bool:
+    """A root-only thread of regular ids without markers: the plan needs no rows for it."""
+    return all(is_regular_id(c.checkpoint_id) and not c.delta_marked for c in view.checkpoints)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(root_threads(), orphan_rules(), st.sampled_from(["listed", "unlisted", "failed"]))
+def test_plan_reconciles_orphans_as_decide(
+    view: ThreadView, policies: list[Policy], answer: str
+) -> None:
+    plan = assert_same(view, registry_rules(policies, view.thread_id, answer))
+    # The registry's answer is all an orphan policy needs beyond the aggregates.
+    assert not plan.rows or not decides_itself(view)
+
+
+def test_orphan_expiry_is_planned_from_aggregates() -> None:
+    """An idle thread the registry does not list: expired as orphaned, from the aggregates
+    and its orphan-writes check alone; listed, it falls through; unanswered, it is skipped."""
+    rnd = random.Random(5)
+    ids = [make_id(NOW - 10 * DAY + i * 60, rnd) for i in range(20)]
+    view = ThreadView(
+        "chat-1",
+        tuple(CheckpointSummary("", i, None, checkpoint_time(i)) for i in ids),
+        waiting=False,
+    )
+    policies = [
+        Policy(name="orphans", orphaned=REGISTRY, expire_after=timedelta(days=1)),
+        Policy(name="rest", keep_last=5),
+    ]
+    unlisted = assert_same(view, registry_rules(policies, "chat-1", "unlisted"))
+    assert unlisted.expiry is not None and unlisted.expiry.reason is Reason.ORPHANED
+    assert unlisted.expiry.policy == "orphans"
+    listed = assert_same(view, registry_rules(policies, "chat-1", "listed"))
+    assert listed.expiry is None and [(t.policy, t.deletes) for t in listed.trims] == [("rest", 15)]
+    failed = assert_same(view, registry_rules(policies, "chat-1", "failed"))
+    assert failed.expiry is None and [t.policy for t in failed.trims] == ["rest"]
+    assert [(s.policy, s.reason) for s in failed.skips] == [
+        ("orphans", SkipReason.REGISTRY_UNAVAILABLE)
+    ]

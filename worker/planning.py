@@ -6,13 +6,17 @@ details the plans ask for, and the row-level `decide` only for the threads
 handed over. Other engines are decided from their rows, page by page. Either
 way the pages come out of `prefetched`, so page N+1 is read and planned while
 the batches of page N commit.
+
+With `orphaned` policies, each page's thread ids are looked up in the
+registries (`answers`) before it is planned, and the page is planned and
+decided under the rules that carry those answers (`PlannedPage.rules`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 
 from policies.decide import decide
@@ -24,6 +28,10 @@ from worker.engine import AggregateStore, ScannedThread, StoreEngine
 MAX_DETAIL_ROUNDS = 5
 """Orphans, waiting, markers, counts: a plan asks at most this many times."""
 
+RegistryAnswers = Callable[[Sequence[str]], Awaitable[Mapping[str, Set[str]]]]
+"""Per answering `orphaned` policy, which of these thread ids its registry lists
+(`worker.orphans.OrphanLookup.answers`)."""
+
 
 @dataclass(slots=True)
 class PlannedPage:
@@ -31,6 +39,8 @@ class PlannedPage:
 
     threads: int
     """Threads the page held (`threads_scanned`)."""
+    rules: Ruleset
+    """The rules the page was decided under: with its registries' answers, if any."""
     plans: list[tuple[ThreadAggregate, ThreadPlan]] = field(default_factory=list)
     decided: list[tuple[ScannedThread, ThreadDecision]] = field(default_factory=list)
 
@@ -47,8 +57,11 @@ class PagePlanner:
         *,
         aggregates: bool = True,
         residue: frozenset[str] | None = None,
+        answers: RegistryAnswers | None = None,
     ) -> None:
         self.engine = engine
+        self.answers = answers
+        """Asked once per page for its candidates' registry membership (`orphaned` policies)."""
         self.aggregates = aggregates
         self.residue = residue
         """The policies whose quiet threads' residue the plans look for (None: all)."""
@@ -72,19 +85,28 @@ class PagePlanner:
 
     async def _row_pages(self, page_size: int) -> AsyncIterator[PlannedPage]:
         async for ids in self.engine.thread_pages(page_size):
-            page = PlannedPage(len(ids))
-            page.decided = await self.decide_rows(ids)
+            candidates = [t for t in ids if self.rules.could_match_thread(t)]
+            rules = await self._page_rules(candidates)
+            page = PlannedPage(len(ids), rules)
+            page.decided = await self.decide_rows(candidates, rules)
             yield page
+
+    async def _page_rules(self, candidates: Sequence[str]) -> Ruleset:
+        """The rules with the registries' answers for `candidates` (unchanged without any)."""
+        if self.answers is None or not candidates:
+            return self.rules
+        return self.rules.for_page(await self.answers(candidates))
 
     async def _plan(self, engine: AggregateStore, aggs: list[ThreadAggregate]) -> PlannedPage:
         """Plan a page: ask for details until every plan is complete or handed to rows."""
-        page = PlannedPage(len(aggs))
         todo = [a for a in aggs if self.rules.could_match_thread(a.thread_id)]
+        rules = await self._page_rules([a.thread_id for a in todo])
+        page = PlannedPage(len(aggs), rules)
         rows: list[str] = []
         for _ in range(MAX_DETAIL_ROUNDS):
             asked: list[tuple[ThreadAggregate, ThreadPlan]] = []
             for agg in todo:
-                plan = plan_thread(agg, self.rules, self.now, self.grace, self.residue)
+                plan = plan_thread(agg, rules, self.now, self.grace, self.residue)
                 if plan.rows:
                     rows.append(agg.thread_id)
                 elif plan.needs:
@@ -97,16 +119,20 @@ class PagePlanner:
             todo = await engine.details(asked)
         rows.extend(a.thread_id for a in todo)  # still asking: the rows decide
         if rows:
-            page.decided = await self.decide_rows(sorted(rows))
+            page.decided = await self.decide_rows(sorted(rows), rules)
         return page
 
     async def decide_rows(
-        self, thread_ids: Sequence[str]
+        self, thread_ids: Sequence[str], rules: Ruleset | None = None
     ) -> list[tuple[ScannedThread, ThreadDecision]]:
-        """The row-level path: scan, decide, and read waiting for the expiry candidates."""
-        candidates = [t for t in thread_ids if self.rules.could_match_thread(t)]
+        """The row-level path: scan, decide, and read waiting for the expiry candidates.
+
+        `rules`: the page's (with its registries' answers); None: the planner's own.
+        """
+        rules = self.rules if rules is None else rules
+        candidates = [t for t in thread_ids if rules.could_match_thread(t)]
         scanned = await self.engine.scan(candidates) if candidates else []
-        return await decide_scanned(self.engine, scanned, self.rules, self.now, self.grace)
+        return await decide_scanned(self.engine, scanned, rules, self.now, self.grace)
 
 
 async def decide_scanned(

@@ -473,7 +473,10 @@ class _Pass:
         if self._from_aggregates():
             grace = options.settings.grace_period.total_seconds()
             residue = await self._residue_due()
-            planner = PagePlanner(engine, self.rules, report.now, grace, residue=residue)
+            answers = self.orphans.answers if self.orphans is not None else None
+            planner = PagePlanner(
+                engine, self.rules, report.now, grace, residue=residue, answers=answers
+            )
             done = await self._walk(planner.pages(page_threads), self._planned_page, progress)
         else:
             done = await self._walk(engine.thread_pages(page_threads), self._page, progress)
@@ -555,15 +558,15 @@ class _Pass:
     def _from_aggregates(self) -> bool:
         """Whether this pass plans from aggregates (`policies.plan`), not from every row.
 
-        The aggregate planner knows ages, counts, waiting and delta markers;
-        holds, orphan registries, size caps, per-thread TTLs and idle-gated
-        trims are decided from rows (`policies.decide`), so a pass that meets
-        any of them reads rows, as every pass did before.
+        The aggregate planner knows ages, counts, waiting, delta markers and
+        (per page, from the registries) orphan status; holds, size caps,
+        per-thread TTLs and idle-gated trims are decided from rows
+        (`policies.decide`), so a pass that meets any of them reads rows, as
+        every pass did before.
         """
         return (
             self.options.plan_from_aggregates
             and not self.on_hold
-            and self.orphans is None
             and not self.quota.active
             and all(plannable(p) for p in self.rules.policies)
         )
@@ -642,7 +645,7 @@ class _Pass:
             if not await self._planned(agg, _plan_due(plan, self.options.due)):
                 return
         for thread, decision in page.decided:
-            if not await self._decided(thread, _only_due(decision, self.options.due), self.rules):
+            if not await self._decided(thread, _only_due(decision, self.options.due), page.rules):
                 return
 
     def _skips(self, skips: tuple[Skip, ...]) -> None:
@@ -658,7 +661,7 @@ class _Pass:
             checkpoints = sum(a.count for a in agg.namespaces)
             e = plan.expiry
             self._defer_expiry(
-                agg.thread_id, fingerprint, e.policy, e.age_seconds, checkpoints, 0, Reason.EXPIRED
+                agg.thread_id, fingerprint, e.policy, e.age_seconds, checkpoints, 0, e.reason
             )
             return True
         parts = list(_plan_parts(agg, plan, self.report, self.sizer.rows))
