@@ -338,31 +338,16 @@ RETURNING COALESCE(length(checkpoint), 0) + COALESCE(length(metadata), 0)
 # The same trims for every thread of a batch at once, in four statements in
 # all rather than four per thread: each statement is one trip to aiosqlite's
 # thread, and per thread those trips cost as much as the deletes. The bounds
-# are TRIM_BOUND_SQL's, over [thread, ns, keep, before, limit] ranges: a
-# window numbers each namespace's ids from both ends, so the keep-th newest
-# and the (limit+1)-th oldest are found in one pass over the index (a LIMIT
-# cannot take a correlated value). Fewer than `keep` gives '' (nothing goes).
-BATCH_TRIM_BOUNDS_SQL = """
-WITH want AS (
-    SELECT json_extract(value, '$[0]') AS t, json_extract(value, '$[1]') AS ns,
-           json_extract(value, '$[2]') AS keep, json_extract(value, '$[3]') AS before,
-           json_extract(value, '$[4]') AS lim
-    FROM json_each(:ranges)
-),
-ranked AS (
-    SELECT w.t, w.ns, w.keep, w.before, w.lim, c.checkpoint_id AS id,
-           row_number() OVER (PARTITION BY w.t, w.ns ORDER BY c.checkpoint_id DESC) AS newer,
-           row_number() OVER (PARTITION BY w.t, w.ns ORDER BY c.checkpoint_id) AS older
-    FROM want AS w CROSS JOIN checkpoints AS c
-    WHERE c.thread_id = w.t AND c.checkpoint_ns = w.ns
-)
-SELECT t, ns,
-       CASE WHEN count(*) < keep THEN '' ELSE min(
-           before,
-           coalesce(max(CASE WHEN newer = keep THEN id END), before),
-           coalesce(max(CASE WHEN older = lim + 1 THEN id END), before)
-       ) END
-FROM ranked GROUP BY t, ns, keep, before, lim
+# are TRIM_BOUND_SQL's, picked in Python (`_batch_bound`) from the ids of each
+# namespace, read from the index in one statement: a LIMIT cannot take a
+# correlated value, and window functions over the same rows cost five times
+# the read. No ORDER BY: Python sorts each namespace's ids as the column
+# compares them (BINARY is code-point order), without a temp b-tree.
+BATCH_TRIM_IDS_SQL = """
+SELECT k.key, c.checkpoint_id
+FROM json_each(:spaces) AS k CROSS JOIN checkpoints AS c
+WHERE c.thread_id = json_extract(k.value, '$[0]')
+AND c.checkpoint_ns = json_extract(k.value, '$[1]')
 """
 # The keys of each bounded namespace's ids on one side of its bound, from
 # [thread, ns, bound] triples; the CROSS JOIN makes the short JSON list the
@@ -635,8 +620,11 @@ NO_AUTOCHECKPOINT_SQL = "PRAGMA wal_autocheckpoint = 0"
 DATA_VERSION_SQL = "PRAGMA data_version"
 
 WAL_CHECKPOINT_BYTES = 32 * 2**20
-"""With no writer about, the WAL grows to this before a checkpoint: one checkpoint
-copies a page changed by many batches once, and syncs once for all of them."""
+"""With no writer about, batches delete this many bytes of rows before a checkpoint:
+one checkpoint copies a page changed by many batches once, and syncs once for all
+of them. Every deleted byte is in the WAL (SQLite's `secure_delete`, on in the
+common builds, zeroes it; without it the WAL grows less), so it bounds the WAL
+from below; the file is no measure, as SQLite reuses it without shrinking it."""
 
 
 # How the store is opened: never `rwc`, so a worker creates no file. Dry runs
@@ -690,6 +678,8 @@ class SqliteStore:
         self._reader: aiosqlite.Connection | None = None
         self._data_version: int | None = None
         self._checkpoint_on_close = False
+        self._uncheckpointed = 0
+        """Bytes of rows deleted since the last WAL checkpoint."""
         self._lock_wait = 0.0
         self._contention = Contention(writer_seen=False)
 
@@ -1133,6 +1123,7 @@ class SqliteStore:
             # Otherwise it may have committed: the segment stays `.pending` for
             # the next sweep's `recover_archive` to settle.
             raise
+        self._uncheckpointed += sum(r.counts.bytes for r in results)
         if seg is not None:
             await self._complete(seg)
         return results
@@ -1250,15 +1241,18 @@ class SqliteStore:
 
     async def _trim_many(self, works: Sequence[ThreadWork]) -> dict[str, Counts]:
         """The set-based trims of many threads (one part each), in four statements."""
-        ranges = [
-            [w.thread_id, ns, r.keep, r.before, r.limit]
-            for w in works
-            for ns, r in w.ranges.items()
-        ]
+        ranges = [(w.thread_id, ns, r) for w in works for ns, r in w.ranges.items()]
         counts = {w.thread_id: Counts() for w in works}
         conn = self.conn
-        rows = await conn.execute_fetchall(BATCH_TRIM_BOUNDS_SQL, {"ranges": json.dumps(ranges)})
-        bounds = [[t, ns, b] for t, ns, b in rows if b]
+        spaces = json.dumps([[t, ns] for t, ns, _ in ranges])
+        ids: list[list[str]] = [[] for _ in ranges]
+        for i, cid in await conn.execute_fetchall(BATCH_TRIM_IDS_SQL, {"spaces": spaces}):
+            ids[i].append(cid)
+        bounds = [
+            [t, ns, b]
+            for (t, ns, r), got in zip(ranges, ids, strict=True)
+            if (b := _batch_bound(sorted(got), r.keep, r.before, r.limit))
+        ]
         if not bounds:
             return counts
         args = {"bounds": json.dumps(bounds)}
@@ -1413,13 +1407,10 @@ class SqliteStore:
     async def after_batch(self) -> None:
         """Checkpoint the WAL without waiting on anyone: after every batch while the
         application writes (its own commits then find a short WAL to checkpoint),
-        otherwise once the WAL passes `WAL_CHECKPOINT_BYTES`."""
-        if not self._contention.writer_seen:
-            try:
-                if os.path.getsize(self.path + "-wal") < WAL_CHECKPOINT_BYTES:
-                    return
-            except OSError:
-                pass  # no WAL file to measure: checkpoint, which finds out
+        otherwise once the batches have deleted `WAL_CHECKPOINT_BYTES`."""
+        if not self._contention.writer_seen and self._uncheckpointed < WAL_CHECKPOINT_BYTES:
+            return
+        self._uncheckpointed = 0
         await self.conn.execute(WAL_CHECKPOINT_SQL)
 
     def contention(self) -> Contention:
@@ -1671,6 +1662,16 @@ def _checkpoint_size(columns: Sequence[str]) -> Callable[[Sequence[Any]], int]:
         return sum(len(row[i]) for i in at if row[i] is not None)
 
     return size
+
+
+def _batch_bound(ids: Sequence[str], keep: int, before: str, limit: int) -> str:
+    """TRIM_BOUND_SQL's bound over a namespace's `ids`, oldest first: the smallest of
+    `before`, the keep-th newest and the (limit+1)-th oldest; '' (nothing goes) when
+    fewer than `keep`. Python's `str` order is SQLite's BINARY (code points)."""
+    if len(ids) < keep:
+        return ""
+    bound = min(before, ids[len(ids) - keep])
+    return min(bound, ids[limit]) if len(ids) > limit else bound
 
 
 def _ranges_only(work: ThreadWork) -> bool:
