@@ -619,7 +619,7 @@ NO_AUTOCHECKPOINT_SQL = "PRAGMA wal_autocheckpoint = 0"
 # how a batch learns that the application wrote since the one before.
 DATA_VERSION_SQL = "PRAGMA data_version"
 
-WAL_CHECKPOINT_BYTES = 32 * 2**20
+WAL_CHECKPOINT_BYTES = 16 * 2**20
 """With no writer about, batches delete this many bytes of rows before a checkpoint:
 one checkpoint copies a page changed by many batches once, and syncs once for all
 of them. Every deleted byte is in the WAL (SQLite's `secure_delete`, on in the

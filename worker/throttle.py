@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 
 RATE_WINDOW = 8
 """Batches whose rates the sizer remembers: it sizes by the slowest of them."""
+AIM = 0.7
+"""The share of the target a batch is sized to take: rates of consecutive batches
+vary by 1.5x and more (a busy core, the disk flushing), and the target is a
+ceiling for the application's waits, not an average."""
 
 
 @dataclass(slots=True)
@@ -38,7 +42,7 @@ class BatchSizer:
         """Record that a batch of `rows` took `seconds`."""
         if rows <= 0:
             return
-        aim = self.target_seconds * 0.85
+        aim = self.target_seconds * AIM
         if seconds <= 0:
             wanted = self.rows * 2
         else:
@@ -51,9 +55,9 @@ class BatchSizer:
 PROBE_SECONDS = 0.11
 """A rest long enough for any writer waiting in SQLite's default busy handler to
 retry inside it: that handler sleeps at most 100 ms between two tries."""
-PROBE_EVERY = 1.0
-"""Seconds of sweeping between two probes while no writer is seen: the longest a
-writer that starts meanwhile waits, far below the 5 s busy timeout of the savers."""
+PROBE_EVERY = 2.0
+"""Seconds of sweeping between two probes while no writer is seen: about the longest
+a writer that starts meanwhile waits, well below the 5 s busy timeout of the savers."""
 WRITER_WINDOW = 2.0
 """Seconds of sweeping (batches and rests) after the last sign of a writer during
 which the sweep still rests `pause_factor` after every batch."""
