@@ -136,3 +136,26 @@ async def test_sqlite_batch_that_waits_for_the_lock_sees_a_writer(store: Path) -
     finally:
         app.close()
         await engine.close()
+
+
+async def test_sqlite_close_leaves_the_deletes_in_the_file_not_only_the_wal(store: Path) -> None:
+    # Without a writer about, batches leave up to WAL_CHECKPOINT_BYTES in the WAL;
+    # closing the engine checkpoints them, so a purge's erasure reaches the file.
+    app = sqlite3.connect(store)  # the application keeps the store open throughout
+    app.execute("SELECT count(*) FROM checkpoints").fetchone()
+    engine = SqliteStore("app", str(store))
+    await engine.open()
+    try:
+        [done] = await engine.apply([trim(store, "a")], dry_run=False)
+        await engine.after_batch()
+        assert done.counts.checkpoints > 0
+    finally:
+        await engine.close()
+    try:
+        # `immutable` reads the main file alone, without the WAL.
+        with sqlite3.connect(f"{store.as_uri()}?immutable=1", uri=True) as con:
+            sql = "SELECT count(*) FROM checkpoints WHERE thread_id = 'a'"
+            (n,) = con.execute(sql).fetchone()
+        assert n == 2
+    finally:
+        app.close()
