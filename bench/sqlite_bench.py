@@ -1030,11 +1030,19 @@ def run_b_load(
     rate: float,
     baseline_seconds: float,
     target_batch: float | None = None,
+    pause_factor: float | None = None,
 ) -> dict[str, Any]:
-    """(b-load); with `target_batch`, the same with `defaults.batch.target_batch_seconds` set."""
+    """(b-load); with `target_batch`, the same with `defaults.batch.target_batch_seconds` set
+    (and `pause_factor`, when given, `defaults.batch.pause_factor`)."""
     tag = "bload" if target_batch is None else f"tb{target_batch:g}"
+    batch: dict[str, float] = {}
+    if target_batch is not None:
+        batch["target_batch_seconds"] = target_batch
+    if pause_factor is not None:
+        batch["pause_factor"] = pause_factor
+        tag += f"-pf{pause_factor:g}"
     db = fresh_copy(base, workdir / f"copy-{tag}.db")
-    defaults = None if target_batch is None else {"batch": {"target_batch_seconds": target_batch}}
+    defaults = {"batch": batch} if batch else None
     config = write_config(workdir, db, f"keep5-{tag}", {"keep_last": KEEP_LAST}, defaults)
     heads = swept_heads(db, 20_000, "swept")
     half = len(heads) // 2
@@ -1741,6 +1749,11 @@ def main() -> None:
         help="tb: the defaults.batch.target_batch_seconds values to run (default 0.05,0.1,0.2)",
     )
     ap.add_argument(
+        "--tb-pause-factor",
+        type=float,
+        help="tb: also set defaults.batch.pause_factor (default: the worker's own default)",
+    )
+    ap.add_argument(
         "--scale",
         help="THREADS,THREADS,...: instead of the runs above, the no-op sweep and keep_last 5"
         " on small-payload stores of each size (--per-thread each), and the time and RSS"
@@ -1852,8 +1865,12 @@ def main() -> None:
         if "tb" in only:
             for tb in [float(x) for x in args.target_batch.split(",") if x.strip()]:
                 log(f"(tb) (b-load) with target_batch_seconds {tb:g}{tag}")
-                r_tb = run_b_load(base, workdir, args.threads, args.rate, args.baseline_seconds, tb)
-                one.setdefault("tb", {})[f"{tb:g}"] = r_tb
+                pf = args.tb_pause_factor
+                r_tb = run_b_load(
+                    base, workdir, args.threads, args.rate, args.baseline_seconds, tb, pf
+                )
+                key = f"{tb:g}" if pf is None else f"{tb:g} pause_factor {pf:g}"
+                one.setdefault("tb", {})[key] = r_tb
                 log(
                     f"    {r_tb['wall_seconds']} s, writer p99"
                     f" {r_tb['writer_during_sweep']['aput']['p99_ms']} ms"

@@ -376,7 +376,8 @@ class BatchSettings(_Model):
     pause: NonNegativeSeconds = 0.0
     """Fixed pause between batches."""
     pause_factor: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.5
-    """The pause is at least this multiple of the last batch's duration."""
+    """The pause is at least this multiple of the last batch's duration (SQLite: while
+    the application is seen writing; see `worker.throttle.Pacer`)."""
     busy_timeout: PositiveSeconds = 5.0
     """SQLite: how long a statement waits for the application's write lock."""
     grace_period: Duration = timedelta(hours=1)

@@ -270,6 +270,30 @@ class AggregateStore(Protocol):
         residue and carried out what it found (creating the table on first use)."""
 
 
+@dataclass(frozen=True, slots=True)
+class Contention:
+    """What the last batch saw of the application's writers."""
+
+    writer_seen: bool
+    """Its BEGIN waited for the write lock, or another connection had committed
+    since the batch before: the application is writing now."""
+    lock_wait: float = 0.0
+    """Seconds its BEGIN waited for the write lock (part of the batch's time, not
+    of its transaction)."""
+
+
+@runtime_checkable
+class WriterAware(Protocol):
+    """An engine that tells whether the application writes while it sweeps (SQLite).
+
+    The sweep paces by it (`worker.throttle.Pacer`): it rests after a batch
+    while a writer is about, and not while none is.
+    """
+
+    def contention(self) -> Contention:
+        """What the last `apply` saw (no writer, before the first batch)."""
+
+
 @dataclass(slots=True)
 class Recovered:
     """What a sweep's start did with the `.pending` segments earlier runs left."""

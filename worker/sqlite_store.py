@@ -35,6 +35,7 @@ from worker.decoding import Decoder
 from worker.engine import (
     HOLDS_TABLE,
     RESIDUE_TABLE,
+    Contention,
     Counts,
     Fingerprint,
     Hold,
@@ -333,6 +334,57 @@ TRIM_CHECKPOINTS_SQL = """
 DELETE FROM checkpoints WHERE thread_id = :t AND checkpoint_ns = :ns AND checkpoint_id < :bound
 RETURNING COALESCE(length(checkpoint), 0) + COALESCE(length(metadata), 0)
 """
+
+# The same trims for every thread of a batch at once, in four statements in
+# all rather than four per thread: each statement is one trip to aiosqlite's
+# thread, and per thread those trips cost as much as the deletes. The bounds
+# are TRIM_BOUND_SQL's, picked in Python (`_batch_bound`) from the ids of each
+# namespace, read from the index in one statement: a LIMIT cannot take a
+# correlated value, and window functions over the same rows cost five times
+# the read. No ORDER BY: Python sorts each namespace's ids as the column
+# compares them (BINARY is code-point order), without a temp b-tree.
+BATCH_TRIM_IDS_SQL = """
+SELECT k.key, c.checkpoint_id
+FROM json_each(:spaces) AS k CROSS JOIN checkpoints AS c
+WHERE c.thread_id = json_extract(k.value, '$[0]')
+AND c.checkpoint_ns = json_extract(k.value, '$[1]')
+"""
+# The keys of each bounded namespace's ids on one side of its bound, from
+# [thread, ns, bound] triples; the CROSS JOIN makes the short JSON list the
+# outer loop, so each namespace is one primary-key range (the planner has no
+# statistics for json_each and would otherwise scan the table).
+_BATCH_RANGE = """
+    SELECT c.thread_id, c.checkpoint_ns, c.checkpoint_id
+    FROM json_each(:bounds) AS k CROSS JOIN checkpoints AS c
+    WHERE c.thread_id = json_extract(k.value, '$[0]')
+    AND c.checkpoint_ns = json_extract(k.value, '$[1]')
+    AND c.checkpoint_id {op} json_extract(k.value, '$[2]'){more}
+"""
+# As TRIM_NULL_PARENTS_SQL: kept rows whose parent exists and is about to go.
+_PARENT_GOES = """
+    AND c.parent_checkpoint_id < json_extract(k.value, '$[2]')
+    AND EXISTS (
+        SELECT 1 FROM checkpoints p
+        WHERE p.thread_id = c.thread_id AND p.checkpoint_ns = c.checkpoint_ns
+        AND p.checkpoint_id = c.parent_checkpoint_id
+    )"""
+_BATCH_KEPT_WITH_PARENT_GOING = _BATCH_RANGE.format(op=">=", more=_PARENT_GOES)
+BATCH_TRIM_NULL_PARENTS_SQL = f"""
+UPDATE checkpoints SET parent_checkpoint_id = NULL
+WHERE (thread_id, checkpoint_ns, checkpoint_id) IN ({_BATCH_KEPT_WITH_PARENT_GOING})
+"""
+# The writes of exactly the checkpoints that go (they exist: the writes go
+# first), so a write whose checkpoint is not saved stays (DESIGN invariant 5).
+BATCH_TRIM_WRITES_SQL = f"""
+DELETE FROM writes
+WHERE (thread_id, checkpoint_ns, checkpoint_id) IN ({_BATCH_RANGE.format(op="<", more="")})
+RETURNING thread_id
+"""
+BATCH_TRIM_CHECKPOINTS_SQL = f"""
+DELETE FROM checkpoints
+WHERE (thread_id, checkpoint_ns, checkpoint_id) IN ({_BATCH_RANGE.format(op="<", more="")})
+RETURNING thread_id, COALESCE(length(checkpoint), 0) + COALESCE(length(metadata), 0)
+"""
 # ---------------------------------------------------------------- archive
 # With an archive (README "Getting data back") every delete returns the whole
 # rows it removes (`RETURNING *`, SQLite >= 3.35), so what is archived is
@@ -557,8 +609,22 @@ ON CONFLICT (policy) DO UPDATE SET checked_at = excluded.checked_at
 BUSY_SLICE_MS = 20
 
 # PASSIVE never waits for the application's readers or writers, so it is
-# safe to run after each batch to keep the WAL from growing over a sweep.
+# safe to run between batches to keep the WAL from growing over a sweep.
 WAL_CHECKPOINT_SQL = "PRAGMA wal_checkpoint(PASSIVE)"
+# The worker's connection never checkpoints inside its COMMIT (SQLite's
+# default does, every 1000 pages): `after_batch` does, outside the batch's
+# time, so a batch's time is its transaction's and the sizer aims at that.
+NO_AUTOCHECKPOINT_SQL = "PRAGMA wal_autocheckpoint = 0"
+# Changes when another connection commits (our own commits leave it alone):
+# how a batch learns that the application wrote since the one before.
+DATA_VERSION_SQL = "PRAGMA data_version"
+
+WAL_CHECKPOINT_BYTES = 16 * 2**20
+"""With no writer about, batches delete this many bytes of rows before a checkpoint:
+one checkpoint copies a page changed by many batches once, and syncs once for all
+of them. Every deleted byte is in the WAL (SQLite's `secure_delete`, on in the
+common builds, zeroes it; without it the WAL grows less), so it bounds the WAL
+from below; the file is no measure, as SQLite reuses it without shrinking it."""
 
 
 # How the store is opened: never `rwc`, so a worker creates no file. Dry runs
@@ -610,6 +676,12 @@ class SqliteStore:
         self.decoder = Decoder(encryption_key)
         self._conn: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        self._data_version: int | None = None
+        self._checkpoint_on_close = False
+        self._uncheckpointed = 0
+        """Bytes of rows deleted since the last WAL checkpoint."""
+        self._lock_wait = 0.0
+        self._contention = Contention(writer_seen=False)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -637,11 +709,14 @@ class SqliteStore:
                 self._conn = await _connect(store_uri(self.path, READ_WRITE))
                 self._reader = await _connect(store_uri(self.path, READ_WRITE))
                 await self._reader.execute(f"PRAGMA busy_timeout = {BUSY_SLICE_MS}")
+                await self._conn.execute(NO_AUTOCHECKPOINT_SQL)
+                await self._writer_since_last_batch()  # the baseline the first batch compares to
             # Short waits inside SQLite: a wait there cannot be cancelled, and
             # SIGTERM must end a batch that waits for the application's lock.
             # `_begin` retries up to the configured busy_timeout.
             await self._conn.execute(f"PRAGMA busy_timeout = {BUSY_SLICE_MS}")
             await self._check_schema()
+            self._checkpoint_on_close = not self.read_only
         except BaseException as e:
             # Any failure closes the connection: a StoreError raised with it
             # open left aiosqlite's thread calling into a closed event loop.
@@ -697,13 +772,26 @@ class SqliteStore:
         """Nothing to release."""
 
     async def close(self) -> None:
-        """Close the connections."""
+        """Close the connections, checkpointing what the batches left in the WAL.
+
+        `after_batch` lets the WAL grow to `WAL_CHECKPOINT_BYTES` while no writer
+        is about; this copies the rest (a purge's zeroed pages among them) into
+        the file now rather than at the application's next checkpoint.
+        """
         if self._reader is not None:
             reader, self._reader = self._reader, None
             await reader.close()
         if self._conn is not None:
             conn, self._conn = self._conn, None
-            await conn.close()
+            try:
+                if self._checkpoint_on_close:
+                    self._checkpoint_on_close = False
+                    await conn.execute(WAL_CHECKPOINT_SQL)
+            except sqlite3.Error as e:
+                # Not lost: the application's next commit (or last close) checkpoints.
+                log.warning("wal_checkpoint_failed", store=self.name, error=str(e))
+            finally:
+                await conn.close()
 
     # ------------------------------------------------------------ scan
 
@@ -959,7 +1047,9 @@ class SqliteStore:
         if dry_run:
             return [await self._count(work) for work in batch]
         conn = self.conn
-        if not await self._begin():
+        begun = await self._begin()
+        self._contention = Contention(writer_seen=self._lock_wait > 0, lock_wait=self._lock_wait)
+        if not begun:
             log.warning(
                 "batch_skipped",
                 store=self.name,
@@ -970,6 +1060,8 @@ class SqliteStore:
             return [WorkResult(w.thread_id, Counts(), locked=True) for w in batch]
         seg = archive.segment() if archive is not None else None
         try:
+            if await self._writer_since_last_batch():
+                self._contention = Contention(writer_seen=True, lock_wait=self._lock_wait)
             tids = [w.thread_id for w in batch]
             on_hold = await self._held_among(tids)
             current = await self._fingerprints(tids)
@@ -978,6 +1070,7 @@ class SqliteStore:
             )
             results: list[WorkResult] = []
             expiring: dict[int, str] = {}
+            trimming: dict[int, ThreadWork] = {}
             for work in batch:
                 tid = work.thread_id
                 if tid in on_hold:
@@ -991,11 +1084,20 @@ class SqliteStore:
                     expiring[len(results)] = tid
                     results.append(WorkResult(tid, Counts()))
                     continue
+                if seg is None and tid not in repeated and _ranges_only(work):
+                    # Placeholder: every such trim of the batch goes in one set of statements.
+                    trimming[len(results)] = work
+                    results.append(WorkResult(tid, Counts()))
+                    continue
                 results.append(await self._delete(work, seg))
                 if tid in repeated:
                     # A later part of this thread expects it as this part left it.
                     current.update(await self._fingerprints([tid]))
                     current.setdefault(tid, ())
+            if trimming:
+                trimmed = await self._trim_many(list(trimming.values()))
+                for i, work in trimming.items():
+                    results[i] = WorkResult(work.thread_id, trimmed[work.thread_id])
             if expiring:
                 gone = await self._expire(sorted(set(expiring.values())), seg)
                 for i, tid in expiring.items():
@@ -1021,6 +1123,7 @@ class SqliteStore:
             # Otherwise it may have committed: the segment stays `.pending` for
             # the next sweep's `recover_archive` to settle.
             raise
+        self._uncheckpointed += sum(r.counts.bytes for r in results)
         if seg is not None:
             await self._complete(seg)
         return results
@@ -1034,9 +1137,14 @@ class SqliteStore:
             log.warning("archive_complete_failed", store=self.name, error=str(e))
 
     async def _begin(self) -> bool:
-        """BEGIN IMMEDIATE, retried until `busy_timeout`; False if the lock stayed taken."""
-        deadline = time.monotonic() + self.busy_timeout
+        """BEGIN IMMEDIATE, retried until `busy_timeout`; False if the lock stayed taken.
+
+        Notes how long it waited (`_lock_wait`, 0 when the lock was free).
+        """
+        started = time.monotonic()
+        deadline = started + self.busy_timeout
         pause = 0.005
+        self._lock_wait = 0.0
         while True:
             try:
                 await self.conn.execute("BEGIN IMMEDIATE")
@@ -1044,6 +1152,8 @@ class SqliteStore:
             except sqlite3.OperationalError as e:
                 if "locked" not in str(e) and "busy" not in str(e):
                     raise
+            # Timed from the first refusal: a free lock costs no wait at all.
+            self._lock_wait = time.monotonic() - started
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(pause)
@@ -1128,6 +1238,31 @@ class SqliteStore:
             sizes = list(await cur.fetchall())
         counts.checkpoints += len(sizes)
         counts.bytes += sum(int(r[0]) for r in sizes)
+
+    async def _trim_many(self, works: Sequence[ThreadWork]) -> dict[str, Counts]:
+        """The set-based trims of many threads (one part each), in four statements."""
+        ranges = [(w.thread_id, ns, r) for w in works for ns, r in w.ranges.items()]
+        counts = {w.thread_id: Counts() for w in works}
+        conn = self.conn
+        spaces = json.dumps([[t, ns] for t, ns, _ in ranges])
+        ids: list[list[str]] = [[] for _ in ranges]
+        for i, cid in await conn.execute_fetchall(BATCH_TRIM_IDS_SQL, {"spaces": spaces}):
+            ids[i].append(cid)
+        bounds = [
+            [t, ns, b]
+            for (t, ns, r), got in zip(ranges, ids, strict=True)
+            if (b := _batch_bound(sorted(got), r.keep, r.before, r.limit))
+        ]
+        if not bounds:
+            return counts
+        args = {"bounds": json.dumps(bounds)}
+        await conn.execute(BATCH_TRIM_NULL_PARENTS_SQL, args)
+        for (tid,) in await conn.execute_fetchall(BATCH_TRIM_WRITES_SQL, args):
+            counts[tid].writes += 1
+        for tid, size in await conn.execute_fetchall(BATCH_TRIM_CHECKPOINTS_SQL, args):
+            counts[tid].checkpoints += 1
+            counts[tid].bytes += int(size)
+        return counts
 
     async def _delete(self, work: ThreadWork, seg: Segment | None) -> WorkResult:
         conn = self.conn
@@ -1270,8 +1405,26 @@ class SqliteStore:
             return {str(t): int(n) for t, n in await cur.fetchall()}
 
     async def after_batch(self) -> None:
-        """Checkpoint the WAL without waiting on anyone."""
+        """Checkpoint the WAL without waiting on anyone: after every batch while the
+        application writes (its own commits then find a short WAL to checkpoint),
+        otherwise once the batches have deleted `WAL_CHECKPOINT_BYTES`."""
+        if not self._contention.writer_seen and self._uncheckpointed < WAL_CHECKPOINT_BYTES:
+            return
+        self._uncheckpointed = 0
         await self.conn.execute(WAL_CHECKPOINT_SQL)
+
+    def contention(self) -> Contention:
+        """What the last batch saw of the application's writers (`WriterAware`)."""
+        return self._contention
+
+    async def _writer_since_last_batch(self) -> bool:
+        """Whether another connection committed since the last call (inside a batch)."""
+        async with self.conn.execute(DATA_VERSION_SQL) as cur:
+            row = await cur.fetchone()
+        version = int(row[0]) if row else 0
+        seen = self._data_version is not None and version != self._data_version
+        self._data_version = version
+        return seen
 
     # ------------------------------------------------------------ archive
 
@@ -1509,6 +1662,21 @@ def _checkpoint_size(columns: Sequence[str]) -> Callable[[Sequence[Any]], int]:
         return sum(len(row[i]) for i in at if row[i] is not None)
 
     return size
+
+
+def _batch_bound(ids: Sequence[str], keep: int, before: str, limit: int) -> str:
+    """TRIM_BOUND_SQL's bound over a namespace's `ids`, oldest first: the smallest of
+    `before`, the keep-th newest and the (limit+1)-th oldest; '' (nothing goes) when
+    fewer than `keep`. Python's `str` order is SQLite's BINARY (code points)."""
+    if len(ids) < keep:
+        return ""
+    bound = min(before, ids[len(ids) - keep])
+    return min(bound, ids[limit]) if len(ids) > limit else bound
+
+
+def _ranges_only(work: ThreadWork) -> bool:
+    """A part that is set-based trims alone, which `_trim_many` carries out with others."""
+    return bool(work.ranges) and not work.checkpoints and not work.writes and not work.expire
 
 
 def _hold(thread_id: str, reason: str | None, held_at: str, held_by: str | None) -> Hold:

@@ -43,6 +43,7 @@ from worker.engine import (
     ThreadWork,
     TrimRange,
     WorkResult,
+    WriterAware,
     fingerprint_of,
 )
 from worker.logs import iso_utc
@@ -51,7 +52,7 @@ from worker.planning import PagePlanner, PlannedPage, decide_scanned
 from worker.quota import Decided, Eviction, QuotaPass
 from worker.stores.archive import Archive, ArchiveError, ArchiveFactory
 from worker.stores.space import Reclaimed
-from worker.throttle import BatchSizer, pause_after
+from worker.throttle import BatchSizer, Pacer
 
 log = structlog.get_logger("checkpoint_janitor.sweep")
 
@@ -427,6 +428,7 @@ class _Pass:
             min_rows=min(20, s.max_batch_rows),
             rows=min(500, s.max_batch_rows),
         )
+        self.pacer = Pacer(pause=s.pause, pause_factor=s.pause_factor)
         self.pending: list[_Part] = []
         self.pending_rows = 0
         self.entries: dict[tuple[str, str, Reason], ThreadPlan] = {}
@@ -786,7 +788,6 @@ class _Pass:
 
     async def _flush(self, parts: list[_Part]) -> None:
         engine, options, report = self.engine, self.options, self.report
-        s = options.settings
         t0 = time.monotonic()
         works = [p.work for p in parts]
         if self.archive is not None:
@@ -834,20 +835,29 @@ class _Pass:
                 )
         report.batches += 1
         report.longest_batch_seconds = max(report.longest_batch_seconds, elapsed)
+        contention = engine.contention() if isinstance(engine, WriterAware) else None
+        rest = 0.0
+        if not options.dry_run:
+            rest = self.pacer.rest(elapsed, contention.writer_seen if contention else None)
         log.debug(
             "batch",
             store=engine.name,
             threads=len(parts),
             rows=rows,
             seconds=round(elapsed, 4),
+            lock_wait=round(contention.lock_wait, 4) if contention else None,
+            writer_seen=contention.writer_seen if contention else None,
+            rest=round(rest, 4),
             dry_run=options.dry_run,
         )
         if not options.dry_run:
             if self.on_batch is not None:
                 self.on_batch(elapsed)
-            self.sizer.observe(sum(p.work.rows for p in parts), elapsed)
+            # Sized on the transaction alone: a wait for the application's lock is not
+            # the batch's rows being slow.
+            wait = contention.lock_wait if contention else 0.0
+            self.sizer.observe(sum(p.work.rows for p in parts), max(elapsed - wait, 0.0))
             await engine.after_batch()
-            rest = pause_after(elapsed, s.pause, s.pause_factor)
             if rest > 0:
                 await asyncio.sleep(rest)
 
