@@ -251,7 +251,9 @@ def run_archived(
     singles: list[dict[str, Any]] = []
     for tid in others[: args.singles]:
         one: dict[str, Any] = {"thread": tid}
-        one["whole_archive"] = run_restore(config, archive, ["--thread", tid], workdir, f"one-{tag}")
+        one["whole_archive"] = run_restore(
+            config, archive, ["--thread", tid], workdir, f"one-{tag}"
+        )
         seg = segment_holding(archive, tid)
         # Restore from the one segment on a thread whose rows are back already
         # inserts nothing but does the same reading, so it is a fair "one segment" time.
@@ -267,7 +269,9 @@ def run_archived(
     before = table_counts(db)
 
     log(f"  restore --thread-prefix {prefix!r} ({len(selected)} threads) [{tag}]")
-    out["restore"] = run_restore(config, archive, ["--thread-prefix", prefix], workdir, f"pfx-{tag}")
+    out["restore"] = run_restore(
+        config, archive, ["--thread-prefix", prefix], workdir, f"pfx-{tag}"
+    )
     out["restore"]["threads_selected"] = len(selected)
     restored = rows_digest(db, selected)
     untouched = rows_digest(base, selected)
@@ -370,7 +374,9 @@ def main() -> None:
             f" {one['archive_over_plain_cpu']}x CPU"
         )
         reps.append(one)
-        (workdir / "archive-results.json").write_text(json.dumps({**res, "repetitions": reps}, indent=2))
+        (workdir / "archive-results.json").write_text(
+            json.dumps({**res, "repetitions": reps}, indent=2)
+        )
     res["repetitions"] = reps
     res["median_archive_over_plain_seconds"] = round(
         statistics.median(r["archive_over_plain_seconds"] for r in reps), 3
