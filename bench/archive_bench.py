@@ -26,7 +26,8 @@ no other thread changed, and that sampled threads read back through the real
 writes and parent included). It also times single-thread restores (`--thread
 ID`), each from the whole archive and from only the one segment holding that
 thread: restore verifies and scans every segment it is given, so a thread's
-restore time follows the archive's size, not the thread's.
+restore time follows the archive's size, not the thread's. `--diag` times
+that verification alone (in this process) on each archive.
 
     python bench/archive_bench.py [--threads 20000 --per-thread 50 --workdir DIR --repeat 2]
 
