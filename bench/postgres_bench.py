@@ -89,7 +89,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from synthetic import MESSAGES, log, uuid6_at, uuid6_time  # noqa: E402
 
-from worker.postgres_store import connect_kwargs  # noqa: E402
+from worker.stores.postgres import connect_kwargs  # noqa: E402
 
 BENCH_FORMAT = 1  # bump when the generated layout changes (invalidates a kept base)
 KEEP_LAST = 5
@@ -1510,7 +1510,7 @@ def reclaim_variant(
     """On a fresh copy: two `once` runs of keep_last 5, with or without the VACUUM step.
 
     The first trims every thread to 5; its blobs wait out the grace period
-    (postgres_store: a fork may still name them), so the second, run with a
+    (worker.stores.postgres: a fork may still name them), so the second, run with a
     1 s grace period, is the later sweep that collects them.
     """
     name = "with_vacuum" if vacuum else "without_vacuum"
@@ -1627,12 +1627,12 @@ def print_reclaim(r: dict[str, Any]) -> None:
 def run_explain(server: Server, base: str, workdir: Path, now: float) -> dict[str, Any]:
     """EXPLAIN (ANALYZE, BUFFERS) of the worker's statements for its first page and batch.
 
-    The statements are imported from worker/postgres_store.py, with the
+    The statements are imported from worker/stores/postgres.py, with the
     parameters the worker passes: a page of `page_threads` (1,000) threads for
     the scan, and the first batch (the threads that fit in max_batch_rows
     20,000 rows) for the deletes, which are rolled back.
     """
-    from worker import postgres_store as ps
+    from worker.stores import postgres as ps
 
     dsn = server.copy(base, "bench_copy_explain")
     plans: dict[str, Any] = {}

@@ -377,7 +377,7 @@ class BatchSettings(_Model):
     """Fixed pause between batches."""
     pause_factor: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.5
     """The pause is at least this multiple of the last batch's duration (SQLite: while
-    the application is seen writing; see `worker.throttle.Pacer`)."""
+    the application is seen writing; see `worker.stores.throttle.Pacer`)."""
     busy_timeout: PositiveSeconds = 5.0
     """SQLite: how long a statement waits for the application's write lock."""
     grace_period: Duration = timedelta(hours=1)
@@ -503,7 +503,7 @@ class StoreConfig(_Model):
     `batch` overrides `defaults.batch` for this store only. `schema` (attribute
     `schema_`) names a non-default Postgres schema. `encryption_key` is the
     `EncryptedSerializer` AES key the application uses (16, 24 or 32 bytes).
-    `max_bytes` caps the store's data (as `stats` counts it): see `worker.quota`.
+    `max_bytes` caps the store's data (as `stats` counts it): see `worker.sweep.quota`.
     """
 
     name: NonEmptyStr

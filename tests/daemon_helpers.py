@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from scenarios import turns
 
-from worker.demo import aged, approval_graph, chat_graph, thread
+from worker.service.demo import aged, approval_graph, chat_graph, thread
 
 PREFIX = "checkpoint_janitor_"
 DAY = 86400.0

@@ -15,7 +15,7 @@ import time
 
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
-from worker.demo import chat_graph, thread
+from worker.service.demo import chat_graph, thread
 
 
 async def main(db: str, seconds: float, out: str, threads: list[str]) -> None:

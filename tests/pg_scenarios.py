@@ -33,8 +33,8 @@ from pgserver import PgServer, PgServerError, unique_db_name
 
 from policies.config import Config
 from policies.ids import checkpoint_time
-from worker.demo import chat_graph, thread
 from worker.service.config_files import load_config_text
+from worker.service.demo import chat_graph, thread
 from worker.sweep import SweepOptions, SweepReport, sweep
 
 HERE = Path(__file__).parent

@@ -1,7 +1,7 @@
 """Real LangGraph threads of every shape the worker must handle, and ways to compare them.
 
 Every store here is written by running real graphs through a real saver.
-Old threads are written under a shifted id clock (`worker.demo.aged`).
+Old threads are written under a shifted id clock (`worker.service.demo.aged`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command, Send, interrupt
 
-from worker.demo import ChatState, aged, approval_graph, chat_graph, subgraph_graph, thread
+from worker.service.demo import ChatState, aged, approval_graph, chat_graph, subgraph_graph, thread
 
 DAY = 86400.0
 

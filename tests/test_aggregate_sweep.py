@@ -34,11 +34,11 @@ from scenarios import OLD_DAYS, build_mixed_store, turns
 from test_decide import THREAD_IDS
 
 from policies.model import Reason, SkipReason
-from worker.demo import aged, chat_graph, thread
-from worker.engine import ScannedThread
 from worker.service.config_files import load_config_text
-from worker.sqlite_store import SqliteStore
+from worker.service.demo import aged, chat_graph, thread
 from worker.stores import make_engine
+from worker.stores.engine import ScannedThread
+from worker.stores.sqlite import SqliteStore
 from worker.sweep import Outcome, SweepOptions, SweepReport, sweep
 
 AWKWARD = THREAD_IDS

@@ -17,7 +17,7 @@ from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from scenarios import cli, read_all, turns
 
 from policies.ids import checkpoint_time
-from worker.demo import chat_graph
+from worker.service.demo import chat_graph
 
 PASSWORD = "s3cr3t-pw"
 

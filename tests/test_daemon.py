@@ -46,7 +46,7 @@ from pg_scenarios import thread_counts
 from pgserver import PgServer, free_port
 from scenarios import replicate, turns
 
-from worker.demo import chat_graph, thread
+from worker.service.demo import chat_graph, thread
 
 KINDS = ("checkpoints", "writes", "blobs", "threads")
 

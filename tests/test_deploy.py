@@ -114,7 +114,7 @@ def real_scrape() -> str:
 
     from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
-    from worker.demo import chat_graph, thread
+    from worker.service.demo import chat_graph, thread
 
     folder = Path(tempfile.mkdtemp(prefix="cj-scrape-"))
     db = folder / "checkpoints.db"

@@ -31,8 +31,8 @@ from pg_scenarios import Databases, all_keys, pg_saver, run_pg_sweep
 from pgserver import PgServer
 from scenarios import OLD_DAYS, build_mixed_store, deferred_graph, read_all, states
 
-from worker.demo import aged, thread
 from worker.service.config_files import load_config_text
+from worker.service.demo import aged, thread
 from worker.stores import make_engine
 from worker.sweep import Outcome, SweepOptions, SweepReport, sweep
 

@@ -27,7 +27,7 @@ NOT_FOR_AN_APP = (
     "psycopg",
     "psycopg_pool",
     "langgraph.checkpoint.postgres",
-    "worker.postgres_store",
+    "worker.stores.postgres",
 )
 """Modules an InMemorySaver or SQLite application must not load through the wrapper."""
 
@@ -125,7 +125,7 @@ class Missing:
 
 sys.meta_path.insert(0, Missing())
 sys.argv = ["checkpoint-janitor", *sys.argv[1:]]
-from worker.cli import main
+from worker.service.cli import main
 main()
 """
 

@@ -25,11 +25,11 @@ from prometheus_client import CollectorRegistry
 from scenarios import build_mixed_store, cli, read_all, states, turns
 
 from worker import RetentionSaver
-from worker.demo import aged, chat_graph, thread
-from worker.engine import HOLDS_TABLE, ThreadWork
-from worker.metrics import Metrics
 from worker.service.config_files import load_config_text
-from worker.sqlite_store import CREATE_HOLDS_TABLE_SQL, INSERT_HOLD_SQL, SqliteStore
+from worker.service.demo import aged, chat_graph, thread
+from worker.service.metrics import Metrics
+from worker.stores.engine import HOLDS_TABLE, ThreadWork
+from worker.stores.sqlite import CREATE_HOLDS_TABLE_SQL, INSERT_HOLD_SQL, SqliteStore
 from worker.sweep import Outcome, SweepOptions, SweepReport, sweep
 
 Key = tuple[str, str, str]

@@ -21,11 +21,11 @@ from test_ttl import Store, run, threads_of
 
 from policies.matching import Ruleset
 from policies.model import Reason, SkipReason
-from worker.demo import aged, chat_graph
-from worker.metrics import Metrics
-from worker.orphans import RegistryError
 from worker.service.config_files import load_config_text
+from worker.service.demo import aged, chat_graph
+from worker.service.metrics import Metrics
 from worker.sweep import Outcome
+from worker.sweep.orphans import RegistryError
 
 THREADS = {"chat-a": 10, "chat-B": 10, "chat-c": 10, "chat-d": 10, "chat-new": 0, "other-1": 10}
 """Thread id -> days idle."""

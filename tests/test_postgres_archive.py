@@ -25,7 +25,7 @@ from pg_scenarios import Databases, all_keys, dump, pg_saver, store_yaml
 from pgserver import PgServer
 from scenarios import Gate, build_mixed_store, cli, race_graph, read_all, resume, states
 
-from worker.demo import thread
+from worker.service.demo import thread
 from worker.stores.archive import read_segments
 
 EXPIRE_AND_TRIM = "  - {name: trim, keep_last: 1, expire_after: 30d, interrupted: expire}"

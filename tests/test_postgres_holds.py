@@ -30,8 +30,8 @@ from scenarios import build_mixed_store, read_all, states
 from test_holds import HELD, RULES, check_wrapper_honours_holds
 
 from worker import RetentionSaver
-from worker.engine import ThreadWork
-from worker.postgres_store import (
+from worker.stores.engine import ThreadWork
+from worker.stores.postgres import (
     CREATE_HOLDS_TABLE_SQL,
     HOLDS_LOCK_SQL,
     INSERT_HOLD_SQL,

@@ -43,7 +43,7 @@ from pg_scenarios import (
 from pgserver import PgServer, free_port
 from scenarios import turns
 
-from worker.demo import aged, chat_graph, thread
+from worker.service.demo import aged, chat_graph, thread
 from worker.sweep import Outcome
 
 pytestmark = pytest.mark.slow

@@ -36,7 +36,7 @@ from pg_scenarios import (
 from pgserver import PgServer
 from scenarios import DAY, Gate, race_graph
 
-from worker.demo import aged, thread
+from worker.service.demo import aged, thread
 
 pytestmark = pytest.mark.slow
 

@@ -28,7 +28,7 @@ from pg_scenarios import (
 from pgserver import PgServer
 from scenarios import read_all, turns
 
-from worker.demo import chat_graph
+from worker.service.demo import chat_graph
 
 THREADS = 2000
 POLICY = '  - name: trim\n    match: {thread_id: "bulk-*"}\n    keep_last: 2\n'

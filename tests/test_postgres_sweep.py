@@ -64,7 +64,7 @@ from scenarios import (
 )
 
 from policies.model import Reason
-from worker.demo import aged, chat_graph, subgraph_graph, thread
+from worker.service.demo import aged, chat_graph, subgraph_graph, thread
 from worker.sweep import Outcome
 
 MANY = "defaults: {max_delete_fraction: 1.0}"

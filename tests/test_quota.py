@@ -19,9 +19,9 @@ from test_ttl import Store, run, threads_of
 
 from policies.config import Config
 from policies.model import Reason
-from worker.demo import aged, chat_graph, thread
-from worker.metrics import Metrics
 from worker.service.config_files import load_config_text
+from worker.service.demo import aged, chat_graph, thread
+from worker.service.metrics import Metrics
 from worker.stores import make_engine
 from worker.sweep import Outcome
 

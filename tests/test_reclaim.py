@@ -25,7 +25,7 @@ import pytest
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from scenarios import build_mixed_store, cli, read_all, replicate, states, turns
 
-from worker.demo import chat_graph
+from worker.service.demo import chat_graph
 
 HERE = Path(__file__).parent
 BULK = 3000

@@ -18,9 +18,9 @@ import pytest
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from scenarios import build_mixed_store, cli, read_all, resume, states
 
-from worker.demo import chat_graph, thread
-from worker.sqlite_store import SqliteStore
+from worker.service.demo import chat_graph, thread
 from worker.stores.archive import Archive, ArchiveSettings, Selection, read_segments
+from worker.stores.sqlite import SqliteStore
 from worker.sweep import Outcome, SweepOptions, sweep
 
 Key = tuple[str, str, str]
@@ -348,7 +348,7 @@ def paused(self):
         while not os.path.exists(gate):
             time.sleep(0.01)
 setattr(archive.Segment, step, paused)
-from worker.cli import main
+from worker.service.cli import main
 main(["--config", sys.argv[3], "once"])
 """
 

@@ -1,6 +1,6 @@
 """`RetentionSaver` around every seed saver: retention, invariants, explicit deletions, passthrough.
 
-Graphs are real (tests/scenarios.py, worker/demo.py); every store is written
+Graphs are real (tests/scenarios.py, worker/service/demo.py); every store is written
 by LangGraph through the real saver. A control graph on an unwrapped
 `InMemorySaver` runs the same turns, and the wrapped graph's state must equal
 it after every turn. Postgres tests run on the throwaway server (`pg_dsn`).
@@ -45,15 +45,15 @@ from scenarios import (
 )
 
 from policies.ids import checkpoint_time
-from worker.demo import aged, approval_graph, chat_graph, subgraph_graph
-from worker.demo import thread as _thread
 from worker.saver import RetentionSaver, SaverMetrics
+from worker.service.demo import aged, approval_graph, chat_graph, subgraph_graph
+from worker.service.demo import thread as _thread
 
 # ------------------------------------------------------------------ fixtures
 
 
 def thread(thread_id: str, **configurable: Any) -> RunnableConfig:
-    """`worker.demo.thread`, typed as the savers take it."""
+    """`worker.service.demo.thread`, typed as the savers take it."""
     return cast(RunnableConfig, _thread(thread_id, **configurable))
 
 

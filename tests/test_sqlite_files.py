@@ -23,7 +23,7 @@ from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from scenarios import OLD_DAYS, cli, read_all, turns
 
-from worker.demo import aged, chat_graph, thread
+from worker.service.demo import aged, chat_graph, thread
 
 REPO = Path(__file__).parent.parent
 THREADS = ("user-1", "user-2", "user-3")

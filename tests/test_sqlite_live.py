@@ -20,7 +20,7 @@ import pytest
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from scenarios import replicate, turns
 
-from worker.demo import chat_graph, thread
+from worker.service.demo import chat_graph, thread
 
 HERE = Path(__file__).parent
 THREADS = 3000

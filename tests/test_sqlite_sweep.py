@@ -31,9 +31,9 @@ from scenarios import (
     states,
 )
 
-from worker.demo import aged, chat_graph, thread
 from worker.service.config_files import load_config_text
-from worker.sqlite_store import SqliteStore
+from worker.service.demo import aged, chat_graph, thread
+from worker.stores.sqlite import SqliteStore
 from worker.sweep import Outcome, SweepOptions, SweepReport, sweep
 
 Key = tuple[str, str, str]

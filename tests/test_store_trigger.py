@@ -15,7 +15,7 @@ from typing import Any
 from apscheduler.triggers.interval import IntervalTrigger
 
 from policies.config import Schedule
-from worker.daemon import StoreTrigger
+from worker.service.daemon import StoreTrigger
 from worker.service.schedule import trigger_for
 
 T0 = datetime(2025, 1, 1, 0, 0, 10, tzinfo=UTC)

@@ -33,13 +33,13 @@ from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from pg_scenarios import TABLES, cli, connect, pg_saver, run_pg_sweep, write_config
 from scenarios import OLD_DAYS
 
-from worker.demo import aged, chat_graph, thread
-from worker.engine import StoreEngine
-from worker.postgres_store import PostgresStore
-from worker.purge import purge
 from worker.saver import RetentionSaver
-from worker.sqlite_store import SqliteStore
+from worker.service.demo import aged, chat_graph, thread
+from worker.stores.engine import StoreEngine
+from worker.stores.postgres import PostgresStore
+from worker.stores.sqlite import SqliteStore
 from worker.sweep import Outcome
+from worker.sweep.purge import purge
 
 PIECES = [
     "a", "A", "b", "B", "z", "Z", "_", "%", "*", "?", "[", "]", ":", ";", "-", ".", " ",
@@ -156,7 +156,7 @@ async def check_walk_and_purge(
 @example("x\ud7ffy", "x\ud7ff")
 @example("\U0010ffff\U0010ffff", "\U0010ffff")
 def test_prefix_bound_is_exactly_startswith(thread_id: str, prefix: str) -> None:
-    from worker.engine import prefix_upper_bound
+    from worker.stores.engine import prefix_upper_bound
 
     bound = prefix_upper_bound(prefix)
     if bound is not None:

@@ -14,10 +14,10 @@ import pytest
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from scenarios import turns
 
-from worker.demo import chat_graph
-from worker.engine import ThreadWork, TrimRange
-from worker.sqlite_store import SqliteStore
-from worker.throttle import (
+from worker.service.demo import chat_graph
+from worker.stores.engine import ThreadWork, TrimRange
+from worker.stores.sqlite import SqliteStore
+from worker.stores.throttle import (
     AIM,
     PROBE_EVERY,
     PROBE_SECONDS,

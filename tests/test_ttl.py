@@ -31,10 +31,10 @@ from policies.decide import expiry_seconds
 from policies.langgraph import apply_langgraph_ttl, parse_langgraph_ttl
 from policies.model import SkipReason, TtlFallbackReason
 from worker import RetentionSaver
-from worker.demo import aged, chat_graph, subgraph_graph, thread
-from worker.langgraph_json import load_worker_config
-from worker.metrics import Metrics
 from worker.service.config_files import load_config, load_config_text
+from worker.service.demo import aged, chat_graph, subgraph_graph, thread
+from worker.service.langgraph_json import load_worker_config
+from worker.service.metrics import Metrics
 from worker.stores import make_engine
 from worker.sweep import Outcome, SweepOptions, SweepReport, sweep
 

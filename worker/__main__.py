@@ -1,5 +1,5 @@
 """`python -m worker` is `checkpoint-janitor`."""
 
-from worker.cli import main
+from worker.service.cli import main
 
 main()

@@ -52,8 +52,8 @@ from langgraph.checkpoint.base import BaseCheckpointSaver, CheckpointTuple
 from policies.decide import is_delta_thread, root_head
 from policies.model import CheckpointSummary, ThreadView
 from policies.waiting import is_waiting
-from worker.engine import Counts
 from worker.saver.operations import Choose, Scanned, ThreadChanged, ThreadStamp
+from worker.stores.engine import Counts
 
 T = TypeVar("T")
 

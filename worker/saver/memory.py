@@ -12,9 +12,9 @@ from langgraph.checkpoint.memory import InMemorySaver
 
 from policies.model import CheckpointSummary
 from policies.summary import summarize, ts_seconds
-from worker.engine import Counts
 from worker.saver.backends import Backend, needs_blobs, scanned_of
 from worker.saver.operations import Choose, Scanned, ThreadStamp
+from worker.stores.engine import Counts
 
 MEMORY_HOLDS_ATTRIBUTE = "_checkpoint_janitor_holds"
 """Where an `InMemorySaver` keeps its legal holds: thread -> (reason, held at, held by)."""

@@ -9,7 +9,7 @@ from typing import ClassVar
 
 from prometheus_client import CollectorRegistry, Counter
 
-from worker.engine import Counts
+from worker.stores.engine import Counts
 
 __all__ = ["SaverMetrics"]
 

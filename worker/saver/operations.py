@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from policies.model import ThreadView
-from worker.engine import Counts
+from worker.stores.engine import Counts
 
 if TYPE_CHECKING:
     from worker.saver.backends import Backend
@@ -29,7 +29,7 @@ T = TypeVar("T")
 ThreadStamp = tuple[int, str | None]
 """(checkpoints in the thread, newest checkpoint id): any save since a scan changes it.
 
-Not the engines' `worker.engine.Fingerprint`, which counts every table: the
+Not the engines' `worker.stores.engine.Fingerprint`, which counts every table: the
 wrapper's expiry runs in one transaction on the saver's connection and only
 needs to see a run that saved a checkpoint since its scan.
 """

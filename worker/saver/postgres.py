@@ -3,7 +3,7 @@
 Imported only when a Postgres saver is wrapped (it needs the
 `checkpoint-janitor[postgres]` extra). The statements run through psycopg on
 the saver's own connection; the holds statements are the worker's own
-(`worker.postgres_store`), so a hold placed here orders against the worker's
+(`worker.stores.postgres`), so a hold placed here orders against the worker's
 batches as the CLI's does.
 """
 
@@ -22,9 +22,6 @@ from langgraph.checkpoint.serde.types import TASKS
 from policies.decide import is_delta_thread
 from policies.model import ThreadView
 from policies.summary import json_object, summarize, ts_seconds
-from worker import postgres_store as pg_store
-from worker.engine import HOLDS_TABLE, Counts
-from worker.postgres_store import CHANNEL_KEYS_TEMPLATE
 from worker.saver.backends import (
     Backend,
     Result,
@@ -37,6 +34,9 @@ from worker.saver.backends import (
     scanned_of,
 )
 from worker.saver.operations import Scanned, ThreadChanged, ThreadStamp
+from worker.stores import postgres as pg_store
+from worker.stores.engine import HOLDS_TABLE, Counts
+from worker.stores.postgres import CHANNEL_KEYS_TEMPLATE
 
 T = TypeVar("T")
 

@@ -1,6 +1,6 @@
 """`SqliteSaver` and `AsyncSqliteSaver`'s backend: the wrapper's SQLite statements and drivers.
 
-Deletions reuse the worker's own statements (`worker.sqlite_store`), so a
+Deletions reuse the worker's own statements (`worker.stores.sqlite`), so a
 checkpoint goes with its writes and orphaned parents the same way whoever
 deletes it; the reads and whole-thread statements here are the wrapper's own.
 """
@@ -20,8 +20,6 @@ from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
 from policies.model import ThreadView
 from policies.summary import json_object, summarize, ts_seconds
-from worker.engine import HOLDS_TABLE, Counts
-from worker.logs import iso_utc
 from worker.saver.backends import (
     Backend,
     Result,
@@ -35,7 +33,8 @@ from worker.saver.backends import (
     scanned_of,
 )
 from worker.saver.operations import Scanned, ThreadChanged, ThreadStamp
-from worker.sqlite_store import (
+from worker.stores.engine import HOLDS_TABLE, Counts
+from worker.stores.sqlite import (
     CREATE_HOLDS_TABLE_SQL,
     DELETE_CHECKPOINTS_SQL,
     DELETE_HOLD_SQL,
@@ -47,6 +46,7 @@ from worker.sqlite_store import (
     NULL_PARENTS_SQL,
     THREAD_BLOBS_SQL,
 )
+from worker.stores.timestamps import iso_utc
 
 T = TypeVar("T")
 
@@ -169,7 +169,7 @@ def sqlite_thread_page(after: str | None, limit: int) -> Statements[list[str]]:
     return [r[0] for r in rows]
 
 
-# Legal holds: the worker's own table and statements (`worker.sqlite_store`).
+# Legal holds: the worker's own table and statements (`worker.stores.sqlite`).
 SQLITE_HELD_SQL = f"SELECT thread_id FROM {HOLDS_TABLE}"
 
 

@@ -115,7 +115,6 @@ from policies.decide import (
 from policies.ids import checkpoint_time
 from policies.matching import Ruleset
 from policies.model import CheckpointSummary, SkipReason, ThreadDecision, ThreadView
-from worker.engine import Counts
 from worker.saver.backends import Backend, backend_for
 from worker.saver.metrics import SaverMetrics
 from worker.saver.operations import (
@@ -135,6 +134,7 @@ from worker.saver.operations import (
     group_ids,
     run,
 )
+from worker.stores.engine import Counts
 
 __all__ = ["RetentionSaver", "SaverMetrics"]
 

@@ -6,10 +6,10 @@ import sys
 from typing import TYPE_CHECKING
 
 from policies.config import POSTGRES_EXTRA_MISSING, BatchSettings, StoreConfig
-from worker.engine import StoreEngine, StoreError
+from worker.stores.engine import StoreEngine, StoreError
 
 if TYPE_CHECKING:
-    from worker.postgres_store import PostgresStore
+    from worker.stores.postgres import PostgresStore
 
 
 def make_engine(
@@ -25,7 +25,7 @@ def make_engine(
     """
     # Imported here, not at the top: the engines import `worker.stores.archive`,
     # and a package that imported them back at load time would be circular.
-    from worker.sqlite_store import SqliteStore
+    from worker.stores.sqlite import SqliteStore
 
     key = store.encryption_key.get_secret_value() if store.encryption_key else None
     if store.kind == "sqlite":
@@ -41,7 +41,7 @@ def make_engine(
         assert store.dsn is not None  # the schema requires it for postgres
         try:
             # Imported here: the Postgres driver comes with the `postgres` extra only.
-            from worker.postgres_store import PostgresStore
+            from worker.stores.postgres import PostgresStore
         except ImportError as e:
             raise StoreError(store.name, f"{POSTGRES_EXTRA_MISSING} ({e})") from None
         return PostgresStore(
@@ -64,8 +64,8 @@ def as_postgres(engine: StoreEngine) -> PostgresStore | None:
     that module, so this never imports the Postgres driver itself (a
     SQLite-only install has none).
     """
-    if "worker.postgres_store" not in sys.modules:
+    if "worker.stores.postgres" not in sys.modules:
         return None
-    from worker.postgres_store import PostgresStore
+    from worker.stores.postgres import PostgresStore
 
     return engine if isinstance(engine, PostgresStore) else None

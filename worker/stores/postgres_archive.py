@@ -23,8 +23,8 @@ from typing import Any
 import asyncpg
 import structlog
 
-from worker.engine import RestoreCounts
 from worker.stores.archive import PendingSegment, SegmentReader, Selection
+from worker.stores.engine import RestoreCounts
 
 log = structlog.get_logger("checkpoint_janitor.postgres_archive")
 

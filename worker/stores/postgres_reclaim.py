@@ -26,8 +26,8 @@ from typing import Any
 import asyncpg
 import structlog
 
-from worker.engine import Counts
-from worker.postgres_store import PostgresStore
+from worker.stores.engine import Counts
+from worker.stores.postgres import PostgresStore
 from worker.stores.space import Reclaimed, ReclaimRefused, Space
 
 log = structlog.get_logger("checkpoint_janitor.postgres_reclaim")

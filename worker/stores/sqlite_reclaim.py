@@ -34,9 +34,9 @@ from typing import Any
 import structlog
 
 from policies.config import BatchSettings, ReclaimSettings
-from worker.sqlite_store import SqliteStore
 from worker.stores.space import Reclaimed, ReclaimRefused, Space
-from worker.throttle import BatchSizer, pause_after
+from worker.stores.sqlite import SqliteStore
+from worker.stores.throttle import BatchSizer, pause_after
 
 log = structlog.get_logger("checkpoint_janitor.sqlite_reclaim")
 

@@ -286,7 +286,7 @@ class Contention:
 class WriterAware(Protocol):
     """An engine that tells whether the application writes while it sweeps (SQLite).
 
-    The sweep paces by it (`worker.throttle.Pacer`): it rests after a batch
+    The sweep paces by it (`worker.stores.throttle.Pacer`): it rests after a batch
     while a writer is about, and not while none is.
     """
 

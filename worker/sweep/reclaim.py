@@ -16,11 +16,11 @@ import sys
 import structlog
 
 from policies.config import BatchSettings, ReclaimSettings
-from worker.engine import Counts, StoreEngine, StoreError
-from worker.sqlite_store import SqliteStore
 from worker.stores import as_postgres, sqlite_reclaim
+from worker.stores.engine import Counts, StoreEngine, StoreError
 from worker.stores.space import Reclaimed, ReclaimRefused, Space
-from worker.sweep import Outcome, SweepReport
+from worker.stores.sqlite import SqliteStore
+from worker.sweep.run import Outcome, SweepReport
 
 log = structlog.get_logger("checkpoint_janitor.reclaim")
 

@@ -23,14 +23,14 @@ from policies.decide import decide
 from policies.matching import Ruleset
 from policies.model import ThreadDecision
 from policies.plan import ThreadAggregate, ThreadPlan, plan_thread
-from worker.engine import AggregateStore, ScannedThread, StoreEngine
+from worker.stores.engine import AggregateStore, ScannedThread, StoreEngine
 
 MAX_DETAIL_ROUNDS = 5
 """Orphans, waiting, markers, counts: a plan asks at most this many times."""
 
 RegistryAnswers = Callable[[Sequence[str]], Awaitable[Mapping[str, Set[str]]]]
 """Per answering `orphaned` policy, which of these thread ids its registry lists
-(`worker.orphans.OrphanLookup.answers`)."""
+(`worker.sweep.orphans.OrphanLookup.answers`)."""
 
 
 @dataclass(slots=True)

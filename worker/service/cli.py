@@ -22,13 +22,11 @@ import structlog
 
 from policies.config import BatchSettings, Config, Policy, ReclaimSettings, StoreConfig
 from policies.loader import ConfigError
-from worker.engine import ArchivingStore, Counts, Hold, RestoreCounts, StoreEngine, StoreError
-from worker.langgraph_json import load_worker_config, translate_file
-from worker.logs import configure_logging, iso_utc
-from worker.metrics import Metrics
-from worker.purge import HeldThreadsError, held_among, purge
-from worker.reclaim import after_sweep, measure, reclaim
-from worker.report import (
+from worker.service.config_files import check_config
+from worker.service.langgraph_json import load_worker_config, translate_file
+from worker.service.logs import configure_logging
+from worker.service.metrics import Metrics
+from worker.service.report import (
     human_bytes,
     render_holds,
     render_json,
@@ -37,9 +35,6 @@ from worker.report import (
     report_dict,
     thread_dict,
 )
-from worker.service.config_files import check_config
-from worker.sqlite_store import SqliteStore
-from worker.stats import namespace_display
 from worker.stores import as_postgres, make_engine, sqlite_reclaim
 from worker.stores.archive import (
     ArchiveError,
@@ -48,7 +43,18 @@ from worker.stores.archive import (
     archive_factory,
     read_segments,
 )
+from worker.stores.engine import (
+    ArchivingStore,
+    Counts,
+    Hold,
+    RestoreCounts,
+    StoreEngine,
+    StoreError,
+)
 from worker.stores.space import Reclaimed, ReclaimRefused
+from worker.stores.sqlite import SqliteStore
+from worker.stores.stats import namespace_display
+from worker.stores.timestamps import iso_utc
 from worker.sweep import (
     Outcome,
     SweepOptions,
@@ -58,6 +64,8 @@ from worker.sweep import (
     open_archive,
     sweep,
 )
+from worker.sweep.purge import HeldThreadsError, held_among, purge
+from worker.sweep.reclaim import after_sweep, measure, reclaim
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_SAFETY = 0, 1, 2, 3
 
@@ -349,7 +357,7 @@ def _parse_at(text: str) -> float:
 @click.pass_context
 def run(ctx: click.Context, dry_run: bool) -> None:
     """The daemon: scheduled sweeps, /metrics, /healthz, /readyz; SIGHUP reloads."""
-    from worker.daemon import ListenError, run_daemon
+    from worker.service.daemon import ListenError, run_daemon
 
     config = _load(ctx)
     try:
@@ -947,7 +955,7 @@ def holds_cmd(ctx: click.Context, only: str, fmt: str) -> None:
 @click.pass_context
 def demo(ctx: click.Context) -> None:
     """Fill the config's SQLite store with real LangGraph threads, then plan and sweep it."""
-    from worker.demo import run_demo
+    from worker.service.demo import run_demo
 
     # The tables below say what happened; per-thread audit lines would bury them.
     ctx.obj["log_level"] = ctx.obj["log_level"] or "warning"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from datetime import UTC, datetime
 from typing import Literal
 
 import structlog
@@ -43,9 +42,3 @@ def configure_logging(
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
-
-
-def iso_utc(timestamp: float) -> str:
-    """Unix seconds as ISO 8601 UTC to the second (`2026-03-01T12:00:00Z`), for logs and plans."""
-    moment = datetime.fromtimestamp(timestamp, UTC)
-    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator, Sequence
 import structlog
 
 from policies.decide import last_activity
-from worker.engine import ArchivingStore, Counts, Hold, StoreEngine, ThreadWork
-from worker.logs import iso_utc
 from worker.stores.archive import Archive
+from worker.stores.engine import ArchivingStore, Counts, Hold, StoreEngine, ThreadWork
+from worker.stores.timestamps import iso_utc
 
 log = structlog.get_logger("checkpoint_janitor.purge")
 

@@ -41,7 +41,7 @@ from policies.config import Policy
 from policies.decide import last_activity, quota_group, quota_verdict
 from policies.matching import Ruleset
 from policies.model import ThreadDecision
-from worker.engine import Fingerprint, ScannedThread, StoreEngine
+from worker.stores.engine import Fingerprint, ScannedThread, StoreEngine
 
 log = structlog.get_logger("checkpoint_janitor.quota")
 

@@ -91,7 +91,9 @@ from policies.model import CheckpointSummary, ThreadView
 from policies.plan import Detail, NamespaceAggregate, ThreadAggregate, ThreadPlan
 from policies.summary import json_object, summarize
 from policies.waiting import TASKS, is_waiting
-from worker.engine import (
+from worker.stores import postgres_archive as pg_archive
+from worker.stores.archive import Archive, Segment, SegmentReader, Selection
+from worker.stores.engine import (
     HOLDS_TABLE,
     RESIDUE_TABLE,
     Counts,
@@ -106,9 +108,7 @@ from worker.engine import (
     WorkResult,
     fingerprint_of,
 )
-from worker.stats import AgeHistogram
-from worker.stores import postgres_archive as pg_archive
-from worker.stores.archive import Archive, Segment, SegmentReader, Selection
+from worker.stores.stats import AgeHistogram
 
 log = structlog.get_logger("checkpoint_janitor.postgres")
 

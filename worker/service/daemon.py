@@ -38,15 +38,15 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from policies.config import Config, StoreConfig
 from policies.loader import ConfigError
-from worker.engine import StoreEngine, StoreError
-from worker.langgraph_json import load_worker_config
-from worker.logs import configure_logging
-from worker.metrics import Metrics
-from worker.reclaim import after_sweep
+from worker.service.langgraph_json import load_worker_config
+from worker.service.logs import configure_logging
+from worker.service.metrics import Metrics
 from worker.service.schedule import trigger_for
 from worker.stores import make_engine
 from worker.stores.archive import archive_factory
+from worker.stores.engine import StoreEngine, StoreError
 from worker.sweep import Outcome, SweepOptions, sweep
+from worker.sweep.reclaim import after_sweep
 
 log = structlog.get_logger("checkpoint_janitor.daemon")
 

@@ -31,8 +31,17 @@ from policies.model import CheckpointSummary, ThreadView
 from policies.plan import Detail, NamespaceAggregate, ThreadAggregate, ThreadPlan
 from policies.summary import DELTA_MARKERS, json_object, summarize
 from policies.waiting import writes_show_waiting
-from worker.decoding import Decoder
-from worker.engine import (
+from worker.stores.archive import (
+    NULLED_TABLE,
+    Archive,
+    ArchiveError,
+    PendingSegment,
+    Segment,
+    SegmentReader,
+    Selection,
+)
+from worker.stores.decoding import Decoder
+from worker.stores.engine import (
     HOLDS_TABLE,
     RESIDUE_TABLE,
     Contention,
@@ -49,17 +58,8 @@ from worker.engine import (
     fingerprint_of,
     prefix_upper_bound,
 )
-from worker.logs import iso_utc
-from worker.stats import AgeHistogram
-from worker.stores.archive import (
-    NULLED_TABLE,
-    Archive,
-    ArchiveError,
-    PendingSegment,
-    Segment,
-    SegmentReader,
-    Selection,
-)
+from worker.stores.stats import AgeHistogram
+from worker.stores.timestamps import iso_utc
 
 log = structlog.get_logger("checkpoint_janitor.sqlite")
 

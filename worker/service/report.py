@@ -7,8 +7,8 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from worker.engine import Counts
-from worker.logs import iso_utc
+from worker.stores.engine import Counts
+from worker.stores.timestamps import iso_utc
 from worker.sweep import SweepReport, ThreadPlan
 
 

@@ -32,7 +32,8 @@ from policies.matching import Ruleset
 from policies.model import Reason, Skip, SkipReason, ThreadDecision, TtlFallbackReason
 from policies.plan import ThreadAggregate, plannable
 from policies.plan import ThreadPlan as AggregatePlan
-from worker.engine import (
+from worker.stores.archive import Archive, ArchiveError, ArchiveFactory
+from worker.stores.engine import (
     AggregateStore,
     ArchivingStore,
     Counts,
@@ -46,13 +47,12 @@ from worker.engine import (
     WriterAware,
     fingerprint_of,
 )
-from worker.logs import iso_utc
-from worker.orphans import OrphanLookup, RegistryFailure
-from worker.planning import PagePlanner, PlannedPage, decide_scanned
-from worker.quota import Decided, Eviction, QuotaPass
-from worker.stores.archive import Archive, ArchiveError, ArchiveFactory
 from worker.stores.space import Reclaimed
-from worker.throttle import BatchSizer, Pacer
+from worker.stores.throttle import BatchSizer, Pacer
+from worker.stores.timestamps import iso_utc
+from worker.sweep.orphans import OrphanLookup, RegistryFailure
+from worker.sweep.planning import PagePlanner, PlannedPage, decide_scanned
+from worker.sweep.quota import Decided, Eviction, QuotaPass
 
 log = structlog.get_logger("checkpoint_janitor.sweep")
 

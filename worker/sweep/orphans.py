@@ -32,9 +32,9 @@ import aiosqlite
 import structlog
 
 from policies.config import BatchSettings, OrphanSource, Policy, redact_dsn
-from worker.engine import StoreEngine
-from worker.sqlite_store import READ_ONLY, SqliteStore, store_uri
 from worker.stores import as_postgres
+from worker.stores.engine import StoreEngine
+from worker.stores.sqlite import READ_ONLY, SqliteStore, store_uri
 
 if TYPE_CHECKING:
     # At run time imported where used: a SQLite-only install has no Postgres driver.
@@ -173,7 +173,7 @@ async def _sqlite_read_only(path: str) -> aiosqlite.Connection:
 async def _postgres_connect(source: OrphanSource) -> asyncpg.Connection:
     import asyncpg
 
-    from worker.postgres_store import connect_kwargs
+    from worker.stores.postgres import connect_kwargs
 
     assert source.dsn is not None
     return await asyncpg.connect(
@@ -189,7 +189,7 @@ def _safe_message(e: BaseException, source: OrphanSource | None) -> str:
     """The error, with the source's password (if any) never in it."""
     message = f"{type(e).__name__}: {e}"
     if source is not None and source.dsn is not None:
-        from worker.postgres_store import connect_kwargs_safe
+        from worker.stores.postgres import connect_kwargs_safe
 
         dsn = source.dsn.get_secret_value()
         password = connect_kwargs_safe(dsn).get("password")
