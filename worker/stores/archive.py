@@ -7,9 +7,11 @@ Postgres: `checkpoints`, `checkpoint_blobs`, `checkpoint_writes`), the parent
 ids the batch set to NULL (`nulled_parents`), and `archive_meta`.
 
 A segment's life, so that a crash never leaves a half-written file that counts:
-`NNNNNN.partial` (written, `synchronous=FULL`, fsynced with its directory,
-re-opened and verified) -> `NNNNNN.pending.sqlite` (the store's delete may now
-commit) -> `NNNNNN.sqlite` (the delete committed). A `.partial` never counts; a
+`NNNNNN.partial` (the database image, built in memory, written in one go
+and fsynced once, then re-read: the same bytes, and opened as SQLite the row
+counts and checksum of the batch) -> `NNNNNN.pending.sqlite` (renamed, the
+directory fsynced: the store's delete may now commit) -> `NNNNNN.sqlite` (the
+delete committed). A `.partial` never counts; a
 `.pending.sqlite` left by a crash is resolved by the next sweep (`Archive.pending`):
 removed when its rows are still in the store, promoted when they are gone.
 
