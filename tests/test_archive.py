@@ -104,6 +104,42 @@ def test_seal_writes_a_pending_segment_that_reads_back_exactly(tmp_path: Path) -
     archive.close()
 
 
+def test_seal_fsyncs_the_file_then_renames_then_fsyncs_the_folder_once_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The durable order the delete relies on, with no fsync beyond it: the
+    `.partial` is synced whole before it gets the `.pending` name, and the folder
+    (so the name) is synced after, before `seal` returns."""
+    archive = Archive("main", "sqlite", ArchiveSettings(str(tmp_path)), time.time())
+    seg = _filled(archive)
+    archive._ensure_dirs()  # the sweep folder's own creation is not the seal's
+    events: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd: int) -> None:
+        events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        fsync(fd)
+
+    def recording_replace(src: str, dst: str) -> None:
+        events.append(("rename", f"{os.path.basename(src)}>{os.path.basename(dst)}"))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    seg.seal()
+    monkeypatch.undo()
+    sweep_dir = os.path.basename(str(archive.sweep_dir))
+    assert events == [
+        ("fsync", "000001.partial"),
+        ("rename", "000001.partial>000001.pending.sqlite"),
+        ("fsync", sweep_dir),
+    ]
+    [reader] = list(read_segments(str(tmp_path)))
+    reader.verify()
+    assert sorted(reader.rows("checkpoints")) == sorted(_rows("t1", 3) + _rows("t2", 2))
+    archive.close()
+
+
 def test_abandon_removes_the_segment(tmp_path: Path) -> None:
     archive = Archive("main", "sqlite", ArchiveSettings(str(tmp_path)), time.time())
     seg = _filled(archive)

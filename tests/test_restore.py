@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-from scenarios import build_mixed_store, cli, read_all, resume, states
+from scenarios import build_mixed_store, cli, read_all, resume, states, turns
 
 from worker.service.demo import chat_graph, thread
 from worker.stores.archive import Archive, ArchiveSettings, Selection, read_segments
@@ -301,6 +301,62 @@ async def test_restore_a_thread_while_the_application_writes_to_it(
         assert head.values["messages"][:-2] == old_head.values["messages"]
         assert head.values["messages"][-2] == "new turn"
         assert head.config["configurable"]["checkpoint_id"] == max(k[2] for k in new if k[1] == "")
+
+
+async def test_archived_trims_run_batch_wide_and_restore_equal(tmp_path: Path) -> None:
+    """keep_last with an archive trims each batch's threads in one set of statements
+    (not a delete per thread), archives every row it removes, and restores equal."""
+    store, control = tmp_path / "store.db", tmp_path / "control.db"
+    threads = [f"chat-{i}" for i in range(6)]
+    async with AsyncSqliteSaver.from_conn_string(str(store)) as saver:
+        for tid in threads:
+            await turns(chat_graph(saver), tid, 4)
+    shutil.copy(store, control)
+    settings = ArchiveSettings(str(tmp_path / "archive"))
+    from worker.service.config_files import load_config_text
+
+    cfg = load_config_text(
+        f"stores: [{{name: app, kind: sqlite, path: {store}}}]\n"
+        "defaults: {max_delete_fraction: 1.0}\n"
+        "policies:\n  - {name: trim, keep_last: 1}\n"
+    )
+    engine = SqliteStore("app", str(store))
+    await engine.open()
+    statements: list[str] = []
+    try:
+        # aiosqlite runs the callback on its own thread; list.append is atomic.
+        await engine.conn.set_trace_callback(statements.append)
+        report = await sweep(
+            engine,
+            cfg.policies_for("app"),
+            SweepOptions(
+                settings=cfg.store_settings("app"),
+                archive=lambda started: Archive("app", "sqlite", settings, started),
+            ),
+        )
+        assert report.outcome is Outcome.SUCCESS, report.error
+    finally:
+        await engine.close()
+    keys = all_keys(control)
+    assert {t for t, *_ in set(keys) - set(all_keys(store))} == set(threads)
+    deletes = [s for s in statements if s.lstrip().startswith("DELETE FROM checkpoints")]
+    segments = list(read_segments(settings.path, "app"))
+    assert 1 <= len(segments) < len(threads)
+    assert len(deletes) == len(segments), "a checkpoint delete per thread, not per batch"
+
+    cfg_path = write_config(tmp_path, store, settings.path, "  - {name: trim, keep_last: 1}")
+    r = cli("restore", "--store", "app", "--from", settings.path, "--all", "--yes", config=cfg_path)
+    assert r.returncode == 0, r.stderr
+    assert raw_rows(store) == raw_rows(control)
+    async with (
+        AsyncSqliteSaver.from_conn_string(str(store)) as a,
+        AsyncSqliteSaver.from_conn_string(str(control)) as b,
+    ):
+        assert await read_all(a, keys) == await read_all(b, keys)
+        for tid in threads:
+            got = await chat_graph(a).aget_state(thread(tid))
+            want = await chat_graph(b).aget_state(thread(tid))
+            assert got.values == want.values and got.config == want.config
 
 
 # ------------------------------------------------------------------ failures

@@ -7,9 +7,11 @@ Postgres: `checkpoints`, `checkpoint_blobs`, `checkpoint_writes`), the parent
 ids the batch set to NULL (`nulled_parents`), and `archive_meta`.
 
 A segment's life, so that a crash never leaves a half-written file that counts:
-`NNNNNN.partial` (written, `synchronous=FULL`, fsynced with its directory,
-re-opened and verified) -> `NNNNNN.pending.sqlite` (the store's delete may now
-commit) -> `NNNNNN.sqlite` (the delete committed). A `.partial` never counts; a
+`NNNNNN.partial` (the database image, built in memory, written in one go
+and fsynced once, then re-read: the same bytes, and opened as SQLite the row
+counts and checksum of the batch) -> `NNNNNN.pending.sqlite` (renamed, the
+directory fsynced: the store's delete may now commit) -> `NNNNNN.sqlite` (the
+delete committed). A `.partial` never counts; a
 `.pending.sqlite` left by a crash is resolved by the next sweep (`Archive.pending`):
 removed when its rows are still in the store, promoted when they are gone.
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import os
 import re
@@ -37,6 +40,7 @@ import shutil
 import sqlite3
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -150,6 +154,10 @@ def archive_factory(store: StoreConfig, config: ArchiveConfig | None) -> Archive
 # -- checksum ---------------------------------------------------------------
 
 
+_STORED_TYPES = frozenset({type(None), int, float, str, bytes})
+"""Python types SQLite stores and returns unchanged (`_normalize` leaves them as they are)."""
+
+
 def _normalize(value: Any) -> Any:
     """The value as SQLite stores and returns it (bool -> int, buffers -> bytes)."""
     if value is None or isinstance(value, str | bytes | float):
@@ -216,12 +224,46 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _write_synced(path: str, data: bytes) -> None:
+    """Write `data` as the whole of `path` and fsync it: one write, one fsync."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _verify_image(path: str, image: bytes, counts: dict[str, int], expected: str) -> None:
+    """Re-read a written segment; raise `OSError` unless it is `image` to the byte and,
+    opened as SQLite, holds `counts` rows per table and records the checksum `expected`.
+
+    The byte comparison covers every row (the image was built from the rows the
+    checksum was computed over), so the rows need not be digested a second time.
+    """
+    chunk = 1 << 20
+    with open(path, "rb") as f:
+        for start in range(0, max(len(image), 1), chunk):
+            if f.read(chunk) != image[start : start + chunk]:
+                raise OSError(f"read back bytes that differ from those written at offset {start}")
+        if f.read(1):
+            raise OSError(f"read back more than the {len(image)} bytes written")
+    conn = _connect_ro(path)
+    try:
+        found = {
+            name: int(conn.execute(COUNT_ROWS.format(table=name)).fetchone()[0])
+            for (name,) in conn.execute(LIST_TABLES).fetchall()
+            if name != META_TABLE
+        }
+        recorded = dict(conn.execute(READ_META).fetchall()).get("sha256", "")
+    finally:
+        conn.close()
+    if found != counts or recorded != expected:
+        raise OSError(
+            f"read back {found} with checksum {recorded[:12]}, wrote {counts} with {expected[:12]}"
+        )
 
 
 def _file_sha256(path: str) -> str:
@@ -467,7 +509,11 @@ class Segment:
         elif held.columns != cols:
             raise ValueError(f"table {table!r} was added with columns {held.columns}, now {cols}")
         try:
-            held.rows.extend(tuple(_normalize(v) for v in row) for row in rows)
+            if {v.__class__ for row in rows for v in row} <= _STORED_TYPES:
+                # What sqlite3 returns needs no conversion (most rows of a sweep).
+                held.rows.extend(tuple(row) for row in rows)
+            else:
+                held.rows.extend(tuple(_normalize(v) for v in row) for row in rows)
         except TypeError as exc:
             raise self.archive.error(f"table {table}: {exc}") from exc
 
@@ -485,7 +531,8 @@ class Segment:
         return len(held.rows) if held else 0
 
     def seal(self) -> None:
-        """Write, fsync, re-open and verify, then rename to `.pending.sqlite`.
+        """Build in memory, write and fsync once, re-read and verify, then rename
+        to `.pending.sqlite` and fsync the directory once.
 
         Raises `ArchiveError` (leaving no file behind) when any step fails or
         the store's archive would pass `max_bytes`. An empty segment writes nothing.
@@ -500,20 +547,19 @@ class Segment:
         partial = os.path.join(local_dir, f"{self.number:06d}{PARTIAL_SUFFIX}")
         tables = {name: t for name, t in self._tables.items() if t.rows}
         self.counts = {name: len(t.rows) for name, t in tables.items()}
-        expected = checksum(
-            (name, t.columns, (row_digest(r) for r in t.rows)) for name, t in tables.items()
-        )
         try:
-            self._write(partial, tables, expected)
-            _fsync_file(partial)
-            _fsync_dir(local_dir)
-            counts, found = _verify_file(partial)
-            if counts != self.counts or found != expected:
-                raise OSError(
-                    f"read back {counts} with checksum {found[:12]}, "
-                    f"wrote {self.counts} with {expected[:12]}"
+            # hashlib lets go of the GIL over each row's bytes, so the digests
+            # overlap the image's inserts (which SQLite runs without it too).
+            with ThreadPoolExecutor(1, thread_name_prefix="archive-checksum") as pool:
+                digest = pool.submit(
+                    checksum,
+                    ((n, t.columns, (row_digest(r) for r in t.rows)) for n, t in tables.items()),
                 )
-            self.bytes = os.path.getsize(partial)
+                image = self._image(tables, digest.result)
+            expected = digest.result()
+            _write_synced(partial, image)
+            _verify_image(partial, image, self.counts, expected)
+            self.bytes = len(image)
             limit = archive.settings.max_bytes
             if limit is not None:
                 used = archive._used_bytes()
@@ -544,13 +590,16 @@ class Segment:
         archive.segments_written += 1
         archive.bytes_written += self.bytes
 
-    def _write(self, partial: str, tables: dict[str, _Table], expected: str) -> None:
+    def _image(self, tables: dict[str, _Table], expected: Callable[[], str]) -> bytes:
+        """The segment as the bytes of a SQLite database file, built in memory.
+
+        In memory, not in the `.partial` itself: a `.partial` never counts, so
+        a journal and the fsyncs of its commit would buy nothing, and the bytes
+        in hand let the seal compare the file it wrote with them exactly.
+        """
         archive = self.archive
-        _remove(partial)
-        conn = sqlite3.connect(partial, isolation_level=None)
+        conn = sqlite3.connect(":memory:", isolation_level=None)
         try:
-            conn.execute("PRAGMA journal_mode=DELETE")
-            conn.execute("PRAGMA synchronous=FULL")
             conn.execute("BEGIN")
             for name, t in sorted(tables.items()):
                 cols = ", ".join(f'"{c}"' for c in t.columns)
@@ -572,13 +621,14 @@ class Segment:
                 "tool": "checkpoint-janitor",
                 "tool_version": _tool_version(),
                 "checksum_method": CHECKSUM_METHOD,
-                "sha256": expected,
+                "sha256": expected(),
                 **{f"rows.{name}": str(n) for name, n in sorted(self.counts.items())},
             }
             conn.executemany(
                 f"INSERT INTO {META_TABLE} (key, value) VALUES (?, ?)", sorted(meta.items())
             )
             conn.execute("COMMIT")
+            return conn.serialize()
         finally:
             conn.close()
 
@@ -676,6 +726,7 @@ def _discard(archive: Archive, pending: str) -> None:
         raise archive.error(f"cannot remove the segment: {exc}", archive._shown(pending)) from exc
 
 
+@functools.cache
 def _tool_version() -> str:
     try:
         return metadata.version("checkpoint-janitor")

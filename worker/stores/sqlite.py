@@ -423,6 +423,24 @@ AND EXISTS (
     AND p.checkpoint_id = checkpoints.parent_checkpoint_id
 )
 """
+# `_trim_many`'s statements with an archive: the same batch-wide ranges (one
+# trip to aiosqlite's thread per statement, not one per thread), each delete
+# returning the whole rows it removes, and the parents to be nulled read
+# first by the UPDATE's own WHERE (RETURNING would show the NULLs).
+ARCHIVE_BATCH_TRIM_NULL_PARENTS_SQL = f"""
+SELECT thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id FROM checkpoints
+WHERE (thread_id, checkpoint_ns, checkpoint_id) IN ({_BATCH_KEPT_WITH_PARENT_GOING})
+"""
+ARCHIVE_BATCH_TRIM_WRITES_SQL = f"""
+DELETE FROM writes
+WHERE (thread_id, checkpoint_ns, checkpoint_id) IN ({_BATCH_RANGE.format(op="<", more="")})
+RETURNING *
+"""
+ARCHIVE_BATCH_TRIM_CHECKPOINTS_SQL = f"""
+DELETE FROM checkpoints
+WHERE (thread_id, checkpoint_ns, checkpoint_id) IN ({_BATCH_RANGE.format(op="<", more="")})
+RETURNING *
+"""
 # Recovery of a `.pending` segment: one still-present key means its delete never committed.
 CHECKPOINT_PRESENT_SQL = """
 SELECT 1 FROM checkpoints WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id = ?
@@ -1084,7 +1102,7 @@ class SqliteStore:
                     expiring[len(results)] = tid
                     results.append(WorkResult(tid, Counts()))
                     continue
-                if seg is None and tid not in repeated and _ranges_only(work):
+                if tid not in repeated and _ranges_only(work):
                     # Placeholder: every such trim of the batch goes in one set of statements.
                     trimming[len(results)] = work
                     results.append(WorkResult(tid, Counts()))
@@ -1095,7 +1113,7 @@ class SqliteStore:
                     current.update(await self._fingerprints([tid]))
                     current.setdefault(tid, ())
             if trimming:
-                trimmed = await self._trim_many(list(trimming.values()))
+                trimmed = await self._trim_many(list(trimming.values()), seg)
                 for i, work in trimming.items():
                     results[i] = WorkResult(work.thread_id, trimmed[work.thread_id])
             if expiring:
@@ -1239,8 +1257,11 @@ class SqliteStore:
         counts.checkpoints += len(sizes)
         counts.bytes += sum(int(r[0]) for r in sizes)
 
-    async def _trim_many(self, works: Sequence[ThreadWork]) -> dict[str, Counts]:
-        """The set-based trims of many threads (one part each), in four statements."""
+    async def _trim_many(
+        self, works: Sequence[ThreadWork], seg: Segment | None = None
+    ) -> dict[str, Counts]:
+        """The set-based trims of many threads (one part each), in four statements
+        (five with `seg`, which gets every row they remove and each parent they null)."""
         ranges = [(w.thread_id, ns, r) for w in works for ns, r in w.ranges.items()]
         counts = {w.thread_id: Counts() for w in works}
         conn = self.conn
@@ -1256,6 +1277,21 @@ class SqliteStore:
         if not bounds:
             return counts
         args = {"bounds": json.dumps(bounds)}
+        if seg is not None:
+            await self._archive_nulled(seg, ARCHIVE_BATCH_TRIM_NULL_PARENTS_SQL, args)
+            await conn.execute(BATCH_TRIM_NULL_PARENTS_SQL, args)
+            # thread_id is the first column of both tables.
+            _, rows = await self._archived(seg, "writes", ARCHIVE_BATCH_TRIM_WRITES_SQL, args)
+            for row in rows:
+                counts[row[0]].writes += 1
+            columns, rows = await self._archived(
+                seg, "checkpoints", ARCHIVE_BATCH_TRIM_CHECKPOINTS_SQL, args
+            )
+            size = _checkpoint_size(columns)
+            for row in rows:
+                counts[row[0]].checkpoints += 1
+                counts[row[0]].bytes += size(row)
+            return counts
         await conn.execute(BATCH_TRIM_NULL_PARENTS_SQL, args)
         for (tid,) in await conn.execute_fetchall(BATCH_TRIM_WRITES_SQL, args):
             counts[tid].writes += 1
