@@ -29,7 +29,7 @@ times on identical copies of it (`CREATE DATABASE ... TEMPLATE base`):
                                    [--dsn postgresql://user:pw@host/postgres]
 
 Without --dsn it starts a private throwaway PostgreSQL cluster
-(tests/pgserver.py) and removes it at the end. With --dsn (a superuser
+(tests/helpers/pgserver.py) and removes it at the end. With --dsn (a superuser
 connection to a maintenance database) the base database is kept and reused
 when its shape matches and it is less than a day old.
 
@@ -275,10 +275,10 @@ class Server:
     def __init__(self, admin_dsn: str | None) -> None:
         self.pg = None
         if admin_dsn is None:
-            from pgserver import PgServer
+            from helpers.pgserver import PgServer
 
             self.pg = PgServer()
-            log("starting a throwaway PostgreSQL cluster (tests/pgserver.py)")
+            log("starting a throwaway PostgreSQL cluster (tests/helpers/pgserver.py)")
             self.pg.start()
             admin_dsn = self.pg.dsn("postgres")
         self.admin_dsn = admin_dsn

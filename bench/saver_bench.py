@@ -3,7 +3,7 @@
 
 Times `aput` through `RetentionSaver(inner, keep_last=20)` against the bare
 saver, on `AsyncSqliteSaver` (a WAL file) and `AsyncPostgresSaver` (a
-throwaway cluster started from tests/pgserver.py), 10,000 puts each:
+throwaway cluster started from tests/helpers/pgserver.py), 10,000 puts each:
 
 - each side has its own store (a file, a database), so the bare store's
   growth does not slow the wrapped one or the other way round;
@@ -219,8 +219,8 @@ async def sqlite_pair(workdir: Path) -> AsyncIterator[tuple[Any, Any, Any, str]]
 
 @contextlib.asynccontextmanager
 async def postgres_pair() -> AsyncIterator[tuple[Any, Any, Any, str]]:
+    from helpers.pgserver import PgServer
     from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
-    from pgserver import PgServer
 
     server = PgServer()
     server.start()
