@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlite_bench import ensure_store, fresh_copy, pct
+from report import pct, write_results
+from sqlite_bench import ensure_store, fresh_copy
 from synthetic import log
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,7 +142,7 @@ def main() -> None:
     res["c_writer_errors"] = len(w["errors"])
     res["c_writer_turns"] = sum(w["done"].values())
     log(json.dumps(res, indent=2))
-    (a.workdir / "reclaim-results.json").write_text(json.dumps(res, indent=2))
+    write_results(a.workdir / "reclaim-results.json", res)
 
 
 if __name__ == "__main__":
