@@ -53,13 +53,13 @@ from pathlib import Path
 from typing import Any
 
 from langgraph.checkpoint.sqlite import SqliteSaver
+from report import janitor_cmd, write_results
 from sqlite_bench import (
     KEEP_LAST,
     code_version,
     ensure_store,
     file_size,
     fresh_copy,
-    janitor_cmd,
     loadavg,
     machine,
     remove_db,
@@ -418,7 +418,7 @@ def main() -> None:
         for r in reps
     )
     res["finished_at"] = datetime.now(UTC).isoformat()
-    (workdir / "archive-results.json").write_text(json.dumps(res, indent=2))
+    write_results(workdir / "archive-results.json", res)
     print_report(res)
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import sqlite3
 import statistics
@@ -43,6 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from report import write_results
 from sqlite_bench import (
     IDLE_DAYS,
     code_version,
@@ -203,7 +203,7 @@ def main() -> None:
     res["target_met"] = all(r["orphan_over_idle_seconds"] <= 1.5 for r in reps)
     res["all_same_rows"] = all(r["same_rows"] for r in reps)
     res["finished_at"] = datetime.now(UTC).isoformat()
-    (workdir / "orphan-results.json").write_text(json.dumps(res, indent=2))
+    write_results(workdir / "orphan-results.json", res)
     print()
     print("rep  order         orphan s  idle s  ratio  orphan RSS  idle RSS  expired  same rows")
     for n, r in enumerate(reps, 1):

@@ -29,7 +29,7 @@ times on identical copies of it (`CREATE DATABASE ... TEMPLATE base`):
                                    [--dsn postgresql://user:pw@host/postgres]
 
 Without --dsn it starts a private throwaway PostgreSQL cluster
-(tests/pgserver.py) and removes it at the end. With --dsn (a superuser
+(tests/helpers/pgserver.py) and removes it at the end. With --dsn (a superuser
 connection to a maintenance database) the base database is kept and reused
 when its shape matches and it is less than a day old.
 
@@ -73,7 +73,6 @@ import traceback
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +86,23 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+from report import (  # noqa: E402
+    child_usage,
+    cpu_model,
+    fmt,
+    janitor_cmd,
+    print_table,
+    print_verdict,
+    print_writer_load,
+    ram_gib,
+    under_time,
+    version,
+    write_results,
+)
+from report import latency_stats as _latency_stats  # noqa: E402
+from report import mb as _mb  # noqa: E402
+from report import rounded as _r  # noqa: E402
+from report import summarize_writer as _summarize_writer  # noqa: E402
 from synthetic import MESSAGES, log, uuid6_at, uuid6_time  # noqa: E402
 
 from worker.stores.postgres import connect_kwargs  # noqa: E402
@@ -275,10 +291,10 @@ class Server:
     def __init__(self, admin_dsn: str | None) -> None:
         self.pg = None
         if admin_dsn is None:
-            from pgserver import PgServer
+            from helpers.pgserver import PgServer
 
             self.pg = PgServer()
-            log("starting a throwaway PostgreSQL cluster (tests/pgserver.py)")
+            log("starting a throwaway PostgreSQL cluster (tests/helpers/pgserver.py)")
             self.pg.start()
             admin_dsn = self.pg.dsn("postgres")
         self.admin_dsn = admin_dsn
@@ -654,6 +670,9 @@ def rowset_digest(dsn: str) -> dict[str, list[Any]]:
 
 
 def pct(values: list[float], p: float) -> float | None:
+    # Not report.pct: round() goes half to even, so where p/100*n is an odd
+    # integer this picks one rank higher than nearest rank. Kept so figures stay
+    # comparable with those in docs/benchmarks.md; the Postgres figures use it.
     if not values:
         return None
     s = sorted(values)
@@ -662,19 +681,15 @@ def pct(values: list[float], p: float) -> float | None:
 
 
 def latency_stats(values: list[float]) -> dict[str, Any]:
-    ms = [v * 1000 for v in values]
-    return {
-        "n": len(ms),
-        "p50_ms": _r(pct(ms, 50)),
-        "p99_ms": _r(pct(ms, 99)),
-        "p99_9_ms": _r(pct(ms, 99.9)),
-        "max_ms": _r(max(ms) if ms else None),
-        "mean_ms": _r(statistics.fmean(ms) if ms else None),
-    }
+    return _latency_stats(values, pct)
 
 
-def _r(v: float | None, nd: int = 2) -> float | None:
-    return None if v is None else round(v, nd)
+def summarize_writer(result: dict[str, Any], t_from: float | None, t_to: float | None) -> dict:
+    return _summarize_writer(result, t_from, t_to, pct)
+
+
+def mb(n: int | None) -> str:
+    return _mb(n, "MB")
 
 
 _DURATION_RE = re.compile(r"duration: ([0-9.]+) ms\s+(statement|execute|parse|bind)[^:]*: ?(.*)")
@@ -819,11 +834,6 @@ def default_pause_factor() -> float:
     return float(BatchSettings().pause_factor)
 
 
-def janitor_cmd() -> list[str]:
-    exe = Path(sys.executable).with_name("checkpoint-janitor")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "worker"]
-
-
 @dataclass
 class WorkerRun:
     returncode: int
@@ -856,9 +866,7 @@ def run_worker(
     tag += RUN_SUFFIX
     timefile = workdir / f"time-{tag}.txt"
     errfile = workdir / f"worker-{tag}.log"
-    use_time = Path("/usr/bin/time").exists()
-    if use_time:
-        cmd = ["/usr/bin/time", "-v", "-o", str(timefile), *cmd]
+    cmd, use_time = under_time(cmd, timefile)
     env = {**os.environ, "BENCH_PG_DSN": dsn}
     wal0 = wal_lsn(dsn)
     log_off = server.log_offset()
@@ -869,15 +877,7 @@ def run_worker(
         wall = time.monotonic() - t0
         ended = time.time()
     wal = wal_lsn(dsn) - wal0
-    peak = None
-    if use_time and timefile.exists():
-        for line in timefile.read_text().splitlines():
-            if "Maximum resident set size" in line:
-                peak = int(line.rsplit(":", 1)[1])
-    else:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    peak, _cpu = child_usage(use_time, timefile)
     run = WorkerRun(proc.returncode, wall, peak, wal, started_at=started, ended_at=ended)
     run.pause_factor = default_pause_factor() if pause_factor is None else pause_factor
     text = errfile.read_text(errors="replace")
@@ -1133,27 +1133,6 @@ def swept_heads(dsn: str, count: int, seed: str) -> list[list[str]]:
         ).fetchall()
     rng = random.Random(seed)
     return [list(r) for r in rng.sample(rows, min(count, len(rows)))]
-
-
-def summarize_writer(result: dict[str, Any], t_from: float | None, t_to: float | None) -> dict:
-    recs = [
-        r
-        for r in result["records"]
-        if (t_from is None or r["t"] >= t_from) and (t_to is None or r["t"] <= t_to)
-    ]
-    errors = [r["error"] for r in recs if "error" in r]
-    aput = [r["aput"] for r in recs if "error" not in r]
-    writes = [r["aput_writes"] for r in recs if "aput_writes" in r]
-    span = (recs[-1]["t"] - recs[0]["t"]) if len(recs) > 1 else 0.0
-    return {
-        "puts": len(recs),
-        "seconds": round(span, 1),
-        "puts_per_s": round(len(recs) / span, 1) if span else None,
-        "errors": len(errors),
-        "error_samples": sorted(set(errors))[:3],
-        "aput": latency_stats(aput),
-        "aput_writes": latency_stats(writes),
-    }
 
 
 def run_b_load(
@@ -1724,36 +1703,18 @@ def run_explain(server: Server, base: str, workdir: Path, now: float) -> dict[st
 
 
 def machine() -> dict[str, Any]:
-    mem = None
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = round(int(line.split()[1]) / 1024 / 1024, 1)
-    cpu = None
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-
-    def ver(d: str) -> str | None:
-        try:
-            return importlib_metadata.version(d)
-        except importlib_metadata.PackageNotFoundError:
-            return None
-
     return {
         "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "ram_gib": mem,
+        "cpu": cpu_model(),
+        "ram_gib": ram_gib(),
         "loadavg_at_start": os.getloadavg(),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "langgraph": ver("langgraph"),
-        "langgraph-checkpoint-postgres": ver("langgraph-checkpoint-postgres"),
-        "asyncpg": ver("asyncpg"),
-        "psycopg": ver("psycopg"),
-        "checkpoint-janitor": ver("checkpoint-janitor"),
+        "langgraph": version("langgraph"),
+        "langgraph-checkpoint-postgres": version("langgraph-checkpoint-postgres"),
+        "asyncpg": version("asyncpg"),
+        "psycopg": version("psycopg"),
+        "checkpoint-janitor": version("checkpoint-janitor"),
     }
 
 
@@ -1772,20 +1733,6 @@ def git_state() -> dict[str, Any]:
         "head": git("rev-parse", "--short", "HEAD"),
         "dirty_engine_files": git("status", "--porcelain", "--", "worker", "policies").splitlines(),
     }
-
-
-def mb(n: int | None) -> str:
-    return "-" if n is None else f"{n / 1024 / 1024:,.1f} MB"
-
-
-def fmt(v: Any, unit: str = "") -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:,.2f}{unit}"
-    if isinstance(v, int):
-        return f"{v:,}{unit}"
-    return f"{v}{unit}"
 
 
 def ratios(res: dict[str, Any]) -> dict[str, Any]:
@@ -2020,30 +1967,10 @@ def print_report(res: dict[str, Any]) -> None:
             )
         )
         rows.append(wrow("(b') janitor keep_last 1", w, w["shape"]["ok"] and c["same_rows"]))
-    widths = [max(len(str(r[i])) for r in [hdr, *rows]) for i in range(len(hdr))]
-    for r in [hdr, *rows]:
-        print(
-            "  ".join(
-                str(x).rjust(wd) if i else str(x).ljust(wd)
-                for i, (x, wd) in enumerate(zip(r, widths, strict=True))
-            )
-        )
+    print_table(hdr, rows)
     if bl := res.get("b_load"):
         print()
-        for label, d in (
-            ("writer alone (baseline)", bl["writer_baseline"]),
-            ("writer during sweep", bl["writer_during_sweep"]),
-        ):
-            ap = d["aput"]
-            print(
-                f"{label:>24}: {d['puts']} puts ({d['puts_per_s']}/s), errors {d['errors']},"
-                f" aput p50 {ap['p50_ms']} ms, p99 {ap['p99_ms']} ms,"
-                f" p99.9 {ap['p99_9_ms']} ms, max {ap['max_ms']} ms"
-            )
-        print(
-            f"{'':>24}  writer checkpoints lost: {bl['writer_checkpoints_lost']}"
-            f" of {bl['writer_checkpoints_committed']}"
-        )
+        print_writer_load(bl, "writer alone (baseline)", "writer during sweep")
     if rc := res.get("reclaim"):
         print_reclaim(rc)
     reps = res.get("repetitions", [])
@@ -2052,13 +1979,7 @@ def print_report(res: dict[str, Any]) -> None:
         print("per repetition:")
         for name in res.get("ratios", {}):
             print(f"  ratio {name}: {[one.get('ratios', {}).get(name) for one in reps]}")
-    print()
-    for k, v in res.get("ratios", {}).items():
-        print(f"ratio {k}: {v}")
-    print()
-    for t in res.get("targets", []):
-        mark = {True: "MET", False: "MISSED", None: "?"}[t["met"]]
-        print(f"  [{mark:>6}] {t['target']}: {t['measured']}")
+    print_verdict(res.get("ratios", {}), res.get("targets", []))
     print("=" * 110)
 
 
@@ -2327,8 +2248,8 @@ def main() -> None:
     res["finished_at"] = datetime.now(UTC).isoformat()
     res["git_at_end"] = git_state()
     out = workdir / f"results-{args.threads}x{args.per_thread}.json"
-    out.write_text(json.dumps(res, indent=2))
-    (workdir / "results.json").write_text(json.dumps(res, indent=2))
+    write_results(out, res)
+    write_results(workdir / "results.json", res)
     print_report(res)
     log(f"results written to {out}")
 

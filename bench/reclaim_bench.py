@@ -7,7 +7,7 @@ On copies of the `sqlite_bench.py` store after `once` with keep_last 5:
   (b) `checkpoint-janitor reclaim --convert`: time and file size after it;
   (c) on (b)'s converted file, a second sweep (keep_last 2), then
       `checkpoint-janitor reclaim` while an application process writes chat
-      turns through the real `AsyncSqliteSaver` (tests/live_writer.py): time,
+      turns through the real `AsyncSqliteSaver` (tests/helpers/live_writer.py): time,
       steps, the longest step (write lock held), the writer's p99 turn latency
       during it and its errors, and the file size.
 
@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlite_bench import ensure_store, fresh_copy, pct
+from report import pct, write_results
+from sqlite_bench import ensure_store, fresh_copy
 from synthetic import log
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,7 +117,7 @@ def main() -> None:
     res["c_vs_vacuum"] = round(res["c_quiet_bytes"] / res["c_vacuum_bytes"], 3)
     out_path = a.workdir / "reclaim-writer.json"
     writer = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "live_writer.py"), str(db),
+        [sys.executable, str(ROOT / "tests" / "helpers" / "live_writer.py"), str(db),
          str(a.writer_seconds), str(out_path), *[f"live-{i}" for i in range(300)]],
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
@@ -141,7 +142,7 @@ def main() -> None:
     res["c_writer_errors"] = len(w["errors"])
     res["c_writer_turns"] = sum(w["done"].values())
     log(json.dumps(res, indent=2))
-    (a.workdir / "reclaim-results.json").write_text(json.dumps(res, indent=2))
+    write_results(a.workdir / "reclaim-results.json", res)
 
 
 if __name__ == "__main__":

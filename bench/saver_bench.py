@@ -3,7 +3,7 @@
 
 Times `aput` through `RetentionSaver(inner, keep_last=20)` against the bare
 saver, on `AsyncSqliteSaver` (a WAL file) and `AsyncPostgresSaver` (a
-throwaway cluster started from tests/pgserver.py), 10,000 puts each:
+throwaway cluster started from tests/helpers/pgserver.py), 10,000 puts each:
 
 - each side has its own store (a file, a database), so the bare store's
   growth does not slow the wrapped one or the other way round;
@@ -39,7 +39,6 @@ import tempfile
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +49,10 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.base.id import uuid6
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from prometheus_client import CollectorRegistry
+from report import cpu_model, version
+from synthetic import log
 
 from worker.saver import RetentionSaver
-
-
-def log(msg: str) -> None:
-    print(f"[{datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 class Workload:
@@ -219,8 +216,8 @@ async def sqlite_pair(workdir: Path) -> AsyncIterator[tuple[Any, Any, Any, str]]
 
 @contextlib.asynccontextmanager
 async def postgres_pair() -> AsyncIterator[tuple[Any, Any, Any, str]]:
+    from helpers.pgserver import PgServer
     from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
-    from pgserver import PgServer
 
     server = PgServer()
     server.start()
@@ -241,27 +238,15 @@ async def postgres_pair() -> AsyncIterator[tuple[Any, Any, Any, str]]:
 
 
 def machine() -> dict[str, Any]:
-    def version(pkg: str) -> str:
-        try:
-            return importlib_metadata.version(pkg)
-        except importlib_metadata.PackageNotFoundError:
-            return "-"
-
-    cpu = platform.processor() or "-"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     return {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu,
+        "cpu": cpu_model() or platform.processor() or "-",
         "cpus": os.cpu_count(),
         "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),
         "platform": platform.platform(),
         "packages": {
-            p: version(p)
+            p: version(p) or "-"
             for p in (
                 "langgraph",
                 "langgraph-checkpoint",

@@ -39,10 +39,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import itertools
 import json
-import math
 import os
 import platform
 import random
@@ -57,12 +55,28 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
 from langgraph.checkpoint.base import empty_checkpoint, get_checkpoint_metadata
 from langgraph.checkpoint.sqlite import SqliteSaver
+from report import (
+    child_usage,
+    cpu_model,
+    fmt,
+    janitor_cmd,
+    mb,
+    pct,
+    print_table,
+    print_verdict,
+    print_writer_load,
+    ram_gib,
+    summarize_writer,
+    under_time,
+    version,
+    write_results,
+)
+from report import rounded as _r
 from synthetic import MESSAGES, log, uuid6_at, uuid6_time
 
 BENCH_FORMAT = 3  # bump when the generated layout changes (invalidates the cache)
@@ -527,30 +541,6 @@ def shape_after_trim(db: Path, n_threads: int) -> dict[str, Any]:
     }
 
 
-def pct(values: list[float], p: float) -> float | None:
-    if not values:
-        return None
-    s = sorted(values)
-    k = min(len(s) - 1, max(0, math.ceil(p / 100 * len(s)) - 1))  # nearest rank
-    return s[k]
-
-
-def latency_stats(values: list[float]) -> dict[str, Any]:
-    ms = [v * 1000 for v in values]
-    return {
-        "n": len(ms),
-        "p50_ms": _r(pct(ms, 50)),
-        "p99_ms": _r(pct(ms, 99)),
-        "p99_9_ms": _r(pct(ms, 99.9)),
-        "max_ms": _r(max(ms) if ms else None),
-        "mean_ms": _r(statistics.fmean(ms) if ms else None),
-    }
-
-
-def _r(v: float | None, nd: int = 2) -> float | None:
-    return None if v is None else round(v, nd)
-
-
 # =========================================================== (a)
 
 A_SQL = [
@@ -633,11 +623,6 @@ def write_config(
     return path
 
 
-def janitor_cmd() -> list[str]:
-    exe = Path(sys.executable).with_name("checkpoint-janitor")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "worker"]
-
-
 @dataclass
 class WorkerRun:
     returncode: int
@@ -663,9 +648,7 @@ def run_worker(
     tag += RUN_SUFFIX
     timefile = workdir / f"time-{tag}.txt"
     errfile = workdir / f"worker-{tag}.log"
-    use_time = Path("/usr/bin/time").exists()
-    if use_time:
-        cmd = ["/usr/bin/time", "-v", "-o", str(timefile), *cmd]
+    cmd, use_time = under_time(cmd, timefile)
     load0 = loadavg()
     with WalSampler(db) as wal, open(errfile, "wb") as err:
         started = time.time()
@@ -673,20 +656,7 @@ def run_worker(
         proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=err, check=False)
         wall = time.monotonic() - t0
         ended = time.time()
-    peak = None
-    cpu: dict[str, float] = {}
-    if use_time and timefile.exists():
-        for line in timefile.read_text().splitlines():
-            if "Maximum resident set size" in line:
-                peak = int(line.rsplit(":", 1)[1])
-            elif "User time (seconds)" in line:
-                cpu["user_s"] = float(line.rsplit(":", 1)[1])
-            elif "System time (seconds)" in line:
-                cpu["sys_s"] = float(line.rsplit(":", 1)[1])
-    else:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    peak, cpu = child_usage(use_time, timefile)
     run = WorkerRun(proc.returncode, wall, peak, wal.max, started_at=started, ended_at=ended)
     run.cpu = cpu
     run.code = code_version()
@@ -1002,27 +972,6 @@ def swept_heads(db: Path, count: int, seed: str) -> list[list[str]]:
     return [list(r) for r in rng.sample(rows, min(count, len(rows)))]
 
 
-def summarize_writer(result: dict[str, Any], t_from: float | None, t_to: float | None) -> dict:
-    recs = [
-        r
-        for r in result["records"]
-        if (t_from is None or r["t"] >= t_from) and (t_to is None or r["t"] <= t_to)
-    ]
-    errors = [r["error"] for r in recs if "error" in r]
-    aput = [r["aput"] for r in recs if "error" not in r]
-    writes = [r["aput_writes"] for r in recs if "aput_writes" in r]
-    span = (recs[-1]["t"] - recs[0]["t"]) if len(recs) > 1 else 0.0
-    return {
-        "puts": len(recs),
-        "seconds": round(span, 1),
-        "puts_per_s": round(len(recs) / span, 1) if span else None,
-        "errors": len(errors),
-        "error_samples": sorted(set(errors))[:3],
-        "aput": latency_stats(aput),
-        "aput_writes": latency_stats(writes),
-    }
-
-
 def run_b_load(
     base: Path,
     workdir: Path,
@@ -1193,49 +1142,17 @@ def run_c(base: Path, workdir: Path) -> dict[str, Any]:
 
 
 def machine() -> dict[str, Any]:
-    mem = None
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = round(int(line.split()[1]) / 1024 / 1024, 1)
-    cpu = None
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-
-    def ver(d: str) -> str | None:
-        try:
-            return importlib_metadata.version(d)
-        except importlib_metadata.PackageNotFoundError:
-            return None
-
     return {
         "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "ram_gib": mem,
+        "cpu": cpu_model(),
+        "ram_gib": ram_gib(),
         "sqlite": sqlite3.sqlite_version,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "langgraph": ver("langgraph"),
-        "langgraph-checkpoint-sqlite": ver("langgraph-checkpoint-sqlite"),
-        "checkpoint-janitor": ver("checkpoint-janitor"),
+        "langgraph": version("langgraph"),
+        "langgraph-checkpoint-sqlite": version("langgraph-checkpoint-sqlite"),
+        "checkpoint-janitor": version("checkpoint-janitor"),
     }
-
-
-def mb(n: int | None) -> str:
-    return "-" if n is None else f"{n / 1024 / 1024:,.1f} MiB"
-
-
-def fmt(v: Any, unit: str = "") -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:,.2f}{unit}"
-    if isinstance(v, int):
-        return f"{v:,}{unit}"
-    return f"{v}{unit}"
 
 
 def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
@@ -1343,17 +1260,6 @@ def ratios_of(one: dict[str, Any]) -> dict[str, float]:
 def worker_cpu(run: dict[str, Any]) -> str:
     cpu = run.get("cpu_seconds") or {}
     return fmt(round(cpu["user_s"] + cpu["sys_s"], 1)) if cpu else "-"
-
-
-def print_table(hdr: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(str(r[i])) for r in [hdr, *rows]) for i in range(len(hdr))]
-    for r in [hdr, *rows]:
-        print(
-            "  ".join(
-                str(x).rjust(wd) if i else str(x).ljust(wd)
-                for i, (x, wd) in enumerate(zip(r, widths, strict=True))
-            )
-        )
 
 
 def print_report(res: dict[str, Any]) -> None:
@@ -1525,20 +1431,7 @@ def print_report(res: dict[str, Any]) -> None:
     loaded += [(f"tb {v}", t) for v, t in res.get("tb", {}).items()]
     for name, bl in loaded:
         print()
-        for label, d in (
-            (f"{name} writer alone", bl["writer_baseline"]),
-            (f"{name} writer in sweep", bl["writer_during_sweep"]),
-        ):
-            ap = d["aput"]
-            print(
-                f"{label:>24}: {d['puts']} puts ({d['puts_per_s']}/s), errors {d['errors']},"
-                f" aput p50 {ap['p50_ms']} ms, p99 {ap['p99_ms']} ms,"
-                f" p99.9 {ap['p99_9_ms']} ms, max {ap['max_ms']} ms"
-            )
-        print(
-            f"{'':>24}  writer checkpoints lost: {bl['writer_checkpoints_lost']}"
-            f" of {bl['writer_checkpoints_committed']}"
-        )
+        print_writer_load(bl, f"{name} writer alone", f"{name} writer in sweep")
     reps = res.get("repetitions", [])
     if len(reps) > 1:
         print()
@@ -1556,13 +1449,7 @@ def print_report(res: dict[str, Any]) -> None:
                 print(f"  {key}: {vals}")
         for name in reps[0]["ratios"]:
             print(f"  ratio {name}: {[one['ratios'][name] for one in reps]}")
-    print()
-    for k, v in res.get("ratios", {}).items():
-        print(f"ratio {k}: {v}")
-    print()
-    for t in res.get("targets", []):
-        mark = {True: "MET", False: "MISSED", None: "?"}[t["met"]]
-        print(f"  [{mark:>6}] {t['target']}: {t['measured']}")
+    print_verdict(res.get("ratios", {}), res.get("targets", []))
     print("=" * 100)
 
 
@@ -1711,13 +1598,7 @@ def print_scale(res: dict[str, Any]) -> None:
             )
         )
     print_table(hdr, rows)
-    print()
-    for k, v in sc["ratios"].items():
-        print(f"ratio {k}: {v}")
-    print()
-    for t in sc["targets"]:
-        mark = {True: "MET", False: "MISSED", None: "?"}[t["met"]]
-        print(f"  [{mark:>6}] {t['target']}: {t['measured']}")
+    print_verdict(sc["ratios"], sc["targets"])
     print("=" * 100)
 
 
@@ -1798,7 +1679,7 @@ def main() -> None:
         res["finished_at"] = datetime.now(UTC).isoformat()
         res["loadavg_at_end"] = loadavg()
         out = workdir / f"results-scale-{'-'.join(map(str, sizes))}x{args.per_thread}.json"
-        out.write_text(json.dumps(res, indent=2))
+        write_results(out, res)
         print_scale(res)
         log(f"results written to {out}")
         return
@@ -1913,8 +1794,8 @@ def main() -> None:
     res["finished_at"] = datetime.now(UTC).isoformat()
     res["loadavg_at_end"] = loadavg()
     out = workdir / f"results-{args.threads}x{args.per_thread}.json"
-    out.write_text(json.dumps(res, indent=2))
-    (workdir / "results.json").write_text(json.dumps(res, indent=2))
+    write_results(out, res)
+    write_results(workdir / "results.json", res)
     print_report(res)
     log(f"results written to {out}")
 

@@ -1,4 +1,4 @@
-"""Shared fixtures.  Server plumbing lives in tests/pgserver.py; this file only wires it."""
+"""Shared fixtures.  Server plumbing lives in tests/helpers/pgserver.py; this file only wires it."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from pgserver import COLLATIONS, PgServer, unique_db_name
+from helpers.pgserver import COLLATIONS, PgServer, unique_db_name
 
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PgServer]:
-    """One throwaway PostgreSQL cluster per test session (see tests/pgserver.py).
+    """One throwaway PostgreSQL cluster per test session (see tests/helpers/pgserver.py).
 
     If it cannot start: the test fails under CI=true, and is skipped otherwise.
     """

@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.pg_scenarios import Databases, connect, pg_config, pg_saver
+from helpers.pg_scenarios import dump as pg_dump
+from helpers.pgserver import PgServer
+from helpers.scenarios import OLD_DAYS, build_mixed_store, turns
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.base.id import uuid6
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-from pg_scenarios import Databases, connect, pg_config, pg_saver
-from pg_scenarios import dump as pg_dump
-from pgserver import PgServer
-from scenarios import OLD_DAYS, build_mixed_store, turns
 from test_decide import THREAD_IDS
 
 from policies.model import Reason, SkipReason

@@ -12,9 +12,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from daemon_helpers import ChatThreads, build_sqlite
+from helpers.daemon_helpers import ChatThreads, build_sqlite
+from helpers.scenarios import cli, read_all, turns
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-from scenarios import cli, read_all, turns
 
 from policies.ids import checkpoint_time
 from worker.service.demo import chat_graph
@@ -589,7 +589,7 @@ async def test_stats_buckets_are_in_age_order(tmp_path: Path) -> None:
     The store is read in thread-id order: `a-old` (40 days) comes before
     `b-new`, so "first seen" order would put `<90d` before `<1h`.
     """
-    from daemon_helpers import ChatThreads, build_sqlite
+    from helpers.daemon_helpers import ChatThreads, build_sqlite
 
     path = tmp_path / "ages.db"
     await build_sqlite(

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_helpers import (
+from helpers.daemon_helpers import (
     DAY,
     PREFIX,
     ChatThreads,
@@ -41,10 +41,10 @@ from daemon_helpers import (
     pg_rows,
     sqlite_rows,
 )
+from helpers.pg_scenarios import thread_counts
+from helpers.pgserver import PgServer, free_port
+from helpers.scenarios import replicate, turns
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-from pg_scenarios import thread_counts
-from pgserver import PgServer, free_port
-from scenarios import replicate, turns
 
 from worker.service.demo import chat_graph, thread
 
@@ -328,7 +328,7 @@ def test_deleted_bytes_are_what_the_plan_said_and_process_metrics_are_exported(
     before found (nothing writes meanwhile). The daemon is not in dry-run, so
     `dry_run` is 0; prometheus-client's process and platform series are there.
     """
-    from scenarios import cli
+    from helpers.scenarios import cli
 
     app = tmp_path / "app.db"
     asyncio.run(
@@ -368,7 +368,7 @@ def test_a_port_in_use_ends_run_with_one_line_and_exit_1(tmp_path: Path) -> None
     """`metrics.listen` taken by another process: one clear line, exit 1, no store opened."""
     import socket
 
-    from scenarios import cli
+    from helpers.scenarios import cli
 
     app = tmp_path / "app.db"
     asyncio.run(build_sqlite(app, ChatThreads(fresh={"user-1": 3}, aged={})))

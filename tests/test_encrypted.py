@@ -24,12 +24,12 @@ from typing import Any
 
 import aiosqlite
 import pytest
+from helpers.pg_scenarios import Databases, all_keys, pg_saver, run_pg_sweep
+from helpers.pgserver import PgServer
+from helpers.scenarios import OLD_DAYS, build_mixed_store, deferred_graph, read_all, states
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.serde.encrypted import EncryptedSerializer
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-from pg_scenarios import Databases, all_keys, pg_saver, run_pg_sweep
-from pgserver import PgServer
-from scenarios import OLD_DAYS, build_mixed_store, deferred_graph, read_all, states
 
 from worker.service.config_files import load_config_text
 from worker.service.demo import aged, thread

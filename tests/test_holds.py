@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.scenarios import build_mixed_store, cli, read_all, states, turns
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from prometheus_client import CollectorRegistry
-from scenarios import build_mixed_store, cli, read_all, states, turns
 
 from worker import RetentionSaver
 from worker.service.config_files import load_config_text

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pg_scenarios import connect
-from scenarios import cli, turns
+from helpers.pg_scenarios import connect
+from helpers.scenarios import cli, turns
 from test_ttl import Store, run, threads_of
 
 from policies.matching import Ruleset

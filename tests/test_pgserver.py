@@ -7,10 +7,10 @@ from typing import Annotated, TypedDict
 
 import asyncpg
 import pytest
+from helpers.pgserver import PgServer
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from langgraph.graph import END, START, StateGraph
-from pgserver import PgServer
 
 
 async def test_select_one(pg_dsn: str) -> None:

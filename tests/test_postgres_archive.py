@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_helpers import Scrape
-from pg_scenarios import Databases, all_keys, dump, pg_saver, store_yaml
-from pgserver import PgServer
-from scenarios import Gate, build_mixed_store, cli, race_graph, read_all, resume, states
+from helpers.daemon_helpers import Scrape
+from helpers.pg_scenarios import Databases, all_keys, dump, pg_saver, store_yaml
+from helpers.pgserver import PgServer
+from helpers.scenarios import Gate, build_mixed_store, cli, race_graph, read_all, resume, states
 
 from worker.service.demo import thread
 from worker.stores.archive import read_segments

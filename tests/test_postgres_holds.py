@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pg_scenarios import (
+from helpers.pg_scenarios import (
     Databases,
     all_keys,
     blob_keys,
@@ -24,9 +24,9 @@ from pg_scenarios import (
     run_pg_sweep,
     write_config,
 )
-from pgserver import PgServer
+from helpers.pgserver import PgServer
+from helpers.scenarios import build_mixed_store, read_all, states
 from prometheus_client import CollectorRegistry
-from scenarios import build_mixed_store, read_all, states
 from test_holds import HELD, RULES, check_wrapper_honours_holds
 
 from worker import RetentionSaver

@@ -19,7 +19,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from pg_scenarios import (
+from helpers.pg_scenarios import (
     NO_ORPHANS,
     Databases,
     all_keys,
@@ -40,8 +40,8 @@ from pg_scenarios import (
     thread_counts,
     write_config,
 )
-from pgserver import PgServer, free_port
-from scenarios import turns
+from helpers.pgserver import PgServer, free_port
+from helpers.scenarios import turns
 
 from worker.service.demo import aged, chat_graph, thread
 from worker.sweep import Outcome

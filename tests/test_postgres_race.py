@@ -19,9 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
-from langgraph.types import Command
-from pg_scenarios import (
+from helpers.pg_scenarios import (
     Databases,
     all_keys,
     blob_keys,
@@ -33,8 +31,10 @@ from pg_scenarios import (
     run_pg_sweep,
     write_config,
 )
-from pgserver import PgServer
-from scenarios import DAY, Gate, race_graph
+from helpers.pgserver import PgServer
+from helpers.scenarios import DAY, Gate, race_graph
+from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+from langgraph.types import Command
 
 from worker.service.demo import aged, thread
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pg_scenarios import (
+from helpers.pg_scenarios import (
     Databases,
     all_keys,
     cli,
@@ -25,8 +25,8 @@ from pg_scenarios import (
     sessions_gone,
     write_config,
 )
-from pgserver import PgServer
-from scenarios import read_all, turns
+from helpers.pgserver import PgServer
+from helpers.scenarios import read_all, turns
 
 from worker.service.demo import chat_graph
 

@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_helpers import ChatThreads, build_postgres
-from langgraph.types import Command
-from pg_scenarios import (
+from helpers.daemon_helpers import ChatThreads, build_postgres
+from helpers.pg_scenarios import (
     NO_ORPHANS,
     BlobKey,
     Databases,
@@ -43,8 +42,8 @@ from pg_scenarios import (
     thread_counts,
     write_config,
 )
-from pgserver import PgServer
-from scenarios import (
+from helpers.pgserver import PgServer
+from helpers.scenarios import (
     DAY,
     OLD_DAYS,
     Flaky,
@@ -62,6 +61,7 @@ from scenarios import (
     states,
     turns,
 )
+from langgraph.types import Command
 
 from policies.model import Reason
 from worker.service.demo import aged, chat_graph, subgraph_graph, thread

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from scenarios import breakpoint_graph, cli, turns
+from helpers.scenarios import breakpoint_graph, cli, turns
 from test_ttl import Store, run, threads_of
 
 from policies.config import Config

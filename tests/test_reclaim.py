@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.scenarios import build_mixed_store, cli, read_all, replicate, states, turns
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-from scenarios import build_mixed_store, cli, read_all, replicate, states, turns
 
 from worker.service.demo import chat_graph
 
@@ -237,7 +237,7 @@ async def test_incremental_reclaim_beside_a_live_writer(
     live = ["live-1", "live-2", "live-3"]
     out = tmp_path / "writer.json"
     writer = subprocess.Popen(
-        [sys.executable, str(HERE / "live_writer.py"), str(db), "12", str(out), *live],
+        [sys.executable, str(HERE / "helpers" / "live_writer.py"), str(db), "12", str(out), *live],
         env={**os.environ, "PYTHONPATH": str(HERE.parent)},
     )
     # Start once the writer's first turn has committed.

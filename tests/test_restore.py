@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.scenarios import build_mixed_store, cli, read_all, resume, states, turns
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-from scenarios import build_mixed_store, cli, read_all, resume, states, turns
 
 from worker.service.demo import chat_graph, thread
 from worker.stores.archive import Archive, ArchiveSettings, Selection, read_segments
@@ -66,7 +66,7 @@ policies:
 
 @pytest.fixture(scope="module")
 def mixed_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    """One store of every shape (tests/scenarios.py), built once; each test copies it."""
+    """One store of every shape (tests/helpers/scenarios.py), built once; each test copies it."""
     path = tmp_path_factory.mktemp("mixed") / "template.db"
 
     async def build() -> dict[str, str]:

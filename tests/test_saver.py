@@ -1,6 +1,6 @@
 """`RetentionSaver` around every seed saver: retention, invariants, explicit deletions, passthrough.
 
-Graphs are real (tests/scenarios.py, worker/service/demo.py); every store is written
+Graphs are real (tests/helpers/scenarios.py, worker/service/demo.py); every store is written
 by LangGraph through the real saver. A control graph on an unwrapped
 `InMemorySaver` runs the same turns, and the wrapped graph's state must equal
 it after every turn. Postgres tests run on the throwaway server (`pg_dsn`).
@@ -22,14 +22,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from langchain_core.runnables import RunnableConfig
-from langgraph.checkpoint.base import BaseCheckpointSaver
-from langgraph.checkpoint.memory import InMemorySaver
-from langgraph.checkpoint.sqlite import SqliteSaver
-from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-from langgraph.types import Command
-from prometheus_client import CollectorRegistry
-from scenarios import (
+from helpers.scenarios import (
     DAY,
     Gate,
     build_mixed_store,
@@ -43,6 +36,13 @@ from scenarios import (
     root_ids,
     states,
 )
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.checkpoint.sqlite import SqliteSaver
+from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+from langgraph.types import Command
+from prometheus_client import CollectorRegistry
 
 from policies.ids import checkpoint_time
 from worker.saver import RetentionSaver, SaverMetrics

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.scenarios import OLD_DAYS, cli, read_all, turns
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-from scenarios import OLD_DAYS, cli, read_all, turns
 
 from worker.service.demo import aged, chat_graph, thread
 

@@ -17,12 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.scenarios import replicate, turns
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-from scenarios import replicate, turns
 
 from worker.service.demo import chat_graph, thread
 
 HERE = Path(__file__).parent
+LIVE_WRITER = HERE / "helpers" / "live_writer.py"
 THREADS = 3000
 TURNS = 8
 KEEP = 2
@@ -98,7 +99,7 @@ async def test_live_writer_loses_nothing_and_never_sees_locked(tmp_path: Path, b
         }
     out = tmp_path / "writer.json"
     writer = subprocess.Popen(
-        [sys.executable, str(HERE / "live_writer.py"), str(big), "8", str(out), *live, *swept],
+        [sys.executable, str(LIVE_WRITER), str(big), "8", str(out), *live, *swept],
         env={**os.environ, "PYTHONPATH": str(HERE.parent)},
     )
     time.sleep(1.0)

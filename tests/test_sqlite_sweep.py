@@ -17,9 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from langgraph.checkpoint.sqlite import SqliteSaver
-from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-from scenarios import (
+from helpers.scenarios import (
     DAY,
     OLD_DAYS,
     build_mixed_store,
@@ -30,6 +28,8 @@ from scenarios import (
     root_ids,
     states,
 )
+from langgraph.checkpoint.sqlite import SqliteSaver
+from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
 from worker.service.config_files import load_config_text
 from worker.service.demo import aged, chat_graph, thread

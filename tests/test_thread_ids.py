@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import scenarios
+from helpers import scenarios
+from helpers.pg_scenarios import TABLES, cli, connect, pg_saver, run_pg_sweep, write_config
+from helpers.scenarios import OLD_DAYS
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from langgraph.checkpoint.base import BaseCheckpointSaver
@@ -30,8 +32,6 @@ from langgraph.checkpoint.base.id import uuid6
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-from pg_scenarios import TABLES, cli, connect, pg_saver, run_pg_sweep, write_config
-from scenarios import OLD_DAYS
 
 from worker.saver import RetentionSaver
 from worker.service.demo import aged, chat_graph, thread

@@ -11,8 +11,8 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from helpers.scenarios import turns
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-from scenarios import turns
 
 from worker.service.demo import chat_graph
 from worker.stores.engine import ThreadWork, TrimRange

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.pg_scenarios import Databases, pg_saver
+from helpers.pgserver import PgServer
+from helpers.scenarios import DAY, cli, turns
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-from pg_scenarios import Databases, pg_saver
-from pgserver import PgServer
 from prometheus_client import CollectorRegistry
-from scenarios import DAY, cli, turns
 
 from policies.config import Config, Policy
 from policies.decide import expiry_seconds

@@ -5,7 +5,7 @@ module adds what is specific to Postgres: a saver on a DSN, throwaway
 databases copied with `CREATE DATABASE ... TEMPLATE`, full table dumps, the
 orphan queries, bulk replication of a real thread, running a sweep or the CLI
 on a `kind: postgres` store, and two application processes (run this file:
-`python pg_scenarios.py write|fork ...`) that race a sweep.
+`python -m helpers.pg_scenarios write|fork ...`) that race a sweep.
 """
 
 from __future__ import annotations
@@ -24,20 +24,20 @@ from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
 import asyncpg
-import scenarios
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from langgraph.checkpoint.serde.base import SerializerProtocol
 from langgraph.graph import START, StateGraph
-from pgserver import PgServer, PgServerError, unique_db_name
 
+from helpers import scenarios
+from helpers.pgserver import PgServer, PgServerError, unique_db_name
 from policies.config import Config
 from policies.ids import checkpoint_time
 from worker.service.config_files import load_config_text
 from worker.service.demo import chat_graph, thread
 from worker.sweep import SweepOptions, SweepReport, sweep
 
-HERE = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]
 
 Key = tuple[str, str, str]
 TABLES = ("checkpoints", "checkpoint_writes", "checkpoint_blobs")
@@ -411,7 +411,7 @@ def once(cfg: Path, *extra: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        cwd=HERE.parent,
+        cwd=TESTS.parent,
     )
 
 
@@ -428,8 +428,8 @@ def json_events(stderr: str) -> list[dict[str, Any]]:
 def app_process(*args: str) -> subprocess.Popen[bytes]:
     """This file run as an application process (`write` or `fork`)."""
     return subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), *args],
-        env={**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{HERE.parent}"},
+        [sys.executable, "-m", "helpers.pg_scenarios", *args],
+        env={**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{TESTS.parent}"},
     )
 
 

@@ -387,7 +387,7 @@ class PgServer:
                 raise PgServerError(f"initdb failed (exit {result.returncode}):\n{result.stdout}")
             conf = self.data_dir / "postgresql.conf"
             with conf.open("a") as f:  # appending keeps the owner's ownership
-                f.write("\n# added by tests/pgserver.py\ninclude 'pgserver.conf'\n")
+                f.write("\n# added by tests/helpers/pgserver.py\ninclude 'pgserver.conf'\n")
             self._write_settings()
         except BaseException:
             self.close()

@@ -450,7 +450,7 @@ def cli(
         text=True,
         timeout=timeout,
         env={**os.environ, **(env or {})},
-        cwd=Path(__file__).parent.parent,
+        cwd=Path(__file__).parents[2],
     )
     if not terminal:
         return run(input=input)

@@ -26,8 +26,8 @@ from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
-from scenarios import turns
 
+from helpers.scenarios import turns
 from worker.service.demo import aged, approval_graph, chat_graph, thread
 
 PREFIX = "checkpoint_janitor_"
