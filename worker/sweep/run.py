@@ -787,54 +787,66 @@ class _Pass:
         return True
 
     async def _flush(self, parts: list[_Part]) -> None:
-        engine, options, report = self.engine, self.options, self.report
         t0 = time.monotonic()
-        works = [p.work for p in parts]
-        if self.archive is not None:
-            assert isinstance(engine, ArchivingStore)  # `open_archive` checked it
-            results = await engine.apply(works, options.dry_run, self.archive)
-        else:
-            results = await engine.apply(works, options.dry_run)
+        results = await self._apply([p.work for p in parts])
         elapsed = time.monotonic() - t0
-        rows = 0
-        for part, result in zip(parts, results, strict=True):
-            pr = report.policies[part.policy]
-            if result.on_hold:
-                # Held after the scan: the batch's re-check kept it whole.
-                if part.work.thread_id not in self.held_late:
-                    self.held_late.add(part.work.thread_id)
-                    pr.skipped[SkipReason.HELD] += 1
-                continue
-            if result.locked:
-                report.locked_threads += 1
-                pr.skipped[SkipReason.LOCKED] += 1
-                continue
-            if result.changed:
-                report.changed_threads += 1
-                pr.skipped[SkipReason.CHANGED] += 1
-                continue
-            if part.work.bytes:
-                # Sized at the scan; set-based deletes size what they delete.
-                result.counts.bytes = part.work.bytes
-            pr.deleted.add(result.counts)
-            pr.by_reason.setdefault(part.reason, Counts()).add(result.counts)
-            rows += result.counts.checkpoints + result.counts.writes
-            self._note(part, result)
-            if part.work.expire:
-                idle = report.now - part.last_activity if part.last_activity is not None else None
-                log.info(
-                    "thread_expired" if not options.dry_run else "thread_would_expire",
-                    store=engine.name,
-                    thread_id=part.work.thread_id,
-                    policy=part.policy,
-                    reason=part.reason.value,
-                    last_activity=_iso(part.last_activity),
-                    idle_seconds=round(idle) if idle is not None else None,
-                    checkpoints=result.counts.checkpoints,
-                    writes=result.counts.writes,
-                )
-        report.batches += 1
-        report.longest_batch_seconds = max(report.longest_batch_seconds, elapsed)
+        rows = sum(self._tally(part, result) for part, result in zip(parts, results, strict=True))
+        self.report.batches += 1
+        self.report.longest_batch_seconds = max(self.report.longest_batch_seconds, elapsed)
+        await self._pace(parts, rows, elapsed)
+
+    async def _apply(self, works: list[ThreadWork]) -> list[WorkResult]:
+        """One batch through the engine, into the archive when the sweep archives."""
+        if self.archive is not None:
+            assert isinstance(self.engine, ArchivingStore)  # `open_archive` checked it
+            return await self.engine.apply(works, self.options.dry_run, self.archive)
+        return await self.engine.apply(works, self.options.dry_run)
+
+    def _tally(self, part: _Part, result: WorkResult) -> int:
+        """Count one part's result into the report; the rows it deleted (0 when kept whole)."""
+        report = self.report
+        pr = report.policies[part.policy]
+        if result.on_hold:
+            # Held after the scan: the batch's re-check kept it whole.
+            if part.work.thread_id not in self.held_late:
+                self.held_late.add(part.work.thread_id)
+                pr.skipped[SkipReason.HELD] += 1
+            return 0
+        if result.locked:
+            report.locked_threads += 1
+            pr.skipped[SkipReason.LOCKED] += 1
+            return 0
+        if result.changed:
+            report.changed_threads += 1
+            pr.skipped[SkipReason.CHANGED] += 1
+            return 0
+        if part.work.bytes:
+            # Sized at the scan; set-based deletes size what they delete.
+            result.counts.bytes = part.work.bytes
+        pr.deleted.add(result.counts)
+        pr.by_reason.setdefault(part.reason, Counts()).add(result.counts)
+        self._note(part, result)
+        if part.work.expire:
+            self._log_expired(part, result)
+        return result.counts.checkpoints + result.counts.writes
+
+    def _log_expired(self, part: _Part, result: WorkResult) -> None:
+        idle = self.report.now - part.last_activity if part.last_activity is not None else None
+        log.info(
+            "thread_expired" if not self.options.dry_run else "thread_would_expire",
+            store=self.engine.name,
+            thread_id=part.work.thread_id,
+            policy=part.policy,
+            reason=part.reason.value,
+            last_activity=_iso(part.last_activity),
+            idle_seconds=round(idle) if idle is not None else None,
+            checkpoints=result.counts.checkpoints,
+            writes=result.counts.writes,
+        )
+
+    async def _pace(self, parts: list[_Part], rows: int, elapsed: float) -> None:
+        """Log the batch, feed the sizer, and rest as the pacer says before the next one."""
+        engine, options = self.engine, self.options
         contention = engine.contention() if isinstance(engine, WriterAware) else None
         rest = 0.0
         if not options.dry_run:
