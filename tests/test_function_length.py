@@ -18,7 +18,6 @@ ALLOWED = frozenset(
     {
         "worker/service/cli.py:purge_cmd",
         "worker/service/metrics.py:Metrics.__init__",
-        "worker/service/report.py:render_table",
         "worker/stores/postgres.py:PostgresStore.apply",
         "worker/stores/postgres.py:PostgresStore._batch",
         "worker/stores/postgres.py:PostgresStore._count_named",
