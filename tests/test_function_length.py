@@ -17,7 +17,6 @@ MAX_LINES = 60
 ALLOWED = frozenset(
     {
         "worker/service/cli.py:purge_cmd",
-        "worker/service/metrics.py:Metrics.__init__",
         "worker/stores/postgres.py:PostgresStore.apply",
         "worker/stores/postgres.py:PostgresStore._batch",
         "worker/stores/postgres.py:PostgresStore._count_named",
