@@ -16,7 +16,6 @@ MAX_LINES = 60
 
 ALLOWED = frozenset(
     {
-        "worker/service/cli.py:purge_cmd",
         "worker/stores/postgres.py:PostgresStore.apply",
         "worker/stores/postgres.py:PostgresStore._batch",
         "worker/stores/postgres.py:PostgresStore._count_named",
