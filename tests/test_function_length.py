@@ -16,9 +16,6 @@ MAX_LINES = 60
 
 ALLOWED = frozenset(
     {
-        "worker/stores/postgres.py:PostgresStore.apply",
-        "worker/stores/postgres.py:PostgresStore._batch",
-        "worker/stores/postgres.py:PostgresStore._count_named",
         "worker/stores/sqlite.py:SqliteStore.apply",
     }
 )
