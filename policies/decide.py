@@ -25,7 +25,7 @@ import json
 from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from policies.config import Policy, ThreadTTL
 from policies.ids import checkpoint_time
@@ -262,11 +262,7 @@ def decide(view: ThreadView, rules: Ruleset, now: float, grace_seconds: float) -
     """
     tid = view.thread_id
     meta = view.head_metadata
-    by_ns: dict[str, list[CheckpointSummary]] = defaultdict(list)
-    for c in view.checkpoints:
-        by_ns[c.namespace].append(c)
-    for cps in by_ns.values():
-        cps.sort(key=lambda c: c.checkpoint_id, reverse=True)
+    by_ns = _by_namespace(view.checkpoints)
     policy_of = {ns: rules.first_match(tid, ns, meta) for ns in by_ns}
     root_policy = rules.first_match(tid, "", meta)
 
@@ -281,23 +277,14 @@ def decide(view: ThreadView, rules: Ruleset, now: float, grace_seconds: float) -
     if rules.has_orphan_policies and (unanswered := rules.unreconciled(tid, meta)) is not None:
         skips.append(Skip(unanswered.name, SkipReason.REGISTRY_UNAVAILABLE))
     if root_policy is not None and ttl is not None and idle is not None and idle > ttl:
-        protected = any(p is not None and p.protect for p in policy_of.values())
-        if protected:
-            skips.append(Skip(root_policy.name, SkipReason.PROTECTED_NAMESPACE))
-        elif root_policy.interrupted == "keep" and view.head_undecodable:
-            # Never counted as interrupted: it may as well be a finished run.
-            skips.append(Skip(root_policy.name, SkipReason.UNDECODABLE))
-        elif root_policy.interrupted == "keep" and view.waiting is None:
+        verdict = _expiry_verdict(view, root_policy, policy_of, idle)
+        if isinstance(verdict, Skip):
+            skips.append(verdict)
+        elif verdict == "needs_waiting":
             return ThreadDecision(tid, needs_waiting=True, ttl_fallback=ttl_fallback)
-        elif root_policy.interrupted == "keep" and view.waiting:
-            skips.append(Skip(root_policy.name, SkipReason.INTERRUPTED))
         else:
-            reason = Reason.ORPHANED if root_policy.orphaned is not None else Reason.EXPIRED
             return ThreadDecision(
-                tid,
-                expiry=Expiry(root_policy.name, idle, reason),
-                skips=tuple(skips),
-                ttl_fallback=ttl_fallback,
+                tid, expiry=verdict, skips=tuple(skips), ttl_fallback=ttl_fallback
             )
 
     trimmer = _Trimmer(by_ns, policy_of, now, idle, delta_channels_of(view.checkpoints))
@@ -306,16 +293,68 @@ def decide(view: ThreadView, rules: Ruleset, now: float, grace_seconds: float) -
     for ns in sorted(by_ns):
         if ns not in kept and ns not in calls:
             kept[ns] = trimmer.keep(ns)
-    deletions: list[Deletion] = []
-    for ns in sorted(kept):
-        deletions.extend(trimmer.deletions(ns, kept[ns]))
-    deleted_roots = {d.checkpoint_id for d in deletions if d.namespace == ""}
-
+    deletions = [d for ns in sorted(kept) for d in trimmer.deletions(ns, kept[ns])]
     quiet = idle is not None and idle > grace_seconds
-    root_ids = {c.checkpoint_id for c in by_ns.get("", ())}
+    deletions += _call_deletions(trimmer, calls, root_policy, deletions, quiet)
+    skips.extend(
+        Skip(p.name, SkipReason.UNDECODABLE)
+        for ns in [*sorted(kept), *calls]
+        if ns in trimmer.undecodable and (p := policy_of[ns]) is not None
+    )
+    writes = _orphan_writes(view, rules, policy_of, now, grace_seconds) if quiet else []
+    return ThreadDecision(
+        tid,
+        deletions=tuple(deletions),
+        writes=tuple(writes),
+        skips=tuple(skips),
+        ttl_fallback=ttl_fallback,
+    )
+
+
+def _by_namespace(checkpoints: Iterable[CheckpointSummary]) -> dict[str, list[CheckpointSummary]]:
+    """The thread's checkpoints per namespace, newest first."""
+    by_ns: dict[str, list[CheckpointSummary]] = defaultdict(list)
+    for c in checkpoints:
+        by_ns[c.namespace].append(c)
+    for cps in by_ns.values():
+        cps.sort(key=lambda c: c.checkpoint_id, reverse=True)
+    return by_ns
+
+
+def _expiry_verdict(
+    view: ThreadView,
+    root_policy: Policy,
+    policy_of: Mapping[str, Policy | None],
+    idle: float,
+) -> Expiry | Skip | Literal["needs_waiting"]:
+    """An expired thread's fate: it goes whole, a skip says why not, or decode its head first."""
+    if any(p is not None and p.protect for p in policy_of.values()):
+        return Skip(root_policy.name, SkipReason.PROTECTED_NAMESPACE)
+    if root_policy.interrupted == "keep" and view.head_undecodable:
+        # Never counted as interrupted: it may as well be a finished run.
+        return Skip(root_policy.name, SkipReason.UNDECODABLE)
+    if root_policy.interrupted == "keep" and view.waiting is None:
+        return "needs_waiting"
+    if root_policy.interrupted == "keep" and view.waiting:
+        return Skip(root_policy.name, SkipReason.INTERRUPTED)
+    reason = Reason.ORPHANED if root_policy.orphaned is not None else Reason.EXPIRED
+    return Expiry(root_policy.name, idle, reason)
+
+
+def _call_deletions(
+    trimmer: _Trimmer,
+    calls: Sequence[str],
+    root_policy: Policy | None,
+    decided: Sequence[Deletion],
+    quiet: bool,
+) -> list[Deletion]:
+    """Deletions in subgraph call namespaces: whole with their root checkpoint, else trimmed."""
+    deleted_roots = {d.checkpoint_id for d in decided if d.namespace == ""}
+    root_ids = {c.checkpoint_id for c in trimmer.by_ns.get("", ())}
+    deletions: list[Deletion] = []
     for ns in calls:
-        cps = by_ns[ns]
-        policy = policy_of[ns]
+        cps = trimmer.by_ns[ns]
+        policy = trimmer.policy_of[ns]
         if policy is not None and policy.protect:
             continue
         root_id = cps[0].parents.get("")
@@ -332,29 +371,26 @@ def decide(view: ThreadView, rules: Ruleset, now: float, grace_seconds: float) -
             deletions.extend(Deletion(ns, c.checkpoint_id, whole[0], whole[1]) for c in cps)
         else:
             deletions.extend(trimmer.deletions(ns, trimmer.keep(ns)))
-    skips.extend(
-        Skip(p.name, SkipReason.UNDECODABLE)
-        for ns in [*sorted(kept), *calls]
-        if ns in trimmer.undecodable and (p := policy_of[ns]) is not None
-    )
+    return deletions
 
+
+def _orphan_writes(
+    view: ThreadView,
+    rules: Ruleset,
+    policy_of: Mapping[str, Policy | None],
+    now: float,
+    grace_seconds: float,
+) -> list[WritesDeletion]:
+    """A quiet thread's writes whose checkpoint is gone, once older than the grace period."""
     writes: list[WritesDeletion] = []
-    if quiet:
-        for ns, cid in view.orphan_writes:
-            t = checkpoint_time(cid)
-            if t is not None and now - t <= grace_seconds:
-                continue
-            policy = policy_of.get(ns) or rules.first_match(tid, ns, meta)
-            if policy is not None and not policy.protect:
-                writes.append(WritesDeletion(ns, cid, policy.name))
-
-    return ThreadDecision(
-        tid,
-        deletions=tuple(deletions),
-        writes=tuple(writes),
-        skips=tuple(skips),
-        ttl_fallback=ttl_fallback,
-    )
+    for ns, cid in view.orphan_writes:
+        t = checkpoint_time(cid)
+        if t is not None and now - t <= grace_seconds:
+            continue
+        policy = policy_of.get(ns) or rules.first_match(view.thread_id, ns, view.head_metadata)
+        if policy is not None and not policy.protect:
+            writes.append(WritesDeletion(ns, cid, policy.name))
+    return writes
 
 
 class _Trimmer:

@@ -524,16 +524,7 @@ def purge_cmd(
     yes: bool,
 ) -> None:
     """Delete named threads now (user logout, GDPR erasure): every namespace and write."""
-    if bool(threads) == (prefix is not None):
-        _fail(
-            "purge needs --thread ID (one or more) or --thread-prefix PREFIX, not both",
-            EXIT_CONFIG,
-        )
-    if prefix == "":
-        _fail("--thread-prefix must not be empty (it would name every thread)", EXIT_CONFIG)
-    if not yes and not sys.stdin.isatty():
-        # No one can answer the question: say so before any store is opened.
-        _fail("purge asks before deleting; without a terminal, pass --yes", EXIT_CONFIG)
+    _check_purge_args(threads, prefix, yes)
     config = _load(ctx)
     named = list(dict.fromkeys(threads))
     stores = _stores(config, only)
@@ -550,59 +541,92 @@ def purge_cmd(
         factory = archive_factory(store, config.archive_for(store.name)) if keep_archive else None
 
         async def body(engine: StoreEngine, factory: ArchiveFactory | None = factory) -> bool:
-            found = await purge(engine, named, prefix, dry_run=True)
-            if prefix is not None:
-                what = f"threads {prefix!r}*"
-            elif len(named) == 1:
-                what = f"thread {named[0]!r}"
-            else:
-                what = f"threads {', '.join(map(repr, named))}"
-            blobs = f", {found.blobs} blobs" if found.blobs else ""
-            click.echo(
-                f"store {engine.name}: {what}: {found.threads} threads, "
-                f"{found.checkpoints} checkpoints, {found.writes} writes{blobs}"
-            )
-            if found.threads == 0:
-                return True
-            if not yes and not click.confirm("Delete them?", default=False):
-                click.echo("nothing deleted")
-                return True
-            archive = await open_archive(engine, factory, time.time()) if factory else None
-            try:
-                done = await purge(engine, named, prefix, dry_run=False, archive=archive)
-            finally:
-                if archive is not None:
-                    archive.close()
-            blobs = f", {done.blobs} blobs" if done.blobs else ""
-            kept = ""
-            if archive is not None:
-                kept = f"; archived {sum(archive.completed_rows.values())} rows"
-            click.echo(
-                f"store {engine.name}: deleted {done.threads} threads, "
-                f"{done.checkpoints} checkpoints, {done.writes} writes{blobs}{kept}"
-            )
-            return True
+            return await _purge_store(engine, named, prefix, yes, factory)
 
-        try:
-            asyncio.run(_with_engine(config, store, body))
-        except StoreError as e:
-            log.error("store_unavailable", store=store.name, error=str(e))
-            failed = True
-        except ArchiveError as e:
-            # The batch that could not be archived deleted nothing.
-            click.echo(f"checkpoint-janitor: {e}", err=True)
-            failed = True
-        except HeldThreadsError as e:
-            # Held while the purge ran: the batch's re-check kept them whole.
-            done = e.deleted or Counts()
-            _fail(
-                f"store {store.name}: deleted {done.threads} threads; refused "
-                f"{', '.join(map(repr, e.threads))}: put on legal hold during the purge "
-                "(`checkpoint-janitor release` lifts a hold)",
-                EXIT_CONFIG,
-            )
+        failed |= not _run_purge(config, store, body)
     if failed:
         sys.exit(EXIT_FAILED)
+
+
+def _check_purge_args(threads: tuple[str, ...], prefix: str | None, yes: bool) -> None:
+    """Refuse a purge that names no thread, every thread, or cannot ask, before any store opens."""
+    if bool(threads) == (prefix is not None):
+        _fail(
+            "purge needs --thread ID (one or more) or --thread-prefix PREFIX, not both",
+            EXIT_CONFIG,
+        )
+    if prefix == "":
+        _fail("--thread-prefix must not be empty (it would name every thread)", EXIT_CONFIG)
+    if not yes and not sys.stdin.isatty():
+        # No one can answer the question: say so before any store is opened.
+        _fail("purge asks before deleting; without a terminal, pass --yes", EXIT_CONFIG)
+
+
+async def _purge_store(
+    engine: StoreEngine,
+    named: list[str],
+    prefix: str | None,
+    yes: bool,
+    factory: ArchiveFactory | None,
+) -> bool:
+    """Show what one store would lose, ask unless `yes`, then purge it (archived first if asked)."""
+    found = await purge(engine, named, prefix, dry_run=True)
+    if prefix is not None:
+        what = f"threads {prefix!r}*"
+    elif len(named) == 1:
+        what = f"thread {named[0]!r}"
+    else:
+        what = f"threads {', '.join(map(repr, named))}"
+    blobs = f", {found.blobs} blobs" if found.blobs else ""
+    click.echo(
+        f"store {engine.name}: {what}: {found.threads} threads, "
+        f"{found.checkpoints} checkpoints, {found.writes} writes{blobs}"
+    )
+    if found.threads == 0:
+        return True
+    if not yes and not click.confirm("Delete them?", default=False):
+        click.echo("nothing deleted")
+        return True
+    archive = await open_archive(engine, factory, time.time()) if factory else None
+    try:
+        done = await purge(engine, named, prefix, dry_run=False, archive=archive)
+    finally:
+        if archive is not None:
+            archive.close()
+    blobs = f", {done.blobs} blobs" if done.blobs else ""
+    kept = ""
+    if archive is not None:
+        kept = f"; archived {sum(archive.completed_rows.values())} rows"
+    click.echo(
+        f"store {engine.name}: deleted {done.threads} threads, "
+        f"{done.checkpoints} checkpoints, {done.writes} writes{blobs}{kept}"
+    )
+    return True
+
+
+def _run_purge(
+    config: Config, store: StoreConfig, body: Callable[[StoreEngine], Awaitable[bool]]
+) -> bool:
+    """Run one store's purge; False if it failed (the next store is still purged)."""
+    try:
+        asyncio.run(_with_engine(config, store, body))
+    except StoreError as e:
+        log.error("store_unavailable", store=store.name, error=str(e))
+        return False
+    except ArchiveError as e:
+        # The batch that could not be archived deleted nothing.
+        click.echo(f"checkpoint-janitor: {e}", err=True)
+        return False
+    except HeldThreadsError as e:
+        # Held while the purge ran: the batch's re-check kept them whole.
+        done = e.deleted or Counts()
+        _fail(
+            f"store {store.name}: deleted {done.threads} threads; refused "
+            f"{', '.join(map(repr, e.threads))}: put on legal hold during the purge "
+            "(`checkpoint-janitor release` lifts a hold)",
+            EXIT_CONFIG,
+        )
+    return True
 
 
 @main.command(name="restore")

@@ -58,6 +58,17 @@ class Metrics:
         if daemon:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
+        self._deletion_metrics(r)
+        # Only a daemon's registry shows them; `once` keeps them unregistered.
+        self._reload_metrics(r if daemon else None)
+        self._sweep_metrics(r)
+        self._scan_metrics(r)
+        self._schedule_metrics(r)
+        self._archive_metrics(r)
+        self._store_metrics(r)
+
+    def _deletion_metrics(self, r: CollectorRegistry) -> None:
+        """What the sweeps delete, and whether they only report it."""
         self.deleted = Counter(
             PREFIX + "deleted", "Rows deleted, by kind.", ["store", "policy", "kind"], registry=r
         )
@@ -73,7 +84,9 @@ class Metrics:
             ["store"],
             registry=r,
         )
-        reload_registry = r if daemon else None
+
+    def _reload_metrics(self, reload_registry: CollectorRegistry | None) -> None:
+        """The config reload gauges, in `reload_registry` (None: in none)."""
         self.reload_ok = Gauge(
             PREFIX + "config_last_reload_successful",
             "1 if the last config (re)load was applied, 0 if it was refused.",
@@ -84,6 +97,9 @@ class Metrics:
             "Unix time of the last config (re)load that was applied.",
             registry=reload_registry,
         )
+
+    def _sweep_metrics(self, r: CollectorRegistry) -> None:
+        """Sweeps and their delete transactions: outcome, duration, last success."""
         self.sweeps = Counter(
             PREFIX + "sweeps", "Sweeps, by outcome.", ["store", "policy", "outcome"], registry=r
         )
@@ -107,6 +123,9 @@ class Metrics:
             ["store", "policy"],
             registry=r,
         )
+
+    def _scan_metrics(self, r: CollectorRegistry) -> None:
+        """What the last scan found: due rows, skips, TTL fallbacks, registry errors, caps."""
         self.eligible = Gauge(
             PREFIX + "eligible",
             "What the last scan found due, by kind.",
@@ -146,6 +165,9 @@ class Metrics:
             ["store", "policy"],
             registry=r,
         )
+
+    def _schedule_metrics(self, r: CollectorRegistry) -> None:
+        """The schedule, the safety limit's stops and the legal holds."""
         self.schedule_interval = Gauge(
             PREFIX + "schedule_interval_seconds",
             "Seconds between the policy's scheduled sweeps.",
@@ -164,6 +186,9 @@ class Metrics:
             ["store"],
             registry=r,
         )
+
+    def _archive_metrics(self, r: CollectorRegistry) -> None:
+        """The archive of deleted rows: rows and bytes written, and the failures that stop a run."""
         self.archived_rows = Counter(
             PREFIX + "archived_rows",
             "Rows written to the archive before their delete committed, by store table.",
@@ -182,6 +207,9 @@ class Metrics:
             ["store"],
             registry=r,
         )
+
+    def _store_metrics(self, r: CollectorRegistry) -> None:
+        """The store itself: up, the worker's build, and its space."""
         self.store_up = Gauge(
             PREFIX + "store_up", "1 if the store answers, else 0.", ["store"], registry=r
         )

@@ -184,68 +184,79 @@ def render_table(reports: Sequence[SweepReport], blob_stores: Collection[str] = 
         blobs = r.store in blob_stores or any(
             c.blobs for p in r.policies.values() for c in (p.deleted, *p.by_reason.values())
         )
-        head = ["policy", "reason", "threads", "checkpoints", "writes", "blobs", "bytes"]
-        if not blobs:
-            head.remove("blobs")
-        blank = [""] * (len(head) - 3)
         verb = "would delete" if r.dry_run else "deleted"
         out.append(
             f"store {r.store}: {r.threads_total} threads; {verb} "
             f"{r.deleted.checkpoints} checkpoints in {r.duration_seconds:.2f}s"
         )
-        rows: list[list[str]] = []
-        for p in r.policies.values():
-            if not p.by_reason:
-                rows.append([p.policy, "-", *_counts(Counts(), blobs)])
-            for reason, c in sorted(p.by_reason.items()):
-                rows.append([p.policy, reason.value, *_counts(c, blobs)])
-            for reason_s, n in sorted(p.skipped.items()):
-                rows.append([p.policy, f"skipped: {reason_s.value}", str(n), *blank])
-            for fallback, n in sorted(p.ttl_fallbacks.items()):
-                rows.append([p.policy, f"ttl fallback: {fallback.value}", str(n), *blank])
-            if p.registry_error is not None:
-                rows.append([p.policy, f"registry: {p.registry_error.reason.value}", "", *blank])
-        rows.append(["total", "", *_counts(r.deleted, blobs)])
-        widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
-        out.append(_row(head, widths))
-        out.extend(_row(x, widths) for x in rows)
-        if r.would_hit_limit:
-            verb = "would expire" if r.dry_run else "expired"
-            out.append(
-                f"safety limit: {r.expiries_wanted} threads to expire, at most "
-                f"{r.expiry_limit} allowed per sweep (policy {r.limit_reached_by}): the sweep "
-                f"{verb} none of them (trimming runs). Check the clock and the policies; then "
-                "raise defaults.max_delete_fraction, or run "
-                "`checkpoint-janitor once --allow-mass-expiry` once."
-            )
-        if r.held_threads:
-            out.append(
-                f"legal holds: {r.held_threads} threads held, never expired, trimmed or purged "
-                "(`checkpoint-janitor holds` lists them)."
-            )
-        if r.locked_threads:
-            out.append(
-                f"write lock: {r.locked_threads} threads skipped, their batches never got the "
-                "store's write lock (defaults.batch.busy_timeout); decided again next sweep."
-            )
-        for (policy, group), n in r.over_quota.items():
-            if n > 0:
-                what = f"policy {policy} group {group}" if policy else "the store"
-                out.append(
-                    f"over quota: {what} stays {human_bytes(n)} over its cap after everything "
-                    "the policies allow to go (protected, waiting, held or undated threads hold "
-                    "the rest)."
-                )
-        for p in r.policies.values():
-            if p.registry_error is not None:
-                out.append(
-                    f"orphan registry of policy {p.policy}: {p.registry_error.message}; "
-                    "the policy matched no thread in this sweep."
-                )
-        if r.error:
-            out.append(f"error: {r.error}")
+        out.extend(_table(r, blobs))
+        out.extend(_notes(r))
         out.append("")
     return "\n".join(out)
+
+
+def _table(r: SweepReport, blobs: bool) -> list[str]:
+    """The store's rows per policy and reason, then its total, in aligned columns."""
+    head = ["policy", "reason", "threads", "checkpoints", "writes", "blobs", "bytes"]
+    if not blobs:
+        head.remove("blobs")
+    blank = [""] * (len(head) - 3)
+    rows: list[list[str]] = []
+    for p in r.policies.values():
+        if not p.by_reason:
+            rows.append([p.policy, "-", *_counts(Counts(), blobs)])
+        for reason, c in sorted(p.by_reason.items()):
+            rows.append([p.policy, reason.value, *_counts(c, blobs)])
+        for reason_s, n in sorted(p.skipped.items()):
+            rows.append([p.policy, f"skipped: {reason_s.value}", str(n), *blank])
+        for fallback, n in sorted(p.ttl_fallbacks.items()):
+            rows.append([p.policy, f"ttl fallback: {fallback.value}", str(n), *blank])
+        if p.registry_error is not None:
+            rows.append([p.policy, f"registry: {p.registry_error.reason.value}", "", *blank])
+    rows.append(["total", "", *_counts(r.deleted, blobs)])
+    widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
+    return [_row(head, widths), *(_row(x, widths) for x in rows)]
+
+
+def _notes(r: SweepReport) -> list[str]:
+    """What the operator should know beyond the counts: limits, holds, locks, caps, errors."""
+    out: list[str] = []
+    if r.would_hit_limit:
+        verb = "would expire" if r.dry_run else "expired"
+        out.append(
+            f"safety limit: {r.expiries_wanted} threads to expire, at most "
+            f"{r.expiry_limit} allowed per sweep (policy {r.limit_reached_by}): the sweep "
+            f"{verb} none of them (trimming runs). Check the clock and the policies; then "
+            "raise defaults.max_delete_fraction, or run "
+            "`checkpoint-janitor once --allow-mass-expiry` once."
+        )
+    if r.held_threads:
+        out.append(
+            f"legal holds: {r.held_threads} threads held, never expired, trimmed or purged "
+            "(`checkpoint-janitor holds` lists them)."
+        )
+    if r.locked_threads:
+        out.append(
+            f"write lock: {r.locked_threads} threads skipped, their batches never got the "
+            "store's write lock (defaults.batch.busy_timeout); decided again next sweep."
+        )
+    for (policy, group), n in r.over_quota.items():
+        if n > 0:
+            what = f"policy {policy} group {group}" if policy else "the store"
+            out.append(
+                f"over quota: {what} stays {human_bytes(n)} over its cap after everything "
+                "the policies allow to go (protected, waiting, held or undated threads hold "
+                "the rest)."
+            )
+    for p in r.policies.values():
+        if p.registry_error is not None:
+            out.append(
+                f"orphan registry of policy {p.policy}: {p.registry_error.message}; "
+                "the policy matched no thread in this sweep."
+            )
+    if r.error:
+        out.append(f"error: {r.error}")
+    return out
 
 
 def _counts(c: Counts, blobs: bool) -> list[str]:

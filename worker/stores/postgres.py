@@ -892,6 +892,41 @@ class _Triples:
         return self.threads, self.namespaces, self.ids
 
 
+def _gave_up(batch: Sequence[ThreadWork], changed: set[str], on_hold: set[str]) -> list[WorkResult]:
+    """Results of a batch whose retries ran out."""
+    # Contention, not a change: the threads wait for the next sweep as
+    # `locked` (those found changed or held before stay so).
+    return [
+        WorkResult(
+            w.thread_id,
+            Counts(),
+            changed=w.thread_id in changed,
+            on_hold=w.thread_id in on_hold,
+            locked=w.thread_id not in changed | on_hold,
+        )
+        for w in batch
+    ]
+
+
+def _merged(
+    batch: Sequence[ThreadWork],
+    todo: Sequence[ThreadWork],
+    done: Sequence[WorkResult],
+    on_hold: set[str],
+) -> list[WorkResult]:
+    """The batch's results: what the attempt that committed (`todo`) did, the rest dropped."""
+    results = {id(w): r for w, r in zip(todo, done, strict=True)}
+    return [
+        results.get(id(w))
+        or (
+            WorkResult(w.thread_id, Counts(), on_hold=True)
+            if w.thread_id in on_hold
+            else WorkResult(w.thread_id, Counts(), changed=True)
+        )
+        for w in batch
+    ]
+
+
 class _OnHold(Exception):
     """Threads of the batch are on hold: roll back, drop them, run the rest."""
 
@@ -1508,18 +1543,7 @@ class PostgresStore:
                         error=type(e).__name__,
                         threads=len(todo),
                     )
-                    # Contention, not a change: the threads wait for the next sweep as
-                    # `locked` (those found changed or held before stay so).
-                    return [
-                        WorkResult(
-                            w.thread_id,
-                            Counts(),
-                            changed=w.thread_id in changed,
-                            on_hold=w.thread_id in on_hold,
-                            locked=w.thread_id not in changed | on_hold,
-                        )
-                        for w in batch
-                    ]
+                    return _gave_up(batch, changed, on_hold)
                 delay = min(5.0, 0.1 * 2**attempt) * (0.5 + random.random())
                 log.info(
                     "batch_retry",
@@ -1530,16 +1554,7 @@ class PostgresStore:
                 )
                 await asyncio.sleep(delay)
                 continue
-            results = {id(w): r for w, r in zip(todo, done, strict=True)}
-            return [
-                results.get(id(w))
-                or (
-                    WorkResult(w.thread_id, Counts(), on_hold=True)
-                    if w.thread_id in on_hold
-                    else WorkResult(w.thread_id, Counts(), changed=True)
-                )
-                for w in batch
-            ]
+            return _merged(batch, todo, done, on_hold)
         return [WorkResult(w.thread_id, Counts(), changed=True) for w in batch]
 
     async def _apply_once(
@@ -1598,6 +1613,29 @@ class PostgresStore:
         segment: Segment | None,
     ) -> _BatchCounts:
         """The batch's statements, in its transaction; deleted rows also go to `segment`."""
+        before = await self._as_scanned(conn, batch, tids)
+        bc = await self._delete_parts(conn, batch, segment)
+        expire = [w.thread_id for w in batch if w.expire]
+        if expire:
+            await self._expire(conn, expire, deferred, bc.threads, segment)
+        if dated:
+            await conn.execute(RECORD_DELETIONS_SQL, dated, self._clock())
+
+        # Re-read every thread: a checkpoint committed since the first
+        # check (a resume, a fork) shows as a count we did not expect.
+        after = await _fingerprints(conn, tids)
+        expected = _expected_counts(batch, before, bc.by_ns_ck)
+        if bad := {t for t in tids if _counts_of(after.get(t, ())) != expected.get(t, {})}:
+            raise _Changed(bad)
+
+        quiet = [t for t in tids if t not in expire and self._quiet(after.get(t, ()))]
+        await self._collect_blobs(conn, batch, tids, quiet, bc.threads, segment)
+        return bc
+
+    async def _as_scanned(
+        self, conn: asyncpg.Connection, batch: Sequence[ThreadWork], tids: list[str]
+    ) -> dict[str, Fingerprint]:
+        """Set the batch's timeouts, refuse held or changed threads; the fingerprints read."""
         await conn.execute(
             f"SET LOCAL lock_timeout = {int(self.lock_timeout * 1000)}; "
             f"SET LOCAL statement_timeout = {int(self.statement_timeout * 1000)}"
@@ -1611,8 +1649,12 @@ class PostgresStore:
             first.setdefault(w.thread_id, w)
         if bad := {t for t, w in first.items() if before.get(t, ()) != w.fingerprint}:
             raise _Changed(bad)
+        return before
 
-        expire = [w.thread_id for w in batch if w.expire]
+    async def _delete_parts(
+        self, conn: asyncpg.Connection, batch: Sequence[ThreadWork], segment: Segment | None
+    ) -> _BatchCounts:
+        """The trims (named and ranged) and orphaned writes; what they deleted."""
         trims = [
             (w.thread_id, ns, i) for w in batch for ns, ids in w.checkpoints.items() for i in ids
         ]
@@ -1631,37 +1673,46 @@ class PostgresStore:
             t = _Triples.of(orphans)
             for r in await _delete(conn, segment, DELETE_ORPHAN_WRITES, *t.args()):
                 bc.by_ns_wr[(r[0], r[1])] += r[2]
-        counts = bc.threads
-        if expire:
-            if deferred:
-                await conn.execute(RECORD_EXPIRED_SQL, deferred, self._clock())
-            purged = sorted(set(expire) - set(deferred))
-            for kind, stmt in EXPIRE.items():
-                # A policy's expiry leaves the blobs for the grace period.
-                targets = purged if kind == "blobs" else expire
-                if not targets:
-                    continue
-                for r in await _delete(conn, segment, stmt, targets):
-                    setattr(counts[r[0]], kind, getattr(counts[r[0]], kind) + r[1])
-                    if kind == "checkpoints":
-                        counts[r[0]].bytes += int(r[2] or 0)
-            if purged and await self._has_expired_table(conn):
-                await conn.execute(FORGET_EXPIRED_SQL, purged)
-            if purged and await self._has_deletions_table(conn):
-                await conn.execute(FORGET_DELETIONS_SQL, purged)
-            for t_id in expire:
-                counts[t_id].threads = 1
-        if dated:
-            await conn.execute(RECORD_DELETIONS_SQL, dated, self._clock())
+        return bc
 
-        # Re-read every thread: a checkpoint committed since the first
-        # check (a resume, a fork) shows as a count we did not expect.
-        after = await _fingerprints(conn, tids)
-        expected = _expected_counts(batch, before, bc.by_ns_ck)
-        if bad := {t for t in tids if _counts_of(after.get(t, ())) != expected.get(t, {})}:
-            raise _Changed(bad)
+    async def _expire(
+        self,
+        conn: asyncpg.Connection,
+        expire: list[str],
+        deferred: list[str],
+        counts: defaultdict[str, Counts],
+        segment: Segment | None,
+    ) -> None:
+        """Expire whole threads; a policy's expiry dates its blobs, a purge erases them."""
+        if deferred:
+            await conn.execute(RECORD_EXPIRED_SQL, deferred, self._clock())
+        purged = sorted(set(expire) - set(deferred))
+        for kind, stmt in EXPIRE.items():
+            # A policy's expiry leaves the blobs for the grace period.
+            targets = purged if kind == "blobs" else expire
+            if not targets:
+                continue
+            for r in await _delete(conn, segment, stmt, targets):
+                setattr(counts[r[0]], kind, getattr(counts[r[0]], kind) + r[1])
+                if kind == "checkpoints":
+                    counts[r[0]].bytes += int(r[2] or 0)
+        if purged and await self._has_expired_table(conn):
+            await conn.execute(FORGET_EXPIRED_SQL, purged)
+        if purged and await self._has_deletions_table(conn):
+            await conn.execute(FORGET_DELETIONS_SQL, purged)
+        for t_id in expire:
+            counts[t_id].threads = 1
 
-        quiet = [t for t in tids if t not in expire and self._quiet(after.get(t, ()))]
+    async def _collect_blobs(
+        self,
+        conn: asyncpg.Connection,
+        batch: Sequence[ThreadWork],
+        tids: list[str],
+        quiet: list[str],
+        counts: defaultdict[str, Counts],
+        segment: Segment | None,
+    ) -> None:
+        """Quiet threads' unreferenced blobs, and expired threads' blobs past the grace period."""
         if quiet:
             await _null_parents(conn, segment, NULL_DANGLING_PARENTS_SQL, quiet)
             recent = await self._has_deletions_table(conn)
@@ -1676,7 +1727,6 @@ class PostgresStore:
                     counts[r[0]].blobs += r[1]
         if (quiet or gone) and await self._has_deletions_table(conn):
             await conn.execute(PRUNE_DELETIONS_SQL, [*quiet, *gone], self._cutoff())
-        return bc
 
     @staticmethod
     def _results(batch: Sequence[ThreadWork], bc: _BatchCounts) -> list[WorkResult]:
@@ -1769,6 +1819,30 @@ class PostgresStore:
             for w in batch:
                 if w.expire and w.defer_blobs:
                     whole[w.thread_id].blobs = 0
+        blobs = await self._count_blobs(conn, batch, trims)
+        results = []
+        for w in batch:
+            if w.expire:
+                c = whole[w.thread_id]
+                c.threads = 1
+            else:
+                c = Counts()
+                for ns in w.checkpoints:
+                    c.checkpoints += ck.pop((w.thread_id, ns), 0)
+                    c.writes += wr.pop((w.thread_id, ns), 0)
+                for ns in w.writes:
+                    c.writes += wr.pop((w.thread_id, ns), 0)
+                c.blobs = blobs.pop(w.thread_id, 0)
+            results.append(WorkResult(w.thread_id, c))
+        return results
+
+    async def _count_blobs(
+        self,
+        conn: asyncpg.Connection,
+        batch: Sequence[ThreadWork],
+        trims: list[tuple[str, str, str]],
+    ) -> dict[str, int]:
+        """Per thread: the blobs the batch would collect (`_collect_blobs`, counted)."""
         blobs: dict[str, int] = {}
         # A trim dates its thread, so the batch collects no blob of it.
         trimmed = {w.thread_id for w in batch if w.checkpoints or w.ranges}
@@ -1787,21 +1861,7 @@ class PostgresStore:
         if gone and await self._has_expired_table(conn):
             for r in await conn.fetch(COUNT_EXPIRED_BLOBS_SQL, gone, self._cutoff()):
                 blobs[r[0]] = blobs.get(r[0], 0) + r[1]
-        results = []
-        for w in batch:
-            if w.expire:
-                c = whole[w.thread_id]
-                c.threads = 1
-            else:
-                c = Counts()
-                for ns in w.checkpoints:
-                    c.checkpoints += ck.pop((w.thread_id, ns), 0)
-                    c.writes += wr.pop((w.thread_id, ns), 0)
-                for ns in w.writes:
-                    c.writes += wr.pop((w.thread_id, ns), 0)
-                c.blobs = blobs.pop(w.thread_id, 0)
-            results.append(WorkResult(w.thread_id, c))
-        return results
+        return blobs
 
     async def thread_bytes(self, thread_ids: Sequence[str]) -> dict[str, int]:
         """Bytes of each thread: checkpoints and metadata, writes and blobs."""

@@ -152,40 +152,10 @@ class QuotaPass:
 
     async def evict(self, engine: StoreEngine, hooks: PassHooks) -> None:
         """After pass 1: evict what the caps need, oldest activity first; note what stays over."""
-        over_groups = {
-            key: total - self.caps[key[0]]
-            for key, total in self.group_bytes.items()
-            if total > self.caps[key[0]]
-        }
         excess = self.store_bytes - self.store_cap if self.store_cap is not None else 0
         evicted: set[str] = set()
-
-        def take(e: Eviction) -> None:
-            nonlocal excess
-            hooks.evict(e)
-            evicted.add(e.thread_id)
-            excess -= e.bytes
-            self.histogram[_bucket(e.last_activity)] -= e.bytes
-
-        if over_groups:
-            candidates: dict[tuple[str, str], list[Eviction]] = defaultdict(list)
-
-            def in_over_group(thread: ScannedThread, owner: Policy) -> bool:
-                group = quota_group(owner, thread.view.head_metadata)
-                return owner.name in self.caps and (owner.name, group) in over_groups
-
-            async for member, ok in self._walk(engine, hooks, in_over_group):
-                if ok:
-                    candidates[member.policy, member.group].append(member.eviction)
-            for key, members in candidates.items():
-                members.sort(key=lambda c: c.last_activity)
-                for c in members:
-                    if over_groups[key] <= 0:
-                        break
-                    take(c)
-                    over_groups[key] -= c.bytes
-            self.over.update({k: v for k, v in over_groups.items() if v > 0})
-
+        for e in await self._group_evictions(engine, hooks):
+            excess -= self._take(hooks, e, evicted)
         lo: int | None = None
         for _ in range(MAX_STORE_WALKS):
             if excess <= 0:
@@ -193,35 +163,88 @@ class QuotaPass:
             hi = self._cutoff(lo, excess)
             if hi is None:
                 break
-            low = lo
-            boundary: list[Eviction] = []
-
-            def in_range(
-                thread: ScannedThread, owner: Policy, low: int | None = low, hi: int = hi
-            ) -> bool:
-                active = last_activity(thread.view)
-                if thread.view.thread_id in evicted or active is None:
-                    return False
-                b = _bucket(active)
-                return (low is None or b > low) and b <= hi
-
-            async for found, ok in self._walk(engine, hooks, in_range):
-                e = found.eviction
-                if not ok:
-                    # Waiting (or held): not a candidate after all.
-                    self.histogram[_bucket(e.last_activity)] -= e.bytes
-                elif _bucket(e.last_activity) < hi:
-                    take(e)
-                else:
-                    boundary.append(e)
-            boundary.sort(key=lambda c: c.last_activity)
-            for c in boundary:
-                if excess <= 0:
-                    break
-                take(c)
+            excess = await self._store_walk(engine, hooks, lo, hi, excess, evicted)
             lo = hi
         if self.store_cap is not None:
             self.over[STORE] = max(excess, 0)
+        self._warn_over()
+
+    def _take(self, hooks: PassHooks, e: Eviction, evicted: set[str]) -> int:
+        """Evict `e` and take it off the histogram; the bytes it frees toward the store cap."""
+        hooks.evict(e)
+        evicted.add(e.thread_id)
+        self.histogram[_bucket(e.last_activity)] -= e.bytes
+        return e.bytes
+
+    async def _group_evictions(self, engine: StoreEngine, hooks: PassHooks) -> list[Eviction]:
+        """Each group over its cap loses its oldest candidates until under; the rest stays over."""
+        over_groups = {
+            key: total - self.caps[key[0]]
+            for key, total in self.group_bytes.items()
+            if total > self.caps[key[0]]
+        }
+        if not over_groups:
+            return []
+        candidates: dict[tuple[str, str], list[Eviction]] = defaultdict(list)
+
+        def in_over_group(thread: ScannedThread, owner: Policy) -> bool:
+            group = quota_group(owner, thread.view.head_metadata)
+            return owner.name in self.caps and (owner.name, group) in over_groups
+
+        async for member, ok in self._walk(engine, hooks, in_over_group):
+            if ok:
+                candidates[member.policy, member.group].append(member.eviction)
+        chosen: list[Eviction] = []
+        for key, members in candidates.items():
+            members.sort(key=lambda c: c.last_activity)
+            for c in members:
+                if over_groups[key] <= 0:
+                    break
+                chosen.append(c)
+                over_groups[key] -= c.bytes
+        self.over.update({k: v for k, v in over_groups.items() if v > 0})
+        return chosen
+
+    async def _store_walk(
+        self,
+        engine: StoreEngine,
+        hooks: PassHooks,
+        low: int | None,
+        hi: int,
+        excess: int,
+        evicted: set[str],
+    ) -> int:
+        """One store cap walk over the hours (`low`, `hi`]; the excess left after it.
+
+        Candidates before hour `hi` all go as the walk meets them; those of the
+        boundary hour `hi` are kept and the oldest go until the excess is gone.
+        """
+        boundary: list[Eviction] = []
+
+        def in_range(thread: ScannedThread, owner: Policy) -> bool:
+            active = last_activity(thread.view)
+            if thread.view.thread_id in evicted or active is None:
+                return False
+            b = _bucket(active)
+            return (low is None or b > low) and b <= hi
+
+        async for found, ok in self._walk(engine, hooks, in_range):
+            e = found.eviction
+            if not ok:
+                # Waiting (or held): not a candidate after all.
+                self.histogram[_bucket(e.last_activity)] -= e.bytes
+            elif _bucket(e.last_activity) < hi:
+                excess -= self._take(hooks, e, evicted)
+            else:
+                boundary.append(e)
+        boundary.sort(key=lambda c: c.last_activity)
+        for c in boundary:
+            if excess <= 0:
+                break
+            excess -= self._take(hooks, c, evicted)
+        return excess
+
+    def _warn_over(self) -> None:
         for (policy, group), bytes_over in self.over.items():
             if bytes_over > 0:
                 log.warning(

@@ -19,7 +19,7 @@ import math
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Container, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import IO, TypeVar
@@ -186,6 +186,15 @@ class _Part:
     policy: str
     reason: Reason
     last_activity: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Eligible:
+    """Rows a thread's parts found due under one policy; the pass counts them in its report."""
+
+    policy: str
+    checkpoints: int
+    oldest_age: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -666,7 +675,8 @@ class _Pass:
                 agg.thread_id, fingerprint, e.policy, e.age_seconds, checkpoints, 0, e.reason
             )
             return True
-        parts = list(_plan_parts(agg, plan, self.report, self.sizer.rows))
+        parts, eligible = _plan_parts(agg, plan, self.report.policies, self.sizer.rows)
+        self._see(eligible)
         for part in self._within_caps(parts):
             if not await self._add(part):
                 return False
@@ -685,11 +695,18 @@ class _Pass:
             e = decision.expiry
             self._defer(thread, e.policy, e.age_seconds, e.reason)
             return True
-        parts = list(_parts(thread, decision, report, self.sizer.rows, rules))
+        parts, eligible = _parts(
+            thread, decision, report.now, report.policies, self.sizer.rows, rules
+        )
+        self._see(eligible)
         for part in self._within_caps(parts):
             if not await self._add(part):
                 return False
         return True
+
+    def _see(self, eligible: list[_Eligible]) -> None:
+        for e in eligible:
+            self.report.policies[e.policy].see_eligible(e.checkpoints, 0, e.oldest_age)
 
     def _capped(self, policy: str) -> bool:
         """Whether `policy` has acted on its `max_threads_per_sweep` threads; else count one."""
@@ -787,54 +804,66 @@ class _Pass:
         return True
 
     async def _flush(self, parts: list[_Part]) -> None:
-        engine, options, report = self.engine, self.options, self.report
         t0 = time.monotonic()
-        works = [p.work for p in parts]
-        if self.archive is not None:
-            assert isinstance(engine, ArchivingStore)  # `open_archive` checked it
-            results = await engine.apply(works, options.dry_run, self.archive)
-        else:
-            results = await engine.apply(works, options.dry_run)
+        results = await self._apply([p.work for p in parts])
         elapsed = time.monotonic() - t0
-        rows = 0
-        for part, result in zip(parts, results, strict=True):
-            pr = report.policies[part.policy]
-            if result.on_hold:
-                # Held after the scan: the batch's re-check kept it whole.
-                if part.work.thread_id not in self.held_late:
-                    self.held_late.add(part.work.thread_id)
-                    pr.skipped[SkipReason.HELD] += 1
-                continue
-            if result.locked:
-                report.locked_threads += 1
-                pr.skipped[SkipReason.LOCKED] += 1
-                continue
-            if result.changed:
-                report.changed_threads += 1
-                pr.skipped[SkipReason.CHANGED] += 1
-                continue
-            if part.work.bytes:
-                # Sized at the scan; set-based deletes size what they delete.
-                result.counts.bytes = part.work.bytes
-            pr.deleted.add(result.counts)
-            pr.by_reason.setdefault(part.reason, Counts()).add(result.counts)
-            rows += result.counts.checkpoints + result.counts.writes
-            self._note(part, result)
-            if part.work.expire:
-                idle = report.now - part.last_activity if part.last_activity is not None else None
-                log.info(
-                    "thread_expired" if not options.dry_run else "thread_would_expire",
-                    store=engine.name,
-                    thread_id=part.work.thread_id,
-                    policy=part.policy,
-                    reason=part.reason.value,
-                    last_activity=_iso(part.last_activity),
-                    idle_seconds=round(idle) if idle is not None else None,
-                    checkpoints=result.counts.checkpoints,
-                    writes=result.counts.writes,
-                )
-        report.batches += 1
-        report.longest_batch_seconds = max(report.longest_batch_seconds, elapsed)
+        rows = sum(self._tally(part, result) for part, result in zip(parts, results, strict=True))
+        self.report.batches += 1
+        self.report.longest_batch_seconds = max(self.report.longest_batch_seconds, elapsed)
+        await self._pace(parts, rows, elapsed)
+
+    async def _apply(self, works: list[ThreadWork]) -> list[WorkResult]:
+        """One batch through the engine, into the archive when the sweep archives."""
+        if self.archive is not None:
+            assert isinstance(self.engine, ArchivingStore)  # `open_archive` checked it
+            return await self.engine.apply(works, self.options.dry_run, self.archive)
+        return await self.engine.apply(works, self.options.dry_run)
+
+    def _tally(self, part: _Part, result: WorkResult) -> int:
+        """Count one part's result into the report; the rows it deleted (0 when kept whole)."""
+        report = self.report
+        pr = report.policies[part.policy]
+        if result.on_hold:
+            # Held after the scan: the batch's re-check kept it whole.
+            if part.work.thread_id not in self.held_late:
+                self.held_late.add(part.work.thread_id)
+                pr.skipped[SkipReason.HELD] += 1
+            return 0
+        if result.locked:
+            report.locked_threads += 1
+            pr.skipped[SkipReason.LOCKED] += 1
+            return 0
+        if result.changed:
+            report.changed_threads += 1
+            pr.skipped[SkipReason.CHANGED] += 1
+            return 0
+        if part.work.bytes:
+            # Sized at the scan; set-based deletes size what they delete.
+            result.counts.bytes = part.work.bytes
+        pr.deleted.add(result.counts)
+        pr.by_reason.setdefault(part.reason, Counts()).add(result.counts)
+        self._note(part, result)
+        if part.work.expire:
+            self._log_expired(part, result)
+        return result.counts.checkpoints + result.counts.writes
+
+    def _log_expired(self, part: _Part, result: WorkResult) -> None:
+        idle = self.report.now - part.last_activity if part.last_activity is not None else None
+        log.info(
+            "thread_expired" if not self.options.dry_run else "thread_would_expire",
+            store=self.engine.name,
+            thread_id=part.work.thread_id,
+            policy=part.policy,
+            reason=part.reason.value,
+            last_activity=_iso(part.last_activity),
+            idle_seconds=round(idle) if idle is not None else None,
+            checkpoints=result.counts.checkpoints,
+            writes=result.counts.writes,
+        )
+
+    async def _pace(self, parts: list[_Part], rows: int, elapsed: float) -> None:
+        """Log the batch, feed the sizer, and rest as the pacer says before the next one."""
+        engine, options = self.engine, self.options
         contention = engine.contention() if isinstance(engine, WriterAware) else None
         rest = 0.0
         if not options.dry_run:
@@ -979,8 +1008,8 @@ def _plan_due(plan: AggregatePlan, due: frozenset[str] | None) -> AggregatePlan:
 
 
 def _plan_parts(
-    agg: ThreadAggregate, plan: AggregatePlan, report: SweepReport, chunk_rows: int
-) -> Iterator[_Part]:
+    agg: ThreadAggregate, plan: AggregatePlan, policies: Container[str], chunk_rows: int
+) -> tuple[list[_Part], list[_Eligible]]:
     """A plan's trims as set-based parts of at most `chunk_rows` checkpoints, oldest first.
 
     Each part carries the fingerprint the thread must have when it runs: the
@@ -994,9 +1023,11 @@ def _plan_parts(
     def fingerprint() -> Fingerprint:
         return tuple(sorted((ns, n, newest[ns]) for ns, n in counts.items() if n))
 
+    parts: list[_Part] = []
+    eligible: list[_Eligible] = []
     step = max(chunk_rows, 1)
     for trim in plan.trims:
-        report.policies[trim.policy].see_eligible(trim.deletes, 0, trim.oldest_age)
+        eligible.append(_Eligible(trim.policy, trim.deletes, trim.oldest_age))
         left = trim.deletes
         while left > 0:
             limit = min(step, left)
@@ -1009,28 +1040,30 @@ def _plan_parts(
                     )
                 },
             )
-            yield _Part(work, trim.policy, Reason.TRIMMED, plan.last_activity)
+            parts.append(_Part(work, trim.policy, Reason.TRIMMED, plan.last_activity))
             counts[trim.namespace] -= limit
             left -= limit
     writes: dict[tuple[str, str], list[str]] = {}
     for w in plan.writes:
         writes.setdefault((w.policy, w.namespace), []).append(w.checkpoint_id)
     for (policy, ns), ids in writes.items():
-        report.policies[policy].see_eligible(0, 0, None)
+        eligible.append(_Eligible(policy, 0, None))
         work = ThreadWork(tid, fingerprint(), writes={ns: ids})
-        yield _Part(work, policy, Reason.ORPHAN_WRITES, plan.last_activity)
-    if plan.gc_blobs is not None and plan.gc_blobs in report.policies:
+        parts.append(_Part(work, policy, Reason.ORPHAN_WRITES, plan.last_activity))
+    if plan.gc_blobs is not None and plan.gc_blobs in policies:
         work = ThreadWork(tid, fingerprint(), gc_blobs=True, estimate=1)
-        yield _Part(work, plan.gc_blobs, Reason.UNREFERENCED_BLOBS, plan.last_activity)
+        parts.append(_Part(work, plan.gc_blobs, Reason.UNREFERENCED_BLOBS, plan.last_activity))
+    return parts, eligible
 
 
 def _parts(
     thread: ScannedThread,
     decision: ThreadDecision,
-    report: SweepReport,
+    now: float,
+    policies: Container[str],
     chunk_rows: int,
     rules: Ruleset,
-) -> Iterator[_Part]:
+) -> tuple[list[_Part], list[_Eligible]]:
     """A decision's trims in parts of one policy and reason, each at most `chunk_rows` ids.
 
     Each part carries the fingerprint the thread must have when it runs: the
@@ -1047,11 +1080,13 @@ def _parts(
     groups: dict[tuple[str, Reason, str], list[str]] = {}
     for d in decision.deletions:
         groups.setdefault((d.policy, d.reason, d.namespace), []).append(d.checkpoint_id)
+    parts: list[_Part] = []
+    eligible: list[_Eligible] = []
     step = max(chunk_rows, 1)
     for (policy, reason, ns), ids in groups.items():
         ids.sort(reverse=True)
-        ages = [report.now - t for i in ids if (t := by_key[(ns, i)].created_at) is not None]
-        report.policies[policy].see_eligible(len(ids), 0, max(ages, default=None))
+        ages = [now - t for i in ids if (t := by_key[(ns, i)].created_at) is not None]
+        eligible.append(_Eligible(policy, len(ids), max(ages, default=None)))
         # Newest first: a kept checkpoint's parent goes in the first chunk, and
         # later chunks' children are already gone, so few parents need nulling.
         for start in range(0, len(ids), step):
@@ -1062,22 +1097,23 @@ def _parts(
                 checkpoints={ns: chunk},
                 bytes=sum(by_key[(ns, i)].size for i in chunk),
             )
-            yield _Part(work, policy, reason, active)
+            parts.append(_Part(work, policy, reason, active))
             remaining[ns].difference_update(chunk)
     writes: dict[tuple[str, str], list[str]] = {}
     for w in decision.writes:
         writes.setdefault((w.policy, w.namespace), []).append(w.checkpoint_id)
     for (policy, ns), ids in writes.items():
-        report.policies[policy].see_eligible(0, 0, None)
+        eligible.append(_Eligible(policy, 0, None))
         work = ThreadWork(tid, fingerprint_of(remaining), writes={ns: ids})
-        yield _Part(work, policy, Reason.ORPHAN_WRITES, active)
+        parts.append(_Part(work, policy, Reason.ORPHAN_WRITES, active))
     if thread.garbage_blobs and not decision.deletions and not decision.writes:
         # Blobs left by trims made while the thread was busy; every batch
         # collects a quiet thread's, so this part only brings it into one.
         owner = rules.first_match(tid, "", view.head_metadata)
-        if owner is not None and not owner.protect and owner.name in report.policies:
+        if owner is not None and not owner.protect and owner.name in policies:
             work = ThreadWork(tid, thread.fingerprint, gc_blobs=True, estimate=1)
-            yield _Part(work, owner.name, Reason.UNREFERENCED_BLOBS, active)
+            parts.append(_Part(work, owner.name, Reason.UNREFERENCED_BLOBS, active))
+    return parts, eligible
 
 
 def _log_summary(report: SweepReport) -> None:
