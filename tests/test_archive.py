@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from worker.stores import archive as archive_module
 from worker.stores.archive import (
     FORMAT_VERSION,
     Archive,
@@ -201,6 +202,72 @@ def test_max_bytes_refuses_a_segment_and_leaves_nothing(tmp_path: Path) -> None:
         seg.seal()
     assert "'main'" in str(info.value) and str(tmp_path) in str(info.value)
     assert [f for f in _files(tmp_path) if f.endswith(".sqlite") or "partial" in f] == []
+
+
+def _segment_bytes(tmp_path: Path) -> int:
+    """The size of a `_filled` segment, sealed in a folder of its own (page-sized, so fixed)."""
+    scratch = Archive("main", "sqlite", ArchiveSettings(str(tmp_path / "scratch")), time.time())
+    seg = _filled(scratch)
+    seg.seal()
+    scratch.close()
+    return int(seg.bytes)
+
+
+def test_max_bytes_walks_the_folder_once_per_sweep_not_per_segment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    size = _segment_bytes(tmp_path)
+    walks: list[str] = []
+    walk = archive_module._tree_bytes
+
+    def counted(path: str) -> int:
+        walks.append(path)
+        return walk(path)
+
+    monkeypatch.setattr(archive_module, "_tree_bytes", counted)
+    root = tmp_path / "archive"
+    earlier = Archive("main", "sqlite", ArchiveSettings(str(root)), time.time() - 60)
+    _filled(earlier).seal()
+    earlier.close()
+    # Room for the earlier segment and three of this sweep's, not a fourth.
+    settings = ArchiveSettings(str(root), max_bytes=4 * size + size // 2)
+    archive = Archive("main", "sqlite", settings, time.time())
+    for _ in range(2):
+        seg = _filled(archive)
+        seg.seal()
+        seg.complete()
+    gone = _filled(archive)
+    gone.seal()
+    gone.abandon()  # its bytes leave the running total with its file
+    _filled(archive).seal()
+    assert len(walks) == 1
+    with pytest.raises(ArchiveError, match=f"to {5 * size} bytes, past max_bytes"):
+        _filled(archive).seal()
+    # The refusal is decided on a fresh walk, which agrees with the running total.
+    assert len(walks) == 2
+    mine, theirs = (os.path.basename(a.sweep_dir or "") for a in (archive, earlier))
+    kept = [f"{mine}/000001.sqlite", f"{mine}/000002.sqlite", f"{mine}/000004.pending.sqlite"]
+    assert [f for f in _files(Path(archive.store_dir)) if f.endswith(".sqlite")] == sorted(
+        [*kept, f"{theirs}/000001.pending.sqlite"]
+    )
+    archive.close()
+
+
+def test_max_bytes_sees_segments_removed_during_the_sweep(tmp_path: Path) -> None:
+    size = _segment_bytes(tmp_path)
+    root = tmp_path / "archive"
+    earlier = Archive("main", "sqlite", ArchiveSettings(str(root)), time.time() - 60)
+    _filled(earlier).seal()
+    earlier.close()
+    settings = ArchiveSettings(str(root), max_bytes=2 * size + size // 2)
+    archive = Archive("main", "sqlite", settings, time.time())
+    _filled(archive).seal()
+    # An operator prunes the earlier sweep: the running total is now too high,
+    # and the walk before a refusal finds the room.
+    assert earlier.sweep_dir is not None
+    os.remove(os.path.join(earlier.sweep_dir, "000001.pending.sqlite"))
+    _filled(archive).seal()
+    archive.close()
 
 
 def test_a_path_under_a_regular_file_fails_with_store_and_path(tmp_path: Path) -> None:

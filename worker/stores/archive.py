@@ -342,6 +342,9 @@ class Archive:
         """Rows per table in segments this sweep completed (their delete committed)."""
         self.completed_bytes = 0
         """Bytes of the segments this sweep completed."""
+        self._used: int | None = None
+        """The store's archive size for `max_bytes`: one walk of its folder, plus the
+        segments this Archive published since, less those it abandoned (`_size_with`)."""
 
     @property
     def sweep_dir(self) -> str | None:
@@ -467,7 +470,33 @@ class Archive:
         self._local_dir = path
         return path
 
+    def _size_with(self, size: int) -> int:
+        """The archive's size once a sealed segment of `size` bytes is published.
+
+        The folder is walked once per Archive (a sweep), not per segment, which
+        made a sweep quadratic in its segments; this Archive's own segments are
+        then added as it publishes them. Files others add to the folder during
+        the sweep (a second sweep of the same store, an operator's copy) are
+        not in that running total, and files others remove make it too high,
+        so the folder is walked again whenever the total would pass
+        `max_bytes`: a refusal is always decided on a fresh walk (one walk per
+        refusal, not per segment), while an acceptance may miss others' bytes
+        written since the sweep's first seal.
+        """
+        limit = self.settings.max_bytes
+        if self._used is None or (limit is not None and self._used + size > limit):
+            self._used = self._used_bytes()
+            if not self.remote:
+                self._used -= size  # the partial is already inside the directory
+        return self._used + size
+
+    def _published(self, size: int) -> None:
+        """A segment of `size` bytes joined the archive (`_size_with`'s running total)."""
+        if self._used is not None:
+            self._used += size
+
     def _used_bytes(self) -> int:
+        """Bytes in the store's archive folder, walked (or `du` for a URL)."""
         if self.remote:
             try:
                 return int(self._fs.du(self.store_dir, total=True))
@@ -561,16 +590,13 @@ class Segment:
             _verify_image(partial, image, self.counts, expected)
             self.bytes = len(image)
             limit = archive.settings.max_bytes
-            if limit is not None:
-                used = archive._used_bytes()
-                if not archive.remote:
-                    used -= self.bytes  # the partial is already inside the directory
-                if used + self.bytes > limit:
-                    raise _Refused(
-                        f"segment of {self.bytes} bytes would bring the archive to "
-                        f"{used + self.bytes} bytes, past max_bytes {limit}; nothing deleted"
-                    )
+            if limit is not None and (total := archive._size_with(self.bytes)) > limit:
+                raise _Refused(
+                    f"segment of {self.bytes} bytes would bring the archive to "
+                    f"{total} bytes, past max_bytes {limit}; nothing deleted"
+                )
             self.path = self._publish(partial)
+            archive._published(self.bytes)
         except _Refused as exc:
             _remove(partial)
             raise archive.error(str(exc)) from None
@@ -682,6 +708,7 @@ class Segment:
         self._state = "abandoned"
         if self.path is not None:
             _discard(self.archive, self.path)
+            self.archive._published(-self.bytes)
             self.path = None
 
 
@@ -912,6 +939,8 @@ class PendingSegment:
         """Its rows are still in the store: the delete never committed, so remove it."""
         self.reader.close()
         _discard(self.archive, self.path)
+        # Not this Archive's segment: its size is the next walk's to see.
+        self.archive._used = None
 
 
 def _reader(remote: bool, fs: Any, path: str, shown: str) -> SegmentReader:

@@ -1064,7 +1064,26 @@ class SqliteStore:
         """
         if dry_run:
             return [await self._count(work) for work in batch]
-        conn = self.conn
+        if not await self._begin_batch(batch):
+            return [WorkResult(w.thread_id, Counts(), locked=True) for w in batch]
+        seg = archive.segment() if archive is not None else None
+        try:
+            results = await self._batch(batch, seg)
+            if seg is not None:
+                # Sealed under the write lock: nothing commits before its archive is safe.
+                await asyncio.to_thread(seg.seal)
+        except BaseException:
+            # Also on cancellation (SIGTERM): the batch is all or nothing.
+            await self._roll_back(seg)
+            raise
+        await self._commit(seg)
+        self._uncheckpointed += sum(r.counts.bytes for r in results)
+        if seg is not None:
+            await self._complete(seg)
+        return results
+
+    async def _begin_batch(self, batch: Sequence[ThreadWork]) -> bool:
+        """Take the write lock for `batch`, noting the wait; False (logged) if it stayed busy."""
         begun = await self._begin()
         self._contention = Contention(writer_seen=self._lock_wait > 0, lock_wait=self._lock_wait)
         if not begun:
@@ -1075,76 +1094,77 @@ class SqliteStore:
                 busy_timeout=self.busy_timeout,
                 threads=len(batch),
             )
-            return [WorkResult(w.thread_id, Counts(), locked=True) for w in batch]
-        seg = archive.segment() if archive is not None else None
+        return begun
+
+    async def _batch(self, batch: Sequence[ThreadWork], seg: Segment | None) -> list[WorkResult]:
+        """The batch's statements, under the write lock; deleted rows also go to `seg`."""
+        if await self._writer_since_last_batch():
+            self._contention = Contention(writer_seen=True, lock_wait=self._lock_wait)
+        results, trimming, expiring = await self._parts(batch, seg)
+        if trimming:
+            trimmed = await self._trim_many(list(trimming.values()), seg)
+            for i, work in trimming.items():
+                results[i] = WorkResult(work.thread_id, trimmed[work.thread_id])
+        if expiring:
+            gone = await self._expire(sorted(set(expiring.values())), seg)
+            for i, tid in expiring.items():
+                results[i] = WorkResult(tid, gone.get(tid, Counts(threads=1)))
+        return results
+
+    async def _parts(
+        self, batch: Sequence[ThreadWork], seg: Segment | None
+    ) -> tuple[list[WorkResult], dict[int, ThreadWork], dict[int, str]]:
+        """Refuse held or changed parts and delete the rest one by one, except the
+        set-based trims and the expiries: those are left as placeholders (by index in
+        the results) for `_batch` to carry out together."""
+        tids = [w.thread_id for w in batch]
+        on_hold = await self._held_among(tids)
+        current = await self._fingerprints(tids)
+        repeated = {t for t in tids if tids.count(t) > 1} if len(set(tids)) < len(tids) else set()
+        results: list[WorkResult] = []
+        trimming: dict[int, ThreadWork] = {}
+        expiring: dict[int, str] = {}
+        for work in batch:
+            tid = work.thread_id
+            if tid in on_hold:
+                results.append(WorkResult(tid, Counts(), on_hold=True))
+                continue
+            if current.get(tid, ()) != work.fingerprint:
+                results.append(WorkResult(tid, Counts(), changed=True))
+                continue
+            if work.expire:
+                expiring[len(results)] = tid
+                results.append(WorkResult(tid, Counts()))
+                continue
+            if tid not in repeated and _ranges_only(work):
+                trimming[len(results)] = work
+                results.append(WorkResult(tid, Counts()))
+                continue
+            results.append(await self._delete(work, seg))
+            if tid in repeated:
+                # A later part of this thread expects it as this part left it.
+                current.update(await self._fingerprints([tid]))
+                current.setdefault(tid, ())
+        return results, trimming, expiring
+
+    async def _roll_back(self, seg: Segment | None) -> None:
+        """Undo the batch: its transaction and its segment."""
+        if self.conn.in_transaction:
+            await self.conn.execute("ROLLBACK")
+        if seg is not None:
+            await asyncio.to_thread(seg.abandon)
+
+    async def _commit(self, seg: Segment | None) -> None:
+        """COMMIT the batch; on failure, abandon `seg` only if certainly not committed."""
         try:
-            if await self._writer_since_last_batch():
-                self._contention = Contention(writer_seen=True, lock_wait=self._lock_wait)
-            tids = [w.thread_id for w in batch]
-            on_hold = await self._held_among(tids)
-            current = await self._fingerprints(tids)
-            repeated = (
-                {t for t in tids if tids.count(t) > 1} if len(set(tids)) < len(tids) else set()
-            )
-            results: list[WorkResult] = []
-            expiring: dict[int, str] = {}
-            trimming: dict[int, ThreadWork] = {}
-            for work in batch:
-                tid = work.thread_id
-                if tid in on_hold:
-                    results.append(WorkResult(tid, Counts(), on_hold=True))
-                    continue
-                if current.get(tid, ()) != work.fingerprint:
-                    results.append(WorkResult(tid, Counts(), changed=True))
-                    continue
-                if work.expire:
-                    # Placeholder: every expiry of the batch goes in one statement below.
-                    expiring[len(results)] = tid
-                    results.append(WorkResult(tid, Counts()))
-                    continue
-                if tid not in repeated and _ranges_only(work):
-                    # Placeholder: every such trim of the batch goes in one set of statements.
-                    trimming[len(results)] = work
-                    results.append(WorkResult(tid, Counts()))
-                    continue
-                results.append(await self._delete(work, seg))
-                if tid in repeated:
-                    # A later part of this thread expects it as this part left it.
-                    current.update(await self._fingerprints([tid]))
-                    current.setdefault(tid, ())
-            if trimming:
-                trimmed = await self._trim_many(list(trimming.values()), seg)
-                for i, work in trimming.items():
-                    results[i] = WorkResult(work.thread_id, trimmed[work.thread_id])
-            if expiring:
-                gone = await self._expire(sorted(set(expiring.values())), seg)
-                for i, tid in expiring.items():
-                    results[i] = WorkResult(tid, gone.get(tid, Counts(threads=1)))
-            if seg is not None:
-                # Sealed under the write lock: nothing commits before its archive is safe.
-                await asyncio.to_thread(seg.seal)
+            await self.conn.execute("COMMIT")
         except BaseException:
-            # Also on cancellation (SIGTERM): the batch is all or nothing.
-            if conn.in_transaction:
-                await conn.execute("ROLLBACK")
-            if seg is not None:
-                await asyncio.to_thread(seg.abandon)
-            raise
-        try:
-            await conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
+            if self.conn.in_transaction:
                 # Certainly not committed: the segment goes with the batch.
-                await conn.execute("ROLLBACK")
-                if seg is not None:
-                    await asyncio.to_thread(seg.abandon)
+                await self._roll_back(seg)
             # Otherwise it may have committed: the segment stays `.pending` for
             # the next sweep's `recover_archive` to settle.
             raise
-        self._uncheckpointed += sum(r.counts.bytes for r in results)
-        if seg is not None:
-            await self._complete(seg)
-        return results
 
     async def _complete(self, seg: Segment) -> None:
         """Give a committed batch's segment its final name; a failure leaves it `.pending`
