@@ -44,7 +44,7 @@ import asyncio
 import sys
 from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import BaseCheckpointSaver, CheckpointTuple
@@ -414,6 +414,32 @@ async def adrive(program: Statements[T], execute: Callable[[str, Any], Awaitable
             value: T = stop.value
             return value
         result = await execute(sql, params)
+
+
+class _OnItsLoop(Protocol):
+    """An async saver (`AsyncSqliteSaver`, `AsyncPostgresSaver`): the loop it was made on."""
+
+    loop: asyncio.AbstractEventLoop
+
+
+class AsyncSqlBackend(SqlBackend):
+    """A SQL backend of an async saver: its sync methods run the async ones on the saver's
+    own loop (`on_loop`), as the saver's own sync methods do."""
+
+    def _exec(self, program: Statements[T], write: bool, atomic: bool = False) -> T:
+        return on_loop(
+            cast(_OnItsLoop, self.inner).loop,
+            type(self.inner).__name__,
+            lambda: self._aexec(program, write, atomic),
+        )
+
+    def waiting(self, view: ThreadView) -> bool | None:
+        """Through the saver's `aget_tuple`, on its loop."""
+        return on_loop(
+            cast(_OnItsLoop, self.inner).loop,
+            type(self.inner).__name__,
+            lambda: self.awaiting(view),
+        )
 
 
 def on_loop(loop: asyncio.AbstractEventLoop, name: str, make: Callable[[], Awaitable[T]]) -> T:

@@ -20,9 +20,9 @@ from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from langgraph.checkpoint.serde.types import TASKS
 
 from policies.decide import is_delta_thread
-from policies.model import ThreadView
 from policies.summary import json_object, summarize, ts_seconds
 from worker.saver.backends import (
+    AsyncSqlBackend,
     Backend,
     Result,
     SqlBackend,
@@ -30,7 +30,6 @@ from worker.saver.backends import (
     Statements,
     adrive,
     drive,
-    on_loop,
     scanned_of,
 )
 from worker.saver.operations import Scanned, ThreadChanged, ThreadStamp
@@ -359,7 +358,7 @@ class PostgresBackend(SqlBackend):
                 return drive(program, execute)
 
 
-class AsyncPostgresBackend(SqlBackend):
+class AsyncPostgresBackend(AsyncSqlBackend):
     """`AsyncPostgresSaver`: its connection or pool through its own `_cursor()` (and lock)."""
 
     kind = "postgres"
@@ -383,21 +382,6 @@ class AsyncPostgresBackend(SqlBackend):
                 await inner.pipe.sync()
             async with conn.transaction():
                 return await adrive(program, execute)
-
-    def _exec(self, program: Statements[T], write: bool, atomic: bool = False) -> T:
-        return on_loop(
-            self.inner.loop,
-            type(self.inner).__name__,
-            lambda: self._aexec(program, write, atomic),
-        )
-
-    def waiting(self, view: ThreadView) -> bool | None:
-        """Through the saver's `aget_tuple`, on its loop."""
-        return on_loop(
-            self.inner.loop,
-            type(self.inner).__name__,
-            lambda: self.awaiting(view),
-        )
 
 
 def backend_of(inner: BaseCheckpointSaver[Any]) -> Backend | None:

@@ -18,9 +18,9 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
-from policies.model import ThreadView
 from policies.summary import json_object, summarize, ts_seconds
 from worker.saver.backends import (
+    AsyncSqlBackend,
     Backend,
     Result,
     SqlBackend,
@@ -29,7 +29,6 @@ from worker.saver.backends import (
     adrive,
     drive,
     needs_blobs,
-    on_loop,
     scanned_of,
 )
 from worker.saver.operations import Scanned, ThreadChanged, ThreadStamp
@@ -257,7 +256,7 @@ class SqliteBackend(SqlBackend):
             return _sqlite_run(inner.conn, program, write)
 
 
-class AsyncSqliteBackend(SqlBackend):
+class AsyncSqliteBackend(AsyncSqlBackend):
     """`AsyncSqliteSaver`: its aiosqlite connection, under its `asyncio.Lock`."""
 
     kind = "sqlite"
@@ -306,21 +305,6 @@ class AsyncSqliteBackend(SqlBackend):
             if began and conn.in_transaction:
                 await conn.rollback()
             raise
-
-    def _exec(self, program: Statements[T], write: bool, atomic: bool = False) -> T:
-        return on_loop(
-            self.inner.loop,
-            type(self.inner).__name__,
-            lambda: self._aexec(program, write, atomic),
-        )
-
-    def waiting(self, view: ThreadView) -> bool | None:
-        """Through the saver's `aget_tuple`, on its loop."""
-        return on_loop(
-            self.inner.loop,
-            type(self.inner).__name__,
-            lambda: self.awaiting(view),
-        )
 
 
 def backend_of(inner: BaseCheckpointSaver[Any]) -> Backend | None:
