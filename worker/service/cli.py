@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TextIO, TypeVar
 
 import click
 import structlog
@@ -39,6 +39,7 @@ from worker.stores import as_postgres, make_engine, sqlite_reclaim
 from worker.stores.archive import (
     ArchiveError,
     ArchiveFactory,
+    SegmentReader,
     Selection,
     archive_factory,
     read_segments,
@@ -638,7 +639,19 @@ def _run_purge(
     help="The archive: its path (or URL) as in the config, a store's or sweep's folder, "
     "or one segment file.",
 )
-@click.option("--thread", "thread_id", default=None, help="Restore this thread.")
+@click.option(
+    "--thread",
+    "thread_ids",
+    multiple=True,
+    help="Restore this thread (repeat for several).",
+)
+@click.option(
+    "--threads-from",
+    "threads_file",
+    type=click.File("r", encoding="utf-8"),
+    default=None,
+    help="Restore the threads named in this file, one id a line (`-`: standard input).",
+)
 @click.option(
     "--thread-prefix",
     "prefix",
@@ -655,39 +668,41 @@ def restore_cmd(
     ctx: click.Context,
     name: str,
     source: str,
-    thread_id: str | None,
+    thread_ids: tuple[str, ...],
+    threads_file: TextIO | None,
     prefix: str | None,
     everything: bool,
     dry_run: bool,
     yes: bool,
 ) -> None:
-    """Put archived rows back: missing rows are inserted, existing rows left alone."""
-    if [thread_id is not None, prefix is not None, everything].count(True) != 1:
-        _fail("restore needs one of --thread ID, --thread-prefix PREFIX or --all", EXIT_CONFIG)
-    if prefix == "":
-        _fail("--thread-prefix must not be empty (use --all to restore everything)", EXIT_CONFIG)
+    """Put archived rows back: missing rows are inserted, existing rows left alone.
+
+    Only the segments that hold rows of the selected threads are read and
+    verified (`--all` verifies every one).
+    """
+    select = _restore_selection(thread_ids, threads_file, prefix, everything)
     if not yes and not dry_run and not sys.stdin.isatty():
         _fail("restore asks before writing; without a terminal, pass --yes", EXIT_CONFIG)
     if "://" not in source and not Path(source).exists():
         _fail(f"--from {source}: no such file or directory", EXIT_CONFIG)
     config, store = _one_store(ctx, name)
-    select = Selection(thread_id=thread_id, prefix=prefix)
-    try:
-        segments = list(read_segments(source, store=store.name))
-        for seg in segments:
-            # Every segment first: a damaged one stops the restore before any row goes in.
-            seg.verify()
-    except ArchiveError as e:
-        _fail(str(e), EXIT_FAILED)
+    segments, passed = _restore_segments(source, store.name, select)
     if not segments:
-        click.echo(f"store {store.name}: no archive segments of this store under {source}")
+        if passed:
+            click.echo(
+                f"store {store.name}: none of the {passed} archive segments under {source} "
+                "holds the selected threads"
+            )
+        else:
+            click.echo(f"store {store.name}: no archive segments of this store under {source}")
         return
 
     async def body(engine: StoreEngine) -> None:
         if not isinstance(engine, ArchivingStore):
             raise StoreError(engine.name, "this store engine cannot restore from an archive")
         found = await engine.restore(segments, select, dry_run=True)
-        _show_restore(engine.name, found, len(segments), done=False)
+        _show_restore(engine.name, found, len(segments), done=False, passed=passed)
+        _show_unarchived(select, found)
         if not found.threads() or dry_run:
             return
         if not yes and not click.confirm("Restore them?", default=False):
@@ -705,7 +720,75 @@ def restore_cmd(
             seg.close()
 
 
-def _show_restore(store: str, counts: RestoreCounts, segments: int, *, done: bool) -> None:
+def _restore_selection(
+    thread_ids: tuple[str, ...],
+    threads_file: TextIO | None,
+    prefix: str | None,
+    everything: bool,
+) -> Selection:
+    """The threads a restore takes, or exit 2 on a usage error (before any store opens)."""
+    named = list(thread_ids)
+    if threads_file is not None:
+        # One id a line, exactly (ids may hold spaces); only the line end is dropped.
+        named += [line.rstrip("\r\n") for line in threads_file]
+        named = [t for t in named if t]
+        if not named:
+            _fail(f"--threads-from {threads_file.name}: no thread id in it", EXIT_CONFIG)
+    chosen = [bool(thread_ids) or threads_file is not None, prefix is not None, everything]
+    if chosen.count(True) != 1:
+        _fail(
+            "restore needs one of --thread ID (repeatable) / --threads-from FILE, "
+            "--thread-prefix PREFIX or --all",
+            EXIT_CONFIG,
+        )
+    if prefix == "":
+        _fail("--thread-prefix must not be empty (use --all to restore everything)", EXIT_CONFIG)
+    if named:
+        return Selection.of_threads(named)
+    return Selection(prefix=prefix)
+
+
+def _restore_segments(
+    source: str, store: str, select: Selection
+) -> tuple[list[SegmentReader], int]:
+    """The segments under `source` holding rows of the selected threads, each verified,
+    and how many others were passed by unread; exit 1 on one that cannot be used.
+
+    A segment that holds selected rows and does not verify stops the restore
+    before any row goes in; one that cannot be opened at all does too, since
+    it may hold them. A damaged segment holding none of them does not block.
+    """
+    segments: list[SegmentReader] = []
+    passed = 0
+    try:
+        for seg in read_segments(source, store=store):
+            segments.append(seg)
+            if seg.holds(select):
+                seg.verify()
+            else:
+                segments.pop().close()
+                passed += 1
+    except ArchiveError as e:
+        for seg in segments:
+            seg.close()
+        _fail(str(e), EXIT_FAILED)
+    return segments, passed
+
+
+def _show_unarchived(select: Selection, found: RestoreCounts) -> None:
+    """Name the selected threads the archive has nothing missing for (a typo shows here)."""
+    named = sorted(select.thread_ids or ())
+    if not named:
+        return
+    quiet = [t for t in named if t not in found.inserted and t not in found.relinked]
+    if quiet:
+        shown = ", ".join(quiet[:10]) + (f" and {len(quiet) - 10} more" if len(quiet) > 10 else "")
+        click.echo(f"  {len(quiet)} of the {len(named)} named threads get nothing back: {shown}")
+
+
+def _show_restore(
+    store: str, counts: RestoreCounts, segments: int, *, done: bool, passed: int = 0
+) -> None:
     totals = counts.totals()
     parts = [f"{n} {table}" for table, n in sorted(totals.items()) if table != "parents"]
     links = f", {totals['parents']} parent links" if totals["parents"] else ""
@@ -715,8 +798,9 @@ def _show_restore(store: str, counts: RestoreCounts, segments: int, *, done: boo
             f"{', '.join(parts) or 'no rows'}{links}"
         )
         return
+    unread = f" ({passed} more hold none of the selected threads: not read)" if passed else ""
     click.echo(
-        f"store {store}: {segments} archive segments; {len(counts.threads())} threads to "
+        f"store {store}: {segments} archive segments{unread}; {len(counts.threads())} threads to "
         f"restore ({', '.join(parts) or 'no rows'}{links}; "
         f"{counts.present} archived rows already in the store are left alone)"
     )

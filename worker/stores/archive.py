@@ -34,6 +34,7 @@ import contextlib
 import fcntl
 import functools
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -80,6 +81,12 @@ READ_META = f"SELECT key, value FROM {META_TABLE}"
 COUNT_ROWS = 'SELECT count(*) FROM "{table}"'
 # Exact thread / code-point prefix match (LIKE would treat `_` as a wildcard and fold case).
 SELECT_ROWS = 'SELECT {columns} FROM "{table}"{where}'
+# Many named threads as one JSON array parameter: no limit on bound variables,
+# one statement however many threads, and SQLite probes the list as a set.
+NAMED_THREADS = "thread_id IN (SELECT value FROM json_each(?))"
+# Whether a table holds any row of the selected threads: a restore reads and
+# verifies only the segments that do. LIMIT 1 stops at the first such row.
+HOLDS_SELECTED = 'SELECT 1 FROM "{table}"{where} LIMIT 1'
 
 
 class ArchiveError(Exception):
@@ -105,30 +112,52 @@ class ArchiveSettings:
 
 @dataclass(frozen=True, slots=True)
 class Selection:
-    """Which threads a restore takes: one id, an id prefix, or all (both None)."""
+    """Which threads a restore takes: one id, named ids, an id prefix, or all (all None)."""
 
     thread_id: str | None = None
     prefix: str | None = None
+    thread_ids: frozenset[str] | None = None
+    """Several named threads (`of_threads`); one name is a `thread_id`."""
+
+    @classmethod
+    def of_threads(cls, thread_ids: Iterable[str]) -> Selection:
+        """The named threads (at least one): `thread_id` for one, `thread_ids` for more."""
+        ids = frozenset(thread_ids)
+        if not ids:
+            raise ValueError("a selection of named threads needs at least one thread id")
+        if len(ids) == 1:
+            return cls(thread_id=next(iter(ids)))
+        return cls(thread_ids=ids)
 
     @property
-    def kind(self) -> Literal["thread", "prefix", "all"]:
-        """Which of the three selections this is."""
+    def kind(self) -> Literal["thread", "threads", "prefix", "all"]:
+        """Which of the four selections this is."""
         if self.thread_id is not None:
             return "thread"
+        if self.thread_ids is not None:
+            return "threads"
         return "prefix" if self.prefix is not None else "all"
 
     def matches(self, thread_id: str) -> bool:
         """Whether `thread_id` is selected (prefix is code-point exact)."""
         if self.thread_id is not None:
             return thread_id == self.thread_id
+        if self.thread_ids is not None:
+            return thread_id in self.thread_ids
         if self.prefix is not None:
             return thread_id.startswith(self.prefix)
         return True
+
+    def ids_json(self) -> str:
+        """The named threads as one JSON array, the parameter of a `json_each` filter."""
+        return json.dumps(sorted(self.thread_ids or ()))
 
     def where(self) -> tuple[str, tuple[Any, ...]]:
         """A WHERE clause over a `thread_id` column (empty for all), with its parameters."""
         if self.thread_id is not None:
             return " WHERE thread_id = ?", (self.thread_id,)
+        if self.thread_ids is not None:
+            return f" WHERE {NAMED_THREADS}", (self.ids_json(),)
         if self.prefix is not None:
             # substr, not LIKE: exact code points, no wildcard in the prefix.
             return " WHERE substr(thread_id, 1, ?) = ?", (len(self.prefix), self.prefix)
@@ -895,6 +924,31 @@ class SegmentReader:
         finally:
             conn.close()
         return out
+
+    def holds(self, select: Selection) -> bool:
+        """Whether the segment holds any row of the selected threads (always true for all).
+
+        One `LIMIT 1` query per table (nulled parents included): much less than
+        `verify`, which digests every row. Raises `ArchiveError` when the file
+        cannot be read as a segment, since whether it holds selected rows is
+        then unknown and a restore must not pass it by.
+        """
+        if select.kind == "all":
+            return True
+        where, params = select.where()
+        conn = self._connect()
+        try:
+            for (name,) in conn.execute(LIST_TABLES).fetchall():
+                columns = {c for (c,) in conn.execute(TABLE_COLUMNS, (name,))}
+                if name == META_TABLE or "thread_id" not in columns:
+                    continue
+                if conn.execute(HOLDS_SELECTED.format(table=name, where=where), params).fetchone():
+                    return True
+            return False
+        except sqlite3.Error as exc:
+            raise ArchiveError(self.store, self.location, f"unreadable: {exc}") from exc
+        finally:
+            conn.close()
 
     def verify(self) -> None:
         """Raise `ArchiveError` unless the rows match the counts and checksum in `archive_meta`."""

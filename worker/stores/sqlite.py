@@ -463,6 +463,8 @@ ARCHIVED_NULLED_SQL = "SELECT 1 FROM archived.sqlite_master WHERE type = 'table'
 RESTORE_FILTER = {
     "all": "1",
     "thread": "s.thread_id = :thread",
+    # Named threads as one JSON array: no bound-variable limit, one statement.
+    "threads": "s.thread_id IN (SELECT value FROM json_each(:threads))",
     "prefix": "substr(s.thread_id, 1, :n) = :prefix",
 }
 RESTORE_KEYS = {
@@ -1539,6 +1541,7 @@ class SqliteStore:
         """
         counts = RestoreCounts()
         params: dict[str, Any] = {"thread": select.thread_id, "prefix": select.prefix}
+        params["threads"] = select.ids_json()
         params["n"] = len(select.prefix or "")
         where = RESTORE_FILTER[select.kind]
         for seg in segments:
