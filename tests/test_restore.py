@@ -211,6 +211,106 @@ def test_restore_one_thread_or_a_prefix_only(
     ]
 
 
+def of_threads(rows: tuple[list[Any], list[Any]], keep: Any) -> tuple[list[Any], list[Any]]:
+    """`raw_rows` cut to the threads `keep(thread_id)` accepts."""
+    return [r for r in rows[0] if keep(r[0])], [r for r in rows[1] if keep(r[0])]
+
+
+def test_restore_many_named_threads_by_thread_and_threads_from(
+    tmp_path: Path, stores: tuple[Path, Path, dict[str, str]]
+) -> None:
+    """Repeated `--thread`, and `--threads-from FILE` or `-`, restore exactly the named
+    threads in one run, equal to the control through the saver; no other thread changes."""
+    store, control, shapes = stores
+    archive = tmp_path / "archive"
+    cfg = write_config(tmp_path, store, str(archive), EXPIRE_AND_TRIM)
+    assert cli("once", config=cfg).returncode == 0
+    swept, untouched = raw_rows(store), raw_rows(control)
+    ids_file = tmp_path / "threads.txt"
+    ids_file.write_text("vip-old\nsub-old\n\nnobody-archived\n")
+    unknown = "  1 of the 3 named threads get nothing back: nobody-archived"
+    batches: list[tuple[set[str], list[str], str | None, str]] = [
+        ({"user-old-1", "int-old"}, ["--thread", "user-old-1", "--thread", "int-old"], None, ""),
+        ({"vip-old", "sub-old"}, ["--threads-from", str(ids_file)], None, unknown),
+        ({"user-new-1", "brk-old", "delta-old"}, ["--threads-from", "-"],
+         "user-new-1\r\nbrk-old\ndelta-old", ""),
+    ]  # fmt: skip
+    done: set[str] = set()
+    for named, how, stdin, note in batches:
+        before = raw_rows(store)
+        dry = cli("restore", "--store", "app", "--from", str(archive), *how, "--dry-run",
+                  config=cfg, input=stdin)  # fmt: skip
+        assert dry.returncode == 0, dry.stderr
+        assert f"; {len(named)} threads to restore" in dry.stdout, dry.stdout
+        assert all(f"  {t}:" in dry.stdout for t in named) and note in dry.stdout, dry.stdout
+        assert raw_rows(store) == before, "a dry run wrote"
+        r = cli("restore", "--store", "app", "--from", str(archive), *how, "--yes",
+                config=cfg, input=stdin)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert f"restored {len(named)} threads" in r.stdout
+        done |= named
+        assert of_threads(raw_rows(store), done.__contains__) == of_threads(
+            untouched, done.__contains__
+        )
+        others = {t for t, *_ in all_keys(control)} - done
+        assert of_threads(raw_rows(store), others.__contains__) == of_threads(
+            swept, others.__contains__
+        )
+    keys = [k for k in all_keys(control) if k[0] in done]
+    asyncio.run(
+        assert_same_through_the_saver(store, control, {t: shapes[t] for t in done}, keys)
+    )
+
+
+def test_a_damaged_segment_blocks_only_a_restore_that_needs_it(
+    tmp_path: Path, stores: tuple[Path, Path, dict[str, str]]
+) -> None:
+    """A segment whose row was changed fails its checksum: a restore of threads it does
+    not hold goes on without reading it; one of a thread it holds, or `--all`, is refused
+    (exit 1, naming the segment) before any row goes in. A file that is not a segment at
+    all may hold anything, so it blocks every restore."""
+    store, control, shapes = stores
+    archive = tmp_path / "archive"
+    cfg = write_config(tmp_path, store, str(archive), EXPIRE_AND_TRIM)
+    assert cli("once", config=cfg).returncode == 0
+    segments = list(read_segments(str(archive), "app"))
+    holders = {tid: {s.location for s in segments if tid in s.counts()} for tid in shapes}
+    damaged = next(
+        s
+        for s in segments
+        if s.location not in holders["user-old-1"]
+        and any("checkpoints" in per for per in s.counts().values())
+    )
+    victim = next(iter(damaged.counts()))
+    with sqlite3.connect(damaged.local_path) as con:
+        con.execute("UPDATE checkpoints SET checkpoint = x'00' WHERE rowid = 1")
+    con.close()
+    swept = raw_rows(store)
+
+    def restore(*how: str) -> Any:
+        return cli("restore", "--store", "app", "--from", str(archive), *how, "--yes",
+                   config=cfg)  # fmt: skip
+
+    for how in (["--thread", victim], ["--thread", victim, "--thread", "user-old-1"], ["--all"]):
+        r = restore(*how)
+        assert r.returncode == 1 and "checksum mismatch" in r.stderr, (how, r.stderr)
+        assert damaged.location in r.stderr and "'app'" in r.stderr
+        assert raw_rows(store) == swept, "a refused restore wrote"
+
+    r = restore("--thread", "user-old-1", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "more hold none of the selected threads: not read" in r.stdout
+    r = restore("--thread", "user-old-1")
+    assert r.returncode == 0, r.stderr
+    keys = [k for k in all_keys(control) if k[0] == "user-old-1"]
+    asyncio.run(assert_same_through_the_saver(store, control, {"user-old-1": "chat"}, keys))
+
+    junk = Path(damaged.local_path).parent / "999999.sqlite"
+    junk.write_bytes(b"not a database, not a segment" * 200)
+    r = restore("--thread", "user-old-2")
+    assert r.returncode == 1 and "999999.sqlite" in r.stderr, r.stderr
+
+
 def test_restore_asks_first_and_needs_yes_without_a_terminal(
     tmp_path: Path, stores: tuple[Path, Path, dict[str, str]]
 ) -> None:
