@@ -257,9 +257,7 @@ def test_restore_many_named_threads_by_thread_and_threads_from(
             swept, others.__contains__
         )
     keys = [k for k in all_keys(control) if k[0] in done]
-    asyncio.run(
-        assert_same_through_the_saver(store, control, {t: shapes[t] for t in done}, keys)
-    )
+    asyncio.run(assert_same_through_the_saver(store, control, {t: shapes[t] for t in done}, keys))
 
 
 def test_a_damaged_segment_blocks_only_a_restore_that_needs_it(
