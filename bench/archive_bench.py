@@ -25,9 +25,11 @@ no other thread changed, and that sampled threads read back through the real
 `SqliteSaver` as on the untouched store (every checkpoint tuple, pending
 writes and parent included). It also times single-thread restores (`--thread
 ID`), each from the whole archive and from only the one segment holding that
-thread: restore verifies and scans every segment it is given, so a thread's
-restore time follows the archive's size, not the thread's. `--diag` times
-that verification alone (in this process) on each archive.
+thread, and one `restore --threads-from FILE` of `--named-threads` (1,000)
+random threads outside the prefix, checked the same way. Restore reads and
+verifies only the segments holding selected rows; it asks every segment
+whether it holds any (one query per table). `--diag` times verifying every
+segment alone (in this process), what `--all` does first.
 
     python bench/archive_bench.py [--threads 20000 --per-thread 50 --workdir DIR --repeat 2]
 
@@ -200,6 +202,29 @@ def run_restore(
     return res
 
 
+def restore_named(
+    config: Path, base: Path, db: Path, archive: Path, named: list[str], workdir: Path, tag: str
+) -> dict[str, Any]:
+    """`restore --threads-from FILE` of `named` (random threads, so spread over the
+    archive): time, then the same checks as the prefix restore."""
+    ids = workdir / f"named-{tag}.txt"
+    ids.write_text("".join(f"{t}\n" for t in named))
+    before = table_counts(db)
+    log(f"  restore --threads-from ({len(named)} named threads) [{tag}]")
+    out = run_restore(config, archive, ["--threads-from", str(ids)], workdir, f"named-{tag}")
+    out["threads_selected"] = len(named)
+    after = table_counts(db)
+    out["equal"] = rows_digest(db, named) == rows_digest(base, named)
+    out["counts_before"], out["counts_after"] = before, after
+    sample = random.Random(f"saver-named:{tag}").sample(named, min(20, len(named)))
+    out["saver_equal"] = all(saver_view(db, t) == saver_view(base, t) for t in sample)
+    log(
+        f"    {out['wall_seconds']} s ({out['summary']}); equal to the untouched store:"
+        f" {out['equal']}, SqliteSaver sample of {len(sample)} equal: {out['saver_equal']}"
+    )
+    return out
+
+
 def run_plain(base: Path, workdir: Path, n_threads: int, tag: str) -> dict[str, Any]:
     db = fresh_copy(base, workdir / "archive-copy-plain.db")
     config = write_config(workdir, db, "keep5-plain", {"keep_last": KEEP_LAST})
@@ -222,6 +247,7 @@ def run_archived(
     prefix: str,
     selected: list[str],
     others: list[str],
+    named: list[str],
     tag: str,
 ) -> dict[str, Any]:
     """The sweep with an archive, then the restores on the same copy and their checks."""
@@ -267,6 +293,8 @@ def run_archived(
         )
         singles.append(one)
     out["single_restores"] = singles
+    if named:
+        out["named_restore"] = restore_named(config, base, db, archive, named, workdir, tag)
     before = table_counts(db)
 
     log(f"  restore --thread-prefix {prefix!r} ({len(selected)} threads) [{tag}]")
@@ -277,7 +305,7 @@ def run_archived(
     restored = rows_digest(db, selected)
     untouched = rows_digest(base, selected)
     after = table_counts(db)
-    n_back = len(selected) + len(singles)
+    n_back = len(selected) + len(singles) + len(named)
     per = args.per_thread - KEEP_LAST
     rng = random.Random(f"saver-sample:{tag}")
     sample = rng.sample(selected, min(args.saver_sample, len(selected)))
@@ -350,6 +378,12 @@ def main() -> None:
     )
     ap.add_argument("--saver-sample", type=int, default=20)
     ap.add_argument(
+        "--named-threads",
+        type=int,
+        default=1_000,
+        help="random threads (outside the prefix) restored by one --threads-from (0: skip)",
+    )
+    ap.add_argument(
         "--diag",
         action="store_true",
         help="also time verifying every segment alone (the part of restore that reads them all)",
@@ -386,9 +420,9 @@ def main() -> None:
             if kind == "plain":
                 one[kind] = run_plain(base, workdir, args.threads, tag)
             else:
-                one[kind] = run_archived(
-                    base, workdir, args, prefix, selected, others[rep * args.singles :], tag
-                )
+                singles = others[rep * args.singles : (rep + 1) * args.singles]
+                named = [t for t in others if t not in singles][: args.named_threads]
+                one[kind] = run_archived(base, workdir, args, prefix, selected, singles, named, tag)
         one["loadavg_after"] = loadavg()
         p, a = one["plain"], one["archive"]
         one["archive_over_plain_seconds"] = round(a["wall_seconds"] / p["wall_seconds"], 3)
@@ -413,6 +447,11 @@ def main() -> None:
         and r["archive"]["check"]["others_unchanged"]
         and r["archive"]["check"]["saver_equal"]
         and all(s["same_as_untouched"] for s in r["archive"]["single_restores"])
+        and all(
+            n["equal"] and n["saver_equal"] and n["exit_code"] == 0
+            for n in [r["archive"].get("named_restore")]
+            if n
+        )
         and r["plain"]["shape"]["ok"]
         and r["archive"]["shape"]["ok"]
         for r in reps
@@ -451,6 +490,13 @@ def print_report(res: dict[str, Any]) -> None:
             f"  {res['restore_prefix']['prefix']!r} ({rs['threads_selected']})"
             f"  {rs['wall_seconds']:>14}  {rs.get('peak_rss_mb')}  {singles}"
         )
+    for n, r in enumerate(res["repetitions"], 1):
+        if named := r["archive"].get("named_restore"):
+            print(
+                f"rep {n}: restore --threads-from ({named['threads_selected']} threads):"
+                f" {named['wall_seconds']} s, {named.get('user_s')} user-s,"
+                f" {named.get('peak_rss_mb')} MB; equal {named['equal']}"
+            )
     print(
         f"median archive / plain: {res['median_archive_over_plain_seconds']}x (target <= 1.5x:"
         f" {'MET' if res['target_met'] else 'MISSED'}); all checks ok: {res['all_checks_ok']}"

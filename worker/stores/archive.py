@@ -87,6 +87,9 @@ NAMED_THREADS = "thread_id IN (SELECT value FROM json_each(?))"
 # Whether a table holds any row of the selected threads: a restore reads and
 # verifies only the segments that do. LIMIT 1 stops at the first such row.
 HOLDS_SELECTED = 'SELECT 1 FROM "{table}"{where} LIMIT 1'
+# The tables have no index, so a miss scans every leaf page: mapped, not copied,
+# that scan takes about half the time (a restore asks it of every segment).
+MAP_SEGMENT = "PRAGMA mmap_size = 268435456"
 
 
 class ArchiveError(Exception):
@@ -938,6 +941,7 @@ class SegmentReader:
         where, params = select.where()
         conn = self._connect()
         try:
+            conn.execute(MAP_SEGMENT)
             for (name,) in conn.execute(LIST_TABLES).fetchall():
                 columns = {c for (c,) in conn.execute(TABLE_COLUMNS, (name,))}
                 if name == META_TABLE or "thread_id" not in columns:
