@@ -22,6 +22,12 @@ digests of its rows, each digest over the row's values in column order encoded
 as `N` (NULL), `I<decimal>;` (integer), `R<repr>;` (real), `T<len>:<utf-8>`
 (text), `B<len>:<bytes>` (blob).
 
+A restore of some threads reads only the segments that hold them: it asks
+each segment (`SegmentReader.holds`, one `LIMIT 1` query per table, over
+`thread_id`) and verifies, then reads, those that do; a file that cannot be
+queried counts as holding them. The format is unchanged by this: segments
+of any version 1 writer are read the same way.
+
 File I/O is synchronous; engines call it through `asyncio.to_thread`. A path
 with a scheme (`s3://bucket/prefix`) goes through `fsspec`: the segment is
 written and verified in a local temporary directory, uploaded as
