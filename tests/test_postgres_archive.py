@@ -14,6 +14,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -23,10 +26,20 @@ import pytest
 from helpers.daemon_helpers import Scrape
 from helpers.pg_scenarios import Databases, all_keys, dump, pg_saver, store_yaml
 from helpers.pgserver import PgServer
-from helpers.scenarios import Gate, build_mixed_store, cli, race_graph, read_all, resume, states
+from helpers.scenarios import (
+    PAUSED_ONCE,
+    Gate,
+    build_mixed_store,
+    cli,
+    race_graph,
+    read_all,
+    resume,
+    states,
+)
 
 from worker.service.demo import thread
 from worker.stores.archive import read_segments
+from worker.stores.postgres_archive import KEYS
 
 EXPIRE_AND_TRIM = "  - {name: trim, keep_last: 1, expire_after: 30d, interrupted: expire}"
 """Trims every thread to its newest checkpoint and expires the idle ones whole (the
@@ -406,3 +419,70 @@ async def test_pending_segments_are_settled_by_what_the_store_holds(
         assert files["pending"] == [] and files["partial"] == []
         assert files["complete"] == (complete if base == "swept" else [])
     assert await dump(untouched) == await dump(template)
+
+
+def archived_keys(archive: Path) -> dict[str, list[tuple[Any, ...]]]:
+    """The primary keys of every row in the complete segments of store `pg`, per table."""
+    out: dict[str, list[tuple[Any, ...]]] = {}
+    for seg in read_segments(str(archive), store="pg"):
+        if not seg.pending:
+            for table in seg.tables():
+                at = [seg.columns(table).index(k) for k in KEYS[table]]
+                out.setdefault(table, []).extend(tuple(r[i] for i in at) for r in seg.rows(table))
+        seg.close()
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", ["seal", "complete"])
+async def test_sigkill_between_archive_and_delete_then_the_next_run_finishes(
+    mixed_template: tuple[str, dict[str, str]], dbs: Databases, tmp_path: Path, step: str
+) -> None:
+    """`once` killed once its first segment is `.pending`: before the batch's COMMIT
+    (`seal`) or after it, before the rename (`complete`). The next run settles it and
+    finishes; every deleted row is then in exactly one complete segment, and restore
+    gives back the untouched copy."""
+    template, shapes = mixed_template
+    dsn, copy = dbs.clone(template), dbs.clone(template)
+    archive, gate = tmp_path / "archive", tmp_path / "gate"
+    cfg = write_config(tmp_path, dsn, archive, EXPIRE_AND_TRIM)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_ONCE, step, str(gate), str(cfg)],
+        cwd=Path(__file__).parent.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not segment_files(archive)["pending"]:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "no segment became pending"
+            await asyncio.sleep(0.01)
+        if step == "complete":
+            # `complete` waits right after the COMMIT: the rows go once it has run.
+            [first] = list(read_segments(str(archive), store="pg"))
+            key = next(iter(first.rows("checkpoints")))[:3]
+            while key in set(await all_keys(dsn)):
+                assert time.monotonic() < deadline, "the batch never committed"
+                await asyncio.sleep(0.01)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    [pending] = segment_files(archive)["pending"]
+    if step == "seal":
+        assert await dump(dsn) == await dump(copy), "the killed batch committed"
+
+    await asyncio.to_thread(once, cfg)
+    files = segment_files(archive)
+    assert files["pending"] == [] and files["partial"] == []
+    assert (pending.replace(".pending", "") in files["complete"]) == (step == "complete")
+    original_keys, left = set(await all_keys(copy)), set(await all_keys(dsn))
+    keys = archived_keys(archive)
+    for table, found in keys.items():
+        assert len(found) == len(set(found)), f"a {table} row is archived twice as complete"
+    assert {k[:3] for k in keys["checkpoints"]} == {k[:3] for k in original_keys - left}
+
+    await asyncio.to_thread(restore_all, cfg, archive)
+    assert await dump(dsn) == await dump(copy)
+    every = sorted(original_keys)
+    assert await saver_view(dsn, shapes, every) == await saver_view(copy, shapes, every)

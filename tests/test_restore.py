@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.scenarios import build_mixed_store, cli, read_all, resume, states, turns
+from helpers.scenarios import (
+    PAUSED_ONCE,
+    build_mixed_store,
+    cli,
+    read_all,
+    resume,
+    states,
+    turns,
+)
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
 from worker.service.demo import chat_graph, thread
@@ -484,27 +492,6 @@ def test_an_archive_that_cannot_be_written_deletes_nothing(
     assert ("max_bytes 2000" if broken == "max_bytes" else "cannot create") in error
     assert 'checkpoint_janitor_archive_failures_total{store="app"} 1.0' in textfile.read_text()
     assert [s for s in Path(tmp_path).rglob("*") if s.name.endswith((".sqlite", ".partial"))] == []
-
-
-# A `once` whose batches wait, after a step of their archive, until a file exists:
-# the test kills it there. The wait is in this test's own wrapper, not in the tool.
-PAUSED_ONCE = """
-import os, sys, time
-from worker.stores import archive
-step, gate = sys.argv[1], sys.argv[2]
-original = getattr(archive.Segment, step)
-def paused(self):
-    if step == "complete":
-        while not os.path.exists(gate):
-            time.sleep(0.01)
-    original(self)
-    if step == "seal":
-        while not os.path.exists(gate):
-            time.sleep(0.01)
-setattr(archive.Segment, step, paused)
-from worker.service.cli import main
-main(["--config", sys.argv[3], "once"])
-"""
 
 
 @pytest.mark.slow

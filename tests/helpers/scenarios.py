@@ -462,3 +462,26 @@ def cli(
     finally:
         os.close(follower)
         os.close(leader)
+
+
+# A `once` whose batches wait, after a step of their archive, until a file exists:
+# the test kills it there. The wait is in the test's own wrapper, not in the tool.
+# argv: the `Segment` step (`seal`: before the COMMIT; `complete`: after it, before the
+# rename), the gate file, the config.
+PAUSED_ONCE = """
+import os, sys, time
+from worker.stores import archive
+step, gate = sys.argv[1], sys.argv[2]
+original = getattr(archive.Segment, step)
+def paused(self):
+    if step == "complete":
+        while not os.path.exists(gate):
+            time.sleep(0.01)
+    original(self)
+    if step == "seal":
+        while not os.path.exists(gate):
+            time.sleep(0.01)
+setattr(archive.Segment, step, paused)
+from worker.service.cli import main
+main(["--config", sys.argv[3], "once"])
+"""
