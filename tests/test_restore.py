@@ -329,6 +329,15 @@ def test_restore_asks_first_and_needs_yes_without_a_terminal(
     assert r.returncode == 2 and "--yes" in r.stderr
     r = cli("restore", "--store", "app", "--from", str(archive), config=cfg)
     assert r.returncode == 2
+    (tmp_path / "none.txt").write_text("\n\n")
+    for how, why in (
+        (["--thread", "a", "--all"], "restore needs one of"),
+        (["--threads-from", "-", "--thread-prefix", "a"], "restore needs one of"),
+        (["--threads-from", str(tmp_path / "none.txt")], "no thread id in it"),
+    ):
+        r = cli("restore", "--store", "app", "--from", str(archive), *how, "--yes", config=cfg,
+                input="a\n")  # fmt: skip
+        assert r.returncode == 2 and why in r.stderr, (how, r.stderr)
     r = cli("restore", "--store", "app", "--from", str(archive), "--all", config=cfg,
             input="n\n", terminal=True)  # fmt: skip
     assert r.returncode == 0 and "nothing restored" in r.stdout
