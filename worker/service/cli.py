@@ -730,10 +730,10 @@ def _restore_selection(
     named = list(thread_ids)
     if threads_file is not None:
         # One id a line, exactly (ids may hold spaces); only the line end is dropped.
-        named += [line.rstrip("\r\n") for line in threads_file]
-        named = [t for t in named if t]
-        if not named:
+        listed = [line.rstrip("\r\n") for line in threads_file]
+        if not any(listed):
             _fail(f"--threads-from {threads_file.name}: no thread id in it", EXIT_CONFIG)
+        named += [t for t in listed if t]
     chosen = [bool(thread_ids) or threads_file is not None, prefix is not None, everything]
     if chosen.count(True) != 1:
         _fail(
@@ -743,9 +743,9 @@ def _restore_selection(
         )
     if prefix == "":
         _fail("--thread-prefix must not be empty (use --all to restore everything)", EXIT_CONFIG)
-    if named:
-        return Selection.of_threads(named)
-    return Selection(prefix=prefix)
+    if everything or prefix is not None:
+        return Selection(prefix=prefix)
+    return Selection.of_threads(named)
 
 
 def _restore_segments(
