@@ -458,6 +458,9 @@ RECOVERY_SAMPLE = 8
 # missing. The filter is on the archived side's thread_id (alias s).
 ATTACH_SEGMENT_SQL = "ATTACH DATABASE ? AS archived"
 DETACH_SEGMENT_SQL = "DETACH DATABASE archived"
+# The segment's tables have no index: each restore statement scans them, and a
+# mapped file is scanned without copying every page (the store keeps its own setting).
+MAP_SEGMENT_SQL = "PRAGMA archived.mmap_size = 268435456"
 # Whether the attached segment recorded nulled parents (older batches may not have any).
 ARCHIVED_NULLED_SQL = "SELECT 1 FROM archived.sqlite_master WHERE type = 'table' AND name = ?"
 RESTORE_FILTER = {
@@ -1567,6 +1570,7 @@ class SqliteStore:
             ATTACH_SEGMENT_SQL, (f"{Path(os.path.abspath(seg.local_path)).as_uri()}?mode=ro",)
         )
         try:
+            await conn.execute(MAP_SEGMENT_SQL)
             if dry_run:
                 await body()
                 return
