@@ -35,7 +35,7 @@ from policies.config import Config
 from policies.ids import checkpoint_time
 from worker.service.config_files import load_config_text
 from worker.service.demo import chat_graph, thread
-from worker.sweep import SweepOptions, SweepReport, sweep
+from worker.sweep import SweepReport
 
 TESTS = Path(__file__).resolve().parents[1]
 
@@ -361,27 +361,17 @@ async def run_pg_sweep(
 ) -> SweepReport:
     """One sweep of store `pg` on `dsn`, as the CLI runs it (by default every sweep looks
     at every quiet thread's residue)."""
-    from worker.stores import make_engine
+    # Imported here: helpers.backends imports this module.
+    from helpers.backends import sweep_config
 
-    cfg = pg_config(policies_yaml, dsn, extra, store_extra)
-    settings = cfg.store_settings("pg")
-    engine = make_engine(cfg.store("pg"), settings)
-    await engine.open()
-    try:
-        return await sweep(
-            engine,
-            cfg.policies_for("pg"),
-            SweepOptions(
-                settings=settings,
-                max_delete_fraction=cfg.defaults.max_delete_fraction,
-                dry_run=dry_run,
-                allow_mass_expiry=allow_mass_expiry,
-                residue_check_every=residue_check_every,
-            ),
-            now=now,
-        )
-    finally:
-        await engine.close()
+    return await sweep_config(
+        pg_config(policies_yaml, dsn, extra, store_extra),
+        "pg",
+        now,
+        dry_run=dry_run,
+        allow_mass_expiry=allow_mass_expiry,
+        residue_check_every=residue_check_every,
+    )
 
 
 def write_config(path: Path, dsn: str, policies: str, extra: str = "") -> Path:
