@@ -7,7 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 from helpers.backends import (
+    BACKENDS,
     Backend,
+    Pair,
     PostgresBackend,
     SqliteBackend,
     Stores,
@@ -35,10 +37,6 @@ def pg_server() -> Iterator[PgServer]:
         pytest.skip(reason)
     yield server
     server.close()
-
-
-BACKENDS = ["sqlite", *(f"postgres-{c}" for c in sorted(COLLATIONS))]
-"""What a `backend` test runs on: SQLite, and Postgres with each of `COLLATIONS`."""
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -112,6 +110,13 @@ def mixed(mixed_template: Template, stores: Stores) -> Template:
     """The test's own copy of the mixed store."""
     template, shapes = mixed_template
     return stores.clone(template), shapes
+
+
+@pytest.fixture
+def mixed_pair(mixed_template: Template, stores: Stores) -> Pair:
+    """Two copies of the mixed store: one to act on (hold threads in), one untouched control."""
+    template, shapes = mixed_template
+    return stores.clone(template), stores.clone(template), shapes
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import sqlite3
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +26,16 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
 from helpers import pg_scenarios as pg
-from helpers.pgserver import PgServer
+from helpers.pgserver import COLLATIONS, PgServer
 from helpers.scenarios import read_all, states
 from policies.config import Config
 from worker.service.config_files import load_config_text
 from worker.stores import make_engine
+from worker.stores.engine import StoreEngine
 from worker.sweep import SweepOptions, SweepReport, sweep
 
+BACKENDS = ["sqlite", *(f"postgres-{c}" for c in sorted(COLLATIONS))]
+"""What a `backend` test runs on: SQLite, and Postgres with each default collation."""
 Key = tuple[str, str, str]
 BlobKey = tuple[str, str, str, str]
 ROLES = ("checkpoints", "writes", "blobs")
@@ -99,6 +102,17 @@ class Backend:
     def store_yaml(self, store: str) -> str:
         """The `stores:` section naming `store` as store `app`."""
         raise NotImplementedError
+
+    @contextlib.asynccontextmanager
+    async def engine(self, store: str) -> AsyncIterator[StoreEngine]:
+        """The worker's engine on `store` (store `app`), open, as the CLI makes it."""
+        cfg = self.config(store, "  - {name: any, keep_last: 1}")
+        opened = make_engine(cfg.store("app"), cfg.store_settings("app"))
+        await opened.open()
+        try:
+            yield opened
+        finally:
+            await opened.close()
 
     async def all_keys(self, store: str) -> list[Key]:
         """(thread, namespace, checkpoint id) of every checkpoint row, sorted."""
@@ -348,6 +362,8 @@ class PostgresBackend(Backend):
 
 Template = tuple[str, dict[str, str]]
 """A store built by real graphs and its threads' shapes (`scenarios.build_mixed_store`)."""
+Pair = tuple[str, str, dict[str, str]]
+"""Two copies of a template (one to act on, one untouched control) and the shapes."""
 Snapshot = tuple[dict[Key, Any], dict[str, Any], set[BlobKey]]
 
 
