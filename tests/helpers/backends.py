@@ -26,10 +26,12 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
 from helpers import pg_scenarios as pg
+from helpers import scenarios
 from helpers.pgserver import COLLATIONS, PgServer
 from helpers.scenarios import read_all, states
 from policies.config import Config
 from worker.service.config_files import load_config_text
+from worker.service.demo import aged
 from worker.stores import make_engine
 from worker.stores.engine import StoreEngine
 from worker.sweep import SweepOptions, SweepReport, sweep
@@ -41,31 +43,25 @@ BlobKey = tuple[str, str, str, str]
 ROLES = ("checkpoints", "writes", "blobs")
 """The tables a store has, by role (Postgres calls writes `checkpoint_writes`)."""
 
-# Writes whose checkpoint row is gone: a sweep must take them with it.
-SQLITE_ORPHAN_WRITES_SQL = """
-SELECT DISTINCT w.thread_id, w.checkpoint_ns, w.checkpoint_id FROM writes w
-WHERE NOT EXISTS (
-    SELECT 1 FROM checkpoints c
-    WHERE c.thread_id = w.thread_id AND c.checkpoint_ns = w.checkpoint_ns
-    AND c.checkpoint_id = w.checkpoint_id
-)
-ORDER BY 1, 2, 3
-"""
-# Parent ids naming a deleted checkpoint: a sweep must null them (as the Postgres query).
-SQLITE_MISSING_PARENTS_SQL = """
-SELECT c.thread_id, c.checkpoint_ns, c.checkpoint_id FROM checkpoints c
-WHERE c.parent_checkpoint_id IS NOT NULL AND NOT EXISTS (
-    SELECT 1 FROM checkpoints p
-    WHERE p.thread_id = c.thread_id AND p.checkpoint_ns = c.checkpoint_ns
-    AND p.checkpoint_id = c.parent_checkpoint_id
-)
-ORDER BY 1, 2, 3
-"""
+# The Postgres orphan queries are plain SQL that SQLite runs too; only the writes table's
+# name differs.
+SQLITE_ORPHAN_WRITES_SQL = pg.ORPHAN_WRITES_SQL.replace("checkpoint_writes", "writes")
+SQLITE_MISSING_PARENTS_SQL = pg.MISSING_PARENTS_SQL
 # The three below are formatted, not bound: thread ids in these tests are plain text
 # without quotes, and one text then serves both dialects (`?` against `$1`).
 COUNT_ROWS_SQL = "SELECT COUNT(*) FROM {table}"
 NAMESPACES_SQL = "SELECT DISTINCT checkpoint_ns FROM {table} WHERE thread_id = '{thread_id}'"
 ROWS_OUTSIDE_SQL = "SELECT COUNT(*) FROM {table} WHERE thread_id NOT IN ({listed})"
+# Both below read the same in either dialect.
+# Each thread's newest checkpoint id: the head a sweep must never delete.
+HEADS_SQL = "SELECT thread_id, MAX(checkpoint_id) FROM checkpoints GROUP BY 1"
+# Checkpoints per thread, all namespaces.
+PER_THREAD_SQL = "SELECT thread_id, COUNT(*) FROM checkpoints GROUP BY 1"
+
+# Formatted with a saver table's name. The key columns lead: sorted rows are in key order.
+SQLITE_DUMP_SQL = "SELECT * FROM {table}"
+# Formatted with one of our two fixed table names; the thread id is bound.
+SQLITE_DELETE_THREAD_SQL = "DELETE FROM {table} WHERE thread_id = ?"
 
 
 class Stores:
@@ -99,8 +95,9 @@ class Backend:
         """The real async LangGraph saver on `store`, tables created."""
         raise NotImplementedError
 
-    def store_yaml(self, store: str) -> str:
-        """The `stores:` section naming `store` as store `app`."""
+    def store_yaml(self, store: str, store_extra: str = "") -> str:
+        """The `stores:` section naming `store` as store `app` (`store_extra`: more of its
+        lines, indented four spaces)."""
         raise NotImplementedError
 
     @contextlib.asynccontextmanager
@@ -138,9 +135,31 @@ class Backend:
         """Everything the store holds, to compare for `==` (a dry run changes none of it)."""
         raise NotImplementedError
 
+    async def dump(self, store: str) -> dict[str, list[tuple[tuple[str, Any], ...]]]:
+        """Every row of the saver's tables, by role (`ROLES`, those the backend has), in
+        primary-key order, each row as its (column, value) pairs."""
+        raise NotImplementedError
+
     def table(self, role: str) -> str:
         """The table of `role` (one of `ROLES`)."""
         raise NotImplementedError
+
+    async def replicate(self, store: str, template: str, prefixes: list[str]) -> None:
+        """Copy thread `template`'s real rows under `prefix + template` for each prefix,
+        then delete the template thread: a large store every row of which the real saver
+        wrote."""
+        raise NotImplementedError
+
+    async def check_integrity(self, store: str) -> None:
+        """Fail if the store's own consistency check fails (where the backend has one)."""
+
+    async def heads(self, store: str) -> dict[str, str]:
+        """Each thread's newest checkpoint id."""
+        return {r[0]: r[1] for r in await self.rows(store, HEADS_SQL)}
+
+    async def per_thread(self, store: str) -> dict[str, int]:
+        """Checkpoints per thread."""
+        return {r[0]: int(r[1]) for r in await self.rows(store, PER_THREAD_SQL)}
 
     async def ns_counts(self, store: str) -> Counter[tuple[str, str]]:
         """Checkpoints per (thread, namespace)."""
@@ -268,15 +287,25 @@ class SqliteBackend(Backend):
     def saver(self, store: str) -> contextlib.AbstractAsyncContextManager[BaseCheckpointSaver[Any]]:
         return AsyncSqliteSaver.from_conn_string(store)
 
-    def store_yaml(self, store: str) -> str:
-        return f"stores:\n  - name: app\n    kind: sqlite\n    path: {store}\n"
+    def store_yaml(self, store: str, store_extra: str = "") -> str:
+        return f"stores:\n  - name: app\n    kind: sqlite\n    path: {store}\n{store_extra}"
 
     def table(self, role: str) -> str:
         return {"checkpoints": "checkpoints", "writes": "writes"}[role]
 
     async def rows(self, store: str, sql: str) -> list[tuple[Any, ...]]:
-        with contextlib.closing(sqlite3.connect(store)) as con:
+        # A sweep may hold the write lock for a batch: wait for it as an application would.
+        with contextlib.closing(sqlite3.connect(store, timeout=10)) as con:
             return [tuple(r) for r in con.execute(sql)]
+
+    async def replicate(self, store: str, template: str, prefixes: list[str]) -> None:
+        scenarios.replicate(store, template, prefixes)
+        with contextlib.closing(sqlite3.connect(store)) as con, con:
+            for table in ("checkpoints", "writes"):
+                con.execute(SQLITE_DELETE_THREAD_SQL.format(table=table), (template,))
+
+    async def check_integrity(self, store: str) -> None:
+        assert (await self.rows(store, "PRAGMA integrity_check"))[0][0] == "ok"
 
     async def all_keys(self, store: str) -> list[Key]:
         sql = "SELECT thread_id, checkpoint_ns, checkpoint_id FROM checkpoints ORDER BY 1, 2, 3"
@@ -291,6 +320,15 @@ class SqliteBackend(Backend):
 
     async def raw(self, store: str) -> Any:
         return Path(store).read_bytes()
+
+    async def dump(self, store: str) -> dict[str, list[tuple[tuple[str, Any], ...]]]:
+        out = {}
+        with contextlib.closing(sqlite3.connect(store, timeout=10)) as con:
+            for role in ("checkpoints", "writes"):
+                cur = con.execute(SQLITE_DUMP_SQL.format(table=self.table(role)))
+                names = [d[0] for d in cur.description]
+                out[role] = sorted(tuple(zip(names, r, strict=True)) for r in cur)
+        return out
 
 
 # ------------------------------------------------------------------ Postgres
@@ -329,8 +367,8 @@ class PostgresBackend(Backend):
     def saver(self, store: str) -> contextlib.AbstractAsyncContextManager[BaseCheckpointSaver[Any]]:
         return pg.pg_saver(store)
 
-    def store_yaml(self, store: str) -> str:
-        return f"stores:\n  - name: app\n    kind: postgres\n    dsn: '{store}'\n"
+    def store_yaml(self, store: str, store_extra: str = "") -> str:
+        return f"stores:\n  - name: app\n    kind: postgres\n    dsn: '{store}'\n{store_extra}"
 
     def table(self, role: str) -> str:
         return {"checkpoints": "checkpoints", "writes": "checkpoint_writes"}.get(
@@ -344,6 +382,9 @@ class PostgresBackend(Backend):
     async def all_keys(self, store: str) -> list[Key]:
         return await pg.all_keys(store)
 
+    async def replicate(self, store: str, template: str, prefixes: list[str]) -> None:
+        await pg.replicate(store, template, prefixes)
+
     async def orphans(self, store: str) -> dict[str, list[Any]]:
         return await pg.orphans(store)
 
@@ -355,6 +396,10 @@ class PostgresBackend(Backend):
 
     async def raw(self, store: str) -> Any:
         return await pg.dump(store)
+
+    async def dump(self, store: str) -> dict[str, list[tuple[tuple[str, Any], ...]]]:
+        tables = await pg.dump(store)
+        return {role: tables[self.table(role)] for role in ROLES}
 
 
 # ------------------------------------------------------------------ scenario stores and checks
@@ -427,6 +472,23 @@ async def assert_kept_unchanged(
     stray = [r for r in found["unreferenced_blobs"] if r[0] in quiet]
     assert stray == [], f"unreferenced blobs left on quiet threads: {stray[:10]}"
     return set(cps) - after_keys
+
+
+async def build_bulk(
+    backend: Backend,
+    store: str,
+    graph: Callable[[BaseCheckpointSaver[Any]], Any],
+    prefix: str,
+    threads: int,
+    n_turns: int,
+    age_days: float = 0.0,
+) -> None:
+    """One real thread `age_days` old, of `n_turns` turns of `graph`, replicated as
+    `{prefix}{i:05d}-t` for `i` below `threads` (the thread itself then deleted)."""
+    with aged(age_days):
+        async with backend.saver(store) as saver:
+            await scenarios.turns(graph(saver), "t", n_turns)
+    await backend.replicate(store, "t", [f"{prefix}{i:05d}-" for i in range(threads)])
 
 
 def old_threads(shapes: dict[str, str]) -> set[str]:
