@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.backends import sweep_config
 from helpers.pg_scenarios import Databases, connect, pg_config, pg_saver
 from helpers.pg_scenarios import dump as pg_dump
 from helpers.pgserver import PgServer
@@ -36,7 +37,6 @@ from test_decide import THREAD_IDS
 from policies.model import Reason, SkipReason
 from worker.service.config_files import load_config_text
 from worker.service.demo import aged, chat_graph, thread
-from worker.stores import make_engine
 from worker.stores.engine import ScannedThread
 from worker.stores.sqlite import SqliteStore
 from worker.sweep import Outcome, SweepOptions, SweepReport, sweep
@@ -284,23 +284,9 @@ def pg_template(pg_server: PgServer, pg_collation: str) -> Iterator[str]:
 
 async def _pg_sweep(dsn: str, policies: str, now: float, *, aggregates: bool, **opts: Any) -> Any:
     cfg = pg_config(policies, dsn, "defaults:\n  batch: {max_batch_rows: 7, pause_factor: 0}")
-    settings = cfg.store_settings("pg")
-    engine = make_engine(cfg.store("pg"), settings)
-    await engine.open()
-    try:
-        return await sweep(
-            engine,
-            cfg.policies_for("pg"),
-            SweepOptions(
-                settings=settings,
-                allow_mass_expiry=True,
-                plan_from_aggregates=aggregates,
-                **opts,
-            ),
-            now=now,
-        )
-    finally:
-        await engine.close()
+    return await sweep_config(
+        cfg, "pg", now, allow_mass_expiry=True, plan_from_aggregates=aggregates, **opts
+    )
 
 
 @pytest.mark.parametrize("days_later", [0, 40])

@@ -1,4 +1,5 @@
-"""Legal holds on SQLite and memory stores: sweeps, purges, the CLI and `RetentionSaver`.
+"""Legal holds on SQLite and memory stores: sweeps, purges, the CLI and `RetentionSaver`
+(holds against every rule on Postgres too: the test marked for every backend).
 
 Stores are written by real graphs through the real savers; what a hold keeps
 is compared through the real saver (`aget_tuple`, graph state) with the same
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import sqlite3
 import time
 from datetime import timedelta
@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.scenarios import build_mixed_store, cli, read_all, states, turns
+from helpers.backends import BACKENDS, Backend, Pair, SqliteBackend
+from helpers.scenarios import cli, read_all, states, turns
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
@@ -32,6 +33,10 @@ from worker.stores.engine import HOLDS_TABLE, ThreadWork
 from worker.stores.sqlite import CREATE_HOLDS_TABLE_SQL, INSERT_HOLD_SQL, SqliteStore
 from worker.sweep import Outcome, SweepOptions, SweepReport, sweep
 
+# The tests on the mixed store (`mixed`) run on SQLite, but for the one marked for every backend.
+pytestmark = pytest.mark.backends("sqlite")
+
+SQLITE = SqliteBackend()
 Key = tuple[str, str, str]
 MANY = "defaults: {max_delete_fraction: 1.0}"
 HELD = ("user-old-1", "int-old", "err-old", "brk-old", "delta-new", "sub-new", "user-new-1")
@@ -71,95 +76,84 @@ async def run_sweep(path: Path, policies: str, now: float, **kwargs: Any) -> Swe
         await engine.close()
 
 
-async def hold(path: Path, *thread_ids: str) -> None:
+async def hold_threads(backend: Backend, store: str, *thread_ids: str) -> None:
     """Hold threads as `checkpoint-janitor hold` does (through the worker's engine)."""
-    engine = SqliteStore("app", str(path))
-    await engine.open()
-    try:
+    async with backend.engine(store) as engine:
         for tid in thread_ids:
             assert await engine.hold(tid, "case 42", "legal") is not None
-    finally:
-        await engine.close()
+
+
+async def release_threads(backend: Backend, store: str, *thread_ids: str) -> None:
+    """Release threads as `checkpoint-janitor release` does."""
+    async with backend.engine(store) as engine:
+        for tid in thread_ids:
+            assert await engine.release(tid)
+
+
+async def hold(path: Path, *thread_ids: str) -> None:
+    await hold_threads(SQLITE, str(path), *thread_ids)
 
 
 async def release(path: Path, *thread_ids: str) -> None:
-    engine = SqliteStore("app", str(path))
-    await engine.open()
-    try:
-        for tid in thread_ids:
-            assert await engine.release(tid)
-    finally:
-        await engine.close()
+    await release_threads(SQLITE, str(path), *thread_ids)
 
 
-async def read_threads(path: Path, shapes: dict[str, str], threads: set[str]) -> Any:
-    """Every checkpoint of `threads` as the real saver reads it, and their graph states."""
-    keys = [k for k in all_keys(path) if k[0] in threads]
-    async with AsyncSqliteSaver.from_conn_string(str(path)) as saver:
-        return await read_all(saver, keys), await states(
-            saver, {t: s for t, s in shapes.items() if t in threads}
-        )
-
-
-@pytest.fixture(scope="module")
-def mixed_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    path = tmp_path_factory.mktemp("holds") / "template.db"
-
-    async def build() -> dict[str, str]:
-        async with AsyncSqliteSaver.from_conn_string(str(path)) as saver:
-            return await build_mixed_store(saver)
-
-    shapes = asyncio.run(build())
-    with sqlite3.connect(path) as con:
-        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    return path, shapes
+async def read_threads(
+    backend: Backend, store: str, shapes: dict[str, str], threads: set[str]
+) -> Any:
+    """Every checkpoint of `threads` as the real saver reads it, their graph states, their
+    blobs (where the backend has them)."""
+    keys = [k for k in await backend.all_keys(store) if k[0] in threads]
+    async with backend.saver(store) as saver:
+        checkpoints = await read_all(saver, keys)
+        heads = await states(saver, {t: s for t, s in shapes.items() if t in threads})
+    blobs = {b for b in await backend.blob_keys(store) if b[0] in threads}
+    return checkpoints, heads, blobs
 
 
 @pytest.fixture
-def mixed(tmp_path: Path, mixed_template: tuple[Path, dict[str, str]]) -> tuple[Path, Path, Any]:
-    """Two copies of the mixed store: one to hold threads in, one untouched control."""
-    template, shapes = mixed_template
-    held, control = tmp_path / "held.db", tmp_path / "control.db"
-    shutil.copy(template, held)
-    shutil.copy(template, control)
-    return held, control, shapes
+def mixed(mixed_pair: Pair) -> tuple[Path, Path, Any]:
+    """Two copies of the mixed store on SQLite: one to hold threads in, one untouched control."""
+    held, control, shapes = mixed_pair
+    return Path(held), Path(control), shapes
 
 
 # ------------------------------------------------------------------ sweeps
 
 
+@pytest.mark.backends(*BACKENDS)
 @pytest.mark.parametrize("rule", sorted(RULES))
 async def test_held_threads_survive_every_rule_and_release_makes_them_eligible(
-    mixed: tuple[Path, Path, dict[str, str]], rule: str
+    backend: Backend, mixed_pair: Pair, rule: str
 ) -> None:
-    path, control, shapes = mixed
+    store, control, shapes = mixed_pair
     now = time.time()
-    await hold(path, *HELD)
-    before = await read_threads(path, shapes, set(HELD))
+    await hold_threads(backend, store, *HELD)
+    before = await read_threads(backend, store, shapes, set(HELD))
 
-    report = await run_sweep(path, RULES[rule], now)
-    control_report = await run_sweep(control, RULES[rule], now)
+    report = await backend.run_sweep(store, RULES[rule], now=now, extra=MANY)
+    control_report = await backend.run_sweep(control, RULES[rule], now=now, extra=MANY)
     assert report.outcome is Outcome.SUCCESS and control_report.outcome is Outcome.SUCCESS
 
-    # The held threads read back exactly as before: every checkpoint and state.
-    assert await read_threads(path, shapes, set(HELD)) == before
+    # The held threads read back exactly as before: every checkpoint, state and blob.
+    assert await read_threads(backend, store, shapes, set(HELD)) == before
     # The rule would have touched some of them (the control lost rows of them) ...
-    held_keys = {k for k in all_keys(path) if k[0] in HELD}
-    control_held = {k for k in all_keys(control) if k[0] in HELD}
+    held_keys = {k for k in await backend.all_keys(store) if k[0] in HELD}
+    control_held = {k for k in await backend.all_keys(control) if k[0] in HELD}
     assert control_held < held_keys
     # ... and every other thread went exactly as without the holds.
-    assert {k for k in all_keys(path) if k[0] not in HELD} == {
-        k for k in all_keys(control) if k[0] not in HELD
+    assert {k for k in await backend.all_keys(store) if k[0] not in HELD} == {
+        k for k in await backend.all_keys(control) if k[0] not in HELD
     }
     assert report.policies["r"].skipped["held"] == len(HELD)
     assert report.held_threads == len(HELD)
     assert report.deleted.checkpoints < control_report.deleted.checkpoints
 
     # Released, they are decided again: the next sweep leaves what the control kept.
-    await release(path, *HELD)
-    again = await run_sweep(path, RULES[rule], now)
+    await release_threads(backend, store, *HELD)
+    again = await backend.run_sweep(store, RULES[rule], now=now, extra=MANY)
     assert "held" not in again.policies["r"].skipped and again.held_threads == 0
-    assert all_keys(path) == all_keys(control)
+    assert await backend.all_keys(store) == await backend.all_keys(control)
 
 
 async def test_a_hold_placed_after_the_scan_wins_against_the_running_sweep(
@@ -168,7 +162,7 @@ async def test_a_hold_placed_after_the_scan_wins_against_the_running_sweep(
     """The pass notes expiries while it scans and deletes them at its end; a hold placed
     in between (here: by the progress callback, after the last page) keeps the thread."""
     path, _, shapes = mixed
-    before = await read_threads(path, shapes, {"user-old-2"})
+    before = await read_threads(SQLITE, str(path), shapes, {"user-old-2"})
     placed: list[str] = []
 
     def hold_after_scan(done: int, total: int) -> None:
@@ -189,7 +183,7 @@ async def test_a_hold_placed_after_the_scan_wins_against_the_running_sweep(
     assert report.policies["idle"].deleted.threads > 0
     left = {k[0] for k in all_keys(path)}
     assert "user-old-2" in left and "user-old-1" not in left
-    assert await read_threads(path, shapes, {"user-old-2"}) == before
+    assert await read_threads(SQLITE, str(path), shapes, {"user-old-2"}) == before
 
 
 async def test_a_batch_rechecks_holds_under_the_write_lock(

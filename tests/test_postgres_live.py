@@ -1,5 +1,7 @@
 """The worker on Postgres beside a live application, as processes, and when things go wrong.
 
+(The live-writer and SIGKILL scenarios run on every backend in test_live.py.)
+
 The big stores hold hundreds of threads whose rows the real
 `AsyncPostgresSaver` wrote (one real thread, replicated with `INSERT ...
 SELECT` into all three tables), a day old, so every thread is quiet past the
@@ -11,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,22 +20,18 @@ from typing import Any
 
 import asyncpg
 import pytest
+from helpers.backends import Backend, Stores, build_bulk
 from helpers.pg_scenarios import (
-    NO_ORPHANS,
-    Databases,
     all_keys,
     app_process,
-    blob_keys,
     cli,
     connect,
     dump,
     fork_graph,
     json_events,
-    lost_blobs,
     once,
     orphans,
     pg_saver,
-    replicate,
     run_pg_sweep,
     table_counts,
     thread_counts,
@@ -42,100 +39,51 @@ from helpers.pg_scenarios import (
 )
 from helpers.pgserver import PgServer, free_port
 from helpers.scenarios import turns
+from test_live import BULK_POLICY, KEEP, LOADS, TURNS, assert_no_orphans_past_grace, bulk
 
-from worker.service.demo import aged, chat_graph, thread
+from worker.service.demo import chat_graph
 from worker.sweep import Outcome
 
-pytestmark = pytest.mark.slow
+# Every test here runs on Postgres (C and ICU); the live-writer and SIGKILL scenarios
+# every backend shares are in test_live.py.
+pytestmark = [pytest.mark.slow, pytest.mark.backends("postgres-c", "postgres-icu")]
 
-THREADS = 600
-TURNS = 8
-KEEP = 2
-PER_THREAD = 3 * TURNS
-"""Checkpoints of one chat thread: input, loop step and reply per turn."""
-SLOW_BATCHES = "defaults:\n  batch: {target_batch_seconds: 0.02, max_batch_threads: 25}\n"
-BULK_POLICY = f'  - {{name: bulk, match: {{thread_id: "bulk-*"}}, keep_last: {KEEP}}}'
-
-
-async def build_big(dsn: str, graph: Any, prefix: str, threads: int, n_turns: int) -> None:
-    """One real thread written a day ago, replicated as `{prefix}{i:05d}-t`."""
-    with aged(1):
-        async with pg_saver(dsn) as saver:
-            await turns(graph(saver), "t", n_turns)
-    await replicate(dsn, "t", [f"{prefix}{i:05d}-" for i in range(threads)])
+THREADS = LOADS["postgres"].threads
+SLOW_BATCHES = f"defaults:\n  batch: {LOADS['postgres'].batch}\n"
 
 
 @pytest.fixture(scope="module")
-def big_template(pg_server: PgServer, pg_collation: str) -> Iterator[str]:
+def big_template(backend: Backend) -> Iterator[str]:
     """THREADS chat threads of TURNS turns, a day old."""
-    dbs = Databases(pg_server, "big_template", pg_collation)
-    dsn = dbs.create()
-    asyncio.run(build_big(dsn, chat_graph, "bulk-", THREADS, TURNS))
+    made = backend.stores("big_template")
+    dsn = made.create()
+    asyncio.run(build_bulk(backend, dsn, chat_graph, "bulk-", THREADS, TURNS, 1))
     yield dsn
-    dbs.drop_all()
+    made.close()
 
 
 @pytest.fixture
-def dbs(
-    pg_server: PgServer, pg_collation: str, request: pytest.FixtureRequest
-) -> Iterator[Databases]:
-    d = Databases(pg_server, request.node.name, pg_collation)
-    yield d
-    d.drop_all()
-
-
-@pytest.fixture
-def big(big_template: str, dbs: Databases) -> str:
-    return dbs.clone(big_template)
+def big(big_template: str, stores: Stores) -> str:
+    return stores.clone(big_template)
 
 
 SMALL_THREADS = 200
 
 
 @pytest.fixture(scope="module")
-def small_template(pg_server: PgServer, pg_collation: str) -> Iterator[str]:
+def small_template(backend: Backend) -> Iterator[str]:
     """SMALL_THREADS chat threads of TURNS turns, a day old."""
-    dbs = Databases(pg_server, "small_template", pg_collation)
-    dsn = dbs.create()
-    asyncio.run(build_big(dsn, chat_graph, "bulk-", SMALL_THREADS, TURNS))
+    made = backend.stores("small_template")
+    dsn = made.create()
+    asyncio.run(build_bulk(backend, dsn, chat_graph, "bulk-", SMALL_THREADS, TURNS, 1))
     yield dsn
-    dbs.drop_all()
+    made.close()
 
 
-def bulk(i: int) -> str:
-    return f"bulk-{i:05d}-t"
-
-
-async def assert_no_orphans_past_grace(dsn: str, policies: str = BULK_POLICY) -> None:
-    """No write without its checkpoint and no dangling parent now; the blobs the trims left
-    unreferenced wait out the grace period after them, and a sweep past it (which deletes
-    no more) collects them all."""
-    found = await orphans(dsn)
-    assert found["orphan_writes"] == [] and found["missing_parents"] == [], found
-    report = await run_pg_sweep(dsn, policies, now=time.time() + 2 * 3600)
-    assert report.outcome is Outcome.SUCCESS, report.error
-    assert report.deleted.checkpoints == 0 and report.deleted.writes == 0
-    assert await orphans(dsn) == NO_ORPHANS
-
-
-async def read_threads(dsn: str, threads: list[str]) -> dict[str, Any]:
-    """Every checkpoint of `threads` as the saver reads it, by checkpoint id."""
-    out: dict[str, Any] = {}
-    async with pg_saver(dsn) as saver:
-        for t in threads:
-            async for tup in saver.alist(thread(t)):
-                cid = tup.config["configurable"]["checkpoint_id"]
-                out[f"{t}/{cid}"] = (tup.checkpoint, tup.metadata, tup.pending_writes)
-    return out
-
-
-# ------------------------------------------------------------------ the command line
-
-
-async def test_cli_commands_on_a_postgres_store(tmp_path: Path, dbs: Databases) -> None:
+async def test_cli_commands_on_a_postgres_store(tmp_path: Path, stores: Stores) -> None:
     """plan, once, stats and purge work on a postgres store named by `${ENV}`; the DSN's
     password appears in no output."""
-    dsn = dbs.create()
+    dsn = stores.create()
     password = dsn.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
     async with pg_saver(dsn) as saver:
         app = chat_graph(saver)
@@ -268,11 +216,11 @@ def bad_store(case: str, pg_server: PgServer, dsn: str) -> tuple[str, str, tuple
     ],
 )
 async def test_store_errors_exit_1_without_the_password(
-    tmp_path: Path, dbs: Databases, pg_server: PgServer, case: str
+    tmp_path: Path, stores: Stores, pg_server: PgServer, case: str
 ) -> None:
     """A store the worker cannot use: `once`, `plan` and `stats` exit 1 with a clear error
     naming the store, never the password, and nothing is deleted."""
-    dsn = dbs.create()
+    dsn = stores.create()
     real_password = pg_server.password
     async with pg_saver(dsn) as saver:
         await turns(chat_graph(saver), "user-1", 3)
@@ -300,45 +248,6 @@ async def test_store_errors_exit_1_without_the_password(
 # ------------------------------------------------------------------ beside an application
 
 
-async def test_live_writer_loses_nothing(tmp_path: Path, big: str) -> None:
-    """An application writing with AsyncPostgresSaver during a `once` loses no turn: ungoverned
-    threads keep every checkpoint, swept threads end with every message."""
-    live = ["live-1", "live-2", "live-3"]
-    swept = [bulk(1), bulk(THREADS // 2), bulk(THREADS - 1)]
-    async with pg_saver(big) as saver:
-        expected_before = {
-            t: (await chat_graph(saver).aget_state(thread(t))).values["messages"] for t in swept
-        }
-    out = tmp_path / "writer.json"
-    writer = app_process("write", big, "6", str(out), *live, *swept)
-    time.sleep(1.5)
-    cfg = write_config(tmp_path / "janitor.yaml", big, BULK_POLICY, SLOW_BATCHES)
-    sweeper = once(cfg)
-    _, err = sweeper.communicate(timeout=300)
-    assert writer.wait(timeout=120) == 0
-    assert sweeper.returncode == 0, err
-    batches = [e for e in json_events(err) if e["event"] == "batch"]
-    assert len(batches) > 10
-
-    result = json.loads(out.read_text())
-    assert result["errors"] == []
-    done: dict[str, int] = result["done"]
-    assert all(n > 0 for n in done.values()), done
-    counts = await thread_counts(big)
-    for t in live:
-        # Not governed by any policy: every checkpoint written is there.
-        assert counts[t] == 3 * done[t]
-    async with pg_saver(big) as saver:
-        app = chat_graph(saver)
-        for t in swept:
-            messages = (await app.aget_state(thread(t))).values["messages"]
-            live_part = [m for i in range(done[t]) for m in (f"live {i}", f"reply to live {i}")]
-            assert messages == expected_before[t] + live_part
-    assert all(n >= KEEP for t, n in counts.items() if t.startswith("bulk-"))
-    found = await orphans(big)
-    assert found["orphan_writes"] == [] and found["missing_parents"] == []
-
-
 async def watch_lock_waits(dsn: str, stop: asyncio.Event) -> float:
     """The longest a statement of another session was seen waiting for a lock (seconds)."""
     longest = 0.0
@@ -356,14 +265,14 @@ async def watch_lock_waits(dsn: str, stop: asyncio.Event) -> float:
 
 @pytest.mark.parametrize("table", ["checkpoints", "checkpoint_writes", "checkpoint_blobs"])
 async def test_application_lock_makes_the_sweep_back_off(
-    small_template: str, dbs: Databases, table: str
+    backend: Backend, small_template: str, stores: Stores, table: str
 ) -> None:
     """A transaction of the application holding a thread's rows (`FOR UPDATE`) makes the sweep
     skip or retry that batch within lock_timeout: it finishes while the lock is held, no
     statement waits past lock_timeout, and the locked thread is untouched until released.
     Blobs go only past the grace period after a trim: for them, the threads are trimmed
     first and the lock meets the sweep that collects."""
-    dsn = dbs.clone(small_template)
+    dsn = stores.clone(small_template)
     locked = bulk(SMALL_THREADS // 2)
     policy = BULK_POLICY
     extra = "defaults:\n  batch: {lock_timeout: 0.5, max_batch_threads: 20, pause_factor: 0}\n"
@@ -410,13 +319,15 @@ async def test_application_lock_makes_the_sweep_back_off(
     report = await run_pg_sweep(dsn, policy, extra=extra, now=now)
     assert report.outcome is Outcome.SUCCESS, report.error
     assert set((await thread_counts(dsn)).values()) == {KEEP}
-    await assert_no_orphans_past_grace(dsn, policy)
+    await assert_no_orphans_past_grace(backend, dsn, policy)
 
 
 # ------------------------------------------------------------------ processes
 
 
-async def test_two_once_processes_sweep_each_thread_once(tmp_path: Path, big: str) -> None:
+async def test_two_once_processes_sweep_each_thread_once(
+    backend: Backend, tmp_path: Path, big: str
+) -> None:
     """Two `once` started together on one database: both exit 0, no deadlock, each thread
     trimmed once (deleted counts add up to the rows that went), no orphans."""
     total = (await table_counts(big))["checkpoints"]
@@ -433,81 +344,21 @@ async def test_two_once_processes_sweep_each_thread_once(tmp_path: Path, big: st
         e["checkpoints"] for _, err in results for e in json_events(err) if e["event"] == "sweep"
     )
     assert deleted == total - KEEP * THREADS
-    await assert_no_orphans_past_grace(big)
+    await assert_no_orphans_past_grace(backend, big)
 
-
-async def test_sigkill_mid_sweep_leaves_a_readable_store(tmp_path: Path, big: str) -> None:
-    """`once` killed mid-sweep: every head survives, every kept checkpoint reads back equal,
-    nothing half-deleted; a second `once` finishes the work and leaves no orphans."""
-    sample = [bulk(i) for i in range(0, THREADS, 50)]
-    before = await read_threads(big, sample)
-    blobs = await blob_keys(big)
-    async with connect(big) as conn:
-        heads = {
-            r[0]: r[1]
-            for r in await conn.fetch(
-                "SELECT thread_id, MAX(checkpoint_id) FROM checkpoints GROUP BY 1"
-            )
-        }
-    total = len(await all_keys(big))
-    cfg = write_config(tmp_path / "janitor.yaml", big, BULK_POLICY, SLOW_BATCHES)
-    proc = once(cfg)
-    deadline = time.monotonic() + 120
-    async with connect(big) as conn:
-        while time.monotonic() < deadline and proc.poll() is None:
-            await asyncio.sleep(0.1)
-            now_total = await conn.fetchval("SELECT COUNT(*) FROM checkpoints")
-            if total - now_total > total // 10:
-                break
-    proc.send_signal(signal.SIGKILL)
-    _, err = proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, "the sweep finished before it could be killed"
-
-    async with connect(big) as conn:
-        mid = {
-            r[0]: r[1]
-            for r in await conn.fetch(
-                "SELECT thread_id, MAX(checkpoint_id) FROM checkpoints GROUP BY 1"
-            )
-        }
-    assert mid == heads  # every thread head survived
-    counts = await thread_counts(big)
-    assert any(n == KEEP for n in counts.values()) and any(n > KEEP for n in counts.values())
-    assert all(KEEP <= n <= PER_THREAD for n in counts.values())
-    found = await orphans(big)
-    assert found["orphan_writes"] == [] and found["missing_parents"] == []
-    assert not await lost_blobs(big, blobs)
-    after = await read_threads(big, sample)
-    assert set(after) <= set(before)
-    assert all(after[k] == before[k] for k in after)
-    async with pg_saver(big) as saver:
-        for t in sample:
-            assert (await chat_graph(saver).aget_state(thread(t))).values["messages"]
-
-    proc = once(write_config(tmp_path / "fast.yaml", big, BULK_POLICY))
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-    assert set((await thread_counts(big)).values()) == {KEEP}
-    assert len(await thread_counts(big)) == THREADS
-    await assert_no_orphans_past_grace(big)
-    after = await read_threads(big, sample)
-    assert all(after[k] == before[k] for k in after)
-
-
-# ------------------------------------------------------------------ forks
 
 FORK_THREADS = 400
 FORK_TURNS = 6
 
 
 @pytest.fixture(scope="module")
-def fork_template(pg_server: PgServer, pg_collation: str) -> Iterator[str]:
+def fork_template(backend: Backend) -> Iterator[str]:
     """FORK_THREADS threads of `fork_graph` (messages and notes), a day old."""
-    dbs = Databases(pg_server, "fork_template", pg_collation)
-    dsn = dbs.create()
-    asyncio.run(build_big(dsn, fork_graph, "fork-", FORK_THREADS, FORK_TURNS))
+    made = backend.stores("fork_template")
+    dsn = made.create()
+    asyncio.run(build_bulk(backend, dsn, fork_graph, "fork-", FORK_THREADS, FORK_TURNS, 1))
     yield dsn
-    dbs.drop_all()
+    made.close()
 
 
 async def assert_forks_whole(dsn: str, forks: list[dict[str, Any]]) -> None:
@@ -530,12 +381,12 @@ async def assert_forks_whole(dsn: str, forks: list[dict[str, Any]]) -> None:
 
 
 async def test_forks_during_a_sweep_read_back_whole(
-    tmp_path: Path, fork_template: str, dbs: Databases
+    tmp_path: Path, fork_template: str, stores: Stores
 ) -> None:
     """While `once` trims quiet threads (blob collection on), another process forks them from
     old checkpoints; each fork references its base's `messages` blob. Every fork reads back
     whole after that sweep, after a second one, and after one past the grace period."""
-    dsn = dbs.clone(fork_template)
+    dsn = stores.clone(fork_template)
     threads = sorted(await thread_counts(dsn, "fork-"))
     total = len(await all_keys(dsn))
     cfg = write_config(

@@ -11,19 +11,14 @@ import asyncio
 import json
 import shutil
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.scenarios import (
-    PAUSED_ONCE,
-    build_mixed_store,
-    cli,
-    read_all,
-    resume,
-    states,
-    turns,
-)
+from helpers.backends import BACKENDS, Backend, Pair, SqliteBackend
+from helpers.daemon_helpers import Scrape
+from helpers.scenarios import PAUSED_ONCE, cli, read_all, resume, states, turns
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
 from worker.service.demo import chat_graph, thread
@@ -31,11 +26,20 @@ from worker.stores.archive import Archive, ArchiveSettings, Selection, read_segm
 from worker.stores.sqlite import SqliteStore
 from worker.sweep import Outcome, SweepOptions, sweep
 
+# The tests on the mixed store (`copies`) run on SQLite, but for those marked for every backend.
+pytestmark = pytest.mark.backends("sqlite")
+
+SQLITE = SqliteBackend()
 Key = tuple[str, str, str]
 
 EXPIRE_AND_TRIM = """
   - {name: trim, keep_last: 1, expire_after: 30d, interrupted: expire}
 """
+GRACE = 1
+"""The grace_period (seconds) where blobs are collected: small, so a second `once` a moment
+later collects the expired threads' blobs and the trims' garbage."""
+WAITING = ("int-old", "int-new", "brk-old", "err-old")
+"""Threads stopped at an interrupt, a breakpoint or an error: resumed on both stores."""
 
 
 def all_keys(path: Path) -> list[Key]:
@@ -72,46 +76,53 @@ policies:
     return cfg
 
 
-@pytest.fixture(scope="module")
-def mixed_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    """One store of every shape (tests/helpers/scenarios.py), built once; each test copies it."""
-    path = tmp_path_factory.mktemp("mixed") / "template.db"
-
-    async def build() -> dict[str, str]:
-        async with AsyncSqliteSaver.from_conn_string(str(path)) as saver:
-            return await build_mixed_store(saver)
-
-    shapes = asyncio.run(build())
-    with sqlite3.connect(path) as con:
-        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    return path, shapes
-
-
 @pytest.fixture
-def stores(
-    tmp_path: Path, mixed_template: tuple[Path, dict[str, str]]
-) -> tuple[Path, Path, dict[str, str]]:
-    """The store the sweep works on, and an untouched control copy."""
-    template, shapes = mixed_template
-    store, control = tmp_path / "store.db", tmp_path / "control.db"
-    shutil.copy(template, store)
-    shutil.copy(template, control)
-    return store, control, shapes
+def copies(mixed_pair: Pair) -> tuple[Path, Path, dict[str, str]]:
+    """The (SQLite) store the sweep works on, and an untouched control copy."""
+    store, control, shapes = mixed_pair
+    return Path(store), Path(control), shapes
 
 
 async def assert_same_through_the_saver(
-    store: Path, control: Path, shapes: dict[str, str], keys: list[Key]
+    store: Path | str,
+    control: Path | str,
+    shapes: dict[str, str],
+    keys: list[Key],
+    backend: Backend = SQLITE,
 ) -> None:
     """Every checkpoint of the control reads back equal from the store, and every head's state."""
-    async with (
-        AsyncSqliteSaver.from_conn_string(str(store)) as a,
-        AsyncSqliteSaver.from_conn_string(str(control)) as b,
-    ):
+    async with backend.saver(str(store)) as a, backend.saver(str(control)) as b:
         got, want = await read_all(a, keys), await read_all(b, keys)
         assert len(want) == len(keys)
         for key in keys:
             assert got.get(key) == want[key], key
         assert await states(a, shapes) == await states(b, shapes)
+
+
+def archive_config(
+    backend: Backend,
+    tmp_path: Path,
+    store: str,
+    archive: str,
+    policies: str,
+    archive_extra: str = "",
+    batch: str = "",
+) -> Path:
+    """A config of store `app` archiving to `archive`, small batches (and `batch` settings),
+    metrics to a textfile."""
+    cfg = tmp_path / "janitor.yaml"
+    archived = f'    archive: {{path: "{archive}"{archive_extra}}}\n'
+    cfg.write_text(
+        f"""{backend.store_yaml(store, archived)}defaults:
+  max_delete_fraction: 1.0
+  allow_mass_expiry: true
+  batch: {{max_batch_rows: 15{batch}}}
+metrics: {{textfile: {tmp_path / "janitor.prom"}}}
+policies:
+{policies}
+"""
+    )
+    return cfg
 
 
 def archived_rows(archive: Path) -> dict[str, list[Any]]:
@@ -126,63 +137,156 @@ def archived_rows(archive: Path) -> dict[str, list[Any]]:
     return out
 
 
-def test_expire_and_trim_archive_then_restore_all_reads_back_equal(
-    tmp_path: Path, stores: tuple[Path, Path, dict[str, str]]
-) -> None:
-    store, control, shapes = stores
-    archive = tmp_path / "archive"
-    cfg = write_config(tmp_path, store, str(archive), EXPIRE_AND_TRIM)
-    keys = all_keys(control)
+def values(rows: list[tuple[tuple[str, Any], ...]]) -> list[tuple[Any, ...]]:
+    """Dumped rows (`Backend.dump`) as plain value tuples, as a segment holds them."""
+    return [tuple(v for _, v in r) for r in rows]
 
-    r = cli("once", config=cfg)
-    assert r.returncode == 0, r.stderr
-    left = set(all_keys(store))
-    gone = set(keys) - left
-    assert gone and {"user-old-1", "int-old", "brk-old", "err-old"}.isdisjoint(t for t, *_ in left)
-    summary = json.loads(r.stdout)["stores"][0]
-    # Several batches (max_batch_rows 15): several segments, all complete, none pending.
+
+def assert_archive_holds_what_went(
+    backend: Backend,
+    archive: Path,
+    before: dict[str, list[Any]],
+    after: dict[str, list[Any]],
+    runs: list[dict[str, Any]],
+) -> None:
+    """Complete, verified segments (several: small batches) hold exactly the deleted rows,
+    each once, as stored, and every run's summary and metrics count what it archived."""
     segments = list(read_segments(str(archive)))
     assert len(segments) > 2 and not any(s.pending for s in segments)
     for seg in segments:
         seg.verify()
-    # Exactly the deleted rows, each once, exactly as stored.
-    before_cp, before_w = raw_rows(control)
-    after_cp, after_w = raw_rows(store)
+    assert [p for p in archive.rglob("*") if p.name.endswith(".partial")] == []
     rows = archived_rows(archive)
+    summed: dict[str, int] = {}
+    for run in runs:
+        for table, n in run["archived"]["rows"].items():
+            summed[table] = summed.get(table, 0) + n
+    assert summed == {t: len(v) for t, v in rows.items()}
+    for role in before:
+        went = len(before[role]) - len(after[role])
+        assert 0 < went == len(rows[backend.table(role)]), role
+        assert went == sum(run["total"][role] for run in runs), role
     # A trim split over batches nulls, in one batch, the parent of a checkpoint a later
     # batch deletes: that row is archived as stored then, its parent in nulled_parents.
+    assert rows["nulled_parents"], "a trim nulled no parent: the scenario tests too little"
     nulled = {tuple(r[:3]): r[3] for r in rows["nulled_parents"]}
     relinked = sorted(
         (*r[:3], nulled.get(tuple(r[:3]), r[3]) if r[3] is None else r[3], *r[4:])
-        for r in rows["checkpoints"]
+        for r in rows[backend.table("checkpoints")]
     )
-    assert relinked == [r for r in before_cp if tuple(r[:3]) in gone]
-    assert len(rows["checkpoints"]) == len(gone) == summary["total"]["checkpoints"]
-    assert len(rows["writes"]) == len(before_w) - len(after_w) == summary["total"]["writes"]
-    assert summary["archived"]["rows"] == {t: len(v) for t, v in rows.items()}
-    assert rows["nulled_parents"], "a trim nulled no parent: the scenario tests too little"
+    kept = {tuple(r[:3]) for r in values(after["checkpoints"])}
+    assert relinked == sorted(r for r in values(before["checkpoints"]) if tuple(r[:3]) not in kept)
 
+
+def assert_metrics_match(tmp_path: Path, summary: dict[str, Any]) -> None:
+    """The textfile counts exactly what the run's summary says it archived."""
+    m = Scrape.parse((tmp_path / "janitor.prom").read_text())
+    for table, n in summary["archived"]["rows"].items():
+        assert m.value("archived_rows_total", store="app", table=table) == n, table
+    assert m.value("archive_bytes_total", store="app") == summary["archived"]["bytes"] > 0
+    assert m.total("archive_failures_total", store="app") == 0
+
+
+def once_summary(cfg: Path, tmp_path: Path) -> dict[str, Any]:
+    """`checkpoint-janitor once`, which must succeed; the store's summary (metrics checked)."""
+    r = cli("once", config=cfg)
+    assert r.returncode == 0, r.stderr
+    summary: dict[str, Any] = json.loads(r.stdout)["stores"][0]
+    assert_metrics_match(tmp_path, summary)
+    return summary
+
+
+Dump = dict[str, list[tuple[tuple[str, Any], ...]]]
+
+
+def threads_rows(tables: Dump, keep: set[str]) -> Dump:
+    """A `dump` cut to the threads in `keep`."""
+    return {t: [r for r in rows if dict(r)["thread_id"] in keep] for t, rows in tables.items()}
+
+
+def restore_named(
+    backend: Backend, cfg: Path, store: str, archive: Path, original: Dump, swept: Dump
+) -> Dump:
+    """Named threads by repeated `--thread`, then by `--threads-from -`: each run puts back
+    exactly those threads' rows (blobs included where the backend has them) and changes no
+    other thread. The store's dump after them."""
+    done: set[str] = set()
+    everyone = {dict(r)["thread_id"] for r in original["checkpoints"]}
+    now = swept
+    for named, how, stdin in (
+        ({"int-old", "delta-old"}, ["--thread", "int-old", "--thread", "delta-old"], None),
+        (
+            {"sub-old", "brk-old", "user-new-1"},
+            ["--threads-from", "-"],
+            "sub-old\nbrk-old\nuser-new-1\n",
+        ),
+    ):
+        r = cli(
+            "restore", "--store", "app", "--from", str(archive), *how, "--yes",
+            config=cfg, input=stdin,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert f"restored {len(named)} threads" in r.stdout, r.stdout
+        done |= named
+        now = asyncio.run(backend.dump(store))
+        assert threads_rows(now, done) == threads_rows(original, done)
+        assert threads_rows(now, everyone - done) == threads_rows(swept, everyone - done)
+    if backend.has_blobs:
+        lost = threads_rows(original, {"sub-old"})["blobs"]
+        assert threads_rows(swept, {"sub-old"})["blobs"] != lost, "no blob of sub-old to restore"
+    return now
+
+
+@pytest.mark.backends(*BACKENDS)
+def test_expire_and_trim_archive_then_restore_all_reads_back_equal(
+    backend: Backend, tmp_path: Path, mixed_pair: Pair
+) -> None:
+    """Trims, expiries, parent nulling and (where the backend has blobs, past the grace
+    period) blob collection all go to the archive and count in the summary and metrics;
+    `restore --all` then gives back a store equal to the untouched copy, row for row and
+    through the saver, and waiting threads resume the same."""
+    store, control, shapes = mixed_pair
+    archive = tmp_path / "archive"
+    batch = f", grace_period: {GRACE}s" if backend.has_blobs else ""
+    cfg = archive_config(backend, tmp_path, store, str(archive), EXPIRE_AND_TRIM, batch=batch)
+    keys = asyncio.run(backend.all_keys(control))
+    before = asyncio.run(backend.dump(control))
+
+    runs = [once_summary(cfg, tmp_path)]
+    assert runs[0]["batches"] > 2
+    left = {t for t, *_ in asyncio.run(backend.all_keys(store))}
+    assert {"user-old-1", "int-old", "brk-old", "err-old"}.isdisjoint(left)
+    if backend.has_blobs:
+        # The expiries are dated by the first run's clock: a run that starts after that
+        # clock plus the grace period collects their blobs.
+        time.sleep(GRACE + 0.1)
+        runs.append(once_summary(cfg, tmp_path))
+        assert runs[1]["total"]["blobs"] > 0
+        assert runs[1]["archived"]["rows"][backend.table("blobs")] == runs[1]["total"]["blobs"]
+    after = asyncio.run(backend.dump(store))
+    assert_archive_holds_what_went(backend, archive, before, after, runs)
+
+    after = restore_named(backend, cfg, store, archive, before, after)
     r = cli("restore", "--store", "app", "--from", str(archive), "--all", "--dry-run", config=cfg)
     assert r.returncode == 0, r.stderr
     assert "user-old-1:" in r.stdout and "parent links" in r.stdout
-    assert raw_rows(store) == (after_cp, after_w), "a dry run wrote"
+    assert asyncio.run(backend.dump(store)) == after, "a dry run wrote"
 
     r = cli("restore", "--store", "app", "--from", str(archive), "--all", "--yes", config=cfg)
     assert r.returncode == 0, r.stderr
-    # The store is byte for byte the control again, rows and parent links included.
-    assert raw_rows(store) == raw_rows(control)
-    asyncio.run(assert_same_through_the_saver(store, control, shapes, keys))
+    assert "restored" in r.stdout and "parent links" in r.stdout
+    # The store is the control again, rows and parent links included.
+    assert asyncio.run(backend.dump(store)) == before
+    asyncio.run(assert_same_through_the_saver(store, control, shapes, keys, backend))
 
     # Waiting threads resume on the restored store as on the control.
     async def resume_both() -> None:
-        for tid in ("int-old", "int-new", "brk-old", "err-old"):
-            async with (
-                AsyncSqliteSaver.from_conn_string(str(store)) as a,
-                AsyncSqliteSaver.from_conn_string(str(control)) as b,
-            ):
+        for tid in WAITING:
+            async with backend.saver(store) as a, backend.saver(control) as b:
                 assert await resume(a, tid, shapes[tid]) == await resume(b, tid, shapes[tid])
 
     asyncio.run(resume_both())
+    asyncio.run(assert_same_through_the_saver(store, control, shapes, keys, backend))
 
     # A second restore finds nothing missing.
     r = cli("restore", "--store", "app", "--from", str(archive), "--all", "--yes", config=cfg)
@@ -191,9 +295,9 @@ def test_expire_and_trim_archive_then_restore_all_reads_back_equal(
 
 
 def test_restore_one_thread_or_a_prefix_only(
-    tmp_path: Path, stores: tuple[Path, Path, dict[str, str]]
+    tmp_path: Path, copies: tuple[Path, Path, dict[str, str]]
 ) -> None:
-    store, control, _ = stores
+    store, control, _ = copies
     archive = tmp_path / "archive"
     cfg = write_config(tmp_path, store, str(archive), EXPIRE_AND_TRIM)
     assert cli("once", config=cfg).returncode == 0
@@ -225,11 +329,11 @@ def of_threads(rows: tuple[list[Any], list[Any]], keep: Any) -> tuple[list[Any],
 
 
 def test_restore_many_named_threads_by_thread_and_threads_from(
-    tmp_path: Path, stores: tuple[Path, Path, dict[str, str]]
+    tmp_path: Path, copies: tuple[Path, Path, dict[str, str]]
 ) -> None:
     """Repeated `--thread`, and `--threads-from FILE` or `-`, restore exactly the named
     threads in one run, equal to the control through the saver; no other thread changes."""
-    store, control, shapes = stores
+    store, control, shapes = copies
     archive = tmp_path / "archive"
     cfg = write_config(tmp_path, store, str(archive), EXPIRE_AND_TRIM)
     assert cli("once", config=cfg).returncode == 0
@@ -269,13 +373,13 @@ def test_restore_many_named_threads_by_thread_and_threads_from(
 
 
 def test_a_damaged_segment_blocks_only_a_restore_that_needs_it(
-    tmp_path: Path, stores: tuple[Path, Path, dict[str, str]]
+    tmp_path: Path, copies: tuple[Path, Path, dict[str, str]]
 ) -> None:
     """A segment whose row was changed fails its checksum: a restore of threads it does
     not hold goes on without reading it; one of a thread it holds, or `--all`, is refused
     (exit 1, naming the segment) before any row goes in. A file that is not a segment at
     all may hold anything, so it blocks every restore."""
-    store, control, shapes = stores
+    store, control, shapes = copies
     archive = tmp_path / "archive"
     cfg = write_config(tmp_path, store, str(archive), EXPIRE_AND_TRIM)
     assert cli("once", config=cfg).returncode == 0
@@ -318,9 +422,9 @@ def test_a_damaged_segment_blocks_only_a_restore_that_needs_it(
 
 
 def test_restore_asks_first_and_needs_yes_without_a_terminal(
-    tmp_path: Path, stores: tuple[Path, Path, dict[str, str]]
+    tmp_path: Path, copies: tuple[Path, Path, dict[str, str]]
 ) -> None:
-    store, _, _ = stores
+    store, _, _ = copies
     archive = tmp_path / "archive"
     cfg = write_config(tmp_path, store, str(archive), EXPIRE_AND_TRIM)
     assert cli("once", config=cfg).returncode == 0
@@ -345,11 +449,11 @@ def test_restore_asks_first_and_needs_yes_without_a_terminal(
 
 
 async def test_restore_a_thread_while_the_application_writes_to_it(
-    tmp_path: Path, stores: tuple[Path, Path, dict[str, str]]
+    tmp_path: Path, copies: tuple[Path, Path, dict[str, str]]
 ) -> None:
     """Turns saved between the restore's segments stay; the old checkpoints come back
     under them, and the thread reads as the control plus the new turns."""
-    store, control, _ = stores
+    store, control, _ = copies
     tid = "user-new-1"
     settings = ArchiveSettings(str(tmp_path / "archive"))
     cfg_policies = "  - {name: trim, keep_last: 1}"
@@ -477,36 +581,41 @@ async def test_archived_trims_run_batch_wide_and_restore_equal(tmp_path: Path) -
 # ------------------------------------------------------------------ failures
 
 
+@pytest.mark.backends(*BACKENDS)
 @pytest.mark.parametrize("broken", ["max_bytes", "under_a_file"])
 def test_an_archive_that_cannot_be_written_deletes_nothing(
-    tmp_path: Path, stores: tuple[Path, Path, dict[str, str]], broken: str
+    backend: Backend, tmp_path: Path, mixed_pair: Pair, broken: str
 ) -> None:
-    store, control, _ = stores
+    """A segment past `max_bytes` (a full disk), or a folder that cannot be made: `once`
+    exits 1 before any delete commits, says which store and archive, leaves no segment,
+    and counts the failure."""
+    store, _, _ = mixed_pair
+    before = asyncio.run(backend.dump(store))
     if broken == "max_bytes":
         # A "full disk": the size limit refuses the first segment.
-        archive, extra = str(tmp_path / "archive"), ", max_bytes: 2KB"
+        archive, extra = str(tmp_path / "archive"), ", max_bytes: 1KB"
     else:
         # mkdir fails under a regular file, even for root (chmod would not stop root).
         (tmp_path / "blocker").write_text("a file, not a folder")
         archive, extra = str(tmp_path / "blocker" / "archive"), ""
-    cfg = write_config(tmp_path, store, archive, EXPIRE_AND_TRIM, extra)
-    textfile = tmp_path / "janitor.prom"
-    cfg.write_text(cfg.read_text() + f"metrics: {{textfile: {textfile}}}\n")
+    cfg = archive_config(backend, tmp_path, store, archive, EXPIRE_AND_TRIM, extra)
 
     r = cli("once", config=cfg)
     assert r.returncode == 1, r.stderr
-    assert raw_rows(store) == raw_rows(control), "a batch deleted without its archive"
+    assert asyncio.run(backend.dump(store)) == before, "a batch deleted without its archive"
     error = json.loads(r.stdout)["stores"][0]["error"]
     assert "ArchiveError" in error and "'app'" in error and archive in error
-    assert ("max_bytes 2000" if broken == "max_bytes" else "cannot create") in error
-    assert 'checkpoint_janitor_archive_failures_total{store="app"} 1.0' in textfile.read_text()
+    assert ("max_bytes 1000" if broken == "max_bytes" else "cannot create") in error
+    textfile = (tmp_path / "janitor.prom").read_text()
+    assert 'checkpoint_janitor_archive_failures_total{store="app"} 1.0' in textfile
+    assert Scrape.parse(textfile).total("archived_rows_total", store="app") == 0
     assert [s for s in Path(tmp_path).rglob("*") if s.name.endswith((".sqlite", ".partial"))] == []
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("step", ["seal", "complete"])
 def test_sigkill_between_archive_and_delete_then_the_next_run_finishes(
-    tmp_path: Path, stores: tuple[Path, Path, dict[str, str]], step: str
+    tmp_path: Path, copies: tuple[Path, Path, dict[str, str]], step: str
 ) -> None:
     """Killed after the first segment is `.pending`: before its COMMIT (`seal`), or after
     its COMMIT and before the rename (`complete`). The next run settles it; every deleted
@@ -516,7 +625,7 @@ def test_sigkill_between_archive_and_delete_then_the_next_run_finishes(
     import sys
     import time
 
-    store, control, shapes = stores
+    store, control, shapes = copies
     archive = tmp_path / "archive"
     cfg = write_config(tmp_path, store, str(archive), EXPIRE_AND_TRIM)
     gate = tmp_path / "gate"
@@ -565,16 +674,20 @@ def test_sigkill_between_archive_and_delete_then_the_next_run_finishes(
     asyncio.run(assert_same_through_the_saver(store, control, shapes, all_keys(control)))
 
 
-def test_purge_archives_only_when_asked(
-    tmp_path: Path, stores: tuple[Path, Path, dict[str, str]]
+@pytest.mark.backends(*BACKENDS)
+def test_purge_archives_only_when_asked_and_restores_equal(
+    backend: Backend, tmp_path: Path, mixed_pair: Pair
 ) -> None:
-    store, control, _ = stores
+    """`purge` erases (no archive); `purge --archive` archives what it deletes (blobs
+    included), `restore` gives that thread back as the untouched copy has it, row for row
+    and through the saver; without an `archive`, `purge --archive` refuses."""
+    store, control, shapes = mixed_pair
     archive = tmp_path / "archive"
-    cfg = write_config(tmp_path, store, str(archive), EXPIRE_AND_TRIM)
+    cfg = archive_config(backend, tmp_path, store, str(archive), EXPIRE_AND_TRIM)
 
     r = cli("purge", "--store", "app", "--thread", "user-old-1", "--yes", config=cfg)
     assert r.returncode == 0, r.stderr
-    assert "user-old-1" not in {t for t, *_ in all_keys(store)}
+    assert "user-old-1" not in {t for t, *_ in asyncio.run(backend.all_keys(store))}
     assert not archive.exists() or list(read_segments(str(archive))) == []
 
     r = cli("purge", "--store", "app", "--thread", "user-old-2", "--archive", "--yes", config=cfg)
@@ -582,18 +695,27 @@ def test_purge_archives_only_when_asked(
     assert "archived" in r.stdout
     [seg] = list(read_segments(str(archive), "app"))
     assert not seg.pending and set(seg.counts()) == {"user-old-2"}
+    if backend.has_blobs:
+        assert seg.counts()["user-old-2"][backend.table("blobs")] > 0
+    seg.close()
 
     r = cli("restore", "--store", "app", "--from", str(archive), "--all", "--yes", config=cfg)
     assert r.returncode == 0, r.stderr
-    keys = [k for k in all_keys(control) if k[0] == "user-old-2"]
-    asyncio.run(assert_same_through_the_saver(store, control, {"user-old-2": "chat"}, keys))
-    assert "user-old-1" not in {t for t, *_ in all_keys(store)}, "erased without --archive"
+    assert "restored 1 threads" in r.stdout
+
+    def rows_of(tables: dict[str, list[Any]], tid: str) -> dict[str, list[Any]]:
+        return {t: [r for r in rows if dict(r)["thread_id"] == tid] for t, rows in tables.items()}
+
+    swept, original = asyncio.run(backend.dump(store)), asyncio.run(backend.dump(control))
+    assert rows_of(swept, "user-old-2") == rows_of(original, "user-old-2")
+    assert all(rows for rows in rows_of(swept, "user-old-2").values())
+    assert not any(rows_of(swept, "user-old-1").values()), "erased without --archive"
+    keys = [k for k in asyncio.run(backend.all_keys(control)) if k[0] == "user-old-2"]
+    one = {"user-old-2": shapes["user-old-2"]}
+    asyncio.run(assert_same_through_the_saver(store, control, one, keys, backend))
 
     bare = tmp_path / "bare.yaml"
-    bare.write_text(
-        f"stores: [{{name: app, kind: sqlite, path: {store}}}]\n"
-        "policies: [{name: p, keep_last: 1}]\n"
-    )
+    bare.write_text(f"{backend.store_yaml(store)}policies: [{{name: p, keep_last: 1}}]\n")
     r = cli("purge", "--store", "app", "--thread", "vip-old", "--archive", "--yes", config=bare)
     assert r.returncode == 2 and "no `archive` configured" in r.stderr
-    assert "vip-old" in {t for t, *_ in all_keys(store)}
+    assert "vip-old" in {t for t, *_ in asyncio.run(backend.all_keys(store))}

@@ -1,21 +1,35 @@
-"""An application writing to a SQLite store while the worker sweeps it.
+"""An application writing to a store (SQLite or Postgres) while the worker sweeps it.
 
-Run as a process: `python live_writer.py DB SECONDS OUT.json THREAD...`. It runs
-chat turns through the real `AsyncSqliteSaver` round-robin over the given
-threads until SECONDS pass, and records per thread the turns it completed,
-every error, and each turn's latency and wall-clock end.
+Run as a process: `python live_writer.py STORE SECONDS OUT.json THREAD...`, STORE a
+SQLite file or a `postgresql://` DSN. It runs chat turns through the real
+`AsyncSqliteSaver` or `AsyncPostgresSaver` round-robin over the given threads until
+SECONDS pass, and records per thread the turns it completed, every error, and each
+turn's latency and wall-clock end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import time
+from typing import Any
 
+from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
 from worker.service.demo import chat_graph, thread
+
+
+def saver_on(store: str) -> contextlib.AbstractAsyncContextManager[BaseCheckpointSaver[Any]]:
+    """The application's saver on `store` (its tables exist: the store was written before)."""
+    if store.startswith("postgresql://"):
+        # Imported only here: a SQLite-only install has no Postgres saver.
+        from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+
+        return AsyncPostgresSaver.from_conn_string(store)
+    return AsyncSqliteSaver.from_conn_string(store)
 
 
 async def main(db: str, seconds: float, out: str, threads: list[str]) -> None:
@@ -23,7 +37,7 @@ async def main(db: str, seconds: float, out: str, threads: list[str]) -> None:
     errors: list[str] = []
     latencies: list[float] = []
     ends: list[float] = []
-    async with AsyncSqliteSaver.from_conn_string(db) as saver:
+    async with saver_on(db) as saver:
         app = chat_graph(saver)
         end = time.monotonic() + seconds
         i = 0

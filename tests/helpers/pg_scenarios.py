@@ -4,8 +4,9 @@ Graph shapes come from `scenarios` (the SQLite tests use the same ones). This
 module adds what is specific to Postgres: a saver on a DSN, throwaway
 databases copied with `CREATE DATABASE ... TEMPLATE`, full table dumps, the
 orphan queries, bulk replication of a real thread, running a sweep or the CLI
-on a `kind: postgres` store, and two application processes (run this file:
-`python -m helpers.pg_scenarios write|fork ...`) that race a sweep.
+on a `kind: postgres` store, and an application process that forks threads
+while a sweep runs (run this file: `python -m helpers.pg_scenarios fork ...`; the
+process that writes turns is `helpers/live_writer.py`, for either backend).
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from helpers.pgserver import PgServer, PgServerError, unique_db_name
 from policies.config import Config
 from policies.ids import checkpoint_time
 from worker.service.config_files import load_config_text
-from worker.service.demo import chat_graph, thread
-from worker.sweep import SweepOptions, SweepReport, sweep
+from worker.service.demo import thread
+from worker.sweep import SweepReport
 
 TESTS = Path(__file__).resolve().parents[1]
 
@@ -361,27 +362,17 @@ async def run_pg_sweep(
 ) -> SweepReport:
     """One sweep of store `pg` on `dsn`, as the CLI runs it (by default every sweep looks
     at every quiet thread's residue)."""
-    from worker.stores import make_engine
+    # Imported here: helpers.backends imports this module.
+    from helpers.backends import sweep_config
 
-    cfg = pg_config(policies_yaml, dsn, extra, store_extra)
-    settings = cfg.store_settings("pg")
-    engine = make_engine(cfg.store("pg"), settings)
-    await engine.open()
-    try:
-        return await sweep(
-            engine,
-            cfg.policies_for("pg"),
-            SweepOptions(
-                settings=settings,
-                max_delete_fraction=cfg.defaults.max_delete_fraction,
-                dry_run=dry_run,
-                allow_mass_expiry=allow_mass_expiry,
-                residue_check_every=residue_check_every,
-            ),
-            now=now,
-        )
-    finally:
-        await engine.close()
+    return await sweep_config(
+        pg_config(policies_yaml, dsn, extra, store_extra),
+        "pg",
+        now,
+        dry_run=dry_run,
+        allow_mass_expiry=allow_mass_expiry,
+        residue_check_every=residue_check_every,
+    )
 
 
 def write_config(path: Path, dsn: str, policies: str, extra: str = "") -> Path:
@@ -426,7 +417,7 @@ def json_events(stderr: str) -> list[dict[str, Any]]:
 
 
 def app_process(*args: str) -> subprocess.Popen[bytes]:
-    """This file run as an application process (`write` or `fork`)."""
+    """This file run as an application process (`fork`)."""
     return subprocess.Popen(
         [sys.executable, "-m", "helpers.pg_scenarios", *args],
         env={**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{TESTS.parent}"},
@@ -434,29 +425,6 @@ def app_process(*args: str) -> subprocess.Popen[bytes]:
 
 
 # ------------------------------------------------------------------ application processes
-
-
-async def _write(dsn: str, seconds: float, out: str, threads: list[str]) -> None:
-    """Chat turns round-robin over `threads` until `seconds` pass; record turns and errors."""
-    done: dict[str, int] = {t: 0 for t in threads}
-    errors: list[str] = []
-    latencies: list[float] = []
-    async with AsyncPostgresSaver.from_conn_string(dsn) as saver:
-        app = chat_graph(saver)
-        end = time.monotonic() + seconds
-        i = 0
-        while time.monotonic() < end:
-            tid = threads[i % len(threads)]
-            i += 1
-            t0 = time.monotonic()
-            try:
-                await app.ainvoke({"messages": [f"live {done[tid]}"]}, thread(tid))
-                done[tid] += 1
-            except Exception as e:  # recorded: the test asserts there are none
-                errors.append(f"{type(e).__name__}: {e}")
-            latencies.append(time.monotonic() - t0)
-            await asyncio.sleep(0.005)
-    Path(out).write_text(json.dumps({"done": done, "errors": errors, "latencies": latencies}))
 
 
 async def _fork(dsn: str, out: str, threads: list[str]) -> None:
@@ -511,9 +479,7 @@ async def _fork(dsn: str, out: str, threads: list[str]) -> None:
 
 if __name__ == "__main__":
     mode, dsn_arg = sys.argv[1], sys.argv[2]
-    if mode == "write":
-        asyncio.run(_write(dsn_arg, float(sys.argv[3]), sys.argv[4], sys.argv[5:]))
-    elif mode == "fork":
+    if mode == "fork":
         asyncio.run(_fork(dsn_arg, sys.argv[3], sys.argv[4:]))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
