@@ -92,7 +92,9 @@ INSERT_IMAGE_META = f"INSERT INTO {IMAGE_SCHEMA}.{META_TABLE} (key, value) VALUE
 INSERT_IMAGE_ROW = f'INSERT INTO {IMAGE_SCHEMA}."{{table}}" ({{columns}}) VALUES ({{marks}})'
 # `select` names the store's tables unqualified: they resolve to the store (main).
 COPY_ROWS = f'INSERT INTO {IMAGE_SCHEMA}."{{table}}" ({{columns}}) {{select}}'
-SELECT_IMAGE_ROWS = f'SELECT {{columns}} FROM {IMAGE_SCHEMA}."{{table}}"'
+# The rows one copy appended (rowids only grow in a table nothing deletes from).
+LAST_IMAGE_ROWID = f'SELECT coalesce(max(rowid), 0) FROM {IMAGE_SCHEMA}."{{table}}"'
+NEW_IMAGE_ROWS = f'SELECT {{columns}} FROM {IMAGE_SCHEMA}."{{table}}" WHERE rowid > ?'
 # Exact thread / code-point prefix match (LIKE would treat `_` as a wildcard and fold case).
 SELECT_ROWS = 'SELECT {columns} FROM "{table}"{where}'
 
@@ -552,6 +554,8 @@ class Segment:
         self._db_lock = threading.Lock()
         """`copy` runs in a worker thread: closing waits for it."""
         self._copied: dict[str, int] = {}
+        self._digests: dict[str, list[bytes]] = {}
+        """Row digests (`row_digest`) of the image's tables, for the checksum."""
         self._columns: dict[str, tuple[str, ...]] = {}
         """Columns of each table created in the image."""
 
@@ -609,17 +613,22 @@ class Segment:
         if table == META_TABLE or not table:
             raise ValueError(f"reserved table name {table!r}")
         cols = tuple(columns)
+        names = ", ".join(f'"{c}"' for c in cols)
         with self._db_lock:
             try:
                 self._create(table, cols)
-                names = ", ".join(f'"{c}"' for c in cols)
-                cur = self._db.execute(
+                (last,) = self._db.execute(LAST_IMAGE_ROWID.format(table=table)).fetchone()
+                copied = self._db.execute(
                     COPY_ROWS.format(table=table, columns=names, select=select), params
-                )
+                ).rowcount
+                # Digested here, in the copy's thread, while the batch's deletes run,
+                # rather than in the seal, which the COMMIT waits for.
+                new = self._db.execute(NEW_IMAGE_ROWS.format(columns=names, table=table), (last,))
+                self._digests.setdefault(table, []).extend(row_digest(r) for r in new)
             except sqlite3.Error as exc:
                 raise self.archive.error(f"cannot copy rows of {table}: {exc}") from exc
-        self._copied[table] = self._copied.get(table, 0) + cur.rowcount
-        return cur.rowcount
+        self._copied[table] = self._copied.get(table, 0) + copied
+        return copied
 
     def add(self, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]) -> None:
         """Add rows of `table` (values exactly as the store returned them)."""
@@ -736,6 +745,7 @@ class Segment:
                     db.executemany(
                         INSERT_IMAGE_ROW.format(table=name, columns=cols, marks=marks), t.rows
                     )
+                    self._digests.setdefault(name, []).extend(row_digest(r) for r in t.rows)
                 self._tables.clear()
                 self.counts, expected = self._digest(db)
                 db.execute(CREATE_IMAGE_META)
@@ -752,11 +762,7 @@ class Segment:
         counts: dict[str, int] = {}
         parts: list[tuple[str, Sequence[str], list[bytes]]] = []
         for name, columns in sorted(self._columns.items()):
-            cols = ", ".join(f'"{c}"' for c in columns)
-            digests = [
-                row_digest(r)
-                for r in db.execute(SELECT_IMAGE_ROWS.format(columns=cols, table=name))
-            ]
+            digests = self._digests.get(name, [])
             if not digests:
                 db.execute(DROP_IMAGE_TABLE.format(table=name))
                 continue
