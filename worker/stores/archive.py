@@ -6,6 +6,13 @@ tables named and shaped as the source saver's own (`checkpoints`, `writes`;
 Postgres: `checkpoints`, `checkpoint_blobs`, `checkpoint_writes`), the parent
 ids the batch set to NULL (`nulled_parents`), and `archive_meta`.
 
+The image is an in-memory database attached as `seg`. A SQLite engine opens
+it on a read-only connection to the store (`Segment.open_source`) and fills it
+with `INSERT INTO seg.<table> SELECT ...` (`Segment.copy`): the rows never pass
+through Python, and each copy digests the rows it appended in its own thread.
+Rows an engine already holds (Postgres, SQLite's one-thread deletes) come in
+through `Segment.add`.
+
 A segment's life, so that a crash never leaves a half-written file that counts:
 `NNNNNN.partial` (the database image, built in memory, written in one go
 and fsynced once, then re-read: the same bytes, and opened as SQLite the row
@@ -40,6 +47,7 @@ import shutil
 import sqlite3
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -208,6 +216,45 @@ def row_digest(row: Sequence[Any]) -> bytes:
     for value in row:
         h.update(_encode(value))
     return h.digest()
+
+
+# A row's canonical encoding (module docstring) built by SQLite, one blob per
+# row, so Python makes one hashlib call per row instead of one per value. `||`
+# copies a blob's bytes as they are (NULs included) and the CAST gives them
+# back as a blob. A real gives NULL, and so does the whole row, which is then
+# digested in Python: SQLite prints reals otherwise than `repr`.
+_ENCODED_COLUMN = (
+    "CASE typeof({c}) WHEN 'null' THEN X'4E'"
+    " WHEN 'integer' THEN 'I' || {c} || ';'"
+    " WHEN 'text' THEN 'T' || length(CAST({c} AS BLOB)) || ':' || {c}"
+    " WHEN 'blob' THEN 'B' || length({c}) || ':' || {c} END"
+)
+ENCODED_ROWS = (
+    f'SELECT rowid, CAST({{encoded}} AS BLOB) FROM {IMAGE_SCHEMA}."{{table}}" WHERE rowid > ?'
+)
+IMAGE_ROW = f'SELECT {{columns}} FROM {IMAGE_SCHEMA}."{{table}}" WHERE rowid = ?'
+# Text lengths are counted in the database's encoding: the SQL encoding is UTF-8's.
+DATABASE_ENCODING = "PRAGMA encoding"
+
+
+def _image_digests(
+    db: sqlite3.Connection, table: str, columns: Sequence[str], after: int
+) -> list[bytes]:
+    """`row_digest` of each row of the image's `table` past rowid `after`."""
+    names = [f'"{c}"' for c in columns]
+    if str(db.execute(DATABASE_ENCODING).fetchone()[0]).upper() != "UTF-8":
+        rows = db.execute(NEW_IMAGE_ROWS.format(columns=", ".join(names), table=table), (after,))
+        return [row_digest(r) for r in rows]
+    encoded = " || ".join(_ENCODED_COLUMN.format(c=c) for c in names)
+    sha256 = hashlib.sha256
+    digests: list[bytes] = []
+    for rowid, data in db.execute(ENCODED_ROWS.format(encoded=encoded, table=table), (after,)):
+        if data is None:
+            row = db.execute(IMAGE_ROW.format(columns=", ".join(names), table=table), (rowid,))
+            digests.append(row_digest(row.fetchone()))
+        else:
+            digests.append(sha256(data).digest())
+    return digests
 
 
 def checksum(tables: Iterable[tuple[str, Sequence[str], Iterable[bytes]]]) -> str:
@@ -555,6 +602,8 @@ class Segment:
         """`copy` runs in a worker thread: closing waits for it."""
         self._copied: dict[str, int] = {}
         self._digests: dict[str, list[bytes]] = {}
+        self.timings: dict[str, float] = {}
+        """Seconds of the seal's steps (image, write with its fsync, publish), for logs."""
         """Row digests (`row_digest`) of the image's tables, for the checksum."""
         self._columns: dict[str, tuple[str, ...]] = {}
         """Columns of each table created in the image."""
@@ -623,8 +672,8 @@ class Segment:
                 ).rowcount
                 # Digested here, in the copy's thread, while the batch's deletes run,
                 # rather than in the seal, which the COMMIT waits for.
-                new = self._db.execute(NEW_IMAGE_ROWS.format(columns=names, table=table), (last,))
-                self._digests.setdefault(table, []).extend(row_digest(r) for r in new)
+                digests = _image_digests(self._db, table, cols, last)
+                self._digests.setdefault(table, []).extend(digests)
             except sqlite3.Error as exc:
                 raise self.archive.error(f"cannot copy rows of {table}: {exc}") from exc
         self._copied[table] = self._copied.get(table, 0) + copied
@@ -692,8 +741,11 @@ class Segment:
         local_dir = archive._ensure_dirs()
         partial = os.path.join(local_dir, f"{self.number:06d}{PARTIAL_SUFFIX}")
         try:
+            clock = time.monotonic()
             image, expected = self._image()
+            self.timings["image"] = time.monotonic() - clock
             _write_synced(partial, image)
+            self.timings["write"] = time.monotonic() - clock - self.timings["image"]
             _verify_image(partial, image, self.counts, expected)
             self.bytes = len(image)
             del image
@@ -703,7 +755,9 @@ class Segment:
                     f"segment of {self.bytes} bytes would bring the archive to "
                     f"{total} bytes, past max_bytes {limit}; nothing deleted"
                 )
+            clock = time.monotonic()
             self.path = self._publish(partial)
+            self.timings["publish"] = time.monotonic() - clock
             archive._published(self.bytes)
         except _Refused as exc:
             _remove(partial)

@@ -713,6 +713,9 @@ class SqliteStore:
         self._ordered_columns: dict[str, tuple[str, ...]] = {}
         """The archive's copies: each table's columns in `SELECT *` order."""
         self._wal: bool | None = None
+        self._archive_seconds: dict[str, float] = {}
+        """The batch's archive phases (debug log `archive_segment`): the wait for its
+        copies once its deletes were done, and its seal."""
         """The store is in WAL mode (read once, by the archive's copies)."""
 
     # ------------------------------------------------------------ lifecycle
@@ -1083,11 +1086,15 @@ class SqliteStore:
         seg = archive.segment() if archive is not None else None
         try:
             if seg is not None:
+                opening = time.monotonic()
                 await asyncio.to_thread(seg.open_source, store_uri(self.path, READ_ONLY))
+                self._archive_seconds["open"] = time.monotonic() - opening
             results = await self._batch(batch, seg)
             if seg is not None:
                 # Sealed under the write lock: nothing commits before its archive is safe.
+                sealing = time.monotonic()
                 await asyncio.to_thread(seg.seal)
+                self._archive_seconds["seal"] = time.monotonic() - sealing
         except BaseException:
             # Also on cancellation (SIGTERM): the batch is all or nothing.
             await self._roll_back(seg)
@@ -1095,7 +1102,21 @@ class SqliteStore:
         await self._commit(seg)
         self._uncheckpointed += sum(r.counts.bytes for r in results)
         if seg is not None:
+            completing = time.monotonic()
             await self._complete(seg)
+            self._archive_seconds["complete"] = time.monotonic() - completing
+            log.debug(
+                "archive_segment",
+                store=self.name,
+                segment=seg.number,
+                bytes=seg.bytes,
+                rows=sum(seg.counts.values()),
+                **{
+                    f"{k}_seconds": round(v, 4)
+                    for k, v in {**self._archive_seconds, **seg.timings}.items()
+                },
+            )
+            self._archive_seconds.clear()
         return results
 
     async def _begin_batch(self, batch: Sequence[ThreadWork]) -> bool:
@@ -1302,7 +1323,10 @@ class SqliteStore:
             deleted = await delete()
         finally:
             # Never leave the copy running into the rollback or the seal.
+            waiting = time.monotonic()
             await asyncio.wait([copying])
+            waited = self._archive_seconds.get("copy_wait", 0.0) + time.monotonic() - waiting
+            self._archive_seconds["copy_wait"] = waited
         copied = copying.result()
         if any(copied[t] != deleted.get(t, 0) for t in copied):
             raise seg.archive.error(
