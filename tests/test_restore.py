@@ -464,6 +464,19 @@ async def test_a_thread_deleted_by_id_and_expired_in_one_batch_is_archived_once(
     assert archived_relinked(Path(settings.path)) == deleted_rows(store, control)
 
 
+async def test_a_rollback_journal_store_is_archived_exactly_too(
+    tmp_path: Path, stores: tuple[Path, Path, dict[str, str]]
+) -> None:
+    """Without WAL the copy's read lock would stall a delete that spills its cache, so the
+    copy runs first: every deleted row is still archived exactly once."""
+    store, control, _ = stores
+    with sqlite3.connect(store) as con:
+        assert con.execute("PRAGMA journal_mode = DELETE").fetchone() == ("delete",)
+    settings = archive_settings(tmp_path)
+    await trim_all_with_archive(store, settings)
+    assert archived_relinked(Path(settings.path)) == deleted_rows(store, control)
+
+
 async def test_a_copy_that_differs_from_the_delete_rolls_the_batch_back(
     tmp_path: Path, stores: tuple[Path, Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
