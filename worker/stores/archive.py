@@ -608,6 +608,11 @@ class Segment:
         self._columns: dict[str, tuple[str, ...]] = {}
         """Columns of each table created in the image."""
 
+    @property
+    def sealed(self) -> bool:
+        """`seal` ran (or the segment was abandoned): no more rows go in."""
+        return self._state != "open"
+
     def open_source(self, uri: str) -> None:
         """Open the store (a read-only `file:` URI) for `copy`; before any `copy` or `add`.
 
@@ -616,7 +621,10 @@ class Segment:
         """
         if self._db is not None:
             raise RuntimeError(f"segment {self.number} already has its database")
-        self._db = self._connect(uri)
+        try:
+            self._db = self._connect(uri)
+        except sqlite3.Error as exc:
+            raise self.archive.error(f"cannot open the store to copy its rows: {exc}") from exc
 
     def _database(self) -> sqlite3.Connection:
         if self._db is None:

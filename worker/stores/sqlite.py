@@ -1090,7 +1090,7 @@ class SqliteStore:
                 await asyncio.to_thread(seg.open_source, store_uri(self.path, READ_ONLY))
                 self._archive_seconds["open"] = time.monotonic() - opening
             results = await self._batch(batch, seg)
-            if seg is not None:
+            if seg is not None and not seg.sealed:
                 # Sealed under the write lock: nothing commits before its archive is safe.
                 sealing = time.monotonic()
                 await asyncio.to_thread(seg.seal)
@@ -1139,7 +1139,7 @@ class SqliteStore:
             self._contention = Contention(writer_seen=True, lock_wait=self._lock_wait)
         results, trimming, expiring = await self._parts(batch, seg)
         if trimming:
-            trimmed = await self._trim_many(list(trimming.values()), seg)
+            trimmed = await self._trim_many(list(trimming.values()), seg, seal=not expiring)
             for i, work in trimming.items():
                 results[i] = WorkResult(work.thread_id, trimmed[work.thread_id])
         if expiring:
@@ -1259,12 +1259,25 @@ class SqliteStore:
     async def _expire_archived(
         self, thread_ids: list[str], counts: dict[str, Counts], seg: Segment
     ) -> dict[str, Counts]:
-        """`_expire` with `seg`: rows copied in SQL alongside the deletes, except for a
-        thread this batch already deleted from one by one (`_delete`): the copy reads
-        the last commit, which still holds the rows that delete archived."""
+        """`_expire` with `seg`: rows copied in SQL alongside the deletes (then the
+        segment sealed), except for a thread this batch already deleted from one by
+        one (`_delete`): the copy reads the last commit, which still holds the rows
+        that delete archived, so those come from what their deletes return."""
         touched = seg.added_threads()
-        copied = [t for t in thread_ids if t not in touched]
-        if copied:
+        if touched_ids := [t for t in thread_ids if t in touched]:
+            rest = json.dumps(touched_ids)
+            # thread_id is the first column of both tables.
+            _, rows = await self._archived(seg, "writes", ARCHIVE_EXPIRE_MANY_WRITES_SQL, (rest,))
+            for row in rows:
+                counts[row[0]].writes += 1
+            columns, rows = await self._archived(
+                seg, "checkpoints", ARCHIVE_EXPIRE_MANY_CHECKPOINTS_SQL, (rest,)
+            )
+            size = _checkpoint_size(columns)
+            for row in rows:
+                counts[row[0]].checkpoints += 1
+                counts[row[0]].bytes += size(row)
+        if copied := [t for t in thread_ids if t not in touched]:
             ids = json.dumps(copied)
 
             async def delete() -> dict[str, int]:
@@ -1281,20 +1294,8 @@ class SqliteStore:
                 ("writes", COPY_EXPIRE_WRITES_SQL),
                 ("checkpoints", COPY_EXPIRE_CHECKPOINTS_SQL),
             ]
-            await self._copy_alongside(seg, copies, (ids,), delete)
-        if touched_ids := [t for t in thread_ids if t in touched]:
-            rest = json.dumps(touched_ids)
-            # thread_id is the first column of both tables.
-            _, rows = await self._archived(seg, "writes", ARCHIVE_EXPIRE_MANY_WRITES_SQL, (rest,))
-            for row in rows:
-                counts[row[0]].writes += 1
-            columns, rows = await self._archived(
-                seg, "checkpoints", ARCHIVE_EXPIRE_MANY_CHECKPOINTS_SQL, (rest,)
-            )
-            size = _checkpoint_size(columns)
-            for row in rows:
-                counts[row[0]].checkpoints += 1
-                counts[row[0]].bytes += size(row)
+            # The batch's last statements: the segment is complete once copied.
+            await self._copy_alongside(seg, copies, (ids,), delete, seal=True)
         return counts
 
     async def _copy_alongside(
@@ -1303,10 +1304,14 @@ class SqliteStore:
         copies: Sequence[tuple[str, str]],
         params: tuple[Any, ...] | dict[str, Any],
         delete: Callable[[], Awaitable[dict[str, int]]],
+        *,
+        seal: bool = False,
     ) -> None:
         """Copy into `seg`, in SQL and in a worker thread, the rows of each (table,
         SELECT) in `copies` while `delete` removes them on the batch's connection;
         `delete` returns the rows it removed per table, which must be the rows copied.
+        With `seal` (no row of the batch comes after these), the same thread then
+        seals the segment, so its write and fsync overlap the deletes too.
 
         On a store without WAL the copy ends before the deletes start: its read
         lock would make a delete that spills its cache wait for the exclusive lock.
@@ -1314,7 +1319,10 @@ class SqliteStore:
         specs = [(t, await self._columns_of(t), sql) for t, sql in copies]
 
         def copy_all() -> dict[str, int]:
-            return {t: seg.copy(t, cols, sql, params) for t, cols, sql in specs}
+            copied = {t: seg.copy(t, cols, sql, params) for t, cols, sql in specs}
+            if seal:
+                seg.seal()
+            return copied
 
         copying = asyncio.ensure_future(asyncio.to_thread(copy_all))
         try:
@@ -1327,6 +1335,8 @@ class SqliteStore:
             await asyncio.wait([copying])
             waited = self._archive_seconds.get("copy_wait", 0.0) + time.monotonic() - waiting
             self._archive_seconds["copy_wait"] = waited
+            if not copying.cancelled():
+                copying.exception()  # retrieved: a failed delete's error is the one raised
         copied = copying.result()
         if any(copied[t] != deleted.get(t, 0) for t in copied):
             raise seg.archive.error(
@@ -1398,10 +1408,11 @@ class SqliteStore:
         counts.bytes += sum(int(r[0]) for r in sizes)
 
     async def _trim_many(
-        self, works: Sequence[ThreadWork], seg: Segment | None = None
+        self, works: Sequence[ThreadWork], seg: Segment | None = None, *, seal: bool = False
     ) -> dict[str, Counts]:
-        """The set-based trims of many threads (one part each), in four statements
-        (five with `seg`, which gets every row they remove and each parent they null)."""
+        """The set-based trims of many threads (one part each), in four statements;
+        with `seg`, every row they remove and each parent they null is copied into it
+        alongside (then, with `seal`, the segment sealed: no row of the batch follows)."""
         ranges = [(w.thread_id, ns, r) for w in works for ns, r in w.ranges.items()]
         counts = {w.thread_id: Counts() for w in works}
         conn = self.conn
@@ -1435,7 +1446,7 @@ class SqliteStore:
                 ("writes", COPY_BATCH_TRIM_WRITES_SQL),
                 ("checkpoints", COPY_BATCH_TRIM_CHECKPOINTS_SQL),
             ]
-            await self._copy_alongside(seg, copies, args, delete)
+            await self._copy_alongside(seg, copies, args, delete, seal=seal)
         return counts
 
     async def _delete(self, work: ThreadWork, seg: Segment | None) -> WorkResult:
