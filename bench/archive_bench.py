@@ -267,11 +267,13 @@ def run_archived(
     out["shape"] = shape_after_trim(db, args.threads)
     out["db_bytes_after"] = file_size(db)
     out["archive"] = archive_usage(archive)
+    out["archive_phases"] = archive_phases(workdir / f"worker-archive-{tag}.log")
     out["archive"]["over_store_bytes"] = round(out["archive"]["bytes"] / out["db_bytes_after"], 3)
     a = out["archive"]
     log(
         f"    {out['wall_seconds']} s, {out['batches']} batches, peak RSS {out['peak_rss_mb']} MB;"
-        f" archive {a['bytes'] / 2**30:.2f} GiB in {a['segments']} segments, rows {a['rows']}"
+        f" archive {a['bytes'] / 2**30:.2f} GiB in {a['segments']} segments, rows {a['rows']};"
+        f" phases {out['archive_phases']}"
     )
     # Single threads first (the prefix restore would already have put them back
     # if they were under it; they are not): whole archive, then one segment.
@@ -335,6 +337,28 @@ def run_archived(
     remove_db(db)
     shutil.rmtree(archive, ignore_errors=True)
     return out
+
+
+def archive_phases(worker_log: Path) -> dict[str, Any]:
+    """Seconds per archive phase summed over the sweep's batches (the worker's debug
+    `archive_segment` events): the wait for the SQL copies once the deletes were
+    done, and the seal (image, write with fsync, verify, publish)."""
+    totals: dict[str, float] = {}
+    segments = 0
+    for line in worker_log.read_text().splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        if ev.get("event") != "archive_segment":
+            continue
+        segments += 1
+        for key, value in ev.items():
+            if key.endswith("_seconds"):
+                totals[key] = totals.get(key, 0.0) + float(value)
+    return {"segments": segments, **{k: round(v, 2) for k, v in sorted(totals.items())}}
 
 
 def time_verify(archive: Path) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
 from worker.service.demo import chat_graph, thread
 from worker.stores.archive import Archive, ArchiveSettings, Selection, read_segments
+from worker.stores.engine import ThreadWork
 from worker.stores.sqlite import SqliteStore
 from worker.sweep import Outcome, SweepOptions, sweep
 
@@ -576,6 +577,143 @@ async def test_archived_trims_run_batch_wide_and_restore_equal(tmp_path: Path) -
             got = await chat_graph(a).aget_state(thread(tid))
             want = await chat_graph(b).aget_state(thread(tid))
             assert got.values == want.values and got.config == want.config
+
+
+def deleted_rows(store: Path, control: Path) -> dict[str, list[Any]]:
+    """Rows of each saver table, as the control holds them, whose key the store lost
+    (a kept checkpoint whose parent was nulled is not one of them)."""
+    (cps, ws), (left_cps, left_ws) = raw_rows(control), raw_rows(store)
+    kept_cps, kept_ws = {r[:3] for r in left_cps}, {r[:5] for r in left_ws}
+    return {
+        "checkpoints": [r for r in cps if r[:3] not in kept_cps],
+        "writes": [r for r in ws if r[:5] not in kept_ws],
+    }
+
+
+def archived_relinked(archive: Path) -> dict[str, list[Any]]:
+    """The complete segments' checkpoints and writes, sorted, each checkpoint with the
+    parent a batch nulled before a later one deleted it put back (as the control has it)."""
+    archived = archived_rows(archive)
+    links = {tuple(r[:3]): r[3] for r in archived.get("nulled_parents", [])}
+    return {
+        "checkpoints": sorted(
+            (*r[:3], links.get(tuple(r[:3]), r[3]), *r[4:]) for r in archived["checkpoints"]
+        ),
+        "writes": sorted(archived.get("writes", [])),
+    }
+
+
+def archive_settings(tmp_path: Path) -> ArchiveSettings:
+    return ArchiveSettings(str(tmp_path / "archive"))
+
+
+async def trim_all_with_archive(
+    store: Path, settings: ArchiveSettings, statements: list[str] | None = None
+) -> None:
+    """keep_last 1 and expiry of idle threads over `store`, archived, one sweep."""
+    from worker.service.config_files import load_config_text
+
+    cfg = load_config_text(
+        f"stores: [{{name: app, kind: sqlite, path: {store}}}]\n"
+        "defaults: {max_delete_fraction: 1.0, batch: {max_batch_rows: 15}}\n"
+        "policies:\n" + EXPIRE_AND_TRIM
+    )
+    engine = SqliteStore("app", str(store))
+    await engine.open()
+    try:
+        if statements is not None:
+            # aiosqlite runs the callback on its own thread; list.append is atomic.
+            await engine.conn.set_trace_callback(statements.append)
+        report = await sweep(
+            engine,
+            cfg.policies_for("app"),
+            SweepOptions(
+                settings=cfg.store_settings("app"),
+                archive=lambda started: Archive("app", "sqlite", settings, started),
+            ),
+        )
+        assert report.outcome is Outcome.SUCCESS, report.error
+    finally:
+        await engine.close()
+
+
+async def test_archived_rows_are_copied_in_sql_each_exactly_once(
+    tmp_path: Path, stores: tuple[Path, Path, dict[str, str]]
+) -> None:
+    """With an archive, batch-wide trims and expiries copy their rows into the segment
+    in SQL (their deletes return no rows), and the complete segments hold every
+    deleted row exactly once, as stored, and nothing else."""
+    store, control, _ = stores
+    settings = archive_settings(tmp_path)
+    statements: list[str] = []
+    await trim_all_with_archive(store, settings, statements)
+    # Only one-thread deletes by id (the delta threads' plans) still return their rows.
+    returning = [s for s in statements if "RETURNING *" in s]
+    assert all("WHERE thread_id = '" in s for s in returning), "batch-wide rows into Python"
+    batch_wide = [s for s in statements if s.lstrip().startswith("DELETE") and "json_each" in s]
+    assert [s for s in batch_wide if "checkpoint_id IN" not in s], "no batch-wide delete ran"
+    gone = deleted_rows(store, control)
+    assert gone["checkpoints"] and gone["writes"]
+    assert archived_relinked(Path(settings.path)) == gone
+
+
+async def test_a_thread_deleted_by_id_and_expired_in_one_batch_is_archived_once(
+    tmp_path: Path, stores: tuple[Path, Path, dict[str, str]]
+) -> None:
+    """One batch deletes a checkpoint of a thread by id, then expires the thread: the
+    expiry's SQL copy reads the last commit, which still holds that checkpoint, so the
+    thread's expiry is archived from the rows its delete returns instead."""
+    store, control, _ = stores
+    settings = archive_settings(tmp_path)
+    engine = SqliteStore("app", str(store))
+    await engine.open()
+    archive = Archive("app", "sqlite", settings, 0.0)
+    try:
+        (scanned,) = await engine.scan(["user-old-1"])
+        oldest = min(c.checkpoint_id for c in scanned.view.checkpoints if c.namespace == "")
+        after = tuple((ns, n - 1 if ns == "" else n, top) for ns, n, top in scanned.fingerprint)
+        by_id = ThreadWork("user-old-1", scanned.fingerprint, checkpoints={"": [oldest]})
+        whole = ThreadWork("user-old-1", after, expire=True)
+        first, second = await engine.apply([by_id, whole], False, archive)
+    finally:
+        archive.close()
+        await engine.close()
+    assert first.counts.checkpoints == 1 and not second.changed
+    assert not [k for k in all_keys(store) if k[0] == "user-old-1"]
+    assert archived_relinked(Path(settings.path)) == deleted_rows(store, control)
+
+
+async def test_a_rollback_journal_store_is_archived_exactly_too(
+    tmp_path: Path, stores: tuple[Path, Path, dict[str, str]]
+) -> None:
+    """Without WAL the copy's read lock would stall a delete that spills its cache, so the
+    copy runs first: every deleted row is still archived exactly once."""
+    store, control, _ = stores
+    with sqlite3.connect(store) as con:
+        assert con.execute("PRAGMA journal_mode = DELETE").fetchone() == ("delete",)
+    settings = archive_settings(tmp_path)
+    await trim_all_with_archive(store, settings)
+    assert archived_relinked(Path(settings.path)) == deleted_rows(store, control)
+
+
+async def test_a_copy_that_differs_from_the_delete_rolls_the_batch_back(
+    tmp_path: Path, stores: tuple[Path, Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows a batch deletes are counted against the rows its SQL copy archived: a
+    copy that missed rows (here a predicate broken on purpose) deletes nothing."""
+    from worker.stores import sqlite as sqlite_engine
+
+    store, control, _ = stores
+    monkeypatch.setattr(
+        sqlite_engine,
+        "COPY_BATCH_TRIM_WRITES_SQL",
+        sqlite_engine.COPY_BATCH_TRIM_WRITES_SQL + " AND 0",
+    )
+    settings = archive_settings(tmp_path)
+    with pytest.raises(AssertionError, match="copied"):
+        await trim_all_with_archive(store, settings)
+    assert raw_rows(store) == raw_rows(control)
+    assert not list(read_segments(settings.path, "app"))
 
 
 # ------------------------------------------------------------------ failures

@@ -15,7 +15,7 @@ import os
 import sqlite3
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
 from datetime import datetime
 from functools import partial
@@ -32,6 +32,7 @@ from policies.plan import Detail, NamespaceAggregate, ThreadAggregate, ThreadPla
 from policies.summary import DELTA_MARKERS, json_object, summarize
 from policies.waiting import writes_show_waiting
 from worker.stores.archive import (
+    NULLED_COLUMNS,
     NULLED_TABLE,
     Archive,
     ArchiveError,
@@ -423,24 +424,33 @@ AND EXISTS (
     AND p.checkpoint_id = checkpoints.parent_checkpoint_id
 )
 """
-# `_trim_many`'s statements with an archive: the same batch-wide ranges (one
-# trip to aiosqlite's thread per statement, not one per thread), each delete
-# returning the whole rows it removes, and the parents to be nulled read
-# first by the UPDATE's own WHERE (RETURNING would show the NULLs).
-ARCHIVE_BATCH_TRIM_NULL_PARENTS_SQL = f"""
+# The SQL-side copies of `_trim_many` and `_expire` with an archive: the rows go
+# from the store into the segment's image inside SQLite (`Segment.copy`, on the
+# segment's own read-only connection), never through Python; the statements
+# on the batch's connection are the plain ones. Each SELECT is the WHERE of
+# the statement it archives (the parents to be nulled: the UPDATE's own WHERE).
+# It reads the store's last commit; the batch holds the write lock and has
+# not committed, so that is the state its statements start from, and the
+# copy runs while they do.
+COPY_BATCH_TRIM_NULLED_SQL = f"""
 SELECT thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id FROM checkpoints
 WHERE (thread_id, checkpoint_ns, checkpoint_id) IN ({_BATCH_KEPT_WITH_PARENT_GOING})
 """
-ARCHIVE_BATCH_TRIM_WRITES_SQL = f"""
-DELETE FROM writes
+COPY_BATCH_TRIM_WRITES_SQL = f"""
+SELECT * FROM writes
 WHERE (thread_id, checkpoint_ns, checkpoint_id) IN ({_BATCH_RANGE.format(op="<", more="")})
-RETURNING *
 """
-ARCHIVE_BATCH_TRIM_CHECKPOINTS_SQL = f"""
-DELETE FROM checkpoints
+COPY_BATCH_TRIM_CHECKPOINTS_SQL = f"""
+SELECT * FROM checkpoints
 WHERE (thread_id, checkpoint_ns, checkpoint_id) IN ({_BATCH_RANGE.format(op="<", more="")})
-RETURNING *
 """
+COPY_EXPIRE_WRITES_SQL = "SELECT * FROM writes WHERE thread_id IN (SELECT value FROM json_each(?))"
+COPY_EXPIRE_CHECKPOINTS_SQL = """
+SELECT * FROM checkpoints WHERE thread_id IN (SELECT value FROM json_each(?))
+"""
+# Columns in `SELECT *` order, for the image's tables.
+ORDERED_COLUMNS_SQL = "SELECT name FROM pragma_table_info(?) ORDER BY cid"
+JOURNAL_MODE_SQL = "PRAGMA journal_mode"
 # Recovery of a `.pending` segment: one still-present key means its delete never committed.
 CHECKPOINT_PRESENT_SQL = """
 SELECT 1 FROM checkpoints WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id = ?
@@ -705,6 +715,13 @@ class SqliteStore:
         """Bytes of rows deleted since the last WAL checkpoint."""
         self._lock_wait = 0.0
         self._contention = Contention(writer_seen=False)
+        self._ordered_columns: dict[str, tuple[str, ...]] = {}
+        """The archive's copies: each table's columns in `SELECT *` order."""
+        self._wal: bool | None = None
+        self._archive_seconds: dict[str, float] = {}
+        """The batch's archive phases (debug log `archive_segment`): the wait for its
+        copies once its deletes were done, and its seal."""
+        """The store is in WAL mode (read once, by the archive's copies)."""
 
     # ------------------------------------------------------------ lifecycle
 
@@ -1073,10 +1090,16 @@ class SqliteStore:
             return [WorkResult(w.thread_id, Counts(), locked=True) for w in batch]
         seg = archive.segment() if archive is not None else None
         try:
-            results = await self._batch(batch, seg)
             if seg is not None:
+                opening = time.monotonic()
+                await asyncio.to_thread(seg.open_source, store_uri(self.path, READ_ONLY))
+                self._archive_seconds["open"] = time.monotonic() - opening
+            results = await self._batch(batch, seg)
+            if seg is not None and not seg.sealed:
                 # Sealed under the write lock: nothing commits before its archive is safe.
+                sealing = time.monotonic()
                 await asyncio.to_thread(seg.seal)
+                self._archive_seconds["seal"] = time.monotonic() - sealing
         except BaseException:
             # Also on cancellation (SIGTERM): the batch is all or nothing.
             await self._roll_back(seg)
@@ -1084,7 +1107,21 @@ class SqliteStore:
         await self._commit(seg)
         self._uncheckpointed += sum(r.counts.bytes for r in results)
         if seg is not None:
+            completing = time.monotonic()
             await self._complete(seg)
+            self._archive_seconds["complete"] = time.monotonic() - completing
+            log.debug(
+                "archive_segment",
+                store=self.name,
+                segment=seg.number,
+                bytes=seg.bytes,
+                rows=sum(seg.counts.values()),
+                **{
+                    f"{k}_seconds": round(v, 4)
+                    for k, v in {**self._archive_seconds, **seg.timings}.items()
+                },
+            )
+            self._archive_seconds.clear()
         return results
 
     async def _begin_batch(self, batch: Sequence[ThreadWork]) -> bool:
@@ -1107,7 +1144,7 @@ class SqliteStore:
             self._contention = Contention(writer_seen=True, lock_wait=self._lock_wait)
         results, trimming, expiring = await self._parts(batch, seg)
         if trimming:
-            trimmed = await self._trim_many(list(trimming.values()), seg)
+            trimmed = await self._trim_many(list(trimming.values()), seg, seal=not expiring)
             for i, work in trimming.items():
                 results[i] = WorkResult(work.thread_id, trimmed[work.thread_id])
         if expiring:
@@ -1214,18 +1251,7 @@ class SqliteStore:
         counts = {tid: Counts(threads=1) for tid in thread_ids}
         ids = json.dumps(thread_ids)
         if seg is not None:
-            # thread_id is the first column of both tables.
-            _, rows = await self._archived(seg, "writes", ARCHIVE_EXPIRE_MANY_WRITES_SQL, (ids,))
-            for row in rows:
-                counts[row[0]].writes += 1
-            columns, rows = await self._archived(
-                seg, "checkpoints", ARCHIVE_EXPIRE_MANY_CHECKPOINTS_SQL, (ids,)
-            )
-            size = _checkpoint_size(columns)
-            for row in rows:
-                counts[row[0]].checkpoints += 1
-                counts[row[0]].bytes += size(row)
-            return counts
+            return await self._expire_archived(thread_ids, counts, seg)
         async with self.conn.execute(EXPIRE_MANY_WRITES_SQL, (ids,)) as cur:
             for (tid,) in await cur.fetchall():
                 counts[tid].writes += 1
@@ -1234,6 +1260,110 @@ class SqliteStore:
                 counts[tid].checkpoints += 1
                 counts[tid].bytes += int(size)
         return counts
+
+    async def _expire_archived(
+        self, thread_ids: list[str], counts: dict[str, Counts], seg: Segment
+    ) -> dict[str, Counts]:
+        """`_expire` with `seg`: rows copied in SQL alongside the deletes (then the
+        segment sealed), except for a thread this batch already deleted from one by
+        one (`_delete`): the copy reads the last commit, which still holds the rows
+        that delete archived, so those come from what their deletes return."""
+        touched = seg.added_threads()
+        if touched_ids := [t for t in thread_ids if t in touched]:
+            rest = json.dumps(touched_ids)
+            # thread_id is the first column of both tables.
+            _, rows = await self._archived(seg, "writes", ARCHIVE_EXPIRE_MANY_WRITES_SQL, (rest,))
+            for row in rows:
+                counts[row[0]].writes += 1
+            columns, rows = await self._archived(
+                seg, "checkpoints", ARCHIVE_EXPIRE_MANY_CHECKPOINTS_SQL, (rest,)
+            )
+            size = _checkpoint_size(columns)
+            for row in rows:
+                counts[row[0]].checkpoints += 1
+                counts[row[0]].bytes += size(row)
+        if copied := [t for t in thread_ids if t not in touched]:
+            ids = json.dumps(copied)
+
+            async def delete() -> dict[str, int]:
+                async with self.conn.execute(EXPIRE_MANY_WRITES_SQL, (ids,)) as cur:
+                    for (tid,) in await cur.fetchall():
+                        counts[tid].writes += 1
+                async with self.conn.execute(EXPIRE_MANY_CHECKPOINTS_SQL, (ids,)) as cur:
+                    for tid, size in await cur.fetchall():
+                        counts[tid].checkpoints += 1
+                        counts[tid].bytes += int(size)
+                return _table_totals((counts[t] for t in copied), 0)
+
+            copies = [
+                ("writes", COPY_EXPIRE_WRITES_SQL),
+                ("checkpoints", COPY_EXPIRE_CHECKPOINTS_SQL),
+            ]
+            # The batch's last statements: the segment is complete once copied.
+            await self._copy_alongside(seg, copies, (ids,), delete, seal=True)
+        return counts
+
+    async def _copy_alongside(
+        self,
+        seg: Segment,
+        copies: Sequence[tuple[str, str]],
+        params: tuple[Any, ...] | dict[str, Any],
+        delete: Callable[[], Awaitable[dict[str, int]]],
+        *,
+        seal: bool = False,
+    ) -> None:
+        """Copy into `seg`, in SQL and in a worker thread, the rows of each (table,
+        SELECT) in `copies` while `delete` removes them on the batch's connection;
+        `delete` returns the rows it removed per table, which must be the rows copied.
+        With `seal` (no row of the batch comes after these), the same thread then
+        seals the segment, so its write and fsync overlap the deletes too.
+
+        On a store without WAL the copy ends before the deletes start: its read
+        lock would make a delete that spills its cache wait for the exclusive lock.
+        """
+        specs = [(t, await self._columns_of(t), sql) for t, sql in copies]
+
+        def copy_all() -> dict[str, int]:
+            copied = {t: seg.copy(t, cols, sql, params) for t, cols, sql in specs}
+            if seal:
+                seg.seal()
+            return copied
+
+        copying = asyncio.ensure_future(asyncio.to_thread(copy_all))
+        try:
+            if not await self._is_wal():
+                await asyncio.wait([copying])
+            deleted = await delete()
+        finally:
+            # Never leave the copy running into the rollback or the seal.
+            waiting = time.monotonic()
+            await asyncio.wait([copying])
+            waited = self._archive_seconds.get("copy_wait", 0.0) + time.monotonic() - waiting
+            self._archive_seconds["copy_wait"] = waited
+            if not copying.cancelled():
+                copying.exception()  # retrieved: a failed delete's error is the one raised
+        copied = copying.result()
+        if any(copied[t] != deleted.get(t, 0) for t in copied):
+            raise seg.archive.error(
+                f"copied {copied} rows into segment {seg.number:06d} but deleted {deleted}; "
+                "nothing deleted"
+            )
+
+    async def _columns_of(self, table: str) -> tuple[str, ...]:
+        """The store's columns of `table` in `SELECT *` order (the nulled parents' own)."""
+        if table == NULLED_TABLE:
+            return NULLED_COLUMNS
+        cached = self._ordered_columns.get(table)
+        if cached is None:
+            rows = await self.conn.execute_fetchall(ORDERED_COLUMNS_SQL, (table,))
+            cached = self._ordered_columns[table] = tuple(str(r[0]) for r in rows)
+        return cached
+
+    async def _is_wal(self) -> bool:
+        if self._wal is None:
+            rows = list(await self.conn.execute_fetchall(JOURNAL_MODE_SQL))
+            self._wal = bool(rows) and str(rows[0][0]).lower() == "wal"
+        return self._wal
 
     async def _bound(self, tid: str, ns: str, r: TrimRange, limit: int | None = None) -> str:
         args = {"t": tid, "ns": ns, "before": r.before, "keep": r.keep, "limit": limit or r.limit}
@@ -1283,10 +1413,11 @@ class SqliteStore:
         counts.bytes += sum(int(r[0]) for r in sizes)
 
     async def _trim_many(
-        self, works: Sequence[ThreadWork], seg: Segment | None = None
+        self, works: Sequence[ThreadWork], seg: Segment | None = None, *, seal: bool = False
     ) -> dict[str, Counts]:
-        """The set-based trims of many threads (one part each), in four statements
-        (five with `seg`, which gets every row they remove and each parent they null)."""
+        """The set-based trims of many threads (one part each), in four statements;
+        with `seg`, every row they remove and each parent they null is copied into it
+        alongside (then, with `seal`, the segment sealed: no row of the batch follows)."""
         ranges = [(w.thread_id, ns, r) for w in works for ns, r in w.ranges.items()]
         counts = {w.thread_id: Counts() for w in works}
         conn = self.conn
@@ -1302,27 +1433,25 @@ class SqliteStore:
         if not bounds:
             return counts
         args = {"bounds": json.dumps(bounds)}
-        if seg is not None:
-            await self._archive_nulled(seg, ARCHIVE_BATCH_TRIM_NULL_PARENTS_SQL, args)
-            await conn.execute(BATCH_TRIM_NULL_PARENTS_SQL, args)
-            # thread_id is the first column of both tables.
-            _, rows = await self._archived(seg, "writes", ARCHIVE_BATCH_TRIM_WRITES_SQL, args)
-            for row in rows:
-                counts[row[0]].writes += 1
-            columns, rows = await self._archived(
-                seg, "checkpoints", ARCHIVE_BATCH_TRIM_CHECKPOINTS_SQL, args
-            )
-            size = _checkpoint_size(columns)
-            for row in rows:
-                counts[row[0]].checkpoints += 1
-                counts[row[0]].bytes += size(row)
-            return counts
-        await conn.execute(BATCH_TRIM_NULL_PARENTS_SQL, args)
-        for (tid,) in await conn.execute_fetchall(BATCH_TRIM_WRITES_SQL, args):
-            counts[tid].writes += 1
-        for tid, size in await conn.execute_fetchall(BATCH_TRIM_CHECKPOINTS_SQL, args):
-            counts[tid].checkpoints += 1
-            counts[tid].bytes += int(size)
+
+        async def delete() -> dict[str, int]:
+            nulled = (await conn.execute(BATCH_TRIM_NULL_PARENTS_SQL, args)).rowcount
+            for (tid,) in await conn.execute_fetchall(BATCH_TRIM_WRITES_SQL, args):
+                counts[tid].writes += 1
+            for tid, size in await conn.execute_fetchall(BATCH_TRIM_CHECKPOINTS_SQL, args):
+                counts[tid].checkpoints += 1
+                counts[tid].bytes += int(size)
+            return _table_totals(counts.values(), nulled)
+
+        if seg is None:
+            await delete()
+        else:
+            copies = [
+                (NULLED_TABLE, COPY_BATCH_TRIM_NULLED_SQL),
+                ("writes", COPY_BATCH_TRIM_WRITES_SQL),
+                ("checkpoints", COPY_BATCH_TRIM_CHECKPOINTS_SQL),
+            ]
+            await self._copy_alongside(seg, copies, args, delete, seal=seal)
         return counts
 
     async def _delete(self, work: ThreadWork, seg: Segment | None) -> WorkResult:
@@ -1735,6 +1864,15 @@ def _batch_bound(ids: Sequence[str], keep: int, before: str, limit: int) -> str:
         return ""
     bound = min(before, ids[len(ids) - keep])
     return min(bound, ids[limit]) if len(ids) > limit else bound
+
+
+def _table_totals(counts: Iterable[Counts], nulled: int) -> dict[str, int]:
+    """Rows deleted per archived table, to compare with the rows the archive copied."""
+    writes = checkpoints = 0
+    for c in counts:
+        writes += c.writes
+        checkpoints += c.checkpoints
+    return {NULLED_TABLE: nulled, "writes": writes, "checkpoints": checkpoints}
 
 
 def _ranges_only(work: ThreadWork) -> bool:
