@@ -638,12 +638,12 @@ async def trim_all_with_archive(
 
 
 async def test_archived_rows_are_copied_in_sql_each_exactly_once(
-    tmp_path: Path, stores: tuple[Path, Path, dict[str, str]]
+    tmp_path: Path, copies: tuple[Path, Path, dict[str, str]]
 ) -> None:
     """With an archive, batch-wide trims and expiries copy their rows into the segment
     in SQL (their deletes return no rows), and the complete segments hold every
     deleted row exactly once, as stored, and nothing else."""
-    store, control, _ = stores
+    store, control, _ = copies
     settings = archive_settings(tmp_path)
     statements: list[str] = []
     await trim_all_with_archive(store, settings, statements)
@@ -658,12 +658,12 @@ async def test_archived_rows_are_copied_in_sql_each_exactly_once(
 
 
 async def test_a_thread_deleted_by_id_and_expired_in_one_batch_is_archived_once(
-    tmp_path: Path, stores: tuple[Path, Path, dict[str, str]]
+    tmp_path: Path, copies: tuple[Path, Path, dict[str, str]]
 ) -> None:
     """One batch deletes a checkpoint of a thread by id, then expires the thread: the
     expiry's SQL copy reads the last commit, which still holds that checkpoint, so the
     thread's expiry is archived from the rows its delete returns instead."""
-    store, control, _ = stores
+    store, control, _ = copies
     settings = archive_settings(tmp_path)
     engine = SqliteStore("app", str(store))
     await engine.open()
@@ -684,11 +684,11 @@ async def test_a_thread_deleted_by_id_and_expired_in_one_batch_is_archived_once(
 
 
 async def test_a_rollback_journal_store_is_archived_exactly_too(
-    tmp_path: Path, stores: tuple[Path, Path, dict[str, str]]
+    tmp_path: Path, copies: tuple[Path, Path, dict[str, str]]
 ) -> None:
     """Without WAL the copy's read lock would stall a delete that spills its cache, so the
     copy runs first: every deleted row is still archived exactly once."""
-    store, control, _ = stores
+    store, control, _ = copies
     with sqlite3.connect(store) as con:
         assert con.execute("PRAGMA journal_mode = DELETE").fetchone() == ("delete",)
     settings = archive_settings(tmp_path)
@@ -697,13 +697,13 @@ async def test_a_rollback_journal_store_is_archived_exactly_too(
 
 
 async def test_a_copy_that_differs_from_the_delete_rolls_the_batch_back(
-    tmp_path: Path, stores: tuple[Path, Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, copies: tuple[Path, Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The rows a batch deletes are counted against the rows its SQL copy archived: a
     copy that missed rows (here a predicate broken on purpose) deletes nothing."""
     from worker.stores import sqlite as sqlite_engine
 
-    store, control, _ = stores
+    store, control, _ = copies
     monkeypatch.setattr(
         sqlite_engine,
         "COPY_BATCH_TRIM_WRITES_SQL",
