@@ -387,12 +387,27 @@ WHERE (thread_id, checkpoint_ns, checkpoint_id) IN ({_BATCH_KEPT_WITH_PARENT_GOI
 BATCH_TRIM_WRITES_SQL = f"""
 DELETE FROM writes
 WHERE (thread_id, checkpoint_ns, checkpoint_id) IN ({_BATCH_RANGE.format(op="<", more="")})
-RETURNING thread_id
 """
 BATCH_TRIM_CHECKPOINTS_SQL = f"""
 DELETE FROM checkpoints
 WHERE (thread_id, checkpoint_ns, checkpoint_id) IN ({_BATCH_RANGE.format(op="<", more="")})
-RETURNING thread_id, COALESCE(length(checkpoint), 0) + COALESCE(length(metadata), 0)
+"""
+# What the two deletes above will remove, counted (and the checkpoints sized)
+# per thread just before them under the same write lock: a row per thread,
+# where RETURNING handed Python a row per deleted row (as EXPIRE_COUNT_WRITES_SQL).
+BATCH_TRIM_COUNT_WRITES_SQL = f"""
+SELECT thread_id, count(*) FROM writes
+WHERE (thread_id, checkpoint_ns, checkpoint_id) IN ({_BATCH_RANGE.format(op="<", more="")})
+GROUP BY thread_id
+"""
+BATCH_TRIM_SIZE_CHECKPOINTS_SQL = """
+SELECT c.thread_id, count(*),
+       sum(COALESCE(length(c.checkpoint), 0) + COALESCE(length(c.metadata), 0))
+FROM json_each(:bounds) AS k CROSS JOIN checkpoints AS c
+WHERE c.thread_id = json_extract(k.value, '$[0]')
+AND c.checkpoint_ns = json_extract(k.value, '$[1]')
+AND c.checkpoint_id < json_extract(k.value, '$[2]')
+GROUP BY c.thread_id
 """
 # ---------------------------------------------------------------- archive
 # With an archive (README "Getting data back") every delete returns the whole
@@ -1324,11 +1339,13 @@ class SqliteStore:
                 counts[row[0]].bytes += size(row)
             return counts
         await conn.execute(BATCH_TRIM_NULL_PARENTS_SQL, args)
-        for (tid,) in await conn.execute_fetchall(BATCH_TRIM_WRITES_SQL, args):
-            counts[tid].writes += 1
-        for tid, size in await conn.execute_fetchall(BATCH_TRIM_CHECKPOINTS_SQL, args):
-            counts[tid].checkpoints += 1
-            counts[tid].bytes += int(size)
+        for tid, n in await conn.execute_fetchall(BATCH_TRIM_COUNT_WRITES_SQL, args):
+            counts[tid].writes = int(n)
+        for tid, n, size in await conn.execute_fetchall(BATCH_TRIM_SIZE_CHECKPOINTS_SQL, args):
+            counts[tid].checkpoints = int(n)
+            counts[tid].bytes = int(size or 0)
+        await conn.execute(BATCH_TRIM_WRITES_SQL, args)
+        await conn.execute(BATCH_TRIM_CHECKPOINTS_SQL, args)
         return counts
 
     async def _delete(self, work: ThreadWork, seg: Segment | None) -> WorkResult:
