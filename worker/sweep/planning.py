@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 
@@ -27,6 +28,12 @@ from worker.stores.engine import AggregateStore, ScannedThread, StoreEngine
 
 MAX_DETAIL_ROUNDS = 5
 """Orphans, waiting, markers, counts: a plan asks at most this many times."""
+
+PLAN_AHEAD = 3
+"""Pages planned at once. A page's plan alternates between the engine's reads
+(on SQLite, on the reader connection's thread) and `plan_thread` (on the event
+loop); with several pages in flight one page's reads run while another's plans
+are computed, so the planning costs about the larger of the two, not their sum."""
 
 RegistryAnswers = Callable[[Sequence[str]], Awaitable[Mapping[str, Set[str]]]]
 """Per answering `orphaned` policy, which of these thread ids its registry lists
@@ -80,8 +87,26 @@ class PagePlanner:
     async def _aggregate_pages(
         self, engine: AggregateStore, page_size: int
     ) -> AsyncIterator[PlannedPage]:
-        async for aggs in engine.aggregate_pages(page_size, self.head_metadata):
-            yield await self._plan(engine, aggs)
+        """The planned pages in the store's order, up to `PLAN_AHEAD` of them being planned.
+
+        One at a time with registries to ask (`answers`): a registry is asked
+        for one page at a time.
+        """
+        ahead = PLAN_AHEAD if self.answers is None else 1
+        planning: deque[asyncio.Future[PlannedPage]] = deque()
+        try:
+            async for aggs in engine.aggregate_pages(page_size, self.head_metadata):
+                planning.append(asyncio.ensure_future(self._plan(engine, aggs)))
+                if len(planning) >= ahead:
+                    yield await planning.popleft()
+            while planning:
+                yield await planning.popleft()
+        finally:
+            for task in planning:
+                task.cancel()
+            for task in planning:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
     async def _row_pages(self, page_size: int) -> AsyncIterator[PlannedPage]:
         async for ids in self.engine.thread_pages(page_size):

@@ -14,6 +14,7 @@ or, past `max_delete_fraction` of the threads counted at its start, none.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import tempfile
@@ -449,6 +450,8 @@ class _Pass:
         }
         self.on_hold: frozenset[str] = frozenset()
         """Threads under a legal hold, read once at the start (the set is small)."""
+        self.counting: asyncio.Future[int] | None = None
+        """`count_threads`, started with the pass; `_know_limit` takes its answer."""
         self.held_late: set[str] = set()
         """Threads a batch found on hold that the start did not: counted once each."""
         self.orphans: OrphanLookup | None = None
@@ -467,17 +470,40 @@ class _Pass:
         return self.stop is not None and self.stop.is_set()
 
     async def run(self, progress: ProgressFn | None) -> None:
-        engine, options, report = self.engine, self.options, self.report
-        report.threads_total = await engine.count_threads()
-        # Read once; a hold placed later is caught by the batch's own re-check.
-        self.on_hold = frozenset(h.thread_id for h in await engine.holds())
-        report.held_threads = len(self.on_hold)
-        report.limit_lifted = options.allow_mass_expiry
+        """The pass; the thread count behind the safety limit is read beside its first pages."""
+        self.counting = asyncio.ensure_future(self.engine.count_threads())
+        try:
+            await self._run(progress)
+        finally:
+            if self.counting is not None:
+                self.counting.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self.counting
+
+    async def _know_limit(self) -> None:
+        """`threads_total` and the safety limit, once `count_threads` has answered.
+
+        Awaited before the pass's first expiry is noted and after its walk: the
+        count (a scan of the primary-key index, on SQLite on the connection the
+        planner does not use) overlaps the first pages' planning.
+        """
+        if self.counting is None:
+            return
+        counting, self.counting = self.counting, None
+        report, options = self.report, self.options
+        report.threads_total = await counting
         report.expiry_limit = (
             report.threads_total
             if options.allow_mass_expiry
             else math.floor(options.max_delete_fraction * report.threads_total)
         )
+
+    async def _run(self, progress: ProgressFn | None) -> None:
+        engine, options, report = self.engine, self.options, self.report
+        # Read once; a hold placed later is caught by the batch's own re-check.
+        self.on_hold = frozenset(h.thread_id for h in await engine.holds())
+        report.held_threads = len(self.on_hold)
+        report.limit_lifted = options.allow_mass_expiry
         page_threads = options.settings.page_threads
         # The row-level path reads every thread's residue: all due policies' look.
         residue: frozenset[str] | None = None
@@ -491,6 +517,7 @@ class _Pass:
             done = await self._walk(planner.pages(page_threads), self._planned_page, progress)
         else:
             done = await self._walk(engine.thread_pages(page_threads), self._page, progress)
+        await self._know_limit()
         if not done or not await self._drain():
             return
         # Trims and residue are carried out by now; expiries never carry residue.
@@ -599,6 +626,7 @@ class _Pass:
                 if report.outcome is Outcome.STOPPED:
                     return False
                 if progress is not None:
+                    await self._know_limit()
                     progress(report.threads_scanned, report.threads_total)
         finally:
             close = getattr(pages, "aclose", None)
@@ -668,6 +696,7 @@ class _Pass:
         self._skips(plan.skips)
         fingerprint = tuple(sorted((a.namespace, a.count, a.newest_id) for a in agg.namespaces))
         if plan.expiry is not None:
+            await self._know_limit()
             # Its size is unknown until deleted: the engine sizes what it deletes.
             checkpoints = sum(a.count for a in agg.namespaces)
             e = plan.expiry
@@ -692,6 +721,7 @@ class _Pass:
             fallback = decision.ttl_fallback
             report.policies[fallback.policy].ttl_fallbacks[fallback.reason] += 1
         if decision.expiry is not None:
+            await self._know_limit()
             e = decision.expiry
             self._defer(thread, e.policy, e.age_seconds, e.reason)
             return True
