@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from textwrap import indent
 
 from policies.waiting import TASKS
 from worker.stores.engine import HOLDS_TABLE, RESIDUE_TABLE
@@ -384,28 +385,39 @@ def _deleting(
 
 
 # Deletes take the decided (thread, namespace, id) triples as parallel arrays,
-# one statement per batch, each row found by primary key.
-DELETE_WRITES = _deleting(
-    "checkpoint_writes",
-    "w",
-    """
-    DELETE FROM checkpoint_writes w
+# one statement per batch, each row found by primary key. One builder for every
+# table: the deletes differ only in the table, its alias and an added check.
+def _by_ids(table: str, alias: str, check: str = "") -> str:
+    """The DELETE (no RETURNING) of `table`'s rows the triples name, and `check`."""
+    return f"""
+    DELETE FROM {table} {alias}
     USING unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, checkpoint_id)
-    WHERE w.thread_id = d.thread_id AND w.checkpoint_ns = d.checkpoint_ns
-      AND w.checkpoint_id = d.checkpoint_id""",
-    ("thread_id", "checkpoint_ns"),
-)
+    WHERE {alias}.thread_id = d.thread_id AND {alias}.checkpoint_ns = d.checkpoint_ns
+      AND {alias}.checkpoint_id = d.checkpoint_id{check}"""
+
+
+# Set-based trims delete each (thread, ns)'s ids below one bound (`TRIM_BOUNDS_SQL`).
+def _below_bounds(table: str, alias: str, check: str = "") -> str:
+    """The DELETE (no RETURNING) of `table`'s rows below each (thread, ns)'s bound, and `check`."""
+    return f"""
+    DELETE FROM {table} {alias}
+    USING unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, bound)
+    WHERE {alias}.thread_id = d.thread_id AND {alias}.checkpoint_ns = d.checkpoint_ns
+      AND {alias}.checkpoint_id COLLATE "C" < d.bound{check}"""
+
+
+# A write's checkpoint, for `EXISTS` (keep writes whose checkpoint is not saved
+# yet, invariant 5) and `NOT EXISTS` (orphaned writes): one definition of "its".
+_WRITE_CHECKPOINT = """ (
+          SELECT 1 FROM checkpoints c
+          WHERE c.thread_id = w.thread_id AND c.checkpoint_ns = w.checkpoint_ns
+            AND c.checkpoint_id = w.checkpoint_id
+      )"""
+_NS = ("thread_id", "checkpoint_ns")
+
+DELETE_WRITES = _deleting("checkpoint_writes", "w", _by_ids("checkpoint_writes", "w"), _NS)
 DELETE_WRITES_SQL = DELETE_WRITES.count
-DELETE_CHECKPOINTS = _deleting(
-    "checkpoints",
-    "c",
-    """
-    DELETE FROM checkpoints c
-    USING unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, checkpoint_id)
-    WHERE c.thread_id = d.thread_id AND c.checkpoint_ns = d.checkpoint_ns
-      AND c.checkpoint_id = d.checkpoint_id""",
-    ("thread_id", "checkpoint_ns"),
-)
+DELETE_CHECKPOINTS = _deleting("checkpoints", "c", _by_ids("checkpoints", "c"), _NS)
 DELETE_CHECKPOINTS_SQL = DELETE_CHECKPOINTS.count
 # Parent nulling returns each changed row's old parent (the archive's
 # `nulled_parents`). Postgres before 18 has no `OLD` in RETURNING, so the rows
@@ -485,30 +497,11 @@ TRIM_NULL_PARENTS_SQL = _NULLED.format(
 TRIM_WRITES = _deleting(
     "checkpoint_writes",
     "w",
-    """
-    DELETE FROM checkpoint_writes w
-    USING unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, bound)
-    WHERE w.thread_id = d.thread_id AND w.checkpoint_ns = d.checkpoint_ns
-      AND w.checkpoint_id COLLATE "C" < d.bound
-      AND EXISTS (
-          SELECT 1 FROM checkpoints c
-          WHERE c.thread_id = w.thread_id AND c.checkpoint_ns = w.checkpoint_ns
-            AND c.checkpoint_id = w.checkpoint_id
-      )""",
-    ("thread_id", "checkpoint_ns"),
+    _below_bounds("checkpoint_writes", "w", "\n      AND EXISTS" + _WRITE_CHECKPOINT),
+    _NS,
 )
 TRIM_WRITES_SQL = TRIM_WRITES.count
-TRIM_CHECKPOINTS = _deleting(
-    "checkpoints",
-    "c",
-    """
-    DELETE FROM checkpoints c
-    USING unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, bound)
-    WHERE c.thread_id = d.thread_id AND c.checkpoint_ns = d.checkpoint_ns
-      AND c.checkpoint_id COLLATE "C" < d.bound""",
-    ("thread_id", "checkpoint_ns"),
-    sized=True,
-)
+TRIM_CHECKPOINTS = _deleting("checkpoints", "c", _below_bounds("checkpoints", "c"), _NS, sized=True)
 TRIM_CHECKPOINTS_SQL = TRIM_CHECKPOINTS.count
 # Dry runs: the ids a trim range names (few: a plan's count), to count as the
 # statements above would delete them.
@@ -529,58 +522,37 @@ JOIN unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, c
 DELETE_ORPHAN_WRITES = _deleting(
     "checkpoint_writes",
     "w",
-    """
-    DELETE FROM checkpoint_writes w
-    USING unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, checkpoint_id)
-    WHERE w.thread_id = d.thread_id AND w.checkpoint_ns = d.checkpoint_ns
-      AND w.checkpoint_id = d.checkpoint_id
-      AND NOT EXISTS (
-          SELECT 1 FROM checkpoints c
-          WHERE c.thread_id = w.thread_id AND c.checkpoint_ns = w.checkpoint_ns
-            AND c.checkpoint_id = w.checkpoint_id
-      )""",
-    ("thread_id", "checkpoint_ns"),
+    _by_ids("checkpoint_writes", "w", "\n      AND NOT EXISTS" + _WRITE_CHECKPOINT),
+    _NS,
 )
 DELETE_ORPHAN_WRITES_SQL = DELETE_ORPHAN_WRITES.count
 # A whole thread, table by table (a policy's expiry skips "blobs": see the docstring).
 EXPIRE = {
-    "checkpoints": _deleting(
-        "checkpoints",
-        "c",
-        "    DELETE FROM checkpoints c WHERE c.thread_id = ANY($1::text[])",
+    kind: _deleting(
+        table,
+        alias,
+        f"    DELETE FROM {table} {alias} WHERE {alias}.thread_id = ANY($1::text[])",
         ("thread_id",),
-        sized=True,
-    ),
-    "writes": _deleting(
-        "checkpoint_writes",
-        "w",
-        "    DELETE FROM checkpoint_writes w WHERE w.thread_id = ANY($1::text[])",
-        ("thread_id",),
-    ),
-    "blobs": _deleting(
-        "checkpoint_blobs",
-        "b",
-        "    DELETE FROM checkpoint_blobs b WHERE b.thread_id = ANY($1::text[])",
-        ("thread_id",),
-    ),
+        sized=kind == "checkpoints",
+    )
+    for kind, table, alias in (
+        ("checkpoints", "checkpoints", "c"),
+        ("writes", "checkpoint_writes", "w"),
+        ("blobs", "checkpoint_blobs", "b"),
+    )
 }
 EXPIRE_SQL = {kind: d.count for kind, d in EXPIRE.items()}
 
 # Dry runs count what the statements above would delete.
-COUNT_CHECKPOINTS_SQL = """
-SELECT c.thread_id, c.checkpoint_ns, count(*) FROM checkpoints c
+_COUNT_BY_IDS = """
+SELECT {a}.thread_id, {a}.checkpoint_ns, count(*) FROM {table} {a}
 JOIN unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, checkpoint_id)
-  ON c.thread_id = d.thread_id AND c.checkpoint_ns = d.checkpoint_ns
- AND c.checkpoint_id = d.checkpoint_id
+  ON {a}.thread_id = d.thread_id AND {a}.checkpoint_ns = d.checkpoint_ns
+ AND {a}.checkpoint_id = d.checkpoint_id
 GROUP BY 1, 2
 """
-COUNT_WRITES_SQL = """
-SELECT w.thread_id, w.checkpoint_ns, count(*) FROM checkpoint_writes w
-JOIN unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, checkpoint_id)
-  ON w.thread_id = d.thread_id AND w.checkpoint_ns = d.checkpoint_ns
- AND w.checkpoint_id = d.checkpoint_id
-GROUP BY 1, 2
-"""
+COUNT_CHECKPOINTS_SQL = _COUNT_BY_IDS.format(table="checkpoints", a="c")
+COUNT_WRITES_SQL = _COUNT_BY_IDS.format(table="checkpoint_writes", a="w")
 COUNT_THREAD_SQL = {
     "checkpoints": "SELECT thread_id, count(*), "
     "sum(pg_column_size(checkpoint) + pg_column_size(metadata)) FROM checkpoints "
@@ -642,17 +614,22 @@ _GARBAGE_REFS = """refs AS (
     CROSS JOIN LATERAL jsonb_each_text(c.checkpoint -> 'channel_versions') AS v
     WHERE c.thread_id = ANY($1::text[])
 )"""
+# A blob `b` no reference in `refs` names: one definition for the collecting
+# statement and the two that ask what it would collect.
+_UNREFERENCED = """  AND NOT EXISTS (
+      SELECT 1 FROM refs r
+      WHERE r.thread_id = b.thread_id AND r.checkpoint_ns = b.checkpoint_ns
+        AND r.channel = b.channel AND r.version = b.version
+  )"""
 DELETE_GARBAGE_BLOBS = {
     dated: _deleting("checkpoint_blobs", "b", core, ("thread_id",), ctes=_GARBAGE_REFS)
     for dated, core in _dated(
         """
     DELETE FROM checkpoint_blobs b
     WHERE b.thread_id = ANY($1::text[])
-      AND NOT EXISTS (
-          SELECT 1 FROM refs r
-          WHERE r.thread_id = b.thread_id AND r.checkpoint_ns = b.checkpoint_ns
-            AND r.channel = b.channel AND r.version = b.version
-      ){recent}""",
+"""
+        + indent(_UNREFERENCED, "    ")
+        + "{recent}",
         "$2",
     ).items()
 }
@@ -661,20 +638,11 @@ DELETE_GARBAGE_BLOBS_SQL = {dated: d.count for dated, d in DELETE_GARBAGE_BLOBS.
 # trims made while the thread was busy or within the grace period): they get
 # a sweep part of their own. Both plans (rows and aggregates) ask this.
 GARBAGE_BLOB_THREADS_SQL = _dated(
-    """
-WITH refs AS (
-    SELECT DISTINCT c.thread_id, c.checkpoint_ns, v.key AS channel, v.value AS version
-    FROM checkpoints c
-    CROSS JOIN LATERAL jsonb_each_text(c.checkpoint -> 'channel_versions') AS v
-    WHERE c.thread_id = ANY($1::text[])
-)
+    f"""
+WITH {_GARBAGE_REFS}
 SELECT DISTINCT b.thread_id FROM checkpoint_blobs b
 WHERE b.thread_id = ANY($1::text[])
-  AND NOT EXISTS (
-      SELECT 1 FROM refs r
-      WHERE r.thread_id = b.thread_id AND r.checkpoint_ns = b.checkpoint_ns
-        AND r.channel = b.channel AND r.version = b.version
-  ){recent}
+{_UNREFERENCED}{{recent}}
 """,
     "$2",
 )
@@ -691,11 +659,9 @@ WITH refs AS (
 )
 SELECT b.thread_id, count(*) FROM checkpoint_blobs b
 WHERE b.thread_id = ANY($1::text[])
-  AND NOT EXISTS (
-      SELECT 1 FROM refs r
-      WHERE r.thread_id = b.thread_id AND r.checkpoint_ns = b.checkpoint_ns
-        AND r.channel = b.channel AND r.version = b.version
-  ){recent}
+"""
+    + _UNREFERENCED
+    + """{recent}
 GROUP BY 1
 """,
     "$5",
@@ -734,6 +700,12 @@ WHERE e.thread_id = ANY($1::text[])
 # The blobs of threads expired before the cutoff (now - grace) that hold no
 # checkpoint and no write, then their rows. Both conditions are re-checked
 # in the statement: a run may recreate the thread at any time.
+# Which expired threads' blobs are due: expired before the cutoff, no checkpoint
+# and no write (the thread did not come back). One definition for the delete
+# and the dry run's count of it.
+_EXPIRED_DUE = """e.thread_id = ANY($1::text[]) AND e.expired_at < to_timestamp($2)
+  AND NOT EXISTS (SELECT 1 FROM checkpoints c WHERE c.thread_id = e.thread_id)
+  AND NOT EXISTS (SELECT 1 FROM checkpoint_writes w WHERE w.thread_id = e.thread_id)"""
 DELETE_EXPIRED_BLOBS = _deleting(
     "checkpoint_blobs",
     "b",
@@ -743,9 +715,7 @@ DELETE_EXPIRED_BLOBS = _deleting(
     ("thread_id",),
     ctes=f"""due AS (
     DELETE FROM {EXPIRED_TABLE} e
-    WHERE e.thread_id = ANY($1::text[]) AND e.expired_at < to_timestamp($2)
-      AND NOT EXISTS (SELECT 1 FROM checkpoints c WHERE c.thread_id = e.thread_id)
-      AND NOT EXISTS (SELECT 1 FROM checkpoint_writes w WHERE w.thread_id = e.thread_id)
+    WHERE {indent(_EXPIRED_DUE, "    ").lstrip()}
     RETURNING e.thread_id
 )""",
 )
@@ -753,9 +723,7 @@ DELETE_EXPIRED_BLOBS_SQL = DELETE_EXPIRED_BLOBS.count
 COUNT_EXPIRED_BLOBS_SQL = f"""
 SELECT b.thread_id, count(*) FROM checkpoint_blobs b
 JOIN {EXPIRED_TABLE} e ON e.thread_id = b.thread_id
-WHERE e.thread_id = ANY($1::text[]) AND e.expired_at < to_timestamp($2)
-  AND NOT EXISTS (SELECT 1 FROM checkpoints c WHERE c.thread_id = e.thread_id)
-  AND NOT EXISTS (SELECT 1 FROM checkpoint_writes w WHERE w.thread_id = e.thread_id)
+WHERE {_EXPIRED_DUE}
 GROUP BY 1
 """
 # A purge names the thread for erasure: its row goes with its blobs.
