@@ -44,15 +44,25 @@ def to_psycopg(sql: str) -> str:
 
 # ---------------------------------------------------------------- the saver's tables
 
+# What `langgraph-checkpoint-postgres` creates; `open` refuses a schema that
+# lacks one (the saver's `setup()` never ran there) before any statement below
+# meets a missing table.
 REQUIRED_TABLES = ("checkpoints", "checkpoint_blobs", "checkpoint_writes", "checkpoint_migrations")
-
+# Looked up in the store's own schema, not through search_path: the error then
+# names the schema the config gave.
 TABLES_SQL = """
 SELECT table_name FROM information_schema.tables
 WHERE table_schema = $1 AND table_name = ANY($2::text[])
 """
+# The saver's schema version, checked against the range the engine knows
+# (`MIN_MIGRATION`, `MAX_MIGRATION` in `worker.stores.postgres`).
 MIGRATION_SQL = "SELECT max(v) FROM checkpoint_migrations"
 
 # ---------------------------------------------------------------- this tool's own tables
+
+# Each table's DDL and existence check is written out whole, though they look
+# alike: a schema is read, and changed, one table at a time, as the README
+# documents each ("Legal holds", "Residue", "Postgres stores").
 
 # The tool's own table, beside `checkpoint_janitor_expired`: blobs carry no
 # date and a deleted checkpoint leaves no row, so this dates each thread's
@@ -96,9 +106,10 @@ CREATE TABLE IF NOT EXISTS {HOLDS_TABLE} (
 )
 """
 # Not to_regclass (as for the expired table): it reads the relation cache,
-# which a batch that waited on the holds lock (`HOLDS_SHARED_LOCK_SQL`) has not
-# refreshed, and it would miss the table a concurrent first `hold` just created. pg_class read
-# with the statement's own snapshot sees every commit before the statement.
+# which a batch that waited on the holds lock (`HOLDS_SHARED_LOCK_SQL`) has
+# not refreshed, and it would miss the table a concurrent first `hold` just
+# created. pg_class read with the statement's own snapshot sees every commit
+# before the statement.
 HOLDS_TABLE_EXISTS_SQL = f"""
 SELECT EXISTS (
     SELECT 1 FROM pg_catalog.pg_class
@@ -166,6 +177,8 @@ WALK_SQL = {
 }
 """Keyset page of thread ids: (first | next | prefix_first | prefix_next, expired table exists)."""
 
+# The safety limit's base: threads with a checkpoint (the walk's writes-only
+# and expired threads are not there for a policy to expire).
 COUNT_THREADS_SQL = "SELECT count(DISTINCT thread_id) FROM checkpoints"
 
 # What `policies.plan` decides from: one GROUP BY over the primary-key index.
@@ -197,15 +210,19 @@ WHERE thread_id = ANY($1::text[])
   AND (metadata ? 'counters_since_delta_snapshot' OR metadata ? 'delta_writes_versioned'
        OR COALESCE((checkpoint ->> 'v')::int, 4) < 4)
 """
-# Heads whose format (v < 4) makes waiting depend on the parent's writes.
-OLD_HEADS_SQL = """
-SELECT c.thread_id
+# A page's heads (thread, namespace, id arrays), each found by primary key.
+_HEADS = """
 FROM unnest($1::text[], $2::text[], $3::text[]) AS h(thread_id, checkpoint_ns, checkpoint_id)
 JOIN checkpoints c
   ON c.thread_id = h.thread_id AND c.checkpoint_ns = h.checkpoint_ns
  AND c.checkpoint_id = h.checkpoint_id
-WHERE COALESCE((c.checkpoint ->> 'v')::int, 4) < 4
 """
+# Heads whose format (v < 4) makes waiting depend on the parent's writes.
+OLD_HEADS_SQL = f"""
+SELECT c.thread_id{_HEADS}WHERE COALESCE((c.checkpoint ->> 'v')::int, 4) < 4
+"""
+# A plan's `Detail`: how many of a namespace's ids sort below a bound, in
+# code-point order like the bounds themselves, off the primary-key index.
 COUNT_BELOW_SQL = """
 SELECT count(*) FROM checkpoints
 WHERE thread_id = $1 AND checkpoint_ns = $2 AND checkpoint_id COLLATE "C" < $3
@@ -226,13 +243,8 @@ WHERE thread_id = ANY($1::text[])
 """
 
 # The heads' metadata of a whole page in one round trip, found by primary key.
-HEADS_METADATA_SQL = """
-SELECT c.thread_id, c.metadata
-FROM unnest($1::text[], $2::text[], $3::text[]) AS h(thread_id, checkpoint_ns, checkpoint_id)
-JOIN checkpoints c
-  ON c.thread_id = h.thread_id AND c.checkpoint_ns = h.checkpoint_ns
- AND c.checkpoint_id = h.checkpoint_id
-"""
+HEADS_METADATA_SQL = f"""
+SELECT c.thread_id, c.metadata{_HEADS}"""
 
 # Which checkpoints hold sends for a v < 4 child; asked only for pages with one.
 SENDS_WRITES_SQL = f"""
@@ -240,6 +252,8 @@ SELECT DISTINCT thread_id, checkpoint_ns, checkpoint_id FROM checkpoint_writes
 WHERE thread_id = ANY($1::text[]) AND channel = '{TASKS}'
 """
 
+# Writes no committed checkpoint has (yet): residue candidates, which go only
+# once their thread is quiet for the grace period (invariant 5).
 ORPHAN_WRITES_SQL = """
 SELECT DISTINCT w.thread_id, w.checkpoint_ns, w.checkpoint_id
 FROM checkpoint_writes w
@@ -297,6 +311,8 @@ WHERE c.thread_id = $1 AND c.checkpoint_ns = $2 AND c.checkpoint_id = $3
 """
 )
 
+# A thread's shape, read before a batch's deletes and again after: a
+# checkpoint committed in between changes a count or a newest id.
 FINGERPRINT_SQL = """
 SELECT thread_id, checkpoint_ns, count(*), max(checkpoint_id)
 FROM checkpoints
@@ -316,11 +332,14 @@ ON CONFLICT (policy) DO UPDATE SET checked_at = EXCLUDED.checked_at
 
 # ---------------------------------------------------------------- stats and sizes
 
+# `stats`: the statistics collector's counts, never count(*) over the tables.
 STATS_TABLE_SQL = """
 SELECT relname, n_live_tup, n_dead_tup, pg_total_relation_size(relid)
 FROM pg_stat_user_tables WHERE schemaname = $1 AND relname = ANY($2::text[])
 """
+# Ids only (no JSONB): `AgeHistogram` dates each from its UUIDv6.
 STATS_IDS_SQL = "SELECT checkpoint_ns, checkpoint_id FROM checkpoints"
+# `stats`: the threads whose checkpoints weigh most, from row sizes (no detoast).
 LARGEST_THREADS_SQL = """
 SELECT thread_id, count(*), sum(pg_column_size(checkpoint) + pg_column_size(metadata)) AS size
 FROM checkpoints GROUP BY thread_id ORDER BY size DESC LIMIT $1
@@ -422,22 +441,33 @@ DELETE_CHECKPOINTS_SQL = DELETE_CHECKPOINTS.count
 # Parent nulling returns each changed row's old parent (the archive's
 # `nulled_parents`). Postgres before 18 has no `OLD` in RETURNING, so the rows
 # are read and locked (FOR UPDATE) in a subquery first: what it read is what
-# the UPDATE overwrites, whatever commits meanwhile.
+# the UPDATE overwrites, whatever commits meanwhile. `{locked}`: which rows.
 _NULLED = """
 UPDATE checkpoints c SET parent_checkpoint_id = NULL
-FROM ({locked}
+FROM (
+    SELECT k.thread_id, k.checkpoint_ns, k.checkpoint_id, k.parent_checkpoint_id
+    FROM checkpoints k{locked}
     FOR UPDATE OF k
 ) o
 WHERE c.thread_id = o.thread_id AND c.checkpoint_ns = o.checkpoint_ns
   AND c.checkpoint_id = o.checkpoint_id
 RETURNING c.thread_id, c.checkpoint_ns, c.checkpoint_id, o.parent_checkpoint_id
 """
+
+
+def _parent_row(child: str, pad: str) -> str:
+    """`(SELECT 1 ...)`: the parent row of checkpoint `child`, for EXISTS / NOT EXISTS."""
+    return f""" (
+{pad}    SELECT 1 FROM checkpoints p
+{pad}    WHERE p.thread_id = {child}.thread_id AND p.checkpoint_ns = {child}.checkpoint_ns
+{pad}      AND p.checkpoint_id = {child}.parent_checkpoint_id
+{pad})"""
+
+
 # Grouped per namespace so each namespace's remaining rows are read once,
 # not once per deleted id (parent_checkpoint_id has no index).
 NULL_PARENTS_SQL = _NULLED.format(
     locked="""
-    SELECT k.thread_id, k.checkpoint_ns, k.checkpoint_id, k.parent_checkpoint_id
-    FROM checkpoints k
     JOIN (
         SELECT thread_id, checkpoint_ns, array_agg(checkpoint_id) AS ids
         FROM unnest($1::text[], $2::text[], $3::text[])
@@ -450,14 +480,9 @@ NULL_PARENTS_SQL = _NULLED.format(
 # gone; on a quiet thread (no run can still save that parent) it is nulled too.
 NULL_DANGLING_PARENTS_SQL = _NULLED.format(
     locked="""
-    SELECT k.thread_id, k.checkpoint_ns, k.checkpoint_id, k.parent_checkpoint_id
-    FROM checkpoints k
     WHERE k.thread_id = ANY($1::text[]) AND k.parent_checkpoint_id IS NOT NULL
-      AND NOT EXISTS (
-          SELECT 1 FROM checkpoints p
-          WHERE p.thread_id = k.thread_id AND p.checkpoint_ns = k.checkpoint_ns
-            AND p.checkpoint_id = k.parent_checkpoint_id
-      )"""
+      AND NOT EXISTS"""
+    + _parent_row("k", "      ")
 )
 # Set-based trims: each (thread, ns) loses its ids below one bound — the
 # smallest of the plan's time bound, the keep-th newest id and the id past the
@@ -481,16 +506,11 @@ ORDER BY r.i
 # Before the deletes, so only parents that exist (and are about to go) are nulled.
 TRIM_NULL_PARENTS_SQL = _NULLED.format(
     locked="""
-    SELECT k.thread_id, k.checkpoint_ns, k.checkpoint_id, k.parent_checkpoint_id
-    FROM checkpoints k
     JOIN unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, bound)
       ON k.thread_id = d.thread_id AND k.checkpoint_ns = d.checkpoint_ns
     WHERE k.checkpoint_id COLLATE "C" >= d.bound AND k.parent_checkpoint_id COLLATE "C" < d.bound
-      AND EXISTS (
-          SELECT 1 FROM checkpoints p
-          WHERE p.thread_id = k.thread_id AND p.checkpoint_ns = k.checkpoint_ns
-            AND p.checkpoint_id = k.parent_checkpoint_id
-      )"""
+      AND EXISTS"""
+    + _parent_row("k", "      ")
 )
 # The writes of the checkpoints these trims delete, by the same ranges; the
 # EXISTS keeps a write whose checkpoint is not (yet) saved (invariant 5).
@@ -511,6 +531,8 @@ WHERE thread_id = $1 AND checkpoint_ns = $2 AND checkpoint_id COLLATE "C" < $3
 ORDER BY checkpoint_id COLLATE "C" OFFSET $4
 """
 
+# Dry runs: the bytes of the checkpoints a trim names, as the capturing
+# delete's size column would report them.
 RANGE_BYTES_SQL = """
 SELECT sum(pg_column_size(c.checkpoint) + pg_column_size(c.metadata)) FROM checkpoints c
 JOIN unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, checkpoint_id)
@@ -686,6 +708,8 @@ FROM unnest($1::text[]) AS t(thread_id)
 ON CONFLICT (thread_id) DO UPDATE
 SET expired_at = EXCLUDED.expired_at, head_metadata = EXCLUDED.head_metadata
 """
+# An empty thread of a page may be an expired one waiting out its blobs: its
+# row keeps the date and the head's metadata the policies match on.
 EXPIRED_ROWS_SQL = f"""
 SELECT thread_id, extract(epoch FROM expired_at)::float8 AS expired_at, head_metadata
 FROM {EXPIRED_TABLE} WHERE thread_id = ANY($1::text[])
@@ -728,6 +752,7 @@ GROUP BY 1
 """
 # A purge names the thread for erasure: its row goes with its blobs.
 FORGET_EXPIRED_SQL = f"DELETE FROM {EXPIRED_TABLE} WHERE thread_id = ANY($1::text[])"
+# `stats`: expired threads not recreated and the blobs they still hold.
 EXPIRED_STATS_SQL = f"""
 SELECT count(DISTINCT e.thread_id), count(b.thread_id) FROM {EXPIRED_TABLE} e
 LEFT JOIN checkpoint_blobs b ON b.thread_id = e.thread_id
@@ -792,36 +817,28 @@ FROM unnest({arrays}) AS k({keys})
 WHERE {exists} (SELECT 1 FROM {table} t WHERE {match})
 GROUP BY 1
 """
+# The nulled parents a segment holds (child thread, ns, id and its old parent).
+_NULLED_ROWS = """
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+     AS n(thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id)"""
 # Only where the child is still there with no parent, and the parent row is
 # back: a checkpoint the application re-parented, or a parent the restore did
 # not bring (not selected, or never archived), is left as it is.
-RELINK_PARENTS_SQL = """
-UPDATE checkpoints c SET parent_checkpoint_id = n.parent_checkpoint_id
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
-     AS n(thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id)
+RELINK_PARENTS_SQL = f"""
+UPDATE checkpoints c SET parent_checkpoint_id = n.parent_checkpoint_id{_NULLED_ROWS}
 WHERE c.thread_id = n.thread_id AND c.checkpoint_ns = n.checkpoint_ns
   AND c.checkpoint_id = n.checkpoint_id AND c.parent_checkpoint_id IS NULL
-  AND EXISTS (
-      SELECT 1 FROM checkpoints p
-      WHERE p.thread_id = n.thread_id AND p.checkpoint_ns = n.checkpoint_ns
-        AND p.checkpoint_id = n.parent_checkpoint_id
-  )
+  AND EXISTS{_parent_row("n", "  ")}
 RETURNING c.thread_id
 """
 # The dry run's count of the same re-links: parents the restore would insert
 # count too, so it is asked with the keys the restore brings (`$5..$7`).
-COUNT_RELINKS_SQL = """
-SELECT n.thread_id, count(*)
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
-     AS n(thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id)
+COUNT_RELINKS_SQL = f"""
+SELECT n.thread_id, count(*){_NULLED_ROWS}
 JOIN checkpoints c
   ON c.thread_id = n.thread_id AND c.checkpoint_ns = n.checkpoint_ns
  AND c.checkpoint_id = n.checkpoint_id AND c.parent_checkpoint_id IS NULL
-WHERE EXISTS (
-      SELECT 1 FROM checkpoints p
-      WHERE p.thread_id = n.thread_id AND p.checkpoint_ns = n.checkpoint_ns
-        AND p.checkpoint_id = n.parent_checkpoint_id
-  )
+WHERE EXISTS{_parent_row("n", "  ")}
    OR (n.thread_id, n.checkpoint_ns, n.parent_checkpoint_id) IN (
       SELECT * FROM unnest($5::text[], $6::text[], $7::text[])
   )
@@ -829,10 +846,8 @@ GROUP BY 1
 """
 # A pending segment that holds only parent nullings: committed if the parents
 # are NULL now, not if they still name the archived parent.
-PARENTS_STILL_LINKED_SQL = """
-SELECT count(*)
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
-     AS n(thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id)
+PARENTS_STILL_LINKED_SQL = f"""
+SELECT count(*){_NULLED_ROWS}
 JOIN checkpoints c
   ON c.thread_id = n.thread_id AND c.checkpoint_ns = n.checkpoint_ns
  AND c.checkpoint_id = n.checkpoint_id AND c.parent_checkpoint_id = n.parent_checkpoint_id
@@ -860,6 +875,7 @@ VACUUM_FULL_SQL = 'VACUUM (FULL, ANALYZE) "{schema}"."{table}"'
 # behind it: wait at most the store's lock_timeout, then give up.
 SET_LOCK_TIMEOUT_SQL = "SELECT set_config('lock_timeout', $1, false)"
 RESET_LOCK_TIMEOUT_SQL = "RESET lock_timeout"
+# Named in the one-line refusal when VACUUM skipped a table for privileges.
 CURRENT_USER_SQL = "SELECT current_user"
 # A backend keeps its table counts (a DELETE's dead tuples) pending and
 # reports them at most once a second, else after 10 s idle or at exit: when a
