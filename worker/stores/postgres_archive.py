@@ -28,6 +28,7 @@ from worker.stores.engine import RestoreCounts
 from worker.stores.postgres_sql import (
     COLUMN_TYPES_SQL,
     COUNT_RELINKS_SQL,
+    DATA_TABLES,
     KEYS_PRESENT_TEMPLATE,
     PARENTS_STILL_LINKED_SQL,
     RELINK_PARENTS_SQL,
@@ -36,7 +37,7 @@ from worker.stores.postgres_sql import (
 
 log = structlog.get_logger("checkpoint_janitor.postgres_archive")
 
-RESTORED_TABLES = ("checkpoints", "checkpoint_blobs", "checkpoint_writes")
+RESTORED_TABLES = DATA_TABLES
 """In this order: a checkpoint before the blobs and writes that hang off it."""
 
 KEYS = {

@@ -30,6 +30,7 @@ from worker.stores.engine import Counts
 from worker.stores.postgres import PostgresStore
 from worker.stores.postgres_sql import (
     CURRENT_USER_SQL,
+    DATA_TABLES,
     FORCE_STATS_FLUSH_SQL,
     REPORT_STATS_SQL,
     RESET_LOCK_TIMEOUT_SQL,
@@ -42,7 +43,7 @@ from worker.stores.space import Reclaimed, ReclaimRefused, Space
 
 log = structlog.get_logger("checkpoint_janitor.postgres_reclaim")
 
-TABLES = ("checkpoints", "checkpoint_blobs", "checkpoint_writes")
+TABLES = DATA_TABLES
 """The tables sweeps delete from (checkpoint_migrations never changes)."""
 KIND_TABLES = {
     "checkpoints": "checkpoints",

@@ -44,10 +44,13 @@ def to_psycopg(sql: str) -> str:
 
 # ---------------------------------------------------------------- the saver's tables
 
+DATA_TABLES = ("checkpoints", "checkpoint_blobs", "checkpoint_writes")
+"""The saver's tables that hold a thread's rows, a checkpoint's first."""
+
 # What `langgraph-checkpoint-postgres` creates; `open` refuses a schema that
 # lacks one (the saver's `setup()` never ran there) before any statement below
 # meets a missing table.
-REQUIRED_TABLES = ("checkpoints", "checkpoint_blobs", "checkpoint_writes", "checkpoint_migrations")
+REQUIRED_TABLES = (*DATA_TABLES, "checkpoint_migrations")
 # Looked up in the store's own schema, not through search_path: the error then
 # names the schema the config gave.
 TABLES_SQL = """
