@@ -1680,12 +1680,12 @@ def print_reclaim(r: dict[str, Any]) -> None:
 def run_explain(server: Server, base: str, workdir: Path, now: float) -> dict[str, Any]:
     """EXPLAIN (ANALYZE, BUFFERS) of the worker's statements for its first page and batch.
 
-    The statements are imported from worker/stores/postgres.py, with the
+    The statements are imported from worker/stores/postgres_sql.py, with the
     parameters the worker passes: a page of `page_threads` (1,000) threads for
     the scan, and the first batch (the threads that fit in max_batch_rows
     20,000 rows) for the deletes, which are rolled back.
     """
-    from worker.stores import postgres as ps
+    from worker.stores import postgres_sql as ps
 
     dsn = server.copy(base, "bench_copy_explain")
     plans: dict[str, Any] = {}

@@ -1,15 +1,16 @@
-"""`PostgresSaver` and `AsyncPostgresSaver`'s backend: the wrapper's Postgres statements.
+"""`PostgresSaver` and `AsyncPostgresSaver`'s backend: the wrapper's Postgres programs.
 
 Imported only when a Postgres saver is wrapped (it needs the
 `checkpoint-janitor[postgres]` extra). The statements run through psycopg on
-the saver's own connection; the holds statements are the worker's own
-(`worker.stores.postgres`), so a hold placed here orders against the worker's
-batches as the CLI's does.
+the saver's own connection. They live with the engine's in
+`worker.stores.postgres_sql` (section "the saver wrapper"), which says beside
+each where it differs from the sweep's and why; the holds statements are the
+worker's own, so a hold placed here orders against the worker's batches as
+the CLI's does.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -17,7 +18,6 @@ from typing import Any, TypeVar
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.postgres import PostgresSaver
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
-from langgraph.checkpoint.serde.types import TASKS
 
 from policies.decide import is_delta_thread
 from policies.summary import json_object, summarize, ts_seconds
@@ -33,148 +33,27 @@ from worker.saver.backends import (
     scanned_of,
 )
 from worker.saver.operations import Scanned, ThreadChanged, ThreadStamp
-from worker.stores import postgres as pg_store
-from worker.stores.engine import HOLDS_TABLE, Counts
-from worker.stores.postgres import CHANNEL_KEYS_TEMPLATE
+from worker.stores.engine import Counts
+from worker.stores.postgres_sql import (
+    PG_CHANNEL_KEYS_SQL,
+    PG_CREATE_HOLDS_TABLE_SQL,
+    PG_DELETE_HOLD_SQL,
+    PG_DELETE_SQL,
+    PG_DELETE_THREADS_SQL,
+    PG_FIRST_THREAD_PAGE_SQL,
+    PG_HELD_SQL,
+    PG_HOLDS_LOCK_SQL,
+    PG_HOLDS_TABLE_EXISTS_SQL,
+    PG_INSERT_HOLD_SQL,
+    PG_RUN_THREADS_SQL,
+    PG_SCAN_SQL,
+    PG_STAMP_SQL,
+    PG_THREAD_PAGE_SQL,
+    PG_TS_SQL,
+)
 
 T = TypeVar("T")
 
-# psycopg (`%s`), not asyncpg: these run on the saver's own connection.
-# Metadata only, not the checkpoint JSONB (reading `v` or `ts` would detoast
-# every row): the format version matters only for a checkpoint whose parent
-# holds `__pregel_tasks` writes (v < 4 reads its pending sends there), so it is
-# read just for those, as the official prune's heads query does. The per-row
-# probes (primary-key prefix lookups) run only when the thread has such a
-# write at all (`s.sends`, evaluated once; CASE guarantees the order), which
-# threads without `Send` never do.
-PG_SCAN_SQL = f"""
-SELECT c.checkpoint_ns, c.checkpoint_id, c.parent_checkpoint_id, c.metadata,
-       CASE WHEN s.sends AND EXISTS (
-           SELECT 1 FROM checkpoint_writes w
-           WHERE w.thread_id = c.thread_id AND w.checkpoint_ns = c.checkpoint_ns
-             AND w.checkpoint_id = c.parent_checkpoint_id AND w.channel = '{TASKS}'
-       ) THEN COALESCE((c.checkpoint ->> 'v')::int, 4) END AS v,
-       CASE WHEN s.sends THEN EXISTS (
-           SELECT 1 FROM checkpoint_writes w
-           WHERE w.thread_id = c.thread_id AND w.checkpoint_ns = c.checkpoint_ns
-             AND w.checkpoint_id = c.checkpoint_id AND w.channel = '{TASKS}'
-       ) ELSE false END AS has_sends
-FROM checkpoints c,
-     (SELECT EXISTS (
-         SELECT 1 FROM checkpoint_writes WHERE thread_id = %(thread)s AND channel = '{TASKS}'
-     ) AS sends) s
-WHERE c.thread_id = %(thread)s
-"""
-# The `ts` of checkpoints whose id carries no time (not UUIDv6): rare, so apart.
-PG_TS_SQL = """
-SELECT checkpoint_ns, checkpoint_id, checkpoint ->> 'ts' AS ts FROM checkpoints
-WHERE thread_id = %s AND checkpoint_id = ANY(%s)
-"""
-# The worker's statement with psycopg's placeholder: one rule for what
-# counts as a channel with a value. Delta threads only.
-PG_CHANNEL_KEYS_SQL = CHANNEL_KEYS_TEMPLATE.replace("{thread}", "%s")
-# One statement deletes the decided checkpoints of a thread (any namespaces)
-# with everything that goes with them, so it is atomic without a transaction
-# block and costs one round trip on the application's write path:
-# - writes by the ids of the checkpoints deleted, never by "no checkpoint has
-#   this id" (a run may save a superstep's writes before their checkpoint);
-# - kept checkpoints whose parent went get none (as the official prune);
-# - blob versions the deleted checkpoints referenced and no other checkpoint
-#   of their namespace does (`kept` reads the statement's snapshot less the
-#   deleted ids), at once, as the official prune does. The window left is
-#   wider than this statement: a fork (`update_state`) that read a deleted
-#   checkpoint before it and saves after it names blob versions this freed
-#   (`aput` rewrites only changed channels) and reads back without them. The
-#   worker closes it by dating deletions (`postgres_store`, "Blobs are the
-#   hard part"); here the trim runs inside the application, typically on the
-#   thread's own write path, and keeping freed blobs would need that table and
-#   a later sweep, so the window is documented (README, RetentionSaver).
-# Different from the engine on purpose: its counterpart, the sweep's trim
-# (`postgres_store.TRIM_WRITES_SQL` / `TRIM_CHECKPOINTS_SQL`), deletes no blob;
-# `postgres_store.DELETE_GARBAGE_BLOBS_SQL` collects them later, on threads
-# quiet for the grace period and not deleted from within it.
-# The UPDATE and the DELETE touch disjoint rows of `checkpoints`.
-PG_DELETE_SQL = """
-WITH d AS (
-    SELECT * FROM unnest(%(ns)s::text[], %(ids)s::text[]) AS d(checkpoint_ns, checkpoint_id)
-), gone AS (
-    DELETE FROM checkpoints c USING d
-    WHERE c.thread_id = %(thread)s
-      AND c.checkpoint_ns = d.checkpoint_ns AND c.checkpoint_id = d.checkpoint_id
-    RETURNING c.checkpoint_ns, c.checkpoint -> 'channel_versions' AS versions
-), writes AS (
-    DELETE FROM checkpoint_writes w USING d
-    WHERE w.thread_id = %(thread)s
-      AND w.checkpoint_ns = d.checkpoint_ns AND w.checkpoint_id = d.checkpoint_id
-    RETURNING 1
-), parents AS (
-    UPDATE checkpoints c SET parent_checkpoint_id = NULL
-    WHERE c.thread_id = %(thread)s
-      AND (c.checkpoint_ns, c.parent_checkpoint_id) IN (SELECT * FROM d)
-      AND (c.checkpoint_ns, c.checkpoint_id) NOT IN (SELECT * FROM d)
-    RETURNING 1
-), freed AS (
-    SELECT gone.checkpoint_ns, v.key AS channel, v.value AS version
-    FROM gone CROSS JOIN LATERAL jsonb_each_text(gone.versions) AS v
-), kept AS (
-    SELECT c.checkpoint_ns, v.key AS channel, v.value AS version
-    FROM checkpoints c
-    CROSS JOIN LATERAL jsonb_each_text(c.checkpoint -> 'channel_versions') AS v
-    WHERE c.thread_id = %(thread)s
-      AND c.checkpoint_ns IN (SELECT checkpoint_ns FROM d)
-      AND (c.checkpoint_ns, c.checkpoint_id) NOT IN (SELECT * FROM d)
-), blobs AS (
-    DELETE FROM checkpoint_blobs b
-    USING (SELECT * FROM freed EXCEPT SELECT * FROM kept) g
-    WHERE b.thread_id = %(thread)s AND b.checkpoint_ns = g.checkpoint_ns
-      AND b.channel = g.channel AND b.version = g.version
-    RETURNING 1
-)
-SELECT (SELECT count(*) FROM gone) AS checkpoints, (SELECT count(*) FROM writes) AS writes,
-       (SELECT count(*) FROM blobs) AS blobs
-"""
-PG_STAMP_SQL = (
-    "SELECT count(*) AS n, max(checkpoint_id) AS newest FROM checkpoints WHERE thread_id = %s"
-)
-# Whole-thread deletes, in the official prune's order (checkpoints, blobs,
-# writes). Every Postgres statement here returns rows, counts included: in
-# pipeline mode a statement's results (and rowcount) exist only once fetched.
-PG_DELETE_THREADS_SQL = tuple(
-    f"WITH gone AS (DELETE FROM {table} WHERE thread_id = ANY(%s) RETURNING 1) "
-    "SELECT count(*) AS n FROM gone"
-    for table in ("checkpoints", "checkpoint_blobs", "checkpoint_writes")
-)
-# `metadata ->> 'run_id'` has no index: one pass over the table, then per thread.
-PG_RUN_THREADS_SQL = (
-    "SELECT DISTINCT thread_id FROM checkpoints WHERE metadata ->> 'run_id' = ANY(%s)"
-)
-# Ordered and compared by the database alike (in the column's collation, so
-# the primary key serves it); the first page has no lower bound, for the empty id.
-# Only `checkpoints`, unlike the engine's walk (`postgres_store.WALK_SQL`, which
-# unions `checkpoint_writes` and the expired-threads table): its one caller,
-# `delete_checkpoints(before=...)`, deletes checkpoints, so a thread holding
-# only orphaned writes or expired blobs has nothing for it; those are the sweep's.
-PG_FIRST_THREAD_PAGE_SQL = """
-SELECT DISTINCT thread_id FROM checkpoints ORDER BY thread_id LIMIT %s
-"""
-PG_THREAD_PAGE_SQL = """
-SELECT DISTINCT thread_id FROM checkpoints WHERE thread_id > %s ORDER BY thread_id LIMIT %s
-"""
-
-
-def _psycopg(sql: str) -> str:
-    """An asyncpg statement (`$1`, `$2` in order, each once) with psycopg's `%s`."""
-    return re.sub(r"\$\d+", "%s", sql)
-
-
-# The worker's holds statements, lock included, so a hold placed through the
-# wrapper orders against the worker's batches exactly as the CLI's does.
-PG_HOLDS_TABLE_EXISTS_SQL = pg_store.HOLDS_TABLE_EXISTS_SQL
-PG_HELD_SQL = f"SELECT thread_id FROM {HOLDS_TABLE}"
-PG_HOLDS_LOCK_SQL = pg_store.HOLDS_LOCK_SQL
-PG_CREATE_HOLDS_TABLE_SQL = pg_store.CREATE_HOLDS_TABLE_SQL
-PG_INSERT_HOLD_SQL = _psycopg(pg_store.INSERT_HOLD_SQL)
-PG_DELETE_HOLD_SQL = _psycopg(pg_store.DELETE_HOLD_SQL)
 PG_NO_RESULT = frozenset({PG_CREATE_HOLDS_TABLE_SQL})
 """Statements that return no rows (DDL): not fetched."""
 

@@ -90,12 +90,10 @@ from policies.ids import checkpoint_time
 from policies.model import CheckpointSummary, ThreadView
 from policies.plan import Detail, NamespaceAggregate, ThreadAggregate, ThreadPlan
 from policies.summary import json_object, summarize
-from policies.waiting import TASKS, is_waiting
+from policies.waiting import is_waiting
 from worker.stores import postgres_archive as pg_archive
 from worker.stores.archive import Archive, Segment, SegmentReader, Selection
 from worker.stores.engine import (
-    HOLDS_TABLE,
-    RESIDUE_TABLE,
     Counts,
     Fingerprint,
     Hold,
@@ -108,761 +106,88 @@ from worker.stores.engine import (
     WorkResult,
     fingerprint_of,
 )
+from worker.stores.postgres_sql import (
+    AGGREGATE_SQL,
+    CHANNEL_KEYS_SQL,
+    COUNT_BELOW_SQL,
+    COUNT_CHECKPOINTS_SQL,
+    COUNT_EXPIRED_BLOBS_SQL,
+    COUNT_GARBAGE_BLOBS_SQL,
+    COUNT_THREAD_SQL,
+    COUNT_THREADS_SQL,
+    COUNT_WRITES_SQL,
+    CREATE_DELETIONS_TABLE_SQL,
+    CREATE_EXPIRED_TABLE_SQL,
+    CREATE_HOLDS_TABLE_SQL,
+    CREATE_RESIDUE_TABLE_SQL,
+    DATED_THREADS_SQL,
+    DELETE_CHECKPOINTS,
+    DELETE_EXPIRED_BLOBS,
+    DELETE_GARBAGE_BLOBS,
+    DELETE_HOLD_SQL,
+    DELETE_ORPHAN_WRITES,
+    DELETE_WRITES,
+    DELETIONS_TABLE_EXISTS_SQL,
+    DROP_RETURNED_SQL,
+    EXPIRE,
+    EXPIRED_ROWS_SQL,
+    EXPIRED_STATS_SQL,
+    EXPIRED_TABLE_EXISTS_SQL,
+    FINGERPRINT_SQL,
+    FORGET_DELETIONS_SQL,
+    FORGET_EXPIRED_SQL,
+    GARBAGE_BLOB_THREADS_SQL,
+    HEAD_STATE_SQL,
+    HEADS_METADATA_SQL,
+    HELD_AMONG_SQL,
+    HOLDS_FIRST_PAGE_SQL,
+    HOLDS_LOCK_SQL,
+    HOLDS_NEXT_PAGE_SQL,
+    HOLDS_SHARED_LOCK_SQL,
+    HOLDS_TABLE_EXISTS_SQL,
+    INSERT_HOLD_SQL,
+    IRREGULAR_IDS_SQL,
+    LARGEST_THREADS_SQL,
+    MARKED_THREADS_SQL,
+    MIGRATION_SQL,
+    NULL_DANGLING_PARENTS_SQL,
+    NULL_PARENTS_SQL,
+    OLD_HEADS_SQL,
+    ORPHAN_WRITES_SQL,
+    PRUNE_DELETIONS_SQL,
+    RANGE_BYTES_SQL,
+    RANGE_IDS_SQL,
+    RECORD_DELETIONS_SQL,
+    RECORD_EXPIRED_SQL,
+    RECORD_RESIDUE_CHECKS_SQL,
+    REQUIRED_TABLES,
+    RESIDUE_CHECKS_SQL,
+    RESIDUE_TABLE_EXISTS_SQL,
+    SCAN_SQL,
+    SENDS_WRITES_SQL,
+    SIZE_COLUMN,
+    STATS_IDS_SQL,
+    STATS_TABLE_SQL,
+    TABLES_SQL,
+    THREAD_BYTES_SQL,
+    TRIM_BOUNDS_SQL,
+    TRIM_CHECKPOINTS,
+    TRIM_NULL_PARENTS_SQL,
+    TRIM_WRITES,
+    TRY_LOCK_SQL,
+    UNLOCK_SQL,
+    WALK_SQL,
+    Deleting,
+)
 from worker.stores.stats import AgeHistogram
 
 log = structlog.get_logger("checkpoint_janitor.postgres")
 
-# ---------------------------------------------------------------- schema
 
-REQUIRED_TABLES = ("checkpoints", "checkpoint_blobs", "checkpoint_writes", "checkpoint_migrations")
 # checkpoint_migrations.v of langgraph-checkpoint-postgres 2.x/3.x: 3 is the
 # first with all three tables; 9 (task_path) the newest this worker knows.
 MIN_MIGRATION, MAX_MIGRATION = 3, 9
-
-TABLES_SQL = """
-SELECT table_name FROM information_schema.tables
-WHERE table_schema = $1 AND table_name = ANY($2::text[])
-"""
-MIGRATION_SQL = "SELECT max(v) FROM checkpoint_migrations"
-
-# ---------------------------------------------------------------- scan
-
-# Both tables' keyset pages merged in one statement, so the database alone
-# orders and compares ids, in the column's own collation: Python's order is not
-# an ICU collation's, and a cursor taken in one order and compared in another
-# skips threads. Each branch is limited before the UNION, so it steps its
-# thread_id index (in the column's collation: an ORDER BY ... COLLATE "C" would
-# sort the whole table for every page). No skip scan before Postgres 18:
-# DISTINCT walks each thread's index entries, which the scan reads next anyway.
-# The first page has no lower bound, so the empty id is walked too.
-_THREADS_PAGE_TEMPLATE = """
-(SELECT DISTINCT thread_id FROM checkpoints {where} ORDER BY thread_id LIMIT $1)
-UNION
-(SELECT DISTINCT thread_id FROM checkpoint_writes {where} ORDER BY thread_id LIMIT $1){expired}
-ORDER BY thread_id LIMIT $1
-"""
-# Once the tool's expired-threads table exists (see "expired threads' blobs"),
-# its threads join the walk: UNION drops those that still hold rows.
-_EXPIRED_BRANCH = """
-UNION
-(SELECT thread_id FROM checkpoint_janitor_expired {where} ORDER BY thread_id LIMIT $1)"""
-# A purge prefix is byte-exact (`starts_with`), never a range compared in the
-# collation, which an ICU collation folds by case and reorders by punctuation.
-# On a C-collated database the planner makes `starts_with` an index range; on
-# any other it filters the index walk past the cursor, reading the rest of the
-# table per page: accepted, as a purge is an operator's one-off action.
-_WALK_WHERE = {
-    "first": "",
-    "next": "WHERE thread_id > $2",
-    "prefix_first": "WHERE starts_with(thread_id, $2)",
-    "prefix_next": "WHERE starts_with(thread_id, $2) AND thread_id > $3",
-}
-WALK_SQL = {
-    (kind, expired): _THREADS_PAGE_TEMPLATE.format(
-        where=where, expired=_EXPIRED_BRANCH.format(where=where) if expired else ""
-    )
-    for kind, where in _WALK_WHERE.items()
-    for expired in (False, True)
-}
-"""Keyset page of thread ids: (first | next | prefix_first | prefix_next, expired table exists)."""
-
-COUNT_THREADS_SQL = "SELECT count(DISTINCT thread_id) FROM checkpoints"
-
-# What `policies.plan` decides from: one GROUP BY over the primary-key index.
-# Ids are compared in code-point order (COLLATE "C"), whatever the column's
-# collation: a UUIDv6's text order is its time order only there.
-AGGREGATE_SQL = """
-SELECT thread_id, checkpoint_ns, count(*),
-       min(checkpoint_id COLLATE "C"), max(checkpoint_id COLLATE "C")
-FROM checkpoints
-WHERE thread_id = ANY($1::text[])
-GROUP BY thread_id, checkpoint_ns
-"""
-# Ids that are not canonical lowercase UUIDv6 (`policies.plan.is_regular_id`),
-# counted only for the threads a plan would delete from.
-IRREGULAR_IDS_SQL = """
-SELECT thread_id, checkpoint_ns,
-       count(*) FILTER (
-           WHERE checkpoint_id COLLATE "C" !~ '^[0-9a-f]{8}-[0-9a-f]{4}-6[0-9a-f]{3}-.{17}$'
-       )
-FROM checkpoints
-WHERE thread_id = ANY($1::text[])
-GROUP BY thread_id, checkpoint_ns
-"""
-# What sends a thread to the row-level path: a DeltaChannel marker, or a
-# v < 4 checkpoint (its pending sends live in its parent's writes).
-MARKED_THREADS_SQL = """
-SELECT DISTINCT thread_id FROM checkpoints
-WHERE thread_id = ANY($1::text[])
-  AND (metadata ? 'counters_since_delta_snapshot' OR metadata ? 'delta_writes_versioned'
-       OR COALESCE((checkpoint ->> 'v')::int, 4) < 4)
-"""
-# Heads whose format (v < 4) makes waiting depend on the parent's writes.
-OLD_HEADS_SQL = """
-SELECT c.thread_id
-FROM unnest($1::text[], $2::text[], $3::text[]) AS h(thread_id, checkpoint_ns, checkpoint_id)
-JOIN checkpoints c
-  ON c.thread_id = h.thread_id AND c.checkpoint_ns = h.checkpoint_ns
- AND c.checkpoint_id = h.checkpoint_id
-WHERE COALESCE((c.checkpoint ->> 'v')::int, 4) < 4
-"""
-COUNT_BELOW_SQL = """
-SELECT count(*) FROM checkpoints
-WHERE thread_id = $1 AND checkpoint_ns = $2 AND checkpoint_id COLLATE "C" < $3
-"""
-
-# Everything the decision needs, without decoding a blob. `v < 4` checkpoints
-# read their pending sends from their parent's `__pregel_tasks` writes.
-SCAN_SQL = """
-SELECT thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id,
-       COALESCE((checkpoint ->> 'v')::int, 4) AS v,
-       metadata -> 'parents' AS parents,
-       metadata ->> 'source' AS source,
-       metadata -> 'counters_since_delta_snapshot' AS counters,
-       metadata ? 'delta_writes_versioned' AS delta_marked,
-       pg_column_size(checkpoint) + pg_column_size(metadata) AS size
-FROM checkpoints
-WHERE thread_id = ANY($1::text[])
-"""
-
-# The heads' metadata of a whole page in one round trip, found by primary key.
-HEADS_METADATA_SQL = """
-SELECT c.thread_id, c.metadata
-FROM unnest($1::text[], $2::text[], $3::text[]) AS h(thread_id, checkpoint_ns, checkpoint_id)
-JOIN checkpoints c
-  ON c.thread_id = h.thread_id AND c.checkpoint_ns = h.checkpoint_ns
- AND c.checkpoint_id = h.checkpoint_id
-"""
-
-# Which checkpoints hold sends for a v < 4 child; asked only for pages with one.
-SENDS_WRITES_SQL = f"""
-SELECT DISTINCT thread_id, checkpoint_ns, checkpoint_id FROM checkpoint_writes
-WHERE thread_id = ANY($1::text[]) AND channel = '{TASKS}'
-"""
-
-ORPHAN_WRITES_SQL = """
-SELECT DISTINCT w.thread_id, w.checkpoint_ns, w.checkpoint_id
-FROM checkpoint_writes w
-WHERE w.thread_id = ANY($1::text[])
-AND NOT EXISTS (
-    SELECT 1 FROM checkpoints c
-    WHERE c.thread_id = w.thread_id AND c.checkpoint_ns = w.checkpoint_ns
-    AND c.checkpoint_id = w.checkpoint_id
-)
-"""
-
-# A channel has a value at a checkpoint when it is inline in the JSONB
-# (primitives, snapshot markers) or its versioned blob is not "empty"; a
-# DeltaChannel without a snapshot stores an "empty" blob. One expression on
-# checkpoint row `c`, shared by the statements below and the saver wrapper.
-PRESENT_CHANNELS_SQL = """
-       ARRAY(SELECT jsonb_object_keys(COALESCE(c.checkpoint -> 'channel_values', '{}')))
-       || ARRAY(
-           SELECT v.key FROM jsonb_each_text(c.checkpoint -> 'channel_versions') v
-           JOIN checkpoint_blobs b
-             ON b.thread_id = c.thread_id AND b.checkpoint_ns = c.checkpoint_ns
-            AND b.channel = v.key AND b.version = v.value
-           WHERE b.type <> 'empty'
-       )"""
-
-# Every checkpoint's present and versioned channels; only for delta threads.
-# `{thread}` is the driver's placeholder ($1 for asyncpg, %s for psycopg).
-CHANNEL_KEYS_TEMPLATE = (
-    """
-SELECT c.checkpoint_ns, c.checkpoint_id,"""
-    + PRESENT_CHANNELS_SQL
-    + """ AS present,
-       ARRAY(SELECT jsonb_object_keys(COALESCE(c.checkpoint -> 'channel_versions', '{}')))
-           AS versioned
-FROM checkpoints c
-WHERE c.thread_id = {thread}
-"""
-)
-CHANNEL_KEYS_SQL = CHANNEL_KEYS_TEMPLATE.replace("{thread}", "$1")
-
-# The head as `is_waiting` reads it: present channels, versions, versions seen.
-HEAD_STATE_SQL = (
-    """
-SELECT c.checkpoint -> 'channel_versions' AS versions,
-       c.checkpoint -> 'versions_seen' AS seen,"""
-    + PRESENT_CHANNELS_SQL
-    + """ AS present,
-       ARRAY(
-           SELECT w.channel FROM checkpoint_writes w
-           WHERE w.thread_id = c.thread_id AND w.checkpoint_ns = c.checkpoint_ns
-             AND w.checkpoint_id = c.checkpoint_id
-       ) AS write_channels
-FROM checkpoints c
-WHERE c.thread_id = $1 AND c.checkpoint_ns = $2 AND c.checkpoint_id = $3
-"""
-)
-
-FINGERPRINT_SQL = """
-SELECT thread_id, checkpoint_ns, count(*), max(checkpoint_id)
-FROM checkpoints
-WHERE thread_id = ANY($1::text[])
-GROUP BY thread_id, checkpoint_ns
-"""
-
-# ---------------------------------------------------------------- delete
-
-# Each deleting statement comes in two shapes built from one DELETE: the
-# counting one (no archive: only counts cross to the worker) and the capturing
-# one, `RETURNING <alias>.*`, whose rows go to the batch's archive segment
-# before the commit (issue 13); the worker tallies those into the same counts.
-SIZE_COLUMN = "janitor_size"
-"""Extra column a capturing checkpoint delete returns: the bytes the counts report."""
-
-
-@dataclass(frozen=True, slots=True)
-class Deleting:
-    """One deleting statement: its counting and capturing SQL, and how counts are grouped."""
-
-    table: str
-    """The saver's table it deletes from (and the archive table the rows go to)."""
-    count: str
-    """Returns (*by, count[, sum of size]) per group."""
-    capture: str
-    """Returns every column of each deleted row (and `SIZE_COLUMN` when `sized`)."""
-    by: tuple[str, ...]
-    sized: bool = False
-
-
-def _deleting(
-    table: str, alias: str, core: str, by: tuple[str, ...], sized: bool = False, ctes: str = ""
-) -> Deleting:
-    """Both shapes of the DELETE `core` (no RETURNING), after the table expressions `ctes`."""
-    size = f"pg_column_size({alias}.checkpoint) + pg_column_size({alias}.metadata)"
-    keys = ", ".join(f"{alias}.{c}" for c in by)
-    groups = ", ".join(str(i + 1) for i in range(len(by)))
-    count = (
-        f"WITH {ctes + ', ' if ctes else ''}gone AS (\n{core}\n"
-        f"    RETURNING {keys}{f', {size} AS size' if sized else ''}\n)\n"
-        f"SELECT {', '.join(by)}, count(*){', sum(size)' if sized else ''} "
-        f"FROM gone GROUP BY {groups}"
-    )
-    capture = (
-        f"{'WITH ' + ctes if ctes else ''}\n{core}\n"
-        f"RETURNING {alias}.*{f', {size} AS {SIZE_COLUMN}' if sized else ''}"
-    )
-    return Deleting(table, count, capture, by, sized)
-
-
-# Deletes take the decided (thread, namespace, id) triples as parallel arrays,
-# one statement per batch, each row found by primary key.
-DELETE_WRITES = _deleting(
-    "checkpoint_writes",
-    "w",
-    """
-    DELETE FROM checkpoint_writes w
-    USING unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, checkpoint_id)
-    WHERE w.thread_id = d.thread_id AND w.checkpoint_ns = d.checkpoint_ns
-      AND w.checkpoint_id = d.checkpoint_id""",
-    ("thread_id", "checkpoint_ns"),
-)
-DELETE_WRITES_SQL = DELETE_WRITES.count
-DELETE_CHECKPOINTS = _deleting(
-    "checkpoints",
-    "c",
-    """
-    DELETE FROM checkpoints c
-    USING unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, checkpoint_id)
-    WHERE c.thread_id = d.thread_id AND c.checkpoint_ns = d.checkpoint_ns
-      AND c.checkpoint_id = d.checkpoint_id""",
-    ("thread_id", "checkpoint_ns"),
-)
-DELETE_CHECKPOINTS_SQL = DELETE_CHECKPOINTS.count
-# Parent nulling returns each changed row's old parent (the archive's
-# `nulled_parents`). Postgres before 18 has no `OLD` in RETURNING, so the rows
-# are read and locked (FOR UPDATE) in a subquery first: what it read is what
-# the UPDATE overwrites, whatever commits meanwhile.
-_NULLED = """
-UPDATE checkpoints c SET parent_checkpoint_id = NULL
-FROM ({locked}
-    FOR UPDATE OF k
-) o
-WHERE c.thread_id = o.thread_id AND c.checkpoint_ns = o.checkpoint_ns
-  AND c.checkpoint_id = o.checkpoint_id
-RETURNING c.thread_id, c.checkpoint_ns, c.checkpoint_id, o.parent_checkpoint_id
-"""
-# Grouped per namespace so each namespace's remaining rows are read once,
-# not once per deleted id (parent_checkpoint_id has no index).
-NULL_PARENTS_SQL = _NULLED.format(
-    locked="""
-    SELECT k.thread_id, k.checkpoint_ns, k.checkpoint_id, k.parent_checkpoint_id
-    FROM checkpoints k
-    JOIN (
-        SELECT thread_id, checkpoint_ns, array_agg(checkpoint_id) AS ids
-        FROM unnest($1::text[], $2::text[], $3::text[])
-             AS d(thread_id, checkpoint_ns, checkpoint_id)
-        GROUP BY 1, 2
-    ) d ON k.thread_id = d.thread_id AND k.checkpoint_ns = d.checkpoint_ns
-       AND k.parent_checkpoint_id = ANY(d.ids)"""
-)
-# A fork saved after an earlier sweep deleted its base names a parent that is
-# gone; on a quiet thread (no run can still save that parent) it is nulled too.
-NULL_DANGLING_PARENTS_SQL = _NULLED.format(
-    locked="""
-    SELECT k.thread_id, k.checkpoint_ns, k.checkpoint_id, k.parent_checkpoint_id
-    FROM checkpoints k
-    WHERE k.thread_id = ANY($1::text[]) AND k.parent_checkpoint_id IS NOT NULL
-      AND NOT EXISTS (
-          SELECT 1 FROM checkpoints p
-          WHERE p.thread_id = k.thread_id AND p.checkpoint_ns = k.checkpoint_ns
-            AND p.checkpoint_id = k.parent_checkpoint_id
-      )"""
-)
-# Set-based trims: each (thread, ns) loses its ids below one bound — the
-# smallest of the plan's time bound, the keep-th newest id and the id past the
-# `limit` oldest — read under the batch's first fingerprint check, so the
-# namespace is as planned ('' if it holds fewer than `keep`: nothing goes).
-TRIM_BOUNDS_SQL = """
-SELECT CASE WHEN b.nth IS NULL THEN '' ELSE LEAST(r.before, b.nth, b.past) END
-FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::int[])
-     WITH ORDINALITY AS r(thread_id, checkpoint_ns, before, keep, lim, i)
-CROSS JOIN LATERAL (
-    SELECT
-        (SELECT c.checkpoint_id COLLATE "C" FROM checkpoints c
-         WHERE c.thread_id = r.thread_id AND c.checkpoint_ns = r.checkpoint_ns
-         ORDER BY c.checkpoint_id COLLATE "C" DESC LIMIT 1 OFFSET r.keep - 1) AS nth,
-        (SELECT c.checkpoint_id COLLATE "C" FROM checkpoints c
-         WHERE c.thread_id = r.thread_id AND c.checkpoint_ns = r.checkpoint_ns
-         ORDER BY c.checkpoint_id COLLATE "C" LIMIT 1 OFFSET r.lim) AS past
-) b
-ORDER BY r.i
-"""
-# Before the deletes, so only parents that exist (and are about to go) are nulled.
-TRIM_NULL_PARENTS_SQL = _NULLED.format(
-    locked="""
-    SELECT k.thread_id, k.checkpoint_ns, k.checkpoint_id, k.parent_checkpoint_id
-    FROM checkpoints k
-    JOIN unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, bound)
-      ON k.thread_id = d.thread_id AND k.checkpoint_ns = d.checkpoint_ns
-    WHERE k.checkpoint_id COLLATE "C" >= d.bound AND k.parent_checkpoint_id COLLATE "C" < d.bound
-      AND EXISTS (
-          SELECT 1 FROM checkpoints p
-          WHERE p.thread_id = k.thread_id AND p.checkpoint_ns = k.checkpoint_ns
-            AND p.checkpoint_id = k.parent_checkpoint_id
-      )"""
-)
-# The writes of the checkpoints these trims delete, by the same ranges; the
-# EXISTS keeps a write whose checkpoint is not (yet) saved (invariant 5).
-TRIM_WRITES = _deleting(
-    "checkpoint_writes",
-    "w",
-    """
-    DELETE FROM checkpoint_writes w
-    USING unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, bound)
-    WHERE w.thread_id = d.thread_id AND w.checkpoint_ns = d.checkpoint_ns
-      AND w.checkpoint_id COLLATE "C" < d.bound
-      AND EXISTS (
-          SELECT 1 FROM checkpoints c
-          WHERE c.thread_id = w.thread_id AND c.checkpoint_ns = w.checkpoint_ns
-            AND c.checkpoint_id = w.checkpoint_id
-      )""",
-    ("thread_id", "checkpoint_ns"),
-)
-TRIM_WRITES_SQL = TRIM_WRITES.count
-TRIM_CHECKPOINTS = _deleting(
-    "checkpoints",
-    "c",
-    """
-    DELETE FROM checkpoints c
-    USING unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, bound)
-    WHERE c.thread_id = d.thread_id AND c.checkpoint_ns = d.checkpoint_ns
-      AND c.checkpoint_id COLLATE "C" < d.bound""",
-    ("thread_id", "checkpoint_ns"),
-    sized=True,
-)
-TRIM_CHECKPOINTS_SQL = TRIM_CHECKPOINTS.count
-# Dry runs: the ids a trim range names (few: a plan's count), to count as the
-# statements above would delete them.
-RANGE_IDS_SQL = """
-SELECT checkpoint_id FROM checkpoints
-WHERE thread_id = $1 AND checkpoint_ns = $2 AND checkpoint_id COLLATE "C" < $3
-ORDER BY checkpoint_id COLLATE "C" OFFSET $4
-"""
-
-RANGE_BYTES_SQL = """
-SELECT sum(pg_column_size(c.checkpoint) + pg_column_size(c.metadata)) FROM checkpoints c
-JOIN unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, checkpoint_id)
-  ON c.thread_id = d.thread_id AND c.checkpoint_ns = d.checkpoint_ns
- AND c.checkpoint_id = d.checkpoint_id
-"""
-
-# Re-checked in the statement: the checkpoint may have committed since the scan.
-DELETE_ORPHAN_WRITES = _deleting(
-    "checkpoint_writes",
-    "w",
-    """
-    DELETE FROM checkpoint_writes w
-    USING unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, checkpoint_id)
-    WHERE w.thread_id = d.thread_id AND w.checkpoint_ns = d.checkpoint_ns
-      AND w.checkpoint_id = d.checkpoint_id
-      AND NOT EXISTS (
-          SELECT 1 FROM checkpoints c
-          WHERE c.thread_id = w.thread_id AND c.checkpoint_ns = w.checkpoint_ns
-            AND c.checkpoint_id = w.checkpoint_id
-      )""",
-    ("thread_id", "checkpoint_ns"),
-)
-DELETE_ORPHAN_WRITES_SQL = DELETE_ORPHAN_WRITES.count
-# A whole thread, table by table (a policy's expiry skips "blobs": see the docstring).
-EXPIRE = {
-    "checkpoints": _deleting(
-        "checkpoints",
-        "c",
-        "    DELETE FROM checkpoints c WHERE c.thread_id = ANY($1::text[])",
-        ("thread_id",),
-        sized=True,
-    ),
-    "writes": _deleting(
-        "checkpoint_writes",
-        "w",
-        "    DELETE FROM checkpoint_writes w WHERE w.thread_id = ANY($1::text[])",
-        ("thread_id",),
-    ),
-    "blobs": _deleting(
-        "checkpoint_blobs",
-        "b",
-        "    DELETE FROM checkpoint_blobs b WHERE b.thread_id = ANY($1::text[])",
-        ("thread_id",),
-    ),
-}
-EXPIRE_SQL = {kind: d.count for kind, d in EXPIRE.items()}
-
-# ---------------------------------------------------------------- dated deletions
-
-# The tool's own table, beside `checkpoint_janitor_expired`: blobs carry no
-# date and a deleted checkpoint leaves no row, so this dates each thread's
-# latest deletion (trim or expiry). A fork that read a checkpoint before a
-# sweep deleted it saves, after that sweep, a checkpoint naming the blob
-# versions it read; so a thread's unreferenced blobs wait out the grace period
-# after its last deletion (see the module docstring). One row per thread.
-DELETIONS_TABLE = "checkpoint_janitor_deletions"
-CREATE_DELETIONS_TABLE_SQL = f"""
-CREATE TABLE IF NOT EXISTS {DELETIONS_TABLE} (
-    thread_id TEXT PRIMARY KEY,
-    deleted_at TIMESTAMPTZ NOT NULL
-)
-"""
-DELETIONS_TABLE_EXISTS_SQL = f"SELECT to_regclass('{DELETIONS_TABLE}') IS NOT NULL"
-# One statement per batch, in the deletes' transaction (a rollback forgets it).
-# GREATEST: a sweep on a clock behind an earlier one's must not shorten a wait.
-RECORD_DELETIONS_SQL = f"""
-INSERT INTO {DELETIONS_TABLE} AS d (thread_id, deleted_at)
-SELECT t.thread_id, to_timestamp($2) FROM unnest($1::text[]) AS t(thread_id)
-ON CONFLICT (thread_id) DO UPDATE SET deleted_at = GREATEST(d.deleted_at, EXCLUDED.deleted_at)
-"""
-# A row past the grace period no longer holds anything back; by primary key,
-# for the threads a batch collected blobs on (expired threads' included).
-PRUNE_DELETIONS_SQL = f"""
-DELETE FROM {DELETIONS_TABLE}
-WHERE thread_id = ANY($1::text[]) AND deleted_at < to_timestamp($2)
-"""
-FORGET_DELETIONS_SQL = f"DELETE FROM {DELETIONS_TABLE} WHERE thread_id = ANY($1::text[])"
-# The threads of a page whose residue a pass looks for whatever the cadence
-# (`policies.plan`, `dated`): deleted from before the cutoff, so their blobs
-# may be due, and not yet collected (collecting drops the row). By primary key.
-DATED_THREADS_SQL = f"""
-SELECT thread_id FROM {DELETIONS_TABLE}
-WHERE thread_id = ANY($1::text[]) AND deleted_at < to_timestamp($2)
-"""
-# What the collecting statements below add once the table exists (`{cutoff}`:
-# the placeholder of now - grace); a thread deleted from since then keeps its
-# unreferenced blobs. Re-checked in the statement, like the references.
-_NOT_RECENTLY_DELETED = f"""
-  AND NOT EXISTS (
-      SELECT 1 FROM {DELETIONS_TABLE} dd
-      WHERE dd.thread_id = b.thread_id AND dd.deleted_at >= to_timestamp({{cutoff}})
-  )"""
-
-
-def _dated(template: str, cutoff: str) -> dict[bool, str]:
-    """`template` without (False) and with (True) the recent-deletion check, bound to `cutoff`."""
-    return {
-        False: template.replace("{recent}", ""),
-        True: template.replace("{recent}", _NOT_RECENTLY_DELETED.replace("{cutoff}", cutoff)),
-    }
-
-
-# The blobs no committed checkpoint of their thread and namespace references,
-# on quiet threads not deleted from within the grace period (see the module
-# docstring). The references are built once per thread (a hash anti-join),
-# not probed per blob. Keyed by "the deletions table exists"; $2 is the cutoff.
-_GARBAGE_REFS = """refs AS (
-    SELECT DISTINCT c.thread_id, c.checkpoint_ns, v.key AS channel, v.value AS version
-    FROM checkpoints c
-    CROSS JOIN LATERAL jsonb_each_text(c.checkpoint -> 'channel_versions') AS v
-    WHERE c.thread_id = ANY($1::text[])
-)"""
-DELETE_GARBAGE_BLOBS = {
-    dated: _deleting("checkpoint_blobs", "b", core, ("thread_id",), ctes=_GARBAGE_REFS)
-    for dated, core in _dated(
-        """
-    DELETE FROM checkpoint_blobs b
-    WHERE b.thread_id = ANY($1::text[])
-      AND NOT EXISTS (
-          SELECT 1 FROM refs r
-          WHERE r.thread_id = b.thread_id AND r.checkpoint_ns = b.checkpoint_ns
-            AND r.channel = b.channel AND r.version = b.version
-      ){recent}""",
-        "$2",
-    ).items()
-}
-DELETE_GARBAGE_BLOBS_SQL = {dated: d.count for dated, d in DELETE_GARBAGE_BLOBS.items()}
-# Which quiet threads hold blobs the statement above would collect (left by
-# trims made while the thread was busy or within the grace period): they get
-# a sweep part of their own. Both plans (rows and aggregates) ask this.
-GARBAGE_BLOB_THREADS_SQL = _dated(
-    """
-WITH refs AS (
-    SELECT DISTINCT c.thread_id, c.checkpoint_ns, v.key AS channel, v.value AS version
-    FROM checkpoints c
-    CROSS JOIN LATERAL jsonb_each_text(c.checkpoint -> 'channel_versions') AS v
-    WHERE c.thread_id = ANY($1::text[])
-)
-SELECT DISTINCT b.thread_id FROM checkpoint_blobs b
-WHERE b.thread_id = ANY($1::text[])
-  AND NOT EXISTS (
-      SELECT 1 FROM refs r
-      WHERE r.thread_id = b.thread_id AND r.checkpoint_ns = b.checkpoint_ns
-        AND r.channel = b.channel AND r.version = b.version
-  ){recent}
-""",
-    "$2",
-)
-COUNT_GARBAGE_BLOBS_SQL = _dated(
-    """
-WITH refs AS (
-    SELECT DISTINCT c.thread_id, c.checkpoint_ns, v.key AS channel, v.value AS version
-    FROM checkpoints c
-    CROSS JOIN LATERAL jsonb_each_text(c.checkpoint -> 'channel_versions') AS v
-    WHERE c.thread_id = ANY($1::text[])
-      AND NOT (c.thread_id, c.checkpoint_ns, c.checkpoint_id) IN (
-          SELECT * FROM unnest($2::text[], $3::text[], $4::text[])
-      )
-)
-SELECT b.thread_id, count(*) FROM checkpoint_blobs b
-WHERE b.thread_id = ANY($1::text[])
-  AND NOT EXISTS (
-      SELECT 1 FROM refs r
-      WHERE r.thread_id = b.thread_id AND r.checkpoint_ns = b.checkpoint_ns
-        AND r.channel = b.channel AND r.version = b.version
-  ){recent}
-GROUP BY 1
-""",
-    "$5",
-)
-
-# ---------------------------------------------------------------- expired threads' blobs
-
-# The tool's own table, in the store's schema (the saver's tables have no
-# place for it): blobs carry no date, so this dates each expiry; a thread's
-# blobs outlive its expiry by the grace period (see the module docstring).
-# `head_metadata` keeps what the policies matched the thread on.
-EXPIRED_TABLE = "checkpoint_janitor_expired"
-CREATE_EXPIRED_TABLE_SQL = f"""
-CREATE TABLE IF NOT EXISTS {EXPIRED_TABLE} (
-    thread_id TEXT PRIMARY KEY,
-    expired_at TIMESTAMPTZ NOT NULL,
-    head_metadata JSONB NOT NULL DEFAULT '{{}}'
-)
-"""
-# to_regclass follows search_path (the store's schema) and never raises.
-EXPIRED_TABLE_EXISTS_SQL = f"SELECT to_regclass('{EXPIRED_TABLE}') IS NOT NULL"
-# In the expiry's transaction, before its deletes: the head (as `root_head`
-# picks it) is still there to copy, and a rollback forgets the row too. A
-# thread expired again is dated again.
-RECORD_EXPIRED_SQL = f"""
-INSERT INTO {EXPIRED_TABLE} AS e (thread_id, expired_at, head_metadata)
-SELECT t.thread_id, to_timestamp($2), COALESCE((
-    SELECT c.metadata FROM checkpoints c
-    WHERE c.thread_id = t.thread_id
-    ORDER BY c.checkpoint_ns = '' DESC,
-             COALESCE(c.metadata -> 'parents', '{{}}') = '{{}}' DESC,
-             c.checkpoint_id DESC
-    LIMIT 1
-), '{{}}')
-FROM unnest($1::text[]) AS t(thread_id)
-ON CONFLICT (thread_id) DO UPDATE
-SET expired_at = EXCLUDED.expired_at, head_metadata = EXCLUDED.head_metadata
-"""
-EXPIRED_ROWS_SQL = f"""
-SELECT thread_id, extract(epoch FROM expired_at)::float8 AS expired_at, head_metadata
-FROM {EXPIRED_TABLE} WHERE thread_id = ANY($1::text[])
-"""
-# A thread some run recreated is a live thread again: its row goes, and its
-# old blobs are left to the quiet-thread GC, which knows what it references.
-DROP_RETURNED_SQL = f"""
-DELETE FROM {EXPIRED_TABLE} e
-WHERE e.thread_id = ANY($1::text[])
-  AND EXISTS (SELECT 1 FROM checkpoints c WHERE c.thread_id = e.thread_id)
-"""
-# The blobs of threads expired before the cutoff (now - grace) that hold no
-# checkpoint and no write, then their rows. Both conditions are re-checked
-# in the statement: a run may recreate the thread at any time.
-DELETE_EXPIRED_BLOBS = _deleting(
-    "checkpoint_blobs",
-    "b",
-    """
-    DELETE FROM checkpoint_blobs b USING due
-    WHERE b.thread_id = due.thread_id""",
-    ("thread_id",),
-    ctes=f"""due AS (
-    DELETE FROM {EXPIRED_TABLE} e
-    WHERE e.thread_id = ANY($1::text[]) AND e.expired_at < to_timestamp($2)
-      AND NOT EXISTS (SELECT 1 FROM checkpoints c WHERE c.thread_id = e.thread_id)
-      AND NOT EXISTS (SELECT 1 FROM checkpoint_writes w WHERE w.thread_id = e.thread_id)
-    RETURNING e.thread_id
-)""",
-)
-DELETE_EXPIRED_BLOBS_SQL = DELETE_EXPIRED_BLOBS.count
-COUNT_EXPIRED_BLOBS_SQL = f"""
-SELECT b.thread_id, count(*) FROM checkpoint_blobs b
-JOIN {EXPIRED_TABLE} e ON e.thread_id = b.thread_id
-WHERE e.thread_id = ANY($1::text[]) AND e.expired_at < to_timestamp($2)
-  AND NOT EXISTS (SELECT 1 FROM checkpoints c WHERE c.thread_id = e.thread_id)
-  AND NOT EXISTS (SELECT 1 FROM checkpoint_writes w WHERE w.thread_id = e.thread_id)
-GROUP BY 1
-"""
-# A purge names the thread for erasure: its row goes with its blobs.
-FORGET_EXPIRED_SQL = f"DELETE FROM {EXPIRED_TABLE} WHERE thread_id = ANY($1::text[])"
-EXPIRED_STATS_SQL = f"""
-SELECT count(DISTINCT e.thread_id), count(b.thread_id) FROM {EXPIRED_TABLE} e
-LEFT JOIN checkpoint_blobs b ON b.thread_id = e.thread_id
-WHERE NOT EXISTS (SELECT 1 FROM checkpoints c WHERE c.thread_id = e.thread_id)
-"""
-
-# ---------------------------------------------------------------- legal holds
-
-# The tool's own table, in the store's schema beside `checkpoint_janitor_expired`,
-# created by the first `hold` (plan and stats must work without it).
-CREATE_HOLDS_TABLE_SQL = f"""
-CREATE TABLE IF NOT EXISTS {HOLDS_TABLE} (
-    thread_id TEXT PRIMARY KEY,
-    reason TEXT,
-    held_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-    held_by TEXT
-)
-"""
-# Not to_regclass (as for the expired table): it reads the relation cache,
-# which a batch that waited on the holds lock below has not refreshed, and it
-# would miss the table a concurrent first `hold` just created. pg_class read
-# with the statement's own snapshot sees every commit before the statement.
-HOLDS_TABLE_EXISTS_SQL = f"""
-SELECT EXISTS (
-    SELECT 1 FROM pg_catalog.pg_class
-    WHERE relname = '{HOLDS_TABLE}' AND relnamespace = current_schema()::regnamespace
-)
-"""
-# A hold must win against a batch already running, and row locks cannot
-# order an INSERT against a reader, nor a table that does not exist yet. So
-# a hold takes this transaction-level advisory lock exclusively (around the
-# table's creation and its insert) and every delete batch shares it before
-# reading the holds: a hold committed first is seen, a later one waits for the
-# batch's commit. Keyed by the schema, not the config's store name: another
-# config may name the same database differently. Waits obey lock_timeout.
-_HOLDS_LOCK_KEY = "hashtextextended('checkpoint-janitor-holds:' || current_schema(), 0)"
-HOLDS_LOCK_SQL = f"SELECT pg_advisory_xact_lock({_HOLDS_LOCK_KEY})"
-HOLDS_SHARED_LOCK_SQL = f"SELECT pg_advisory_xact_lock_shared({_HOLDS_LOCK_KEY})"
-HELD_AMONG_SQL = f"SELECT thread_id FROM {HOLDS_TABLE} WHERE thread_id = ANY($1::text[])"
-# Keyset pages compared by the database in its own collation (as the thread
-# walk); the first page has no lower bound, so a hold on the empty id is read.
-HOLDS_FIRST_PAGE_SQL = f"""
-SELECT thread_id, reason, extract(epoch FROM held_at)::float8, held_by
-FROM {HOLDS_TABLE} ORDER BY thread_id LIMIT $1
-"""
-HOLDS_NEXT_PAGE_SQL = f"""
-SELECT thread_id, reason, extract(epoch FROM held_at)::float8, held_by
-FROM {HOLDS_TABLE} WHERE thread_id > $1 ORDER BY thread_id LIMIT $2
-"""
-# A second hold on a held thread keeps the first (its time and reason stand).
-INSERT_HOLD_SQL = f"""
-INSERT INTO {HOLDS_TABLE} (thread_id, reason, held_by) VALUES ($1, $2, $3)
-ON CONFLICT (thread_id) DO NOTHING
-RETURNING extract(epoch FROM held_at)::float8
-"""
-DELETE_HOLD_SQL = f"DELETE FROM {HOLDS_TABLE} WHERE thread_id = $1 RETURNING thread_id"
 HOLDS_PAGE = 1000
-
-# ---------------------------------------------------------------- residue checks
-
-# The tool's own table, in the store's schema beside the deletions table,
-# created by the first sweep that completes a look at every quiet thread's
-# residue (plan and stats must work without it). One row per policy, since a
-# pass looks only at the policies due in it.
-CREATE_RESIDUE_TABLE_SQL = f"""
-CREATE TABLE IF NOT EXISTS {RESIDUE_TABLE} (
-    policy TEXT PRIMARY KEY,
-    checked_at TIMESTAMPTZ NOT NULL
-)
-"""
-RESIDUE_TABLE_EXISTS_SQL = f"SELECT to_regclass('{RESIDUE_TABLE}') IS NOT NULL"
-RESIDUE_CHECKS_SQL = f"""
-SELECT policy, extract(epoch FROM checked_at)::float8 FROM {RESIDUE_TABLE}
-"""
-RECORD_RESIDUE_CHECKS_SQL = f"""
-INSERT INTO {RESIDUE_TABLE} (policy, checked_at)
-SELECT p, to_timestamp($2) FROM unnest($1::text[]) AS p
-ON CONFLICT (policy) DO UPDATE SET checked_at = EXCLUDED.checked_at
-"""
-
-# Dry runs count what the statements above would delete.
-COUNT_CHECKPOINTS_SQL = """
-SELECT c.thread_id, c.checkpoint_ns, count(*) FROM checkpoints c
-JOIN unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, checkpoint_id)
-  ON c.thread_id = d.thread_id AND c.checkpoint_ns = d.checkpoint_ns
- AND c.checkpoint_id = d.checkpoint_id
-GROUP BY 1, 2
-"""
-COUNT_WRITES_SQL = """
-SELECT w.thread_id, w.checkpoint_ns, count(*) FROM checkpoint_writes w
-JOIN unnest($1::text[], $2::text[], $3::text[]) AS d(thread_id, checkpoint_ns, checkpoint_id)
-  ON w.thread_id = d.thread_id AND w.checkpoint_ns = d.checkpoint_ns
- AND w.checkpoint_id = d.checkpoint_id
-GROUP BY 1, 2
-"""
-COUNT_THREAD_SQL = {
-    "checkpoints": "SELECT thread_id, count(*), "
-    "sum(pg_column_size(checkpoint) + pg_column_size(metadata)) FROM checkpoints "
-    "WHERE thread_id = ANY($1::text[]) GROUP BY 1",
-    "writes": "SELECT thread_id, count(*) FROM checkpoint_writes "
-    "WHERE thread_id = ANY($1::text[]) GROUP BY 1",
-    "blobs": "SELECT thread_id, count(*) FROM checkpoint_blobs "
-    "WHERE thread_id = ANY($1::text[]) GROUP BY 1",
-}
-
-# Session-level, so the lock dies with the connection (a killed worker frees
-# it). Keyed per store name, so one replica sweeps a store at a time.
-TRY_LOCK_SQL = "SELECT pg_try_advisory_lock(hashtextextended('checkpoint-janitor:' || $1, 0))"
-UNLOCK_SQL = "SELECT pg_advisory_unlock(hashtextextended('checkpoint-janitor:' || $1, 0))"
-
-# ---------------------------------------------------------------- stats
-
-STATS_TABLE_SQL = """
-SELECT relname, n_live_tup, n_dead_tup, pg_total_relation_size(relid)
-FROM pg_stat_user_tables WHERE schemaname = $1 AND relname = ANY($2::text[])
-"""
-STATS_IDS_SQL = "SELECT checkpoint_ns, checkpoint_id FROM checkpoints"
-LARGEST_THREADS_SQL = """
-SELECT thread_id, count(*), sum(pg_column_size(checkpoint) + pg_column_size(metadata)) AS size
-FROM checkpoints GROUP BY thread_id ORDER BY size DESC LIMIT $1
-"""
-
-# Per thread of a page: the row bytes of its checkpoints (and metadata), writes and
-# blobs, not the tables' disk size, which only VACUUM shrinks (a cap on it would
-# evict until the next vacuum). Correlated sums: one index range per table and thread.
-THREAD_BYTES_SQL = """
-SELECT t.id,
-    COALESCE((SELECT sum(pg_column_size(checkpoint) + pg_column_size(metadata))
-              FROM checkpoints c WHERE c.thread_id = t.id), 0)
-  + COALESCE((SELECT sum(pg_column_size(blob))
-              FROM checkpoint_writes w WHERE w.thread_id = t.id), 0)
-  + COALESCE((SELECT sum(pg_column_size(blob))
-              FROM checkpoint_blobs b WHERE b.thread_id = t.id), 0)
-FROM unnest($1::text[]) AS t(id)
-"""
 
 # Errors worth retrying the batch for: the application held a row past
 # lock_timeout, a statement ran past statement_timeout, or Postgres picked

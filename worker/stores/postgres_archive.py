@@ -25,10 +25,19 @@ import structlog
 
 from worker.stores.archive import PendingSegment, SegmentReader, Selection
 from worker.stores.engine import RestoreCounts
+from worker.stores.postgres_sql import (
+    COLUMN_TYPES_SQL,
+    COUNT_RELINKS_SQL,
+    DATA_TABLES,
+    KEYS_PRESENT_TEMPLATE,
+    PARENTS_STILL_LINKED_SQL,
+    RELINK_PARENTS_SQL,
+    RESTORE_ROWS_TEMPLATE,
+)
 
 log = structlog.get_logger("checkpoint_janitor.postgres_archive")
 
-RESTORED_TABLES = ("checkpoints", "checkpoint_blobs", "checkpoint_writes")
+RESTORED_TABLES = DATA_TABLES
 """In this order: a checkpoint before the blobs and writes that hang off it."""
 
 KEYS = {
@@ -40,77 +49,6 @@ KEYS = {
 
 CHUNK = 500
 """Rows per INSERT: bounds one statement's parameters (blobs can be large)."""
-
-# The store's own column types (search_path is the store's schema), so each
-# archived column is cast to what the table holds: jsonb from its text, bytea
-# from the BLOB, integer idx; whatever migration the table is at.
-COLUMN_TYPES_SQL = """
-SELECT a.attname, format_type(a.atttypid, a.atttypmod)
-FROM pg_attribute a
-WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
-"""
-# One array parameter per column, unnested into rows. No conflict target: any
-# unique key the saver's table has (its primary key) makes an existing row win.
-RESTORE_ROWS_TEMPLATE = """
-INSERT INTO {table} ({columns})
-SELECT * FROM unnest({arrays})
-ON CONFLICT DO NOTHING
-RETURNING thread_id
-"""
-# Which archived keys are (EXISTS) or are not (NOT EXISTS) in the table now,
-# counted per thread: the dry run counts what a restore would insert, and
-# recovery asks whether a pending segment's delete committed.
-KEYS_PRESENT_TEMPLATE = """
-SELECT k.thread_id, count(*)
-FROM unnest({arrays}) AS k({keys})
-WHERE {exists} (SELECT 1 FROM {table} t WHERE {match})
-GROUP BY 1
-"""
-# Only where the child is still there with no parent, and the parent row is
-# back: a checkpoint the application re-parented, or a parent the restore did
-# not bring (not selected, or never archived), is left as it is.
-RELINK_PARENTS_SQL = """
-UPDATE checkpoints c SET parent_checkpoint_id = n.parent_checkpoint_id
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
-     AS n(thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id)
-WHERE c.thread_id = n.thread_id AND c.checkpoint_ns = n.checkpoint_ns
-  AND c.checkpoint_id = n.checkpoint_id AND c.parent_checkpoint_id IS NULL
-  AND EXISTS (
-      SELECT 1 FROM checkpoints p
-      WHERE p.thread_id = n.thread_id AND p.checkpoint_ns = n.checkpoint_ns
-        AND p.checkpoint_id = n.parent_checkpoint_id
-  )
-RETURNING c.thread_id
-"""
-# The dry run's count of the same re-links: parents the restore would insert
-# count too, so it is asked with the keys the restore brings (`$5..$7`).
-COUNT_RELINKS_SQL = """
-SELECT n.thread_id, count(*)
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
-     AS n(thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id)
-JOIN checkpoints c
-  ON c.thread_id = n.thread_id AND c.checkpoint_ns = n.checkpoint_ns
- AND c.checkpoint_id = n.checkpoint_id AND c.parent_checkpoint_id IS NULL
-WHERE EXISTS (
-      SELECT 1 FROM checkpoints p
-      WHERE p.thread_id = n.thread_id AND p.checkpoint_ns = n.checkpoint_ns
-        AND p.checkpoint_id = n.parent_checkpoint_id
-  )
-   OR (n.thread_id, n.checkpoint_ns, n.parent_checkpoint_id) IN (
-      SELECT * FROM unnest($5::text[], $6::text[], $7::text[])
-  )
-GROUP BY 1
-"""
-# A pending segment that holds only parent nullings: committed if the parents
-# are NULL now, not if they still name the archived parent.
-PARENTS_STILL_LINKED_SQL = """
-SELECT count(*)
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
-     AS n(thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id)
-JOIN checkpoints c
-  ON c.thread_id = n.thread_id AND c.checkpoint_ns = n.checkpoint_ns
- AND c.checkpoint_id = n.checkpoint_id AND c.parent_checkpoint_id = n.parent_checkpoint_id
-"""
 
 RECOVERY_SAMPLE = 1000
 """Keys of a pending segment looked up to tell whether its delete committed."""

@@ -28,11 +28,22 @@ import structlog
 
 from worker.stores.engine import Counts
 from worker.stores.postgres import PostgresStore
+from worker.stores.postgres_sql import (
+    CURRENT_USER_SQL,
+    DATA_TABLES,
+    FORCE_STATS_FLUSH_SQL,
+    REPORT_STATS_SQL,
+    RESET_LOCK_TIMEOUT_SQL,
+    SET_LOCK_TIMEOUT_SQL,
+    TABLE_SPACE_SQL,
+    VACUUM_FULL_SQL,
+    VACUUM_SQL,
+)
 from worker.stores.space import Reclaimed, ReclaimRefused, Space
 
 log = structlog.get_logger("checkpoint_janitor.postgres_reclaim")
 
-TABLES = ("checkpoints", "checkpoint_blobs", "checkpoint_writes")
+TABLES = DATA_TABLES
 """The tables sweeps delete from (checkpoint_migrations never changes)."""
 KIND_TABLES = {
     "checkpoints": "checkpoints",
@@ -41,39 +52,6 @@ KIND_TABLES = {
 }
 """Which table a sweep's deleted kind comes from."""
 
-# The statistics collector's counts, not count(*): reading a 100M-row table
-# to decide whether to vacuum it would cost more than the vacuum.
-# pg_table_size includes TOAST (where checkpoint JSONB lives) but not indexes.
-TABLE_SPACE_SQL = """
-SELECT s.relname, s.n_live_tup, s.n_dead_tup,
-       pg_table_size(s.relid), pg_indexes_size(s.relid),
-       s.vacuum_count, s.autovacuum_count, s.last_vacuum, s.last_autovacuum
-FROM pg_stat_user_tables s
-WHERE s.schemaname = $1 AND s.relname = ANY($2::text[])
-"""
-# VACUUM cannot run inside a transaction block; asyncpg sends an argument-less
-# statement as a simple query outside one. Names come from TABLES and the
-# store's validated schema identifier, never from input.
-VACUUM_SQL = 'VACUUM (ANALYZE) "{schema}"."{table}"'
-VACUUM_FULL_SQL = 'VACUUM (FULL, ANALYZE) "{schema}"."{table}"'
-# A VACUUM FULL waiting for its lock queues every later reader of the table
-# behind it: wait at most the store's lock_timeout, then give up.
-SET_LOCK_TIMEOUT_SQL = "SELECT set_config('lock_timeout', $1, false)"
-RESET_LOCK_TIMEOUT_SQL = "RESET lock_timeout"
-CURRENT_USER_SQL = "SELECT current_user"
-# A backend keeps its table counts (a DELETE's dead tuples) pending and
-# reports them at most once a second, else after 10 s idle or at exit: when a
-# sweep ends, its sessions often hold their last batches' counts. A VACUUM
-# that runs first sets n_dead_tup to what it found (none), then the late
-# report adds the deletions back (issue 12: 1.7 GiB "reclaimable" in tables
-# holding no dead tuple). pg_stat_force_next_flush() (PostgreSQL 15+, PUBLIC)
-# makes this very statement's end report everything pending, before the
-# answer comes back, so the counts are in before the VACUUM starts.
-FORCE_STATS_FLUSH_SQL = "SELECT pg_stat_force_next_flush()"
-# Before PostgreSQL 15 a backend reports at the end of any transaction that
-# ends 500 ms (PGSTAT_STAT_INTERVAL) after its last report, and never when
-# idle: an empty statement after that wait is the report.
-REPORT_STATS_SQL = "SELECT 1"
 FORCE_FLUSH_VERSION = 15
 """The first PostgreSQL with pg_stat_force_next_flush()."""
 REPORT_INTERVAL_SECONDS = 1.0
