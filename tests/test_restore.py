@@ -704,10 +704,11 @@ async def test_a_copy_that_differs_from_the_delete_rolls_the_batch_back(
     from worker.stores import sqlite as sqlite_engine
 
     store, control, _ = copies
+    broken = sqlite_engine.COPY_BATCH_TRIM_WRITES_SQL + " AND 0"
     monkeypatch.setattr(
         sqlite_engine,
-        "COPY_BATCH_TRIM_WRITES_SQL",
-        sqlite_engine.COPY_BATCH_TRIM_WRITES_SQL + " AND 0",
+        "_TRIM_COPIES",
+        tuple((t, broken if t == "writes" else sql) for t, sql in sqlite_engine._TRIM_COPIES),
     )
     settings = archive_settings(tmp_path)
     with pytest.raises(AssertionError, match="copied"):
