@@ -14,13 +14,60 @@ Rows an engine already holds (Postgres, SQLite's one-thread deletes) come in
 through `Segment.add`.
 
 A segment's life, so that a crash never leaves a half-written file that counts:
-`NNNNNN.partial` (the database image, built in memory, written in one go
-and fsynced once, then re-read: the same bytes, and opened as SQLite the row
-counts and checksum of the batch) -> `NNNNNN.pending.sqlite` (renamed, the
-directory fsynced: the store's delete may now commit) -> `NNNNNN.sqlite` (the
-delete committed). A `.partial` never counts; a
-`.pending.sqlite` left by a crash is resolved by the next sweep (`Archive.pending`):
-removed when its rows are still in the store, promoted when they are gone.
+`NNNNNN.partial` (`Segment.prepare`: the database image, built in memory,
+written in one go and fsynced once, then re-read: the same bytes) ->
+`NNNNNN.pending.sqlite` (`Segment.seal`: renamed, the directory fsynced,
+under the batch's write lock: the store's delete may now commit) ->
+`NNNNNN.sqlite` (`Segment.complete`: the delete committed). A `.partial`
+never counts; a `.pending.sqlite` left by a crash is resolved by the next
+sweep (`Archive.pending`): removed when its rows are still in the store,
+promoted when they are gone.
+
+Crash safety of each step (the guarantees: the segment is durable and verified
+before the delete commits; a crash leaves nothing half-written that counts):
+
+- `prepare` may run before the batch takes its write lock (SQLite, below).
+  Its only file is the `.partial`; a crash at any point leaves at most a
+  `.partial`, which no reader, recovery or restore counts. A batch that drops
+  a prepared segment (the lock stayed busy, another connection committed)
+  removes the `.partial` with no fsync: a removal lost to a crash leaves a
+  `.partial`, which still never counts.
+- The re-read compares the file with the image byte for byte; it no longer
+  opens the file as SQLite to count its rows. The image holds the rows, the
+  per-table counts (`rows.<table>`) and the checksum in `archive_meta`, all
+  computed from the image's own rows before it was serialized, so equal bytes
+  are equal rows, counts and checksum; a torn or short write differs in its bytes.
+- `seal` renames the fsynced `.partial` to `.pending.sqlite` and fsyncs the
+  directory, still before the COMMIT (for a prepared segment: under the write
+  lock, after the batch checked that its copy is what its deletes removed).
+  The data was fsynced before the rename, so the name that counts never
+  points at unsynced bytes; a crash before the directory fsync loses at most
+  the new name, and the delete has not committed.
+- `complete` renames `.pending.sqlite` to `.sqlite` after the COMMIT and does
+  not fsync the directory: a crash that loses the rename leaves the
+  `.pending.sqlite`, whose rows are gone from the store, and the next sweep's
+  recovery promotes it, as it would after a crash between COMMIT and rename.
+
+On SQLite (`worker.stores.sqlite`) a batch made only of batch-wide trims and
+expiries copies and prepares its segment before `BEGIN IMMEDIATE`: it notes
+its connection's `PRAGMA data_version` (v0), reads what it would decide under
+the lock (holds, fingerprints, the trims' bounds), copies with the deletes'
+own WHEREs on the segment's read-only connection, and prepares. Under the lock
+it reads `data_version` again (v1). The copy equals the deletes when v1 == v0:
+`data_version` changes whenever a connection other than the batch's commits
+(the application, another worker; the copy's connection only reads), so every
+read between v0 and v1 saw one and the same commit, C0; the batch's own
+connection committed nothing in that span either (its previous batch
+committed before v0, and its own commits do not change its `data_version`
+anyway, which is why only that connection's value is used). Under the lock
+the deletes start from C0, with bounds, holds and fingerprints decided on C0,
+so they remove exactly the rows the copy read from C0. When v1 != v0 the
+prepared segment is dropped and the batch runs as before, copying under the
+lock (a thread whose fingerprint changed is then refused, so neither deleted
+nor archived). Either way the rows deleted are compared with the rows copied
+per table, and a difference rolls the batch back. Copy-before-lock for batch
+N+1 while batch N deletes (pipelining) is not done: the sweep hands the engine
+one batch at a time, and N+1's contents are decided after N's results.
 
 The checksum (`archive_meta.sha256`, method `row-sha256-sorted-v1`) does not
 depend on row order: for each table in name order, feed SHA-256 with
