@@ -13,7 +13,7 @@ import json
 import shutil
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from helpers.scenarios import PAUSED_ONCE, cli, read_all, resume, states, turns
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
 from worker.service.demo import chat_graph, thread
-from worker.stores.archive import Archive, ArchiveSettings, Selection, read_segments
+from worker.stores.archive import Archive, ArchiveSettings, Segment, Selection, read_segments
 from worker.stores.engine import ThreadWork
 from worker.stores.sqlite import SqliteStore
 from worker.sweep import Outcome, SweepOptions, sweep
@@ -613,7 +613,7 @@ async def trim_all_with_archive(
     store: Path,
     settings: ArchiveSettings,
     statements: list[str] | None = None,
-    before_lock: Callable[[SqliteStore], Awaitable[None]] | None = None,
+    before_lock: Callable[[SqliteStore, Segment, Sequence[str]], Awaitable[None]] | None = None,
 ) -> dict[str, int]:
     """keep_last 1 and expiry of idle threads over `store`, archived, one sweep; with
     `before_lock`, awaited where a batch copied its archive before its write lock.
@@ -739,33 +739,23 @@ CHAT_THREADS = {
 """The mixed store's threads written by `chat_graph`: an application can add a turn."""
 
 
-def partial_threads(archive: Path) -> set[str]:
-    """Threads in the `.partial` segments under `archive` (written, not yet published)."""
-    found: set[str] = set()
-    for part in archive.rglob("*.partial"):
-        with sqlite3.connect(f"file:{part}?mode=ro", uri=True) as con:
-            found |= {t for (t,) in con.execute("SELECT thread_id FROM checkpoints")}
-    return found
-
-
-async def test_a_batch_copies_and_writes_its_segment_before_its_write_lock(
+async def test_a_batch_copies_its_rows_before_its_write_lock(
     tmp_path: Path, copies: tuple[Path, Path, dict[str, str]]
 ) -> None:
     """With no other connection committing, a batch of trims and expiries copies its
-    rows and writes, fsyncs and verifies its segment before BEGIN IMMEDIATE (a
-    `.partial` is there, the batch's connection holds no transaction), then keeps
-    that copy: every deleted row is archived exactly once."""
+    rows into its segment before BEGIN IMMEDIATE (the batch's connection holds no
+    transaction yet), then keeps that copy: every deleted row is archived exactly once."""
     store, control, _ = copies
     settings = archive_settings(tmp_path)
-    seen: list[tuple[bool, set[str]]] = []
+    seen: list[tuple[bool, int]] = []
 
-    async def before_lock(engine: SqliteStore) -> None:
-        seen.append((engine.conn.in_transaction, partial_threads(Path(settings.path))))
+    async def before_lock(engine: SqliteStore, seg: Segment, threads: Sequence[str]) -> None:
+        seen.append((engine.conn.in_transaction, seg.rows("checkpoints") + seg.rows("writes")))
 
     used = await trim_all_with_archive(store, settings, before_lock=before_lock)
     assert seen, "no batch copied its archive before the write lock"
     assert not any(in_txn for in_txn, _ in seen), "copied under the write lock"
-    assert all(threads for _, threads in seen), "no segment written before the lock"
+    assert all(rows for _, rows in seen), "no row copied before the lock"
     assert used == {"kept": len(seen), "redone": 0}
     assert not list(Path(settings.path).rglob("*.partial"))
     assert archived_relinked(Path(settings.path)) == deleted_rows(store, control)
@@ -783,8 +773,8 @@ async def test_a_commit_between_the_copy_and_the_lock_redoes_the_copy_under_it(
     settings = archive_settings(tmp_path)
     touched: list[str] = []
 
-    async def before_lock(engine: SqliteStore) -> None:
-        chats = sorted(partial_threads(Path(settings.path)) & CHAT_THREADS)
+    async def before_lock(engine: SqliteStore, seg: Segment, threads: Sequence[str]) -> None:
+        chats = sorted(set(threads) & CHAT_THREADS)
         if touched or not chats:
             return
         touched.append(chats[0])

@@ -718,6 +718,9 @@ class _EarlyCopy:
     """The batch connection's `PRAGMA data_version` before anything was read."""
     plan: _EarlyPlan
     seconds: float
+    preparing: asyncio.Future[None]
+    """`seg.prepare` (image, write, fsync, re-read), running while the batch takes
+    its lock and deletes; the COMMIT waits for it."""
 
 
 class SqliteStore:
@@ -756,9 +759,10 @@ class SqliteStore:
         self.copies_before_lock = {"kept": 0, "redone": 0}
         """Archived batches whose copy, taken before the write lock, was kept, or was
         dropped because another connection committed in between (then redone under it)."""
-        self.before_lock: Callable[[], Awaitable[None]] | None = None
-        """Awaited between a batch's copy before the lock and its BEGIN IMMEDIATE: a seam
-        for tests to commit there, deterministically (None in the tool)."""
+        self.before_lock: Callable[[Segment, Sequence[str]], Awaitable[None]] | None = None
+        """Awaited with the segment and its threads between a batch's copy before the
+        lock and its BEGIN IMMEDIATE: a seam for tests to commit there,
+        deterministically (None in the tool)."""
         self._archive_seconds: dict[str, float] = {}
         """The batch's archive phases (debug log `archive_segment`): the wait for its
         copies once its deletes were done, and its seal."""
@@ -1130,7 +1134,7 @@ class SqliteStore:
         early = await self._copy_before_lock(batch, archive) if archive is not None else None
         if not await self._begin_batch(batch):
             if early is not None:
-                await asyncio.to_thread(early.seg.abandon)
+                await self._drop(early)
             return [WorkResult(w.thread_id, Counts(), locked=True) for w in batch]
         if early is not None:
             done = await self._apply_copied(early)
@@ -1213,22 +1217,42 @@ class SqliteStore:
         seg = archive.segment()
         uri = store_uri(self.path, READ_ONLY)
 
-        def copy_and_prepare() -> None:
+        def copy() -> None:
             if specs:
                 seg.open_source(uri)
             for table, columns, sql, params in specs:
                 seg.copy(table, columns, sql, params)
-            seg.prepare()
 
         try:
-            await asyncio.to_thread(copy_and_prepare)
-            if self.before_lock is not None:
-                await self.before_lock()
+            await asyncio.to_thread(copy)
         except BaseException:
             await asyncio.to_thread(seg.abandon)
             raise
+        # Written while the batch takes its lock and deletes, in a worker thread.
+        preparing = asyncio.ensure_future(asyncio.to_thread(seg.prepare))
         plan = _EarlyPlan(results, trimming, expiring, trim_counts, trim_args, expire_ids)
-        return _EarlyCopy(seg, version, plan, time.monotonic() - started)
+        early = _EarlyCopy(seg, version, plan, 0.0, preparing)
+        try:
+            if self.before_lock is not None:
+                await self.before_lock(seg, [*trim_counts, *expire_ids])
+        except BaseException:
+            await self._drop(early)
+            raise
+        early.seconds = time.monotonic() - started
+        return early
+
+    async def _prepared(self, early: _EarlyCopy) -> None:
+        """Wait for `early`'s `prepare` (its error, if any, is left in the future)."""
+        waiting = time.monotonic()
+        await asyncio.wait([early.preparing])
+        self._archive_seconds["prepare_wait"] = time.monotonic() - waiting
+        if not early.preparing.cancelled():
+            early.preparing.exception()  # retrieved: raised by `result()` where it counts
+
+    async def _drop(self, early: _EarlyCopy) -> None:
+        """Abandon `early`'s segment once its `prepare` is done (no file then left)."""
+        await self._prepared(early)
+        await asyncio.to_thread(early.seg.abandon)
 
     async def _apply_copied(self, early: _EarlyCopy) -> list[WorkResult] | None:
         """Under the write lock: if no other connection committed since `early` was
@@ -1240,12 +1264,17 @@ class SqliteStore:
         self._data_version = version
         if version != early.version:
             self.copies_before_lock["redone"] += 1
-            await asyncio.to_thread(early.seg.abandon)
+            await self._drop(early)
             return None
         self.copies_before_lock["kept"] += 1
         seg, plan = early.seg, early.plan
         try:
-            deleted = await self._delete_copied(plan)
+            try:
+                deleted = await self._delete_copied(plan)
+            finally:
+                # Never leave the prepare running into the rollback or the seal.
+                await self._prepared(early)
+            early.preparing.result()
             if {t: n for t, n in deleted.items() if n} != seg.counts:
                 raise seg.archive.error(
                     f"copied {seg.counts} rows into segment {seg.number:06d} but deleted "
