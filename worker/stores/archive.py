@@ -26,12 +26,14 @@ promoted when they are gone.
 Crash safety of each step (the guarantees: the segment is durable and verified
 before the delete commits; a crash leaves nothing half-written that counts):
 
-- `prepare` may run before the batch takes its write lock (SQLite, below).
-  Its only file is the `.partial`; a crash at any point leaves at most a
-  `.partial`, which no reader, recovery or restore counts. A batch that drops
-  a prepared segment (the lock stayed busy, another connection committed)
-  removes the `.partial` with no fsync: a removal lost to a crash leaves a
-  `.partial`, which still never counts.
+- `prepare` may run while the batch takes its write lock and deletes (SQLite,
+  below), in a worker thread. Its only file is the `.partial`; a crash at any
+  point leaves at most a `.partial`, which no reader, recovery or restore
+  counts. The batch waits for it before its count check, `seal` and COMMIT,
+  and on any failure before abandoning it. A batch that drops a prepared
+  segment (the lock stayed busy, another connection committed) removes the
+  `.partial` with no fsync: a removal lost to a crash leaves a `.partial`,
+  which still never counts.
 - The re-read compares the file with the image byte for byte; it no longer
   opens the file as SQLite to count its rows. The image holds the rows, the
   per-table counts (`rows.<table>`) and the checksum in `archive_meta`, all
@@ -49,11 +51,12 @@ before the delete commits; a crash leaves nothing half-written that counts):
   recovery promotes it, as it would after a crash between COMMIT and rename.
 
 On SQLite (`worker.stores.sqlite`) a batch made only of batch-wide trims and
-expiries copies and prepares its segment before `BEGIN IMMEDIATE`: it notes
-its connection's `PRAGMA data_version` (v0), reads what it would decide under
-the lock (holds, fingerprints, the trims' bounds), copies with the deletes'
-own WHEREs on the segment's read-only connection, and prepares. Under the lock
-it reads `data_version` again (v1). The copy equals the deletes when v1 == v0:
+expiries copies its rows before `BEGIN IMMEDIATE`: it notes its connection's
+`PRAGMA data_version` (v0), reads what it would decide under the lock (holds,
+fingerprints, the trims' bounds) and copies with the deletes' own WHEREs on
+the segment's read-only connection; `prepare` then runs in a worker thread
+while the batch takes the lock (and deletes, if it keeps the copy). Under the
+lock it reads `data_version` again (v1). The copy equals the deletes when v1 == v0:
 `data_version` changes whenever a connection other than the batch's commits
 (the application, another worker; the copy's connection only reads), so every
 read between v0 and v1 saw one and the same commit, C0; the batch's own
