@@ -235,6 +235,7 @@ def run_plain(base: Path, workdir: Path, n_threads: int, tag: str) -> dict[str, 
         out["stderr_tail"] = run.stderr_tail
     out["shape"] = shape_after_trim(db, n_threads)
     out["db_bytes_after"] = file_size(db)
+    out["write_txns"] = write_txns(workdir / f"worker-plain-{tag}.log")
     remove_db(db)
     log(f"    {out['wall_seconds']} s, {out['batches']} batches, peak RSS {out['peak_rss_mb']} MB")
     return out
@@ -268,12 +269,13 @@ def run_archived(
     out["db_bytes_after"] = file_size(db)
     out["archive"] = archive_usage(archive)
     out["archive_phases"] = archive_phases(workdir / f"worker-archive-{tag}.log")
+    out["write_txns"] = write_txns(workdir / f"worker-archive-{tag}.log")
     out["archive"]["over_store_bytes"] = round(out["archive"]["bytes"] / out["db_bytes_after"], 3)
     a = out["archive"]
     log(
         f"    {out['wall_seconds']} s, {out['batches']} batches, peak RSS {out['peak_rss_mb']} MB;"
         f" archive {a['bytes'] / 2**30:.2f} GiB in {a['segments']} segments, rows {a['rows']};"
-        f" phases {out['archive_phases']}"
+        f" phases {out['archive_phases']}; write txns {out['write_txns']}"
     )
     # Single threads first (the prefix restore would already have put them back
     # if they were under it; they are not): whole archive, then one segment.
@@ -359,6 +361,35 @@ def archive_phases(worker_log: Path) -> dict[str, Any]:
             if key.endswith("_seconds"):
                 totals[key] = totals.get(key, 0.0) + float(value)
     return {"segments": segments, **{k: round(v, 2) for k, v in sorted(totals.items())}}
+
+
+def write_txns(worker_log: Path) -> dict[str, Any]:
+    """The batches' write transactions (the worker's debug `batch` events: `seconds`
+    less `lock_wait`, the part of a batch spent outside its transaction: waiting for
+    the lock and, with an archive copied before the lock, that copy and its seal's
+    write): longest, p99, and how many reached 250 ms, and the pre-lock seconds."""
+    txns: list[float] = []
+    outside = 0.0
+    for line in worker_log.read_text().splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        if ev.get("event") != "batch" or ev.get("dry_run"):
+            continue
+        wait = float(ev.get("lock_wait") or 0.0)
+        txns.append(float(ev["seconds"]) - wait)
+        outside += wait
+    txns.sort()
+    return {
+        "longest_txn_s": round(txns[-1], 4) if txns else None,
+        "txn_p99_s": round(txns[min(len(txns) - 1, int(len(txns) * 0.99))], 4) if txns else None,
+        "txns_250ms_or_more": sum(t >= 0.25 for t in txns),
+        "txn_seconds_total": round(sum(txns), 1),
+        "outside_txn_seconds_total": round(outside, 1),
+    }
 
 
 def time_verify(archive: Path) -> dict[str, Any]:

@@ -8,10 +8,12 @@ of every head, and resuming waiting threads on both.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import shutil
 import sqlite3
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from helpers.scenarios import PAUSED_ONCE, cli, read_all, resume, states, turns
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
 from worker.service.demo import chat_graph, thread
-from worker.stores.archive import Archive, ArchiveSettings, Selection, read_segments
+from worker.stores.archive import Archive, ArchiveSettings, Segment, Selection, read_segments
 from worker.stores.engine import ThreadWork
 from worker.stores.sqlite import SqliteStore
 from worker.sweep import Outcome, SweepOptions, sweep
@@ -608,9 +610,14 @@ def archive_settings(tmp_path: Path) -> ArchiveSettings:
 
 
 async def trim_all_with_archive(
-    store: Path, settings: ArchiveSettings, statements: list[str] | None = None
-) -> None:
-    """keep_last 1 and expiry of idle threads over `store`, archived, one sweep."""
+    store: Path,
+    settings: ArchiveSettings,
+    statements: list[str] | None = None,
+    before_lock: Callable[[SqliteStore, Segment, Sequence[str]], Awaitable[None]] | None = None,
+) -> dict[str, int]:
+    """keep_last 1 and expiry of idle threads over `store`, archived, one sweep; with
+    `before_lock`, awaited where a batch copied its archive before its write lock.
+    Returns the engine's `copies_before_lock`."""
     from worker.service.config_files import load_config_text
 
     cfg = load_config_text(
@@ -624,6 +631,8 @@ async def trim_all_with_archive(
         if statements is not None:
             # aiosqlite runs the callback on its own thread; list.append is atomic.
             await engine.conn.set_trace_callback(statements.append)
+        if before_lock is not None:
+            engine.before_lock = functools.partial(before_lock, engine)
         report = await sweep(
             engine,
             cfg.policies_for("app"),
@@ -635,6 +644,7 @@ async def trim_all_with_archive(
         assert report.outcome is Outcome.SUCCESS, report.error
     finally:
         await engine.close()
+    return dict(engine.copies_before_lock)
 
 
 async def test_archived_rows_are_copied_in_sql_each_exactly_once(
@@ -704,16 +714,97 @@ async def test_a_copy_that_differs_from_the_delete_rolls_the_batch_back(
     from worker.stores import sqlite as sqlite_engine
 
     store, control, _ = copies
+    broken = sqlite_engine.COPY_BATCH_TRIM_WRITES_SQL + " AND 0"
     monkeypatch.setattr(
         sqlite_engine,
-        "COPY_BATCH_TRIM_WRITES_SQL",
-        sqlite_engine.COPY_BATCH_TRIM_WRITES_SQL + " AND 0",
+        "_TRIM_COPIES",
+        tuple((t, broken if t == "writes" else sql) for t, sql in sqlite_engine._TRIM_COPIES),
     )
     settings = archive_settings(tmp_path)
     with pytest.raises(AssertionError, match="copied"):
         await trim_all_with_archive(store, settings)
     assert raw_rows(store) == raw_rows(control)
     assert not list(read_segments(settings.path, "app"))
+
+
+CHAT_THREADS = {
+    "user-old-1",
+    "user-old-2",
+    "vip-old",
+    "org-1:user-2:session-3",
+    "user-new-1",
+    "org-1:user-2:session-4",
+    "org-1:user-20:session-1",
+}
+"""The mixed store's threads written by `chat_graph`: an application can add a turn."""
+
+
+async def test_a_batch_copies_its_rows_before_its_write_lock(
+    tmp_path: Path, copies: tuple[Path, Path, dict[str, str]]
+) -> None:
+    """With no other connection committing, a batch of trims and expiries copies its
+    rows into its segment before BEGIN IMMEDIATE (the batch's connection holds no
+    transaction yet), then keeps that copy: every deleted row is archived exactly once."""
+    store, control, _ = copies
+    settings = archive_settings(tmp_path)
+    seen: list[tuple[bool, int]] = []
+
+    async def before_lock(engine: SqliteStore, seg: Segment, threads: Sequence[str]) -> None:
+        seen.append((engine.conn.in_transaction, seg.rows("checkpoints") + seg.rows("writes")))
+
+    used = await trim_all_with_archive(store, settings, before_lock=before_lock)
+    assert seen, "no batch copied its archive before the write lock"
+    assert not any(in_txn for in_txn, _ in seen), "copied under the write lock"
+    assert all(rows for _, rows in seen), "no row copied before the lock"
+    assert used == {"kept": len(seen), "redone": 0}
+    assert not list(Path(settings.path).rglob("*.partial"))
+    assert archived_relinked(Path(settings.path)) == deleted_rows(store, control)
+
+
+@pytest.mark.parametrize("app", ["adds_a_turn", "deletes_the_thread"])
+async def test_a_commit_between_the_copy_and_the_lock_redoes_the_copy_under_it(
+    tmp_path: Path, copies: tuple[Path, Path, dict[str, str]], app: str
+) -> None:
+    """The application commits to a thread of the batch after the batch copied it and
+    before the batch's BEGIN IMMEDIATE (driven by the engine's `before_lock` seam):
+    the copy is dropped and the batch archived under the lock. That thread, changed,
+    is neither deleted nor archived; every other deleted row is archived exactly once."""
+    store, control, shapes = copies
+    settings = archive_settings(tmp_path)
+    touched: list[str] = []
+
+    async def before_lock(engine: SqliteStore, seg: Segment, threads: Sequence[str]) -> None:
+        chats = sorted(set(threads) & CHAT_THREADS)
+        if touched or not chats:
+            return
+        touched.append(chats[0])
+        async with AsyncSqliteSaver.from_conn_string(str(store)) as saver:
+            if app == "adds_a_turn":
+                await chat_graph(saver).ainvoke({"messages": ["late turn"]}, thread(chats[0]))
+            else:
+                await saver.adelete_thread(chats[0])
+
+    used = await trim_all_with_archive(store, settings, before_lock=before_lock)
+    assert touched, "no batch of chat threads copied before the lock"
+    assert used["redone"] == 1 and used["kept"] >= 1
+    (tid,) = touched
+    assert not [
+        r for rows in archived_rows(Path(settings.path)).values() for r in rows if r[0] == tid
+    ]
+    mine = [k for k in all_keys(control) if k[0] == tid]
+    if app == "adds_a_turn":
+        assert set(mine) < {k for k in all_keys(store) if k[0] == tid}, (
+            "the changed thread lost rows"
+        )
+    gone = deleted_rows(store, control)
+    gone = {t: [r for r in rows if r[0] != tid] for t, rows in gone.items()}
+    assert archived_relinked(Path(settings.path)) == gone
+    left = set(all_keys(store))
+    kept = {t for t, *_ in left} - {tid}
+    others = [k for k in all_keys(control) if k[0] in kept and k in left]
+    await assert_same_through_the_saver(
+        store, control, {t: v for t, v in shapes.items() if t in kept}, others
+    )
 
 
 # ------------------------------------------------------------------ failures

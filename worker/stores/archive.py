@@ -14,13 +14,63 @@ Rows an engine already holds (Postgres, SQLite's one-thread deletes) come in
 through `Segment.add`.
 
 A segment's life, so that a crash never leaves a half-written file that counts:
-`NNNNNN.partial` (the database image, built in memory, written in one go
-and fsynced once, then re-read: the same bytes, and opened as SQLite the row
-counts and checksum of the batch) -> `NNNNNN.pending.sqlite` (renamed, the
-directory fsynced: the store's delete may now commit) -> `NNNNNN.sqlite` (the
-delete committed). A `.partial` never counts; a
-`.pending.sqlite` left by a crash is resolved by the next sweep (`Archive.pending`):
-removed when its rows are still in the store, promoted when they are gone.
+`NNNNNN.partial` (`Segment.prepare`: the database image, built in memory,
+written in one go and fsynced once, then re-read: the same bytes) ->
+`NNNNNN.pending.sqlite` (`Segment.seal`: renamed, the directory fsynced,
+under the batch's write lock: the store's delete may now commit) ->
+`NNNNNN.sqlite` (`Segment.complete`: the delete committed). A `.partial`
+never counts; a `.pending.sqlite` left by a crash is resolved by the next
+sweep (`Archive.pending`): removed when its rows are still in the store,
+promoted when they are gone.
+
+Crash safety of each step (the guarantees: the segment is durable and verified
+before the delete commits; a crash leaves nothing half-written that counts):
+
+- `prepare` may run while the batch takes its write lock and deletes (SQLite,
+  below), in a worker thread. Its only file is the `.partial`; a crash at any
+  point leaves at most a `.partial`, which no reader, recovery or restore
+  counts. The batch waits for it before its count check, `seal` and COMMIT,
+  and on any failure before abandoning it. A batch that drops a prepared
+  segment (the lock stayed busy, another connection committed) removes the
+  `.partial` with no fsync: a removal lost to a crash leaves a `.partial`,
+  which still never counts.
+- The re-read compares the file with the image byte for byte; it no longer
+  opens the file as SQLite to count its rows. The image holds the rows, the
+  per-table counts (`rows.<table>`) and the checksum in `archive_meta`, all
+  computed from the image's own rows before it was serialized, so equal bytes
+  are equal rows, counts and checksum; a torn or short write differs in its bytes.
+- `seal` renames the fsynced `.partial` to `.pending.sqlite` and fsyncs the
+  directory, still before the COMMIT (for a prepared segment: under the write
+  lock, after the batch checked that its copy is what its deletes removed).
+  The data was fsynced before the rename, so the name that counts never
+  points at unsynced bytes; a crash before the directory fsync loses at most
+  the new name, and the delete has not committed.
+- `complete` renames `.pending.sqlite` to `.sqlite` after the COMMIT and does
+  not fsync the directory: a crash that loses the rename leaves the
+  `.pending.sqlite`, whose rows are gone from the store, and the next sweep's
+  recovery promotes it, as it would after a crash between COMMIT and rename.
+
+On SQLite (`worker.stores.sqlite`) a batch made only of batch-wide trims and
+expiries copies its rows before `BEGIN IMMEDIATE`: it notes its connection's
+`PRAGMA data_version` (v0), reads what it would decide under the lock (holds,
+fingerprints, the trims' bounds) and copies with the deletes' own WHEREs on
+the segment's read-only connection; `prepare` then runs in a worker thread
+while the batch takes the lock (and deletes, if it keeps the copy). Under the
+lock it reads `data_version` again (v1). The copy equals the deletes when v1 == v0:
+`data_version` changes whenever a connection other than the batch's commits
+(the application, another worker; the copy's connection only reads), so every
+read between v0 and v1 saw one and the same commit, C0; the batch's own
+connection committed nothing in that span either (its previous batch
+committed before v0, and its own commits do not change its `data_version`
+anyway, which is why only that connection's value is used). Under the lock
+the deletes start from C0, with bounds, holds and fingerprints decided on C0,
+so they remove exactly the rows the copy read from C0. When v1 != v0 the
+prepared segment is dropped and the batch runs as before, copying under the
+lock (a thread whose fingerprint changed is then refused, so neither deleted
+nor archived). Either way the rows deleted are compared with the rows copied
+per table, and a difference rolls the batch back. Copy-before-lock for batch
+N+1 while batch N deletes (pipelining) is not done: the sweep hands the engine
+one batch at a time, and N+1's contents are decided after N's results.
 
 The checksum (`archive_meta.sha256`, method `row-sha256-sorted-v1`) does not
 depend on row order: for each table in name order, feed SHA-256 with
@@ -59,7 +109,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, NoReturn
 from urllib.parse import quote
 
 from policies.config import ArchiveConfig, StoreConfig
@@ -338,12 +388,13 @@ def _write_synced(path: str, data: bytes) -> None:
         os.close(fd)
 
 
-def _verify_image(path: str, image: bytes, counts: dict[str, int], expected: str) -> None:
-    """Re-read a written segment; raise `OSError` unless it is `image` to the byte and,
-    opened as SQLite, holds `counts` rows per table and records the checksum `expected`.
+def _verify_image(path: str, image: bytes) -> None:
+    """Re-read a written segment; raise `OSError` unless it is `image` to the byte.
 
-    The byte comparison covers every row (the image was built from the rows the
-    checksum was computed over), so the rows need not be digested a second time.
+    That comparison covers every row, the row counts and the checksum the image
+    records in `archive_meta` (the image was built from the rows the checksum
+    and counts were computed over), so the file is not opened again as SQLite to
+    count its rows: what it would find is, byte for byte, what was built.
     """
     chunk = 1 << 20
     with open(path, "rb") as f:
@@ -352,20 +403,6 @@ def _verify_image(path: str, image: bytes, counts: dict[str, int], expected: str
                 raise OSError(f"read back bytes that differ from those written at offset {start}")
         if f.read(1):
             raise OSError(f"read back more than the {len(image)} bytes written")
-    conn = _connect_ro(path)
-    try:
-        found = {
-            name: int(conn.execute(COUNT_ROWS.format(table=name)).fetchone()[0])
-            for (name,) in conn.execute(LIST_TABLES).fetchall()
-            if name != META_TABLE
-        }
-        recorded = dict(conn.execute(READ_META).fetchall()).get("sha256", "")
-    finally:
-        conn.close()
-    if found != counts or recorded != expected:
-        raise OSError(
-            f"read back {found} with checksum {recorded[:12]}, wrote {counts} with {expected[:12]}"
-        )
 
 
 def _file_sha256(path: str) -> str:
@@ -627,7 +664,9 @@ class Segment:
         self.archive = archive
         self.number = number
         self._tables: dict[str, _Table] = {}
-        self._state: Literal["open", "pending", "complete", "abandoned"] = "open"
+        self._state: Literal["open", "prepared", "pending", "complete", "abandoned"] = "open"
+        self._partial: str | None = None
+        """The verified `.partial` between `prepare` and `seal` (None when empty)."""
         self.path: str | None = None
         """Where the segment is now (its `.pending.sqlite` after `seal`, final after `complete`)."""
         self.bytes = 0
@@ -648,8 +687,8 @@ class Segment:
 
     @property
     def sealed(self) -> bool:
-        """`seal` ran (or the segment was abandoned): no more rows go in."""
-        return self._state != "open"
+        """`seal` ran (or the segment was abandoned): its name counts, or it is gone."""
+        return self._state not in ("open", "prepared")
 
     def open_source(self, uri: str) -> None:
         """Open the store (a read-only `file:` URI) for `copy`; before any `copy` or `add`.
@@ -770,29 +809,31 @@ class Segment:
                 db, self._db = self._db, None
                 db.close()
 
-    def seal(self) -> None:
-        """Build the image, write and fsync it once, re-read and verify, then rename
-        to `.pending.sqlite` and fsync the directory once.
+    def prepare(self) -> None:
+        """The seal's first half: build the image, write the `.partial` and fsync it once,
+        re-read it (the same bytes), and check the size limit. No name that counts
+        exists yet: a crash now leaves a `.partial`, which never counts.
 
-        Raises `ArchiveError` (leaving no file behind) when any step fails or
-        the store's archive would pass `max_bytes`. An empty segment writes nothing.
+        A SQLite engine prepares before it takes the write lock when it can (see
+        `worker.stores.sqlite`); `seal` then only publishes, under the lock.
+        Raises `ArchiveError` (leaving no file behind) when any step fails or the
+        store's archive would pass `max_bytes`. An empty segment writes nothing.
         """
         if self._state != "open":
             raise RuntimeError(f"segment {self.number} is {self._state}")
         if self.empty():
-            self._state = "pending"
+            self._state = "prepared"
             self.close()
             return
         archive = self.archive
-        local_dir = archive._ensure_dirs()
-        partial = os.path.join(local_dir, f"{self.number:06d}{PARTIAL_SUFFIX}")
+        partial = os.path.join(archive._ensure_dirs(), f"{self.number:06d}{PARTIAL_SUFFIX}")
         try:
             clock = time.monotonic()
-            image, expected = self._image()
+            image, _ = self._image()
             self.timings["image"] = time.monotonic() - clock
             _write_synced(partial, image)
             self.timings["write"] = time.monotonic() - clock - self.timings["image"]
-            _verify_image(partial, image, self.counts, expected)
+            _verify_image(partial, image)
             self.bytes = len(image)
             del image
             limit = archive.settings.max_bytes
@@ -801,30 +842,57 @@ class Segment:
                     f"segment of {self.bytes} bytes would bring the archive to "
                     f"{total} bytes, past max_bytes {limit}; nothing deleted"
                 )
-            clock = time.monotonic()
-            self.path = self._publish(partial)
-            self.timings["publish"] = time.monotonic() - clock
-            archive._published(self.bytes)
-        except _Refused as exc:
+        except BaseException as exc:
             _remove(partial)
+            self._raise(exc)
+        finally:
+            self.close()
+        self._partial = partial
+        self._state = "prepared"
+
+    def _raise(self, exc: BaseException) -> NoReturn:
+        """Raise a failed seal step as an `ArchiveError` naming the segment (`exc` itself
+        when it is no error of the archive's, such as a cancellation)."""
+        archive = self.archive
+        if isinstance(exc, _Refused):
             raise archive.error(str(exc)) from None
-        except (OSError, sqlite3.Error) as exc:
-            _remove(partial)
+        if isinstance(exc, OSError | sqlite3.Error):
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise archive.error(
                 f"cannot write segment {self.number:06d}: {reason}; nothing deleted",
                 archive._shown(archive.sweep_dir or archive.store_dir),
             ) from exc
-        except Exception as exc:  # fsspec backends raise their own errors
-            _remove(partial)
+        if isinstance(exc, Exception):  # fsspec backends raise their own errors
             raise archive.error(
                 f"cannot write segment {self.number:06d}: {exc}; nothing deleted"
             ) from exc
-        finally:
-            self.close()
+        raise exc
+
+    def seal(self) -> None:
+        """Prepare the segment (unless `prepare` already did), then rename the verified
+        `.partial` to `.pending.sqlite` and fsync the directory once: from then on the
+        store's delete may commit.
+
+        Raises `ArchiveError` (leaving no file behind) when any step fails.
+        """
+        if self._state == "open":
+            self.prepare()
+        if self._state != "prepared":
+            raise RuntimeError(f"segment {self.number} is {self._state}")
+        partial, self._partial = self._partial, None
+        if partial is not None:
+            try:
+                clock = time.monotonic()
+                self.path = self._publish(partial)
+                self.timings["publish"] = time.monotonic() - clock
+            except BaseException as exc:
+                _remove(partial)
+                self._state = "abandoned"
+                self._raise(exc)
+            self.archive._published(self.bytes)
+            self.archive.segments_written += 1
+            self.archive.bytes_written += self.bytes
         self._state = "pending"
-        archive.segments_written += 1
-        archive.bytes_written += self.bytes
 
     def _image(self) -> tuple[bytes, str]:
         """The segment as the bytes of a SQLite database file, and its checksum.
@@ -928,9 +996,13 @@ class Segment:
 
     def abandon(self) -> None:
         """The batch's delete rolled back: remove the segment."""
-        if self._state == "open":
+        if self._state in ("open", "prepared"):
+            # A `.partial` never counts: removing it needs no fsync.
             self._state = "abandoned"
             self.close()
+            if self._partial is not None:
+                _remove(self._partial)
+                self._partial = None
             return
         if self._state != "pending":
             raise RuntimeError(f"segment {self.number} is {self._state}, not pending")
@@ -962,8 +1034,9 @@ def _promote(archive: Archive, pending: str) -> str:
             archive._fs.copy(pending, final)
             archive._fs.rm_file(pending)
         else:
+            # No folder fsync: a rename lost to a crash leaves the `.pending.sqlite`,
+            # whose rows are gone from the store, and recovery promotes it.
             os.replace(pending, final)
-            _fsync_dir(os.path.dirname(final))
     except Exception as exc:
         raise archive.error(f"cannot complete the segment: {exc}", archive._shown(pending)) from exc
     return final

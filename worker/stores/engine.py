@@ -278,8 +278,10 @@ class Contention:
     """Its BEGIN waited for the write lock, or another connection had committed
     since the batch before: the application is writing now."""
     lock_wait: float = 0.0
-    """Seconds its BEGIN waited for the write lock (part of the batch's time, not
-    of its transaction)."""
+    """Seconds of the batch's time spent outside its write transaction: its BEGIN
+    waiting for the write lock, and work done before taking it (the archive's copy
+    of a batch whose rows are copied before the lock). The sizer aims only the
+    transaction at the target, so it leaves these out."""
 
 
 @runtime_checkable

@@ -16,7 +16,7 @@ import sqlite3
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -472,6 +472,17 @@ COPY_EXPIRE_WRITES_SQL = "SELECT * FROM writes WHERE thread_id IN (SELECT value 
 COPY_EXPIRE_CHECKPOINTS_SQL = """
 SELECT * FROM checkpoints WHERE thread_id IN (SELECT value FROM json_each(?))
 """
+# (image table, copy) of the batch-wide trims and of the expiries, in the order
+# their statements run (the parents to be nulled first: the UPDATE goes first).
+_TRIM_COPIES = (
+    (NULLED_TABLE, COPY_BATCH_TRIM_NULLED_SQL),
+    ("writes", COPY_BATCH_TRIM_WRITES_SQL),
+    ("checkpoints", COPY_BATCH_TRIM_CHECKPOINTS_SQL),
+)
+_EXPIRE_COPIES = (
+    ("writes", COPY_EXPIRE_WRITES_SQL),
+    ("checkpoints", COPY_EXPIRE_CHECKPOINTS_SQL),
+)
 # Columns in `SELECT *` order, for the image's tables.
 ORDERED_COLUMNS_SQL = "SELECT name FROM pragma_table_info(?) ORDER BY cid"
 JOURNAL_MODE_SQL = "PRAGMA journal_mode"
@@ -709,6 +720,33 @@ async def _connect(uri: str) -> aiosqlite.Connection:
     return await aiosqlite.connect(uri, uri=True, isolation_level=None)
 
 
+@dataclass(slots=True)
+class _EarlyPlan:
+    """What a batch decided before its write lock (`SqliteStore._copy_before_lock`):
+    results of held or changed parts, the batch-wide trims with their bounds, the expiries."""
+
+    results: list[WorkResult]
+    trimming: dict[int, ThreadWork]
+    expiring: dict[int, str]
+    trim_counts: dict[str, Counts]
+    trim_args: dict[str, str] | None
+    expire_ids: list[str]
+
+
+@dataclass(slots=True)
+class _EarlyCopy:
+    """A batch's segment, copied and prepared before the write lock."""
+
+    seg: Segment
+    version: int
+    """The batch connection's `PRAGMA data_version` before anything was read."""
+    plan: _EarlyPlan
+    seconds: float
+    preparing: asyncio.Future[None]
+    """`seg.prepare` (image, write, fsync, re-read), running while the batch takes
+    its lock and deletes; the COMMIT waits for it."""
+
+
 class SqliteStore:
     """A `StoreEngine` over one SQLite file, on one shared aiosqlite connection.
 
@@ -742,6 +780,13 @@ class SqliteStore:
         self._ordered_columns: dict[str, tuple[str, ...]] = {}
         """The archive's copies: each table's columns in `SELECT *` order."""
         self._wal: bool | None = None
+        self.copies_before_lock = {"kept": 0, "redone": 0}
+        """Archived batches whose copy, taken before the write lock, was kept, or was
+        dropped because another connection committed in between (then redone under it)."""
+        self.before_lock: Callable[[Segment, Sequence[str]], Awaitable[None]] | None = None
+        """Awaited with the segment and its threads between a batch's copy before the
+        lock and its BEGIN IMMEDIATE: a seam for tests to commit there,
+        deterministically (None in the tool)."""
         self._archive_seconds: dict[str, float] = {}
         """The batch's archive phases (debug log `archive_segment`): the wait for its
         copies once its deletes were done, and its seal."""
@@ -1110,15 +1155,22 @@ class SqliteStore:
         """
         if dry_run:
             return [await self._count(work) for work in batch]
+        early = await self._copy_before_lock(batch, archive) if archive is not None else None
         if not await self._begin_batch(batch):
+            if early is not None:
+                await self._drop(early)
             return [WorkResult(w.thread_id, Counts(), locked=True) for w in batch]
+        if early is not None:
+            done = await self._apply_copied(early)
+            if done is not None:
+                return done
         seg = archive.segment() if archive is not None else None
         try:
             if seg is not None:
                 opening = time.monotonic()
                 await asyncio.to_thread(seg.open_source, store_uri(self.path, READ_ONLY))
                 self._archive_seconds["open"] = time.monotonic() - opening
-            results = await self._batch(batch, seg)
+            results = await self._batch(batch, seg, seen=early is not None)
             if seg is not None and not seg.sealed:
                 # Sealed under the write lock: nothing commits before its archive is safe.
                 sealing = time.monotonic()
@@ -1131,22 +1183,155 @@ class SqliteStore:
         await self._commit(seg)
         self._uncheckpointed += sum(r.counts.bytes for r in results)
         if seg is not None:
-            completing = time.monotonic()
-            await self._complete(seg)
-            self._archive_seconds["complete"] = time.monotonic() - completing
-            log.debug(
-                "archive_segment",
-                store=self.name,
-                segment=seg.number,
-                bytes=seg.bytes,
-                rows=sum(seg.counts.values()),
-                **{
-                    f"{k}_seconds": round(v, 4)
-                    for k, v in {**self._archive_seconds, **seg.timings}.items()
-                },
-            )
-            self._archive_seconds.clear()
+            await self._after_commit(seg, early)
         return results
+
+    async def _after_commit(self, seg: Segment, early: _EarlyCopy | None) -> None:
+        """Complete a committed batch's segment and log its phases; the time spent on
+        the archive before the write lock counts as the lock wait does (`Contention`):
+        part of the batch's time, not of its transaction, so the sizer aims the
+        transaction alone at its target."""
+        completing = time.monotonic()
+        await self._complete(seg)
+        self._archive_seconds["complete"] = time.monotonic() - completing
+        if early is not None:
+            self._archive_seconds["before_lock"] = early.seconds
+            c = self._contention
+            self._contention = Contention(c.writer_seen, c.lock_wait + early.seconds)
+        log.debug(
+            "archive_segment",
+            store=self.name,
+            segment=seg.number,
+            bytes=seg.bytes,
+            rows=sum(seg.counts.values()),
+            copied_before_lock=early is not None and early.seg is seg,
+            **{
+                f"{k}_seconds": round(v, 4)
+                for k, v in {**self._archive_seconds, **seg.timings}.items()
+            },
+        )
+        self._archive_seconds.clear()
+
+    async def _copy_before_lock(
+        self, batch: Sequence[ThreadWork], archive: Archive
+    ) -> _EarlyCopy | None:
+        """Copy and prepare the batch's segment before its write lock (None: not for
+        this batch, which then copies under the lock as before).
+
+        Everything the batch would decide under the lock (holds, fingerprints, trim
+        bounds) is read here first, after noting `PRAGMA data_version`; the copy then
+        reads the same way, then the segment is written, fsynced and re-read as a
+        `.partial`. `_apply_copied` keeps it only if no other connection committed
+        since that note (module docstring of `worker.stores.archive`: why the copy
+        then equals the deletes).
+        """
+        if not _copyable_before_lock(batch):
+            return None
+        started = time.monotonic()
+        version = await self._data_version_now()
+        results, trimming, expiring = await self._parts(batch, None)
+        trim_counts, trim_args = await self._trim_bounds(list(trimming.values()))
+        expire_ids = sorted(set(expiring.values()))
+        copies: list[tuple[str, str, tuple[Any, ...] | dict[str, Any]]] = []
+        if trim_args is not None:
+            copies += [(t, sql, trim_args) for t, sql in _TRIM_COPIES]
+        if expire_ids:
+            copies += [(t, sql, (json.dumps(expire_ids),)) for t, sql in _EXPIRE_COPIES]
+        specs = [(t, await self._columns_of(t), sql, p) for t, sql, p in copies]
+        seg = archive.segment()
+        uri = store_uri(self.path, READ_ONLY)
+
+        def copy() -> None:
+            if specs:
+                seg.open_source(uri)
+            for table, columns, sql, params in specs:
+                seg.copy(table, columns, sql, params)
+
+        try:
+            await asyncio.to_thread(copy)
+        except BaseException:
+            await asyncio.to_thread(seg.abandon)
+            raise
+        # Written while the batch takes its lock and deletes, in a worker thread.
+        preparing = asyncio.ensure_future(asyncio.to_thread(seg.prepare))
+        plan = _EarlyPlan(results, trimming, expiring, trim_counts, trim_args, expire_ids)
+        early = _EarlyCopy(seg, version, plan, 0.0, preparing)
+        try:
+            if self.before_lock is not None:
+                await self.before_lock(seg, [*trim_counts, *expire_ids])
+        except BaseException:
+            await self._drop(early)
+            raise
+        early.seconds = time.monotonic() - started
+        return early
+
+    async def _prepared(self, early: _EarlyCopy) -> None:
+        """Wait for `early`'s `prepare` (its error, if any, is left in the future)."""
+        waiting = time.monotonic()
+        await asyncio.wait([early.preparing])
+        self._archive_seconds["prepare_wait"] = time.monotonic() - waiting
+        if not early.preparing.cancelled():
+            early.preparing.exception()  # retrieved: raised by `result()` where it counts
+
+    async def _drop(self, early: _EarlyCopy) -> None:
+        """Abandon `early`'s segment once its `prepare` is done (no file then left)."""
+        await self._prepared(early)
+        await asyncio.to_thread(early.seg.abandon)
+
+    async def _apply_copied(self, early: _EarlyCopy) -> list[WorkResult] | None:
+        """Under the write lock: if no other connection committed since `early` was
+        copied, delete exactly what it copied, publish its segment and COMMIT; else
+        drop it and return None (the batch is then archived under the lock)."""
+        version = await self._data_version_now()
+        if self._data_version is not None and version != self._data_version:
+            self._contention = Contention(writer_seen=True, lock_wait=self._lock_wait)
+        self._data_version = version
+        if version != early.version:
+            self.copies_before_lock["redone"] += 1
+            await self._drop(early)
+            return None
+        self.copies_before_lock["kept"] += 1
+        seg, plan = early.seg, early.plan
+        try:
+            try:
+                deleted = await self._delete_copied(plan)
+            finally:
+                # Never leave the prepare running into the rollback or the seal.
+                await self._prepared(early)
+            early.preparing.result()
+            if {t: n for t, n in deleted.items() if n} != seg.counts:
+                raise seg.archive.error(
+                    f"copied {seg.counts} rows into segment {seg.number:06d} but deleted "
+                    f"{deleted}; nothing deleted"
+                )
+            sealing = time.monotonic()
+            await asyncio.to_thread(seg.seal)
+            self._archive_seconds["seal"] = time.monotonic() - sealing
+        except BaseException:
+            await self._roll_back(seg)
+            raise
+        await self._commit(seg)
+        results = plan.results
+        self._uncheckpointed += sum(r.counts.bytes for r in results)
+        await self._after_commit(seg, early)
+        return results
+
+    async def _delete_copied(self, plan: _EarlyPlan) -> dict[str, int]:
+        """`plan`'s deletes (the plain statements), its results filled in; the rows
+        deleted per archived table."""
+        totals: dict[str, int] = {}
+        if plan.trim_args is not None:
+            totals = await self._trim_rows(plan.trim_args, plan.trim_counts)
+        for i, work in plan.trimming.items():
+            plan.results[i] = WorkResult(work.thread_id, plan.trim_counts[work.thread_id])
+        if plan.expire_ids:
+            gone = {tid: Counts(threads=1) for tid in plan.expire_ids}
+            expired = await self._expire_rows(json.dumps(plan.expire_ids), gone)
+            for t, n in expired.items():
+                totals[t] = totals.get(t, 0) + n
+            for i, tid in plan.expiring.items():
+                plan.results[i] = WorkResult(tid, gone[tid])
+        return totals
 
     async def _begin_batch(self, batch: Sequence[ThreadWork]) -> bool:
         """Take the write lock for `batch`, noting the wait; False (logged) if it stayed busy."""
@@ -1162,9 +1347,12 @@ class SqliteStore:
             )
         return begun
 
-    async def _batch(self, batch: Sequence[ThreadWork], seg: Segment | None) -> list[WorkResult]:
-        """The batch's statements, under the write lock; deleted rows also go to `seg`."""
-        if await self._writer_since_last_batch():
+    async def _batch(
+        self, batch: Sequence[ThreadWork], seg: Segment | None, *, seen: bool = False
+    ) -> list[WorkResult]:
+        """The batch's statements, under the write lock; deleted rows also go to `seg`.
+        `seen`: `_apply_copied` already read `PRAGMA data_version` in this transaction."""
+        if not seen and await self._writer_since_last_batch():
             self._contention = Contention(writer_seen=True, lock_wait=self._lock_wait)
         results, trimming, expiring = await self._parts(batch, seg)
         if trimming:
@@ -1276,25 +1464,8 @@ class SqliteStore:
         ids = json.dumps(thread_ids)
         if seg is not None:
             return await self._expire_archived(thread_ids, counts, seg)
-        await self._expire_plain(ids, counts)
+        await self._expire_rows(ids, counts)
         return counts
-
-    async def _expire_plain(self, ids: str, counts: dict[str, Counts]) -> dict[str, int]:
-        """Delete the threads of JSON array `ids` whole: counted (and sized) per thread by
-        one grouped read per table, then two deletes, under the same write lock. The
-        batch's totals per table."""
-        async with self.conn.execute(EXPIRE_COUNT_WRITES_SQL, (ids,)) as cur:
-            for tid, n in await cur.fetchall():
-                counts[tid].writes = int(n)
-        async with self.conn.execute(EXPIRE_SIZE_CHECKPOINTS_SQL, (ids,)) as cur:
-            for tid, n, size in await cur.fetchall():
-                counts[tid].checkpoints = int(n)
-                counts[tid].bytes = int(size or 0)
-        # The totals the archive's copy is checked against are what the deletes report,
-        # not the counts above: those are written differently and could drift apart.
-        writes = (await self.conn.execute(EXPIRE_MANY_WRITES_SQL, (ids,))).rowcount
-        checkpoints = (await self.conn.execute(EXPIRE_MANY_CHECKPOINTS_SQL, (ids,))).rowcount
-        return {NULLED_TABLE: 0, "writes": writes, "checkpoints": checkpoints}
 
     async def _expire_archived(
         self, thread_ids: list[str], counts: dict[str, Counts], seg: Segment
@@ -1319,17 +1490,25 @@ class SqliteStore:
                 counts[row[0]].bytes += size(row)
         if copied := [t for t in thread_ids if t not in touched]:
             ids = json.dumps(copied)
-
-            async def delete() -> dict[str, int]:
-                return await self._expire_plain(ids, counts)
-
-            copies = [
-                ("writes", COPY_EXPIRE_WRITES_SQL),
-                ("checkpoints", COPY_EXPIRE_CHECKPOINTS_SQL),
-            ]
+            delete = partial(self._expire_rows, ids, counts)
             # The batch's last statements: the segment is complete once copied.
-            await self._copy_alongside(seg, copies, (ids,), delete, seal=True)
+            await self._copy_alongside(seg, _EXPIRE_COPIES, (ids,), delete, seal=True)
         return counts
+
+    async def _expire_rows(self, ids: str, counts: dict[str, Counts]) -> dict[str, int]:
+        """Delete the threads of the JSON list `ids` whole, counting into `counts` by one
+        grouped read per table under the same write lock; the rows deleted per archived
+        table, as the deletes report them (as in `_trim_rows`)."""
+        async with self.conn.execute(EXPIRE_COUNT_WRITES_SQL, (ids,)) as cur:
+            for tid, n in await cur.fetchall():
+                counts[tid].writes += int(n)
+        async with self.conn.execute(EXPIRE_SIZE_CHECKPOINTS_SQL, (ids,)) as cur:
+            for tid, n, size in await cur.fetchall():
+                counts[tid].checkpoints += int(n)
+                counts[tid].bytes += int(size or 0)
+        writes = (await self.conn.execute(EXPIRE_MANY_WRITES_SQL, (ids,))).rowcount
+        checkpoints = (await self.conn.execute(EXPIRE_MANY_CHECKPOINTS_SQL, (ids,))).rowcount
+        return {NULLED_TABLE: 0, "writes": writes, "checkpoints": checkpoints}
 
     async def _copy_alongside(
         self,
@@ -1446,44 +1625,48 @@ class SqliteStore:
         """The set-based trims of many threads (one part each), in four statements;
         with `seg`, every row they remove and each parent they null is copied into it
         alongside (then, with `seal`, the segment sealed: no row of the batch follows)."""
+        counts, args = await self._trim_bounds(works)
+        if args is None:
+            return counts
+        delete = partial(self._trim_rows, args, counts)
+        if seg is None:
+            await delete()
+        else:
+            await self._copy_alongside(seg, _TRIM_COPIES, args, delete, seal=seal)
+        return counts
+
+    async def _trim_bounds(
+        self, works: Sequence[ThreadWork]
+    ) -> tuple[dict[str, Counts], dict[str, str] | None]:
+        """Zeroed counts per thread and the batch trims' bounds (None: nothing to trim)."""
         ranges = [(w.thread_id, ns, r) for w in works for ns, r in w.ranges.items()]
         counts = {w.thread_id: Counts() for w in works}
-        conn = self.conn
         spaces = json.dumps([[t, ns] for t, ns, _ in ranges])
         ids: list[list[str]] = [[] for _ in ranges]
-        for i, cid in await conn.execute_fetchall(BATCH_TRIM_IDS_SQL, {"spaces": spaces}):
+        for i, cid in await self.conn.execute_fetchall(BATCH_TRIM_IDS_SQL, {"spaces": spaces}):
             ids[i].append(cid)
         bounds = [
             [t, ns, b]
             for (t, ns, r), got in zip(ranges, ids, strict=True)
             if (b := _batch_bound(sorted(got), r.keep, r.before, r.limit))
         ]
-        if not bounds:
-            return counts
-        args = {"bounds": json.dumps(bounds)}
+        return counts, ({"bounds": json.dumps(bounds)} if bounds else None)
 
-        async def delete() -> dict[str, int]:
-            nulled = (await conn.execute(BATCH_TRIM_NULL_PARENTS_SQL, args)).rowcount
-            for tid, n in await conn.execute_fetchall(BATCH_TRIM_COUNT_WRITES_SQL, args):
-                counts[tid].writes = int(n)
-            for tid, n, size in await conn.execute_fetchall(BATCH_TRIM_SIZE_CHECKPOINTS_SQL, args):
-                counts[tid].checkpoints = int(n)
-                counts[tid].bytes = int(size or 0)
-            # Checked against the copy: what the deletes report (as in `_expire_plain`).
-            writes = (await conn.execute(BATCH_TRIM_WRITES_SQL, args)).rowcount
-            checkpoints = (await conn.execute(BATCH_TRIM_CHECKPOINTS_SQL, args)).rowcount
-            return {NULLED_TABLE: nulled, "writes": writes, "checkpoints": checkpoints}
-
-        if seg is None:
-            await delete()
-        else:
-            copies = [
-                (NULLED_TABLE, COPY_BATCH_TRIM_NULLED_SQL),
-                ("writes", COPY_BATCH_TRIM_WRITES_SQL),
-                ("checkpoints", COPY_BATCH_TRIM_CHECKPOINTS_SQL),
-            ]
-            await self._copy_alongside(seg, copies, args, delete, seal=seal)
-        return counts
+    async def _trim_rows(self, args: dict[str, str], counts: dict[str, Counts]) -> dict[str, int]:
+        """The batch trims' statements, counting into `counts` by one grouped read per
+        table (a row per thread, where RETURNING handed Python a row per deleted row); the
+        rows deleted per archived table, as the deletes report them (checked against the
+        archive's copy: the grouped reads are written differently and could drift apart)."""
+        conn = self.conn
+        nulled = (await conn.execute(BATCH_TRIM_NULL_PARENTS_SQL, args)).rowcount
+        for tid, n in await conn.execute_fetchall(BATCH_TRIM_COUNT_WRITES_SQL, args):
+            counts[tid].writes += int(n)
+        for tid, n, size in await conn.execute_fetchall(BATCH_TRIM_SIZE_CHECKPOINTS_SQL, args):
+            counts[tid].checkpoints += int(n)
+            counts[tid].bytes += int(size or 0)
+        writes = (await conn.execute(BATCH_TRIM_WRITES_SQL, args)).rowcount
+        checkpoints = (await conn.execute(BATCH_TRIM_CHECKPOINTS_SQL, args)).rowcount
+        return {NULLED_TABLE: nulled, "writes": writes, "checkpoints": checkpoints}
 
     async def _delete(self, work: ThreadWork, seg: Segment | None) -> WorkResult:
         conn = self.conn
@@ -1638,11 +1821,16 @@ class SqliteStore:
         """What the last batch saw of the application's writers (`WriterAware`)."""
         return self._contention
 
-    async def _writer_since_last_batch(self) -> bool:
-        """Whether another connection committed since the last call (inside a batch)."""
+    async def _data_version_now(self) -> int:
+        """`PRAGMA data_version` of the batch's connection: it changes when any other
+        connection commits (the application's, another worker's), never by our own."""
         async with self.conn.execute(DATA_VERSION_SQL) as cur:
             row = await cur.fetchone()
-        version = int(row[0]) if row else 0
+        return int(row[0]) if row else 0
+
+    async def _writer_since_last_batch(self) -> bool:
+        """Whether another connection committed since the last call (inside a batch)."""
+        version = await self._data_version_now()
         seen = self._data_version is not None and version != self._data_version
         self._data_version = version
         return seen
@@ -1895,6 +2083,15 @@ def _batch_bound(ids: Sequence[str], keep: int, before: str, limit: int) -> str:
         return ""
     bound = min(before, ids[len(ids) - keep])
     return min(bound, ids[limit]) if len(ids) > limit else bound
+
+
+def _copyable_before_lock(batch: Sequence[ThreadWork]) -> bool:
+    """Every part is a batch-wide trim or an expiry: the parts `_copy_before_lock`
+    can plan in full without deleting (a one-thread delete by id reads what an
+    earlier part of the same batch left, so it is archived under the lock)."""
+    tids = [w.thread_id for w in batch]
+    repeated = {t for t in tids if tids.count(t) > 1} if len(set(tids)) < len(tids) else set()
+    return all(w.expire or (_ranges_only(w) and w.thread_id not in repeated) for w in batch)
 
 
 def _ranges_only(work: ThreadWork) -> bool:
