@@ -5,7 +5,7 @@ The engine (`worker.stores.sqlite`, aiosqlite), its vacuum
 (`worker.saver.sqlite`, on the application's own sqlite3 or aiosqlite
 connection) all talk to the same tables: the saver's (`checkpoints`,
 `writes`) and this tool's own. One module holds all their SQL, as
-`langgraph-checkpoint-sqlite` keeps its schema's statements together, so that
+`worker.stores.postgres_sql` does for Postgres, so that
 where the engine and the wrapper do the same thing they share one text (the
 deletes by decided ids, the parent nulling, a thread's expiry, the blob read,
 the holds), and where they differ on purpose the two statements stand side by
@@ -19,14 +19,16 @@ side with the reason (section "the saver wrapper"):
   the wrapper's expiry takes the whole thread, so per thread;
 - reading holds: the engine's asks about a batch's threads, or lists holds in
   pages; the wrapper's caches every held id at once.
+- whole-thread deletes: the engine counts and sizes the rows first, for its
+  report; the wrapper takes the deletes' own row counts.
 
 SQLite stores no blobs apart (channel values are inline in the checkpoint),
 so unlike Postgres no trim or expiry has blobs to keep or free. The
-"archive" section of the archive-writing deletes still lives in
-`worker.stores.sqlite`, next to the engine.
+archive's statements (the deletes that return their rows, the copies into a
+segment) still live in `worker.stores.sqlite`, beside the engine, for now.
 
 Only SQL lives here, with what builds it (templates, fragments): no driver is
-imported, so the saver backend loads no aiosqlite of the engine's. Limits and
+imported, so the saver backend need not import the engine. Limits and
 page sizes stay with the code that uses them. docs/architecture.md says where
 each statement runs.
 """
@@ -37,6 +39,9 @@ from worker.stores.engine import HOLDS_TABLE, RESIDUE_TABLE
 
 # ---------------------------------------------------------------- the saver's tables
 
+# What `langgraph-checkpoint-sqlite` creates and the statements below name;
+# `open` refuses a file whose tables lack one (not a checkpoint store, or the
+# saver's `setup()` never ran there) before a statement meets it.
 REQUIRED_COLUMNS = {
     "checkpoints": {
         "thread_id",
@@ -50,6 +55,7 @@ REQUIRED_COLUMNS = {
     "writes": {"thread_id", "checkpoint_ns", "checkpoint_id", "task_id", "idx", "channel"},
 }
 
+# A table-valued pragma: a missing table gives no rows rather than an error.
 TABLE_COLUMNS_SQL = "SELECT name FROM pragma_table_info(?)"
 
 # ---------------------------------------------------------------- reading and planning
@@ -79,6 +85,7 @@ THREADS_PAGE_SQL = {
     (False, True): _THREADS_PAGE_TEMPLATE.format(where="thread_id > :after AND thread_id < :high"),
 }
 
+# Threads with a checkpoint, counted from the primary-key index's leading column.
 COUNT_THREADS_SQL = "SELECT COUNT(DISTINCT thread_id) FROM checkpoints"
 
 # A page of thread ids of both tables by a loose index scan: each step is one
@@ -179,6 +186,8 @@ AND NOT EXISTS (
 )
 """
 
+# One thread's checkpoint blobs, for the row-level path alone (delta threads,
+# ids that carry no time): the scan never reads a blob.
 THREAD_BLOBS_SQL = """
 SELECT checkpoint_ns, checkpoint_id, type, checkpoint FROM checkpoints WHERE thread_id = ?
 """
@@ -199,6 +208,7 @@ JOIN writes w
  AND w.checkpoint_id = json_extract(k.value, '$[2]')
 """
 
+# One checkpoint's blob by primary key: the `ts` of an id that carries no time.
 CHECKPOINT_BLOB_SQL = """
 SELECT type, checkpoint FROM checkpoints
 WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id = ?
@@ -241,6 +251,8 @@ AND NOT EXISTS (
     AND c.checkpoint_id = writes.checkpoint_id
 )
 """
+# A whole thread goes, writes included: nothing of an expired thread is kept
+# (SQLite has no blobs apart to wait out a grace period).
 EXPIRE_WRITES_SQL = "DELETE FROM writes WHERE thread_id = ?"
 EXPIRE_CHECKPOINTS_SQL = "DELETE FROM checkpoints WHERE thread_id = ?"
 
@@ -311,6 +323,7 @@ AND EXISTS (
     WHERE c.thread_id = :t AND c.checkpoint_ns = :ns AND c.checkpoint_id = writes.checkpoint_id
 )
 """
+# RETURNING the sizes the report adds up, from the rows as they go.
 TRIM_CHECKPOINTS_SQL = """
 DELETE FROM checkpoints WHERE thread_id = :t AND checkpoint_ns = :ns AND checkpoint_id < :bound
 RETURNING COALESCE(length(checkpoint), 0) + COALESCE(length(metadata), 0)
@@ -450,6 +463,7 @@ SELECT s.thread_id, count(*) FROM archived."{table}" s
 WHERE {filter} AND NOT EXISTS (SELECT 1 FROM main."{table}" m WHERE {keys})
 GROUP BY s.thread_id
 """
+# How many archived rows the filter selects; less the missing ones, those present.
 RESTORE_SELECTED_SQL = 'SELECT count(*) FROM archived."{table}" s WHERE {filter}'
 # OR IGNORE: a row the store has (the application wrote it again, or an earlier
 # restore did) stays as it is.
@@ -485,6 +499,8 @@ GROUP BY m.thread_id
 
 # ---------------------------------------------------------------- stats and sizes
 
+# Whole-table aggregates: `stats` is an operator's look, not a sweep's hot path;
+# bytes are `length()` of the columns that hold data, as the sweep's sizes.
 STATS_TABLE_SQL = {
     "checkpoints": "SELECT COUNT(*), COALESCE(SUM(length(checkpoint) + length(metadata)), 0) "
     "FROM checkpoints",
@@ -541,6 +557,7 @@ INSERT_HOLD_SQL = f"""
 INSERT INTO {HOLDS_TABLE} (thread_id, reason, held_at, held_by) VALUES (?, ?, ?, ?)
 ON CONFLICT (thread_id) DO NOTHING
 """
+# By primary key; a release of a thread not held changes no row (and says so).
 DELETE_HOLD_SQL = f"DELETE FROM {HOLDS_TABLE} WHERE thread_id = ?"
 
 # ---------------------------------------------------------------- residue checks
@@ -556,6 +573,7 @@ CREATE TABLE IF NOT EXISTS {RESIDUE_TABLE} (
     checked_at TEXT NOT NULL
 )
 """
+# Every policy's last look at once: a handful of rows, read once a pass.
 RESIDUE_CHECKS_SQL = f"SELECT policy, checked_at FROM {RESIDUE_TABLE}"
 RECORD_RESIDUE_CHECK_SQL = f"""
 INSERT INTO {RESIDUE_TABLE} (policy, checked_at) VALUES (?, ?)
@@ -601,6 +619,7 @@ WAL_TRUNCATE_SQL = "PRAGMA wal_checkpoint(TRUNCATE)"
 # Where VACUUM puts its temporary copy, and whether it is on disk at all.
 TEMP_STORE_SQL = "PRAGMA temp_store"
 TEMP_DIR_SQL = "PRAGMA temp_store_directory"
+# The build's TEMP_STORE default, which decides when the pragma is unset.
 COMPILE_OPTIONS_SQL = "PRAGMA compile_options"
 
 # ---------------------------------------------------------------- the saver wrapper
