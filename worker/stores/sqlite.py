@@ -5,6 +5,9 @@ checkpoint blob, metadata a UTF-8 JSON blob, WAL mode. Reads run in
 autocommit mode (short read transactions that never block the application
 in WAL); every batch is one `BEGIN IMMEDIATE` transaction that first
 re-checks the batch's threads against their scan, then deletes by id.
+
+The statements are in `worker.stores.sqlite_sql`, beside the saver
+wrapper's; the archive's (section "archive") are still here, for now.
 """
 
 from __future__ import annotations
