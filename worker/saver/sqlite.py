@@ -1,8 +1,11 @@
-"""`SqliteSaver` and `AsyncSqliteSaver`'s backend: the wrapper's SQLite statements and drivers.
+"""`SqliteSaver` and `AsyncSqliteSaver`'s backend: the wrapper's SQLite programs and drivers.
 
-Deletions reuse the worker's own statements (`worker.stores.sqlite`), so a
+Every statement comes from `worker.stores.sqlite_sql`, which holds the
+engine's and the wrapper's side by side: deletions are the worker's own, so a
 checkpoint goes with its writes and orphaned parents the same way whoever
-deletes it; the reads and whole-thread statements here are the wrapper's own.
+deletes it; the reads and whole-thread statements are the wrapper's, each
+beside its engine counterpart with why it differs. The engine module
+(`worker.stores.sqlite`) is not imported.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from worker.saver.backends import (
 )
 from worker.saver.operations import Scanned, ThreadChanged, ThreadStamp
 from worker.stores.engine import HOLDS_TABLE, Counts
-from worker.stores.sqlite import (
+from worker.stores.sqlite_sql import (
     CREATE_HOLDS_TABLE_SQL,
     DELETE_CHECKPOINTS_SQL,
     DELETE_HOLD_SQL,
@@ -43,44 +46,18 @@ from worker.stores.sqlite import (
     HOLDS_TABLE_EXISTS_SQL,
     INSERT_HOLD_SQL,
     NULL_PARENTS_SQL,
+    SQLITE_DELETE_THREADS_SQL,
+    SQLITE_FIRST_THREAD_PAGE_SQL,
+    SQLITE_HELD_SQL,
+    SQLITE_RUN_THREADS_SQL,
+    SQLITE_SCAN_SQL,
+    SQLITE_STAMP_SQL,
+    SQLITE_THREAD_PAGE_SQL,
     THREAD_BLOBS_SQL,
 )
 from worker.stores.timestamps import iso_utc
 
 T = TypeVar("T")
-
-# SQLite keeps metadata as a JSON text blob; it is parsed in Python (one
-# json.loads a row) rather than with json_extract per key, since the head's
-# whole metadata is wanted anyway.
-SQLITE_SCAN_SQL = """
-SELECT checkpoint_ns, checkpoint_id, parent_checkpoint_id, CAST(metadata AS TEXT)
-FROM checkpoints WHERE thread_id = ?
-"""
-# The re-check under the write lock: a checkpoint saved since the scan
-# changes the count or the newest id.
-SQLITE_STAMP_SQL = "SELECT COUNT(*), MAX(checkpoint_id) FROM checkpoints WHERE thread_id = ?"
-# No index covers metadata: `delete_for_runs` reads every row once, then
-# works thread by thread.
-SQLITE_RUN_THREADS_SQL = """
-SELECT DISTINCT thread_id FROM checkpoints
-WHERE json_extract(CAST(metadata AS TEXT), '$.run_id') IN (SELECT value FROM json_each(?))
-"""
-# Keyset page over the primary key's leading column: never "load every id".
-# Only `checkpoints`, unlike the engine's walk (`sqlite_store.THREADS_PAGE_SQL`,
-# which unions `writes`): its one caller, `delete_checkpoints(before=...)`,
-# deletes checkpoints, so a thread holding only orphaned writes has nothing
-# for it; those are the sweep's.
-# The first page has no lower bound (a cursor of "" would skip the empty id).
-SQLITE_FIRST_THREAD_PAGE_SQL = """
-SELECT DISTINCT thread_id FROM checkpoints ORDER BY thread_id LIMIT ?
-"""
-SQLITE_THREAD_PAGE_SQL = """
-SELECT DISTINCT thread_id FROM checkpoints WHERE thread_id > ? ORDER BY thread_id LIMIT ?
-"""
-SQLITE_DELETE_THREADS_SQL = (
-    "DELETE FROM writes WHERE thread_id IN (SELECT value FROM json_each(?))",
-    "DELETE FROM checkpoints WHERE thread_id IN (SELECT value FROM json_each(?))",
-)
 
 
 def sqlite_scan(thread_id: str, loads: Callable[[tuple[str, bytes]], Any]) -> Statements[Scanned]:
@@ -166,10 +143,6 @@ def sqlite_thread_page(after: str | None, limit: int) -> Statements[list[str]]:
     else:
         rows, _ = yield SQLITE_THREAD_PAGE_SQL, (after, limit)
     return [r[0] for r in rows]
-
-
-# Legal holds: the worker's own table and statements (`worker.stores.sqlite`).
-SQLITE_HELD_SQL = f"SELECT thread_id FROM {HOLDS_TABLE}"
 
 
 def sqlite_holds() -> Statements[frozenset[str]]:

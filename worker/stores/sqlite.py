@@ -5,6 +5,9 @@ checkpoint blob, metadata a UTF-8 JSON blob, WAL mode. Reads run in
 autocommit mode (short read transactions that never block the application
 in WAL); every batch is one `BEGIN IMMEDIATE` transaction that first
 re-checks the batch's threads against their scan, then deletes by id.
+
+The statements are in `worker.stores.sqlite_sql`, beside the saver
+wrapper's; the archive's (section "archive") are still here, for now.
 """
 
 from __future__ import annotations
@@ -59,357 +62,89 @@ from worker.stores.engine import (
     fingerprint_of,
     prefix_upper_bound,
 )
+from worker.stores.sqlite_sql import (
+    _BATCH_KEPT_WITH_PARENT_GOING,
+    _BATCH_RANGE,
+    AGGREGATE_SQL,
+    ARCHIVED_NULLED_SQL,
+    ATTACH_SEGMENT_SQL,
+    BATCH_TRIM_CHECKPOINTS_SQL,
+    BATCH_TRIM_COUNT_WRITES_SQL,
+    BATCH_TRIM_IDS_SQL,
+    BATCH_TRIM_NULL_PARENTS_SQL,
+    BATCH_TRIM_SIZE_CHECKPOINTS_SQL,
+    BATCH_TRIM_WRITES_SQL,
+    CHECKPOINT_BLOB_SQL,
+    COUNT_BELOW_SQL,
+    COUNT_CHECKPOINTS_SQL,
+    COUNT_THREAD_BYTES_SQL,
+    COUNT_THREAD_CHECKPOINTS_SQL,
+    COUNT_THREAD_WRITES_SQL,
+    COUNT_THREADS_SQL,
+    COUNT_TRIM_SQL,
+    COUNT_TRIM_WRITES_SQL,
+    COUNT_WRITES_SQL,
+    CREATE_HOLDS_TABLE_SQL,
+    CREATE_RESIDUE_TABLE_SQL,
+    DATA_VERSION_SQL,
+    DELETE_CHECKPOINTS_SQL,
+    DELETE_HOLD_SQL,
+    DELETE_ORPHAN_WRITES_SQL,
+    DELETE_WRITES_SQL,
+    DETACH_SEGMENT_SQL,
+    EXPIRE_CHECKPOINTS_SQL,
+    EXPIRE_COUNT_WRITES_SQL,
+    EXPIRE_MANY_CHECKPOINTS_SQL,
+    EXPIRE_MANY_WRITES_SQL,
+    EXPIRE_SIZE_CHECKPOINTS_SQL,
+    EXPIRE_WRITES_SQL,
+    FILE_PAGES_SQL,
+    FINGERPRINT_SQL,
+    HEAD_BLOBS_SQL,
+    HEAD_METADATA_SQL,
+    HEAD_WRITE_CHANNELS_SQL,
+    HELD_AMONG_SQL,
+    HOLDS_FIRST_PAGE_SQL,
+    HOLDS_NEXT_PAGE_SQL,
+    HOLDS_TABLE_EXISTS_SQL,
+    INSERT_HOLD_SQL,
+    IRREGULAR_IDS_SQL,
+    LARGEST_THREADS_SQL,
+    LOOSE_PAGE_SQL,
+    MAP_SEGMENT_SQL,
+    MARKED_THREADS_SQL,
+    NO_AUTOCHECKPOINT_SQL,
+    NULL_PARENTS_SQL,
+    ORPHAN_WRITES_SQL,
+    RECORD_RESIDUE_CHECK_SQL,
+    REQUIRED_COLUMNS,
+    RESIDUE_CHECKS_SQL,
+    RESTORE_FILTER,
+    RESTORE_INSERT_SQL,
+    RESTORE_KEYS,
+    RESTORE_MISSING_SQL,
+    RESTORE_RELINK_COUNT_SQL,
+    RESTORE_RELINK_SQL,
+    RESTORE_SELECTED_SQL,
+    SCAN_SQL,
+    STATS_IDS_SQL,
+    STATS_TABLE_SQL,
+    TABLE_COLUMNS_SQL,
+    THREAD_BLOBS_SQL,
+    THREAD_BYTES_SQL,
+    THREADS_PAGE_SQL,
+    TRIM_BOUND_SQL,
+    TRIM_CHECKPOINTS_SQL,
+    TRIM_LOW_SQL,
+    TRIM_NULL_PARENTS_SQL,
+    TRIM_WRITES_SQL,
+    WAL_CHECKPOINT_SQL,
+)
 from worker.stores.stats import AgeHistogram
 from worker.stores.timestamps import iso_utc
 
 log = structlog.get_logger("checkpoint_janitor.sqlite")
 
-# ---------------------------------------------------------------- schema
-
-REQUIRED_COLUMNS = {
-    "checkpoints": {
-        "thread_id",
-        "checkpoint_ns",
-        "checkpoint_id",
-        "parent_checkpoint_id",
-        "type",
-        "checkpoint",
-        "metadata",
-    },
-    "writes": {"thread_id", "checkpoint_ns", "checkpoint_id", "task_id", "idx", "channel"},
-}
-
-TABLE_COLUMNS_SQL = "SELECT name FROM pragma_table_info(?)"
-
-# ---------------------------------------------------------------- scan
-
-# Both tables' keyset pages merged in one statement (threads with only orphaned
-# writes have no checkpoint row), so the database alone orders and compares ids
-# and the cursor is the last id in its own order. Each branch is limited before
-# the UNION, so it steps its primary-key index instead of sorting everything
-# past the cursor. BINARY collation is code-point order, so a prefix is the
-# exact range `prefix <= id < prefix_upper_bound(prefix)`; a walk of every
-# thread is the prefix "", and `>= ''` is no bound at all (the empty id included).
-_THREADS_PAGE_TEMPLATE = """
-SELECT thread_id FROM (
-    SELECT DISTINCT thread_id FROM checkpoints WHERE {where} ORDER BY thread_id LIMIT :n
-)
-UNION
-SELECT thread_id FROM (
-    SELECT DISTINCT thread_id FROM writes WHERE {where} ORDER BY thread_id LIMIT :n
-)
-ORDER BY thread_id LIMIT :n
-"""
-THREADS_PAGE_SQL = {
-    # (first page of the walk, the prefix has an upper bound) -> statement
-    (True, False): _THREADS_PAGE_TEMPLATE.format(where="thread_id >= :low"),
-    (True, True): _THREADS_PAGE_TEMPLATE.format(where="thread_id >= :low AND thread_id < :high"),
-    (False, False): _THREADS_PAGE_TEMPLATE.format(where="thread_id > :after"),
-    (False, True): _THREADS_PAGE_TEMPLATE.format(where="thread_id > :after AND thread_id < :high"),
-}
-
-COUNT_THREADS_SQL = "SELECT COUNT(DISTINCT thread_id) FROM checkpoints"
-
-# A page of thread ids of both tables by a loose index scan: each step is one
-# primary-key seek to the next distinct id, so a page costs its threads, not
-# their rows (the aggregate below reads those rows' index entries once).
-_LOOSE_PAGE_TEMPLATE = """
-WITH RECURSIVE
-c(id) AS (
-    SELECT (SELECT min(thread_id) FROM checkpoints WHERE thread_id {op} :after)
-    UNION ALL
-    SELECT (SELECT min(thread_id) FROM checkpoints WHERE thread_id > c.id) FROM c
-    WHERE c.id IS NOT NULL LIMIT :n
-),
-w(id) AS (
-    SELECT (SELECT min(thread_id) FROM writes WHERE thread_id {op} :after)
-    UNION ALL
-    SELECT (SELECT min(thread_id) FROM writes WHERE thread_id > w.id) FROM w
-    WHERE w.id IS NOT NULL LIMIT :n
-)
-SELECT id FROM c WHERE id IS NOT NULL
-UNION
-SELECT id FROM w WHERE id IS NOT NULL
-ORDER BY id LIMIT :n
-"""
-LOOSE_PAGE_SQL = {
-    # first page (no lower bound: the empty id too) -> statement
-    True: _LOOSE_PAGE_TEMPLATE.format(op=">="),
-    False: _LOOSE_PAGE_TEMPLATE.format(op=">"),
-}
-
-# What `policies.plan` decides from, read from the primary-key index alone
-# (a covering scan: no row is read, and no per-row expression is computed).
-AGGREGATE_SQL = """
-SELECT thread_id, checkpoint_ns, count(*), min(checkpoint_id), max(checkpoint_id)
-FROM checkpoints
-WHERE thread_id >= :first AND thread_id <= :last
-GROUP BY thread_id, checkpoint_ns
-"""
-
-# Ids that are not canonical lowercase UUIDv6 (`policies.plan.is_regular_id`),
-# whose text order is not their time order: counted (from the index) only for
-# the threads a plan would delete from.
-_HEX = "[0-9a-f]"
-_REGULAR_ID_GLOB = _HEX * 8 + "-" + _HEX * 4 + "-6" + _HEX * 3 + "-*"
-IRREGULAR_IDS_SQL = f"""
-SELECT thread_id, checkpoint_ns,
-       sum(length(checkpoint_id) <> 36 OR checkpoint_id NOT GLOB '{_REGULAR_ID_GLOB}')
-FROM checkpoints
-WHERE thread_id IN (SELECT value FROM json_each(?))
-GROUP BY thread_id, checkpoint_ns
-"""
-
-# The heads' metadata, found by primary key ([thread, ns, id] triples).
-HEAD_METADATA_SQL = """
-SELECT c.thread_id, CAST(c.metadata AS TEXT)
-FROM json_each(?) AS k
-JOIN checkpoints c
-  ON c.thread_id = json_extract(k.value, '$[0]') AND c.checkpoint_ns = json_extract(k.value, '$[1]')
- AND c.checkpoint_id = json_extract(k.value, '$[2]')
-"""
-
-# Threads with a DeltaChannel marker in any checkpoint's metadata: the same
-# substring test `_summary` makes before parsing (a false positive only sends
-# the thread to the row-level path).
-MARKED_THREADS_SQL = """
-SELECT DISTINCT thread_id FROM checkpoints
-WHERE thread_id IN (SELECT value FROM json_each(?))
-AND (instr(CAST(metadata AS TEXT), 'counters_since_delta_snapshot') > 0
-     OR instr(CAST(metadata AS TEXT), 'delta_writes_versioned') > 0)
-"""
-
-# An index range count: how many checkpoints a time bound would reach.
-COUNT_BELOW_SQL = """
-SELECT count(*) FROM checkpoints WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id < ?
-"""
-
-# Metadata is JSON text in a BLOB column. SQLite's JSON functions cost more
-# per row than the rest of the scan, so the text comes back whole and Python
-# parses only the rows that need it (see `_summaries`).
-SCAN_SQL = """
-SELECT thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id,
-       COALESCE(length(checkpoint), 0) + COALESCE(length(metadata), 0),
-       CAST(metadata AS TEXT)
-FROM checkpoints
-WHERE thread_id IN (SELECT value FROM json_each(?))
-"""
-
-# Writes whose checkpoint is not (yet) saved: a crashed run's, or a live
-# run's whose checkpoint commits after them. `decide` tells them apart by age.
-ORPHAN_WRITES_SQL = """
-SELECT DISTINCT w.thread_id, w.checkpoint_ns, w.checkpoint_id
-FROM writes w
-WHERE w.thread_id IN (SELECT value FROM json_each(?))
-AND NOT EXISTS (
-    SELECT 1 FROM checkpoints c
-    WHERE c.thread_id = w.thread_id AND c.checkpoint_ns = w.checkpoint_ns
-    AND c.checkpoint_id = w.checkpoint_id
-)
-"""
-
-THREAD_BLOBS_SQL = """
-SELECT checkpoint_ns, checkpoint_id, type, checkpoint FROM checkpoints WHERE thread_id = ?
-"""
-
-# The heads of a page's expiry candidates, named as [thread, ns, id] triples.
-HEAD_BLOBS_SQL = """
-SELECT c.thread_id, c.type, c.checkpoint
-FROM json_each(?) AS k
-JOIN checkpoints c
-  ON c.thread_id = json_extract(k.value, '$[0]') AND c.checkpoint_ns = json_extract(k.value, '$[1]')
- AND c.checkpoint_id = json_extract(k.value, '$[2]')
-"""
-HEAD_WRITE_CHANNELS_SQL = """
-SELECT w.thread_id, w.channel
-FROM json_each(?) AS k
-JOIN writes w
-  ON w.thread_id = json_extract(k.value, '$[0]') AND w.checkpoint_ns = json_extract(k.value, '$[1]')
- AND w.checkpoint_id = json_extract(k.value, '$[2]')
-"""
-
-CHECKPOINT_BLOB_SQL = """
-SELECT type, checkpoint FROM checkpoints
-WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id = ?
-"""
-
-
-# The same shape the scan fingerprints, read again under the write lock.
-FINGERPRINT_SQL = """
-SELECT thread_id, checkpoint_ns, COUNT(*), MAX(checkpoint_id)
-FROM checkpoints
-WHERE thread_id IN (SELECT value FROM json_each(?))
-GROUP BY thread_id, checkpoint_ns
-"""
-
-# ---------------------------------------------------------------- delete
-
-# By the ids decided, never by "no checkpoint has this id": a run may save a
-# superstep's writes before their checkpoint.
-DELETE_WRITES_SQL = """
-DELETE FROM writes
-WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id IN (SELECT value FROM json_each(?))
-"""
-DELETE_CHECKPOINTS_SQL = """
-DELETE FROM checkpoints
-WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id IN (SELECT value FROM json_each(?))
-"""
-# As the official `prune`: a kept checkpoint whose parent went has none.
-NULL_PARENTS_SQL = """
-UPDATE checkpoints SET parent_checkpoint_id = NULL
-WHERE thread_id = ? AND checkpoint_ns = ?
-AND parent_checkpoint_id IN (SELECT value FROM json_each(?))
-"""
-# Re-checked under the write lock: the checkpoint may have committed since.
-DELETE_ORPHAN_WRITES_SQL = """
-DELETE FROM writes
-WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id IN (SELECT value FROM json_each(?))
-AND NOT EXISTS (
-    SELECT 1 FROM checkpoints c
-    WHERE c.thread_id = writes.thread_id AND c.checkpoint_ns = writes.checkpoint_ns
-    AND c.checkpoint_id = writes.checkpoint_id
-)
-"""
-EXPIRE_WRITES_SQL = "DELETE FROM writes WHERE thread_id = ?"
-EXPIRE_CHECKPOINTS_SQL = "DELETE FROM checkpoints WHERE thread_id = ?"
-
-# Many whole threads per statement, counted first by one grouped read per
-# table under the same write lock: a row per thread, where RETURNING handed
-# Python a row per deleted row (1.5M at 1M checkpoints, a third of the
-# expiry's CPU). The writes are counted from the primary-key index alone;
-# `length` of a BLOB reads its record header, not its overflow pages, and the
-# delete right after finds the same pages in the connection's cache.
-EXPIRE_COUNT_WRITES_SQL = """
-SELECT thread_id, count(*) FROM writes
-WHERE thread_id IN (SELECT value FROM json_each(?)) GROUP BY thread_id
-"""
-EXPIRE_SIZE_CHECKPOINTS_SQL = """
-SELECT thread_id, count(*), sum(COALESCE(length(checkpoint), 0) + COALESCE(length(metadata), 0))
-FROM checkpoints WHERE thread_id IN (SELECT value FROM json_each(?)) GROUP BY thread_id
-"""
-EXPIRE_MANY_WRITES_SQL = "DELETE FROM writes WHERE thread_id IN (SELECT value FROM json_each(?))"
-EXPIRE_MANY_CHECKPOINTS_SQL = """
-DELETE FROM checkpoints WHERE thread_id IN (SELECT value FROM json_each(?))
-"""
-
-# A set-based trim deletes the ids of (thread, ns) below one bound: the
-# smallest of the plan's time bound, the keep-th newest id and, for a chunk,
-# the id just past its `limit` oldest. Read under the write lock, after the
-# fingerprint re-check, so it is the bound the plan meant. The last branch
-# gives '' (nothing goes) should the namespace hold fewer than `keep`.
-TRIM_BOUND_SQL = """
-SELECT min(b) FROM (
-    SELECT :before AS b
-    UNION ALL
-    SELECT * FROM (
-        SELECT checkpoint_id FROM checkpoints WHERE thread_id = :t AND checkpoint_ns = :ns
-        ORDER BY checkpoint_id DESC LIMIT 1 OFFSET :keep - 1
-    )
-    UNION ALL
-    SELECT * FROM (
-        SELECT checkpoint_id FROM checkpoints WHERE thread_id = :t AND checkpoint_ns = :ns
-        ORDER BY checkpoint_id LIMIT 1 OFFSET :limit
-    )
-    UNION ALL
-    SELECT '' WHERE (
-        SELECT count(*) FROM (
-            SELECT 1 FROM checkpoints WHERE thread_id = :t AND checkpoint_ns = :ns LIMIT :keep
-        )
-    ) < :keep
-)
-"""
-# Before the delete, so only parents that exist (and are about to go) are
-# nulled, as the official `prune` does; it reads the kept rows only.
-TRIM_NULL_PARENTS_SQL = """
-UPDATE checkpoints SET parent_checkpoint_id = NULL
-WHERE thread_id = :t AND checkpoint_ns = :ns AND checkpoint_id >= :bound
-AND parent_checkpoint_id < :bound
-AND EXISTS (
-    SELECT 1 FROM checkpoints p
-    WHERE p.thread_id = :t AND p.checkpoint_ns = :ns
-    AND p.checkpoint_id = checkpoints.parent_checkpoint_id
-)
-"""
-# The writes of the checkpoints this trim deletes, by the same range; the
-# EXISTS keeps a write whose checkpoint is not (yet) saved (invariant 5, docs/architecture.md).
-TRIM_WRITES_SQL = """
-DELETE FROM writes
-WHERE thread_id = :t AND checkpoint_ns = :ns AND checkpoint_id < :bound
-AND EXISTS (
-    SELECT 1 FROM checkpoints c
-    WHERE c.thread_id = :t AND c.checkpoint_ns = :ns AND c.checkpoint_id = writes.checkpoint_id
-)
-"""
-TRIM_CHECKPOINTS_SQL = """
-DELETE FROM checkpoints WHERE thread_id = :t AND checkpoint_ns = :ns AND checkpoint_id < :bound
-RETURNING COALESCE(length(checkpoint), 0) + COALESCE(length(metadata), 0)
-"""
-
-# The same trims for every thread of a batch at once, in four statements in
-# all rather than four per thread: each statement is one trip to aiosqlite's
-# thread, and per thread those trips cost as much as the deletes. The bounds
-# are TRIM_BOUND_SQL's, picked in Python (`_batch_bound`) from the ids of each
-# namespace, read from the index in one statement: a LIMIT cannot take a
-# correlated value, and window functions over the same rows cost five times
-# the read. No ORDER BY: Python sorts each namespace's ids as the column
-# compares them (BINARY is code-point order), without a temp b-tree.
-BATCH_TRIM_IDS_SQL = """
-SELECT k.key, c.checkpoint_id
-FROM json_each(:spaces) AS k CROSS JOIN checkpoints AS c
-WHERE c.thread_id = json_extract(k.value, '$[0]')
-AND c.checkpoint_ns = json_extract(k.value, '$[1]')
-"""
-# The keys of each bounded namespace's ids on one side of its bound, from
-# [thread, ns, bound] triples; the CROSS JOIN makes the short JSON list the
-# outer loop, so each namespace is one primary-key range (the planner has no
-# statistics for json_each and would otherwise scan the table).
-_BATCH_RANGE = """
-    SELECT c.thread_id, c.checkpoint_ns, c.checkpoint_id
-    FROM json_each(:bounds) AS k CROSS JOIN checkpoints AS c
-    WHERE c.thread_id = json_extract(k.value, '$[0]')
-    AND c.checkpoint_ns = json_extract(k.value, '$[1]')
-    AND c.checkpoint_id {op} json_extract(k.value, '$[2]'){more}
-"""
-# As TRIM_NULL_PARENTS_SQL: kept rows whose parent exists and is about to go.
-_PARENT_GOES = """
-    AND c.parent_checkpoint_id < json_extract(k.value, '$[2]')
-    AND EXISTS (
-        SELECT 1 FROM checkpoints p
-        WHERE p.thread_id = c.thread_id AND p.checkpoint_ns = c.checkpoint_ns
-        AND p.checkpoint_id = c.parent_checkpoint_id
-    )"""
-_BATCH_KEPT_WITH_PARENT_GOING = _BATCH_RANGE.format(op=">=", more=_PARENT_GOES)
-BATCH_TRIM_NULL_PARENTS_SQL = f"""
-UPDATE checkpoints SET parent_checkpoint_id = NULL
-WHERE (thread_id, checkpoint_ns, checkpoint_id) IN ({_BATCH_KEPT_WITH_PARENT_GOING})
-"""
-# The writes of exactly the checkpoints that go (they exist: the writes go
-# first), so a write whose checkpoint is not saved stays (DESIGN invariant 5).
-BATCH_TRIM_WRITES_SQL = f"""
-DELETE FROM writes
-WHERE (thread_id, checkpoint_ns, checkpoint_id) IN ({_BATCH_RANGE.format(op="<", more="")})
-"""
-BATCH_TRIM_CHECKPOINTS_SQL = f"""
-DELETE FROM checkpoints
-WHERE (thread_id, checkpoint_ns, checkpoint_id) IN ({_BATCH_RANGE.format(op="<", more="")})
-"""
-# What the two deletes above will remove, counted (and the checkpoints sized)
-# per thread just before them under the same write lock: a row per thread,
-# where RETURNING handed Python a row per deleted row (as EXPIRE_COUNT_WRITES_SQL).
-BATCH_TRIM_COUNT_WRITES_SQL = f"""
-SELECT thread_id, count(*) FROM writes
-WHERE (thread_id, checkpoint_ns, checkpoint_id) IN ({_BATCH_RANGE.format(op="<", more="")})
-GROUP BY thread_id
-"""
-BATCH_TRIM_SIZE_CHECKPOINTS_SQL = """
-SELECT c.thread_id, count(*),
-       sum(COALESCE(length(c.checkpoint), 0) + COALESCE(length(c.metadata), 0))
-FROM json_each(:bounds) AS k CROSS JOIN checkpoints AS c
-WHERE c.thread_id = json_extract(k.value, '$[0]')
-AND c.checkpoint_ns = json_extract(k.value, '$[1]')
-AND c.checkpoint_id < json_extract(k.value, '$[2]')
-GROUP BY c.thread_id
-"""
 # ---------------------------------------------------------------- archive
 # With an archive (README "Getting data back") every delete returns the whole
 # rows it removes (`RETURNING *`, SQLite >= 3.35), so what is archived is
@@ -497,195 +232,15 @@ WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id = ? AND task_id = ? 
 RECOVERY_SAMPLE = 8
 """Keys of each table a recovery looks up in the store."""
 
-# ---------------------------------------------------------------- restore
-# A segment is ATTACHed read-only and copied in SQL: no row crosses into
-# Python, and the primary keys (thread, ns, id[, task, idx]) decide what is
-# missing. The filter is on the archived side's thread_id (alias s).
-ATTACH_SEGMENT_SQL = "ATTACH DATABASE ? AS archived"
-DETACH_SEGMENT_SQL = "DETACH DATABASE archived"
-# The segment's tables have no index: each restore statement scans them, and a
-# mapped file is scanned without copying every page (the store keeps its own setting).
-MAP_SEGMENT_SQL = "PRAGMA archived.mmap_size = 268435456"
-# Whether the attached segment recorded nulled parents (older batches may not have any).
-ARCHIVED_NULLED_SQL = "SELECT 1 FROM archived.sqlite_master WHERE type = 'table' AND name = ?"
-RESTORE_FILTER = {
-    "all": "1",
-    "thread": "s.thread_id = :thread",
-    # Named threads as one JSON array: no bound-variable limit, one statement.
-    "threads": "s.thread_id IN (SELECT value FROM json_each(:threads))",
-    "prefix": "substr(s.thread_id, 1, :n) = :prefix",
-}
-RESTORE_KEYS = {
-    "checkpoints": ("thread_id", "checkpoint_ns", "checkpoint_id"),
-    "writes": ("thread_id", "checkpoint_ns", "checkpoint_id", "task_id", "idx"),
-}
-"""The primary key of each saver table: what "the row exists" means."""
-# Per thread, the archived rows whose key the store lacks (counted before the insert).
-RESTORE_MISSING_SQL = """
-SELECT s.thread_id, count(*) FROM archived."{table}" s
-WHERE {filter} AND NOT EXISTS (SELECT 1 FROM main."{table}" m WHERE {keys})
-GROUP BY s.thread_id
-"""
-RESTORE_SELECTED_SQL = 'SELECT count(*) FROM archived."{table}" s WHERE {filter}'
-# OR IGNORE: a row the store has (the application wrote it again, or an earlier
-# restore did) stays as it is.
-RESTORE_INSERT_SQL = """
-INSERT OR IGNORE INTO main."{table}" ({columns})
-SELECT {columns} FROM archived."{table}" s WHERE {filter}
-"""
-# Only where the parent is still NULL (nothing set it since) and the parent row
-# is back: a kept checkpoint then reads as before the sweep.
-RESTORE_RELINK_MATCH = """
-{filter}
-AND m.thread_id = s.thread_id AND m.checkpoint_ns = s.checkpoint_ns
-AND m.checkpoint_id = s.checkpoint_id AND m.parent_checkpoint_id IS NULL
-AND EXISTS (
-    SELECT 1 FROM main.checkpoints p
-    WHERE p.thread_id = s.thread_id AND p.checkpoint_ns = s.checkpoint_ns
-    AND p.checkpoint_id = s.parent_checkpoint_id
-)
-"""
-# RETURNING names the updated table's columns unqualified (SQLite allows no alias there).
-RESTORE_RELINK_SQL = (
-    "UPDATE main.checkpoints AS m SET parent_checkpoint_id = s.parent_checkpoint_id\n"
-    "FROM archived.nulled_parents s WHERE" + RESTORE_RELINK_MATCH + "RETURNING thread_id"
-)
-# A dry run inserts no parent, so it counts every link still NULL (an upper bound).
-RESTORE_RELINK_COUNT_SQL = """
-SELECT m.thread_id, count(*) FROM main.checkpoints m, archived.nulled_parents s
-WHERE {filter}
-AND m.thread_id = s.thread_id AND m.checkpoint_ns = s.checkpoint_ns
-AND m.checkpoint_id = s.checkpoint_id AND m.parent_checkpoint_id IS NULL
-GROUP BY m.thread_id
-"""
+# ---------------------------------------------------------------- limits
+# The statements are in `worker.stores.sqlite_sql` (all but the archive's,
+# above); how much they read and how long they wait stays with the engine.
 
-# Dry runs: a chunk counts from the id past what the chunks before it name.
-TRIM_LOW_SQL = """
-SELECT checkpoint_id FROM checkpoints WHERE thread_id = :t AND checkpoint_ns = :ns
-ORDER BY checkpoint_id LIMIT 1 OFFSET :offset
-"""
-COUNT_TRIM_SQL = """
-SELECT count(*), total(COALESCE(length(checkpoint), 0) + COALESCE(length(metadata), 0))
-FROM checkpoints
-WHERE thread_id = :t AND checkpoint_ns = :ns AND checkpoint_id >= :low AND checkpoint_id < :bound
-"""
-COUNT_TRIM_WRITES_SQL = """
-SELECT count(*) FROM writes
-WHERE thread_id = :t AND checkpoint_ns = :ns AND checkpoint_id >= :low AND checkpoint_id < :bound
-AND EXISTS (
-    SELECT 1 FROM checkpoints c
-    WHERE c.thread_id = :t AND c.checkpoint_ns = :ns AND c.checkpoint_id = writes.checkpoint_id
-)
-"""
-COUNT_THREAD_BYTES_SQL = """
-SELECT total(COALESCE(length(checkpoint), 0) + COALESCE(length(metadata), 0))
-FROM checkpoints WHERE thread_id = ?
-"""
-
-# Dry runs count what the statements above would delete.
-COUNT_CHECKPOINTS_SQL = """
-SELECT COUNT(*) FROM checkpoints
-WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id IN (SELECT value FROM json_each(?))
-"""
-COUNT_WRITES_SQL = """
-SELECT COUNT(*) FROM writes
-WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id IN (SELECT value FROM json_each(?))
-"""
-COUNT_THREAD_CHECKPOINTS_SQL = "SELECT COUNT(*) FROM checkpoints WHERE thread_id = ?"
-COUNT_THREAD_WRITES_SQL = "SELECT COUNT(*) FROM writes WHERE thread_id = ?"
-
-# ---------------------------------------------------------------- stats
-
-STATS_TABLE_SQL = {
-    "checkpoints": "SELECT COUNT(*), COALESCE(SUM(length(checkpoint) + length(metadata)), 0) "
-    "FROM checkpoints",
-    "writes": "SELECT COUNT(*), COALESCE(SUM(length(value)), 0) FROM writes",
-}
-STATS_IDS_SQL = "SELECT checkpoint_ns, checkpoint_id FROM checkpoints"
-LARGEST_THREADS_SQL = """
-SELECT thread_id, COUNT(*), COALESCE(SUM(length(checkpoint) + length(metadata)), 0) AS size
-FROM checkpoints GROUP BY thread_id ORDER BY size DESC LIMIT ?
-"""
-# Per thread of a page, as STATS_TABLE_SQL counts bytes; correlated sums, so each
-# thread is one primary-key range of each table, not a scan of the store.
-THREAD_BYTES_SQL = """
-SELECT k.value,
-    (SELECT COALESCE(SUM(length(checkpoint) + length(metadata)), 0)
-     FROM checkpoints WHERE thread_id = k.value)
-  + (SELECT COALESCE(SUM(length(value)), 0) FROM writes WHERE thread_id = k.value)
-FROM json_each(?) AS k
-"""
-# Deleted rows leave free pages in the file until VACUUM: what could be reclaimed.
-FILE_PAGES_SQL = "SELECT * FROM pragma_page_size, pragma_page_count, pragma_freelist_count"
-
-# ---------------------------------------------------------------- legal holds
-
-# The tool's own table in the store's file, created by the first `hold`: plan
-# and stats open the file read-only, so reading must not need it to exist.
-# `held_at` is ISO 8601 UTC text, readable with the sqlite3 shell.
-CREATE_HOLDS_TABLE_SQL = f"""
-CREATE TABLE IF NOT EXISTS {HOLDS_TABLE} (
-    thread_id TEXT PRIMARY KEY,
-    reason TEXT,
-    held_at TEXT NOT NULL,
-    held_by TEXT
-)
-"""
-# sqlite_master rather than a SELECT that fails: a missing table means no holds.
-HOLDS_TABLE_EXISTS_SQL = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
-# Keyset pages over the primary key; the first page has no lower bound, so
-# a hold on the empty id is read too.
-HOLDS_FIRST_PAGE_SQL = f"""
-SELECT thread_id, reason, held_at, held_by FROM {HOLDS_TABLE} ORDER BY thread_id LIMIT ?
-"""
-HOLDS_NEXT_PAGE_SQL = f"""
-SELECT thread_id, reason, held_at, held_by FROM {HOLDS_TABLE}
-WHERE thread_id > ? ORDER BY thread_id LIMIT ?
-"""
-# Read inside a batch's BEGIN IMMEDIATE, after the write lock is taken: a hold
-# placed since the scan is seen, and one placed later waits for the commit.
-HELD_AMONG_SQL = f"""
-SELECT thread_id FROM {HOLDS_TABLE} WHERE thread_id IN (SELECT value FROM json_each(?))
-"""
-# A second hold on a held thread keeps the first (its time and reason stand).
-INSERT_HOLD_SQL = f"""
-INSERT INTO {HOLDS_TABLE} (thread_id, reason, held_at, held_by) VALUES (?, ?, ?, ?)
-ON CONFLICT (thread_id) DO NOTHING
-"""
-DELETE_HOLD_SQL = f"DELETE FROM {HOLDS_TABLE} WHERE thread_id = ?"
 HOLDS_PAGE = 1000
-
-# ---------------------------------------------------------------- residue checks
-
-# The tool's own table in the store's file, created by the first sweep that
-# completes a look at every quiet thread's residue: plan and stats open the
-# file read-only, so reading must not need it. One row per policy, since a
-# pass looks only at the policies due in it; `checked_at` is ISO 8601 UTC
-# text to the second, rounded down (an earlier date only brings a look forward).
-CREATE_RESIDUE_TABLE_SQL = f"""
-CREATE TABLE IF NOT EXISTS {RESIDUE_TABLE} (
-    policy TEXT PRIMARY KEY,
-    checked_at TEXT NOT NULL
-)
-"""
-RESIDUE_CHECKS_SQL = f"SELECT policy, checked_at FROM {RESIDUE_TABLE}"
-RECORD_RESIDUE_CHECK_SQL = f"""
-INSERT INTO {RESIDUE_TABLE} (policy, checked_at) VALUES (?, ?)
-ON CONFLICT (policy) DO UPDATE SET checked_at = excluded.checked_at
-"""
-
+"""Holds read per keyset page (`holds`)."""
 BUSY_SLICE_MS = 20
-
-# PASSIVE never waits for the application's readers or writers, so it is
-# safe to run between batches to keep the WAL from growing over a sweep.
-WAL_CHECKPOINT_SQL = "PRAGMA wal_checkpoint(PASSIVE)"
-# The worker's connection never checkpoints inside its COMMIT (SQLite's
-# default does, every 1000 pages): `after_batch` does, outside the batch's
-# time, so a batch's time is its transaction's and the sizer aims at that.
-NO_AUTOCHECKPOINT_SQL = "PRAGMA wal_autocheckpoint = 0"
-# Changes when another connection commits (our own commits leave it alone):
-# how a batch learns that the application wrote since the one before.
-DATA_VERSION_SQL = "PRAGMA data_version"
+"""Each connection's `busy_timeout`: SQLite's own waits stay this short (they cannot
+be cancelled), and the engine retries around them up to the store's `busy_timeout`."""
 
 WAL_CHECKPOINT_BYTES = 16 * 2**20
 """With no writer about, batches delete this many bytes of rows before a checkpoint:

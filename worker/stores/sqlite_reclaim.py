@@ -36,33 +36,21 @@ import structlog
 from policies.config import BatchSettings, ReclaimSettings
 from worker.stores.space import Reclaimed, ReclaimRefused, Space
 from worker.stores.sqlite import SqliteStore
+from worker.stores.sqlite_sql import (
+    COMPILE_OPTIONS_SQL,
+    PAGES_SQL,
+    SET_INCREMENTAL_SQL,
+    STEP_SQL,
+    TEMP_DIR_SQL,
+    TEMP_STORE_SQL,
+    VACUUM_SQL,
+    WAL_PASSIVE_SQL,
+    WAL_TRUNCATE_SQL,
+)
 from worker.stores.throttle import BatchSizer, pause_after
 
 log = structlog.get_logger("checkpoint_janitor.sqlite_reclaim")
 
-# One round trip for the figures every decision here reads. freelist_count
-# is kept in the file header, so this costs nothing on a large file.
-PAGES_SQL = (
-    "SELECT * FROM pragma_page_size, pragma_page_count, pragma_freelist_count, pragma_auto_vacuum"
-)
-# One step, as one script: the pragma frees a page per row it steps, and
-# Python's `execute` steps a statement without result columns only once, while
-# `executescript` runs each statement to the end (and commits any open
-# transaction first, so the BEGIN must be inside the script).
-STEP_SQL = "BEGIN IMMEDIATE; PRAGMA incremental_vacuum({pages:d}); COMMIT;"
-# Only sets the mode the next VACUUM writes; on its own it changes nothing.
-SET_INCREMENTAL_SQL = "PRAGMA auto_vacuum = INCREMENTAL"
-# Rewrites the file into a temporary database and copies it back through the
-# WAL: the one statement that can switch an existing file's auto-vacuum mode.
-VACUUM_SQL = "VACUUM"
-# PASSIVE between steps never waits for anyone; TRUNCATE at the end waits
-# only as long as the connection's short busy slice, then gives up.
-WAL_PASSIVE_SQL = "PRAGMA wal_checkpoint(PASSIVE)"
-WAL_TRUNCATE_SQL = "PRAGMA wal_checkpoint(TRUNCATE)"
-# Where VACUUM puts its temporary copy, and whether it is on disk at all.
-TEMP_STORE_SQL = "PRAGMA temp_store"
-TEMP_DIR_SQL = "PRAGMA temp_store_directory"
-COMPILE_OPTIONS_SQL = "PRAGMA compile_options"
 
 AUTO_VACUUM_MODES = {0: "none", 1: "full", 2: "incremental"}
 INCREMENTAL = 2
