@@ -7,7 +7,7 @@ in WAL); every batch is one `BEGIN IMMEDIATE` transaction that first
 re-checks the batch's threads against their scan, then deletes by id.
 
 The statements are in `worker.stores.sqlite_sql`, beside the saver
-wrapper's; the archive's (section "archive") are still here, for now.
+wrapper's; the archive section here pairs its copies with image tables.
 """
 
 from __future__ import annotations
@@ -63,9 +63,18 @@ from worker.stores.engine import (
     prefix_upper_bound,
 )
 from worker.stores.sqlite_sql import (
-    _BATCH_KEPT_WITH_PARENT_GOING,
-    _BATCH_RANGE,
     AGGREGATE_SQL,
+    ARCHIVE_DELETE_CHECKPOINTS_SQL,
+    ARCHIVE_DELETE_ORPHAN_WRITES_SQL,
+    ARCHIVE_DELETE_WRITES_SQL,
+    ARCHIVE_EXPIRE_CHECKPOINTS_SQL,
+    ARCHIVE_EXPIRE_MANY_CHECKPOINTS_SQL,
+    ARCHIVE_EXPIRE_MANY_WRITES_SQL,
+    ARCHIVE_EXPIRE_WRITES_SQL,
+    ARCHIVE_NULL_PARENTS_SQL,
+    ARCHIVE_TRIM_CHECKPOINTS_SQL,
+    ARCHIVE_TRIM_NULL_PARENTS_SQL,
+    ARCHIVE_TRIM_WRITES_SQL,
     ARCHIVED_NULLED_SQL,
     ATTACH_SEGMENT_SQL,
     BATCH_TRIM_CHECKPOINTS_SQL,
@@ -75,6 +84,12 @@ from worker.stores.sqlite_sql import (
     BATCH_TRIM_SIZE_CHECKPOINTS_SQL,
     BATCH_TRIM_WRITES_SQL,
     CHECKPOINT_BLOB_SQL,
+    CHECKPOINT_PRESENT_SQL,
+    COPY_BATCH_TRIM_CHECKPOINTS_SQL,
+    COPY_BATCH_TRIM_NULLED_SQL,
+    COPY_BATCH_TRIM_WRITES_SQL,
+    COPY_EXPIRE_CHECKPOINTS_SQL,
+    COPY_EXPIRE_WRITES_SQL,
     COUNT_BELOW_SQL,
     COUNT_CHECKPOINTS_SQL,
     COUNT_THREAD_BYTES_SQL,
@@ -109,12 +124,14 @@ from worker.stores.sqlite_sql import (
     HOLDS_TABLE_EXISTS_SQL,
     INSERT_HOLD_SQL,
     IRREGULAR_IDS_SQL,
+    JOURNAL_MODE_SQL,
     LARGEST_THREADS_SQL,
     LOOSE_PAGE_SQL,
     MAP_SEGMENT_SQL,
     MARKED_THREADS_SQL,
     NO_AUTOCHECKPOINT_SQL,
     NULL_PARENTS_SQL,
+    ORDERED_COLUMNS_SQL,
     ORPHAN_WRITES_SQL,
     RECORD_RESIDUE_CHECK_SQL,
     REQUIRED_COLUMNS,
@@ -139,6 +156,7 @@ from worker.stores.sqlite_sql import (
     TRIM_NULL_PARENTS_SQL,
     TRIM_WRITES_SQL,
     WAL_CHECKPOINT_SQL,
+    WRITE_PRESENT_SQL,
 )
 from worker.stores.stats import AgeHistogram
 from worker.stores.timestamps import iso_utc
@@ -146,67 +164,6 @@ from worker.stores.timestamps import iso_utc
 log = structlog.get_logger("checkpoint_janitor.sqlite")
 
 # ---------------------------------------------------------------- archive
-# With an archive (README "Getting data back") every delete returns the whole
-# rows it removes (`RETURNING *`, SQLite >= 3.35), so what is archived is
-# exactly what went, read in the same statement under the same write lock.
-RETURNING_ALL = " RETURNING *"
-ARCHIVE_DELETE_WRITES_SQL = DELETE_WRITES_SQL + RETURNING_ALL
-ARCHIVE_DELETE_CHECKPOINTS_SQL = DELETE_CHECKPOINTS_SQL + RETURNING_ALL
-ARCHIVE_DELETE_ORPHAN_WRITES_SQL = DELETE_ORPHAN_WRITES_SQL + RETURNING_ALL
-ARCHIVE_EXPIRE_WRITES_SQL = EXPIRE_WRITES_SQL + RETURNING_ALL
-ARCHIVE_EXPIRE_CHECKPOINTS_SQL = EXPIRE_CHECKPOINTS_SQL + RETURNING_ALL
-ARCHIVE_EXPIRE_MANY_WRITES_SQL = """
-DELETE FROM writes WHERE thread_id IN (SELECT value FROM json_each(?)) RETURNING *
-"""
-ARCHIVE_EXPIRE_MANY_CHECKPOINTS_SQL = """
-DELETE FROM checkpoints WHERE thread_id IN (SELECT value FROM json_each(?)) RETURNING *
-"""
-ARCHIVE_TRIM_WRITES_SQL = TRIM_WRITES_SQL + RETURNING_ALL
-ARCHIVE_TRIM_CHECKPOINTS_SQL = """
-DELETE FROM checkpoints WHERE thread_id = :t AND checkpoint_ns = :ns AND checkpoint_id < :bound
-RETURNING *
-"""
-# RETURNING shows an UPDATE's new values (NULL), so the parents about to be
-# nulled are read first, by the same WHERE as the UPDATE that follows.
-ARCHIVE_NULL_PARENTS_SQL = """
-SELECT thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id FROM checkpoints
-WHERE thread_id = ? AND checkpoint_ns = ?
-AND parent_checkpoint_id IN (SELECT value FROM json_each(?))
-"""
-ARCHIVE_TRIM_NULL_PARENTS_SQL = """
-SELECT thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id FROM checkpoints
-WHERE thread_id = :t AND checkpoint_ns = :ns AND checkpoint_id >= :bound
-AND parent_checkpoint_id < :bound
-AND EXISTS (
-    SELECT 1 FROM checkpoints p
-    WHERE p.thread_id = :t AND p.checkpoint_ns = :ns
-    AND p.checkpoint_id = checkpoints.parent_checkpoint_id
-)
-"""
-# The SQL-side copies of `_trim_many` and `_expire` with an archive: the rows go
-# from the store into the segment's image inside SQLite (`Segment.copy`, on the
-# segment's own read-only connection), never through Python; the statements
-# on the batch's connection are the plain ones. Each SELECT is the WHERE of
-# the statement it archives (the parents to be nulled: the UPDATE's own WHERE).
-# It reads the store's last commit; the batch holds the write lock and has
-# not committed, so that is the state its statements start from, and the
-# copy runs while they do.
-COPY_BATCH_TRIM_NULLED_SQL = f"""
-SELECT thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id FROM checkpoints
-WHERE (thread_id, checkpoint_ns, checkpoint_id) IN ({_BATCH_KEPT_WITH_PARENT_GOING})
-"""
-COPY_BATCH_TRIM_WRITES_SQL = f"""
-SELECT * FROM writes
-WHERE (thread_id, checkpoint_ns, checkpoint_id) IN ({_BATCH_RANGE.format(op="<", more="")})
-"""
-COPY_BATCH_TRIM_CHECKPOINTS_SQL = f"""
-SELECT * FROM checkpoints
-WHERE (thread_id, checkpoint_ns, checkpoint_id) IN ({_BATCH_RANGE.format(op="<", more="")})
-"""
-COPY_EXPIRE_WRITES_SQL = "SELECT * FROM writes WHERE thread_id IN (SELECT value FROM json_each(?))"
-COPY_EXPIRE_CHECKPOINTS_SQL = """
-SELECT * FROM checkpoints WHERE thread_id IN (SELECT value FROM json_each(?))
-"""
 # (image table, copy) of the batch-wide trims and of the expiries, in the order
 # their statements run (the parents to be nulled first: the UPDATE goes first).
 _TRIM_COPIES = (
@@ -218,17 +175,6 @@ _EXPIRE_COPIES = (
     ("writes", COPY_EXPIRE_WRITES_SQL),
     ("checkpoints", COPY_EXPIRE_CHECKPOINTS_SQL),
 )
-# Columns in `SELECT *` order, for the image's tables.
-ORDERED_COLUMNS_SQL = "SELECT name FROM pragma_table_info(?) ORDER BY cid"
-JOURNAL_MODE_SQL = "PRAGMA journal_mode"
-# Recovery of a `.pending` segment: one still-present key means its delete never committed.
-CHECKPOINT_PRESENT_SQL = """
-SELECT 1 FROM checkpoints WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id = ?
-"""
-WRITE_PRESENT_SQL = """
-SELECT 1 FROM writes
-WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id = ? AND task_id = ? AND idx = ?
-"""
 RECOVERY_SAMPLE = 8
 """Keys of each table a recovery looks up in the store."""
 

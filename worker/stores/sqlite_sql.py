@@ -25,7 +25,8 @@ side with the reason (section "the saver wrapper"):
 SQLite stores no blobs apart (channel values are inline in the checkpoint),
 so unlike Postgres no trim or expiry has blobs to keep or free. The
 archive's statements (the deletes that return their rows, the copies into a
-segment) still live in `worker.stores.sqlite`, beside the engine, for now.
+segment, the recovery probes) are here too, in "archive and restore"; the
+engine pairs the copies with the image tables they fill.
 
 Only SQL lives here, with what builds it (templates, fragments): no driver is
 imported, so the saver backend need not import the engine. Limits and
@@ -431,11 +432,80 @@ COUNT_THREAD_CHECKPOINTS_SQL = "SELECT COUNT(*) FROM checkpoints WHERE thread_id
 COUNT_THREAD_WRITES_SQL = "SELECT COUNT(*) FROM writes WHERE thread_id = ?"
 
 # ---------------------------------------------------------------- archive and restore
+# With an archive (README "Getting data back") every delete returns the whole
+# rows it removes (`RETURNING *`, SQLite >= 3.35), so what is archived is
+# exactly what went, read in the same statement under the same write lock.
+RETURNING_ALL = " RETURNING *"
+ARCHIVE_DELETE_WRITES_SQL = DELETE_WRITES_SQL + RETURNING_ALL
+ARCHIVE_DELETE_CHECKPOINTS_SQL = DELETE_CHECKPOINTS_SQL + RETURNING_ALL
+ARCHIVE_DELETE_ORPHAN_WRITES_SQL = DELETE_ORPHAN_WRITES_SQL + RETURNING_ALL
+ARCHIVE_EXPIRE_WRITES_SQL = EXPIRE_WRITES_SQL + RETURNING_ALL
+ARCHIVE_EXPIRE_CHECKPOINTS_SQL = EXPIRE_CHECKPOINTS_SQL + RETURNING_ALL
+ARCHIVE_EXPIRE_MANY_WRITES_SQL = """
+DELETE FROM writes WHERE thread_id IN (SELECT value FROM json_each(?)) RETURNING *
+"""
+ARCHIVE_EXPIRE_MANY_CHECKPOINTS_SQL = """
+DELETE FROM checkpoints WHERE thread_id IN (SELECT value FROM json_each(?)) RETURNING *
+"""
+ARCHIVE_TRIM_WRITES_SQL = TRIM_WRITES_SQL + RETURNING_ALL
+ARCHIVE_TRIM_CHECKPOINTS_SQL = """
+DELETE FROM checkpoints WHERE thread_id = :t AND checkpoint_ns = :ns AND checkpoint_id < :bound
+RETURNING *
+"""
+# RETURNING shows an UPDATE's new values (NULL), so the parents about to be
+# nulled are read first, by the same WHERE as the UPDATE that follows.
+ARCHIVE_NULL_PARENTS_SQL = """
+SELECT thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id FROM checkpoints
+WHERE thread_id = ? AND checkpoint_ns = ?
+AND parent_checkpoint_id IN (SELECT value FROM json_each(?))
+"""
+ARCHIVE_TRIM_NULL_PARENTS_SQL = """
+SELECT thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id FROM checkpoints
+WHERE thread_id = :t AND checkpoint_ns = :ns AND checkpoint_id >= :bound
+AND parent_checkpoint_id < :bound
+AND EXISTS (
+    SELECT 1 FROM checkpoints p
+    WHERE p.thread_id = :t AND p.checkpoint_ns = :ns
+    AND p.checkpoint_id = checkpoints.parent_checkpoint_id
+)
+"""
+# The SQL-side copies of `_trim_many` and `_expire` with an archive: the rows go
+# from the store into the segment's image inside SQLite (`Segment.copy`, on the
+# segment's own read-only connection), never through Python; the statements
+# on the batch's connection are the plain ones. Each SELECT is the WHERE of
+# the statement it archives (the parents to be nulled: the UPDATE's own WHERE).
+# It reads the store's last commit; the batch holds the write lock and has
+# not committed, so that is the state its statements start from, and the
+# copy runs while they do.
+COPY_BATCH_TRIM_NULLED_SQL = f"""
+SELECT thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id FROM checkpoints
+WHERE (thread_id, checkpoint_ns, checkpoint_id) IN ({_BATCH_KEPT_WITH_PARENT_GOING})
+"""
+COPY_BATCH_TRIM_WRITES_SQL = f"""
+SELECT * FROM writes
+WHERE (thread_id, checkpoint_ns, checkpoint_id) IN ({_BATCH_RANGE.format(op="<", more="")})
+"""
+COPY_BATCH_TRIM_CHECKPOINTS_SQL = f"""
+SELECT * FROM checkpoints
+WHERE (thread_id, checkpoint_ns, checkpoint_id) IN ({_BATCH_RANGE.format(op="<", more="")})
+"""
+COPY_EXPIRE_WRITES_SQL = "SELECT * FROM writes WHERE thread_id IN (SELECT value FROM json_each(?))"
+COPY_EXPIRE_CHECKPOINTS_SQL = """
+SELECT * FROM checkpoints WHERE thread_id IN (SELECT value FROM json_each(?))
+"""
+# Columns in `SELECT *` order, for the image's tables.
+ORDERED_COLUMNS_SQL = "SELECT name FROM pragma_table_info(?) ORDER BY cid"
+JOURNAL_MODE_SQL = "PRAGMA journal_mode"
+# Recovery of a `.pending` segment: one still-present key means its delete never committed.
+CHECKPOINT_PRESENT_SQL = """
+SELECT 1 FROM checkpoints WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id = ?
+"""
+WRITE_PRESENT_SQL = """
+SELECT 1 FROM writes
+WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id = ? AND task_id = ? AND idx = ?
+"""
 
-# The archive's statements (the deletes that return their rows, `ARCHIVE_*`,
-# and the copies into a segment, `COPY_*`) are still in `worker.stores.sqlite`,
-# beside the engine; the restore's are here.
-# A segment is ATTACHed read-only and copied in SQL: no row crosses into
+# Restore: a segment is ATTACHed read-only and copied in SQL: no row crosses into
 # Python, and the primary keys (thread, ns, id[, task, idx]) decide what is
 # missing. The filter is on the archived side's thread_id (alias s).
 ATTACH_SEGMENT_SQL = "ATTACH DATABASE ? AS archived"
