@@ -520,6 +520,8 @@ class StoreConfig(_Model):
     archive: ArchiveConfig | None = None
     """Where sweeps archive what they delete; replaces `defaults.archive` for this store."""
 
+    # Each model binds its own validator (as `StoreConfig` and `OrphanSource` both do);
+    # the rule itself is `_check_dsn`, written once.
     @field_validator("dsn")
     @classmethod
     def _dsn(cls, value: SecretStr | None) -> SecretStr | None:
@@ -638,6 +640,8 @@ class OrphanSource(_Model):
     path: NonEmptyStr | None = None
     dsn: SecretStr | None = None
 
+    # Each model binds its own validator (as `StoreConfig` and `OrphanSource` both do);
+    # the rule itself is `_check_dsn`, written once.
     @field_validator("dsn")
     @classmethod
     def _dsn(cls, value: SecretStr | None) -> SecretStr | None:

@@ -321,6 +321,8 @@ def _by_namespace(checkpoints: Iterable[CheckpointSummary]) -> dict[str, list[Ch
     return by_ns
 
 
+# `_expiry_verdict` and `_orphan_writes` look alike only in their signatures (a
+# thread's view and its policies); their logic differs.
 def _expiry_verdict(
     view: ThreadView,
     root_policy: Policy,
@@ -374,6 +376,7 @@ def _call_deletions(
     return deletions
 
 
+# Alike in signature to `_expiry_verdict` only (see there).
 def _orphan_writes(
     view: ThreadView,
     rules: Ruleset,
@@ -396,6 +399,8 @@ def _orphan_writes(
 class _Trimmer:
     """History trimming of one thread's namespaces, each under its own policy."""
 
+    # Field by field, like the other planners' constructors: each class's
+    # own settings, so their alike shape is not logic to share.
     def __init__(
         self,
         by_ns: Mapping[str, Sequence[CheckpointSummary]],

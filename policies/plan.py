@@ -105,6 +105,8 @@ class NamespaceAggregate:
     """Ids that are not canonical lowercase UUIDv6 (`is_regular_id`); None: not counted."""
 
 
+# `ThreadAggregate` and `ThreadPlan` are declared field by field, each its own
+# documented record: alike in shape, no logic between them to share.
 @dataclass(frozen=True, slots=True)
 class ThreadAggregate:
     """A thread's namespaces' aggregates, and the details read for it so far."""
@@ -143,6 +145,7 @@ class Trim:
     oldest_age: float | None = None
 
 
+# Declared field by field as `ThreadAggregate` is (see there).
 @dataclass(frozen=True, slots=True)
 class ThreadPlan:
     """What one thread loses, or what is missing to tell."""
@@ -217,6 +220,8 @@ def plan_thread(
 class _Planner:
     """`plan_thread` in steps: shape, activity, expiry, trim, orphan writes."""
 
+    # Field by field, like the other planners' constructors: each class's
+    # own settings, so their alike shape is not logic to share.
     def __init__(
         self,
         agg: ThreadAggregate,

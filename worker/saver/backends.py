@@ -390,6 +390,8 @@ class SqlBackend(Backend):
         return await self._aexec(self._programs().release(thread_id), write=True, atomic=True)
 
 
+# `drive` and `adrive` are twins on purpose: one body cannot both await the
+# driver's calls and not.
 def drive(program: Statements[T], execute: Callable[[str, Any], Result]) -> T:
     """Run a program's statements one by one with `execute`; its return value."""
     result: Result | None = None
@@ -404,6 +406,7 @@ def drive(program: Statements[T], execute: Callable[[str, Any], Result]) -> T:
         result = execute(sql, params)
 
 
+# The async twin of `drive` (see there).
 async def adrive(program: Statements[T], execute: Callable[[str, Any], Awaitable[Result]]) -> T:
     """Async `drive`."""
     result: Result | None = None

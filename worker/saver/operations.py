@@ -231,6 +231,8 @@ def ask(op: Operation[R]) -> Generator[Operation[R], R, R]:
     return (yield op)
 
 
+# `run` and `arun` are twins on purpose: one body cannot both await the
+# backend's operations and not.
 def run(program: Program[T], backend: Backend) -> T:
     """Drive a program with the backend's sync operations."""
     result: Any = None
@@ -245,6 +247,7 @@ def run(program: Program[T], backend: Backend) -> T:
         result = op.run(backend)
 
 
+# The async twin of `run` (see there).
 async def arun(program: Program[T], backend: Backend) -> T:
     """Drive a program with the backend's async operations."""
     result: Any = None

@@ -54,6 +54,10 @@ from worker.stores.postgres_sql import (
 
 T = TypeVar("T")
 
+# These programs mirror `worker.saver.sqlite`'s one for one on purpose: the same
+# operations over another driver's SQL, parameters and results (arrays against
+# json_each, RETURNING rows against rowcounts). One shared program would hide
+# those differences behind flags.
 PG_NO_RESULT = frozenset({PG_CREATE_HOLDS_TABLE_SQL})
 """Statements that return no rows (DDL): not fetched."""
 

@@ -59,6 +59,11 @@ from worker.stores.timestamps import iso_utc
 
 T = TypeVar("T")
 
+# These programs mirror `worker.saver.postgres`'s one for one on purpose: the same
+# operations over another driver's SQL, parameters and results (json_each against
+# arrays, rowcounts against RETURNING rows). One shared program would hide those
+# differences behind flags.
+
 
 def sqlite_scan(thread_id: str, loads: Callable[[tuple[str, bytes]], Any]) -> Statements[Scanned]:
     """Rows without blobs; blobs decoded (with the saver's serde) only when needed.

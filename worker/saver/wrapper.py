@@ -605,6 +605,8 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
             return None
         return tup
 
+    # `list` and `alist` are twins on purpose, as the wrapped saver's sync and async
+    # calls are: one body cannot both await and not.
     def list(
         self,
         config: RunnableConfig | None,
@@ -625,6 +627,7 @@ class RetentionSaver(BaseCheckpointSaver[Any]):
                 return
         yield from self._inner.list(config, filter=filter, before=before, limit=limit)
 
+    # The async twin of `list` (see there).
     async def alist(
         self,
         config: RunnableConfig | None,

@@ -19,6 +19,7 @@ from typing import Any, NoReturn, TextIO, TypeVar
 
 import click
 import structlog
+from click.decorators import FC
 
 from policies.config import BatchSettings, Config, Policy, ReclaimSettings, StoreConfig
 from policies.loader import ConfigError
@@ -56,6 +57,9 @@ from worker.stores.space import Reclaimed, ReclaimRefused
 from worker.stores.sqlite import SqliteStore
 from worker.stores.stats import namespace_display
 from worker.stores.timestamps import iso_utc
+
+# The sweep package's names (`worker/sweep/__init__.py` lists the same ones): an
+# import list, not logic.
 from worker.sweep import (
     Outcome,
     SweepOptions,
@@ -251,6 +255,7 @@ def validate(ctx: click.Context, offline: bool) -> None:
     click.echo(f"{path}: ok (offline{skipped})")
 
 
+# Click options declared whole, alike in shape to other commands' (see `_YES_OPTION`).
 @main.command()
 @click.option(
     "--format",
@@ -492,6 +497,24 @@ def _space_lines(detail: dict[str, Any]) -> list[str]:
     return lines
 
 
+# Options the same word for word are built once below; the others are each
+# command's own, declared whole as click has them: alike in shape only.
+_YES_OPTION = click.option(
+    "--yes", is_flag=True, help="Do not ask for confirmation (required without a terminal)."
+)
+"""`--yes` of the commands that change a store (`purge`, `restore`)."""
+
+
+def _thread_prefix_option(verb: str) -> Callable[[FC], FC]:
+    """`--thread-prefix` of `purge` and `restore`: `verb` says what they do to the threads."""
+    return click.option(
+        "--thread-prefix",
+        "prefix",
+        default=None,
+        help=f"{verb} every thread whose id starts with this (exact, case-sensitive).",
+    )
+
+
 @main.command(name="purge")
 @click.option(
     "--thread",
@@ -499,12 +522,7 @@ def _space_lines(detail: dict[str, Any]) -> list[str]:
     multiple=True,
     help="Delete this thread whole (repeat for several).",
 )
-@click.option(
-    "--thread-prefix",
-    "prefix",
-    default=None,
-    help="Delete every thread whose id starts with this (exact, case-sensitive).",
-)
+@_thread_prefix_option("Delete")
 @click.option("--store", "only", default=None, help="Only this store.")
 @click.option(
     "--archive",
@@ -512,9 +530,7 @@ def _space_lines(detail: dict[str, Any]) -> list[str]:
     is_flag=True,
     help="Archive what goes first, to the store's `archive` (off by default: erasure).",
 )
-@click.option(
-    "--yes", is_flag=True, help="Do not ask for confirmation (required without a terminal)."
-)
+@_YES_OPTION
 @click.pass_context
 def purge_cmd(
     ctx: click.Context,
@@ -652,17 +668,10 @@ def _run_purge(
     default=None,
     help="Restore the threads named in this file, one id a line (`-`: standard input).",
 )
-@click.option(
-    "--thread-prefix",
-    "prefix",
-    default=None,
-    help="Restore every thread whose id starts with this (exact, case-sensitive).",
-)
+@_thread_prefix_option("Restore")
 @click.option("--all", "everything", is_flag=True, help="Restore every archived thread.")
 @click.option("--dry-run", is_flag=True, help="Show what would be restored; change nothing.")
-@click.option(
-    "--yes", is_flag=True, help="Do not ask for confirmation (required without a terminal)."
-)
+@_YES_OPTION
 @click.pass_context
 def restore_cmd(
     ctx: click.Context,

@@ -277,6 +277,8 @@ class StoreRunner:
 class Daemon:
     """The long-running worker."""
 
+    # Field by field, like the other planners' and engines' constructors: each class's
+    # own settings, so their alike shape is not logic to share.
     def __init__(
         self,
         config_path: Path,

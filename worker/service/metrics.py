@@ -67,6 +67,9 @@ class Metrics:
         self._archive_metrics(r)
         self._store_metrics(r)
 
+    # The `_*_metrics` builders repeat one shape on purpose: each metric is declared
+    # whole (name, help, labels, buckets) where it can be read and grepped, as
+    # prometheus-client's own examples do; a table of tuples would read worse.
     def _deletion_metrics(self, r: CollectorRegistry) -> None:
         """What the sweeps delete, and whether they only report it."""
         self.deleted = Counter(

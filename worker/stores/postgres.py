@@ -93,6 +93,9 @@ from policies.summary import json_object, summarize
 from policies.waiting import is_waiting
 from worker.stores import postgres_archive as pg_archive
 from worker.stores.archive import Archive, Segment, SegmentReader, Selection
+
+# The engine types, named one by one as the other engine names them: an import
+# list, not logic.
 from worker.stores.engine import (
     Counts,
     Fingerprint,
@@ -341,6 +344,8 @@ def connect_kwargs(dsn: str) -> dict[str, Any]:
 class PostgresStore:
     """A `StoreEngine` over one Postgres database, on one shared asyncpg pool."""
 
+    # Field by field, like the other planners' and engines' constructors: each class's
+    # own settings, so their alike shape is not logic to share.
     def __init__(
         self,
         name: str,
@@ -1000,6 +1005,8 @@ class PostgresStore:
                 bc.by_ns_wr[(r[0], r[1])] += r[2]
         return bc
 
+    # `_expire` and `_collect_blobs` take the batch's same connection, counts and
+    # segment: alike signatures, each its own step of `_apply_once`.
     async def _expire(
         self,
         conn: asyncpg.Connection,

@@ -74,6 +74,8 @@ MIGRATION_SQL = "SELECT max(v) FROM checkpoint_migrations"
 # versions it read; so a thread's unreferenced blobs wait out the grace period
 # after its last deletion (`worker.stores.postgres`'s docstring). One row per
 # thread.
+# Each of the tool's own tables (deletions, expired, holds, residue) has its own
+# whole CREATE and existence probe: alike in shape, but DDL reads best whole.
 DELETIONS_TABLE = "checkpoint_janitor_deletions"
 CREATE_DELETIONS_TABLE_SQL = f"""
 CREATE TABLE IF NOT EXISTS {DELETIONS_TABLE} (
@@ -87,6 +89,7 @@ DELETIONS_TABLE_EXISTS_SQL = f"SELECT to_regclass('{DELETIONS_TABLE}') IS NOT NU
 # place for it): blobs carry no date, so this dates each expiry; a thread's
 # blobs outlive its expiry by the grace period (`worker.stores.postgres`'s
 # docstring). `head_metadata` keeps what the policies matched the thread on.
+# Alike in shape to the deletions table's statements above, on purpose (see there).
 EXPIRED_TABLE = "checkpoint_janitor_expired"
 CREATE_EXPIRED_TABLE_SQL = f"""
 CREATE TABLE IF NOT EXISTS {EXPIRED_TABLE} (

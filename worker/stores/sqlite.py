@@ -45,6 +45,9 @@ from worker.stores.archive import (
     Selection,
 )
 from worker.stores.decoding import Decoder
+
+# The engine types, named one by one as the other engine names them: an import
+# list, not logic.
 from worker.stores.engine import (
     HOLDS_TABLE,
     RESIDUE_TABLE,
@@ -673,14 +676,24 @@ class SqliteStore:
                 self._archive_seconds["open"] = time.monotonic() - opening
             results = await self._batch(batch, seg, seen=early is not None)
             if seg is not None and not seg.sealed:
-                # Sealed under the write lock: nothing commits before its archive is safe.
-                sealing = time.monotonic()
-                await asyncio.to_thread(seg.seal)
-                self._archive_seconds["seal"] = time.monotonic() - sealing
+                await self._seal(seg)
         except BaseException:
             # Also on cancellation (SIGTERM): the batch is all or nothing.
             await self._roll_back(seg)
             raise
+        return await self._commit_batch(seg, results, early)
+
+    async def _seal(self, seg: Segment) -> None:
+        """Seal `seg`, timed; under the write lock: nothing commits before its archive is safe."""
+        sealing = time.monotonic()
+        await asyncio.to_thread(seg.seal)
+        self._archive_seconds["seal"] = time.monotonic() - sealing
+
+    async def _commit_batch(
+        self, seg: Segment | None, results: list[WorkResult], early: _EarlyCopy | None
+    ) -> list[WorkResult]:
+        """COMMIT a batch (archived under the lock or copied before it) and count what it
+        freed; then complete its segment. Its results, for `apply` to return."""
         await self._commit(seg)
         self._uncheckpointed += sum(r.counts.bytes for r in results)
         if seg is not None:
@@ -805,17 +818,11 @@ class SqliteStore:
                     f"copied {seg.counts} rows into segment {seg.number:06d} but deleted "
                     f"{deleted}; nothing deleted"
                 )
-            sealing = time.monotonic()
-            await asyncio.to_thread(seg.seal)
-            self._archive_seconds["seal"] = time.monotonic() - sealing
+            await self._seal(seg)
         except BaseException:
             await self._roll_back(seg)
             raise
-        await self._commit(seg)
-        results = plan.results
-        self._uncheckpointed += sum(r.counts.bytes for r in results)
-        await self._after_commit(seg, early)
-        return results
+        return await self._commit_batch(seg, plan.results, early)
 
     async def _delete_copied(self, plan: _EarlyPlan) -> dict[str, int]:
         """`plan`'s deletes (the plain statements), its results filled in; the rows

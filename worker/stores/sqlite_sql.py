@@ -302,10 +302,10 @@ SELECT min(b) FROM (
     ) < :keep
 )
 """
-# Before the delete, so only parents that exist (and are about to go) are
-# nulled, as the official `prune` does; it reads the kept rows only.
-TRIM_NULL_PARENTS_SQL = """
-UPDATE checkpoints SET parent_checkpoint_id = NULL
+# The kept rows whose parent exists and is about to go: one text for the
+# UPDATE below and the archive's read of those parents before it
+# (`ARCHIVE_TRIM_NULL_PARENTS_SQL`), so both always pick the same rows.
+_TRIM_PARENT_GOES = """
 WHERE thread_id = :t AND checkpoint_ns = :ns AND checkpoint_id >= :bound
 AND parent_checkpoint_id < :bound
 AND EXISTS (
@@ -314,6 +314,10 @@ AND EXISTS (
     AND p.checkpoint_id = checkpoints.parent_checkpoint_id
 )
 """
+# Before the delete, so only parents that exist (and are about to go) are
+# nulled, as the official `prune` does; it reads the kept rows only.
+TRIM_NULL_PARENTS_SQL = f"""
+UPDATE checkpoints SET parent_checkpoint_id = NULL{_TRIM_PARENT_GOES}"""
 # The writes of the checkpoints this trim deletes, by the same range; the
 # EXISTS keeps a write whose checkpoint is not (yet) saved (invariant 5, docs/architecture.md).
 TRIM_WRITES_SQL = """
@@ -459,16 +463,9 @@ SELECT thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id FROM checkp
 WHERE thread_id = ? AND checkpoint_ns = ?
 AND parent_checkpoint_id IN (SELECT value FROM json_each(?))
 """
-ARCHIVE_TRIM_NULL_PARENTS_SQL = """
-SELECT thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id FROM checkpoints
-WHERE thread_id = :t AND checkpoint_ns = :ns AND checkpoint_id >= :bound
-AND parent_checkpoint_id < :bound
-AND EXISTS (
-    SELECT 1 FROM checkpoints p
-    WHERE p.thread_id = :t AND p.checkpoint_ns = :ns
-    AND p.checkpoint_id = checkpoints.parent_checkpoint_id
-)
-"""
+ARCHIVE_TRIM_NULL_PARENTS_SQL = f"""
+SELECT thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id FROM checkpoints\
+{_TRIM_PARENT_GOES}"""
 # The SQL-side copies of `_trim_many` and `_expire` with an archive: the rows go
 # from the store into the segment's image inside SQLite (`Segment.copy`, on the
 # segment's own read-only connection), never through Python; the statements

@@ -5,6 +5,8 @@
 batches and its report. The names below are what the service layer calls.
 """
 
+# The service layer imports these same names (`worker.service.cli`): an import
+# list, not logic.
 from worker.sweep.run import (
     BatchFn,
     Outcome,

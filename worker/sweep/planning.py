@@ -55,6 +55,8 @@ class PlannedPage:
 class PagePlanner:
     """Reads and plans the store's threads page by page."""
 
+    # Field by field, like the other planners' and engines' constructors: each class's
+    # own settings, so their alike shape is not logic to share.
     def __init__(
         self,
         engine: StoreEngine,

@@ -20,10 +20,18 @@ import math
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Container, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Container,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import IO, TypeVar
+from typing import IO, Protocol, TypeVar
 
 import structlog
 
@@ -411,6 +419,8 @@ async def open_archive(engine: StoreEngine, factory: ArchiveFactory, now: float)
 class _Pass:
     """One sweep's pass: trims carried out as pages are decided, expiries after, all or none."""
 
+    # Field by field, like the other planners' and engines' constructors: each class's
+    # own settings, so their alike shape is not logic to share.
     def __init__(
         self,
         engine: StoreEngine,
@@ -1006,20 +1016,39 @@ def _iso(timestamp: float | None) -> str | None:
     return iso_utc(timestamp) if timestamp is not None else None
 
 
+class _OfPolicy(Protocol):
+    """A part of a decision or plan: an expiry, a deletion, a trim, a skip, a fallback."""
+
+    @property
+    def policy(self) -> str:
+        """The policy it is for."""
+        ...
+
+
+_PartOf = TypeVar("_PartOf", bound=_OfPolicy)
+
+
+def _if_due(part: _PartOf | None, due: frozenset[str]) -> _PartOf | None:
+    return part if part and part.policy in due else None
+
+
+def _those_due(parts: Iterable[_PartOf], due: frozenset[str]) -> tuple[_PartOf, ...]:
+    return tuple(p for p in parts if p.policy in due)
+
+
+# `_only_due` and `_plan_due` keep the same shape on purpose: each lists its own
+# type's fields (a row-level decision, an aggregate plan) through `_if_due` and
+# `_those_due`, so a field added to either type shows here.
 def _only_due(decision: ThreadDecision, due: frozenset[str] | None) -> ThreadDecision:
     if due is None:
         return decision
     return ThreadDecision(
         decision.thread_id,
-        expiry=decision.expiry if decision.expiry and decision.expiry.policy in due else None,
-        deletions=tuple(d for d in decision.deletions if d.policy in due),
-        writes=tuple(w for w in decision.writes if w.policy in due),
-        skips=tuple(s for s in decision.skips if s.policy in due),
-        ttl_fallback=(
-            decision.ttl_fallback
-            if decision.ttl_fallback and decision.ttl_fallback.policy in due
-            else None
-        ),
+        expiry=_if_due(decision.expiry, due),
+        deletions=_those_due(decision.deletions, due),
+        writes=_those_due(decision.writes, due),
+        skips=_those_due(decision.skips, due),
+        ttl_fallback=_if_due(decision.ttl_fallback, due),
     )
 
 
@@ -1028,10 +1057,10 @@ def _plan_due(plan: AggregatePlan, due: frozenset[str] | None) -> AggregatePlan:
         return plan
     return AggregatePlan(
         plan.thread_id,
-        expiry=plan.expiry if plan.expiry and plan.expiry.policy in due else None,
-        trims=tuple(t for t in plan.trims if t.policy in due),
-        writes=tuple(w for w in plan.writes if w.policy in due),
-        skips=tuple(s for s in plan.skips if s.policy in due),
+        expiry=_if_due(plan.expiry, due),
+        trims=_those_due(plan.trims, due),
+        writes=_those_due(plan.writes, due),
+        skips=_those_due(plan.skips, due),
         last_activity=plan.last_activity,
         gc_blobs=plan.gc_blobs,  # as `_parts`: whatever policies are due
     )
