@@ -112,13 +112,43 @@ from importlib import metadata
 from typing import IO, Any, Literal, NoReturn
 from urllib.parse import quote
 
+import xxhash
+
 from policies.config import ArchiveConfig, StoreConfig
 
-FORMAT_VERSION = 1
-"""Bumped on any change a reader of version 1 would misread."""
 
-CHECKSUM_METHOD = "row-sha256-sorted-v1"
-"""How `archive_meta.sha256` is computed (module docstring)."""
+@dataclass(frozen=True)
+class ChecksumMethod:
+    """How a segment's checksum is computed (module docstring): the one row encoding,
+    hashed per row with `row`, the sorted row digests fed to `new()`."""
+
+    name: str
+    """`archive_meta.checksum_method`."""
+    key: str
+    """The `archive_meta` key holding the checksum's hex digest."""
+    row: Callable[[bytes], bytes]
+    new: Callable[[], Any]
+
+
+SHA256_V1 = ChecksumMethod(
+    "row-sha256-sorted-v1", "sha256", lambda data: hashlib.sha256(data).digest(), hashlib.sha256
+)
+"""Format version 1's checksum; still verified on read."""
+XXH3_V2 = ChecksumMethod(
+    "row-xxh3-128-sorted-v2", "xxh3_128", xxhash.xxh3_128_digest, xxhash.xxh3_128
+)
+"""Format version 2's: the same encoding and order, xxh3-128 in place of SHA-256
+(an integrity check against torn writes and edits, not against forgery)."""
+CHECKSUM_METHODS = {m.name: m for m in (SHA256_V1, XXH3_V2)}
+
+FORMAT_VERSION = 2
+"""Bumped on any change a reader of the previous version would misread (2: xxh3 checksum)."""
+READABLE_VERSIONS = {"1": SHA256_V1, "2": XXH3_V2}
+"""Format versions a reader verifies, with the checksum each was written with."""
+
+CHECKSUM = XXH3_V2
+"""The method segments are written with."""
+CHECKSUM_METHOD = CHECKSUM.name
 
 META_TABLE = "archive_meta"
 NULLED_TABLE = "nulled_parents"
@@ -159,7 +189,10 @@ INSERT_IMAGE_ROW = f'INSERT INTO {IMAGE_SCHEMA}."{{table}}" ({{columns}}) VALUES
 COPY_ROWS = f'INSERT INTO {IMAGE_SCHEMA}."{{table}}" ({{columns}}) {{select}}'
 # The rows one copy appended (rowids only grow in a table nothing deletes from).
 LAST_IMAGE_ROWID = f'SELECT coalesce(max(rowid), 0) FROM {IMAGE_SCHEMA}."{{table}}"'
-NEW_IMAGE_ROWS = f'SELECT {{columns}} FROM {IMAGE_SCHEMA}."{{table}}" WHERE rowid > ?'
+NEW_IMAGE_ROWS = (
+    f'SELECT {{columns}} FROM {IMAGE_SCHEMA}."{{table}}" WHERE rowid > ? AND rowid <= ?'
+)
+_LAST_ROWID = 2**63 - 1
 # Exact thread / code-point prefix match (LIKE would treat `_` as a wildcard and fold case).
 SELECT_ROWS = 'SELECT {columns} FROM "{table}"{where}'
 # Many named threads as one JSON array parameter: no limit on bound variables,
@@ -298,12 +331,9 @@ def _encode(value: Any) -> bytes:
     return b"B%d:" % len(value) + value
 
 
-def row_digest(row: Sequence[Any]) -> bytes:
-    """SHA-256 of one row's canonical encoding (module docstring)."""
-    h = hashlib.sha256()
-    for value in row:
-        h.update(_encode(value))
-    return h.digest()
+def row_digest(row: Sequence[Any], method: ChecksumMethod = CHECKSUM) -> bytes:
+    """The digest of one row's canonical encoding (module docstring) by `method`."""
+    return method.row(b"".join(_encode(value) for value in row))
 
 
 # A row's canonical encoding (module docstring) built by SQLite, one blob per
@@ -318,7 +348,8 @@ _ENCODED_COLUMN = (
     " WHEN 'blob' THEN 'B' || length({c}) || ':' || {c} END"
 )
 ENCODED_ROWS = (
-    f'SELECT rowid, CAST({{encoded}} AS BLOB) FROM {IMAGE_SCHEMA}."{{table}}" WHERE rowid > ?'
+    f"SELECT rowid, CAST({{encoded}} AS BLOB)"
+    f' FROM {IMAGE_SCHEMA}."{{table}}" WHERE rowid > ? AND rowid <= ?'
 )
 IMAGE_ROW = f'SELECT {{columns}} FROM {IMAGE_SCHEMA}."{{table}}" WHERE rowid = ?'
 # Text lengths are counted in the database's encoding: the SQL encoding is UTF-8's.
@@ -326,33 +357,42 @@ DATABASE_ENCODING = "PRAGMA encoding"
 
 
 def _image_digests(
-    db: sqlite3.Connection, table: str, columns: Sequence[str], after: int
+    db: sqlite3.Connection,
+    table: str,
+    columns: Sequence[str],
+    after: int,
+    upto: int = _LAST_ROWID,
+    method: ChecksumMethod = CHECKSUM,
 ) -> list[bytes]:
-    """`row_digest` of each row of the image's `table` past rowid `after`."""
+    """`row_digest` of each row of the image's `table` with `after < rowid <= upto`."""
     names = [f'"{c}"' for c in columns]
+    bounds = (after, upto)
     if str(db.execute(DATABASE_ENCODING).fetchone()[0]).upper() != "UTF-8":
-        rows = db.execute(NEW_IMAGE_ROWS.format(columns=", ".join(names), table=table), (after,))
-        return [row_digest(r) for r in rows]
+        rows = db.execute(NEW_IMAGE_ROWS.format(columns=", ".join(names), table=table), bounds)
+        return [row_digest(r, method) for r in rows]
     encoded = " || ".join(_ENCODED_COLUMN.format(c=c) for c in names)
-    sha256 = hashlib.sha256
+    digest = method.row
     digests: list[bytes] = []
-    for rowid, data in db.execute(ENCODED_ROWS.format(encoded=encoded, table=table), (after,)):
+    for rowid, data in db.execute(ENCODED_ROWS.format(encoded=encoded, table=table), bounds):
         if data is None:
             row = db.execute(IMAGE_ROW.format(columns=", ".join(names), table=table), (rowid,))
-            digests.append(row_digest(row.fetchone()))
+            digests.append(row_digest(row.fetchone(), method))
         else:
-            digests.append(sha256(data).digest())
+            digests.append(digest(data))
     return digests
 
 
-def checksum(tables: Iterable[tuple[str, Sequence[str], Iterable[bytes]]]) -> str:
+def checksum(
+    tables: Iterable[tuple[str, Sequence[str], Iterable[bytes]]],
+    method: ChecksumMethod = CHECKSUM,
+) -> str:
     """The segment checksum from (table, columns, row digests), any order of tables or rows."""
-    h = hashlib.sha256()
+    h = method.new()
     for name, columns, digests in sorted(tables, key=lambda t: t[0]):
         h.update(f"table:{name}\n{','.join(columns)}\n".encode())
         for d in sorted(digests):
             h.update(d)
-    return h.hexdigest()
+    return str(h.hexdigest())
 
 
 # -- places: a local directory or an fsspec filesystem ----------------------
@@ -679,6 +719,8 @@ class Segment:
         """`copy` runs in a worker thread: closing waits for it."""
         self._copied: dict[str, int] = {}
         self._digests: dict[str, list[bytes]] = {}
+        self._undigested: list[tuple[str, int, int]] = []
+        """(table, after, upto): image rowids copied with `digest=False`, hashed by `_image`."""
         self.timings: dict[str, float] = {}
         """Seconds of the seal's steps (image, write with its fsync, publish), for logs."""
         """Row digests (`row_digest`) of the image's tables, for the checksum."""
@@ -737,9 +779,15 @@ class Segment:
         columns: Sequence[str],
         select: str,
         params: Sequence[Any] | dict[str, Any],
+        *,
+        digest: bool = True,
     ) -> int:
         """Insert the rows `select` (run on the store opened by `open_source`) returns into
-        the image's `table`, in SQL; the number of rows copied. Blocking: call in a thread."""
+        the image's `table`, in SQL; the number of rows copied. Blocking: call in a thread.
+
+        `digest`: hash the copied rows now, in this thread (a copy that runs beside the
+        batch's deletes); False leaves them to `prepare` (a copy before the write lock,
+        whose `prepare` is what runs beside the deletes)."""
         if self._state != "open":
             raise RuntimeError(f"segment {self.number} is {self._state}")
         if self._db is None:
@@ -755,10 +803,12 @@ class Segment:
                 copied = self._db.execute(
                     COPY_ROWS.format(table=table, columns=names, select=select), params
                 ).rowcount
-                # Digested here, in the copy's thread, while the batch's deletes run,
-                # rather than in the seal, which the COMMIT waits for.
-                digests = _image_digests(self._db, table, cols, last)
-                self._digests.setdefault(table, []).extend(digests)
+                if digest:
+                    digests = _image_digests(self._db, table, cols, last)
+                    self._digests.setdefault(table, []).extend(digests)
+                else:
+                    (upto,) = self._db.execute(LAST_IMAGE_ROWID.format(table=table)).fetchone()
+                    self._undigested.append((table, last, upto))
             except sqlite3.Error as exc:
                 raise self.archive.error(f"cannot copy rows of {table}: {exc}") from exc
         self._copied[table] = self._copied.get(table, 0) + copied
@@ -915,6 +965,10 @@ class Segment:
                     )
                     self._digests.setdefault(name, []).extend(row_digest(r) for r in t.rows)
                 self._tables.clear()
+                for name, after, upto in self._undigested:
+                    digests = _image_digests(db, name, self._columns[name], after, upto)
+                    self._digests.setdefault(name, []).extend(digests)
+                self._undigested.clear()
                 self.counts, expected = self._digest(db)
                 db.execute(CREATE_IMAGE_META)
                 db.executemany(INSERT_IMAGE_META, sorted(self._meta(expected).items()))
@@ -949,8 +1003,8 @@ class Segment:
             "segment": str(self.number),
             "tool": "checkpoint-janitor",
             "tool_version": _tool_version(),
-            "checksum_method": CHECKSUM_METHOD,
-            "sha256": expected,
+            "checksum_method": CHECKSUM.name,
+            CHECKSUM.key: expected,
             **{f"rows.{name}": str(n) for name, n in sorted(self.counts.items())},
         }
 
@@ -1070,8 +1124,8 @@ def _connect_ro(path: str) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True)
 
 
-def _verify_file(path: str) -> tuple[dict[str, int], str]:
-    """Row counts per table and the checksum, recomputed from the file's rows."""
+def _verify_file(path: str, method: ChecksumMethod) -> tuple[dict[str, int], str]:
+    """Row counts per table and the checksum by `method`, recomputed from the file's rows."""
     conn = _connect_ro(path)
     try:
         counts: dict[str, int] = {}
@@ -1082,12 +1136,12 @@ def _verify_file(path: str) -> tuple[dict[str, int], str]:
             columns = [c for (c,) in conn.execute(TABLE_COLUMNS, (name,))]
             cols = ", ".join(f'"{c}"' for c in columns)
             digests = [
-                row_digest(r)
+                row_digest(r, method)
                 for r in conn.execute(SELECT_ROWS.format(columns=cols, table=name, where=""))
             ]
             counts[name] = len(digests)
             parts.append((name, columns, digests))
-        return counts, checksum(parts)
+        return counts, checksum(parts, method)
     finally:
         conn.close()
 
@@ -1228,17 +1282,24 @@ class SegmentReader:
         """Raise `ArchiveError` unless the rows match the counts and checksum in `archive_meta`."""
         try:
             meta = self.meta
-            counts, found = _verify_file(self.local_path)
         except sqlite3.Error as exc:
             raise ArchiveError(self.store, self.location, f"unreadable: {exc}") from exc
-        if meta.get("format_version") != str(FORMAT_VERSION):
+        method = READABLE_VERSIONS.get(str(meta.get("format_version")))
+        if method is None or meta.get("checksum_method", method.name) != method.name:
             raise ArchiveError(
-                self.store, self.location, f"format_version {meta.get('format_version')!r}"
+                self.store,
+                self.location,
+                f"format_version {meta.get('format_version')!r}, "
+                f"checksum_method {meta.get('checksum_method')!r}",
             )
+        try:
+            counts, found = _verify_file(self.local_path, method)
+        except sqlite3.Error as exc:
+            raise ArchiveError(self.store, self.location, f"unreadable: {exc}") from exc
         want = {k[5:]: int(v) for k, v in meta.items() if k.startswith("rows.")}
         if counts != want:
             raise ArchiveError(self.store, self.location, f"row counts {counts} != meta {want}")
-        if found != meta.get("sha256"):
+        if found != meta.get(method.key):
             raise ArchiveError(self.store, self.location, "checksum mismatch: a row was changed")
 
 

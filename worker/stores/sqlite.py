@@ -1245,7 +1245,8 @@ class SqliteStore:
             if specs:
                 seg.open_source(uri)
             for table, columns, sql, params in specs:
-                seg.copy(table, columns, sql, params)
+                # Hashed by `prepare`, beside the lock, not here before it.
+                seg.copy(table, columns, sql, params, digest=False)
 
         try:
             await asyncio.to_thread(copy)
