@@ -9,7 +9,9 @@ ids the batch set to NULL (`nulled_parents`), and `archive_meta`.
 The image is an in-memory database attached as `seg`. A SQLite engine opens
 it on a read-only connection to the store (`Segment.open_source`) and fills it
 with `INSERT INTO seg.<table> SELECT ...` (`Segment.copy`): the rows never pass
-through Python, and each copy digests the rows it appended in its own thread.
+through Python on the way in. Each copy digests the rows it appended, in its own
+thread, or (`digest=False`, a copy before the write lock) leaves them to
+`prepare`, which runs beside the lock and the deletes.
 Rows an engine already holds (Postgres, SQLite's one-thread deletes) come in
 through `Segment.add`.
 
@@ -72,18 +74,24 @@ per table, and a difference rolls the batch back. Copy-before-lock for batch
 N+1 while batch N deletes (pipelining) is not done: the sweep hands the engine
 one batch at a time, and N+1's contents are decided after N's results.
 
-The checksum (`archive_meta.sha256`, method `row-sha256-sorted-v1`) does not
-depend on row order: for each table in name order, feed SHA-256 with
-`table:<name>\\n<col1>,<col2>,...\\n` and then the sorted 32-byte SHA-256
+The checksum does not depend on row order: for each table in name order, feed
+the hash with `table:<name>\\n<col1>,<col2>,...\\n` and then the sorted
 digests of its rows, each digest over the row's values in column order encoded
 as `N` (NULL), `I<decimal>;` (integer), `R<repr>;` (real), `T<len>:<utf-8>`
-(text), `B<len>:<bytes>` (blob).
+(text), `B<len>:<bytes>` (blob). Format version 2 (written now) uses xxh3-128
+for both (16-byte row digests; `archive_meta.xxh3_128`, method
+`row-xxh3-128-sorted-v2`): about ten times faster than SHA-256 here, and the
+checksum guards against torn writes and edits by mistake, not against forgery.
+Format version 1 used SHA-256 (32-byte row digests; `archive_meta.sha256`,
+`row-sha256-sorted-v1`); readers verify both, each by the method its version
+names (`READABLE_VERSIONS`), and refuse any other. The upload read-back of an
+`s3://` segment still compares SHA-256 of the bytes (rare, and the file is
+compared whole, not per row).
 
 A restore of some threads reads only the segments that hold them: it asks
 each segment (`SegmentReader.holds`, one `LIMIT 1` query per table, over
 `thread_id`) and verifies, then reads, those that do; a file that cannot be
-queried counts as holding them. The format is unchanged by this: segments
-of any version 1 writer are read the same way.
+queried counts as holding them.
 
 File I/O is synchronous; engines call it through `asyncio.to_thread`. A path
 with a scheme (`s3://bucket/prefix`) goes through `fsspec`: the segment is
