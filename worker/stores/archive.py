@@ -9,9 +9,8 @@ ids the batch set to NULL (`nulled_parents`), and `archive_meta`.
 The image is an in-memory database attached as `seg`. A SQLite engine opens
 it on a read-only connection to the store (`Segment.open_source`) and fills it
 with `INSERT INTO seg.<table> SELECT ...` (`Segment.copy`): the rows never pass
-through Python on the way in. Each copy digests the rows it appended, in its own
-thread, or (`digest=False`, a copy before the write lock) leaves them to
-`prepare`, which runs beside the lock and the deletes.
+through Python on the way in; each copy digests the rows it appended, in its
+own thread.
 Rows an engine already holds (Postgres, SQLite's one-thread deletes) come in
 through `Segment.add`.
 
@@ -712,8 +711,6 @@ class Segment:
         """`copy` runs in a worker thread: closing waits for it."""
         self._copied: dict[str, int] = {}
         self._digests: dict[str, list[bytes]] = {}
-        self._undigested: list[tuple[str, int, int]] = []
-        """(table, after, upto): image rowids copied with `digest=False`, hashed by `_image`."""
         self.timings: dict[str, float] = {}
         """Seconds of the seal's steps (image, write with its fsync, publish), for logs."""
         """Row digests (`row_digest`) of the image's tables, for the checksum."""
@@ -772,15 +769,9 @@ class Segment:
         columns: Sequence[str],
         select: str,
         params: Sequence[Any] | dict[str, Any],
-        *,
-        digest: bool = True,
     ) -> int:
         """Insert the rows `select` (run on the store opened by `open_source`) returns into
-        the image's `table`, in SQL; the number of rows copied. Blocking: call in a thread.
-
-        `digest`: hash the copied rows now, in this thread (a copy that runs beside the
-        batch's deletes); False leaves them to `prepare` (a copy before the write lock,
-        whose `prepare` is what runs beside the deletes)."""
+        the image's `table`, in SQL; the number of rows copied. Blocking: call in a thread."""
         if self._state != "open":
             raise RuntimeError(f"segment {self.number} is {self._state}")
         if self._db is None:
@@ -796,12 +787,11 @@ class Segment:
                 copied = self._db.execute(
                     COPY_ROWS.format(table=table, columns=names, select=select), params
                 ).rowcount
-                if digest:
-                    digests = _image_digests(self._db, table, cols, last)
-                    self._digests.setdefault(table, []).extend(digests)
-                else:
-                    (upto,) = self._db.execute(LAST_IMAGE_ROWID.format(table=table)).fetchone()
-                    self._undigested.append((table, last, upto))
+                # Digested here, in the copy's thread (before the lock, or beside the
+                # deletes), not in `prepare`: its Python loop holds the GIL, which
+                # beside the deletes slowed them (docs/benchmarks.md, "After: xxh3").
+                digests = _image_digests(self._db, table, cols, last)
+                self._digests.setdefault(table, []).extend(digests)
             except sqlite3.Error as exc:
                 raise self.archive.error(f"cannot copy rows of {table}: {exc}") from exc
         self._copied[table] = self._copied.get(table, 0) + copied
@@ -958,10 +948,6 @@ class Segment:
                     )
                     self._digests.setdefault(name, []).extend(row_digest(r) for r in t.rows)
                 self._tables.clear()
-                for name, after, upto in self._undigested:
-                    digests = _image_digests(db, name, self._columns[name], after, upto)
-                    self._digests.setdefault(name, []).extend(digests)
-                self._undigested.clear()
                 self.counts, expected = self._digest(db)
                 db.execute(CREATE_IMAGE_META)
                 db.executemany(INSERT_IMAGE_META, sorted(self._meta(expected).items()))

@@ -1245,8 +1245,7 @@ class SqliteStore:
             if specs:
                 seg.open_source(uri)
             for table, columns, sql, params in specs:
-                # Hashed by `prepare`, beside the lock, not here before it.
-                seg.copy(table, columns, sql, params, digest=False)
+                seg.copy(table, columns, sql, params)
 
         try:
             await asyncio.to_thread(copy)
