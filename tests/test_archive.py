@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import os
 import sqlite3
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+import xxhash
 
 from worker.stores import archive as archive_module
 from worker.stores.archive import (
     FORMAT_VERSION,
+    NULLED_COLUMNS,
     Archive,
     ArchiveError,
     ArchiveSettings,
@@ -185,6 +190,101 @@ def test_the_checksum_catches_a_changed_row(tmp_path: Path) -> None:
     [reader] = list(read_segments(str(tmp_path)))
     with pytest.raises(ArchiveError, match="checksum mismatch"):
         reader.verify()
+
+
+V1_SEGMENT = Path(__file__).parent / "data" / "segment-v1.sqlite.gz"
+"""A format version 1 segment (checksum `row-sha256-sorted-v1`) as the version 1 writer
+(commit 499b128) sealed it: `_filled`'s rows, store `main`."""
+
+
+def _v1_segment(root: Path) -> Path:
+    """The version 1 segment, unpacked where `read_segments` finds it."""
+    path = root / "main" / "20261201T223245Z-11911" / "000001.sqlite"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(gzip.decompress(V1_SEGMENT.read_bytes()))
+    return path
+
+
+def test_new_segments_are_version_2_with_an_xxh3_checksum(tmp_path: Path) -> None:
+    """Segments are written as format version 2, `row-xxh3-128-sorted-v2`: the checksum is
+    the documented one (recomputed here with xxhash, not the module's code), and a row
+    changed afterwards is refused."""
+    archive = Archive("main", "sqlite", ArchiveSettings(str(tmp_path)), time.time())
+    seg = _filled(archive)
+    seg.seal()
+    seg.complete()
+    [reader] = list(read_segments(str(tmp_path)))
+    meta = reader.meta
+    assert (meta["format_version"], meta["checksum_method"]) == ("2", "row-xxh3-128-sorted-v2")
+    assert "sha256" not in meta
+    rows = {
+        "checkpoints": (CHECKPOINT_COLUMNS, _rows("t1", 3) + _rows("t2", 2)),
+        "nulled_parents": (NULLED_COLUMNS, [("t1", "", "id-003", "id-002")]),
+        "writes": (WRITE_COLUMNS, [("t1", "", "id-000", "task", -1, "__error__", "json", b"x")]),
+    }
+    assert meta["xxh3_128"] == _documented_checksum(rows, xxhash.xxh3_128, xxhash.xxh3_128_digest)
+    reader.verify()
+    assert seg.path is not None
+    with contextlib.closing(sqlite3.connect(seg.path)) as conn:
+        conn.execute("UPDATE writes SET idx = -2")
+        conn.commit()
+    with pytest.raises(ArchiveError, match="checksum mismatch"):
+        reader.verify()
+
+
+def _documented_checksum(
+    tables: dict[str, tuple[Sequence[str], list[tuple[Any, ...]]]],
+    new: Callable[[], Any],
+    row_hash: Callable[[bytes], bytes],
+) -> str:
+    """The checksum as README "Getting data back" defines it (ints, text, blobs, NULL)."""
+
+    def encode(v: Any) -> bytes:
+        if v is None:
+            return b"N"
+        if isinstance(v, int):
+            return f"I{v};".encode()
+        data = v.encode() if isinstance(v, str) else v
+        return (b"T" if isinstance(v, str) else b"B") + f"{len(data)}:".encode() + data
+
+    h = new()
+    for name, (columns, table_rows) in sorted(tables.items()):
+        h.update(f"table:{name}\n{','.join(columns)}\n".encode())
+        for d in sorted(row_hash(b"".join(encode(v) for v in r)) for r in table_rows):
+            h.update(d)
+    return str(h.hexdigest())
+
+
+def test_a_version_1_segment_still_verifies_and_reads(tmp_path: Path) -> None:
+    """A segment the version 1 writer sealed (SHA-256 checksum) verifies and reads back its
+    rows; a row changed in it is refused, as in version 1."""
+    path = _v1_segment(tmp_path)
+    [reader] = list(read_segments(str(tmp_path), "main"))
+    assert (reader.meta["format_version"], reader.meta["checksum_method"]) == (
+        "1",
+        "row-sha256-sorted-v1",
+    )
+    reader.verify()
+    assert sorted(reader.rows("checkpoints")) == sorted(_rows("t1", 3) + _rows("t2", 2))
+    assert reader.nulled_parents() == [("t1", "", "id-003", "id-002")]
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("UPDATE checkpoints SET checkpoint = X'00' WHERE checkpoint_id = 'id-001'")
+        conn.commit()
+    with pytest.raises(ArchiveError, match="checksum mismatch"):
+        reader.verify()
+
+
+def test_a_segment_whose_method_does_not_match_its_version_is_refused(tmp_path: Path) -> None:
+    """A reader takes the checksum method from the format version: a version 1 segment
+    claiming another method (or an unknown version) is refused, not verified loosely."""
+    path = _v1_segment(tmp_path)
+    for key, value in (("checksum_method", "row-xxh3-128-sorted-v2"), ("format_version", "3")):
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            conn.execute("UPDATE archive_meta SET value = ? WHERE key = ?", (value, key))
+            conn.commit()
+        [reader] = list(read_segments(str(tmp_path), "main"))
+        with pytest.raises(ArchiveError, match="format_version"):
+            reader.verify()
 
 
 def test_the_checksum_ignores_row_order_but_not_types() -> None:
@@ -384,10 +484,10 @@ def test_s3_through_a_local_moto_server(tmp_path: Path) -> None:
         server.stop()
 
 
-def test_rows_digested_by_sql_match_row_digest() -> None:
-    """The image's rows are digested from an encoding SQLite builds (one hashlib call per
-    row): the same digest as `row_digest` for every type, NUL bytes and non-UTF-8 blobs
-    included, and a real (which SQLite prints otherwise) falls back to Python."""
+def test_rows_digested_from_the_image_match_row_digest() -> None:
+    """The image's rows, digested as they come out of SQLite: the same digest as
+    `row_digest` for every type, NUL bytes, non-UTF-8 blobs and reals included, and only
+    the rowids asked for."""
     from worker.stores.archive import ATTACH_IMAGE, _image_digests
 
     db = sqlite3.connect(":memory:", isolation_level=None)
@@ -404,3 +504,4 @@ def test_rows_digested_by_sql_match_row_digest() -> None:
     db.executemany("INSERT INTO seg.t VALUES (?, ?, ?)", rows)
     assert _image_digests(db, "t", ["a", "b", "c"], 0) == [row_digest(r) for r in rows]
     assert _image_digests(db, "t", ["a", "b", "c"], 4) == [row_digest(r) for r in rows[4:]]
+    assert _image_digests(db, "t", ["a", "b", "c"], 1, 3) == [row_digest(r) for r in rows[1:3]]

@@ -8,7 +8,9 @@ of every head, and resuming waiting threads on both.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import hashlib
 import json
 import shutil
 import sqlite3
@@ -24,7 +26,15 @@ from helpers.scenarios import PAUSED_ONCE, cli, read_all, resume, states, turns
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
 from worker.service.demo import chat_graph, thread
-from worker.stores.archive import Archive, ArchiveSettings, Segment, Selection, read_segments
+from worker.stores.archive import (
+    LIST_TABLES,
+    TABLE_COLUMNS,
+    Archive,
+    ArchiveSettings,
+    Segment,
+    Selection,
+    read_segments,
+)
 from worker.stores.engine import ThreadWork
 from worker.stores.sqlite import SqliteStore
 from worker.sweep import Outcome, SweepOptions, sweep
@@ -422,6 +432,76 @@ def test_a_damaged_segment_blocks_only_a_restore_that_needs_it(
     junk.write_bytes(b"not a database, not a segment" * 200)
     r = restore("--thread", "user-old-2")
     assert r.returncode == 1 and "999999.sqlite" in r.stderr, r.stderr
+
+
+def as_version_1(path: str) -> None:
+    """Rewrite a segment's `archive_meta` as the version 1 writer wrote it: format_version 1
+    and its SHA-256 checksum (`row-sha256-sorted-v1`, computed here with hashlib from the
+    rows, as the version 1 writer did), so the reader meets exactly what it met then."""
+    with contextlib.closing(sqlite3.connect(path)) as con:
+        tables = [n for (n,) in con.execute(LIST_TABLES) if n != "archive_meta"]
+        segment = hashlib.sha256()
+        for name in tables:
+            cols = [c for (c,) in con.execute(TABLE_COLUMNS, (name,))]
+            rows = con.execute(f'SELECT * FROM "{name}"').fetchall()
+            segment.update(f"table:{name}\n{','.join(cols)}\n".encode())
+            for d in sorted(hashlib.sha256(v1_encoding(r)).digest() for r in rows):
+                segment.update(d)
+        con.execute("DELETE FROM archive_meta WHERE key IN ('xxh3_128', 'checksum_method')")
+        con.executemany(
+            "INSERT OR REPLACE INTO archive_meta VALUES (?, ?)",
+            [("format_version", "1"), ("checksum_method", "row-sha256-sorted-v1"),
+             ("sha256", segment.hexdigest())],
+        )  # fmt: skip
+        con.commit()
+
+
+def v1_encoding(row: Sequence[Any]) -> bytes:
+    """One row's canonical encoding (README "Getting data back"; no reals in these stores)."""
+    out = b""
+    for v in row:
+        if v is None:
+            out += b"N"
+        elif isinstance(v, int):
+            out += b"I%d;" % v
+        else:
+            data = v.encode() if isinstance(v, str) else v
+            out += (b"T%d:" if isinstance(v, str) else b"B%d:") % len(data) + data
+    return out
+
+
+def test_a_version_1_archive_still_restores_equal(
+    tmp_path: Path, copies: tuple[Path, Path, dict[str, str]]
+) -> None:
+    """Segments of format version 1 (SHA-256 checksum) sit beside version 2 ones in
+    archives written before the change: `restore --all` verifies them by their own method
+    and gives back the store, equal through the saver; a damaged one is still refused."""
+    store, control, shapes = copies
+    archive = tmp_path / "archive"
+    cfg = write_config(tmp_path, store, str(archive), EXPIRE_AND_TRIM)
+    assert cli("once", config=cfg).returncode == 0
+    segments = sorted(s.local_path for s in read_segments(str(archive), "app"))
+    assert len(segments) > 2
+    for path in segments[::2]:
+        as_version_1(path)
+    versions = {s.meta["format_version"] for s in read_segments(str(archive), "app")}
+    assert versions == {"1", "2"}
+    swept = raw_rows(store)
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(archive, damaged)
+    with sqlite3.connect(damaged / Path(segments[0]).relative_to(archive)) as con:
+        con.execute("UPDATE checkpoints SET checkpoint = x'00' WHERE rowid = 1")
+    con.close()
+    r = cli("restore", "--store", "app", "--from", str(damaged), "--all", "--yes", config=cfg)
+    assert r.returncode == 1 and "checksum mismatch" in r.stderr, r.stderr
+    assert raw_rows(store) == swept, "a refused restore wrote"
+
+    r = cli("restore", "--store", "app", "--from", str(archive), "--all", "--yes", config=cfg)
+    assert r.returncode == 0, r.stderr
+    assert raw_rows(store) == raw_rows(control)
+    keys = all_keys(control)
+    asyncio.run(assert_same_through_the_saver(store, control, shapes, keys))
 
 
 def test_restore_asks_first_and_needs_yes_without_a_terminal(
