@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from langgraph.checkpoint.sqlite import SqliteSaver
-from report import janitor_cmd, write_results
+from report import janitor_cmd, log_events, write_results
 from sqlite_bench import (
     KEEP_LAST,
     code_version,
@@ -347,13 +347,7 @@ def archive_phases(worker_log: Path) -> dict[str, Any]:
     done, and the seal (image, write with fsync, verify, publish)."""
     totals: dict[str, float] = {}
     segments = 0
-    for line in worker_log.read_text().splitlines():
-        if not line.startswith("{"):
-            continue
-        try:
-            ev = json.loads(line)
-        except ValueError:
-            continue
+    for ev in log_events(worker_log):
         if ev.get("event") != "archive_segment":
             continue
         segments += 1
@@ -370,13 +364,7 @@ def write_txns(worker_log: Path) -> dict[str, Any]:
     write): longest, p99, and how many reached 250 ms, and the pre-lock seconds."""
     txns: list[float] = []
     outside = 0.0
-    for line in worker_log.read_text().splitlines():
-        if not line.startswith("{"):
-            continue
-        try:
-            ev = json.loads(line)
-        except ValueError:
-            continue
+    for ev in log_events(worker_log):
         if ev.get("event") != "batch" or ev.get("dry_run"):
             continue
         wait = float(ev.get("lock_wait") or 0.0)

@@ -102,6 +102,7 @@ from report import (  # noqa: E402
     cpu_model,
     fmt,
     janitor_cmd,
+    log_events,
     print_table,
     print_verdict,
     print_writer_load,
@@ -892,13 +893,7 @@ def run_worker(
     run = WorkerRun(proc.returncode, wall, peak, wal, started_at=started, ended_at=ended)
     run.pause_factor = default_pause_factor() if pause_factor is None else pause_factor
     text = errfile.read_text(errors="replace")
-    for line in text.splitlines():
-        if not line.startswith("{"):
-            continue
-        try:
-            ev = json.loads(line)
-        except ValueError:
-            continue
+    for ev in log_events(errfile):
         kind = ev.get("event")
         if kind == "batch":
             run.batch_seconds.append(float(ev["seconds"]))
@@ -1517,13 +1512,7 @@ def reclaim_events(log_path: Path) -> dict[str, Any]:
     """The worker's `table_vacuumed` and `reclaim` events (VACUUM times) from its log."""
     vacuums: list[dict[str, Any]] = []
     summary: dict[str, Any] | None = None
-    for line in log_path.read_text(errors="replace").splitlines():
-        if not line.startswith("{"):
-            continue
-        try:
-            ev = json.loads(line)
-        except ValueError:
-            continue
+    for ev in log_events(log_path):
         if ev.get("event") == "table_vacuumed":
             vacuums.append({"table": ev["table"], "seconds": ev["seconds"]})
         elif ev.get("event") == "reclaim":

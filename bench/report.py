@@ -11,7 +11,7 @@ import json
 import math
 import statistics
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -200,3 +200,17 @@ def version(dist: str) -> str | None:
 def write_results(path: Path, res: dict[str, Any]) -> None:
     """The results as indented JSON (the form docs/benchmarks.md quotes)."""
     path.write_text(json.dumps(res, indent=2))
+
+
+def log_events(path: Path) -> Iterator[dict[str, Any]]:
+    """The JSON events of a worker's log file, in order; other lines (tracebacks, text
+    from a crashed start) are skipped."""
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(ev, dict):
+            yield ev

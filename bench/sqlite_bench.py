@@ -65,6 +65,7 @@ from report import (
     cpu_model,
     fmt,
     janitor_cmd,
+    log_events,
     mb,
     pct,
     print_table,
@@ -662,13 +663,7 @@ def run_worker(
     run.code = code_version()
     run.load = [load0, loadavg()]
     text = errfile.read_text(errors="replace")
-    for line in text.splitlines():
-        if not line.startswith("{"):
-            continue
-        try:
-            ev = json.loads(line)
-        except ValueError:
-            continue
+    for ev in log_events(errfile):
         if ev.get("event") == "batch":
             run.batch_seconds.append(float(ev["seconds"]))
             run.batch_rows.append(int(ev.get("rows", 0)))

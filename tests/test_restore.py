@@ -615,30 +615,10 @@ async def test_archived_trims_run_batch_wide_and_restore_equal(tmp_path: Path) -
             await turns(chat_graph(saver), tid, 4)
     shutil.copy(store, control)
     settings = ArchiveSettings(str(tmp_path / "archive"))
-    from worker.service.config_files import load_config_text
-
-    cfg = load_config_text(
-        f"stores: [{{name: app, kind: sqlite, path: {store}}}]\n"
-        "defaults: {max_delete_fraction: 1.0}\n"
-        "policies:\n  - {name: trim, keep_last: 1}\n"
-    )
-    engine = SqliteStore("app", str(store))
-    await engine.open()
     statements: list[str] = []
-    try:
-        # aiosqlite runs the callback on its own thread; list.append is atomic.
-        await engine.conn.set_trace_callback(statements.append)
-        report = await sweep(
-            engine,
-            cfg.policies_for("app"),
-            SweepOptions(
-                settings=cfg.store_settings("app"),
-                archive=lambda started: Archive("app", "sqlite", settings, started),
-            ),
-        )
-        assert report.outcome is Outcome.SUCCESS, report.error
-    finally:
-        await engine.close()
+    await sweep_with_archive(
+        store, settings, "  - {name: trim, keep_last: 1}\n", statements=statements, batch=""
+    )
     keys = all_keys(control)
     assert {t for t, *_ in set(keys) - set(all_keys(store))} == set(threads)
     deletes = [s for s in statements if s.lstrip().startswith("DELETE FROM checkpoints")]
@@ -695,15 +675,28 @@ async def trim_all_with_archive(
     statements: list[str] | None = None,
     before_lock: Callable[[SqliteStore, Segment, Sequence[str]], Awaitable[None]] | None = None,
 ) -> dict[str, int]:
-    """keep_last 1 and expiry of idle threads over `store`, archived, one sweep; with
-    `before_lock`, awaited where a batch copied its archive before its write lock.
-    Returns the engine's `copies_before_lock`."""
+    """keep_last 1 and expiry of idle threads over `store`, archived, one sweep of small
+    batches (`sweep_with_archive`)."""
+    return await sweep_with_archive(store, settings, EXPIRE_AND_TRIM, statements, before_lock)
+
+
+async def sweep_with_archive(
+    store: Path,
+    settings: ArchiveSettings,
+    policies: str,
+    statements: list[str] | None = None,
+    before_lock: Callable[[SqliteStore, Segment, Sequence[str]], Awaitable[None]] | None = None,
+    batch: str = ", batch: {max_batch_rows: 15}",
+) -> dict[str, int]:
+    """One sweep of `policies` over `store` (store `app`), archived to `settings`;
+    `statements` collects the SQL it ran; with `before_lock`, awaited where a batch copied
+    its archive before its write lock. Returns the engine's `copies_before_lock`."""
     from worker.service.config_files import load_config_text
 
     cfg = load_config_text(
         f"stores: [{{name: app, kind: sqlite, path: {store}}}]\n"
-        "defaults: {max_delete_fraction: 1.0, batch: {max_batch_rows: 15}}\n"
-        "policies:\n" + EXPIRE_AND_TRIM
+        f"defaults: {{max_delete_fraction: 1.0{batch}}}\n"
+        "policies:\n" + policies
     )
     engine = SqliteStore("app", str(store))
     await engine.open()
