@@ -48,7 +48,6 @@ import shutil
 import sqlite3
 import statistics
 import subprocess
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -58,15 +57,15 @@ from langgraph.checkpoint.sqlite import SqliteSaver
 from report import janitor_cmd, log_events, write_results
 from sqlite_bench import (
     KEEP_LAST,
-    code_version,
     ensure_store,
     file_size,
     fresh_copy,
     loadavg,
-    machine,
     remove_db,
+    results_header,
     run_worker,
     shape_after_trim,
+    store_arguments,
     thread_set,
     worker_numbers,
     write_config,
@@ -407,13 +406,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--threads", type=int, default=20_000)
-    ap.add_argument("--per-thread", type=int, default=50)
-    ap.add_argument(
-        "--workdir",
-        type=Path,
-        default=Path(os.environ.get("TMPDIR", "/tmp")) / "checkpoint-janitor-bench",
-    )
+    store_arguments(ap)
     ap.add_argument("--repeat", type=int, default=2, help="repetitions (median reported)")
     ap.add_argument("--restore-threads", type=int, default=1_000)
     ap.add_argument(
@@ -434,12 +427,7 @@ def main() -> None:
     args = ap.parse_args()
     workdir: Path = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    res: dict[str, Any] = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "started_at": datetime.now(UTC).isoformat(),
-        "machine": machine(),
-        "worker_code": code_version(),
-    }
+    res: dict[str, Any] = results_header()
     base, meta = ensure_store(workdir, args.threads, args.per_thread, rebuild=False)
     every = sorted(thread_set(base))
     prefix, selected = pick_prefix(every, args.restore_threads)

@@ -34,10 +34,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import sqlite3
 import statistics
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -45,15 +43,15 @@ from typing import Any
 from report import write_results
 from sqlite_bench import (
     IDLE_DAYS,
-    code_version,
     ensure_store,
     fresh_copy,
     idle_threads,
     integrity_ok,
     loadavg,
-    machine,
     remove_db,
+    results_header,
     run_worker,
+    store_arguments,
     thread_set,
     worker_numbers,
     write_config,
@@ -131,13 +129,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--threads", type=int, default=20_000)
-    ap.add_argument("--per-thread", type=int, default=50)
-    ap.add_argument(
-        "--workdir",
-        type=Path,
-        default=Path(os.environ.get("TMPDIR", "/tmp")) / "checkpoint-janitor-bench",
-    )
+    store_arguments(ap)
     ap.add_argument("--repeat", type=int, default=2, help="repetitions (median reported)")
     ap.add_argument("--integrity", action="store_true", help="PRAGMA integrity_check each copy")
     ap.add_argument(
@@ -148,12 +140,7 @@ def main() -> None:
     args = ap.parse_args()
     workdir: Path = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    res: dict[str, Any] = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "started_at": datetime.now(UTC).isoformat(),
-        "machine": machine(),
-        "worker_code": code_version(),
-    }
+    res: dict[str, Any] = results_header()
     base, meta = ensure_store(workdir, args.threads, args.per_thread, rebuild=False)
     now = datetime.now(UTC).timestamp()
     every = sorted(thread_set(base))

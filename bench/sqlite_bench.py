@@ -1597,6 +1597,27 @@ def print_scale(res: dict[str, Any]) -> None:
     print("=" * 100)
 
 
+def store_arguments(ap: argparse.ArgumentParser) -> None:
+    """The store options every bench built on this one takes: its size and workdir."""
+    ap.add_argument("--threads", type=int, default=20_000)
+    ap.add_argument("--per-thread", type=int, default=50)
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(os.environ.get("TMPDIR", "/tmp")) / "checkpoint-janitor-bench",
+    )
+
+
+def results_header() -> dict[str, Any]:
+    """What every results file starts with: the command, when, the machine, the code."""
+    return {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "started_at": datetime.now(UTC).isoformat(),
+        "machine": machine(),
+        "worker_code": code_version(),
+    }
+
+
 # =========================================================== main
 
 
@@ -1605,13 +1626,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--threads", type=int, default=20_000)
-    ap.add_argument("--per-thread", type=int, default=50)
-    ap.add_argument(
-        "--workdir",
-        type=Path,
-        default=Path(os.environ.get("TMPDIR", "/tmp")) / "checkpoint-janitor-bench",
-    )
+    store_arguments(ap)
     ap.add_argument(
         "--only",
         default="a,b,bload,c",
@@ -1662,10 +1677,7 @@ def main() -> None:
     workdir: Path = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     res: dict[str, Any] = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "started_at": datetime.now(UTC).isoformat(),
-        "machine": machine(),
-        "worker_code": code_version(),
+        **results_header(),
         "loadavg_at_start": loadavg(),
     }
     if args.scale:
