@@ -17,7 +17,7 @@ import json
 import os
 import sqlite3
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -882,7 +882,7 @@ class SqliteStore:
         tids = [w.thread_id for w in batch]
         on_hold = await self._held_among(tids)
         current = await self._fingerprints(tids)
-        repeated = {t for t in tids if tids.count(t) > 1} if len(set(tids)) < len(tids) else set()
+        repeated = _repeated(tids)
         results: list[WorkResult] = []
         trimming: dict[int, ThreadWork] = {}
         expiring: dict[int, str] = {}
@@ -1597,9 +1597,13 @@ def _copyable_before_lock(batch: Sequence[ThreadWork]) -> bool:
     """Every part is a batch-wide trim or an expiry: the parts `_copy_before_lock`
     can plan in full without deleting (a one-thread delete by id reads what an
     earlier part of the same batch left, so it is archived under the lock)."""
-    tids = [w.thread_id for w in batch]
-    repeated = {t for t in tids if tids.count(t) > 1} if len(set(tids)) < len(tids) else set()
+    repeated = _repeated([w.thread_id for w in batch])
     return all(w.expire or (_ranges_only(w) and w.thread_id not in repeated) for w in batch)
+
+
+def _repeated(thread_ids: Sequence[str]) -> set[str]:
+    """The threads with more than one part in a batch (a thread split over parts)."""
+    return {t for t, n in Counter(thread_ids).items() if n > 1}
 
 
 def _ranges_only(work: ThreadWork) -> bool:
