@@ -47,6 +47,7 @@ from worker.stores.archive import archive_factory
 from worker.stores.engine import StoreEngine, StoreError
 from worker.sweep import Outcome, SweepOptions, sweep
 from worker.sweep.reclaim import after_sweep
+from worker.sweep.tasks import cancel_and_wait
 
 log = structlog.get_logger("checkpoint_janitor.daemon")
 
@@ -257,10 +258,7 @@ class StoreRunner:
         self.stop.set()
         if self.task is not None and not self.task.done():
             _, pending = await asyncio.wait([self.task], timeout=grace)
-            for task in pending:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await cancel_and_wait(pending)
         await self.close()
         return self.due
 

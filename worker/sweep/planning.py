@@ -25,6 +25,7 @@ from policies.matching import Ruleset
 from policies.model import ThreadDecision
 from policies.plan import ThreadAggregate, ThreadPlan, plan_thread
 from worker.stores.engine import AggregateStore, ScannedThread, StoreEngine
+from worker.sweep.tasks import cancel_and_wait
 
 MAX_DETAIL_ROUNDS = 5
 """Orphans, waiting, markers, counts: a plan asks at most this many times."""
@@ -104,11 +105,7 @@ class PagePlanner:
             while planning:
                 yield await planning.popleft()
         finally:
-            for task in planning:
-                task.cancel()
-            for task in planning:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await cancel_and_wait(planning)
 
     async def _row_pages(self, page_size: int) -> AsyncIterator[PlannedPage]:
         async for ids in self.engine.thread_pages(page_size):

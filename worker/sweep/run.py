@@ -14,7 +14,6 @@ or, past `max_delete_fraction` of the threads counted at its start, none.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import tempfile
@@ -62,6 +61,7 @@ from worker.stores.timestamps import iso_utc
 from worker.sweep.orphans import OrphanLookup, RegistryFailure
 from worker.sweep.planning import PagePlanner, PlannedPage, decide_scanned
 from worker.sweep.quota import Decided, Eviction, QuotaPass
+from worker.sweep.tasks import cancel_and_wait
 
 log = structlog.get_logger("checkpoint_janitor.sweep")
 
@@ -486,9 +486,7 @@ class _Pass:
             await self._run(progress)
         finally:
             if self.counting is not None:
-                self.counting.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await self.counting
+                await cancel_and_wait([self.counting])
 
     async def _know_limit(self) -> None:
         """`threads_total` and the safety limit, once `count_threads` has answered.
