@@ -1694,31 +1694,23 @@ def run_explain(server: Server, base: str, workdir: Path, now: float) -> dict[st
                 plans[name] = {"execution_ms": ms, "wall_ms": wall_ms}
                 (workdir / f"explain-{name}.txt").write_text(f"{sql.strip()}\n\n{text}\n")
 
-            page = [r[0] for r in await conn.fetch(
-                ps.THREADS_PAGE_SQL.format(table="checkpoints"), "", "", 1000
-            )]  # fmt: skip
-            await explain(
-                "threads_page_checkpoints",
-                ps.THREADS_PAGE_SQL.format(table="checkpoints"),
-                "",
-                "",
-                1000,
-            )
-            await explain(
-                "threads_page_writes",
-                ps.THREADS_PAGE_SQL.format(table="checkpoint_writes"),
-                "",
-                "",
-                1000,
-            )
+            # The base has none of the tool's tables: the walk without the expired
+            # threads' branch, the blob statements without the recent-deletion check.
+            first, after = ps.WALK_SQL["first", False], ps.WALK_SQL["next", False]
+            garbage = ps.GARBAGE_BLOB_THREADS_SQL[False]
+            page = [r[0] for r in await conn.fetch(first, 1000)]
+            await explain("threads_page_first", first, 1000)
+            await explain("threads_page_next", after, 1000, page[-1])
+            await explain("aggregate", ps.AGGREGATE_SQL, page)
             await explain("scan", ps.SCAN_SQL, page)
             await explain("orphan_writes", ps.ORPHAN_WRITES_SQL, page)
-            await explain("garbage_blob_threads", ps.GARBAGE_BLOB_THREADS_SQL, page)
-            # The same with JIT compilation off (Postgres' default is on).
+            await explain("garbage_blob_threads", garbage, page)
+            # The same with JIT compilation off (Postgres' default is on; the worker's off).
             await conn.execute("SET jit = off")
+            await explain("aggregate_nojit", ps.AGGREGATE_SQL, page)
             await explain("scan_nojit", ps.SCAN_SQL, page)
             await explain("orphan_writes_nojit", ps.ORPHAN_WRITES_SQL, page)
-            await explain("garbage_blob_threads_nojit", ps.GARBAGE_BLOB_THREADS_SQL, page)
+            await explain("garbage_blob_threads_nojit", garbage, page)
             await conn.execute("RESET jit")
             # The first batch: keep the newest KEEP_LAST per thread, up to 20,000 rows.
             rows = await conn.fetch(
@@ -1746,12 +1738,12 @@ def run_explain(server: Server, base: str, workdir: Path, now: float) -> dict[st
                 await explain("null_parents", ps.NULL_PARENTS_SQL, *args)
                 sp = conn.transaction()
                 await sp.start()
-                await explain("delete_garbage_blobs", ps.DELETE_GARBAGE_BLOBS_SQL, batch_threads)
+                # What the blob GC sweep later collects on these threads.
+                gc = ps.DELETE_GARBAGE_BLOBS_SQL[False]
+                await explain("delete_garbage_blobs", gc, batch_threads)
                 await sp.rollback()
                 await conn.execute("SET LOCAL jit = off")
-                await explain(
-                    "delete_garbage_blobs_nojit", ps.DELETE_GARBAGE_BLOBS_SQL, batch_threads
-                )
+                await explain("delete_garbage_blobs_nojit", gc, batch_threads)
             finally:
                 await tr.rollback()
         finally:
