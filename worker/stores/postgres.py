@@ -38,8 +38,11 @@ Why deletes are safe beside a live application (docs/architecture.md, invariant 
   none for a thread the batch trims. A row older than the grace period is
   dropped when a batch next collects on its thread; a purge drops it. Between
   a store's residue looks (`defaults.residue_check_every`) a row is also what
-  makes a sweep look at its thread's blobs at all (`ThreadAggregate.dated`):
-  the worker's own trims keep their timing, others' leftovers wait for a look.
+  makes a sweep look at its thread's blobs at all (`ThreadAggregate.dated`,
+  `Detail.BLOBS`: the blobs alone, counted to size the batch in blobs): the
+  worker's own trims keep their timing, others' leftovers (orphan writes
+  too) wait for a look. A batch does not run the collecting statement on the
+  threads it dates itself: their new date is past any cutoff.
   The window left: a run that read a checkpoint and saves a fork of it more
   than `grace_period` after a sweep deleted it. Deletions by other tools are
   not dated: the saver wrapper (`RetentionSaver`) frees blobs in its trim
