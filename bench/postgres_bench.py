@@ -820,13 +820,15 @@ def write_config(
     policy: dict[str, Any],
     batch: dict[str, Any] | None = None,
     reclaim: dict[str, Any] | None = None,
+    policy_name: str | None = None,
 ) -> Path:
+    """WORKDIR/config-`name`.yaml: store `bench`, one policy (named `name` unless given)."""
     import yaml
 
     cfg: dict[str, Any] = {
         # The DSN (with its password) comes from the environment, not the file.
         "stores": [{"name": "bench", "kind": "postgres", "dsn": "${BENCH_PG_DSN}"}],
-        "policies": [{"name": name, **policy}],
+        "policies": [{"name": policy_name or name, **policy}],
         "logging": {"format": "json", "level": "info"},
     }
     if batch:
@@ -963,7 +965,9 @@ def _log_slow(server: Server, db: str, ms: int) -> None:
 
 # The worker keeps a trimmed thread's blobs until it has had no deletion for
 # grace_period (a fork may still name them), so the sweep that collects them is
-# a later one: same policy, a 1 s grace period, started past that second.
+# a later one: same policy (and policy name, as a daemon's next sweep: the
+# residue look the first sweep dated is not due again), a 1 s grace period,
+# started past that second.
 BLOB_GC_GRACE = "1s"
 BLOB_GC_WAIT_S = 1.5
 
@@ -975,11 +979,17 @@ def run_blob_gc(
     tag: str,
     policy: dict[str, Any],
     batch: dict[str, Any] | None = None,
+    *,
+    policy_name: str,
 ) -> dict[str, Any]:
-    """The later sweep that collects the blobs the first left, timed on its own."""
+    """The later sweep that collects the blobs the first left, timed on its own.
+
+    `policy_name`: the first sweep's, so that this is the next sweep of the same
+    policy (a renamed policy would be due for a whole residue look).
+    """
     time.sleep(BLOB_GC_WAIT_S)
     gc_batch = {**(batch or {}), "grace_period": BLOB_GC_GRACE}
-    config = write_config(workdir, f"{tag}-gc", policy, gc_batch)
+    config = write_config(workdir, f"{tag}-gc", policy, gc_batch, policy_name=policy_name)
     pf = None if "pause_factor" not in gc_batch else float(gc_batch["pause_factor"])
     run = run_worker(server, config, dsn, workdir, f"{tag}-gc", pause_factor=pf)
     out = worker_numbers(run)
@@ -1036,7 +1046,9 @@ def run_b(
         out["stderr_tail"] = run.stderr_tail
     out["shape_before_blob_gc"] = shape_after_trim(dsn, n_threads, KEEP_LAST, blobs_per_thread, now)
     log(f"  ({tag}) blob GC sweep: keep_last {KEEP_LAST}, grace_period {BLOB_GC_GRACE}")
-    out["blob_gc"] = run_blob_gc(server, dsn, workdir, tag, policy, batch)
+    out["blob_gc"] = run_blob_gc(
+        server, dsn, workdir, tag, policy, batch, policy_name=f"keep5-{tag}"
+    )
     out["with_blob_gc"] = with_blob_gc(out, out["blob_gc"])
     out["shape"] = shape_after_trim(dsn, n_threads, KEEP_LAST, blobs_per_thread, now)
     out["readback_checked"] = asyncio.run(
@@ -1249,7 +1261,9 @@ def run_b_load(
     before_gc = shape_after_trim(dsn, n_threads, KEEP_LAST, blobs_per_thread, now)
     # Run after the writer stopped: its threads must be quiet for the grace period too.
     log(f"  (b-load) blob GC sweep: keep_last {KEEP_LAST}, grace_period {BLOB_GC_GRACE}")
-    out["blob_gc"] = run_blob_gc(server, dsn, workdir, "bload", {"keep_last": KEEP_LAST})
+    out["blob_gc"] = run_blob_gc(
+        server, dsn, workdir, "bload", {"keep_last": KEEP_LAST}, policy_name="keep5-load"
+    )
     out["with_blob_gc"] = with_blob_gc(out, out["blob_gc"])
     shape = shape_after_trim(dsn, n_threads, KEEP_LAST, blobs_per_thread, now)
     out.update(
@@ -1390,7 +1404,9 @@ def run_c(
         worker["stderr_tail"] = run.stderr_tail
     worker["shape_before_blob_gc"] = shape_after_trim(dsn_b1, n_threads, 1, tpl_blobs_keep1, now)
     log(f"  (b') blob GC sweep: keep_last 1, grace_period {BLOB_GC_GRACE}")
-    worker["blob_gc"] = run_blob_gc(server, dsn_b1, workdir, "b1", {"keep_last": 1})
+    worker["blob_gc"] = run_blob_gc(
+        server, dsn_b1, workdir, "b1", {"keep_last": 1}, policy_name="keep1"
+    )
     worker["with_blob_gc"] = with_blob_gc(worker, worker["blob_gc"])
     worker["shape"] = shape_after_trim(dsn_b1, n_threads, 1, tpl_blobs_keep1, now)
     digest_b1 = rowset_digest(dsn_b1)
@@ -1694,31 +1710,23 @@ def run_explain(server: Server, base: str, workdir: Path, now: float) -> dict[st
                 plans[name] = {"execution_ms": ms, "wall_ms": wall_ms}
                 (workdir / f"explain-{name}.txt").write_text(f"{sql.strip()}\n\n{text}\n")
 
-            page = [r[0] for r in await conn.fetch(
-                ps.THREADS_PAGE_SQL.format(table="checkpoints"), "", "", 1000
-            )]  # fmt: skip
-            await explain(
-                "threads_page_checkpoints",
-                ps.THREADS_PAGE_SQL.format(table="checkpoints"),
-                "",
-                "",
-                1000,
-            )
-            await explain(
-                "threads_page_writes",
-                ps.THREADS_PAGE_SQL.format(table="checkpoint_writes"),
-                "",
-                "",
-                1000,
-            )
+            # The base has none of the tool's tables: the walk without the expired
+            # threads' branch, the blob statements without the recent-deletion check.
+            first, after = ps.WALK_SQL["first", False], ps.WALK_SQL["next", False]
+            garbage = ps.GARBAGE_BLOB_THREADS_SQL[False]
+            page = [r[0] for r in await conn.fetch(first, 1000)]
+            await explain("threads_page_first", first, 1000)
+            await explain("threads_page_next", after, 1000, page[-1])
+            await explain("aggregate", ps.AGGREGATE_SQL, page)
             await explain("scan", ps.SCAN_SQL, page)
             await explain("orphan_writes", ps.ORPHAN_WRITES_SQL, page)
-            await explain("garbage_blob_threads", ps.GARBAGE_BLOB_THREADS_SQL, page)
-            # The same with JIT compilation off (Postgres' default is on).
+            await explain("garbage_blob_threads", garbage, page)
+            # The same with JIT compilation off (Postgres' default is on; the worker's off).
             await conn.execute("SET jit = off")
+            await explain("aggregate_nojit", ps.AGGREGATE_SQL, page)
             await explain("scan_nojit", ps.SCAN_SQL, page)
             await explain("orphan_writes_nojit", ps.ORPHAN_WRITES_SQL, page)
-            await explain("garbage_blob_threads_nojit", ps.GARBAGE_BLOB_THREADS_SQL, page)
+            await explain("garbage_blob_threads_nojit", garbage, page)
             await conn.execute("RESET jit")
             # The first batch: keep the newest KEEP_LAST per thread, up to 20,000 rows.
             rows = await conn.fetch(
@@ -1746,12 +1754,12 @@ def run_explain(server: Server, base: str, workdir: Path, now: float) -> dict[st
                 await explain("null_parents", ps.NULL_PARENTS_SQL, *args)
                 sp = conn.transaction()
                 await sp.start()
-                await explain("delete_garbage_blobs", ps.DELETE_GARBAGE_BLOBS_SQL, batch_threads)
+                # What the blob GC sweep later collects on these threads.
+                gc = ps.DELETE_GARBAGE_BLOBS_SQL[False]
+                await explain("delete_garbage_blobs", gc, batch_threads)
                 await sp.rollback()
                 await conn.execute("SET LOCAL jit = off")
-                await explain(
-                    "delete_garbage_blobs_nojit", ps.DELETE_GARBAGE_BLOBS_SQL, batch_threads
-                )
+                await explain("delete_garbage_blobs_nojit", gc, batch_threads)
             finally:
                 await tr.rollback()
         finally:

@@ -13,10 +13,12 @@ hand over, `plan_thread` deletes exactly what `decide` would.
 Residue — writes a crashed run left without a checkpoint and (Postgres)
 blobs no checkpoint references — is looked for on quiet threads. Reading it
 costs a join over every quiet thread's rows, so a pass may look only on the
-threads it must (`residue`): expiry candidates (orphan writes date a thread),
-threads the tool itself deleted from (`ThreadAggregate.dated`), and those
-governed by the policies whose periodic residue check is due. With
-`residue=None` (every check due) the plan is `decide`'s exactly.
+threads it must (`residue`): expiry candidates (orphan writes date a thread)
+and those governed by the policies whose periodic residue check is due. On
+threads the tool itself deleted from (`ThreadAggregate.dated`) it looks at
+the unreferenced blobs alone (`Detail.BLOBS`): its own trims' leftovers, due
+one grace period after the trim. With `residue=None` (every check due) the
+plan is `decide`'s exactly.
 
 An `orphaned` policy is planned too: whether the application's registry still
 lists a thread comes in the `Ruleset` (`Ruleset.for_page`, the page's answers),
@@ -80,7 +82,12 @@ class Detail(StrEnum):
     """A fact `plan_thread` needs before it can decide a thread; the engine reads it."""
 
     ORPHANS = "orphans"
-    """Writes whose checkpoint is not in the store (only asked for quiet or idle threads)."""
+    """Writes whose checkpoint is not in the store (only asked for quiet or idle threads);
+    (Postgres) with them, the thread's unreferenced blobs."""
+    BLOBS = "blobs"
+    """(Postgres) Only the unreferenced blobs of a quiet thread the tool deleted from
+    (`ThreadAggregate.dated`), when no residue look is due on it: collecting them is
+    the tool's own unfinished work, orphan writes wait for the next look."""
     WAITING = "waiting"
     """Whether the newest root checkpoint waits for input (expiry candidates only)."""
     MARKERS = "markers"
@@ -123,11 +130,12 @@ class ThreadAggregate:
     """(namespace, id) -> checkpoints of the namespace with an id below that id."""
     waiting: bool | None = None
     head_undecodable: bool = False
-    garbage_blobs: bool = False
-    """(Postgres) read with the orphans: the thread holds blobs no checkpoint references."""
+    garbage_blobs: int | None = None
+    """(Postgres) How many blobs of the thread no checkpoint references (read with the
+    orphans, or alone: `Detail.BLOBS`); None: not read."""
     dated: bool = False
     """(Postgres) the tool deleted from the thread over the grace period ago and has not
-    collected its blobs since: its residue is looked for on every pass."""
+    collected its blobs since: its unreferenced blobs are looked for on every pass."""
     rows: bool = False
     """The engine found something only the row-level path decides (a v < 4 head)."""
 
@@ -253,6 +261,8 @@ class _Planner:
         assert newest is not None  # a regular id is dated
         if self.agg.orphan_writes is None and self._orphans_matter(policy, newest):
             return ThreadPlan(self.tid, needs=frozenset({Detail.ORPHANS}))
+        if self.agg.garbage_blobs is None and self._blobs_matter(newest):
+            return ThreadPlan(self.tid, needs=frozenset({Detail.BLOBS}))
         orphan_times = [
             t for _, cid in self.agg.orphan_writes or () if (t := checkpoint_time(cid)) is not None
         ]
@@ -302,9 +312,10 @@ class _Planner:
         """Whether orphan writes matter: on a quiet thread they go, on an idle one they date it.
 
         A quiet thread's residue is looked for only when this pass looks at its
-        policies' (`residue`) or the tool deleted from it (`dated`); any policy
-        that might govern one of its namespaces counts, as orphan writes of a
-        namespace without checkpoints belong to that namespace's policy.
+        policies' (`residue`); any policy that might govern one of its
+        namespaces counts, as orphan writes of a namespace without checkpoints
+        belong to that namespace's policy. (A thread the tool deleted from gets
+        only its blobs looked at: `_blobs_matter`.)
         """
         idle = self.now - newest
         ttl = _ttl_seconds(policy)
@@ -312,11 +323,13 @@ class _Planner:
             return True
         if idle <= self.grace:
             return False
-        return (
-            self.residue is None
-            or self.agg.dated
-            or self.rules.could_match_thread(self.tid, self.residue)
-        )
+        return self.residue is None or self.rules.could_match_thread(self.tid, self.residue)
+
+    def _blobs_matter(self, newest: float) -> bool:
+        """Whether to look at a quiet thread's unreferenced blobs between residue looks:
+        when the tool deleted from it (`dated`), so that its own trims' leftovers go one
+        grace period after the trim, whatever the residue cadence."""
+        return self.agg.dated and self.now - newest > self.grace
 
     def _expiry(self, policy: Policy, idle: float, skips: tuple[Skip, ...]) -> ThreadPlan | Skip:
         """As `decide`: a root-only thread has no protected namespace besides its own.

@@ -206,6 +206,31 @@ def test_plan_decides_the_common_thread_without_rows() -> None:
     assert_same(view, [Policy(name="main", keep_last=5)])
 
 
+def test_dated_thread_between_residue_looks_gets_only_its_blobs_looked_at() -> None:
+    """A quiet thread the tool trimmed (dated), with no residue look due on it: the plan
+    asks for its unreferenced blobs alone (not its orphan writes, which wait for the
+    look), and collects them in a part sized by their count (the engine's answer)."""
+    rnd = random.Random(11)
+    ids = [make_id(NOW - 40 * DAY + i * 60, rnd) for i in range(5)]
+    view = ThreadView(
+        "user-1", tuple(CheckpointSummary("", i, None, checkpoint_time(i)) for i in ids)
+    )
+    rules = Ruleset([Policy(name="main", keep_last=5)])
+    agg = replace(aggregate_of(view), dated=True)
+    plan = plan_thread(agg, rules, NOW, GRACE, residue=frozenset())
+    assert plan.needs == {Detail.BLOBS}
+    plan = plan_thread(replace(agg, garbage_blobs=30), rules, NOW, GRACE, residue=frozenset())
+    assert not plan.needs and plan.gc_blobs == "main" and not plan.writes
+    # Not dated, no look due: nothing is read; a look due: orphans (and blobs with them).
+    assert plan_thread(aggregate_of(view), rules, NOW, GRACE, residue=frozenset()).is_empty
+    assert plan_thread(agg, rules, NOW, GRACE, residue=None).needs == {Detail.ORPHANS}
+    # Busy (within the grace period): neither.
+    busy = replace(
+        agg, namespaces=tuple(replace(a, newest_id=make_id(NOW - 1, rnd)) for a in agg.namespaces)
+    )
+    assert plan_thread(busy, rules, NOW, GRACE, residue=frozenset()).is_empty
+
+
 @settings(max_examples=3000, deadline=None)
 @given(st.floats(0, 2 * NOW), st.integers(-3, 3))
 def test_id_bound_splits_ids_by_their_date(horizon: float, offset: int) -> None:

@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -296,6 +298,59 @@ async def test_residue_cadence_dated_threads_every_sweep_others_at_the_next_look
     assert third.outcome is Outcome.SUCCESS, third.error
     assert third.policies["trim"].deleted.writes == 1
     assert await orphans(dsn) == NO_ORPHANS
+    async with pg_saver(dsn) as saver:
+        assert await read_all(saver, await all_keys(dsn)) == before
+
+
+async def test_blob_gc_sweep_sizes_its_batches_in_blobs_and_reads_no_orphan_writes(
+    dbs: Databases,
+) -> None:
+    """The sweep that collects trimmed threads' blobs, one grace period after the trim and
+    between residue looks, sizes its batches by the blobs each thread holds (the unit a
+    trim is sized in is its checkpoints): with `max_batch_rows` 20, no batch takes more
+    than 20 blobs plus the last thread's. It looks at the dated threads' blobs only: a
+    crashed run's write on one of them waits for the residue look. Kept checkpoints read
+    back equal to an untouched copy's."""
+    from langgraph.checkpoint.base.id import uuid6
+
+    dsn = dbs.create()
+    threads = [f"user-{i}" for i in range(6)]
+    with aged(OLD_DAYS):
+        async with pg_saver(dsn) as saver:
+            for t in threads:
+                await turns(chat_graph(saver), t, 3)
+    policy = "  - {name: trim, keep_last: 1}"
+    batch = "defaults:\n  batch: {max_batch_rows: 20, pause_factor: 0}"
+    t0 = time.time()
+    first = await run_pg_sweep(dsn, policy, now=t0, extra=batch, residue_check_every=DAY)
+    assert first.outcome is Outcome.SUCCESS, first.error
+    assert first.policies["trim"].deleted.checkpoints > 0
+    left = Counter(r[0] for r in (await orphans(dsn))["unreferenced_blobs"])
+    assert set(left) == set(threads)
+    # A write without its checkpoint on a dated thread: residue, not the trim's leftover.
+    async with pg_saver(dsn) as saver:
+        head = await saver.aget_tuple(thread("user-0"))
+        assert head is not None
+        with aged(OLD_DAYS):
+            ghost = {**head.config["configurable"], "checkpoint_id": str(uuid6())}
+        await saver.aput_writes({"configurable": ghost}, [("messages", ["lost"])], "t-1")
+    untouched = dbs.clone(dsn)
+    async with pg_saver(untouched) as saver:
+        before = await read_all(saver, await all_keys(untouched))
+
+    second = await run_pg_sweep(
+        dsn, policy, now=t0 + 2 * 3600, extra=batch, residue_check_every=DAY
+    )
+    assert second.outcome is Outcome.SUCCESS, second.error
+    assert second.policies["trim"].deleted.blobs == sum(left.values())
+    # Greedy batches close once they reach 20 blobs: at least this many of them.
+    most = max(left.values())
+    assert second.batches >= math.ceil(sum(left.values()) / (20 + most - 1)) >= 2
+    assert second.policies["trim"].deleted.writes == 0
+    found = await orphans(dsn)
+    assert found["unreferenced_blobs"] == [] and {r[0] for r in found["orphan_writes"]} == {
+        "user-0"
+    }
     async with pg_saver(dsn) as saver:
         assert await read_all(saver, await all_keys(dsn)) == before
 

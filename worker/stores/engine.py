@@ -56,8 +56,9 @@ class ScannedThread:
 
     view: ThreadView
     fingerprint: Fingerprint
-    garbage_blobs: bool = False
-    """(Postgres) the thread is quiet and holds blobs no checkpoint references."""
+    garbage_blobs: int = 0
+    """(Postgres) How many blobs no checkpoint references the quiet thread holds (or,
+    expired, the blobs due to go with it): its blob-collecting part is sized by them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +97,7 @@ class ThreadWork:
     ranges: dict[str, TrimRange] = field(default_factory=dict)
     """namespace -> a set-based trim (with the writes of the checkpoints it deletes)."""
     estimate: int = 0
-    """Checkpoints an expiry deletes (it names none by id)."""
+    """Checkpoints an expiry deletes (it names none by id); blobs a `gc_blobs` part does."""
     bytes: int = 0
     """Size of the checkpoints this part deletes, as scanned (checkpoint and metadata)."""
     gc_blobs: bool = False
@@ -111,7 +112,8 @@ class ThreadWork:
 
     @property
     def rows(self) -> int:
-        """Checkpoints this part deletes: the unit batches are sized in."""
+        """Checkpoints this part deletes (blobs, for a `gc_blobs` part): the unit batches
+        are sized in."""
         return (
             self.estimate
             + sum(len(ids) for ids in self.checkpoints.values())

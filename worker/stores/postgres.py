@@ -38,8 +38,11 @@ Why deletes are safe beside a live application (docs/architecture.md, invariant 
   none for a thread the batch trims. A row older than the grace period is
   dropped when a batch next collects on its thread; a purge drops it. Between
   a store's residue looks (`defaults.residue_check_every`) a row is also what
-  makes a sweep look at its thread's blobs at all (`ThreadAggregate.dated`):
-  the worker's own trims keep their timing, others' leftovers wait for a look.
+  makes a sweep look at its thread's blobs at all (`ThreadAggregate.dated`,
+  `Detail.BLOBS`: the blobs alone, counted to size the batch in blobs): the
+  worker's own trims keep their timing, others' leftovers (orphan writes
+  too) wait for a look. A batch does not run the collecting statement on the
+  threads it dates itself: their new date is past any cutoff.
   The window left: a run that read a checkpoint and saves a fork of it more
   than `grace_period` after a sweep deleted it. Deletions by other tools are
   not dated: the saver wrapper (`RetentionSaver`) frees blobs in its trim
@@ -624,20 +627,9 @@ class PostgresStore:
                 tid: tuple(_summary(tid, r, sends) for r in rows.get(tid, ())) for tid in ids
             }
             quiet = [t for t in ids if self._quiet(_fingerprint(summaries_of[t]))]
-            garbage = (
-                {r[0] for r in await self._fetch_dated(conn, GARBAGE_BLOB_THREADS_SQL, quiet)}
-                if quiet
-                else set()
-            )
-            # Expired threads' blobs, due once the grace period since the
-            # expiry has passed; they are matched on the metadata they had.
-            expired_meta: dict[str, dict[str, Any]] = {}
+            garbage = await self._garbage(conn, quiet)
             empty = [t for t in ids if not summaries_of[t]]
-            if empty and await self._has_expired_table(conn):
-                for r in await conn.fetch(EXPIRED_ROWS_SQL, empty):
-                    expired_meta[r["thread_id"]] = json_object(r["head_metadata"])
-                    if self.now is not None and self.now - r["expired_at"] > self.grace_period:
-                        garbage.add(r["thread_id"])
+            expired_meta = await self._expired(conn, empty, garbage)
             for tid in ids:
                 if is_delta_thread(summaries_of[tid]):
                     summaries_of[tid] = await self._channel_keys(conn, tid, summaries_of[tid])
@@ -661,9 +653,32 @@ class PostgresStore:
                     orphan_writes=tuple(orphans.get(tid, ())),
                 )
                 out.append(
-                    ScannedThread(view, _fingerprint(summaries), garbage_blobs=tid in garbage)
+                    ScannedThread(view, _fingerprint(summaries), garbage_blobs=garbage.get(tid, 0))
                 )
         return out
+
+    async def _expired(
+        self, conn: asyncpg.Connection, empty: list[str], garbage: dict[str, int]
+    ) -> dict[str, dict[str, Any]]:
+        """Expired threads' head metadata; those whose blobs are due go in `garbage`.
+
+        Due once the grace period since the expiry has passed; they are matched
+        on the metadata they had. Counted, as unreferenced blobs are, to size
+        their batch.
+        """
+        expired_meta: dict[str, dict[str, Any]] = {}
+        if not empty or not await self._has_expired_table(conn):
+            return expired_meta
+        due = []
+        for r in await conn.fetch(EXPIRED_ROWS_SQL, empty):
+            expired_meta[r["thread_id"]] = json_object(r["head_metadata"])
+            if self.now is not None and self.now - r["expired_at"] > self.grace_period:
+                due.append(r["thread_id"])
+                garbage[r["thread_id"]] = 1
+        if due:
+            for r in await conn.fetch(COUNT_EXPIRED_BLOBS_SQL, due, self._cutoff()):
+                garbage[r[0]] = max(int(r[1]), 1)
+        return expired_meta
 
     async def aggregate_pages(
         self, page_size: int, head_metadata: bool
@@ -707,6 +722,8 @@ class PostgresStore:
         async with self.pool.acquire() as conn:
             if tids := wanting(Detail.ORPHANS):
                 await self._orphans(conn, tids, out)
+            if tids := wanting(Detail.BLOBS):
+                await self._blobs(conn, tids, out)
             if tids := wanting(Detail.MARKERS):
                 marked = {r[0] for r in await conn.fetch(MARKED_THREADS_SQL, tids)}
                 for t in tids:
@@ -739,14 +756,25 @@ class PostgresStore:
         found: dict[str, list[tuple[str, str]]] = {t: [] for t in tids}
         for r in await conn.fetch(ORPHAN_WRITES_SQL, tids):
             found[r[0]].append((r[1], r[2]))
-        quiet = [t for t in tids if self._quiet(_aggregate_fingerprint(out[t]))]
-        garbage = (
-            {r[0] for r in await self._fetch_dated(conn, GARBAGE_BLOB_THREADS_SQL, quiet)}
-            if quiet
-            else set()
-        )
         for t in tids:
-            out[t] = replace(out[t], orphan_writes=tuple(found[t]), garbage_blobs=t in garbage)
+            out[t] = replace(out[t], orphan_writes=tuple(found[t]))
+        await self._blobs(conn, tids, out)
+
+    async def _blobs(
+        self, conn: asyncpg.Connection, tids: list[str], out: dict[str, ThreadAggregate]
+    ) -> None:
+        """How many unreferenced blobs each quiet thread of `tids` holds (0 on busy ones)."""
+        quiet = [t for t in tids if self._quiet(_aggregate_fingerprint(out[t]))]
+        garbage = await self._garbage(conn, quiet)
+        for t in tids:
+            out[t] = replace(out[t], garbage_blobs=garbage.get(t, 0))
+
+    async def _garbage(self, conn: asyncpg.Connection, quiet: list[str]) -> dict[str, int]:
+        """Thread -> blobs the collecting statement would delete, for the quiet threads given."""
+        if not quiet:
+            return {}
+        rows = await self._fetch_dated(conn, GARBAGE_BLOB_THREADS_SQL, quiet)
+        return {r[0]: int(r[1]) for r in rows}
 
     async def residue_checks(self) -> dict[str, float]:
         """When each policy's quiet threads were last all looked at for residue."""
@@ -959,7 +987,7 @@ class PostgresStore:
             raise _Changed(bad)
 
         quiet = [t for t in tids if t not in expire and self._quiet(after.get(t, ()))]
-        await self._collect_blobs(conn, batch, tids, quiet, bc.threads, segment)
+        await self._collect_blobs(conn, batch, tids, quiet, set(dated), bc.threads, segment)
         return bc
 
     async def _as_scanned(
@@ -1041,14 +1069,22 @@ class PostgresStore:
         batch: Sequence[ThreadWork],
         tids: list[str],
         quiet: list[str],
+        dated: set[str],
         counts: defaultdict[str, Counts],
         segment: Segment | None,
     ) -> None:
-        """Quiet threads' unreferenced blobs, and expired threads' blobs past the grace period."""
+        """Quiet threads' unreferenced blobs, and expired threads' blobs past the grace period.
+
+        Not on the threads this batch `dated`: their date is now the sweep's
+        clock (`RECORD_DELETIONS_SQL` keeps the later one), past any cutoff,
+        so the collecting statement would keep every blob of theirs anyway and
+        its anti-join over their rows is saved.
+        """
         if quiet:
             await _null_parents(conn, segment, NULL_DANGLING_PARENTS_SQL, quiet)
+        if collect := [t for t in quiet if t not in dated]:
             recent = await self._has_deletions_table(conn)
-            args: tuple[Any, ...] = (quiet, self._cutoff()) if recent else (quiet,)
+            args: tuple[Any, ...] = (collect, self._cutoff()) if recent else (collect,)
             for r in await _delete(conn, segment, DELETE_GARBAGE_BLOBS[recent], *args):
                 counts[r[0]].blobs += r[1]
         gone = [w.thread_id for w in batch if w.gc_blobs and not w.fingerprint]
@@ -1057,8 +1093,8 @@ class PostgresStore:
             if gone:
                 for r in await _delete(conn, segment, DELETE_EXPIRED_BLOBS, gone, self._cutoff()):
                     counts[r[0]].blobs += r[1]
-        if (quiet or gone) and await self._has_deletions_table(conn):
-            await conn.execute(PRUNE_DELETIONS_SQL, [*quiet, *gone], self._cutoff())
+        if (collect or gone) and await self._has_deletions_table(conn):
+            await conn.execute(PRUNE_DELETIONS_SQL, [*collect, *gone], self._cutoff())
 
     @staticmethod
     def _results(batch: Sequence[ThreadWork], bc: _BatchCounts) -> list[WorkResult]:

@@ -663,14 +663,17 @@ DELETE_GARBAGE_BLOBS = {
 }
 DELETE_GARBAGE_BLOBS_SQL = {dated: d.count for dated, d in DELETE_GARBAGE_BLOBS.items()}
 # Which quiet threads hold blobs the statement above would collect (left by
-# trims made while the thread was busy or within the grace period): they get
-# a sweep part of their own. Both plans (rows and aggregates) ask this.
+# trims made while the thread was busy or within the grace period), and how
+# many: they get a sweep part of their own, sized in blobs (the batch's cost
+# is the blob rows it deletes, a thread can hold thousands). Counted in the
+# same anti-join DISTINCT would need. Both plans (rows and aggregates) ask this.
 GARBAGE_BLOB_THREADS_SQL = _dated(
     f"""
 WITH {_GARBAGE_REFS}
-SELECT DISTINCT b.thread_id FROM checkpoint_blobs b
+SELECT b.thread_id, count(*) FROM checkpoint_blobs b
 WHERE b.thread_id = ANY($1::text[])
 {_UNREFERENCED}{{recent}}
+GROUP BY 1
 """,
     "$2",
 )

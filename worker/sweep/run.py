@@ -1108,7 +1108,9 @@ def _plan_parts(
         work = ThreadWork(tid, fingerprint(), writes={ns: ids})
         parts.append(_Part(work, policy, Reason.ORPHAN_WRITES, plan.last_activity))
     if plan.gc_blobs is not None and plan.gc_blobs in policies:
-        work = ThreadWork(tid, fingerprint(), gc_blobs=True, estimate=1)
+        # Sized by its blob rows, like a trim by its checkpoints: the sizer's unit.
+        blobs = max(agg.garbage_blobs or 0, 1)
+        work = ThreadWork(tid, fingerprint(), gc_blobs=True, estimate=blobs)
         parts.append(_Part(work, plan.gc_blobs, Reason.UNREFERENCED_BLOBS, plan.last_activity))
     return parts, eligible
 
@@ -1168,7 +1170,9 @@ def _parts(
         # collects a quiet thread's, so this part only brings it into one.
         owner = rules.first_match(tid, "", view.head_metadata)
         if owner is not None and not owner.protect and owner.name in policies:
-            work = ThreadWork(tid, thread.fingerprint, gc_blobs=True, estimate=1)
+            work = ThreadWork(
+                tid, thread.fingerprint, gc_blobs=True, estimate=max(thread.garbage_blobs, 1)
+            )
             parts.append(_Part(work, owner.name, Reason.UNREFERENCED_BLOBS, active))
     return parts, eligible
 
