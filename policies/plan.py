@@ -260,7 +260,8 @@ class _Planner:
         newest = checkpoint_time(ns.newest_id)
         assert newest is not None  # a regular id is dated
         if self.agg.orphan_writes is None and self._orphans_matter(policy, newest):
-            return ThreadPlan(self.tid, needs=frozenset({Detail.ORPHANS}))
+            asked = {Detail.ORPHANS, *self._expiry_needs(policy, ns, newest)}
+            return ThreadPlan(self.tid, needs=frozenset(asked))
         if self.agg.garbage_blobs is None and self._blobs_matter(newest):
             return ThreadPlan(self.tid, needs=frozenset({Detail.BLOBS}))
         orphan_times = [
@@ -330,6 +331,25 @@ class _Planner:
         when the tool deleted from it (`dated`), so that its own trims' leftovers go one
         grace period after the trim, whatever the residue cadence."""
         return self.agg.dated and self.now - newest > self.grace
+
+    def _expiry_needs(
+        self, policy: Policy | None, ns: NamespaceAggregate, newest: float
+    ) -> set[Detail]:
+        """What an expiry candidate (idle past its TTL by its newest id) will ask once its
+        orphan writes are in: asked with them, so the engine reads all three in one round.
+
+        Orphan writes only rarely make such a thread younger; then the id count
+        and waiting check were read in vain, and the plan is still `decide`'s.
+        """
+        ttl = _ttl_seconds(policy)
+        if policy is None or ttl is None or self.now - newest <= ttl:
+            return set()
+        needs = set()
+        if ns.irregular is None:
+            needs.add(Detail.REGULAR)
+        if policy.interrupted == "keep" and self.agg.waiting is None:
+            needs.add(Detail.WAITING)
+        return needs
 
     def _expiry(self, policy: Policy, idle: float, skips: tuple[Skip, ...]) -> ThreadPlan | Skip:
         """As `decide`: a root-only thread has no protected namespace besides its own.

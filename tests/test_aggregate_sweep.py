@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -35,6 +36,7 @@ from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from test_decide import THREAD_IDS
 
 from policies.model import Reason, SkipReason
+from policies.plan import Detail, ThreadPlan
 from worker.service.config_files import load_config_text
 from worker.service.demo import aged, chat_graph, thread
 from worker.stores.engine import ScannedThread
@@ -242,6 +244,41 @@ async def test_aggregate_plan_deletes_what_rows_decide(
             assert orphans.skipped[SkipReason.REGISTRY_UNAVAILABLE] > 0
         # Planned from aggregates: the plain root-only chat threads are never read as rows.
         assert "huge" not in from_rows and "crashed-new" not in from_rows
+
+
+async def test_detail_reads_do_not_queue_behind_the_planning_reader(
+    tmp_path: Path, template: Path
+) -> None:
+    """The pages in flight read their details on connections of their own: while the
+    planning connection (`reader`) is busy with another read, `details` still answers,
+    and answers what it answers with every connection free."""
+    path = tmp_path / "store.db"
+    shutil.copy(template, path)
+    engine = SqliteStore("app", str(path))
+    await engine.open()
+    gate = threading.Event()
+    busy: asyncio.Future[Any] | None = None
+    try:
+        aggs = [a for page in [p async for p in engine.aggregate_pages(1000, False)] for a in page]
+        needs = frozenset({Detail.ORPHANS, Detail.REGULAR, Detail.WAITING, Detail.MARKERS})
+        asked = [
+            (a, ThreadPlan(a.thread_id, needs=needs))
+            for a in aggs
+            if any(ns.namespace == "" for ns in a.namespaces)
+        ]
+        free = await engine.details(asked)
+        # A read that holds the planning connection's thread until the gate opens.
+        await engine.reader.create_function("held_until_gate", 0, gate.wait)
+        busy = asyncio.ensure_future(engine.reader.execute("SELECT held_until_gate()"))
+        beside = await asyncio.wait_for(engine.details(asked), timeout=30)
+        assert not busy.done()
+        assert beside == free
+        assert any(a.orphan_writes for a in beside)  # the crashed runs' writes
+    finally:
+        gate.set()
+        if busy is not None:
+            await busy
+        await engine.close()
 
 
 # ------------------------------------------------------------------ Postgres

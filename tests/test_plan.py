@@ -231,6 +231,31 @@ def test_dated_thread_between_residue_looks_gets_only_its_blobs_looked_at() -> N
     assert plan_thread(busy, rules, NOW, GRACE, residue=frozenset()).is_empty
 
 
+def test_expiry_candidate_asks_its_facts_in_one_round() -> None:
+    """An expiry candidate asks for its orphan writes, id regularity and waiting check
+    together, so the engine reads them in one round; then it expires as `decide` says."""
+    rnd = random.Random(11)
+    ids = [make_id(NOW - 40 * DAY + i * 60, rnd) for i in range(5)]
+    view = ThreadView(
+        "idle",
+        tuple(CheckpointSummary("", i, None, checkpoint_time(i)) for i in ids),
+        waiting=False,
+    )
+    rules = Ruleset([Policy(name="idle", expire_after=timedelta(days=30))])
+    agg = aggregate_of(view)
+    plan = plan_thread(agg, rules, NOW, GRACE)
+    assert plan.needs == {Detail.ORPHANS, Detail.REGULAR, Detail.WAITING}
+    plan = plan_thread(fill(agg, view, plan), rules, NOW, GRACE)
+    assert not plan.needs and plan.expiry is not None
+    # A thread still inside its TTL asks for no more than before.
+    recent = [make_id(NOW - 10 * DAY + i * 60, rnd) for i in range(5)]
+    young = ThreadView(
+        "young", tuple(CheckpointSummary("", i, None, checkpoint_time(i)) for i in recent)
+    )
+    assert plan_thread(aggregate_of(young), rules, NOW, GRACE).needs == {Detail.ORPHANS}
+    assert_same(view, rules)
+
+
 @settings(max_examples=3000, deadline=None)
 @given(st.floats(0, 2 * NOW), st.integers(-3, 3))
 def test_id_bound_splits_ids_by_their_date(horizon: float, offset: int) -> None:

@@ -30,11 +30,13 @@ from worker.sweep.tasks import cancel_and_wait
 MAX_DETAIL_ROUNDS = 5
 """Orphans, waiting, markers, counts: a plan asks at most this many times."""
 
-PLAN_AHEAD = 3
+PLAN_AHEAD = 4
 """Pages planned at once. A page's plan alternates between the engine's reads
-(on SQLite, on the reader connection's thread) and `plan_thread` (on the event
+(on SQLite, on reader connections' threads) and `plan_thread` (on the event
 loop); with several pages in flight one page's reads run while another's plans
-are computed, so the planning costs about the larger of the two, not their sum."""
+are computed, so the planning costs about the larger of the two, not their sum.
+Four: SQLite reads two pages' details at once (`DETAIL_READERS`) while the next
+page's aggregates are read on a connection of their own."""
 
 RegistryAnswers = Callable[[Sequence[str]], Awaitable[Mapping[str, Set[str]]]]
 """Per answering `orphaned` policy, which of these thread ids its registry lists
