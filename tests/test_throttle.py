@@ -1,21 +1,24 @@
-"""Batch sizing and pacing: the rule for resting between batches, and what SQLite tells it.
+"""Batch sizing and pacing: the rule for resting between batches, and what the engines tell it.
 
 The rule (`Pacer`) runs on the sweep's own time (batch and rest seconds
-added up), so it is checked here with no clock at all; the SQLite engine's
-half (`contention`) is checked against a real saver writing between batches.
+added up), so it is checked here with no clock at all; each engine's half
+(`contention`) is checked against a real saver writing between batches.
 """
 
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
+from helpers.pg_scenarios import pg_saver
 from helpers.scenarios import turns
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
 from worker.service.demo import chat_graph
 from worker.stores.engine import ThreadWork, TrimRange
+from worker.stores.postgres import PostgresStore
 from worker.stores.sqlite import SqliteStore
 from worker.stores.throttle import (
     AIM,
@@ -28,7 +31,7 @@ from worker.stores.throttle import (
 
 
 def test_without_writer_information_every_batch_rests_pause_factor() -> None:
-    # Postgres (writer_seen None): the rule as before, max(pause, factor x batch).
+    # An engine that cannot tell (writer_seen None): max(pause, factor x batch).
     pacer = Pacer(pause=0.01, pause_factor=0.5)
     assert [pacer.rest(0.2, None) for _ in range(50)] == [0.1] * 50
     assert pacer.rest(0.001, None) == 0.01
@@ -159,3 +162,38 @@ async def test_sqlite_close_leaves_the_deletes_in_the_file_not_only_the_wal(stor
         assert n == 2
     finally:
         app.close()
+
+
+async def pg_trim(engine: PostgresStore, thread_id: str) -> ThreadWork:
+    """A part that trims `thread_id` to its 2 newest checkpoints, as the engine scans it now."""
+    (scanned,) = await engine.scan([thread_id])
+    [(ns, n, newest)] = scanned.fingerprint
+    return ThreadWork(thread_id, scanned.fingerprint, ranges={ns: TrimRange(2, newest, n - 2)})
+
+
+async def test_postgres_batches_see_the_applications_commits(pg_dsn: str) -> None:
+    # Transaction ids are cluster-wide: this relies on nothing else writing to the test
+    # server between the batches (the suite runs one test at a time).
+    async with pg_saver(pg_dsn) as saver:
+        for t in ("a", "b"):
+            await turns(chat_graph(saver), t, 6)
+    engine = PostgresStore("pg", pg_dsn)
+    await engine.open()
+    try:
+        assert await engine.begin_sweep(time.time())
+        [done] = await engine.apply([await pg_trim(engine, "a")], dry_run=False)
+        assert done.counts.checkpoints > 0
+        assert not engine.contention().writer_seen  # the sweep's first batch
+        [done] = await engine.apply([await pg_trim(engine, "a")], dry_run=False)
+        assert not engine.contention().writer_seen  # nothing since the last batch
+        # The application runs a turn through the real saver (its own connection).
+        async with pg_saver(pg_dsn) as saver:
+            await turns(chat_graph(saver), "b", 1)
+        [done] = await engine.apply([await pg_trim(engine, "b")], dry_run=False)
+        assert done.counts.checkpoints > 0
+        assert engine.contention().writer_seen
+        [done] = await engine.apply([await pg_trim(engine, "b")], dry_run=False)
+        assert not engine.contention().writer_seen
+    finally:
+        await engine.end_sweep()
+        await engine.close()

@@ -277,10 +277,11 @@ class Contention:
     """What the last batch saw of the application's writers."""
 
     writer_seen: bool
-    """Its BEGIN waited for the write lock, or another connection had committed
-    since the batch before: the application is writing now."""
+    """Another connection had committed since the batch before, or the batch met a
+    writer (SQLite: its BEGIN waited for the write lock; Postgres: it was retried):
+    the application is writing now."""
     lock_wait: float = 0.0
-    """Seconds of the batch's time spent outside its write transaction: its BEGIN
+    """Seconds of the batch's time spent outside its write transaction (SQLite): its BEGIN
     waiting for the write lock, and work done before taking it (the archive's copy
     of a batch whose rows are copied before the lock). The sizer aims only the
     transaction at the target, so it leaves these out."""
@@ -288,7 +289,7 @@ class Contention:
 
 @runtime_checkable
 class WriterAware(Protocol):
-    """An engine that tells whether the application writes while it sweeps (SQLite).
+    """An engine that tells whether the application writes while it sweeps (SQLite, Postgres).
 
     The sweep paces by it (`worker.stores.throttle.Pacer`): it rests after a batch
     while a writer is about, and not while none is.

@@ -100,6 +100,7 @@ from worker.stores.archive import Archive, Segment, SegmentReader, Selection
 # The engine types, named one by one as the other engine names them: an import
 # list, not logic.
 from worker.stores.engine import (
+    Contention,
     Counts,
     Fingerprint,
     Hold,
@@ -160,6 +161,7 @@ from worker.stores.postgres_sql import (
     NULL_PARENTS_SQL,
     OLD_HEADS_SQL,
     ORPHAN_WRITES_SQL,
+    OWN_XID_SQL,
     PRUNE_DELETIONS_SQL,
     RANGE_BYTES_SQL,
     RANGE_IDS_SQL,
@@ -172,6 +174,7 @@ from worker.stores.postgres_sql import (
     SCAN_SQL,
     SENDS_WRITES_SQL,
     SIZE_COLUMN,
+    SNAPSHOT_XMAX_SQL,
     STATS_IDS_SQL,
     STATS_TABLE_SQL,
     TABLES_SQL,
@@ -379,6 +382,9 @@ class PostgresStore:
         """`checkpoint_janitor_holds` is known to exist (it is never dropped)."""
         self._deletions_table = False
         """`checkpoint_janitor_deletions` is known to exist (it is never dropped)."""
+        self._next_xid: int | None = None
+        """One past the last committed batch's own transaction id (None: no batch yet)."""
+        self._contention = Contention(writer_seen=False)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -464,6 +470,9 @@ class PostgresStore:
     async def begin_sweep(self, now: float) -> bool:
         """Take the store's advisory lock; False if another worker is sweeping it."""
         self.now = now
+        # Writers are looked for from this sweep's first batch on.
+        self._next_xid = None
+        self._contention = Contention(writer_seen=False)
         if self._lock_conn is not None:
             return True
         conn = await self.pool.acquire()
@@ -883,6 +892,8 @@ class PostgresStore:
             return await self._count(batch)
         changed: set[str] = set()
         on_hold: set[str] = set()
+        # A thread changed under an attempt, or it met the application's locks: a writer.
+        disturbed = False
         for attempt in range(1, MAX_ATTEMPTS + 1):
             todo = [w for w in batch if w.thread_id not in changed | on_hold]
             try:
@@ -891,9 +902,12 @@ class PostgresStore:
                 on_hold |= e.threads
                 continue
             except _Changed as e:
+                # A thread changed under the batch: the application writes now.
                 changed |= e.threads
+                disturbed = True
                 continue
             except RETRYABLE as e:
+                disturbed = True
                 if attempt == MAX_ATTEMPTS:
                     log.warning(
                         "batch_gave_up",
@@ -901,6 +915,7 @@ class PostgresStore:
                         error=type(e).__name__,
                         threads=len(todo),
                     )
+                    self._contention = Contention(writer_seen=True)
                     return _gave_up(batch, changed, on_hold)
                 delay = min(5.0, 0.1 * 2**attempt) * (0.5 + random.random())
                 log.info(
@@ -912,6 +927,8 @@ class PostgresStore:
                 )
                 await asyncio.sleep(delay)
                 continue
+            if disturbed:
+                self._contention = Contention(writer_seen=True)
             return _merged(batch, todo, done, on_hold)
         return [WorkResult(w.thread_id, Counts(), changed=True) for w in batch]
 
@@ -937,7 +954,9 @@ class PostgresStore:
         sealed = False
         try:
             async with self.pool.acquire() as conn, conn.transaction():
+                ended = await conn.fetchval(SNAPSHOT_XMAX_SQL)
                 counts = await self._batch(conn, batch, tids, deferred, dated, segment)
+                own = await conn.fetchval(OWN_XID_SQL)
                 if segment is not None:
                     # A seal that fails raises here: the transaction rolls back.
                     await asyncio.to_thread(segment.seal)
@@ -956,10 +975,28 @@ class PostgresStore:
                 f"commit failed after the archive segment was sealed "
                 f"({segment.path}); the next sweep settles it: {type(e).__name__}: {e}",
             ) from e
+        self._committed(ended, own)
         if segment is not None:
             await asyncio.to_thread(segment.complete)
             self._archived(segment)
         return self._results(batch, counts)
+
+    def _committed(self, ended: int, own: int) -> None:
+        """Note what the batch that just committed saw of other sessions' writes.
+
+        `ended` (read before the batch wrote) past the previous batch's id + 1: a
+        transaction that began after that batch's wrote and ended since. One that
+        began earlier and ended since goes unseen, as it would on SQLite; one in
+        another database of the cluster counts (the ids are the cluster's), which
+        only paces the sweep as if the application wrote.
+        """
+        seen = self._next_xid is not None and ended > self._next_xid
+        self._contention = Contention(writer_seen=seen)
+        self._next_xid = own + 1
+
+    def contention(self) -> Contention:
+        """What the last `apply` saw of the application's writes (`WriterAware`)."""
+        return self._contention
 
     async def _batch(
         self,

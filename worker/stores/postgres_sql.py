@@ -137,6 +137,14 @@ RESIDUE_TABLE_EXISTS_SQL = f"SELECT to_regclass('{RESIDUE_TABLE}') IS NOT NULL"
 
 # ---------------------------------------------------------------- the sweep's lock
 
+# Transaction ids are the cluster's commit counter (what `PRAGMA data_version` is to
+# SQLite): read first in a batch, before it writes, this is one past the newest id that
+# has ended; past the previous batch's own id + 1, another session wrote in between.
+# The txid_* forms exist on every supported server (pg_current_snapshot needs 13).
+SNAPSHOT_XMAX_SQL = "SELECT txid_snapshot_xmax(txid_current_snapshot())"
+# The batch's own id, read last in its transaction (it has written, so it has one).
+OWN_XID_SQL = "SELECT txid_current()"
+
 # Session-level, so the lock dies with the connection (a killed worker frees
 # it). Keyed per store name, so one replica sweeps a store at a time.
 TRY_LOCK_SQL = "SELECT pg_try_advisory_lock(hashtextextended('checkpoint-janitor:' || $1, 0))"

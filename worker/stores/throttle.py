@@ -69,10 +69,11 @@ class Pacer:
 
     `pause` always applies. `pause_factor` x the batch's time applies after
     every batch of an engine that cannot tell whether the application writes
-    (`writer_seen` None: Postgres), and, for one that can (SQLite), while a
+    (`writer_seen` None), and, for one that can (SQLite, Postgres), while a
     writer was seen in the last `WRITER_WINDOW` seconds of the sweep. A writer
-    is seen when the batch's BEGIN had to wait for the write lock, or another
-    connection committed since the sweep's last batch. With no writer seen, a
+    is seen when another connection committed since the sweep's last batch, or
+    the batch met it (SQLite: its BEGIN waited for the write lock; Postgres: a
+    thread changed under it, or a lock error retried it). With no writer seen, a
     rest of `PROBE_SECONDS` every `PROBE_EVERY` seconds lets in a writer that
     started waiting meanwhile (it cannot be seen while it waits); once it
     commits it is seen. A `pause_factor` of 0 turns the probes off as well.
