@@ -430,8 +430,9 @@ def code_version() -> dict[str, Any]:
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
     for sub in ("worker", "policies"):
-        for f in sorted((root / sub).glob("*.py")):
-            h.update(f.name.encode())
+        # Recursive: the code moved into subpackages (worker/stores, worker/sweep, ...).
+        for f in sorted((root / sub).rglob("*.py")):
+            h.update(str(f.relative_to(root)).encode())
             h.update(f.read_bytes())
 
     def git(*args: str) -> str | None:
