@@ -205,18 +205,55 @@ def _v1_segment(root: Path) -> Path:
     return path
 
 
-def test_new_segments_are_version_2_with_an_xxh3_checksum(tmp_path: Path) -> None:
-    """Segments are written as format version 2, `row-xxh3-128-sorted-v2`: the checksum is
-    the documented one (recomputed here with xxhash, not the module's code), and a row
-    changed afterwards is refused."""
+def test_new_segments_are_version_3_with_a_page_checksum(tmp_path: Path) -> None:
+    """Segments are written as format version 3, `page-xxh3-128-v3`: the checksum is the
+    documented one (recomputed here from the file's bytes with xxhash, not the module's
+    code), and a row changed afterwards, or a byte of a data page, is refused."""
     archive = Archive("main", "sqlite", ArchiveSettings(str(tmp_path)), time.time())
     seg = _filled(archive)
     seg.seal()
     seg.complete()
     [reader] = list(read_segments(str(tmp_path)))
     meta = reader.meta
-    assert (meta["format_version"], meta["checksum_method"]) == ("2", "row-xxh3-128-sorted-v2")
+    assert (meta["format_version"], meta["checksum_method"]) == ("3", "page-xxh3-128-v3")
     assert "sha256" not in meta
+    assert seg.path is not None
+    data = Path(seg.path).read_bytes()
+    with contextlib.closing(sqlite3.connect(seg.path)) as conn:
+        (page,) = conn.execute("PRAGMA page_size").fetchone()
+        (root,) = conn.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = 'archive_meta'"
+        ).fetchone()
+    documented = xxhash.xxh3_128(data[100 : (root - 1) * page] + data[root * page :]).hexdigest()
+    assert meta["xxh3_128"] == documented
+    reader.verify()
+    with contextlib.closing(sqlite3.connect(seg.path)) as conn:
+        conn.execute("UPDATE writes SET idx = -2")
+        conn.commit()
+    with pytest.raises(ArchiveError, match="checksum mismatch"):
+        reader.verify()
+    # One bit of a row flipped on disk, no SQL (a torn or rotten page): refused too.
+    damaged = bytearray(data)
+    damaged[damaged.index(b"__error__")] ^= 0x01
+    Path(seg.path).write_bytes(bytes(damaged))
+    with pytest.raises(ArchiveError, match="checksum mismatch"):
+        reader.verify()
+
+
+V2_SEGMENT = Path(__file__).parent / "data" / "segment-v2.sqlite.gz"
+"""A format version 2 segment (checksum `row-xxh3-128-sorted-v2`) as the version 2 writer
+(commit 292d0ac) sealed it: `_filled`'s rows, store `main`."""
+
+
+def test_a_version_2_segment_still_verifies_and_reads(tmp_path: Path) -> None:
+    """A segment the version 2 writer sealed (row xxh3 checksum, as documented) verifies
+    and reads back its rows; a row changed in it is refused."""
+    path = tmp_path / "main" / "20261202T011203Z-15277" / "000001.sqlite"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(gzip.decompress(V2_SEGMENT.read_bytes()))
+    [reader] = list(read_segments(str(tmp_path), "main"))
+    meta = reader.meta
+    assert (meta["format_version"], meta["checksum_method"]) == ("2", "row-xxh3-128-sorted-v2")
     rows = {
         "checkpoints": (CHECKPOINT_COLUMNS, _rows("t1", 3) + _rows("t2", 2)),
         "nulled_parents": (NULLED_COLUMNS, [("t1", "", "id-003", "id-002")]),
@@ -224,8 +261,8 @@ def test_new_segments_are_version_2_with_an_xxh3_checksum(tmp_path: Path) -> Non
     }
     assert meta["xxh3_128"] == _documented_checksum(rows, xxhash.xxh3_128, xxhash.xxh3_128_digest)
     reader.verify()
-    assert seg.path is not None
-    with contextlib.closing(sqlite3.connect(seg.path)) as conn:
+    assert sorted(reader.rows("checkpoints")) == sorted(_rows("t1", 3) + _rows("t2", 2))
+    with contextlib.closing(sqlite3.connect(path)) as conn:
         conn.execute("UPDATE writes SET idx = -2")
         conn.commit()
     with pytest.raises(ArchiveError, match="checksum mismatch"):
@@ -278,7 +315,7 @@ def test_a_segment_whose_method_does_not_match_its_version_is_refused(tmp_path: 
     """A reader takes the checksum method from the format version: a version 1 segment
     claiming another method (or an unknown version) is refused, not verified loosely."""
     path = _v1_segment(tmp_path)
-    for key, value in (("checksum_method", "row-xxh3-128-sorted-v2"), ("format_version", "3")):
+    for key, value in (("checksum_method", "row-xxh3-128-sorted-v2"), ("format_version", "9")):
         with contextlib.closing(sqlite3.connect(path)) as conn:
             conn.execute("UPDATE archive_meta SET value = ? WHERE key = ?", (value, key))
             conn.commit()
@@ -484,24 +521,23 @@ def test_s3_through_a_local_moto_server(tmp_path: Path) -> None:
         server.stop()
 
 
-def test_rows_digested_from_the_image_match_row_digest() -> None:
-    """The image's rows, digested as they come out of SQLite: the same digest as
-    `row_digest` for every type, NUL bytes, non-UTF-8 blobs and reals included, and only
-    the rowids asked for."""
-    from worker.stores.archive import ATTACH_IMAGE, _image_digests
-
-    db = sqlite3.connect(":memory:", isolation_level=None)
-    db.execute(ATTACH_IMAGE)
-    db.execute('CREATE TABLE seg.t ("a", "b", "c")')
+def test_a_segment_keeps_every_value_type_exactly(tmp_path: Path) -> None:
+    """Rows of every type SQLite stores (NUL bytes, non-UTF-8 blobs, reals, extreme
+    integers) seal, verify, and read back as they were added."""
     rows = [
-        (None, 0, -5),
-        ("", b"", "h\u00e9llo\x00x"),
-        (b"\x00\xff\xfe", 2**62, "\u65e5\u672c"),
-        (1.5, "x", None),
-        (b"B3:abc", "T", 10**18),
-        (-(2**63), 2**63 - 1, "a\x00"),
+        ("t", None, 0, -5),
+        ("t", "", b"", "h\u00e9llo\x00x"),
+        ("t", b"\x00\xff\xfe", 2**62, "\u65e5\u672c"),
+        ("t", 1.5, "x", None),
+        ("t", b"B3:abc", "T", 10**18),
+        ("t", -(2**63), 2**63 - 1, "a\x00"),
     ]
-    db.executemany("INSERT INTO seg.t VALUES (?, ?, ?)", rows)
-    assert _image_digests(db, "t", ["a", "b", "c"], 0) == [row_digest(r) for r in rows]
-    assert _image_digests(db, "t", ["a", "b", "c"], 4) == [row_digest(r) for r in rows[4:]]
-    assert _image_digests(db, "t", ["a", "b", "c"], 1, 3) == [row_digest(r) for r in rows[1:3]]
+    archive = Archive("main", "sqlite", ArchiveSettings(str(tmp_path)), time.time())
+    seg = archive.segment()
+    seg.add("odd", ("thread_id", "a", "b", "c"), rows)
+    seg.seal()
+    seg.complete()
+    [reader] = list(read_segments(str(tmp_path)))
+    reader.verify()
+    assert reader.meta["rows.odd"] == str(len(rows))
+    assert sorted(map(repr, reader.rows("odd"))) == sorted(map(repr, rows))

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import xxhash
 from helpers.backends import BACKENDS, Backend, Pair, SqliteBackend
 from helpers.daemon_helpers import Scrape
 from helpers.scenarios import PAUSED_ONCE, cli, read_all, resume, states, turns
@@ -438,20 +439,34 @@ def as_version_1(path: str) -> None:
     """Rewrite a segment's `archive_meta` as the version 1 writer wrote it: format_version 1
     and its SHA-256 checksum (`row-sha256-sorted-v1`, computed here with hashlib from the
     rows, as the version 1 writer did), so the reader meets exactly what it met then."""
+    as_row_version(path, "1", "row-sha256-sorted-v1", "sha256", hashlib.sha256,
+                   lambda data: hashlib.sha256(data).digest())  # fmt: skip
+
+
+def as_version_2(path: str) -> None:
+    """The same as the version 2 writer wrote it: xxh3-128 in place of SHA-256
+    (`row-xxh3-128-sorted-v2`, 16-byte row digests, key `xxh3_128`)."""
+    as_row_version(path, "2", "row-xxh3-128-sorted-v2", "xxh3_128", xxhash.xxh3_128,
+                   xxhash.xxh3_128_digest)  # fmt: skip
+
+
+def as_row_version(path: str, version: str, method: str, key: str, new: Any, row_hash: Any) -> None:
+    """Rewrite a segment's `archive_meta` with a row checksum (README "Getting data back",
+    versions 1 and 2), computed here from the rows."""
     with contextlib.closing(sqlite3.connect(path)) as con:
         tables = [n for (n,) in con.execute(LIST_TABLES) if n != "archive_meta"]
-        segment = hashlib.sha256()
+        segment = new()
         for name in tables:
             cols = [c for (c,) in con.execute(TABLE_COLUMNS, (name,))]
             rows = con.execute(f'SELECT * FROM "{name}"').fetchall()
             segment.update(f"table:{name}\n{','.join(cols)}\n".encode())
-            for d in sorted(hashlib.sha256(v1_encoding(r)).digest() for r in rows):
+            for d in sorted(row_hash(v1_encoding(r)) for r in rows):
                 segment.update(d)
         con.execute("DELETE FROM archive_meta WHERE key IN ('xxh3_128', 'checksum_method')")
         con.executemany(
             "INSERT OR REPLACE INTO archive_meta VALUES (?, ?)",
-            [("format_version", "1"), ("checksum_method", "row-sha256-sorted-v1"),
-             ("sha256", segment.hexdigest())],
+            [("format_version", version), ("checksum_method", method),
+             (key, segment.hexdigest())],
         )  # fmt: skip
         con.commit()
 
@@ -470,10 +485,10 @@ def v1_encoding(row: Sequence[Any]) -> bytes:
     return out
 
 
-def test_a_version_1_archive_still_restores_equal(
+def test_version_1_and_2_archives_still_restore_equal(
     tmp_path: Path, copies: tuple[Path, Path, dict[str, str]]
 ) -> None:
-    """Segments of format version 1 (SHA-256 checksum) sit beside version 2 ones in
+    """Segments of format versions 1 and 2 (row checksums) sit beside version 3 ones in
     archives written before the change: `restore --all` verifies them by their own method
     and gives back the store, equal through the saver; a damaged one is still refused."""
     store, control, shapes = copies
@@ -482,10 +497,12 @@ def test_a_version_1_archive_still_restores_equal(
     assert cli("once", config=cfg).returncode == 0
     segments = sorted(s.local_path for s in read_segments(str(archive), "app"))
     assert len(segments) > 2
-    for path in segments[::2]:
+    for path in segments[::3]:
         as_version_1(path)
+    for path in segments[1::3]:
+        as_version_2(path)
     versions = {s.meta["format_version"] for s in read_segments(str(archive), "app")}
-    assert versions == {"1", "2"}
+    assert versions == {"1", "2", "3"}
     swept = raw_rows(store)
 
     damaged = tmp_path / "damaged"

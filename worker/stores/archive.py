@@ -9,8 +9,7 @@ ids the batch set to NULL (`nulled_parents`), and `archive_meta`.
 The image is an in-memory database attached as `seg`. A SQLite engine opens
 it on a read-only connection to the store (`Segment.open_source`) and fills it
 with `INSERT INTO seg.<table> SELECT ...` (`Segment.copy`): the rows never pass
-through Python on the way in; each copy digests the rows it appended, in its
-own thread.
+through Python on the way in, nor on the way out (the checksum is over pages).
 Rows an engine already holds (Postgres, SQLite's one-thread deletes) come in
 through `Segment.add`.
 
@@ -38,7 +37,7 @@ before the delete commits; a crash leaves nothing half-written that counts):
 - The re-read compares the file with the image byte for byte; it no longer
   opens the file as SQLite to count its rows. The image holds the rows, the
   per-table counts (`rows.<table>`) and the checksum in `archive_meta`, all
-  computed from the image's own rows before it was serialized, so equal bytes
+  computed from the image itself before it was serialized, so equal bytes
   are equal rows, counts and checksum; a torn or short write differs in its bytes.
 - `seal` renames the fsynced `.partial` to `.pending.sqlite` and fsyncs the
   directory, still before the COMMIT (for a prepared segment: under the write
@@ -73,19 +72,25 @@ per table, and a difference rolls the batch back. Copy-before-lock for batch
 N+1 while batch N deletes (pipelining) is not done: the sweep hands the engine
 one batch at a time, and N+1's contents are decided after N's results.
 
-The checksum does not depend on row order: for each table in name order, feed
-the hash with `table:<name>\\n<col1>,<col2>,...\\n` and then the sorted
+Format version 3 (written now, method `page-xxh3-128-v3`,
+`archive_meta.xxh3_128`) checksums the file's pages (`page_checksum`): xxh3-128
+of the bytes from offset 100 on, less the root page of `archive_meta`, which
+holds the checksum. The image is built with a placeholder there, serialized and
+hashed, then the checksum is written over the placeholder (same length, same
+page) and the pages hashed again to prove nothing else moved. Its cost is a
+hash over bytes in hand (GB/s), where versions 1 and 2 brought every row into
+Python to encode it (about 10 CPU-s of a 1M sweep, before the lock).
+Versions 1 and 2 checksum rows, in any order: for each table in name order,
+feed the hash with `table:<name>\\n<col1>,<col2>,...\\n` and then the sorted
 digests of its rows, each digest over the row's values in column order encoded
 as `N` (NULL), `I<decimal>;` (integer), `R<repr>;` (real), `T<len>:<utf-8>`
-(text), `B<len>:<bytes>` (blob). Format version 2 (written now) uses xxh3-128
-for both (16-byte row digests; `archive_meta.xxh3_128`, method
-`row-xxh3-128-sorted-v2`): about ten times faster than SHA-256 here, and the
-checksum guards against torn writes and edits by mistake, not against forgery.
-Format version 1 used SHA-256 (32-byte row digests; `archive_meta.sha256`,
-`row-sha256-sorted-v1`); readers verify both, each by the method its version
-names (`READABLE_VERSIONS`), and refuse any other. The upload read-back of an
-`s3://` segment still compares SHA-256 of the bytes (rare, and the file is
-compared whole, not per row).
+(text), `B<len>:<bytes>` (blob); version 2 with xxh3-128 (16-byte digests,
+`row-xxh3-128-sorted-v2`), version 1 with SHA-256 (32-byte digests,
+`archive_meta.sha256`, `row-sha256-sorted-v1`). Each guards against torn
+writes and edits by mistake, not against forgery. Readers verify all three,
+each by the method its version names (`READABLE_VERSIONS`), and refuse any
+other. The upload read-back of an `s3://` segment compares SHA-256 of the
+bytes (rare, and the file is compared whole).
 
 A restore of some threads reads only the segments that hold them: it asks
 each segment (`SegmentReader.holds`, one `LIMIT 1` query per table, over
@@ -105,6 +110,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
@@ -148,14 +154,17 @@ XXH3_V2 = ChecksumMethod(
 (an integrity check against torn writes and edits, not against forgery)."""
 CHECKSUM_METHODS = {m.name: m for m in (SHA256_V1, XXH3_V2)}
 
-FORMAT_VERSION = 2
-"""Bumped on any change a reader of the previous version would misread (2: xxh3 checksum)."""
-READABLE_VERSIONS = {"1": SHA256_V1, "2": XXH3_V2}
-"""Format versions a reader verifies, with the checksum each was written with."""
-
-CHECKSUM = XXH3_V2
-"""The method segments are written with."""
-CHECKSUM_METHOD = CHECKSUM.name
+FORMAT_VERSION = 3
+"""Bumped on any change a reader of the previous version would misread (2: xxh3 row
+checksum; 3: xxh3 over the file's pages)."""
+ROW_CHECKSUM_VERSIONS = {"1": SHA256_V1, "2": XXH3_V2}
+"""Older format versions a reader verifies, with the row checksum each was written with."""
+PAGE_CHECKSUM = "page-xxh3-128-v3"
+"""Format version 3's checksum (`page_checksum`), the one segments are written with."""
+CHECKSUM_KEY = "xxh3_128"
+"""The `archive_meta` key holding version 3's checksum (hex), as version 2's."""
+READABLE_VERSIONS = {**{v: m.name for v, m in ROW_CHECKSUM_VERSIONS.items()}, "3": PAGE_CHECKSUM}
+"""Format versions a reader verifies, with the checksum method each was written with."""
 
 META_TABLE = "archive_meta"
 NULLED_TABLE = "nulled_parents"
@@ -194,12 +203,14 @@ INSERT_IMAGE_META = f"INSERT INTO {IMAGE_SCHEMA}.{META_TABLE} (key, value) VALUE
 INSERT_IMAGE_ROW = f'INSERT INTO {IMAGE_SCHEMA}."{{table}}" ({{columns}}) VALUES ({{marks}})'
 # `select` names the store's tables unqualified: they resolve to the store (main).
 COPY_ROWS = f'INSERT INTO {IMAGE_SCHEMA}."{{table}}" ({{columns}}) {{select}}'
-# The rows one copy appended (rowids only grow in a table nothing deletes from).
-LAST_IMAGE_ROWID = f'SELECT coalesce(max(rowid), 0) FROM {IMAGE_SCHEMA}."{{table}}"'
-NEW_IMAGE_ROWS = (
-    f'SELECT {{columns}} FROM {IMAGE_SCHEMA}."{{table}}" WHERE rowid > ? AND rowid <= ?'
-)
-_LAST_ROWID = 2**63 - 1
+COUNT_IMAGE_ROWS = f'SELECT count(*) FROM {IMAGE_SCHEMA}."{{table}}"'
+# Version 3's checksum skips the meta table's root page (which holds the checksum):
+# its page number, in the image and in a segment file.
+IMAGE_META_ROOT = f"SELECT rootpage FROM {IMAGE_SCHEMA}.sqlite_master WHERE name = '{META_TABLE}'"
+META_ROOT = f"SELECT rootpage FROM sqlite_master WHERE name = '{META_TABLE}'"
+# The value has the placeholder's length, so the page keeps its layout; only that page changes.
+SET_IMAGE_CHECKSUM = f"UPDATE {IMAGE_SCHEMA}.{META_TABLE} SET value = ? WHERE key = ?"
+_CHECKSUM_PLACEHOLDER = "0" * 32
 # Exact thread / code-point prefix match (LIKE would treat `_` as a wildcard and fold case).
 SELECT_ROWS = 'SELECT {columns} FROM "{table}"{where}'
 # Many named threads as one JSON array parameter: no limit on bound variables,
@@ -338,7 +349,7 @@ def _encode(value: Any) -> bytes:
     return b"B%d:" % len(value) + value
 
 
-def row_digest(row: Sequence[Any], method: ChecksumMethod = CHECKSUM) -> bytes:
+def row_digest(row: Sequence[Any], method: ChecksumMethod = XXH3_V2) -> bytes:
     """The digest of one row's canonical encoding (module docstring) by `method`."""
     parts: list[bytes] = []
     for value in row:
@@ -356,27 +367,9 @@ def row_digest(row: Sequence[Any], method: ChecksumMethod = CHECKSUM) -> bytes:
     return method.row(b"".join(parts))
 
 
-def _image_digests(
-    db: sqlite3.Connection,
-    table: str,
-    columns: Sequence[str],
-    after: int,
-    upto: int = _LAST_ROWID,
-    method: ChecksumMethod = CHECKSUM,
-) -> list[bytes]:
-    """`row_digest` of each row of the image's `table` with `after < rowid <= upto`.
-
-    The rows come to Python as values and are encoded there: cheaper than building
-    each row's encoding in SQL (`CASE typeof(...)` and `||` per value), which
-    copied every blob once more and took most of the digest's time."""
-    names = ", ".join(f'"{c}"' for c in columns)
-    rows = db.execute(NEW_IMAGE_ROWS.format(columns=names, table=table), (after, upto))
-    return [row_digest(r, method) for r in rows]
-
-
 def checksum(
     tables: Iterable[tuple[str, Sequence[str], Iterable[bytes]]],
-    method: ChecksumMethod = CHECKSUM,
+    method: ChecksumMethod = XXH3_V2,
 ) -> str:
     """The segment checksum from (table, columns, row digests), any order of tables or rows."""
     h = method.new()
@@ -384,6 +377,23 @@ def checksum(
         h.update(f"table:{name}\n{','.join(columns)}\n".encode())
         for d in sorted(digests):
             h.update(d)
+    return str(h.hexdigest())
+
+
+def page_checksum(data: Any, meta_root: int) -> str:
+    """Format version 3's checksum of a segment file's bytes (`data`: bytes, or a buffer
+    such as an mmap): xxh3-128 over the file from byte 100 on, less the page that is
+    the `archive_meta` table's root (`meta_root`, from `sqlite_master`), which holds
+    the checksum. Bytes 0-99 are SQLite's header, whose change counter moves when the
+    checksum is written; every row of every other table is in the pages it covers."""
+    view = memoryview(data)
+    size = int.from_bytes(view[16:18], "big")
+    page = 65536 if size == 1 else size
+    if meta_root < 2 or len(view) < meta_root * page:
+        raise ValueError(f"no page {meta_root} of {page} bytes in a file of {len(view)} bytes")
+    h = xxhash.xxh3_128()
+    h.update(view[100 : (meta_root - 1) * page])
+    h.update(view[meta_root * page :])
     return str(h.hexdigest())
 
 
@@ -710,10 +720,8 @@ class Segment:
         self._db_lock = threading.Lock()
         """`copy` runs in a worker thread: closing waits for it."""
         self._copied: dict[str, int] = {}
-        self._digests: dict[str, list[bytes]] = {}
         self.timings: dict[str, float] = {}
         """Seconds of the seal's steps (image, write with its fsync, publish), for logs."""
-        """Row digests (`row_digest`) of the image's tables, for the checksum."""
         self._columns: dict[str, tuple[str, ...]] = {}
         """Columns of each table created in the image."""
 
@@ -783,15 +791,9 @@ class Segment:
         with self._db_lock:
             try:
                 self._create(table, cols)
-                (last,) = self._db.execute(LAST_IMAGE_ROWID.format(table=table)).fetchone()
                 copied = self._db.execute(
                     COPY_ROWS.format(table=table, columns=names, select=select), params
                 ).rowcount
-                # Digested here, in the copy's thread (before the lock, or beside the
-                # deletes), not in `prepare`: its Python loop holds the GIL, which
-                # beside the deletes slowed them (docs/benchmarks.md, "After: xxh3").
-                digests = _image_digests(self._db, table, cols, last)
-                self._digests.setdefault(table, []).extend(digests)
             except sqlite3.Error as exc:
                 raise self.archive.error(f"cannot copy rows of {table}: {exc}") from exc
         self._copied[table] = self._copied.get(table, 0) + copied
@@ -933,7 +935,9 @@ class Segment:
         Built in memory, not in the `.partial` itself: a `.partial` never counts,
         so a journal and the fsyncs of its commit would buy nothing, and the
         bytes in hand let the seal compare the file it wrote with them exactly.
-        The checksum is taken from the image's own rows, however they came in.
+        The checksum is taken over the image's pages (`page_checksum`), with a
+        placeholder in `archive_meta`, then written in place of it; the pages it
+        covers do not change, which the image is checked for once more.
         """
         with self._db_lock:
             db = self._database()
@@ -946,30 +950,34 @@ class Segment:
                     db.executemany(
                         INSERT_IMAGE_ROW.format(table=name, columns=cols, marks=marks), t.rows
                     )
-                    self._digests.setdefault(name, []).extend(row_digest(r) for r in t.rows)
                 self._tables.clear()
-                self.counts, expected = self._digest(db)
+                self.counts = self._counted(db)
                 db.execute(CREATE_IMAGE_META)
-                db.executemany(INSERT_IMAGE_META, sorted(self._meta(expected).items()))
+                meta = self._meta(_CHECKSUM_PLACEHOLDER)
+                db.executemany(INSERT_IMAGE_META, sorted(meta.items()))
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-            return db.serialize(name=IMAGE_SCHEMA), expected
+            (root,) = db.execute(IMAGE_META_ROOT).fetchone()
+            expected = page_checksum(db.serialize(name=IMAGE_SCHEMA), root)
+            db.execute(SET_IMAGE_CHECKSUM, (expected, CHECKSUM_KEY))
+            image = db.serialize(name=IMAGE_SCHEMA)
+            if page_checksum(image, root) != expected:
+                raise RuntimeError(f"segment {self.number}: writing the checksum moved its pages")
+            return image, expected
 
-    def _digest(self, db: sqlite3.Connection) -> tuple[dict[str, int], str]:
-        """Rows per table and the checksum of the image's tables; empty tables are dropped
-        (a segment holds the tables it has rows for)."""
+    def _counted(self, db: sqlite3.Connection) -> dict[str, int]:
+        """Rows per table of the image; empty tables are dropped (a segment holds the
+        tables it has rows for)."""
         counts: dict[str, int] = {}
-        parts: list[tuple[str, Sequence[str], list[bytes]]] = []
-        for name, columns in sorted(self._columns.items()):
-            digests = self._digests.get(name, [])
-            if not digests:
+        for name in sorted(self._columns):
+            (n,) = db.execute(COUNT_IMAGE_ROWS.format(table=name)).fetchone()
+            if n:
+                counts[name] = int(n)
+            else:
                 db.execute(DROP_IMAGE_TABLE.format(table=name))
-                continue
-            counts[name] = len(digests)
-            parts.append((name, columns, digests))
-        return counts, checksum(parts)
+        return counts
 
     def _meta(self, expected: str) -> dict[str, str]:
         archive = self.archive
@@ -982,8 +990,8 @@ class Segment:
             "segment": str(self.number),
             "tool": "checkpoint-janitor",
             "tool_version": _tool_version(),
-            "checksum_method": CHECKSUM.name,
-            CHECKSUM.key: expected,
+            "checksum_method": PAGE_CHECKSUM,
+            CHECKSUM_KEY: expected,
             **{f"rows.{name}": str(n) for name, n in sorted(self.counts.items())},
         }
 
@@ -1103,8 +1111,27 @@ def _connect_ro(path: str) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True)
 
 
+def _verify_pages(path: str) -> tuple[dict[str, int], str]:
+    """Row counts per table and version 3's checksum, recomputed from the file."""
+    conn = _connect_ro(path)
+    try:
+        counts: dict[str, int] = {}
+        for (name,) in conn.execute(LIST_TABLES).fetchall():
+            if name != META_TABLE:
+                (counts[name],) = conn.execute(COUNT_ROWS.format(table=name)).fetchone()
+        (root,) = conn.execute(META_ROOT).fetchone()
+    finally:
+        conn.close()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        try:
+            return counts, page_checksum(data, int(root))
+        except ValueError as exc:
+            raise sqlite3.DatabaseError(str(exc)) from exc
+
+
 def _verify_file(path: str, method: ChecksumMethod) -> tuple[dict[str, int], str]:
-    """Row counts per table and the checksum by `method`, recomputed from the file's rows."""
+    """Row counts per table and the row checksum by `method` (versions 1 and 2),
+    recomputed from the file's rows."""
     conn = _connect_ro(path)
     try:
         counts: dict[str, int] = {}
@@ -1263,22 +1290,28 @@ class SegmentReader:
             meta = self.meta
         except sqlite3.Error as exc:
             raise ArchiveError(self.store, self.location, f"unreadable: {exc}") from exc
-        method = READABLE_VERSIONS.get(str(meta.get("format_version")))
-        if method is None or meta.get("checksum_method", method.name) != method.name:
+        version = str(meta.get("format_version"))
+        method = READABLE_VERSIONS.get(version)
+        if method is None or meta.get("checksum_method", method) != method:
             raise ArchiveError(
                 self.store,
                 self.location,
                 f"format_version {meta.get('format_version')!r}, "
                 f"checksum_method {meta.get('checksum_method')!r}",
             )
+        rows = ROW_CHECKSUM_VERSIONS.get(version)
+        key = rows.key if rows is not None else CHECKSUM_KEY
         try:
-            counts, found = _verify_file(self.local_path, method)
-        except sqlite3.Error as exc:
+            if rows is None:
+                counts, found = _verify_pages(self.local_path)
+            else:
+                counts, found = _verify_file(self.local_path, rows)
+        except (sqlite3.Error, OSError) as exc:
             raise ArchiveError(self.store, self.location, f"unreadable: {exc}") from exc
         want = {k[5:]: int(v) for k, v in meta.items() if k.startswith("rows.")}
         if counts != want:
             raise ArchiveError(self.store, self.location, f"row counts {counts} != meta {want}")
-        if found != meta.get(method.key):
+        if found != meta.get(key):
             raise ArchiveError(self.store, self.location, "checksum mismatch: a row was changed")
 
 
