@@ -13,6 +13,7 @@ import random
 import uuid
 from dataclasses import replace
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from hypothesis import example, given, settings
@@ -119,6 +120,16 @@ def assert_same(view: ThreadView, policies: list[Policy] | Ruleset) -> ThreadPla
     return plan
 
 
+def root_view(
+    thread_id: str, rnd: random.Random, age_days: float, n: int, step: float = 60, **kw: Any
+) -> ThreadView:
+    """A root-only thread of `n` regular ids `step` seconds apart, the oldest `age_days` old
+    (`kw`: the view's other fields, such as `waiting` or `head_metadata`)."""
+    ids = [make_id(NOW - age_days * DAY + i * step, rnd) for i in range(n)]
+    summaries = tuple(CheckpointSummary("", i, None, checkpoint_time(i)) for i in ids)
+    return ThreadView(thread_id, summaries, **kw)
+
+
 def _irregular(rnd: random.Random, t: float) -> str:
     kind = rnd.choice(["v4", "upper", "v1-like"])
     if kind == "v4":
@@ -187,12 +198,7 @@ def test_plan_on_any_thread_shape_agrees_or_hands_over(
 
 def test_plan_decides_the_common_thread_without_rows() -> None:
     """50 root checkpoints, keep_last 5: one trim below the 5th newest, no row read."""
-    rnd = random.Random(7)
-    ids = [make_id(NOW - 40 * DAY + i * 60, rnd) for i in range(50)]
-    view = ThreadView(
-        "user-1",
-        tuple(CheckpointSummary("", i, None, checkpoint_time(i)) for i in ids),
-    )
+    view = root_view("user-1", random.Random(7), 40, 50)
     rules = Ruleset([Policy(name="main", keep_last=5, expire_after=timedelta(days=90))])
     plan = plan_thread(aggregate_of(view), rules, NOW, GRACE)
     assert plan.needs == {Detail.ORPHANS}  # quiet: orphan writes may go
@@ -211,10 +217,7 @@ def test_dated_thread_between_residue_looks_gets_only_its_blobs_looked_at() -> N
     asks for its unreferenced blobs alone (not its orphan writes, which wait for the
     look), and collects them in a part sized by their count (the engine's answer)."""
     rnd = random.Random(11)
-    ids = [make_id(NOW - 40 * DAY + i * 60, rnd) for i in range(5)]
-    view = ThreadView(
-        "user-1", tuple(CheckpointSummary("", i, None, checkpoint_time(i)) for i in ids)
-    )
+    view = root_view("user-1", rnd, 40, 5)
     rules = Ruleset([Policy(name="main", keep_last=5)])
     agg = replace(aggregate_of(view), dated=True)
     plan = plan_thread(agg, rules, NOW, GRACE, residue=frozenset())
@@ -235,12 +238,7 @@ def test_expiry_candidate_asks_its_facts_in_one_round() -> None:
     """An expiry candidate asks for its orphan writes, id regularity and waiting check
     together, so the engine reads them in one round; then it expires as `decide` says."""
     rnd = random.Random(11)
-    ids = [make_id(NOW - 40 * DAY + i * 60, rnd) for i in range(5)]
-    view = ThreadView(
-        "idle",
-        tuple(CheckpointSummary("", i, None, checkpoint_time(i)) for i in ids),
-        waiting=False,
-    )
+    view = root_view("idle", rnd, 40, 5, waiting=False)
     rules = Ruleset([Policy(name="idle", expire_after=timedelta(days=30))])
     agg = aggregate_of(view)
     plan = plan_thread(agg, rules, NOW, GRACE)
@@ -248,10 +246,7 @@ def test_expiry_candidate_asks_its_facts_in_one_round() -> None:
     plan = plan_thread(fill(agg, view, plan), rules, NOW, GRACE)
     assert not plan.needs and plan.expiry is not None
     # A thread still inside its TTL asks for no more than before.
-    recent = [make_id(NOW - 10 * DAY + i * 60, rnd) for i in range(5)]
-    young = ThreadView(
-        "young", tuple(CheckpointSummary("", i, None, checkpoint_time(i)) for i in recent)
-    )
+    young = root_view("young", rnd, 10, 5)
     assert plan_thread(aggregate_of(young), rules, NOW, GRACE).needs == {Detail.ORPHANS}
     assert_same(view, rules)
 
@@ -269,13 +264,7 @@ def test_id_bound_splits_ids_by_their_date(horizon: float, offset: int) -> None:
 
 
 def test_metadata_rule_reads_the_head() -> None:
-    rnd = random.Random(3)
-    ids = [make_id(NOW - 10 * DAY + i, rnd) for i in range(5)]
-    view = ThreadView(
-        "t",
-        tuple(CheckpointSummary("", i, None, checkpoint_time(i)) for i in ids),
-        head_metadata={"assistant_id": "bot"},
-    )
+    view = root_view("t", random.Random(3), 10, 5, step=1, head_metadata={"assistant_id": "bot"})
     rule = Policy(name="bot", match=Match(metadata={"assistant_id": "bot"}), keep_last=2)
     plan = assert_same(view, [rule])
     assert [t.deletes for t in plan.trims] == [3]
@@ -370,13 +359,7 @@ def test_plan_reconciles_orphans_as_decide(
 def test_orphan_expiry_is_planned_from_aggregates() -> None:
     """An idle thread the registry does not list: expired as orphaned, from the aggregates
     and its orphan-writes check alone; listed, it falls through; unanswered, it is skipped."""
-    rnd = random.Random(5)
-    ids = [make_id(NOW - 10 * DAY + i * 60, rnd) for i in range(20)]
-    view = ThreadView(
-        "chat-1",
-        tuple(CheckpointSummary("", i, None, checkpoint_time(i)) for i in ids),
-        waiting=False,
-    )
+    view = root_view("chat-1", random.Random(5), 10, 20, waiting=False)
     policies = [
         Policy(name="orphans", orphaned=REGISTRY, expire_after=timedelta(days=1)),
         Policy(name="rest", keep_last=5),
