@@ -6,6 +6,7 @@ import contextlib
 import gzip
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -541,3 +542,34 @@ def test_a_segment_keeps_every_value_type_exactly(tmp_path: Path) -> None:
     reader.verify()
     assert reader.meta["rows.odd"] == str(len(rows))
     assert sorted(map(repr, reader.rows("odd"))) == sorted(map(repr, rows))
+
+
+def test_a_segment_abandoned_while_it_prepares_leaves_no_partial(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch cancelled while its segment's `prepare` runs in a worker thread abandons
+    the segment without waiting for that thread (it cannot be stopped): the `.partial`
+    the thread then finishes writing is removed, not left behind. Timing is forced: the
+    write waits until `abandon` has returned."""
+    written = threading.Event()
+    abandoned = threading.Event()
+    real_write = archive_module._write_synced
+
+    def held_write(path: str, data: bytes) -> None:
+        real_write(path, data)
+        written.set()
+        assert abandoned.wait(10), "abandon did not run"
+
+    monkeypatch.setattr(archive_module, "_write_synced", held_write)
+    archive = Archive("main", "sqlite", ArchiveSettings(str(tmp_path)), time.time())
+    seg = _filled(archive)
+    preparing = threading.Thread(target=seg.prepare)
+    preparing.start()
+    assert written.wait(10)
+    assert [f for f in _files(tmp_path) if f.endswith(".partial")]  # being written now
+    seg.abandon()
+    abandoned.set()
+    preparing.join(10)
+    assert not preparing.is_alive()
+    assert not [f for f in _files(tmp_path) if "partial" in f or f.endswith(".sqlite")]
+    assert list(read_segments(str(tmp_path))) == []

@@ -719,6 +719,9 @@ class Segment:
         store (read-only) once `open_source` was called."""
         self._db_lock = threading.Lock()
         """`copy` runs in a worker thread: closing waits for it."""
+        self._state_lock = threading.Lock()
+        """`prepare` (a worker thread the engine may stop waiting for) and `abandon`
+        decide between them which one removes the `.partial`."""
         self._copied: dict[str, int] = {}
         self.timings: dict[str, float] = {}
         """Seconds of the seal's steps (image, write with its fsync, publish), for logs."""
@@ -882,8 +885,14 @@ class Segment:
             self._raise(exc)
         finally:
             self.close()
-        self._partial = partial
-        self._state = "prepared"
+        with self._state_lock:
+            if self.sealed:
+                # Abandoned while this thread wrote (a cancelled batch does not wait for
+                # it): nobody else knows the file.
+                _remove(partial)
+                return
+            self._partial = partial
+            self._state = "prepared"
 
     def _raise(self, exc: BaseException) -> NoReturn:
         """Raise a failed seal step as an `ArchiveError` naming the segment (`exc` itself
@@ -1037,13 +1046,17 @@ class Segment:
 
     def abandon(self) -> None:
         """The batch's delete rolled back: remove the segment."""
-        if self._state in ("open", "prepared"):
-            # A `.partial` never counts: removing it needs no fsync.
-            self._state = "abandoned"
+        with self._state_lock:
+            abandoning = self._state in ("open", "prepared")
+            if abandoning:
+                self._state = "abandoned"
+                partial, self._partial = self._partial, None
+        if abandoning:
+            # A `.partial` never counts: removing it needs no fsync. One a `prepare`
+            # still writing makes, that `prepare` removes.
             self.close()
-            if self._partial is not None:
-                _remove(self._partial)
-                self._partial = None
+            if partial is not None:
+                _remove(partial)
             return
         if self._state != "pending":
             raise RuntimeError(f"segment {self.number} is {self._state}, not pending")
