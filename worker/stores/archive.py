@@ -152,7 +152,6 @@ XXH3_V2 = ChecksumMethod(
 )
 """Format version 2's: the same encoding and order, xxh3-128 in place of SHA-256
 (an integrity check against torn writes and edits, not against forgery)."""
-CHECKSUM_METHODS = {m.name: m for m in (SHA256_V1, XXH3_V2)}
 
 FORMAT_VERSION = 3
 """Bumped on any change a reader of the previous version would misread (2: xxh3 row
@@ -867,7 +866,7 @@ class Segment:
         partial = os.path.join(archive._ensure_dirs(), f"{self.number:06d}{PARTIAL_SUFFIX}")
         try:
             clock = time.monotonic()
-            image, _ = self._image()
+            image = self._image()
             self.timings["image"] = time.monotonic() - clock
             _write_synced(partial, image)
             self.timings["write"] = time.monotonic() - clock - self.timings["image"]
@@ -938,8 +937,8 @@ class Segment:
             self.archive.bytes_written += self.bytes
         self._state = "pending"
 
-    def _image(self) -> tuple[bytes, str]:
-        """The segment as the bytes of a SQLite database file, and its checksum.
+    def _image(self) -> bytes:
+        """The segment as the bytes of a SQLite database file, its checksum written in.
 
         Built in memory, not in the `.partial` itself: a `.partial` never counts,
         so a journal and the fsyncs of its commit would buy nothing, and the
@@ -974,7 +973,7 @@ class Segment:
             image = db.serialize(name=IMAGE_SCHEMA)
             if page_checksum(image, root) != expected:
                 raise RuntimeError(f"segment {self.number}: writing the checksum moved its pages")
-            return image, expected
+            return image
 
     def _counted(self, db: sqlite3.Connection) -> dict[str, int]:
         """Rows per table of the image; empty tables are dropped (a segment holds the
